@@ -1,0 +1,1 @@
+"""The broker's actors: broker registry, listener, connections, topics, subscriptions, dispatchers."""

@@ -1,0 +1,130 @@
+"""Base class of every broker actor: dispatch on message type, ordered channels, held messages
+until initialisation, and dying with the parent process."""
+import ctypes
+import logging
+import os
+import signal
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage
+
+log = logging.getLogger("actorbroker")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """Ask the kernel for SIGTERM when our parent process dies.
+
+    Thespian turns SIGTERM into an ActorExitRequest, so an actor whose parent was SIGKILLed
+    exits cleanly instead of outliving it (and even ActorSystem.shutdown()).
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class Ordered:
+    """A message of an ordered channel. Thespian does not promise order between two actors (and
+    a just-created actor visibly gets messages out of order), so streams whose order matters
+    carry a sequence number and the receiver puts them back in order."""
+    channel: tuple   # (sender instance id, stream)
+    seq: int
+    msg: Any
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """Last message of an ordered channel: the receiver forgets the channel."""
+
+
+class BrokerActor(Actor):
+    """`receiveMessage` calls `on_<MessageType>(msg, sender)` and returns `self.watch()`.
+
+    Returning the watch on every path matters: Thespian replaces an actor's watched sockets
+    after every message, so a path that forgot it would silently stop reading its socket.
+
+    An actor whose class sets `init_message` holds every other (non-system) message until that
+    one has been handled: an actor's init and its first requests come from different senders.
+    """
+    init_message = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        die_with_parent()
+        self._uid = uuid.uuid4().hex
+        self._out_seq = {}     # stream -> next seq
+        self._in_seq = {}      # channel -> [expected seq, {seq: (msg, sender)}]
+        self._initialized = self.init_message is None
+        self._held = []
+
+    def receiveMessage(self, msg, sender):
+        if isinstance(msg, Ordered):
+            for inner, inner_sender in self._release(msg, sender):
+                self._dispatch(inner, inner_sender)
+        else:
+            self._dispatch(msg, sender)
+        return self.watch()
+
+    def _dispatch(self, msg, sender):
+        if not self._initialized and not isinstance(msg, ActorSystemMessage):
+            if not isinstance(msg, self.init_message):
+                self._held.append((msg, sender))
+                return
+            self._initialized = True
+            self._handle(msg, sender)
+            held, self._held = self._held, []
+            for m, s in held:
+                self._handle(m, s)
+            return
+        self._handle(msg, sender)
+
+    def _handle(self, msg, sender):
+        handler = getattr(self, "on_" + type(msg).__name__, None)
+        if handler is not None:
+            handler(msg, sender)
+
+    def _release(self, msg, sender):
+        state = self._in_seq.setdefault(msg.channel, [0, {}])
+        if msg.seq != state[0]:
+            state[1][msg.seq] = (msg.msg, sender)
+            return []
+        ready = [(msg.msg, sender)]
+        state[0] += 1
+        while state[0] in state[1]:
+            ready.append(state[1].pop(state[0]))
+            state[0] += 1
+        if isinstance(ready[-1][0], EndOfStream):
+            del self._in_seq[msg.channel]
+        return [(m, s) for m, s in ready if not isinstance(m, EndOfStream)]
+
+    def send_ordered(self, address, msg, stream):
+        """Send on the ordered channel `stream`: a key naming one receiver, stable for its life.
+        (Not the address: a new actor's address changes form once it has started.)"""
+        seq = self._out_seq.get(stream, 0)
+        self._out_seq[stream] = seq + 1
+        self.send(address, Ordered((self._uid, stream), seq, msg))
+
+    def end_ordered(self, address, stream):
+        """Close an ordered channel after its last message, on both sides."""
+        if stream in self._out_seq:
+            self.send_ordered(address, EndOfStream(), stream)
+            del self._out_seq[stream]
+
+    def forget_ordered(self, stream):
+        """The receiver is gone: a new receiver under the same key starts from zero."""
+        self._out_seq.pop(stream, None)
+
+    def watch(self):
+        return None
+
+    def exit_self(self):
+        self.send(self.myAddress, ActorExitRequest())

@@ -1,0 +1,189 @@
+"""BrokerActor: the root of the broker's actors.
+
+It owns the topic registry (name -> TopicActor) and the id counter for producers and consumers,
+starts the listener, and watches the `serve` process through a pidfd: when `serve` dies, even by
+SIGKILL, it asks the actor system to shut down, so that no actor outlives the broker.
+"""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from thespian.actors import ThespianWatch
+
+from actors import connection, listener, topic
+from actors.base import BrokerActor, log
+from transport import errors as E
+
+TOPIC_NAME = re.compile(r"^/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+GATHER_TIMEOUT = timedelta(seconds=5)
+
+
+def valid_topic(name):
+    return isinstance(name, str) and len(name) <= 255 and TOPIC_NAME.match(name) is not None
+
+
+@dataclass(frozen=True)
+class StartBroker:
+    config: Any
+    serve_pid: int
+    admin_port: int
+
+
+@dataclass(frozen=True)
+class BrokerStarted:
+    host: str
+    port: int
+    admin_pid: int
+
+
+@dataclass(frozen=True)
+class BrokerFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class TopicRequest:
+    """Route `request` to the topic `name`; create the topic first when `create_dispatch` is set.
+
+    Requests that open a producer or consumer get their broker-wide unique id here.
+    """
+    name: str
+    create_dispatch: Any
+    request: Any
+
+
+@dataclass(frozen=True)
+class ListTopics:
+    rid: int
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class DeleteTopic:
+    rid: int
+    name: str
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class TopicSummary:
+    token: int
+    summary: dict
+
+
+
+class BrokerRootActor(BrokerActor):
+    init_message = StartBroker
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = None
+        self.topics = {}          # name -> (address, dispatch)
+        self.next_id = 1
+        self.listener = None
+        self.starter = None
+        self.admin_port = None
+        self.lifeline = None      # pidfd of the serve process
+        self.gathers = {}         # token -> [rid, reply_to, expected, summaries]
+        self.next_token = 1
+        self.stopping = False
+
+    def watch(self):
+        return ThespianWatch([self.lifeline]) if self.lifeline is not None else None
+
+    def on_StartBroker(self, msg, sender):
+        self.config = msg.config
+        self.starter = sender
+        self.admin_port = msg.admin_port
+        try:
+            self.lifeline = os.pidfd_open(msg.serve_pid)
+        except (OSError, AttributeError) as exc:
+            log.warning("cannot watch serve process %s: %s", msg.serve_pid, exc)
+        self.listener = self.createActor("actors.listener.ListenerActor")
+        self.send(self.listener, listener.Listen(self.config, self.myAddress))
+
+    def on_Listening(self, msg, sender):
+        self.send(self.starter, BrokerStarted(msg.host, msg.port, os.getppid()))
+
+    def on_ListenFailed(self, msg, sender):
+        self.send(self.starter, BrokerFailed(msg.error))
+
+    def on_WatchMessage(self, msg, sender):
+        if self.lifeline in msg.ready and not self.stopping:
+            # serve is gone: shut the whole system down from outside (an actor may not do it).
+            self.stopping = True
+            log.warning("serve process died; shutting the actor system down")
+            os.close(self.lifeline)
+            self.lifeline = None
+            subprocess.Popen([sys.executable, "-m", "actors.system", "--stop",
+                              "--admin-port", str(self.admin_port), "--host", self.config.host],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+
+    # --- topic registry -----------------------------------------------------------------------
+    def on_TopicRequest(self, msg, sender):
+        request = msg.request
+        if getattr(request, "new_id", None) == 0:
+            request = dataclasses.replace(request, new_id=self.next_id)
+            self.next_id += 1
+        entry = self.topics.get(msg.name)
+        if entry is None:
+            if msg.create_dispatch is None:
+                self.send(request.reply_to, connection.RequestFailed(
+                    request.rid, E.TOPIC_NOT_FOUND, f"topic {msg.name} does not exist"))
+                return
+            address = self.createActor("actors.topic.TopicActor")
+            self.forget_ordered(msg.name)
+            self.send_ordered(address, topic.InitTopic(msg.name, msg.create_dispatch, self.config), msg.name)
+            entry = self.topics[msg.name] = (address, msg.create_dispatch)
+        self.send_ordered(entry[0], request, msg.name)
+
+    def on_DeleteTopic(self, msg, sender):
+        entry = self.topics.pop(msg.name, None)
+        if entry is None:
+            self.send(msg.reply_to, connection.RequestFailed(
+                msg.rid, E.TOPIC_NOT_FOUND, f"topic {msg.name} does not exist"))
+            return
+        self.send_ordered(entry[0], topic.DeleteTopic(msg.rid, msg.reply_to), msg.name)
+
+    def on_ListTopics(self, msg, sender):
+        if not self.topics:
+            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "topics", "rid": msg.rid, "topics": []}))
+            return
+        token = self.next_token
+        self.next_token += 1
+        self.gathers[token] = [msg.rid, msg.reply_to, len(self.topics), []]
+        for name, (address, _) in self.topics.items():
+            self.send_ordered(address, topic.SummaryRequest(token), name)
+        self.wakeupAfter(GATHER_TIMEOUT, payload=("gather", token))
+
+    def on_TopicSummary(self, msg, sender):
+        gather = self.gathers.get(msg.token)
+        if gather is None:
+            return
+        gather[3].append(msg.summary)
+        if len(gather[3]) >= gather[2]:
+            self._answer_topics(msg.token)
+
+    def on_WakeupMessage(self, msg, sender):
+        if isinstance(msg.payload, tuple) and msg.payload[0] == "gather":
+            self._answer_topics(msg.payload[1])
+
+    def _answer_topics(self, token):
+        gather = self.gathers.pop(token, None)
+        if gather is None:
+            return
+        rid, reply_to, _, summaries = gather
+        summaries.sort(key=lambda s: s["name"])
+        self.send(reply_to, connection.RequestDone(rid, {"op": "topics", "rid": rid, "topics": summaries}))
+
+    def on_ChildActorExited(self, msg, sender):
+        # a topic that exits (deleted, or crashed) leaves the registry; idempotent
+        for name, (address, _) in list(self.topics.items()):
+            if address == msg.childAddress:
+                del self.topics[name]

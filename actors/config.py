@@ -1,0 +1,22 @@
+"""Broker configuration, passed to the actors as plain picklable data."""
+from dataclasses import dataclass, field
+
+from transport.codec import DEFAULT_MAX_FRAME
+
+DISPATCH_MODES = ("non_reliable", "reliable")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 6650
+    data_dir: str = "./actorbroker-data"
+    heartbeat_ms: int = 5000
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_backlog: int = 10_000          # non_reliable: messages a subscription keeps for absent credit
+    default_dispatch: str = "non_reliable"
+    hello_timeout_ms: int = 10_000
+    max_connections: int = 10_000      # beyond it a new connection gets OVERLOADED
+    # token -> list of permissions ("admin", "produce:PATTERN", "consume:PATTERN"); empty = auth off
+    tokens: dict = field(default_factory=dict)
+    broker_name: str = "actorbroker"

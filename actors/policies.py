@@ -1,0 +1,198 @@
+"""Who gets which message: one pure policy per subscription type, no actors, no I/O.
+
+A policy holds the subscription's backlog and its consumers' credits; `take()` says which records
+go to which consumer now. Records are (offset, key, encoded_blob) tuples.
+"""
+import bisect
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+DELIVER_WINDOW = 2      # Deliver messages in flight to one consumer's transport
+VIRTUAL_NODES = 64      # points per consumer on the key_shared hash ring
+
+
+@dataclass(eq=False)
+class ConsumerState:
+    id: int
+    name: str
+    transport: Any
+    credits: int = 0
+    msgs_out: int = 0
+    in_flight: int = 0
+
+    def can_take(self):
+        return self.credits > 0 and self.in_flight < DELIVER_WINDOW
+
+
+class Policy:
+    """Common part: consumers in attach order, and a bounded FIFO backlog."""
+
+    def __init__(self, max_backlog):
+        self.max_backlog = max_backlog
+        self.consumers = {}
+        self.backlog = deque()
+
+    def add(self, consumer):
+        self.consumers[consumer.id] = consumer
+
+    def remove(self, consumer_id):
+        return self.consumers.pop(consumer_id, None)
+
+    def backlog_size(self):
+        return len(self.backlog)
+
+    def enqueue(self, records):
+        """Queue records; returns how many were dropped because the backlog is full."""
+        room = max(0, self.max_backlog - self.backlog_size())
+        accepted = records[:room]
+        self._queue(accepted)
+        return len(records) - len(accepted)
+
+    def _queue(self, records):
+        self.backlog.extend(records)
+
+    def is_active(self, consumer_id):
+        """Failover's active flag; None where the type has no such notion."""
+        return None
+
+    def take(self):
+        raise NotImplementedError
+
+
+class SingleActivePolicy(Policy):
+    """exclusive and failover: everything goes to one consumer, the first by name."""
+
+    def active(self):
+        return min(self.consumers.values(), key=lambda c: c.name, default=None)
+
+    def take(self):
+        consumer = self.active()
+        if consumer is None or not consumer.can_take() or not self.backlog:
+            return []
+        n = min(consumer.credits, len(self.backlog))
+        batch = [self.backlog.popleft() for _ in range(n)]
+        consumer.credits -= n
+        return [(consumer, batch)]
+
+
+class FailoverPolicy(SingleActivePolicy):
+    def is_active(self, consumer_id):
+        active = self.active()
+        return active is not None and active.id == consumer_id
+
+
+class SharedPolicy(Policy):
+    """Round-robin, message by message, over the consumers that have credit."""
+
+    def __init__(self, max_backlog):
+        super().__init__(max_backlog)
+        self.turn = 0  # index in attach order of the consumer whose turn is next
+
+    def take(self):
+        order = list(self.consumers.values())
+        if not order or not self.backlog:
+            return []
+        position = {c.id: i for i, c in enumerate(order)}
+        start = self.turn % len(order)
+        order = order[start:] + order[:start]
+        eligible = [c for c in order if c.can_take()]
+        batches = {}
+        while self.backlog and eligible:
+            for consumer in list(eligible):
+                if not self.backlog:
+                    break
+                batches.setdefault(consumer, []).append(self.backlog.popleft())
+                consumer.credits -= 1
+                self.turn = position[consumer.id] + 1
+                if consumer.credits == 0:
+                    eligible.remove(consumer)
+        return list(batches.items())
+
+
+def ring_hash(text):
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+class KeySharedPolicy(SharedPolicy):
+    """Same key, same consumer, by consistent hashing of keys onto consumer names; a consumer
+    that comes or goes moves only its own share of keys. Keyless messages go round-robin."""
+
+    def __init__(self, max_backlog):
+        super().__init__(max_backlog)
+        self.ring = []        # sorted [(point, consumer id)]
+        self.points = []      # the ring's points alone, for bisect
+        self.queues = {}      # consumer id -> deque of its keyed records
+        self.unowned = deque()  # keyed records while no consumer is attached
+
+    def owner(self, key):
+        if not self.ring:
+            return None
+        i = bisect.bisect(self.points, ring_hash(key)) % len(self.ring)
+        return self.ring[i][1]
+
+    def _rebuild_ring(self):
+        self.ring = sorted((ring_hash(f"{c.name}#{i}"), c.id)
+                           for c in self.consumers.values() for i in range(VIRTUAL_NODES))
+        self.points = [p for p, _ in self.ring]
+
+    def add(self, consumer):
+        super().add(consumer)
+        self.queues[consumer.id] = deque()
+        self._rebuild_ring()
+        # Re-home only the keys that now hash to the newcomer (and whatever had no owner).
+        moved = deque(self.unowned)
+        self.unowned.clear()
+        for consumer_id, queue in self.queues.items():
+            if consumer_id == consumer.id:
+                continue
+            stay = deque()
+            for record in queue:
+                (moved if self.owner(record[1]) == consumer.id else stay).append(record)
+            self.queues[consumer_id] = stay
+        for record in sorted(moved):
+            self._queue_keyed(record)
+
+    def remove(self, consumer_id):
+        consumer = super().remove(consumer_id)
+        orphans = self.queues.pop(consumer_id, deque())
+        self._rebuild_ring()
+        for record in orphans:
+            self._queue_keyed(record)
+        return consumer
+
+    def backlog_size(self):
+        return len(self.backlog) + len(self.unowned) + sum(len(q) for q in self.queues.values())
+
+    def _queue(self, records):
+        for record in records:
+            if record[1] is None:
+                self.backlog.append(record)
+            else:
+                self._queue_keyed(record)
+
+    def _queue_keyed(self, record):
+        owner = self.owner(record[1])
+        (self.unowned if owner is None else self.queues[owner]).append(record)
+
+    def take(self):
+        batches = {}
+        for consumer in self.consumers.values():
+            queue = self.queues[consumer.id]
+            if queue and consumer.can_take():
+                n = min(consumer.credits, len(queue))
+                batches[consumer] = [queue.popleft() for _ in range(n)]
+                consumer.credits -= n
+        # keyless records round-robin over the credit that is left (still one batch each)
+        for consumer, records in super().take():
+            batches.setdefault(consumer, []).extend(records)
+        return list(batches.items())
+
+
+POLICIES = {"exclusive": SingleActivePolicy, "failover": FailoverPolicy,
+            "shared": SharedPolicy, "key_shared": KeySharedPolicy}
+
+
+def make_policy(sub_type, max_backlog):
+    return POLICIES[sub_type](max_backlog)

@@ -1,0 +1,108 @@
+"""SubscriptionActor: one per subscription; owns its membership (who is attached, under which
+consumer name) and the rules of attaching: type, exclusivity, takeover by the same name.
+The data path does not pass through it: it tells its Dispatcher who to deliver to."""
+from dataclasses import dataclass
+from typing import Any
+
+from actors import connection, dispatcher, topic
+from actors.base import BrokerActor, log
+from transport import errors as E
+
+
+@dataclass(frozen=True)
+class InitSubscription:
+    topic: str
+    name: str
+    type: str
+    dispatch: str
+    dispatcher: Any
+
+
+@dataclass(frozen=True)
+class DetachConsumer:
+    consumer_id: int
+    rid: Any          # None when the connection ended
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    consumer_id: int
+    rid: int
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class EndAll:
+    reason: str
+
+
+class SubscriptionActor(BrokerActor):
+    init_message = InitSubscription
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.topic_name = self.name = self.type = self.dispatch = None
+        self.topic = None
+        self.dispatcher = None
+        self.consumers = {}   # consumer id -> (consumer name, connection address)
+        self.by_name = {}     # consumer name -> consumer id
+        self.attaches = 0     # subscribes seen: lets the topic tell a stale "idle" apart
+
+    def on_InitSubscription(self, msg, sender):
+        self.topic = sender
+        self.topic_name, self.name, self.type = msg.topic, msg.name, msg.type
+        self.dispatch, self.dispatcher = msg.dispatch, msg.dispatcher
+
+    def on_Subscribe(self, msg, sender):
+        self.attaches += 1
+        holder = next(iter(self.by_name), None)
+        if self.type == "exclusive" and holder is not None and holder != msg.consumer_name:
+            self.send(msg.reply_to, connection.RequestFailed(
+                msg.rid, E.CONSUMER_BUSY,
+                f"exclusive subscription {self.name} already has consumer {holder!r}"))
+            self._idle_check()
+            return
+        replaced = self.by_name.get(msg.consumer_name)
+        if replaced is not None:
+            # Same name again: a reconnect before we noticed the old connection die. Take over.
+            _, old_owner = self.consumers.pop(replaced)
+            self.send(old_owner, connection.ConsumerEnded(replaced, "replaced"))
+            log.info("%s/%s: consumer %s replaces %s", self.topic_name, self.name, msg.new_id, replaced)
+        self.consumers[msg.new_id] = (msg.consumer_name, msg.reply_to)
+        self.by_name[msg.consumer_name] = msg.new_id
+        self.send_ordered(self.dispatcher, dispatcher.AddConsumer(
+            msg.new_id, msg.consumer_name, msg.transport, msg.reply_to, msg.rid, replaced), "members")
+
+    def on_DetachConsumer(self, msg, sender):
+        self._remove(msg.consumer_id)
+        if msg.rid is not None:
+            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok", "rid": msg.rid}))
+        self._idle_check()
+
+    def on_Unsubscribe(self, msg, sender):
+        self._remove(msg.consumer_id)
+        for consumer_id, (_, owner) in self.consumers.items():
+            self.send(owner, connection.ConsumerEnded(consumer_id, "unsubscribed"))
+        self.consumers.clear()
+        self.by_name.clear()
+        self.send(self.topic, topic.RemoveSubscription(self.name))
+        self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok", "rid": msg.rid}))
+
+    def on_EndAll(self, msg, sender):
+        for consumer_id, (_, owner) in self.consumers.items():
+            self.send(owner, connection.ConsumerEnded(consumer_id, msg.reason))
+        self.consumers.clear()
+        self.by_name.clear()
+        self.send(sender, topic.SubscriptionEnded(self.name))
+
+    def _remove(self, consumer_id):
+        entry = self.consumers.pop(consumer_id, None)
+        if entry is not None:
+            if self.by_name.get(entry[0]) == consumer_id:
+                del self.by_name[entry[0]]
+            self.send_ordered(self.dispatcher, dispatcher.RemoveConsumer(consumer_id), "members")
+
+    def _idle_check(self):
+        if not self.consumers:
+            self.send(self.topic, topic.SubscriptionIdle(self.name, self.attaches))

@@ -1,0 +1,101 @@
+"""Starting and stopping the Thespian actor system the broker runs in.
+
+Thespian's multiprocTCPBase binds the admin and every actor socket to 0.0.0.0 and unpickles what
+arrives on them, so anyone who can reach those ports can run code in the broker. We bind them to
+one interface instead (127.0.0.1 unless the user configures a multi-host convention) by patching
+the address class before the system starts; the admin and every actor are forked from a process
+that carries the patch, so they all inherit it.
+"""
+import argparse
+import os
+import socket
+import subprocess
+import sys
+
+SYSTEM_BASE = "multiprocTCPBase"
+BIND_ENV = "ACTORBROKER_BIND_HOST"
+
+
+def bind_actor_sockets_to(host):
+    """Make every Thespian socket of this process (and of processes forked from it) bind `host`."""
+    from thespian.system.transport import IPBase
+    os.environ[BIND_ENV] = host
+    os.environ["THESPIAN_BASE_IPADDR"] = host  # the address actors advertise to each other
+    if getattr(IPBase.IPActorAddress, "_actorbroker_patched", False):
+        return
+    original_init = IPBase.IPActorAddress.__init__
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if self.bindname and self.bindname[0] in ("", "0.0.0.0"):
+            self.bindname = (os.environ.get(BIND_ENV, "127.0.0.1"),) + tuple(self.bindname[1:])
+
+    IPBase.IPActorAddress.__init__ = __init__
+    IPBase.IPActorAddress._actorbroker_patched = True
+
+
+def capabilities(admin_port, convention_leader=None):
+    caps = {"Admin Port": admin_port}
+    if convention_leader:
+        caps["Convention Address.IPv4"] = convention_leader
+    return caps
+
+
+def log_defs(log_path, level="INFO"):
+    """Thespian applies these in its logger process: actors' `logging` calls land in log_path."""
+    return {
+        "version": 1,
+        "formatters": {"plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": log_path,
+                              "formatter": "plain", "level": level}},
+        "root": {"handlers": ["file"], "level": level},
+    }
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_system_process(admin_port, host, data_dir, log_level="INFO"):
+    """Start the admin from a short-lived child whose only open files are the broker log.
+
+    The admin daemonizes and inherits every fd of the process that starts it; starting it from
+    a clean child keeps the caller's stdout (a terminal, a test's pipe) out of the actor tree.
+    """
+    log_path = os.path.join(data_dir, "broker.log")
+    env = dict(os.environ, THESPLOG_FILE=os.path.join(data_dir, "thespian.log"),
+               THESPLOG_FILE_MAXSIZE=str(4 * 1024 * 1024))
+    with open(log_path, "ab") as log_file:
+        subprocess.run(
+            [sys.executable, "-m", "actors.system", "--admin-port", str(admin_port),
+             "--host", host, "--log", log_path, "--log-level", log_level],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
+            cwd=os.getcwd(), check=True, timeout=60, close_fds=True)
+
+
+def connect_system(admin_port, host):
+    from thespian.actors import ActorSystem
+    bind_actor_sockets_to(host)
+    return ActorSystem(SYSTEM_BASE, capabilities(admin_port))
+
+
+def _start_main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--admin-port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--log")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--stop", action="store_true", help="shut the system down instead")
+    args = parser.parse_args()
+    bind_actor_sockets_to(args.host)
+    from thespian.actors import ActorSystem
+    if args.stop:
+        ActorSystem(SYSTEM_BASE, capabilities(args.admin_port)).shutdown()
+        return
+    ActorSystem(SYSTEM_BASE, capabilities(args.admin_port), logDefs=log_defs(args.log, args.log_level))
+
+
+if __name__ == "__main__":
+    _start_main()

@@ -1,0 +1,308 @@
+"""TopicActor: one per topic. Numbers the messages, answers receipts, fans batches out to the
+Dispatcher of every subscription, and owns the topic's producers and subscriptions.
+
+Fan-out is windowed: at most DISPATCH_WINDOW batches are in flight to a dispatcher; what arrives
+meanwhile is merged into the next batch (adaptive batching), so Thespian's send queue never
+becomes the buffer.
+"""
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from thespian.actors import ActorExitRequest
+
+from actors import broker, connection, dispatcher, subscription
+from actors.base import BrokerActor, log
+from transport import errors as E
+from transport.codec import encode_record
+from transport.messages import Receipts
+
+DISPATCH_WINDOW = 2
+GATHER_TIMEOUT = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class InitTopic:
+    name: str
+    dispatch: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class OpenProducer:
+    rid: int
+    reply_to: Any
+    new_id: int          # 0 until the broker assigns it
+    name: Any
+    access: str
+
+
+@dataclass(frozen=True)
+class CloseProducer:
+    producer_id: int
+    rid: Any             # None when the connection ended: no answer wanted
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Sends of one producer read in one go: [(rid, [(payload, key, attrs), ...]), ...]."""
+    producer_name: str
+    sends: list
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    rid: int
+    reply_to: Any        # the ConnectionActor
+    transport: Any       # its TcpTransportActor, where deliveries go
+    new_id: int
+    subscription: str
+    type: str
+    consumer_name: str
+    start: str
+    options: dict
+
+
+@dataclass(frozen=True)
+class SubscriptionIdle:
+    """The subscription's last consumer left after it had seen `attaches` subscribes."""
+    name: str
+    attaches: int
+
+
+@dataclass(frozen=True)
+class RemoveSubscription:
+    name: str
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    rid: int
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class SummaryRequest:
+    token: int
+
+
+@dataclass(frozen=True)
+class DeleteTopic:
+    rid: int
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class SubscriptionEnded:
+    name: str
+
+
+@dataclass(frozen=True)
+class DispatchAck:
+    """The dispatcher took a Dispatch batch: the window opens by one."""
+    subscription: str
+
+
+@dataclass(frozen=True)
+class DispatcherStats:
+    token: int
+    stats: dict
+
+
+@dataclass
+class _Sub:
+    """The topic's view of one subscription."""
+    type: str
+    subscription: Any
+    dispatcher: Any
+    attaches: int = 0
+    pending: list = field(default_factory=list)   # records not yet sent to the dispatcher
+    dropped: int = 0
+    in_flight: int = 0
+
+
+class TopicActor(BrokerActor):
+    init_message = InitTopic
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = None
+        self.dispatch = None
+        self.config = None
+        self.next_offset = 0
+        self.msgs_in = 0
+        self.bytes_in = 0
+        self.producers = {}        # id -> (name, access, connection address)
+        self.subs = {}             # name -> _Sub
+        self.stats_gathers = {}    # token -> [rid, reply_to, expected, frame]
+        self.next_token = 1
+        self.deleting = None       # (rid, reply_to, subscriptions still ending)
+
+    def on_InitTopic(self, msg, sender):
+        self.name, self.dispatch, self.config = msg.name, msg.dispatch, msg.config
+        log.info("topic %s created (%s)", self.name, self.dispatch)
+
+    # --- producers ------------------------------------------------------------------------------
+    def on_OpenProducer(self, msg, sender):
+        exclusive_open = any(access == "exclusive" for _, access, _ in self.producers.values())
+        if exclusive_open or (msg.access == "exclusive" and self.producers):
+            self.send(msg.reply_to, connection.RequestFailed(
+                msg.rid, E.PRODUCER_BUSY, f"topic {self.name} has an exclusive producer" if exclusive_open
+                else f"topic {self.name} has other producers"))
+            return
+        name = msg.name or f"producer-{msg.new_id}"
+        self.producers[msg.new_id] = (name, msg.access, msg.reply_to)
+        self.send(msg.reply_to, connection.ProducerOpened(
+            msg.rid, msg.new_id, self.name, self.myAddress, self.dispatch, name))
+
+    def on_CloseProducer(self, msg, sender):
+        self.producers.pop(msg.producer_id, None)
+        if msg.rid is not None:
+            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok", "rid": msg.rid}))
+
+    # --- the record path ----------------------------------------------------------------------------
+    def on_Publish(self, msg, sender):
+        # Accepted whatever the producer's state: the transport routed it while it was open.
+        now = int(time.time() * 1000)
+        producer = msg.producer_name
+        records, receipts = [], []
+        offset = self.next_offset
+        for rid, msgs in msg.sends:
+            first = offset
+            for payload, key, attrs in msgs:
+                records.append((offset, key, encode_record(offset, payload, key, attrs, now, producer)))
+                self.bytes_in += len(payload)
+                offset += 1
+            receipts.append((rid, first, offset - first))
+        self.msgs_in += offset - self.next_offset
+        self.next_offset = offset
+        self.send(sender, Receipts(receipts))
+        for name, sub in self.subs.items():
+            sub.pending.extend(records)
+            overflow = len(sub.pending) - self.config.max_backlog
+            if overflow > 0:  # the dispatcher is far behind: drop the newest (non_reliable)
+                del sub.pending[-overflow:]
+                sub.dropped += overflow
+            self._feed(name, sub)
+
+    def _feed(self, name, sub):
+        if sub.in_flight < DISPATCH_WINDOW and (sub.pending or sub.dropped):
+            self.send_ordered(sub.dispatcher, dispatcher.Dispatch(sub.pending, sub.dropped), ("dispatcher", name))
+            sub.pending, sub.dropped = [], 0
+            sub.in_flight += 1
+
+    def on_DispatchAck(self, msg, sender):
+        sub = self.subs.get(msg.subscription)
+        if sub is not None:
+            sub.in_flight -= 1
+            self._feed(msg.subscription, sub)
+
+    # --- subscriptions -------------------------------------------------------------------------------
+    def on_Subscribe(self, msg, sender):
+        sub = self.subs.get(msg.subscription)
+        if sub is None:
+            sub_address = self.createActor("actors.subscription.SubscriptionActor")
+            dispatcher_address = self.createActor("actors.dispatcher.DispatcherActor")
+            name = msg.subscription
+            self.forget_ordered(("dispatcher", name))
+            self.forget_ordered(("subscription", name))
+            self.send_ordered(dispatcher_address, dispatcher.InitDispatcher(
+                self.name, name, msg.type, self.dispatch, self.config), ("dispatcher", name))
+            self.send_ordered(sub_address, subscription.InitSubscription(
+                self.name, name, msg.type, self.dispatch, dispatcher_address), ("subscription", name))
+            sub = self.subs[msg.subscription] = _Sub(msg.type, sub_address, dispatcher_address)
+        elif sub.type != msg.type:
+            self.send(msg.reply_to, connection.RequestFailed(
+                msg.rid, E.TYPE_MISMATCH, f"subscription {msg.subscription} is {sub.type}, not {msg.type}"))
+            return
+        sub.attaches += 1
+        self.send_ordered(sub.subscription, msg, ("subscription", msg.subscription))
+
+    def on_SubscriptionIdle(self, msg, sender):
+        sub = self.subs.get(msg.name)
+        # Only if no subscribe was forwarded after the subscription found itself empty.
+        if sub is not None and sub.attaches == msg.attaches and self.dispatch == "non_reliable":
+            self._drop_subscription(msg.name)
+
+    def on_RemoveSubscription(self, msg, sender):
+        self._drop_subscription(msg.name)
+
+    def _drop_subscription(self, name):
+        sub = self.subs.pop(name, None)
+        if sub is not None:
+            self.send(sub.subscription, ActorExitRequest())
+            self.send(sub.dispatcher, ActorExitRequest())
+            self.forget_ordered(("subscription", name))
+            self.forget_ordered(("dispatcher", name))
+
+    # --- stats and listing ------------------------------------------------------------------------------
+    def _summary(self):
+        return {"name": self.name, "dispatch": self.dispatch, "subscriptions": len(self.subs),
+                "producers": len(self.producers)}
+
+    def on_SummaryRequest(self, msg, sender):
+        self.send(sender, broker.TopicSummary(msg.token, self._summary()))
+
+    def on_StatsRequest(self, msg, sender):
+        frame = {"op": "stats", "rid": msg.rid, "topic": self.name, "dispatch": self.dispatch,
+                 "msgs_in": self.msgs_in, "bytes_in": self.bytes_in,
+                 "producers": len(self.producers), "subscriptions": []}
+        if not self.subs:
+            self.send(msg.reply_to, connection.RequestDone(msg.rid, frame))
+            return
+        token = self.next_token
+        self.next_token += 1
+        self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame]
+        for name, sub in self.subs.items():
+            self.send_ordered(sub.dispatcher, dispatcher.DispatcherStatsRequest(token, len(sub.pending)),
+                              ("dispatcher", name))
+        self.wakeupAfter(GATHER_TIMEOUT, payload=("stats", token))
+
+    def on_DispatcherStats(self, msg, sender):
+        gather = self.stats_gathers.get(msg.token)
+        if gather is None:
+            return
+        gather[3]["subscriptions"].append(msg.stats)
+        if len(gather[3]["subscriptions"]) >= gather[2]:
+            self._answer_stats(msg.token)
+
+    def _answer_stats(self, token):
+        gather = self.stats_gathers.pop(token, None)
+        if gather is not None:
+            rid, reply_to, _, frame = gather
+            frame["subscriptions"].sort(key=lambda s: s["name"])
+            self.send(reply_to, connection.RequestDone(rid, frame))
+
+    # --- deletion ----------------------------------------------------------------------------------
+    def on_DeleteTopic(self, msg, sender):
+        for producer_id, (_, _, owner) in self.producers.items():
+            self.send(owner, connection.ProducerEnded(producer_id, "topic_deleted"))
+        self.producers.clear()
+        self.deleting = (msg.rid, msg.reply_to, set(self.subs))
+        for name, sub in self.subs.items():
+            self.send_ordered(sub.subscription, subscription.EndAll("topic_deleted"), ("subscription", name))
+        self.wakeupAfter(GATHER_TIMEOUT, payload=("delete", None))
+        self._finish_delete()
+
+    def on_SubscriptionEnded(self, msg, sender):
+        if self.deleting is not None:
+            self.deleting[2].discard(msg.name)
+            self._finish_delete()
+
+    def _finish_delete(self, force=False):
+        if self.deleting is None or (self.deleting[2] and not force):
+            return
+        rid, reply_to, _ = self.deleting
+        self.deleting = None
+        log.info("topic %s deleted", self.name)
+        self.send(reply_to, connection.RequestDone(rid, {"op": "ok", "rid": rid}))
+        self.exit_self()  # Thespian stops the subscriptions and dispatchers with us
+
+    def on_WakeupMessage(self, msg, sender):
+        kind, token = msg.payload
+        if kind == "stats":
+            self._answer_stats(token)
+        elif kind == "delete":
+            self._finish_delete(force=True)

@@ -1,0 +1,1 @@
+"""Command-line tools of actorbroker: serve, client commands, benchmarks."""

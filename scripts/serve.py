@@ -1,0 +1,70 @@
+"""`actorbroker serve`: start the actor system and the broker's actors, serve until a signal."""
+import json
+import os
+import signal
+import sys
+import threading
+
+from actors.config import BrokerConfig
+from actors.system import connect_system, free_port, start_system_process
+
+START_TIMEOUT_S = 30
+
+
+def add_serve_command(subparsers):
+    p = subparsers.add_parser("serve", help="run a broker (embedded defaults: 127.0.0.1:6650, ./actorbroker-data)",
+                              description="Run a broker in a multi-process Thespian actor system until "
+                                          "SIGINT/SIGTERM; then stop every process of it.")
+    p.add_argument("--host", default="127.0.0.1", help="interface clients connect to (default %(default)s)")
+    p.add_argument("--port", type=int, default=6650, help="client port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--data-dir", default="./actorbroker-data", help="logs and data (default %(default)s)")
+    p.add_argument("--heartbeat-ms", type=int, default=5000, help="default heartbeat (default %(default)s)")
+    p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024, help="largest frame in bytes")
+    p.add_argument("--max-backlog", type=int, default=10_000,
+                   help="non_reliable: messages a subscription keeps (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=10_000)
+    p.add_argument("--auth-file", help="JSON file {token: [permissions]}; permissions are 'admin', "
+                                       "'produce:PATTERN', 'consume:PATTERN'. Without it auth is off.")
+    p.add_argument("--admin-port", type=int, help="Thespian admin port (default: a free one)")
+    p.add_argument("--actor-host", default="127.0.0.1",
+                   help="interface of Thespian's own sockets, which unpickle what they receive: keep "
+                        "it on loopback unless you run a multi-host convention on a trusted network")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=serve)
+
+
+def serve(args):
+    tokens = {}
+    if args.auth_file:
+        with open(args.auth_file) as f:
+            tokens = json.load(f)
+    data_dir = os.path.abspath(args.data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,
+                          heartbeat_ms=args.heartbeat_ms, max_frame=args.max_frame,
+                          max_backlog=args.max_backlog, max_connections=args.max_connections,
+                          tokens=tokens)
+    admin_port = args.admin_port or free_port(args.actor_host)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    start_system_process(admin_port, args.actor_host, data_dir, args.log_level)
+    system = connect_system(admin_port, args.actor_host)
+    try:
+        from actors.broker import BrokerFailed, BrokerStarted, StartBroker
+        root = system.createActor("actors.broker.BrokerRootActor")
+        reply = system.ask(root, StartBroker(config, os.getpid(), admin_port), START_TIMEOUT_S)
+        if not isinstance(reply, BrokerStarted):
+            reason = reply.error if isinstance(reply, BrokerFailed) else "no answer from the broker"
+            print(f"error: {reason}", file=sys.stderr)
+            return 1
+        print(f"actorbroker listening on {reply.host}:{reply.port} "
+              f"(admin port {admin_port}, admin pid {reply.admin_pid}, data {data_dir})", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("actorbroker stopping", flush=True)
+        return 0
+    finally:
+        system.shutdown()

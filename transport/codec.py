@@ -1,0 +1,134 @@
+"""Sans-IO frame codec of protocol v1: fed bytes, yields frames; no sockets here.
+
+A frame is a 4-byte big-endian length N, then N bytes holding one msgpack map with a str "op".
+"""
+import struct
+
+import msgpack
+
+from transport.errors import BAD_FRAME, FRAME_TOO_LARGE, ProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+
+_packer_opts = dict(use_bin_type=True)
+
+
+def encode_frame(obj):
+    """One frame (header + msgpack map) as bytes."""
+    body = msgpack.packb(obj, **_packer_opts)
+    return _HEADER.pack(len(body)) + body
+
+
+def decode_body(body):
+    """The map inside one frame body; ProtocolError(BAD_FRAME) if it is not a map with a str op."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except msgpack.ExtraData:
+        raise ProtocolError(BAD_FRAME, "trailing bytes after the msgpack map")
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(BAD_FRAME, f"body is not valid msgpack ({type(exc).__name__})")
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_FRAME, "frame is not a msgpack map")
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError(BAD_FRAME, "frame has no str 'op'")
+    return obj
+
+
+class FrameDecoder:
+    """Accumulates bytes and hands out whole frames.
+
+    `feed(data)` then iterate (or call `next_frame()` until None). A framing error raises
+    ProtocolError once; the decoder is then broken and the connection must be closed.
+    """
+
+    def __init__(self, max_frame=DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data):
+        self._buf += data
+
+    @property
+    def buffered(self):
+        """Bytes received but not yet returned as frames (a partial frame)."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self):
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 4:
+            self._compact()
+            return None
+        (n,) = _HEADER.unpack_from(buf, pos)
+        if n > self.max_frame:
+            raise ProtocolError(FRAME_TOO_LARGE, f"frame of {n} bytes exceeds max_frame {self.max_frame}")
+        if len(buf) - pos - 4 < n:
+            self._compact()
+            return None
+        body = bytes(buf[pos + 4:pos + 4 + n])
+        self._pos = pos + 4 + n
+        return decode_body(body)
+
+    def __iter__(self):
+        while True:
+            frame = self.next_frame()
+            if frame is None:
+                return
+            yield frame
+
+    def _compact(self):
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+
+
+# --- message pushes, encoded once per record -------------------------------------------------
+
+def encode_record(offset, payload, key, attrs, time_ms, producer, redeliveries=0):
+    """One element of a `message` push's "msgs" array, pre-encoded so it is packed only once."""
+    return msgpack.packb(
+        {"id": offset, "payload": payload, "key": key, "attrs": attrs, "time": time_ms,
+         "producer": producer, "redeliveries": redeliveries}, **_packer_opts)
+
+
+_MSG_PREFIX = b"\x83" + msgpack.packb("op") + msgpack.packb("message") + msgpack.packb("consumer")
+_MSGS_KEY = msgpack.packb("msgs")
+# Room for the header, the map prefix, the consumer id and the array header.
+PUSH_OVERHEAD = 4 + len(_MSG_PREFIX) + 9 + len(_MSGS_KEY) + 5
+
+
+def _array_header(n):
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + struct.pack(">H", n)
+    return b"\xdd" + struct.pack(">I", n)
+
+
+def encode_message_frames(consumer_id, blobs, max_frame=DEFAULT_MAX_FRAME):
+    """`message` push frames carrying the pre-encoded records `blobs`, none larger than max_frame."""
+    frames = []
+    head = _MSG_PREFIX + msgpack.packb(consumer_id) + _MSGS_KEY
+    limit = max_frame - PUSH_OVERHEAD
+    start, size = 0, 0
+    for i, blob in enumerate(blobs):
+        if size + len(blob) > limit and i > start:
+            frames.append(_push(head, blobs[start:i]))
+            start, size = i, 0
+        size += len(blob)
+    if start < len(blobs):
+        frames.append(_push(head, blobs[start:]))
+    return frames
+
+
+def _push(head, blobs):
+    body = b"".join((head, _array_header(len(blobs)), *blobs))
+    return _HEADER.pack(len(body)) + body
+
+
+def fits_in_push(blob_len, max_frame=DEFAULT_MAX_FRAME):
+    """Whether one record of this encoded size can be delivered in a single push frame."""
+    return blob_len + PUSH_OVERHEAD <= max_frame
