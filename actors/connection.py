@@ -55,6 +55,13 @@ class ConsumerOpened:
 
 
 @dataclass(frozen=True)
+class ActiveChanged:
+    """Failover: this consumer became the active one, or stopped being it."""
+    consumer_id: int
+    active: bool
+
+
+@dataclass(frozen=True)
 class RequestDone:
     rid: Any
     frame: Any
@@ -110,6 +117,7 @@ class ConnectionActor(BrokerActor):
         self.consumers = {}    # consumer id -> subscription address
         self.pending = set()   # rids of open/subscribe requests not answered yet
         self.closed = False
+        self.transport_exited = False
 
     # --- set-up ---------------------------------------------------------------------------------
     def on_StartConnection(self, msg, sender):
@@ -118,7 +126,7 @@ class ConnectionActor(BrokerActor):
         self.connection_id = msg.connection_id
         os.close(msg.listen_fd)  # inherited from the listener's fork; not ours
         self.transport = self.createActor("transport.tcp_actor.TcpTransportActor")
-        self.send(self.transport, AdoptSocket(msg.fd, msg.connection_id, msg.config))
+        self._to_transport(AdoptSocket(msg.fd, msg.connection_id, msg.config))
         os.close(msg.fd)         # the transport's fork has its own copy now
 
     def on_ClientHello(self, msg, sender):
@@ -130,7 +138,9 @@ class ConnectionActor(BrokerActor):
 
     def on_ChildActorExited(self, msg, sender):
         if msg.childAddress == self.transport:
+            self.transport_exited = True
             self._cleanup("transport exited")
+            self._exit_when_drained()
 
     def _cleanup(self, reason):
         if self.closed:
@@ -144,14 +154,14 @@ class ConnectionActor(BrokerActor):
                  len(self.producers), len(self.consumers), reason)
         self.producers.clear()
         self.consumers.clear()
+        self.wakeupAfter(DRAIN_TIMEOUT)
         self._exit_when_drained()
 
     def _exit_when_drained(self):
-        # An open request still in flight may yet attach a consumer: stay to detach it.
-        if not self.pending:
+        # Stay while an open request is in flight (it may yet attach a consumer, to detach at
+        # once) and while the transport lingers to deliver its last frames.
+        if self.closed and not self.pending and self.transport_exited:
             self.exit_self()
-        else:
-            self.wakeupAfter(DRAIN_TIMEOUT)
 
     def on_WakeupMessage(self, msg, sender):
         if self.closed:
@@ -291,7 +301,7 @@ class ConnectionActor(BrokerActor):
             self._exit_when_drained()
             return
         self.producers[msg.producer_id] = msg.topic_address
-        self.send(self.transport, RouteProducer(
+        self._to_transport(RouteProducer(
             msg.producer_id, msg.topic_address, msg.name,
             encode_frame({"op": "producer_ok", "rid": msg.rid, "producer": msg.producer_id,
                           "topic": msg.topic, "dispatch": msg.dispatch})))
@@ -307,31 +317,37 @@ class ConnectionActor(BrokerActor):
                              "dispatch": msg.dispatch})
         if msg.active is not None:
             data += encode_frame({"op": "active", "consumer": msg.consumer_id, "active": msg.active})
-        self.send(self.transport, RouteConsumer(msg.consumer_id, msg.dispatcher, data))
+        self._to_transport(RouteConsumer(msg.consumer_id, msg.dispatcher, data))
+
+    def on_ActiveChanged(self, msg, sender):
+        if msg.consumer_id in self.consumers and not self.closed:
+            self._reply(encode_frame({"op": "active", "consumer": msg.consumer_id, "active": msg.active}))
 
     def on_RequestDone(self, msg, sender):
         self.pending.discard(msg.rid)
         if not self.closed:
             self._reply(encode_frame(msg.frame))
-        elif not self.pending:
-            self.exit_self()
+        self._exit_when_drained()
 
     def on_RequestFailed(self, msg, sender):
         self.pending.discard(msg.rid)
         if not self.closed:
             self._reply(error_frame(msg.code, msg.message, msg.rid))
-        elif not self.pending:
-            self.exit_self()
+        self._exit_when_drained()
 
     def on_ProducerEnded(self, msg, sender):
         if self.producers.pop(msg.producer_id, None) is not None and not self.closed:
-            self.send(self.transport, UnrouteProducer(msg.producer_id, encode_frame(
+            self._to_transport(UnrouteProducer(msg.producer_id, encode_frame(
                 {"op": "closed", "producer": msg.producer_id, "reason": msg.reason})))
 
     def on_ConsumerEnded(self, msg, sender):
         if self.consumers.pop(msg.consumer_id, None) is not None and not self.closed:
-            self.send(self.transport, UnrouteConsumer(msg.consumer_id, encode_frame(
+            self._to_transport(UnrouteConsumer(msg.consumer_id, encode_frame(
                 {"op": "closed", "consumer": msg.consumer_id, "reason": msg.reason})))
 
     def _reply(self, data):
-        self.send(self.transport, Outbound(data))
+        self._to_transport(Outbound(data))
+
+    def _to_transport(self, msg):
+        # one ordered channel: replies, routes and pushes reach the client in the order sent
+        self.send_ordered(self.transport, msg, "connection")

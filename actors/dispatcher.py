@@ -11,8 +11,7 @@ from typing import Any
 from actors import connection, topic
 from actors.base import BrokerActor
 from actors.policies import ConsumerState, make_policy
-from transport.codec import encode_frame
-from transport.messages import Deliver, Outbound
+from transport.messages import Deliver
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,13 @@ class AddConsumer:
 @dataclass(frozen=True)
 class RemoveConsumer:
     consumer_id: int
+
+
+@dataclass(frozen=True)
+class CloseAll:
+    """Tell every consumer it is closed for `reason`, then send `then_tell_topic` to the topic."""
+    reason: str
+    then_tell_topic: Any
 
 
 @dataclass(frozen=True)
@@ -101,11 +107,13 @@ class DispatcherActor(BrokerActor):
     def on_AddConsumer(self, msg, sender):
         before = self._active_flags()
         if msg.replaces is not None:
-            self._forget(msg.replaces)
-        self.policy.add(ConsumerState(msg.consumer_id, msg.name, msg.transport))
-        self.send(msg.reply_to, connection.ConsumerOpened(
+            self._close(msg.replaces, "replaced")
+        self.policy.add(ConsumerState(msg.consumer_id, msg.name, msg.transport, msg.reply_to))
+        # Opened and every later ActiveChanged of a consumer share one ordered channel, so the
+        # client sees `subscribed` and the initial `active` before any change of it.
+        self.send_ordered(msg.reply_to, connection.ConsumerOpened(
             msg.rid, msg.consumer_id, sender, self.myAddress, self.dispatch,
-            self.policy.is_active(msg.consumer_id)))
+            self.policy.is_active(msg.consumer_id)), ("consumer", msg.consumer_id))
         self._announce_active(before, skip=msg.consumer_id)
         self._pump()
 
@@ -115,10 +123,23 @@ class DispatcherActor(BrokerActor):
         self._announce_active(before)
         self._pump()
 
+    def on_CloseAll(self, msg, sender):
+        for consumer_id in list(self.policy.consumers):
+            self._close(consumer_id, msg.reason)
+        self.send(self.topic, msg.then_tell_topic)
+
+    def _close(self, consumer_id, reason):
+        consumer = self.policy.consumers.get(consumer_id)
+        if consumer is not None:
+            self.send_ordered(consumer.owner, connection.ConsumerEnded(consumer_id, reason),
+                              ("consumer", consumer_id))
+            self._forget(consumer_id)
+
     def _forget(self, consumer_id):
         consumer = self.policy.remove(consumer_id)
         if consumer is not None:
             self.forget_ordered(consumer_id)
+            self.forget_ordered(("consumer", consumer_id))
 
     def _active_flags(self):
         return {cid: self.policy.is_active(cid) for cid in self.policy.consumers}
@@ -129,8 +150,8 @@ class DispatcherActor(BrokerActor):
             now = self.policy.is_active(consumer.id)
             if now is None or consumer.id == skip or before.get(consumer.id) == now:
                 continue
-            self.send(consumer.transport, Outbound(encode_frame(
-                {"op": "active", "consumer": consumer.id, "active": now})))
+            self.send_ordered(consumer.owner, connection.ActiveChanged(consumer.id, now),
+                              ("consumer", consumer.id))
 
     # --- from the consumers' transports ---------------------------------------------------------
     def on_Flow(self, msg, sender):

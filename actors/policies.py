@@ -18,6 +18,7 @@ class ConsumerState:
     id: int
     name: str
     transport: Any
+    owner: Any = None      # the ConnectionActor it belongs to
     credits: int = 0
     msgs_out: int = 0
     in_flight: int = 0

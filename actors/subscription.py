@@ -65,9 +65,9 @@ class SubscriptionActor(BrokerActor):
             return
         replaced = self.by_name.get(msg.consumer_name)
         if replaced is not None:
-            # Same name again: a reconnect before we noticed the old connection die. Take over.
-            _, old_owner = self.consumers.pop(replaced)
-            self.send(old_owner, connection.ConsumerEnded(replaced, "replaced"))
+            # Same name again: a reconnect before we noticed the old connection die. Take over;
+            # the dispatcher tells the old attachment (after its own `subscribed`, in order).
+            self.consumers.pop(replaced)
             log.info("%s/%s: consumer %s replaces %s", self.topic_name, self.name, msg.new_id, replaced)
         self.consumers[msg.new_id] = (msg.consumer_name, msg.reply_to)
         self.by_name[msg.consumer_name] = msg.new_id
@@ -82,19 +82,16 @@ class SubscriptionActor(BrokerActor):
 
     def on_Unsubscribe(self, msg, sender):
         self._remove(msg.consumer_id)
-        for consumer_id, (_, owner) in self.consumers.items():
-            self.send(owner, connection.ConsumerEnded(consumer_id, "unsubscribed"))
-        self.consumers.clear()
-        self.by_name.clear()
-        self.send(self.topic, topic.RemoveSubscription(self.name))
+        self._end_all("unsubscribed", topic.RemoveSubscription(self.name))
         self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok", "rid": msg.rid}))
 
     def on_EndAll(self, msg, sender):
-        for consumer_id, (_, owner) in self.consumers.items():
-            self.send(owner, connection.ConsumerEnded(consumer_id, msg.reason))
+        self._end_all(msg.reason, topic.SubscriptionEnded(self.name))
+
+    def _end_all(self, reason, then_tell_topic):
         self.consumers.clear()
         self.by_name.clear()
-        self.send(sender, topic.SubscriptionEnded(self.name))
+        self.send_ordered(self.dispatcher, dispatcher.CloseAll(reason, then_tell_topic), "members")
 
     def _remove(self, consumer_id):
         entry = self.consumers.pop(consumer_id, None)

@@ -9,8 +9,11 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="actorbroker", description="actorbroker: pub/sub on actors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_serve_command(sub)
-    from scripts.client_commands import add_client_commands
-    add_client_commands(sub)
+    try:
+        from scripts.client_commands import add_client_commands
+        add_client_commands(sub)
+    except ImportError:
+        pass
     return parser
 
 

@@ -1,0 +1,169 @@
+"""Delivery semantics of non_reliable topics through the Python client: order, credits,
+subscription types, backlog bounds, closing pushes, stats."""
+import collections
+
+import pytest
+
+from transport.client import Client
+from tests.util import consumers_of, wait_for
+
+
+@pytest.fixture
+def client(broker):
+    c = Client(*broker.address)
+    yield c
+    c.close()
+
+
+def sub_stats(client, topic, name):
+    for sub in client.stats(topic)["subscriptions"]:
+        if sub["name"] == name:
+            return sub
+    raise AssertionError(f"no subscription {name}")
+
+
+def test_pipelined_sends_arrive_in_order_with_consecutive_offsets(client, topic):
+    consumer = client.subscribe(topic, "s", "exclusive", "c", receiver_queue=500)
+    producer = client.producer(topic)
+    futures = [producer.send(f"msg-{i}".encode(), key=f"k{i % 7}", attrs={"i": str(i)}) for i in range(3000)]
+    producer.flush(timeout=30)
+    offsets = [f.result(5) for f in futures]
+    assert offsets == list(range(offsets[0], offsets[0] + 3000))
+    got = [consumer.receive(timeout=10) for _ in range(3000)]
+    assert [m.id for m in got] == offsets
+    assert [m.payload for m in got] == [f"msg-{i}".encode() for i in range(3000)]
+    assert got[5].key == "k5" and got[5].attrs == {"i": "5"} and got[5].redeliveries == 0
+    assert isinstance(got[0].producer, str) and got[0].producer
+
+
+def test_producer_and_consumer_in_either_order(client, topic):
+    producer = client.producer(topic)              # producer first: the topic exists, no subscription
+    producer.send_sync(b"before any subscription")  # non_reliable: nobody keeps it
+    consumer = client.subscribe(topic, "s", "shared", "c")
+    offset = producer.send_sync(b"after")
+    assert consumer.receive(timeout=10).id == offset
+
+
+def test_credits_are_respected_exactly(client, topic):
+    consumer = client.subscribe(topic, "s", "exclusive", "c", auto_credit=False)
+    producer = client.producer(topic)
+    offsets = [producer.send(b"x") for _ in range(20)]
+    producer.flush()
+    offsets = [f.result(5) for f in offsets]
+    consumer.flow(5)
+    assert [consumer.receive(timeout=10).id for _ in range(5)] == offsets[:5]
+    stats = wait_for(lambda: sub_stats(client, topic, "s"), lambda s: s["backlog"] == 15)
+    (c,) = stats["consumers"]
+    assert (c["credits"], c["msgs_out"]) == (0, 5)
+    consumer.flow(1)                                 # exactly one more, the very next
+    assert consumer.receive(timeout=10).id == offsets[5]
+    assert wait_for(lambda: sub_stats(client, topic, "s"), lambda s: s["backlog"] == 14)["msgs_out"] == 6
+
+
+def test_shared_round_robin_is_fair(client, topic):
+    consumers = [client.subscribe(topic, "s", "shared", f"c{i}") for i in range(3)]
+    producer = client.producer(topic)
+    for i in range(300):
+        producer.send(b"m")
+    producer.flush()
+    counts = wait_for(lambda: [c["msgs_out"] for c in consumers_of(client.stats(topic), "s")],
+                      lambda counts: sum(counts) == 300)
+    assert min(counts) >= 80, counts               # strict round-robin gives 100 each
+    for consumer, count in zip(consumers, counts):
+        for _ in range(count):
+            consumer.receive(timeout=10)
+
+
+def test_key_shared_keeps_keys_together_and_moves_only_the_leavers_keys(broker, client, topic):
+    others = [Client(*broker.address) for _ in range(2)]
+    consumers = [client.subscribe(topic, "ks", "key_shared", "c0")] + [
+        o.subscribe(topic, "ks", "key_shared", f"c{i + 1}") for i, o in enumerate(others)]
+    producer = client.producer(topic)
+    keys = [f"key-{i}" for i in range(60)]
+
+    def round_of_sends():
+        for k in keys:
+            producer.send(k.encode(), key=k)
+        producer.flush()
+        owner = {}
+        for idx, consumer in enumerate(consumers):
+            if consumer is None:
+                continue
+            while True:
+                try:
+                    msg = consumer.receive(timeout=1.0)
+                except TimeoutError:
+                    break
+                assert owner.setdefault(msg.key, idx) == idx, f"key {msg.key} split across consumers"
+        assert sorted(owner) == sorted(keys)
+        return owner
+
+    before = round_of_sends()
+    assert len(set(before.values())) == 3
+    others[1].close()                               # c2 leaves
+    wait_for(lambda: client.stats(topic), lambda s: len(consumers_of(s, "ks")) == 2)
+    consumers[2] = None
+    after = round_of_sends()
+    moved = {k for k in keys if after[k] != before[k]}
+    assert moved == {k for k in keys if before[k] == 2}
+    others[0].close()
+
+
+def test_backlog_bound_drops_newest_and_counts_them(start_broker, topic):
+    b = start_broker("--max-backlog", "10")
+    with Client(*b.address) as client:
+        client.subscribe(topic, "slow", "shared", "c", auto_credit=False)
+        producer = client.producer(topic)
+        for _ in range(30):
+            producer.send(b"x")
+        producer.flush()
+        stats = wait_for(lambda: sub_stats(client, topic, "slow"), lambda s: s["dropped"] == 20)
+        assert stats["backlog"] == 10
+
+
+def test_a_consumer_without_credits_does_not_slow_the_others(client, topic):
+    stalled = client.subscribe(topic, "stalled", "shared", "s", auto_credit=False)
+    fast = client.subscribe(topic, "fast", "shared", "f")
+    producer = client.producer(topic)
+    for i in range(2000):
+        producer.send(b"m")
+    producer.flush()
+    for _ in range(2000):
+        fast.receive(timeout=10)
+    assert sub_stats(client, topic, "stalled")["consumers"][0]["msgs_out"] == 0
+    assert stalled.active is None
+
+
+def test_unsubscribe_closes_the_other_consumers(broker, client, topic):
+    other = Client(*broker.address)
+    c1 = client.subscribe(topic, "s", "shared", "c1")
+    c2 = other.subscribe(topic, "s", "shared", "c2")
+    c1.unsubscribe()
+    wait_for(lambda: c2.closed_reason, lambda r: r == "unsubscribed")
+    assert client.stats(topic)["subscriptions"] == []
+    other.close()
+
+
+def test_delete_topic_closes_producers_and_consumers(client, topic):
+    consumer = client.subscribe(topic, "s", "shared", "c")
+    producer = client.producer(topic)
+    producer.send_sync(b"x")
+    client.delete_topic(topic)
+    wait_for(lambda: consumer.closed_reason, lambda r: r == "topic_deleted")
+    wait_for(lambda: producer.closed_reason, lambda r: r == "topic_deleted")
+    assert topic not in [t["name"] for t in client.topics()]
+
+
+def test_stats_and_topics_report_the_topic(client, topic):
+    consumer = client.subscribe(topic, "s", "failover", "c")
+    producer = client.producer(topic)
+    producer.send_sync(b"12345")
+    consumer.receive(timeout=10)
+    listed = {t["name"]: t for t in client.topics()}[topic]
+    assert listed == {"name": topic, "dispatch": "non_reliable", "subscriptions": 1, "producers": 1}
+    stats = client.stats(topic)
+    assert (stats["msgs_in"], stats["bytes_in"], stats["producers"]) == (1, 5, 1)
+    (sub,) = stats["subscriptions"]
+    assert (sub["name"], sub["type"], sub["msgs_out"], sub["dropped"]) == ("s", "failover", 1, 0)
+    (c,) = sub["consumers"]
+    assert c["consumer"] == consumer.id and c["name"] == "c" and c["active"] is True

@@ -1,0 +1,98 @@
+"""Dispatch policies: which consumer gets which message. Pure logic, no actors."""
+from actors.policies import ConsumerState, make_policy
+
+
+def rec(offset, key=None):
+    return (offset, key, b"")
+
+
+def consumer(cid, name=None, credits=0):
+    return ConsumerState(cid, name or f"c{cid}", transport=None, credits=credits)
+
+
+def deliver(policy):
+    """Run take() as the dispatcher would, acking each batch at once."""
+    got = {}
+    while True:
+        batches = policy.take()
+        if not batches:
+            return got
+        for c, records in batches:
+            got.setdefault(c.id, []).extend(r[0] for r in records)
+
+
+def test_credits_are_never_exceeded():
+    for kind in ("exclusive", "failover", "shared", "key_shared"):
+        policy = make_policy(kind, 1000)
+        policy.add(consumer(1, credits=3))
+        policy.enqueue([rec(i, f"k{i}") for i in range(10)])
+        assert sum(len(v) for v in deliver(policy).values()) == 3, kind
+        assert policy.backlog_size() == 7, kind
+
+
+def test_backlog_bound_drops_the_newest():
+    policy = make_policy("shared", 5)
+    assert policy.enqueue([rec(i) for i in range(8)]) == 3
+    policy.add(consumer(1, credits=10))
+    assert deliver(policy) == {1: [0, 1, 2, 3, 4]}
+
+
+def test_shared_is_round_robin():
+    policy = make_policy("shared", 1000)
+    for cid in (1, 2, 3):
+        policy.add(consumer(cid, credits=100))
+    policy.enqueue([rec(i) for i in range(9)])
+    got = deliver(policy)
+    assert got == {1: [0, 3, 6], 2: [1, 4, 7], 3: [2, 5, 8]}
+
+
+def test_shared_skips_consumers_without_credit():
+    policy = make_policy("shared", 1000)
+    policy.add(consumer(1, credits=0))
+    policy.add(consumer(2, credits=5))
+    policy.enqueue([rec(i) for i in range(4)])
+    assert deliver(policy) == {2: [0, 1, 2, 3]}
+
+
+def test_failover_first_by_name_is_active_and_next_takes_over():
+    policy = make_policy("failover", 1000)
+    policy.add(consumer(1, "b", credits=10))
+    policy.add(consumer(2, "a", credits=10))
+    assert policy.is_active(2) and not policy.is_active(1)
+    policy.enqueue([rec(0)])
+    assert deliver(policy) == {2: [0]}
+    policy.remove(2)
+    assert policy.is_active(1)
+    policy.enqueue([rec(1)])
+    assert deliver(policy) == {1: [1]}
+
+
+def test_key_shared_same_key_same_consumer_and_minimal_movement():
+    policy = make_policy("key_shared", 100000)
+    for cid in (1, 2, 3):
+        policy.add(consumer(cid, credits=100000))
+    keys = [f"key-{i}" for i in range(300)]
+    policy.enqueue([rec(i, k) for i, k in enumerate(keys)])
+    owner = {}
+    for cid, offsets in deliver(policy).items():
+        for off in offsets:
+            owner[keys[off]] = cid
+    assert len(owner) == 300 and len(set(owner.values())) == 3
+    before = dict(owner)
+    policy.remove(3)
+    policy.enqueue([rec(1000 + i, k) for i, k in enumerate(keys)])
+    for cid, offsets in deliver(policy).items():
+        for off in offsets:
+            owner[keys[off - 1000]] = cid
+    moved = [k for k in keys if owner[k] != before[k]]
+    assert moved and all(before[k] == 3 for k in moved)   # only the leaver's keys moved
+
+
+def test_key_shared_keyless_messages_round_robin():
+    policy = make_policy("key_shared", 1000)
+    policy.add(consumer(1, credits=10))
+    policy.add(consumer(2, credits=10))
+    policy.enqueue([rec(i) for i in range(6)])
+    got = deliver(policy)
+    assert sorted(len(v) for v in got.values()) == [3, 3]
+
