@@ -61,6 +61,13 @@ def test_op_before_hello_is_not_connected_and_closed(broker):
     assert conn.expect_closed()
 
 
+def test_no_hello_within_10s_is_not_connected_and_closed(broker):
+    conn = connect(broker, hello=False)
+    frame = conn.recv_frame(timeout=15)
+    assert_error(frame, "NOT_CONNECTED")
+    assert conn.expect_closed()
+
+
 def test_unsupported_version_closes(broker):
     conn = connect(broker, hello=False)
     conn.send_frame({"op": "hello", "rid": 1, "version": 2, "client": "future"})

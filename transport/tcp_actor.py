@@ -83,6 +83,7 @@ class TcpTransportActor(BrokerActor):
         self.publishes_in_flight = 0
         self.deferred_acks = []  # (dispatcher, consumer id) waiting for the buffer to drain
         self.write_retry_pending = False
+        self.heartbeat_timer = 0  # only the newest heartbeat wakeup counts
         self.state = "new"       # new -> open -> lingering -> closed
 
     # --- the watch is returned after every message (see BrokerActor) ----------------------
@@ -106,7 +107,7 @@ class TcpTransportActor(BrokerActor):
         self.heartbeat_s = self.config.heartbeat_ms / 1000.0
         self.last_recv = time.monotonic()
         self.state = "open"
-        self.wakeupAfter(timedelta(milliseconds=self.config.hello_timeout_ms), payload=_Tick.HEARTBEAT)
+        self._heartbeat_after(self.config.hello_timeout_ms / 1000.0)
 
     # --- reading ----------------------------------------------------------------------------------
     def on_WatchMessage(self, msg, sender):
@@ -217,7 +218,7 @@ class TcpTransportActor(BrokerActor):
         self._write(encode_frame({"op": "welcome", "rid": rid, "version": PROTOCOL_VERSION,
                                   "broker": self.config.broker_name, "heartbeat_ms": heartbeat_ms,
                                   "max_frame": self.config.max_frame}))
-        self.wakeupAfter(timedelta(seconds=self.heartbeat_s), payload=_Tick.HEARTBEAT)
+        self._heartbeat_after(self.heartbeat_s)
         return False
 
     def _op_ping(self, frame, rid, publishes):
@@ -373,7 +374,7 @@ class TcpTransportActor(BrokerActor):
         if msg.payload == _Tick.WRITE:
             self.write_retry_pending = False
             self._flush()
-        elif msg.payload == _Tick.HEARTBEAT:
+        elif msg.payload == (_Tick.HEARTBEAT, self.heartbeat_timer):
             self._check_heartbeat()
         elif msg.payload == _Tick.LINGER:
             self._finish()
@@ -400,7 +401,11 @@ class TcpTransportActor(BrokerActor):
             self._write(encode_frame({"op": "ping", "rid": self.ping_rid}))
             self.ping_sent = True
         due = self.heartbeat_s - idle if idle < self.heartbeat_s else 2 * self.heartbeat_s - idle
-        self.wakeupAfter(timedelta(seconds=max(due, 0.01)), payload=_Tick.HEARTBEAT)
+        self._heartbeat_after(max(due, 0.01))
+
+    def _heartbeat_after(self, seconds):
+        self.heartbeat_timer += 1
+        self.wakeupAfter(timedelta(seconds=seconds), payload=(_Tick.HEARTBEAT, self.heartbeat_timer))
 
     # --- writing --------------------------------------------------------------------------------
     def _ok(self, rid):
