@@ -25,9 +25,8 @@ class InitDispatcher:
 
 @dataclass(frozen=True)
 class Dispatch:
-    """New records from the topic, and how many the topic had to drop before sending them."""
+    """New records from the topic."""
     records: list
-    dropped: int
 
 
 @dataclass(frozen=True)
@@ -99,9 +98,10 @@ class DispatcherActor(BrokerActor):
         self.policy = make_policy(msg.type, msg.config.max_backlog)
 
     def on_Dispatch(self, msg, sender):
-        self.dropped += msg.dropped + self.policy.enqueue(msg.records)
+        self.policy.enqueue(msg.records)
         self.send(sender, topic.DispatchAck(self.name))
         self._pump()
+        self.dropped += self.policy.trim()  # non_reliable: what no credit can take, within bounds
 
     # --- membership, told by the SubscriptionActor -----------------------------------------------
     def on_AddConsumer(self, msg, sender):

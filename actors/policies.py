@@ -45,14 +45,19 @@ class Policy:
         return len(self.backlog)
 
     def enqueue(self, records):
-        """Queue records; returns how many were dropped because the backlog is full."""
-        room = max(0, self.max_backlog - self.backlog_size())
-        accepted = records[:room]
-        self._queue(accepted)
-        return len(records) - len(accepted)
-
-    def _queue(self, records):
         self.backlog.extend(records)
+
+    def trim(self):
+        """Drop the newest records beyond max_backlog; returns how many. Called after take(),
+        so what consumers with credit could take right away is never dropped."""
+        dropped = 0
+        while self.backlog_size() > self.max_backlog:
+            self._drop_newest()
+            dropped += 1
+        return dropped
+
+    def _drop_newest(self):
+        self.backlog.pop()
 
     def is_active(self, consumer_id):
         """Failover's active flag; None where the type has no such notion."""
@@ -166,12 +171,16 @@ class KeySharedPolicy(SharedPolicy):
     def backlog_size(self):
         return len(self.backlog) + len(self.unowned) + sum(len(q) for q in self.queues.values())
 
-    def _queue(self, records):
+    def enqueue(self, records):
         for record in records:
             if record[1] is None:
                 self.backlog.append(record)
             else:
                 self._queue_keyed(record)
+
+    def _drop_newest(self):
+        queues = [q for q in (self.backlog, self.unowned, *self.queues.values()) if q]
+        max(queues, key=lambda q: q[-1][0]).pop()
 
     def _queue_keyed(self, record):
         owner = self.owner(record[1])

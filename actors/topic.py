@@ -119,7 +119,6 @@ class _Sub:
     dispatcher: Any
     attaches: int = 0
     pending: list = field(default_factory=list)   # records not yet sent to the dispatcher
-    dropped: int = 0
     in_flight: int = 0
 
 
@@ -179,18 +178,16 @@ class TopicActor(BrokerActor):
         self.msgs_in += offset - self.next_offset
         self.next_offset = offset
         self.send(sender, Receipts(receipts))
+        # The pending lists stay bounded because each transport has at most a few Publish in
+        # flight (it stops reading its socket beyond that); dispatchers bound their backlogs.
         for name, sub in self.subs.items():
             sub.pending.extend(records)
-            overflow = len(sub.pending) - self.config.max_backlog
-            if overflow > 0:  # the dispatcher is far behind: drop the newest (non_reliable)
-                del sub.pending[-overflow:]
-                sub.dropped += overflow
             self._feed(name, sub)
 
     def _feed(self, name, sub):
-        if sub.in_flight < DISPATCH_WINDOW and (sub.pending or sub.dropped):
-            self.send_ordered(sub.dispatcher, dispatcher.Dispatch(sub.pending, sub.dropped), ("dispatcher", name))
-            sub.pending, sub.dropped = [], 0
+        if sub.in_flight < DISPATCH_WINDOW and sub.pending:
+            self.send_ordered(sub.dispatcher, dispatcher.Dispatch(sub.pending), ("dispatcher", name))
+            sub.pending = []
             sub.in_flight += 1
 
     def on_DispatchAck(self, msg, sender):

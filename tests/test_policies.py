@@ -32,9 +32,21 @@ def test_credits_are_never_exceeded():
 
 def test_backlog_bound_drops_the_newest():
     policy = make_policy("shared", 5)
-    assert policy.enqueue([rec(i) for i in range(8)]) == 3
+    policy.enqueue([rec(i) for i in range(8)])
+    assert policy.trim() == 3
     policy.add(consumer(1, credits=10))
     assert deliver(policy) == {1: [0, 1, 2, 3, 4]}
+
+
+def test_what_credit_takes_at_once_is_not_dropped():
+    policy = make_policy("key_shared", 5)
+    policy.add(consumer(1, credits=6))
+    policy.enqueue([rec(i, f"k{i}") for i in range(10)])
+    assert len(policy.take()[0][1]) == 6
+    assert policy.trim() == 0 and policy.backlog_size() == 4
+    policy.enqueue([rec(i, f"k{i}") for i in range(10, 13)])
+    assert policy.trim() == 2
+    assert sorted(r[0] for q in policy.queues.values() for r in q) == [6, 7, 8, 9, 10]
 
 
 def test_shared_is_round_robin():

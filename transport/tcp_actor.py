@@ -25,7 +25,7 @@ from transport.messages import (
     Receipts, RouteConsumer, RouteProducer, UnrouteConsumer, UnrouteProducer)
 
 READ_SIZE = 256 * 1024
-MAX_READ_PER_MESSAGE = 4 * 1024 * 1024   # then let other messages (deliveries, receipts) in
+MAX_READ_PER_MESSAGE = 512 * 1024       # per message: bounds a Publish, lets deliveries in
 HIGH_WATER = 1024 * 1024                 # above this many unsent bytes, deliveries wait
 MAX_PUBLISHES_IN_FLIGHT = 8              # then stop reading: TCP pushes back on the producer
 RETRY_WRITE_S = 0.005
