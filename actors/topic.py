@@ -15,7 +15,7 @@ from thespian.actors import ActorExitRequest
 from actors import broker, connection, dispatcher, subscription
 from actors.base import BrokerActor, log
 from transport import errors as E
-from transport.codec import encode_record
+from transport.codec import record_blob
 from transport.messages import Receipts
 
 DISPATCH_WINDOW = 2
@@ -47,7 +47,8 @@ class CloseProducer:
 
 @dataclass(frozen=True)
 class Publish:
-    """Sends of one producer read in one go: [(rid, [(payload, key, attrs), ...]), ...]."""
+    """Sends of one producer, merged: [(rid, [(key, record tail, payload size), ...])]."""
+    producer_id: int
     producer_name: str
     sends: list
 
@@ -165,19 +166,18 @@ class TopicActor(BrokerActor):
     def on_Publish(self, msg, sender):
         # Accepted whatever the producer's state: the transport routed it while it was open.
         now = int(time.time() * 1000)
-        producer = msg.producer_name
         records, receipts = [], []
         offset = self.next_offset
         for rid, msgs in msg.sends:
             first = offset
-            for payload, key, attrs in msgs:
-                records.append((offset, key, encode_record(offset, payload, key, attrs, now, producer)))
-                self.bytes_in += len(payload)
+            for key, tail, size in msgs:
+                records.append((offset, key, record_blob(offset, now, tail)))
+                self.bytes_in += size
                 offset += 1
             receipts.append((rid, first, offset - first))
         self.msgs_in += offset - self.next_offset
         self.next_offset = offset
-        self.send(sender, Receipts(receipts))
+        self.send(sender, Receipts(msg.producer_id, receipts))
         # The pending lists stay bounded because each transport has at most a few Publish in
         # flight (it stops reading its socket beyond that); dispatchers bound their backlogs.
         for name, sub in self.subs.items():

@@ -87,11 +87,29 @@ class FrameDecoder:
 
 # --- message pushes, encoded once per record -------------------------------------------------
 
+# A record (one element of a push's "msgs" array) is a msgpack map of 7 entries, built in two
+# parts: the tail (payload, key, attrs, producer, redeliveries) is packed by the producer's
+# transport, in parallel across connections; the topic only prepends the id and time it assigns.
+_RECORD_HEAD = b"\x87" + msgpack.packb("id")
+_TIME_KEY = msgpack.packb("time")
+_UINT64 = struct.Struct(">BQ")
+_TAIL_KEYS = [msgpack.packb(k) for k in ("payload", "key", "attrs", "producer", "redeliveries")]
+
+
+def encode_record_tail(payload, key, attrs, producer, redeliveries=0):
+    p, k, a, pr, r = _TAIL_KEYS
+    pack = msgpack.packb
+    return b"".join((p, pack(payload, use_bin_type=True), k, pack(key), a, pack(attrs),
+                     pr, pack(producer), r, pack(redeliveries)))
+
+
+def record_blob(offset, time_ms, tail):
+    return b"".join((_RECORD_HEAD, _UINT64.pack(0xCF, offset), _TIME_KEY, _UINT64.pack(0xCF, time_ms), tail))
+
+
 def encode_record(offset, payload, key, attrs, time_ms, producer, redeliveries=0):
-    """One element of a `message` push's "msgs" array, pre-encoded so it is packed only once."""
-    return msgpack.packb(
-        {"id": offset, "payload": payload, "key": key, "attrs": attrs, "time": time_ms,
-         "producer": producer, "redeliveries": redeliveries}, **_packer_opts)
+    """One whole record, pre-encoded so that it is packed only once."""
+    return record_blob(offset, time_ms, encode_record_tail(payload, key, attrs, producer, redeliveries))
 
 
 _MSG_PREFIX = b"\x83" + msgpack.packb("op") + msgpack.packb("message") + msgpack.packb("consumer")

@@ -61,6 +61,7 @@ class Deliver:
 @dataclass(frozen=True)
 class Receipts:
     """Topic's answer to a Publish: (rid, first, count) or (rid, error_code, message) per send."""
+    producer_id: int
     items: list
     errors: list = field(default_factory=list)
 

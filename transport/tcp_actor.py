@@ -19,7 +19,8 @@ from actors.base import BrokerActor, log
 from actors.dispatcher import Ack, DeliverAck, Flow, Nack
 from actors.topic import Publish
 from transport import errors as E
-from transport.codec import FrameDecoder, PROTOCOL_VERSION, encode_frame, PUSH_OVERHEAD, encode_message_frames
+from transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
+                             encode_message_frames, encode_record_tail)
 from transport.messages import (
     AdoptSocket, ClientHello, ClientRequest, CloseConnection, ConnectionClosed, Deliver, Outbound,
     Receipts, RouteConsumer, RouteProducer, UnrouteConsumer, UnrouteProducer)
@@ -27,7 +28,8 @@ from transport.messages import (
 READ_SIZE = 256 * 1024
 MAX_READ_PER_MESSAGE = 512 * 1024       # per message: bounds a Publish, lets deliveries in
 HIGH_WATER = 1024 * 1024                 # above this many unsent bytes, deliveries wait
-MAX_PUBLISHES_IN_FLIGHT = 8              # then stop reading: TCP pushes back on the producer
+PUBLISH_WINDOW = 2                       # Publish in flight per producer; the rest is merged
+MAX_PENDING_RECORDS = 20_000             # then stop reading: TCP pushes back on the producer
 RETRY_WRITE_S = 0.005
 LINGER_S = 1.0
 
@@ -52,6 +54,15 @@ def is_uint(value):
 
 def is_str_map(value):
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+class _Outgoing:
+    """Sends of one producer on their way to its topic."""
+    __slots__ = ("topic", "name", "sends", "records", "in_flight")
+
+    def __init__(self, topic, name):
+        self.topic, self.name = topic, name
+        self.sends, self.records, self.in_flight = [], 0, 0
 
 
 class _Tick:
@@ -80,7 +91,8 @@ class TcpTransportActor(BrokerActor):
         self.ping_rid = 0
         self.producers = {}      # producer id -> (topic address, name)
         self.consumers = {}      # consumer id -> dispatcher address
-        self.publishes_in_flight = 0
+        self.outgoing = {}       # producer id -> _Outgoing (sends not yet given to the topic)
+        self.pending_records = 0
         self.deferred_acks = []  # (dispatcher, consumer id) waiting for the buffer to drain
         self.write_retry_pending = False
         self.heartbeat_timer = 0  # only the newest heartbeat wakeup counts
@@ -90,7 +102,7 @@ class TcpTransportActor(BrokerActor):
     def watch(self):
         if self.sock is None or self.state == "closed":
             return None
-        if self.state == "open" and self.publishes_in_flight >= MAX_PUBLISHES_IN_FLIGHT:
+        if self.state == "open" and self.pending_records >= MAX_PENDING_RECORDS:
             return None  # paused: the kernel buffer fills and the producer is pushed back
         return ThespianWatch([self.fd])
 
@@ -175,8 +187,7 @@ class TcpTransportActor(BrokerActor):
         # control and admin ops belong to the supervisor; forget routes of what is closing now so
         # that frames pipelined after the close are refused here, in order.
         if op == "close_producer" and frame.get("producer") in self.producers:
-            topic, _ = self.producers.pop(frame["producer"])
-            self.end_ordered(topic, frame["producer"])
+            self._drop_producer(frame["producer"], publishes)
         elif op in ("close_consumer", "unsubscribe") and isinstance(frame.get("consumer"), int):
             self.consumers.pop(frame["consumer"], None)
         self.send(self.supervisor, ClientRequest(frame))
@@ -248,7 +259,8 @@ class TcpTransportActor(BrokerActor):
             if problem:
                 self._error(E.BAD_REQUEST, f"msgs[{i}]: {problem}", rid)
                 return False
-            records.append((m["payload"], m.get("key"), m.get("attrs") or {}))
+            records.append((m.get("key"), encode_record_tail(m["payload"], m.get("key"), m.get("attrs") or {},
+                                                              route[1]), len(m["payload"])))
         publishes.setdefault(producer_id, []).append((rid, records))
         return False
 
@@ -322,12 +334,35 @@ class TcpTransportActor(BrokerActor):
         return consumer_id
 
     def _send_publishes(self, publishes):
+        """Adaptive batching: sends that arrive while PUBLISH_WINDOW batches of their producer are
+        in flight wait here and go together in the next Publish."""
         for producer_id, sends in publishes.items():
-            topic, name = self.producers.get(producer_id, (None, None))
-            if topic is None:
+            out = self.outgoing.get(producer_id)
+            if out is None:
                 continue
-            self.send_ordered(topic, Publish(name, sends), producer_id)
-            self.publishes_in_flight += 1
+            out.sends.extend(sends)
+            count = sum(len(records) for _, records in sends)
+            out.records += count
+            self.pending_records += count
+            self._publish(producer_id, out)
+        publishes.clear()
+
+    def _publish(self, producer_id, out, force=False):
+        if out.sends and (force or out.in_flight < PUBLISH_WINDOW):
+            self.send_ordered(out.topic, Publish(producer_id, out.name, out.sends), producer_id)
+            self.pending_records -= out.records
+            out.sends, out.records = [], 0
+            out.in_flight += 1
+
+    def _drop_producer(self, producer_id, publishes=None):
+        """The producer is closed: what it sent before goes to the topic now, then its channel ends."""
+        if publishes:
+            self._send_publishes(publishes)
+        self.producers.pop(producer_id, None)
+        out = self.outgoing.pop(producer_id, None)
+        if out is not None:
+            self._publish(producer_id, out, force=True)
+            self.end_ordered(out.topic, producer_id)
 
     # --- messages from the broker side ----------------------------------------------------------
     def on_Outbound(self, msg, sender):
@@ -335,12 +370,11 @@ class TcpTransportActor(BrokerActor):
 
     def on_RouteProducer(self, msg, sender):
         self.producers[msg.producer_id] = (msg.topic, msg.name)
+        self.outgoing[msg.producer_id] = _Outgoing(msg.topic, msg.name)
         self._write(msg.data)
 
     def on_UnrouteProducer(self, msg, sender):
-        topic, _ = self.producers.pop(msg.producer_id, (None, None))
-        if topic is not None:
-            self.end_ordered(topic, msg.producer_id)
+        self._drop_producer(msg.producer_id)
         self._write(msg.data)
 
     def on_RouteConsumer(self, msg, sender):
@@ -352,7 +386,10 @@ class TcpTransportActor(BrokerActor):
         self._write(msg.data)
 
     def on_Receipts(self, msg, sender):
-        self.publishes_in_flight = max(0, self.publishes_in_flight - 1)
+        producer = self.outgoing.get(msg.producer_id)
+        if producer is not None:
+            producer.in_flight -= 1
+            self._publish(msg.producer_id, producer)
         out = [encode_frame({"op": "receipt", "rid": rid, "first": first, "count": count})
                for rid, first, count in msg.items]
         out += [error_frame(code, text, rid) for rid, code, text in msg.errors]
@@ -455,8 +492,8 @@ class TcpTransportActor(BrokerActor):
             return
         log.info("connection %s closed: %s", self.connection_id, reason)
         self.send(self.supervisor, ConnectionClosed(self.connection_id, reason))
-        for producer_id, (topic, _) in self.producers.items():
-            self.end_ordered(topic, producer_id)
+        for producer_id in list(self.producers):
+            self._drop_producer(producer_id)
         for dispatcher, consumer_id in self.deferred_acks:
             self.send(dispatcher, DeliverAck(consumer_id))
         self.deferred_acks.clear()
