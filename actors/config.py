@@ -20,3 +20,8 @@ class BrokerConfig:
     # token -> list of permissions ("admin", "produce:PATTERN", "consume:PATTERN"); empty = auth off
     tokens: dict = field(default_factory=dict)
     broker_name: str = "actorbroker"
+    # reliable topics
+    fsync: str = "group"               # "always", "group" or "interval:MS"
+    segment_bytes: int = 64 * 1024 * 1024
+    retention_bytes: int = 0           # 0: no size limit
+    retention_ms: int = 0              # 0: no age limit

@@ -22,9 +22,21 @@ class ConsumerState:
     credits: int = 0
     msgs_out: int = 0
     in_flight: int = 0
+    unacked: int = 0       # reliable: delivered, not acknowledged yet
+    max_unacked: int = 1 << 62
+    tracks_acks: bool = False
+
+    def room(self):
+        """How many records it may be given now."""
+        return min(self.credits, self.max_unacked - self.unacked)
 
     def can_take(self):
-        return self.credits > 0 and self.in_flight < DELIVER_WINDOW
+        return self.room() > 0 and self.in_flight < DELIVER_WINDOW
+
+    def took(self, n):
+        self.credits -= n
+        if self.tracks_acks:
+            self.unacked += n
 
 
 class Policy:
@@ -46,6 +58,10 @@ class Policy:
 
     def enqueue(self, records):
         self.backlog.extend(records)
+
+    def requeue(self, records):
+        """Records to redeliver: ahead of everything not yet delivered, in offset order."""
+        self.backlog.extendleft(reversed(records))
 
     def trim(self):
         """Drop the newest records beyond max_backlog; returns how many. Called after take(),
@@ -77,9 +93,9 @@ class SingleActivePolicy(Policy):
         consumer = self.active()
         if consumer is None or not consumer.can_take() or not self.backlog:
             return []
-        n = min(consumer.credits, len(self.backlog))
+        n = min(consumer.room(), len(self.backlog))
         batch = [self.backlog.popleft() for _ in range(n)]
-        consumer.credits -= n
+        consumer.took(n)
         return [(consumer, batch)]
 
 
@@ -103,17 +119,20 @@ class SharedPolicy(Policy):
         position = {c.id: i for i, c in enumerate(order)}
         start = self.turn % len(order)
         order = order[start:] + order[:start]
-        eligible = [c for c in order if c.can_take()]
+        quota = {c: c.room() for c in order if c.can_take()}
+        eligible = list(quota)
         batches = {}
         while self.backlog and eligible:
             for consumer in list(eligible):
                 if not self.backlog:
                     break
                 batches.setdefault(consumer, []).append(self.backlog.popleft())
-                consumer.credits -= 1
+                quota[consumer] -= 1
                 self.turn = position[consumer.id] + 1
-                if consumer.credits == 0:
+                if quota[consumer] == 0:
                     eligible.remove(consumer)
+        for consumer, batch in batches.items():
+            consumer.took(len(batch))
         return list(batches.items())
 
 
@@ -178,6 +197,14 @@ class KeySharedPolicy(SharedPolicy):
             else:
                 self._queue_keyed(record)
 
+    def requeue(self, records):
+        for record in reversed(records):
+            if record[1] is None:
+                self.backlog.appendleft(record)
+            else:
+                owner = self.owner(record[1])
+                (self.unowned if owner is None else self.queues[owner]).appendleft(record)
+
     def _drop_newest(self):
         queues = [q for q in (self.backlog, self.unowned, *self.queues.values()) if q]
         max(queues, key=lambda q: q[-1][0]).pop()
@@ -191,9 +218,9 @@ class KeySharedPolicy(SharedPolicy):
         for consumer in self.consumers.values():
             queue = self.queues[consumer.id]
             if queue and consumer.can_take():
-                n = min(consumer.credits, len(queue))
+                n = min(consumer.room(), len(queue))
                 batches[consumer] = [queue.popleft() for _ in range(n)]
-                consumer.credits -= n
+                consumer.took(n)
         # keyless records round-robin over the credit that is left (still one batch each)
         for consumer, records in super().take():
             batches.setdefault(consumer, []).extend(records)

@@ -4,7 +4,7 @@ import struct
 import msgpack
 import pytest
 
-from transport.codec import (FrameDecoder, encode_frame, encode_message_frames, encode_record,
+from transport.codec import (FrameDecoder, encode_frame, encode_message_frames, encode_record, with_redeliveries,
                              fits_in_push)
 from transport.errors import BAD_FRAME, FRAME_TOO_LARGE, ProtocolError
 
@@ -80,3 +80,18 @@ def test_pushed_record_has_every_field_of_the_protocol():
 def test_fits_in_push():
     assert fits_in_push(100, max_frame=1000)
     assert not fits_in_push(1000, max_frame=1000)
+
+
+def test_redelivery_count_is_rewritten_in_place():
+    blob = encode_record(5, b"p", "k", {"a": "b"}, 9, "prod")
+    for count in (1, 200, 70000):
+        decoder = FrameDecoder()
+        decoder.feed(encode_message_frames(1, [with_redeliveries(blob, count)])[0])
+        (msg,) = decoder.next_frame()["msgs"]
+        assert msg["redeliveries"] == count and msg["payload"] == b"p" and msg["id"] == 5
+
+
+def test_record_tail_round_trips():
+    from transport.codec import record_blob, record_tail
+    blob = encode_record(5, b"p", None, {}, 9, "prod")
+    assert record_blob(5, 9, record_tail(blob)) == blob

@@ -107,6 +107,19 @@ def record_blob(offset, time_ms, tail):
     return b"".join((_RECORD_HEAD, _UINT64.pack(0xCF, offset), _TIME_KEY, _UINT64.pack(0xCF, time_ms), tail))
 
 
+_TAIL_START = len(_RECORD_HEAD) + 9 + len(_TIME_KEY) + 9
+
+
+def record_tail(blob):
+    """The tail of a record built by record_blob (its redeliveries as encoded then)."""
+    return blob[_TAIL_START:]
+
+
+def with_redeliveries(blob, count):
+    """A record built with redeliveries=0 (its last byte), re-marked as redelivered `count` times."""
+    return blob[:-1] + msgpack.packb(count)
+
+
 def encode_record(offset, payload, key, attrs, time_ms, producer, redeliveries=0):
     """One whole record, pre-encoded so that it is packed only once."""
     return record_blob(offset, time_ms, encode_record_tail(payload, key, attrs, producer, redeliveries))

@@ -1,0 +1,169 @@
+"""LogActor: one per reliable topic; the only owner of the topic's files.
+
+Appends batches to the segment log and makes them durable per the broker's fsync setting
+before answering, serves reads (catch-up, redelivery after restart) and keeps the
+subscriptions' cursors. Blocking file I/O (fsync) is this actor's whole job, so it stalls no
+one else: the topic keeps accepting sends meanwhile and merges them into the next append
+(group commit).
+"""
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from actors.base import BrokerActor, log
+from storage.topic_store import TopicStore
+
+
+@dataclass(frozen=True)
+class OpenLog:
+    topic: str
+    dispatch: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class LogOpened:
+    next_offset: int
+    first_offset: int
+    cursors: dict
+    truncated_bytes: int
+
+
+@dataclass(frozen=True)
+class Append:
+    seq: int
+    first: int          # the offset the topic assigned to the first entry, checked here
+    entries: list       # [(key, record tail)]
+    time_ms: int
+
+
+@dataclass(frozen=True)
+class Appended:
+    seq: int
+    log_bytes: int
+    segments: int
+
+
+@dataclass(frozen=True)
+class ReadLog:
+    token: Any
+    offset: int
+    max_records: int
+
+
+@dataclass(frozen=True)
+class LogRecords:
+    token: Any
+    records: list       # [(offset, key, time_ms, tail)]
+    first_offset: int   # the oldest offset still retained
+
+
+@dataclass(frozen=True)
+class SaveCursor:
+    subscription: str
+    state: dict
+
+
+@dataclass(frozen=True)
+class CursorSaved:
+    subscription: str
+
+
+@dataclass(frozen=True)
+class DeleteCursor:
+    subscription: str
+
+
+@dataclass(frozen=True)
+class DestroyLog:
+    pass
+
+
+class LogActor(BrokerActor):
+    init_message = OpenLog
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.store = None
+        self.config = None
+        self.interval_s = None     # fsync every interval instead of before answering
+        self.sync_scheduled = False
+        self.floors = {}           # subscription -> cursor floor, for retention
+        self.forced_deletions = 0
+
+    def on_OpenLog(self, msg, sender):
+        self.config = msg.config
+        mode = self.config.fsync
+        if mode.startswith("interval:"):
+            self.interval_s = int(mode.split(":", 1)[1]) / 1000.0
+        self.store = TopicStore(self.config.data_dir, msg.topic, msg.dispatch, self.config.segment_bytes)
+        cursors = self.store.cursors()
+        self.floors = {name: state.get("floor", 0) for name, state in cursors.items()}
+        log_ = self.store.log
+        if log_.truncated_bytes:
+            log.warning("topic %s: recovered, %d torn bytes truncated", msg.topic, log_.truncated_bytes)
+        self.send(sender, LogOpened(log_.next_offset, log_.first_offset, cursors, log_.truncated_bytes))
+
+    def on_Append(self, msg, sender):
+        log_ = self.store.log
+        if msg.first != log_.next_offset:  # a bug upstream; refuse rather than renumber
+            log.error("append at %d but log ends at %d", msg.first, log_.next_offset)
+            return
+        log_.append(msg.entries, msg.time_ms)
+        if self.interval_s is None:
+            log_.sync()
+        elif not self.sync_scheduled:
+            self.sync_scheduled = True
+            self.wakeupAfter(timedelta(seconds=self.interval_s), payload="sync")
+        self._retain()
+        self.send(sender, Appended(msg.seq, log_.size, len(log_.segments)))
+
+    def on_WakeupMessage(self, msg, sender):
+        if msg.payload == "sync":
+            self.sync_scheduled = False
+            self.store.log.sync()
+
+    def on_ReadLog(self, msg, sender):
+        log_ = self.store.log
+        records = log_.read(msg.offset, msg.max_records)
+        self.send(sender, LogRecords(msg.token, records, log_.first_offset))
+
+    def on_SaveCursor(self, msg, sender):
+        self.store.save_cursor(msg.subscription, msg.state)
+        self.floors[msg.subscription] = msg.state.get("floor", 0)
+        self.send(sender, CursorSaved(msg.subscription))
+
+    def on_DeleteCursor(self, msg, sender):
+        self.store.delete_cursor(msg.subscription)
+        self.floors.pop(msg.subscription, None)
+
+    def on_DestroyLog(self, msg, sender):
+        self.store.destroy()
+        self.store = None
+
+    def on_ActorExitRequest(self, msg, sender):
+        if self.store is not None:
+            self.store.close()
+
+    def _retain(self):
+        """Size and age retention: whole sealed segments, never one a cursor still needs unless
+        the log has grown past twice the size limit (then counted in stats)."""
+        log_ = self.store.log
+        limit, max_age_ms = self.config.retention_bytes, self.config.retention_ms
+        needed = min(self.floors.values(), default=log_.next_offset)
+        if limit and log_.size > limit:
+            log_.delete_before(needed)
+            if log_.size > 2 * limit:
+                before = log_.first_offset
+                log_.delete_before(log_.next_offset)
+                if log_.first_offset > before:
+                    self.forced_deletions += 1
+                    log.warning("retention forced: deleted offsets below %d still needed by a "
+                                "subscription", log_.first_offset)
+        if max_age_ms:
+            cutoff = time.time() * 1000 - max_age_ms
+            while len(log_.segments) > 1 and log_.segments[0].last_time < cutoff \
+                    and log_.segments[1].first_offset <= needed:
+                log_.delete_before(log_.segments[1].first_offset)

@@ -1,0 +1,228 @@
+"""An append-only topic log in segment files, with per-batch checksums and a sparse index.
+
+Layout of a topic directory:
+    00000000000000000000.log   records from offset 0 ...
+    00000000000000052311.log   ... the next segment, named by its first offset
+
+A segment is a sequence of batches. A batch is a 28-byte header
+    body length (u32) | crc32 of body (u32) | first offset (u64) | record count (u32) | time ms (u64)
+followed by the body: a msgpack array of [key, tail] pairs, where `tail` is the pre-encoded
+rest of the record (payload, key, attrs, producer, redeliveries) and the record's time is the
+batch's. Recovery scans the last segment and truncates it at the first torn or corrupt batch.
+
+The sparse index (offset -> file position, one entry per batch, in memory) is rebuilt when a
+segment is opened; reading from an offset bisects it instead of scanning the segment.
+"""
+import bisect
+import logging
+import os
+import struct
+import time
+import zlib
+
+import msgpack
+
+log = logging.getLogger("actorbroker.storage")
+
+HEADER = struct.Struct(">IIQIQ")   # body length, crc32, first offset, count, time ms
+SEGMENT_SUFFIX = ".log"
+
+
+class CorruptBatch(Exception):
+    pass
+
+
+def _segment_name(first_offset):
+    return f"{first_offset:020d}{SEGMENT_SUFFIX}"
+
+
+def _read_batches(path, start=0):
+    """Yield (position, header tuple, body) of the valid batches of a segment file from `start`;
+    stops at the first torn or corrupt batch and then yields ("torn", position)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        while True:
+            head = f.read(HEADER.size)
+            if not head:
+                return
+            if len(head) < HEADER.size:
+                yield ("torn", pos)
+                return
+            length, crc, first, count, stamp = HEADER.unpack(head)
+            body = f.read(length)
+            if len(body) < length or zlib.crc32(body) != crc:
+                yield ("torn", pos)
+                return
+            yield (pos, (length, crc, first, count, stamp), body)
+            pos += HEADER.size + length
+
+
+class Segment:
+    def __init__(self, directory, first_offset):
+        self.path = os.path.join(directory, _segment_name(first_offset))
+        self.first_offset = first_offset
+        self.next_offset = first_offset
+        self.size = 0
+        self.index_offsets = []   # first offset of each batch
+        self.index_positions = []
+        self.last_time = 0
+
+    def load(self):
+        """Rebuild the index by scanning; truncate a torn tail. Returns bytes truncated."""
+        truncated = 0
+        self.size = 0
+        for item in _read_batches(self.path):
+            if item[0] == "torn":
+                real = os.path.getsize(self.path)
+                truncated = real - item[1]
+                with open(self.path, "r+b") as f:
+                    f.truncate(item[1])
+                    f.flush()
+                    os.fsync(f.fileno())
+                log.warning("segment %s: torn or corrupt tail of %d bytes truncated at %d",
+                            self.path, truncated, item[1])
+                break
+            pos, (length, _, first, count, stamp), _ = item
+            self._index(first, pos)
+            self.next_offset = first + count
+            self.size = pos + HEADER.size + length
+            self.last_time = stamp
+        return truncated
+
+    def _index(self, first, pos):
+        self.index_offsets.append(first)
+        self.index_positions.append(pos)
+
+    def position_of(self, offset):
+        i = bisect.bisect_right(self.index_offsets, offset) - 1
+        return self.index_positions[max(i, 0)] if self.index_positions else 0
+
+
+class SegmentLog:
+    """One topic's log. Not thread-safe; owned by one actor."""
+
+    def __init__(self, directory, segment_bytes=64 * 1024 * 1024):
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        os.makedirs(directory, exist_ok=True)
+        self.segments = []
+        self.truncated_bytes = 0
+        self._file = None
+        self._dirty = False
+        self._open()
+
+    # --- opening and recovery ---------------------------------------------------------------------
+    def _open(self):
+        names = sorted(n for n in os.listdir(self.directory) if n.endswith(SEGMENT_SUFFIX))
+        for name in names:
+            segment = Segment(self.directory, int(name[:-len(SEGMENT_SUFFIX)]))
+            self.segments.append(segment)
+        # sealed segments were fsynced when rolled, but a crash may still have torn the last one
+        for segment in self.segments:
+            self.truncated_bytes += segment.load()
+        if not self.segments:
+            self.segments.append(Segment(self.directory, 0))
+            open(self.segments[0].path, "ab").close()
+            self._fsync_dir()
+        self._file = open(self.active.path, "ab")
+
+    @property
+    def active(self):
+        return self.segments[-1]
+
+    @property
+    def next_offset(self):
+        return self.active.next_offset
+
+    @property
+    def first_offset(self):
+        return self.segments[0].first_offset
+
+    @property
+    def size(self):
+        return sum(s.size for s in self.segments)
+
+    # --- writing -------------------------------------------------------------------------------------
+    def append(self, entries, time_ms=None):
+        """Append records [(key, tail), ...] as one batch; returns its first offset. Written to
+        the OS, durable only after sync()."""
+        if self.active.size >= self.segment_bytes:
+            self._roll()
+        stamp = int(time.time() * 1000) if time_ms is None else time_ms
+        body = msgpack.packb(entries, use_bin_type=True)
+        first = self.active.next_offset
+        data = HEADER.pack(len(body), zlib.crc32(body), first, len(entries), stamp) + body
+        self._file.write(data)
+        segment = self.active
+        segment._index(first, segment.size)
+        segment.size += len(data)
+        segment.next_offset = first + len(entries)
+        segment.last_time = stamp
+        self._dirty = True
+        return first
+
+    def sync(self):
+        if self._dirty:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._dirty = False
+
+    def _roll(self):
+        self.sync()
+        self._file.close()
+        segment = Segment(self.directory, self.active.next_offset)
+        self.segments.append(segment)
+        self._file = open(segment.path, "ab")
+        self._fsync_dir()
+
+    def _fsync_dir(self):
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- reading ------------------------------------------------------------------------------------
+    def read(self, offset, max_records=1000):
+        """Records from `offset`: [(offset, key, time_ms, tail)], at most about max_records."""
+        self._file.flush()
+        offset = max(offset, self.first_offset)
+        out = []
+        i = max(0, bisect.bisect_right([s.first_offset for s in self.segments], offset) - 1)
+        for segment in self.segments[i:]:
+            if segment.next_offset <= offset:
+                continue
+            for item in _read_batches(segment.path, segment.position_of(offset)):
+                if item[0] == "torn":
+                    break
+                _, (_, _, first, count, stamp), body = item
+                if first + count <= offset:
+                    continue
+                for n, (key, tail) in enumerate(msgpack.unpackb(body, raw=False)):
+                    if first + n >= offset:
+                        out.append((first + n, key, stamp, tail))
+                if len(out) >= max_records:
+                    return out
+        return out
+
+    # --- retention ------------------------------------------------------------------------------------
+    def delete_before(self, offset):
+        """Delete whole sealed segments whose records are all below `offset`; returns how many."""
+        removed = 0
+        while len(self.segments) > 1 and self.segments[1].first_offset <= offset:
+            os.unlink(self.segments[0].path)
+            self.segments.pop(0)
+            removed += 1
+        if removed:
+            self._fsync_dir()
+        return removed
+
+    def oldest_time(self):
+        return self.segments[0].last_time if self.segments else 0
+
+    def close(self):
+        if self._file is not None:
+            self.sync()
+            self._file.close()
+            self._file = None
