@@ -123,6 +123,11 @@ class BrokerActor(Actor):
         """The receiver is gone: a new receiver under the same key starts from zero."""
         self._out_seq.pop(stream, None)
 
+    def hold_until(self, message_type):
+        """Hold every other message until one of `message_type` has been handled."""
+        self.init_message = message_type
+        self._initialized = False
+
     def watch(self):
         return None
 

@@ -17,6 +17,7 @@ from thespian.actors import ThespianWatch
 
 from actors import connection, listener, topic
 from actors.base import BrokerActor, log
+from storage.topic_store import stored_topics
 from transport import errors as E
 
 TOPIC_NAME = re.compile(r"^/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
@@ -104,6 +105,8 @@ class BrokerRootActor(BrokerActor):
             self.lifeline = os.pidfd_open(msg.serve_pid)
         except (OSError, AttributeError) as exc:
             log.warning("cannot watch serve process %s: %s", msg.serve_pid, exc)
+        for name, dispatch in stored_topics(self.config.data_dir):   # durable topics come back
+            self._create_topic(name, dispatch)
         self.listener = self.createActor("actors.listener.ListenerActor")
         self.send(self.listener, listener.Listen(self.config, self.myAddress))
 
@@ -137,11 +140,15 @@ class BrokerRootActor(BrokerActor):
                 self.send(request.reply_to, connection.RequestFailed(
                     request.rid, E.TOPIC_NOT_FOUND, f"topic {msg.name} does not exist"))
                 return
-            address = self.createActor("actors.topic.TopicActor")
-            self.forget_ordered(msg.name)
-            self.send_ordered(address, topic.InitTopic(msg.name, msg.create_dispatch, self.config), msg.name)
-            entry = self.topics[msg.name] = (address, msg.create_dispatch)
+            entry = self._create_topic(msg.name, msg.create_dispatch)
         self.send_ordered(entry[0], request, msg.name)
+
+    def _create_topic(self, name, dispatch):
+        address = self.createActor("actors.topic.TopicActor")
+        self.forget_ordered(name)
+        self.send_ordered(address, topic.InitTopic(name, dispatch, self.config), name)
+        entry = self.topics[name] = (address, dispatch)
+        return entry
 
     def on_DeleteTopic(self, msg, sender):
         entry = self.topics.pop(msg.name, None)

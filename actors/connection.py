@@ -220,6 +220,8 @@ class ConnectionActor(BrokerActor):
         dead_letter = frame.get("dead_letter_topic")
         if dead_letter is not None and not isinstance(dead_letter, str):
             raise BadRequest(E.BAD_REQUEST, "'dead_letter_topic' must be a str")
+        if dead_letter is not None and not broker.valid_topic(dead_letter):
+            raise BadRequest(E.BAD_TOPIC, f"bad dead_letter_topic {dead_letter!r}")
         options["dead_letter_topic"] = dead_letter
         self.pending.add(rid)
         self.send(self.broker, broker.TopicRequest(
@@ -290,8 +292,7 @@ class ConnectionActor(BrokerActor):
         return value
 
     def _check_dispatch(self, dispatch):
-        if (dispatch or self.config.default_dispatch) == "reliable":
-            raise BadRequest(E.BAD_REQUEST, "'dispatch': reliable is not implemented yet")
+        pass
 
     # --- answers from the broker's actors ---------------------------------------------------------
     def on_ProducerOpened(self, msg, sender):

@@ -81,6 +81,11 @@ class DestroyLog:
     pass
 
 
+@dataclass(frozen=True)
+class LogDestroyed:
+    pass
+
+
 class LogActor(BrokerActor):
     init_message = OpenLog
 
@@ -142,6 +147,7 @@ class LogActor(BrokerActor):
     def on_DestroyLog(self, msg, sender):
         self.store.destroy()
         self.store = None
+        self.send(sender, LogDestroyed())
 
     def on_ActorExitRequest(self, msg, sender):
         if self.store is not None:

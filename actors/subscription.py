@@ -72,7 +72,8 @@ class SubscriptionActor(BrokerActor):
         self.consumers[msg.new_id] = (msg.consumer_name, msg.reply_to)
         self.by_name[msg.consumer_name] = msg.new_id
         self.send_ordered(self.dispatcher, dispatcher.AddConsumer(
-            msg.new_id, msg.consumer_name, msg.transport, msg.reply_to, msg.rid, replaced), "members")
+            msg.new_id, msg.consumer_name, msg.transport, msg.reply_to, msg.rid, replaced,
+            msg.options.get("max_unacked")), "members")
 
     def on_DetachConsumer(self, msg, sender):
         self._remove(msg.consumer_id)

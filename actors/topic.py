@@ -1,6 +1,10 @@
 """TopicActor: one per topic. Numbers the messages, answers receipts, fans batches out to the
 Dispatcher of every subscription, and owns the topic's producers and subscriptions.
 
+On a reliable topic, a LogActor child owns the log on disk: sends are appended (all those that
+arrive while an append is in flight go together: group commit), receipts go out and records are
+fanned out only once the append is durable.
+
 Fan-out is windowed: at most DISPATCH_WINDOW batches are in flight to a dispatcher; what arrives
 meanwhile is merged into the next batch (adaptive batching), so Thespian's send queue never
 becomes the buffer.
@@ -12,7 +16,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest
 
-from actors import broker, connection, dispatcher, subscription
+from actors import broker, connection, dispatcher, log as log_actor, subscription
 from actors.base import BrokerActor, log
 from transport import errors as E
 from transport.codec import record_blob
@@ -139,10 +143,32 @@ class TopicActor(BrokerActor):
         self.stats_gathers = {}    # token -> [rid, reply_to, expected, frame]
         self.next_token = 1
         self.deleting = None       # (rid, reply_to, subscriptions still ending)
+        self.broker = None
+        # reliable topics
+        self.log = None
+        self.first_offset = 0
+        self.unsynced = []         # [(transport, producer id, receipts, entries)] not appended yet
+        self.appending = {}        # seq -> (those same tuples, first offset, time)
+        self.append_seq = 0
+        self.log_bytes = 0
+        self.segments = 0
 
     def on_InitTopic(self, msg, sender):
         self.name, self.dispatch, self.config = msg.name, msg.dispatch, msg.config
-        log.info("topic %s created (%s)", self.name, self.dispatch)
+        self.broker = sender
+        log.info("topic %s open (%s)", self.name, self.dispatch)
+        if self.dispatch == "reliable":
+            self.log = self.createActor("actors.log.LogActor")
+            self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config), "log")
+            self.hold_until(log_actor.LogOpened)
+
+    def on_LogOpened(self, msg, sender):
+        self.next_offset, self.first_offset = msg.next_offset, msg.first_offset
+        for name, state in msg.cursors.items():   # durable subscriptions outlive restarts
+            self._create_subscription(name, state.get("type", "exclusive"), state, "latest",
+                                      state.get("options") or {})
+        log.info("topic %s: log ends at offset %d, %d subscriptions restored",
+                 self.name, self.next_offset, len(msg.cursors))
 
     # --- producers ------------------------------------------------------------------------------
     def on_OpenProducer(self, msg, sender):
@@ -165,6 +191,9 @@ class TopicActor(BrokerActor):
     # --- the record path ----------------------------------------------------------------------------
     def on_Publish(self, msg, sender):
         # Accepted whatever the producer's state: the transport routed it while it was open.
+        if self.log is not None:
+            self._publish_reliable(msg, sender)
+            return
         now = int(time.time() * 1000)
         records, receipts = [], []
         offset = self.next_offset
@@ -184,6 +213,53 @@ class TopicActor(BrokerActor):
             sub.pending.extend(records)
             self._feed(name, sub)
 
+    def _publish_reliable(self, msg, sender):
+        entries, receipts = [], []
+        offset = self.next_offset
+        for rid, msgs in msg.sends:
+            first = offset
+            for key, tail, size in msgs:
+                entries.append((key, tail))
+                self.bytes_in += size
+                offset += 1
+            receipts.append((rid, first, offset - first))
+        self.msgs_in += offset - self.next_offset
+        self.next_offset = offset
+        self.unsynced.append((sender, msg.producer_id, receipts, entries))
+        self._append()
+
+    def _append(self):
+        """Group commit: one append in flight; what arrives meanwhile goes in the next one.
+        With --fsync always, every Publish is its own append (and fsync)."""
+        if not self.unsynced or (self.appending and self.config.fsync != "always"):
+            return
+        batch = self.unsynced if self.config.fsync != "always" else self.unsynced[:1]
+        self.unsynced = self.unsynced[len(batch):]
+        first = batch[0][2][0][1]
+        entries = [entry for _, _, _, part in batch for entry in part]
+        now = int(time.time() * 1000)
+        self.append_seq += 1
+        self.appending[self.append_seq] = (batch, first, now)
+        self.send_ordered(self.log, log_actor.Append(self.append_seq, first, entries, now), "log")
+        if self.config.fsync == "always":
+            self._append()
+
+    def on_Appended(self, msg, sender):
+        batch, first, now = self.appending.pop(msg.seq)
+        self.log_bytes, self.segments = msg.log_bytes, msg.segments
+        records = []
+        offset = first
+        for transport, producer_id, receipts, entries in batch:
+            if transport is not None:
+                self.send(transport, Receipts(producer_id, receipts))
+            for key, tail in entries:
+                records.append((offset, key, record_blob(offset, now, tail)))
+                offset += 1
+        for name, sub in self.subs.items():   # durable now: consumers may see it
+            sub.pending.extend(records)
+            self._feed(name, sub)
+        self._append()
+
     def _feed(self, name, sub):
         if sub.in_flight < DISPATCH_WINDOW and sub.pending:
             self.send_ordered(sub.dispatcher, dispatcher.Dispatch(sub.pending), ("dispatcher", name))
@@ -197,19 +273,28 @@ class TopicActor(BrokerActor):
             self._feed(msg.subscription, sub)
 
     # --- subscriptions -------------------------------------------------------------------------------
+    def _create_subscription(self, name, sub_type, cursor, start, options):
+        sub_address = self.createActor("actors.subscription.SubscriptionActor")
+        dispatcher_address = self.createActor("actors.dispatcher.DispatcherActor")
+        self.forget_ordered(("dispatcher", name))
+        self.forget_ordered(("subscription", name))
+        init = dispatcher.InitDispatcher(self.name, name, sub_type, self.dispatch, self.config)
+        if self.log is not None:
+            kept = {k: options.get(k) for k in ("ack_timeout_ms", "max_redeliveries", "dead_letter_topic")}
+            init = dispatcher.InitDispatcher(
+                self.name, name, sub_type, self.dispatch, self.config, log=self.log, cursor=cursor,
+                start_offset=self.first_offset if start == "earliest" else self.next_offset,
+                end_offset=self.next_offset, options=dict(kept, broker=self.broker))
+        self.send_ordered(dispatcher_address, init, ("dispatcher", name))
+        self.send_ordered(sub_address, subscription.InitSubscription(
+            self.name, name, sub_type, self.dispatch, dispatcher_address), ("subscription", name))
+        sub = self.subs[name] = _Sub(sub_type, sub_address, dispatcher_address)
+        return sub
+
     def on_Subscribe(self, msg, sender):
         sub = self.subs.get(msg.subscription)
         if sub is None:
-            sub_address = self.createActor("actors.subscription.SubscriptionActor")
-            dispatcher_address = self.createActor("actors.dispatcher.DispatcherActor")
-            name = msg.subscription
-            self.forget_ordered(("dispatcher", name))
-            self.forget_ordered(("subscription", name))
-            self.send_ordered(dispatcher_address, dispatcher.InitDispatcher(
-                self.name, name, msg.type, self.dispatch, self.config), ("dispatcher", name))
-            self.send_ordered(sub_address, subscription.InitSubscription(
-                self.name, name, msg.type, self.dispatch, dispatcher_address), ("subscription", name))
-            sub = self.subs[msg.subscription] = _Sub(msg.type, sub_address, dispatcher_address)
+            sub = self._create_subscription(msg.subscription, msg.type, None, msg.start, msg.options)
         elif sub.type != msg.type:
             self.send(msg.reply_to, connection.RequestFailed(
                 msg.rid, E.TYPE_MISMATCH, f"subscription {msg.subscription} is {sub.type}, not {msg.type}"))
@@ -228,6 +313,8 @@ class TopicActor(BrokerActor):
 
     def _drop_subscription(self, name):
         sub = self.subs.pop(name, None)
+        if sub is not None and self.log is not None:
+            self.send_ordered(self.log, log_actor.DeleteCursor(name), "log")
         if sub is not None:
             self.send(sub.subscription, ActorExitRequest())
             self.send(sub.dispatcher, ActorExitRequest())
@@ -270,6 +357,9 @@ class TopicActor(BrokerActor):
         if gather is not None:
             rid, reply_to, _, frame = gather
             frame["subscriptions"].sort(key=lambda s: s["name"])
+            if self.log is not None:
+                frame.update(log_bytes=self.log_bytes, segments=self.segments,
+                             dead_lettered=sum(s.get("dead_lettered", 0) for s in frame["subscriptions"]))
             self.send(reply_to, connection.RequestDone(rid, frame))
 
     # --- deletion ----------------------------------------------------------------------------------
@@ -278,6 +368,9 @@ class TopicActor(BrokerActor):
             self.send(owner, connection.ProducerEnded(producer_id, "topic_deleted"))
         self.producers.clear()
         self.deleting = (msg.rid, msg.reply_to, set(self.subs))
+        if self.log is not None:
+            self.deleting[2].add(("log",))
+            self.send_ordered(self.log, log_actor.DestroyLog(), "log")
         for name, sub in self.subs.items():
             self.send_ordered(sub.subscription, subscription.EndAll("topic_deleted"), ("subscription", name))
         self.wakeupAfter(GATHER_TIMEOUT, payload=("delete", None))
@@ -286,6 +379,11 @@ class TopicActor(BrokerActor):
     def on_SubscriptionEnded(self, msg, sender):
         if self.deleting is not None:
             self.deleting[2].discard(msg.name)
+            self._finish_delete()
+
+    def on_LogDestroyed(self, msg, sender):
+        if self.deleting is not None:
+            self.deleting[2].discard(("log",))
             self._finish_delete()
 
     def _finish_delete(self, force=False):

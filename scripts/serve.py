@@ -23,6 +23,19 @@ def add_serve_command(subparsers):
     p.add_argument("--max-backlog", type=int, default=10_000,
                    help="non_reliable: messages a subscription keeps (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=10_000)
+    p.add_argument("--default-dispatch", default="non_reliable", choices=["non_reliable", "reliable"],
+                   help="mode of topics created without an explicit dispatch (default %(default)s)")
+    p.add_argument("--fsync", default="group", type=fsync_mode,
+                   help="reliable topics: 'always' (fsync every send), 'group' (every send, "
+                        "fsynced with those that arrived meanwhile; as safe), or 'interval:MS' "
+                        "(receipt once written to the OS, fsync every MS: a machine crash may "
+                        "lose the last MS of receipted sends) (default %(default)s)")
+    p.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024,
+                   help="reliable topics: roll a log segment at this size")
+    p.add_argument("--retention-bytes", type=int, default=0,
+                   help="reliable topics: keep the log under this size (0: no limit)")
+    p.add_argument("--retention-ms", type=int, default=0,
+                   help="reliable topics: delete segments older than this (0: no limit)")
     p.add_argument("--auth-file", help="JSON file {token: [permissions]}; permissions are 'admin', "
                                        "'produce:PATTERN', 'consume:PATTERN'. Without it auth is off.")
     p.add_argument("--admin-port", type=int, help="Thespian admin port (default: a free one)")
@@ -31,6 +44,12 @@ def add_serve_command(subparsers):
                         "it on loopback unless you run a multi-host convention on a trusted network")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=serve)
+
+
+def fsync_mode(text):
+    if text in ("always", "group") or (text.startswith("interval:") and text[9:].isdigit()):
+        return text
+    raise ValueError(text)
 
 
 def serve(args):
@@ -43,7 +62,9 @@ def serve(args):
     config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,
                           heartbeat_ms=args.heartbeat_ms, max_frame=args.max_frame,
                           max_backlog=args.max_backlog, max_connections=args.max_connections,
-                          tokens=tokens)
+                          tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
+                          segment_bytes=args.segment_bytes, retention_bytes=args.retention_bytes,
+                          retention_ms=args.retention_ms)
     admin_port = args.admin_port or free_port(args.actor_host)
 
     stop = threading.Event()

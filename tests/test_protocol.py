@@ -295,12 +295,6 @@ def test_producer_busy(broker, topic):
     assert_error(c.recv_frame(), "PRODUCER_BUSY", 7)
 
 
-def test_reliable_is_refused_until_implemented(broker, topic):
-    conn = connect(broker)
-    conn.send_frame({"op": "producer", "rid": 2, "topic": topic, "dispatch": "reliable"})
-    reply = conn.recv_frame()
-    assert_error(reply, "BAD_REQUEST", 2)
-    assert "reliable" in reply["message"]
 
 
 def test_message_too_large_for_one_push_is_refused(start_broker, topic):

@@ -16,8 +16,7 @@ from datetime import timedelta
 from thespian.actors import ThespianWatch
 
 from actors.base import BrokerActor, log
-from actors.dispatcher import Ack, DeliverAck, Flow, Nack
-from actors.topic import Publish
+from actors import dispatcher, topic as topic_actor
 from transport import errors as E
 from transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
                              encode_message_frames, encode_record_tail)
@@ -294,7 +293,7 @@ class TcpTransportActor(BrokerActor):
         if not is_uint(credits):
             self._error(E.BAD_REQUEST, "'credits' must be an int >= 0", rid)
             return False
-        self.send(self.consumers[consumer_id], Flow(consumer_id, credits))
+        self.send(self.consumers[consumer_id], dispatcher.Flow(consumer_id, credits))
         self._ok(rid)
         return False
 
@@ -317,9 +316,9 @@ class TcpTransportActor(BrokerActor):
             if not is_uint(delay):
                 self._error(E.BAD_REQUEST, "'delay_ms' must be an int >= 0", rid)
                 return False
-            self.send(self.consumers[consumer_id], Nack(consumer_id, ids, delay))
+            self.send(self.consumers[consumer_id], dispatcher.Nack(consumer_id, ids, delay))
         else:
-            self.send(self.consumers[consumer_id], Ack(consumer_id, ids))
+            self.send(self.consumers[consumer_id], dispatcher.Ack(consumer_id, ids))
         self._ok(rid)
         return False
 
@@ -349,7 +348,7 @@ class TcpTransportActor(BrokerActor):
 
     def _publish(self, producer_id, out, force=False):
         if out.sends and (force or out.in_flight < PUBLISH_WINDOW):
-            self.send_ordered(out.topic, Publish(producer_id, out.name, out.sends), producer_id)
+            self.send_ordered(out.topic, topic_actor.Publish(producer_id, out.name, out.sends), producer_id)
             self.pending_records -= out.records
             out.sends, out.records = [], 0
             out.in_flight += 1
@@ -400,7 +399,7 @@ class TcpTransportActor(BrokerActor):
             self._write(b"".join(encode_message_frames(msg.consumer_id, msg.blobs, self.config.max_frame)))
         # Ack at once unless the client is slow to read; then when the buffer drains.
         if len(self.outbuf) < HIGH_WATER or self.state != "open":
-            self.send(sender, DeliverAck(msg.consumer_id))
+            self.send(sender, dispatcher.DeliverAck(msg.consumer_id))
         else:
             self.deferred_acks.append((sender, msg.consumer_id))
 
@@ -475,8 +474,8 @@ class TcpTransportActor(BrokerActor):
             self.write_retry_pending = True
             self.wakeupAfter(timedelta(seconds=RETRY_WRITE_S), payload=_Tick.WRITE)
         if self.deferred_acks and len(self.outbuf) < HIGH_WATER:
-            for dispatcher, consumer_id in self.deferred_acks:
-                self.send(dispatcher, DeliverAck(consumer_id))
+            for address, consumer_id in self.deferred_acks:
+                self.send(address, dispatcher.DeliverAck(consumer_id))
             self.deferred_acks.clear()
 
     # --- closing --------------------------------------------------------------------------------
@@ -494,8 +493,8 @@ class TcpTransportActor(BrokerActor):
         self.send(self.supervisor, ConnectionClosed(self.connection_id, reason))
         for producer_id in list(self.producers):
             self._drop_producer(producer_id)
-        for dispatcher, consumer_id in self.deferred_acks:
-            self.send(dispatcher, DeliverAck(consumer_id))
+        for address, consumer_id in self.deferred_acks:
+            self.send(address, dispatcher.DeliverAck(consumer_id))
         self.deferred_acks.clear()
         self.state = "lingering"
         self._flush()
