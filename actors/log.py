@@ -29,6 +29,8 @@ class LogOpened:
     first_offset: int
     cursors: dict
     truncated_bytes: int
+    log_bytes: int
+    segments: int
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ class LogActor(BrokerActor):
         log_ = self.store.log
         if log_.truncated_bytes:
             log.warning("topic %s: recovered, %d torn bytes truncated", msg.topic, log_.truncated_bytes)
-        self.send(sender, LogOpened(log_.next_offset, log_.first_offset, cursors, log_.truncated_bytes))
+        self.send(sender, LogOpened(log_.next_offset, log_.first_offset, cursors, log_.truncated_bytes,
+                                    log_.size, len(log_.segments)))
 
     def on_Append(self, msg, sender):
         log_ = self.store.log

@@ -92,6 +92,11 @@ def _start_main():
     bind_actor_sockets_to(args.host)
     from thespian.actors import ActorSystem
     if args.stop:
+        # ActorSystem() would start a new admin if none runs: only connect to a live one.
+        try:
+            socket.create_connection((args.host, args.admin_port), timeout=2).close()
+        except OSError:
+            return
         ActorSystem(SYSTEM_BASE, capabilities(args.admin_port)).shutdown()
         return
     ActorSystem(SYSTEM_BASE, capabilities(args.admin_port), logDefs=log_defs(args.log, args.log_level))

@@ -152,6 +152,7 @@ class TopicActor(BrokerActor):
         self.append_seq = 0
         self.log_bytes = 0
         self.segments = 0
+        self.truncated_bytes = 0
 
     def on_InitTopic(self, msg, sender):
         self.name, self.dispatch, self.config = msg.name, msg.dispatch, msg.config
@@ -164,6 +165,8 @@ class TopicActor(BrokerActor):
 
     def on_LogOpened(self, msg, sender):
         self.next_offset, self.first_offset = msg.next_offset, msg.first_offset
+        self.log_bytes, self.segments = msg.log_bytes, msg.segments
+        self.truncated_bytes = msg.truncated_bytes
         for name, state in msg.cursors.items():   # durable subscriptions outlive restarts
             self._create_subscription(name, state.get("type", "exclusive"), state, "latest",
                                       state.get("options") or {})
@@ -333,12 +336,12 @@ class TopicActor(BrokerActor):
         frame = {"op": "stats", "rid": msg.rid, "topic": self.name, "dispatch": self.dispatch,
                  "msgs_in": self.msgs_in, "bytes_in": self.bytes_in,
                  "producers": len(self.producers), "subscriptions": []}
-        if not self.subs:
-            self.send(msg.reply_to, connection.RequestDone(msg.rid, frame))
-            return
         token = self.next_token
         self.next_token += 1
         self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame]
+        if not self.subs:
+            self._answer_stats(token)
+            return
         for name, sub in self.subs.items():
             self.send_ordered(sub.dispatcher, dispatcher.DispatcherStatsRequest(token, len(sub.pending)),
                               ("dispatcher", name))
@@ -359,6 +362,7 @@ class TopicActor(BrokerActor):
             frame["subscriptions"].sort(key=lambda s: s["name"])
             if self.log is not None:
                 frame.update(log_bytes=self.log_bytes, segments=self.segments,
+                             recovered_truncated_bytes=self.truncated_bytes,
                              dead_lettered=sum(s.get("dead_lettered", 0) for s in frame["subscriptions"]))
             self.send(reply_to, connection.RequestDone(rid, frame))
 

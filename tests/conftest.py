@@ -75,6 +75,17 @@ class BrokerProcess:
                 return left
             time.sleep(0.05)
 
+    def kill_all(self):
+        """kill -9 of every broker process at once: serve, admin, logger and every actor."""
+        pids = self.processes()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.proc.wait()
+        return self.wait_gone(pids)
+
     def stop(self, sig=signal.SIGTERM):
         """Stop serve with `sig`; returns the broker processes still alive after the timeout."""
         pids = self.processes()
@@ -110,8 +121,8 @@ def start_broker(tmp_path):
     """Start a broker with options of the test's own; stopped (and checked) after the test."""
     started = []
 
-    def start(*options):
-        b = BrokerProcess(tmp_path / f"broker{len(started)}", *options)
+    def start(*options, data_dir=None):
+        b = BrokerProcess(data_dir or tmp_path / f"broker{len(started)}", *options)
         started.append(b)
         return b
 

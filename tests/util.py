@@ -37,11 +37,10 @@ def consumers_of(stats_frame, subscription):
 class ClientProcess:
     """A consumer in its own OS process, so that it can be killed or frozen for real."""
 
-    def __init__(self, broker, topic, subscription, sub_type, name, heartbeat_ms=None):
+    def __init__(self, broker, topic, subscription, sub_type, name, heartbeat_ms=None, hold=False):
+        """hold: a reliable consumer that never acknowledges what it receives."""
         args = [sys.executable, str(ROOT / "tests" / "client_proc.py"), broker.host, str(broker.port),
-                topic, subscription, sub_type, name]
-        if heartbeat_ms:
-            args.append(str(heartbeat_ms))
+                topic, subscription, sub_type, name, str(heartbeat_ms or 0), "hold" if hold else "ack"]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      env=dict(os.environ, PYTHONPATH=str(ROOT)))
         line = self.proc.stdout.readline().decode()

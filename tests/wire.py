@@ -1,4 +1,5 @@
 """A raw protocol connection for tests: frames in and out, by hand, with timeouts."""
+import collections
 import socket
 import time
 
@@ -11,6 +12,7 @@ class RawConnection:
         self.decoder = FrameDecoder(max_frame=64 * 1024 * 1024)
         self.last_rid = 0
         self.welcome = None
+        self.skipped = collections.deque()   # frames request() passed over, for recv_frame
 
     encode = staticmethod(encode_frame)
 
@@ -22,6 +24,8 @@ class RawConnection:
 
     def recv_frame(self, timeout=5.0):
         """The next frame; None on EOF; TimeoutError if nothing whole arrives in time."""
+        if self.skipped:
+            return self.skipped.popleft()
         deadline = time.monotonic() + timeout
         while True:
             frame = self.decoder.next_frame()
@@ -42,22 +46,33 @@ class RawConnection:
             self.decoder.feed(data)
 
     def request(self, frame, timeout=5.0, expect_error=False):
-        """Send `frame` with a new rid and return the frame answering it (pushes are skipped).
-        An error answer fails the test unless expect_error."""
+        """Send `frame` with a new rid and return the frame answering it. Other frames that
+        arrive meanwhile are kept for recv_frame. An error answer fails unless expect_error."""
         self.last_rid += 1
         rid = self.last_rid
         self.send_frame(dict(frame, rid=rid))
         deadline = time.monotonic() + timeout
+        held = []
         while True:
-            reply = self.recv_frame(max(0.01, deadline - time.monotonic()))
+            reply = self._recv_new(max(0.01, deadline - time.monotonic()))
             if reply is None:
                 raise ConnectionError(f"closed while waiting for the answer to {frame}")
             if reply.get("rid") == rid and reply["op"] != "ping":
+                self.skipped.extend(held)
                 if reply["op"] == "error" and not expect_error:
                     raise AssertionError(f"{frame} failed: {reply}")
                 return reply
             if reply["op"] == "ping":
                 self.send_frame({"op": "pong", "rid": reply["rid"]})
+            else:
+                held.append(reply)
+
+    def _recv_new(self, timeout):
+        saved, self.skipped = self.skipped, collections.deque()
+        try:
+            return self.recv_frame(timeout)
+        finally:
+            self.skipped = saved
 
     def hello(self, **extra):
         self.welcome = self.request(dict({"op": "hello", "version": 1, "client": "test"}, **extra))

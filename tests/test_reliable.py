@@ -1,0 +1,263 @@
+"""Reliable topics: durable log, durable cursors, at-least-once with redelivery; crash tests
+with real processes (kill -9 of every broker process) and a torn segment."""
+import os
+import signal
+import time
+
+import pytest
+
+from tests.util import ClientProcess, wait_for
+from tests.wire import RawConnection
+
+
+def connect(broker):
+    conn = RawConnection(*broker.address)
+    conn.hello()
+    return conn
+
+
+def subscribe(conn, topic, sub, sub_type="shared", name="c", credits=1000, **options):
+    frame = {"op": "subscribe", "topic": topic, "subscription": sub, "type": sub_type,
+             "consumer": name, "dispatch": "reliable"}
+    frame.update(options)
+    consumer = conn.request(frame)["consumer"]
+    if credits:
+        conn.send_frame({"op": "flow", "consumer": consumer, "credits": credits})
+    return consumer
+
+
+def producer(conn, topic):
+    return conn.request({"op": "producer", "topic": topic, "dispatch": "reliable"})["producer"]
+
+
+def receive(conn, count, timeout=10):
+    """The next `count` messages pushed on this connection, as (id, payload, redeliveries)."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        frame = conn.recv_frame(timeout=max(0.01, deadline - time.monotonic()))
+        assert frame is not None, f"connection closed after {len(got)} of {count} messages"
+        if frame["op"] == "ping":
+            conn.send_frame({"op": "pong", "rid": frame["rid"]})
+        if frame["op"] == "message":
+            got.extend((m["id"], m["payload"], m["redeliveries"]) for m in frame["msgs"])
+    return got
+
+
+def assert_nothing_more(conn, within=0.5):
+    """No further message arrives (bounded wait: a negative can only be observed over time)."""
+    with pytest.raises(TimeoutError):
+        while True:
+            frame = conn.recv_frame(timeout=within)
+            assert frame["op"] != "message", frame
+
+
+def send(conn, producer_id, payloads):
+    return conn.request({"op": "send", "producer": producer_id,
+                         "msgs": [{"payload": p} for p in payloads]})
+
+
+def test_receipted_messages_survive_kill_9_of_every_broker_process(start_broker, tmp_path, topic):
+    data = tmp_path / "data"
+    b = start_broker(data_dir=data)
+    conn = connect(b)
+    pid = producer(conn, topic)
+    receipted = {}
+    # pipeline many sends, then kill everything while some are still in flight
+    for i in range(200):
+        conn.send_frame({"op": "send", "rid": 1000 + i, "producer": pid,
+                         "msgs": [{"payload": f"{i}-{j}".encode()} for j in range(10)]})
+    while len(receipted) < 100:
+        frame = conn.recv_frame()
+        if frame["op"] == "receipt":
+            receipted[frame["rid"] - 1000] = frame
+    assert b.kill_all() == []
+    for frame in iter(lambda: _next_or_none(conn), None):   # receipts that left before the kill
+        if frame["op"] == "receipt":
+            receipted[frame["rid"] - 1000] = frame
+    b2 = start_broker(data_dir=data)
+    reader = connect(b2)
+    subscribe(reader, topic, "audit", "exclusive", start="earliest", credits=5000, max_unacked=5000)
+    expected = {}
+    for i, receipt in receipted.items():
+        for j in range(10):
+            expected[receipt["first"] + j] = f"{i}-{j}".encode()
+    total = log_length(connect(b2), topic)   # own connection: request() skips pushes
+    got = dict((o, p) for o, p, _ in receive(reader, total))
+    for offset, payload in expected.items():
+        assert got.get(offset) == payload, f"receipted offset {offset} lost"
+
+
+def _next_or_none(conn):
+    try:
+        return conn.recv_frame(timeout=0.2)
+    except (TimeoutError, OSError):
+        return None
+
+
+def log_length(conn, topic):
+    """Messages the topic's single subscription has not acknowledged: all of them, here."""
+    stats = wait_for(lambda: conn.request({"op": "stats", "topic": topic}),
+                     lambda s: s["subscriptions"] and s["subscriptions"][0]["consumers"])
+    sub = stats["subscriptions"][0]
+    return sub["backlog"] + sum(c["unacked"] for c in sub["consumers"])
+
+
+def test_torn_segment_tail_is_truncated_and_the_rest_kept(start_broker, tmp_path, topic):
+    data = tmp_path / "data"
+    b = start_broker(data_dir=data)
+    conn = connect(b)
+    pid = producer(conn, topic)
+    for i in range(5):
+        send(conn, pid, [f"m{i}".encode()])
+    b.stop()
+    (segment,) = list((data / "topics").glob("*/log/*.log"))
+    with open(segment, "r+b") as f:     # cut the last record in the middle
+        f.truncate(os.path.getsize(segment) - 3)
+    b2 = start_broker(data_dir=data)
+    reader = connect(b2)
+    subscribe(reader, topic, "audit", "exclusive", start="earliest")
+    assert [(o, p) for o, p, _ in receive(reader, 4)] == [(i, f"m{i}".encode()) for i in range(4)]
+    assert_nothing_more(reader)
+    stats = reader.request({"op": "stats", "topic": topic})
+    assert stats["recovered_truncated_bytes"] > 0
+    assert "torn" in b2.log_tail(200)
+    # the log goes on from the last valid record
+    writer = connect(b2)
+    assert send(writer, producer(writer, topic), [b"next"])["first"] == 4
+
+
+def test_acks_survive_a_restart(start_broker, tmp_path, topic):
+    data = tmp_path / "data"
+    b = start_broker(data_dir=data)
+    conn = connect(b)
+    consumer = subscribe(conn, topic, "s", "exclusive")
+    pid = producer(conn, topic)
+    send(conn, pid, [f"m{i}".encode() for i in range(6)])
+    got = receive(conn, 6)
+    conn.request({"op": "ack", "consumer": consumer, "ids": [o for o, _, _ in got[:4]]})
+    b.stop()
+    b2 = start_broker(data_dir=data)
+    again = connect(b2)
+    subscribe(again, topic, "s", "exclusive")
+    assert [(o, p) for o, p, _ in receive(again, 2)] == [(4, b"m4"), (5, b"m5")]
+    assert_nothing_more(again)
+
+
+@pytest.mark.parametrize("sub_type", ["shared", "failover", "exclusive", "key_shared"])
+def test_unacked_messages_of_a_dead_consumer_are_redelivered_and_acked_ones_not(broker, topic, sub_type):
+    doomed = connect(broker)
+    first = subscribe(doomed, topic, "s", sub_type, name="a-doomed", credits=10)
+    pid = producer(doomed, topic)
+    send(doomed, pid, [f"m{i}".encode() for i in range(10)])
+    got = receive(doomed, 10)
+    acked = [o for o, _, _ in got[:4]]
+    doomed.request({"op": "ack", "consumer": first, "ids": acked})
+    survivor = connect(broker)
+    if sub_type == "exclusive":
+        doomed.close()      # exclusive: the next consumer can attach only once the holder is gone
+        wait_for(lambda: survivor.request({"op": "stats", "topic": topic}),
+                 lambda s: not s["subscriptions"][0]["consumers"])
+        subscribe(survivor, topic, "s", sub_type, name="b-survivor")
+    else:
+        subscribe(survivor, topic, "s", sub_type, name="b-survivor")
+        doomed.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_LINGER,
+                               b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        doomed.close()      # abortive close (RST), as a crashed process's socket
+    redelivered = receive(survivor, 6)
+    assert sorted(o for o, _, _ in redelivered) == [o for o, _, _ in got[4:]]
+    assert all(r >= 1 for _, _, r in redelivered)
+    assert_nothing_more(survivor)
+
+
+def test_kill_9_of_a_consumer_process_redelivers_its_unacked(broker, topic):
+    conn = connect(broker)
+    pid = producer(conn, topic)
+    proc = ClientProcess(broker, topic, "s", "shared", "a-proc", hold=True)
+    try:
+        send(conn, pid, [f"m{i}".encode() for i in range(5)])
+        wait_for(lambda: conn.request({"op": "stats", "topic": topic}),
+                 lambda s: s["subscriptions"][0]["consumers"][0]["unacked"] == 5)
+        survivor = subscribe(conn, topic, "s", "shared", name="b-live")
+        proc.proc.send_signal(signal.SIGKILL)
+        got = receive(conn, 5)
+        assert sorted(p for _, p, _ in got) == [f"m{i}".encode() for i in range(5)]
+        assert survivor
+    finally:
+        proc.stop()
+
+
+def test_nack_with_delay(broker, topic):
+    conn = connect(broker)
+    consumer = subscribe(conn, topic, "s", "exclusive")
+    send(conn, producer(conn, topic), [b"x"])
+    (offset, _, _), = receive(conn, 1)
+    nacked_at = time.monotonic()
+    conn.request({"op": "nack", "consumer": consumer, "ids": [offset], "delay_ms": 400})
+    (again, payload, redeliveries), = receive(conn, 1)
+    assert time.monotonic() - nacked_at >= 0.4
+    assert (again, payload, redeliveries) == (offset, b"x", 1)
+
+
+def test_ack_timeout_redelivers(broker, topic):
+    conn = connect(broker)
+    consumer = subscribe(conn, topic, "s", "exclusive", ack_timeout_ms=300)
+    send(conn, producer(conn, topic), [b"x", b"y"])
+    first = receive(conn, 2)
+    conn.request({"op": "ack", "consumer": consumer, "ids": [first[1][0]]})
+    (again, payload, redeliveries), = receive(conn, 1, timeout=5)
+    assert (again, payload, redeliveries) == (first[0][0], b"x", 1)
+
+
+def test_dead_letter_after_max_redeliveries(broker, topic):
+    dlq = topic + "-dlq"
+    conn = connect(broker)
+    consumer = subscribe(conn, topic, "s", "exclusive", max_redeliveries=1, dead_letter_topic=dlq)
+    send(conn, producer(conn, topic), [b"poison"])
+    (offset, _, _), = receive(conn, 1)
+    conn.request({"op": "nack", "consumer": consumer, "ids": [offset]})
+    (_, _, redeliveries), = receive(conn, 1)
+    assert redeliveries == 1
+    conn.request({"op": "nack", "consumer": consumer, "ids": [offset]})   # past max: dead-lettered
+    watcher = connect(broker)
+    wait_for(lambda: [t["name"] for t in watcher.request({"op": "topics"})["topics"]],
+             lambda names: dlq in names)
+    subscribe(watcher, dlq, "audit", "exclusive", start="earliest")
+    assert [p for _, p, _ in receive(watcher, 1)] == [b"poison"]
+    stats = conn.request({"op": "stats", "topic": topic})
+    assert stats["dead_lettered"] == 1
+    assert_nothing_more(conn)
+
+
+def test_earliest_replays_history_and_latest_does_not(broker, topic):
+    conn = connect(broker)
+    pid = producer(conn, topic)
+    send(conn, pid, [b"old-1", b"old-2"])
+    early = connect(broker)
+    subscribe(early, topic, "early", "exclusive", start="earliest")
+    late = connect(broker)
+    subscribe(late, topic, "late", "exclusive")
+    send(conn, pid, [b"new"])
+    assert [p for _, p, _ in receive(early, 3)] == [b"old-1", b"old-2", b"new"]
+    assert [p for _, p, _ in receive(late, 1)] == [b"new"]
+
+
+def test_subscription_outlives_its_consumers(broker, topic):
+    conn = connect(broker)
+    consumer = subscribe(conn, topic, "durable", "shared")
+    conn.request({"op": "close_consumer", "consumer": consumer})
+    pid = producer(conn, topic)
+    send(conn, pid, [b"while away"])
+    again = connect(broker)
+    subscribe(again, topic, "durable", "shared", name="back")
+    assert [p for _, p, _ in receive(again, 1)] == [b"while away"]
+
+
+def test_max_unacked_bounds_deliveries(broker, topic):
+    conn = connect(broker)
+    consumer = subscribe(conn, topic, "s", "exclusive", max_unacked=3)
+    send(conn, producer(conn, topic), [f"m{i}".encode() for i in range(5)])
+    got = receive(conn, 3)
+    assert_nothing_more(conn)
+    conn.request({"op": "ack", "consumer": consumer, "ids": [got[0][0]]})
+    assert [p for _, p, _ in receive(conn, 1)] == [b"m3"]
