@@ -20,8 +20,8 @@ from actors import broker, connection, log as log_actor, topic
 from actors.base import BrokerActor, log
 from actors.cursor import Cursor
 from actors.policies import ConsumerState, make_policy
-from transport.codec import record_blob, record_tail, with_redeliveries
-from transport.messages import Deliver
+from transport.codec import encode_frame, record_blob, record_tail, with_redeliveries
+from transport.messages import Deliver, Outbound
 
 RELIABLE_BUFFER = 5000
 DEFAULT_MAX_UNACKED = 1000
@@ -81,6 +81,7 @@ class Flow:
 class Ack:
     consumer_id: int
     ids: list
+    rid: Any = None   # answered with `ok` once the ack is durable (reliable) or taken
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class DispatcherActor(BrokerActor):
         self.dead_lettered = 0
         self.cursor_saving = False
         self.cursor_dirty = False
+        self.acks_waiting = []       # (transport, rid) of acks in the save in flight
+        self.acks_waiting_next = []  # ... and of acks for the next save
         self.timeout_tick = False
 
     def on_InitDispatcher(self, msg, sender):
@@ -236,6 +239,7 @@ class DispatcherActor(BrokerActor):
             self.cursor_dirty = True
             return
         self.cursor_saving, self.cursor_dirty = True, False
+        self.acks_waiting, self.acks_waiting_next = self.acks_waiting_next, []
         state = dict(self.cursor.state(), type=self.type, options=self.options_to_keep())
         self.send_ordered(self.log, log_actor.SaveCursor(self.name, state), "log")
 
@@ -244,6 +248,9 @@ class DispatcherActor(BrokerActor):
 
     def on_CursorSaved(self, msg, sender):
         self.cursor_saving = False
+        for transport, rid in self.acks_waiting:   # their acks are on disk now
+            self._answer_ack(transport, rid)
+        self.acks_waiting = []
         if self.cursor_dirty:
             self._save_cursor()
 
@@ -343,8 +350,9 @@ class DispatcherActor(BrokerActor):
             self._pump()
 
     def on_Ack(self, msg, sender):
-        if not self.reliable:
-            return  # non_reliable: nothing is kept for redelivery, so there is nothing to release
+        if not self.reliable:  # non_reliable: nothing is kept for redelivery, nothing to release
+            self._answer_ack(sender, msg.rid)
+            return
         for offset in msg.ids:
             entry = self.unacked.pop(offset, None)
             if entry is not None:
@@ -356,8 +364,16 @@ class DispatcherActor(BrokerActor):
                 self.delayed.pop(offset, None)
                 self._acknowledge(offset)   # waiting for redelivery: acked by anyone, for all
         if self.cursor_dirty:
+            if msg.rid is not None:
+                self.acks_waiting_next.append((sender, msg.rid))
             self._save_cursor()
+        else:
+            self._answer_ack(sender, msg.rid)
         self._pump()
+
+    def _answer_ack(self, transport, rid):
+        if rid is not None:
+            self.send(transport, Outbound(encode_frame({"op": "ok", "rid": rid})))
 
     def on_Nack(self, msg, sender):
         if not self.reliable:

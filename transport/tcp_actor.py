@@ -317,9 +317,9 @@ class TcpTransportActor(BrokerActor):
                 self._error(E.BAD_REQUEST, "'delay_ms' must be an int >= 0", rid)
                 return False
             self.send(self.consumers[consumer_id], dispatcher.Nack(consumer_id, ids, delay))
-        else:
-            self.send(self.consumers[consumer_id], dispatcher.Ack(consumer_id, ids))
-        self._ok(rid)
+            self._ok(rid)
+        else:  # the dispatcher answers, once the ack is durable on a reliable topic
+            self.send(self.consumers[consumer_id], dispatcher.Ack(consumer_id, ids, rid))
         return False
 
     def _routed_consumer(self, frame, rid):
