@@ -1,110 +1,11 @@
 """Fixtures: a real broker (`actorbroker serve` in a subprocess, multiproc Thespian system) on free
 ports, stopped at the end with a check that none of its processes is left behind."""
-import os
-import re
-import select
-import signal
-import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from scripts import proctree
-
-ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(r"listening on ([\d.]+):(\d+) \(admin port (\d+), admin pid (\d+)")
-
-
-class BrokerProcess:
-    """One `actorbroker serve` and the actor system it started."""
-
-    def __init__(self, data_dir, *options):
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.stderr = open(self.data_dir / "serve.stderr", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.cli", "serve", "--port", "0",
-             "--data-dir", str(self.data_dir), *options],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL)
-        line = self._read_line(timeout=60)
-        match = READY.search(line)
-        if not match:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"broker did not start: {line!r}\n{self.log_tail()}")
-        self.host, self.port = match.group(1), int(match.group(2))
-        self.admin_port, self.admin_pid = int(match.group(3)), int(match.group(4))
-
-    def _read_line(self, timeout):
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while not buf.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                break
-            chunk = os.read(self.proc.stdout.fileno(), 1)
-            if not chunk:
-                break
-            buf += chunk
-        return buf.decode(errors="replace")
-
-    @property
-    def address(self):
-        return self.host, self.port
-
-    def processes(self):
-        """Every process of the broker: serve, and the actor system's admin with its descendants."""
-        return [self.proc.pid] + proctree.descendants(self.admin_pid)
-
-    def log_tail(self, lines=40):
-        try:
-            text = (self.data_dir / "broker.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_gone(self, pids, timeout=30):
-        """Wait until none of `pids` is alive; returns those still alive at the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = [p for p in pids if proctree.alive(p)]
-            if not left or time.monotonic() > deadline:
-                return left
-            time.sleep(0.05)
-
-    def kill_all(self):
-        """kill -9 of every broker process at once: serve, admin, logger and every actor."""
-        pids = self.processes()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        self.proc.wait()
-        return self.wait_gone(pids)
-
-    def stop(self, sig=signal.SIGTERM):
-        """Stop serve with `sig`; returns the broker processes still alive after the timeout."""
-        pids = self.processes()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        left = self.wait_gone(pids)
-        for pid in left:  # do not leak them into the next test; the test asserts on `left`
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        self.stderr.close()
-        self.proc.stdout.close()
-        return left
+from scripts.broker_process import BrokerProcess
 
 
 @pytest.fixture(scope="session")
