@@ -261,3 +261,25 @@ def test_max_unacked_bounds_deliveries(broker, topic):
     assert_nothing_more(conn)
     conn.request({"op": "ack", "consumer": consumer, "ids": [got[0][0]]})
     assert [p for _, p, _ in receive(conn, 1)] == [b"m3"]
+
+
+def test_retention_keeps_what_a_cursor_needs_and_deletes_the_rest(start_broker, topic):
+    b = start_broker("--segment-bytes", "1500", "--retention-bytes", "5000")
+    conn = connect(b)
+    consumer = subscribe(conn, topic, "s", "exclusive")
+    pid = producer(conn, topic)
+    for i in range(40):
+        send(conn, pid, [bytes(100)])
+    got = receive(conn, 40)
+    stats = conn.request({"op": "stats", "topic": topic})
+    assert stats["segments"] > 4           # nothing acked: every segment is still needed
+    conn.request({"op": "ack", "consumer": consumer, "ids": [o for o, _, _ in got]})
+    send(conn, pid, [bytes(100)])           # retention runs with the next append
+    receive(conn, 1)
+    stats = conn.request({"op": "stats", "topic": topic})
+    assert stats["log_bytes"] <= 5000 + 1500 and stats["segments"] <= 5
+    # a new subscription from earliest starts at what is retained, with no gap after it
+    reader = connect(b)
+    subscribe(reader, topic, "late", "exclusive", start="earliest")
+    offsets = [o for o, _, _ in receive(reader, 1)]
+    assert offsets[0] > 0
