@@ -2,6 +2,8 @@
 import argparse
 import sys
 
+from scripts.scenario import add_scenario_command
+from scripts.bench import add_bench_command
 from scripts.serve import add_serve_command
 
 
@@ -9,6 +11,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="actorbroker", description="actorbroker: pub/sub on actors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_serve_command(sub)
+    add_bench_command(sub)
+    add_scenario_command(sub)
     try:
         from scripts.client_commands import add_client_commands
         add_client_commands(sub)

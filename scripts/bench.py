@@ -1,0 +1,796 @@
+"""`actorbroker bench`: throughput, latency, fan-out, shared, disconnect, scale and a bare
+forwarder baseline, measured with real client processes (scripts/bench_worker.py).
+
+Brokers are started on free ports in a temp dir (one per fsync mode) unless --url names one.
+Every figure is the median of --runs runs, with min and max. Progress goes to stderr, the table
+to stdout, the results to --json, the charts to --plot DIR (needs matplotlib: pip install
+'actorbroker[plot]').
+"""
+import json
+import os
+import platform
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from scripts import proctree
+from scripts.broker_process import ROOT, BrokerProcess
+
+ALL_SCENARIOS = ["baseline", "throughput", "latency", "fanout", "shared", "disconnect", "scale"]
+FSYNC_MODES = ["group", "always", "interval:5"]
+BIG_BACKLOG = 1_000_000
+
+
+def add_bench_command(subparsers):
+    p = subparsers.add_parser("bench", help="run the benchmark suite",
+                              description="Benchmark a broker with real client processes; see docs/benchmarks.md.")
+    p.add_argument("--url", help="HOST:PORT of a running broker (default: start brokers on free ports); "
+                                 "then every fsync variant runs against that one broker")
+    p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
+                   help="comma-separated subset of: " + ",".join(ALL_SCENARIOS))
+    p.add_argument("--messages", type=int, default=None, help="messages per throughput run (default 20000)")
+    p.add_argument("--payload", type=int, default=100, help="payload bytes (default %(default)s, at least 16)")
+    p.add_argument("--runs", type=int, default=None, help="runs per figure; median with min-max (default 3)")
+    p.add_argument("--rate", type=int, default=1000, help="latency scenario: msg/s (default %(default)s)")
+    p.add_argument("--latency-seconds", type=float, default=None, help="latency scenario duration (default 3)")
+    p.add_argument("--reps", type=int, default=None, help="disconnect: repetitions per kind (default 20)")
+    p.add_argument("--conns", default=None, help="scale: idle connection counts (default 10,100,500)")
+    p.add_argument("--quick", action="store_true", help="a tiny run (seconds): checks that everything works")
+    p.add_argument("--json", default="bench-results.json", help="results file (default %(default)s)")
+    p.add_argument("--plot", metavar="DIR", help="write PNG charts there (needs matplotlib)")
+    p.set_defaults(func=run_bench)
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+class Worker:
+    """One bench_worker process; its stdout JSON lines are collected by a thread."""
+
+    def __init__(self, bench, role, *options):
+        self.bench = bench
+        self.role = role
+        self.ready = str(bench.tmp / f"ready-{uuid.uuid4().hex[:10]}")
+        err_path = bench.tmp / f"worker-{role}-{uuid.uuid4().hex[:6]}.stderr"
+        self.err_path = err_path
+        self._err = open(err_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scripts.bench_worker", role, "--ready", self.ready, *map(str, options)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        bench.workers.add(self)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.lines.put(json.loads(line))
+            except ValueError:
+                pass
+        self.lines.put(None)
+
+    def wait_ready(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.ready):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.role} worker exited ({self.proc.returncode}): {self.stderr_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.role} worker not ready within {timeout}s")
+            time.sleep(0.01)
+
+    def next_line(self, timeout):
+        try:
+            line = self.lines.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        if line is None:
+            self.lines.put(None)   # stays at the end
+        return line
+
+    def result(self, timeout):
+        """The worker's JSON result line; raises if none within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.next_line(deadline - time.monotonic())
+            if line is not None:
+                break
+            if time.monotonic() >= deadline or self.lines.queue and self.lines.queue[0] is None:
+                self.stop()
+                raise RuntimeError(f"{self.role} worker gave no result: {self.stderr_tail()}")
+        self.stop()
+        return line
+
+    def stderr_tail(self):
+        try:
+            return self.err_path.read_text(errors="replace")[-800:]
+        except OSError:
+            return ""
+
+    def signal(self, sig):
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except OSError:
+                pass
+
+    def stop(self, timeout=5):
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.proc.wait(5)
+        self._err.close()
+        self.bench.workers.discard(self)
+
+
+class Forwarder:
+    """The bare asyncio forwarder (scripts/bench_baseline.py) as a process."""
+
+    def __init__(self, bench):
+        self.proc = subprocess.Popen([sys.executable, "-m", "scripts.bench_baseline", "--port", "0"],
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RuntimeError(f"forwarder did not start: {line!r}")
+        self.url = line.split()[-1]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+# --- the bench ---------------------------------------------------------------------------------
+
+def note(text):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def summary(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "runs": []}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        quick = args.quick
+        self.n = args.messages or (2000 if quick else 20000)
+        self.runs = args.runs or (1 if quick else 3)
+        self.payload = max(16, args.payload)
+        self.latency_s = args.latency_seconds or (1.0 if quick else 3.0)
+        self.reps = args.reps or (3 if quick else 20)
+        self.fanout_k = [1, 2] if quick else [1, 2, 4, 8]
+        self.shared_c = [1, 2] if quick else [1, 2, 4]
+        self.conns = [int(c) for c in args.conns.split(",")] if args.conns else ([5, 20] if quick else [10, 100, 500])
+        self.tmpdir = tempfile.TemporaryDirectory(prefix="actorbroker-bench-")
+        self.tmp = Path(self.tmpdir.name)
+        self.brokers = {}           # fsync mode -> BrokerProcess
+        self.workers = set()
+        self.rows = []              # the table: dicts
+        self.details = {}           # scenario -> raw data
+        self.failures = []
+
+    # brokers
+
+    def url_for(self, fsync="group"):
+        if self.args.url:
+            return self.args.url
+        if fsync not in self.brokers:
+            note(f"starting a broker (--fsync {fsync} --max-backlog {BIG_BACKLOG})")
+            self.brokers[fsync] = BrokerProcess(self.tmp / f"broker-{fsync.replace(':', '-')}",
+                                                "--fsync", fsync, "--max-backlog", str(BIG_BACKLOG))
+        host, port = self.brokers[fsync].address
+        return f"{host}:{port}"
+
+    def stop_broker(self, fsync):
+        b = self.brokers.pop(fsync, None)
+        if b is not None:
+            left = b.stop()
+            if left:
+                self.failures.append(f"broker {fsync}: processes left after stop: {left}")
+
+    def close(self):
+        for w in list(self.workers):
+            w.stop()
+        for mode in list(self.brokers):
+            self.stop_broker(mode)
+        self.tmpdir.cleanup()
+
+    def topic(self, label):
+        return f"/bench/{label}-{uuid.uuid4().hex[:8]}"
+
+    def stats(self, url, topic):
+        from transport.client import connect
+        with connect(url, name="bench-stats") as c:
+            return c.stats(topic)
+
+    def add(self, scenario, variant, metric, unit, values, **extra):
+        row = {"scenario": scenario, "variant": variant, "metric": metric, "unit": unit, **summary(values), **extra}
+        self.rows.append(row)
+        return row
+
+    def repeat(self, label, fn):
+        """fn() -> dict of metric values, run self.runs times; a failed run is reported and skipped."""
+        results = []
+        for i in range(self.runs):
+            t0 = time.monotonic()
+            try:
+                r = fn()
+            except Exception as exc:   # noqa: BLE001 - a failed run must not end the bench
+                self.failures.append(f"{label} run {i + 1}: {type(exc).__name__}: {exc}")
+                note(f"{label} run {i + 1}/{self.runs}: FAILED {type(exc).__name__}: {exc}")
+                continue
+            results.append(r)
+            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if not isinstance(v, (dict, list)))
+            note(f"{label} run {i + 1}/{self.runs} ({time.monotonic() - t0:.1f}s): {shown}")
+        return results
+
+    # one producer, consumers of one topic
+
+    def pubsub(self, url, topic, dispatch, n, consumers, producer_opts=(), consumer_opts=(), timeout=None):
+        """Start `consumers` [(subscription, type)], wait until they are subscribed, run one producer
+        of n messages; returns (producer result, [consumer results])."""
+        timeout = timeout or max(60.0, n / 500)
+        ack = ["--ack"] if dispatch == "reliable" else []
+        cons = [Worker(self, "consume", "--url", url, "--topic", topic, "--subscription", sub, "--type", typ,
+                       "--dispatch", dispatch, "--n", n, "--payload", self.payload, "--deadline", timeout,
+                       "--idle", 3, *ack, *consumer_opts) for sub, typ in consumers]
+        try:
+            for c in cons:
+                c.wait_ready()
+            prod = Worker(self, "produce", "--url", url, "--topic", topic, "--dispatch", dispatch, "--n", n,
+                          "--payload", self.payload, "--deadline", timeout, *producer_opts)
+            pres = prod.result(timeout + 10)
+            cres = [c.result(timeout + 10) for c in cons]
+        finally:
+            for c in cons:
+                c.stop()
+        return pres, cres
+
+    def dropped(self, url, topic):
+        try:
+            st = self.stats(url, topic)
+        except Exception:   # noqa: BLE001
+            return None
+        return sum(s.get("dropped", 0) for s in st.get("subscriptions", []))
+
+    # scenarios
+
+    def sc_baseline(self):
+        fwd_n = self.n * 5
+        for per_write, variant in ((1, "unbatched"), (100, "batched (100 frames/write)")):
+            def once():
+                fwd = Forwarder(self)
+                try:
+                    cons = Worker(self, "raw-consume", "--url", fwd.url, "--n", fwd_n, "--idle", 3, "--deadline", 60)
+                    cons.wait_ready()
+                    prod = Worker(self, "raw-produce", "--url", fwd.url, "--n", fwd_n, "--payload", self.payload,
+                                  "--per-write", per_write, "--deadline", 60)
+                    pres = prod.result(70)
+                    cres = cons.result(70)
+                finally:
+                    fwd.stop()
+                return {"msg_s": cres["msg_s"], "lost": fwd_n - cres["received"], "producer_msg_s": pres["msg_s"]}
+            rs = self.repeat(f"baseline {variant}", once)
+            self.add("baseline", variant, "delivered", "msg/s", [r["msg_s"] for r in rs],
+                     lost=max([r["lost"] for r in rs], default=None), messages=fwd_n)
+
+    def sc_throughput(self):
+        variants = [("non_reliable", "group")] + [("reliable", m) for m in FSYNC_MODES]
+        for dispatch, fsync in variants:
+            variant = dispatch if dispatch == "non_reliable" else f"reliable fsync={fsync}"
+            try:
+                url = self.url_for(fsync)
+            except Exception as exc:   # noqa: BLE001
+                self.failures.append(f"throughput {variant}: broker: {exc}")
+                note(f"throughput {variant}: broker failed to start: {exc}")
+                continue
+
+            def once():
+                topic = self.topic("tp")
+                pres, (cres,) = self.pubsub(url, topic, dispatch, self.n, [("tp", "exclusive")])
+                return {"msg_s": cres["msg_s"], "producer_msg_s": pres["msg_s"],
+                        "lost": self.n - cres["received"], "dropped": self.dropped(url, topic)}
+            rs = self.repeat(f"throughput {variant}", once)
+            self.add("throughput", variant, "delivered", "msg/s", [r["msg_s"] for r in rs],
+                     lost=max([r["lost"] for r in rs], default=None),
+                     dropped=max([r["dropped"] or 0 for r in rs], default=None),
+                     producer=summary([r["producer_msg_s"] for r in rs])["median"], messages=self.n)
+            if fsync != "group" and not self.args.url:
+                self.stop_broker(fsync)
+
+    def sc_latency(self):
+        url = self.url_for("group")
+        n = int(self.args.rate * self.latency_s)
+        for dispatch in ("non_reliable", "reliable"):
+            def once():
+                topic = self.topic("lat")
+                _, (cres,) = self.pubsub(url, topic, dispatch, n, [("lat", "exclusive")],
+                                         producer_opts=["--rate", self.args.rate, "--max-batch", 1],
+                                         consumer_opts=["--latency"])
+                lat = cres.get("latency") or {}
+                return {"p50_us": lat.get("p50_us"), "p99_us": lat.get("p99_us"), "p999_us": lat.get("p999_us"),
+                        "max_us": lat.get("max_us"), "lost": n - cres["received"]}
+            label = f"{dispatch} @{self.args.rate}/s"
+            rs = self.repeat(f"latency {label}", once)
+            for key in ("p50_us", "p99_us", "p999_us", "max_us"):
+                self.add("latency", label, key[:-3], "us", [r[key] for r in rs],
+                         lost=max([r["lost"] for r in rs], default=None), messages=n)
+
+    def sc_fanout(self):
+        url = self.url_for("group")
+        n = self.n // 2
+        for k in self.fanout_k:
+            def once():
+                topic = self.topic("fo")
+                _, cres = self.pubsub(url, topic, "non_reliable", n, [(f"s{i}", "exclusive") for i in range(k)])
+                return aggregate(cres, n * k) | {"dropped": self.dropped(url, topic)}
+            rs = self.repeat(f"fanout K={k}", once)
+            self.add("fanout", f"K={k}", "delivered (all subscriptions)", "msg/s", [r["msg_s"] for r in rs],
+                     lost=max([r["lost"] for r in rs], default=None),
+                     dropped=max([r["dropped"] or 0 for r in rs], default=None), messages=n * k)
+
+    def sc_shared(self):
+        url = self.url_for("group")
+        for c in self.shared_c:
+            def once():
+                topic = self.topic("sh")
+                _, cres = self.pubsub(url, topic, "non_reliable", self.n, [("shared", "shared")] * c)
+                return aggregate(cres, self.n) | {"dropped": self.dropped(url, topic)}
+            rs = self.repeat(f"shared C={c}", once)
+            self.add("shared", f"C={c}", "delivered (all consumers)", "msg/s", [r["msg_s"] for r in rs],
+                     lost=max([r["lost"] for r in rs], default=None),
+                     dropped=max([r["dropped"] or 0 for r in rs], default=None), messages=self.n)
+
+    def sc_disconnect(self):
+        url = self.url_for("group")
+        try:
+            close_ms, kill_ms = self.failover_takeover(url)
+            for kind, values in (("socket close", close_ms), ("kill -9", kill_ms)):
+                for q in (50, 99):
+                    self.add("disconnect", f"failover takeover after {kind}", f"p{q}", "ms",
+                             [pct(values, q)] if values else [], samples=len(values))
+            self.details["failover_ms"] = {"close": close_ms, "kill": kill_ms}
+        except Exception as exc:   # noqa: BLE001
+            self.failures.append(f"disconnect failover: {type(exc).__name__}: {exc}")
+            note(f"disconnect failover FAILED: {exc}")
+        try:
+            values = self.shared_redelivery(url)
+            for q in (50, 99):
+                self.add("disconnect", "shared reliable: redelivered after kill -9", f"p{q}", "ms",
+                         [pct(values, q)] if values else [], samples=len(values))
+            self.details["redelivery_ms"] = values
+        except Exception as exc:   # noqa: BLE001
+            self.failures.append(f"disconnect shared: {type(exc).__name__}: {exc}")
+            note(f"disconnect shared FAILED: {exc}")
+
+    def failover_takeover(self, url):
+        """Failover consumers named c0000, c0001, ...: the first by name is active. Kill or close the
+        active one; the next one's first message ends the measurement; then start another standby."""
+        from transport.client import connect
+        topic, sub = self.topic("failover"), "fo"
+        names = (f"c{i:04d}" for i in range(10_000))
+
+        def standby():
+            w = Worker(self, "failover", "--url", url, "--topic", topic, "--subscription", sub,
+                       "--name", next(names), "--deadline", 600)
+            w.wait_ready()
+            return w
+        stop = threading.Event()
+        active, waiting = standby(), standby()
+        client = connect(url, name="bench-failover-producer")
+        producer = client.producer(topic, max_batch=1)
+
+        def pump():   # one message every ~1 ms
+            seq = 0
+            while not stop.is_set():
+                try:
+                    producer.send(b"%d" % seq)
+                except Exception:   # noqa: BLE001
+                    return
+                seq += 1
+                time.sleep(0.001)
+        threading.Thread(target=pump, daemon=True).start()
+        results = {"close": [], "kill": []}
+        try:
+            first = wait_event(active, "first", 15)
+            if first is None:
+                raise RuntimeError("the active failover consumer received nothing")
+            for rep in range(self.reps * 2):
+                kind = "close" if rep % 2 == 0 else "kill"
+                time.sleep(0.1)
+                if kind == "close":
+                    active.signal(signal.SIGUSR1)
+                    ev = wait_event(active, "closed", 10)
+                    t0 = ev["t_ns"] if ev else None
+                else:
+                    t0 = time.time_ns()
+                    active.signal(signal.SIGKILL)
+                ev = wait_event(waiting, "first", 15)
+                if t0 is None or ev is None:
+                    self.failures.append(f"failover rep {rep} ({kind}): no takeover seen")
+                    note(f"failover rep {rep} ({kind}): no takeover within 15s")
+                else:
+                    results[kind].append((ev["t_ns"] - t0) / 1e6)
+                active.stop()
+                active, waiting = waiting, standby()
+            note("failover takeover: " + ", ".join(
+                f"{k} p50 {_fmt(pct(v, 50))} ms p99 {_fmt(pct(v, 99))} ms (n={len(v)})" for k, v in results.items()))
+        finally:
+            stop.set()
+            active.stop()
+            waiting.stop()
+            client.close(timeout=2)
+        return results["close"], results["kill"]
+
+    def shared_redelivery(self, url, batch=50):
+        """Shared reliable subscription: Y acks all, X holds what it gets unacked; kill -9 X; time until
+        Y has every message."""
+        from transport.client import connect
+        topic, sub = self.topic("redeliver"), "sh"
+        y = Worker(self, "shared-watch", "--url", url, "--topic", topic, "--subscription", sub,
+                   "--name", "y", "--ack", "--deadline", 600)
+        y.wait_ready()
+        client = connect(url, name="bench-redelivery-producer")
+        producer = client.producer(topic, dispatch="reliable")
+        y_d, values = 0, []
+        try:
+            for rep in range(self.reps):
+                x = Worker(self, "shared-watch", "--url", url, "--topic", topic, "--subscription", sub,
+                           "--name", f"x{rep}", "--no-ack", "--deadline", 120)
+                try:
+                    x.wait_ready()
+                    for i in range(batch):
+                        producer.send(b"m%d" % i)
+                    producer.flush(10)
+                    target = batch * (rep + 1)
+                    x_n = 0
+                    deadline = time.monotonic() + 10
+                    while x_n + y_d < target and time.monotonic() < deadline:
+                        for w in (x, y):
+                            line = w.next_line(0.02)
+                            while line:
+                                if w is x:
+                                    x_n = line.get("n", x_n)
+                                else:
+                                    y_d = line.get("d", y_d)
+                                line = w.next_line(0)
+                    if x_n == 0 or x_n + y_d < target:
+                        note(f"redelivery rep {rep}: x held {x_n}, y has {y_d}/{target}: skipped")
+                        continue
+                    t0 = time.time_ns()
+                    x.signal(signal.SIGKILL)
+                    t1 = None
+                    deadline = time.monotonic() + 20
+                    while y_d < target and time.monotonic() < deadline:
+                        line = y.next_line(deadline - time.monotonic())
+                        if line and "d" in line:
+                            y_d, t1 = line["d"], line["t_ns"]
+                    if y_d < target or t1 is None:
+                        self.failures.append(f"redelivery rep {rep}: y has {y_d}/{target} after 20s")
+                        note(f"redelivery rep {rep}: y has {y_d}/{target} after 20s")
+                        y_d = max(y_d, target)   # go on with the next batch
+                        continue
+                    values.append((t1 - t0) / 1e6)
+                finally:
+                    x.stop()
+            note(f"shared redelivery after kill -9: p50 {_fmt(pct(values, 50))} ms "
+                 f"p99 {_fmt(pct(values, 99))} ms (n={len(values)}, {batch} messages per rep)")
+        finally:
+            y.stop()
+            client.close(timeout=2)
+        return values
+
+    def sc_scale(self):
+        if self.args.url:
+            url, broker = self.args.url, None
+            note("scale: --url given, broker memory cannot be measured; connection rate only")
+        else:
+            broker = BrokerProcess(self.tmp / "broker-scale")
+            url = "%s:%d" % broker.address
+        try:
+            base = broker_footprint(broker)
+            self.add("scale", "0 connections", "broker PSS", "MiB", [base[0] / 1024] if broker else [],
+                     processes=base[1])
+            note(f"scale: idle broker: {base[1]} processes, PSS {base[0] / 1024:.0f} MiB")
+            per_conn_kb = None
+            steps = [(k, False) for k in self.conns] + [(self.conns[0], True)]
+            for k, distinct in steps:
+                label = f"{k} idle connections" + (", a subscription each" if distinct else "")
+                if broker and per_conn_kb:
+                    need = per_conn_kb * k * (2.5 if distinct else 1)
+                    avail = mem_available_kb()
+                    if need > 0.6 * avail:
+                        msg = f"scale {label}: skipped, would need ~{need / 1024 ** 2:.1f} GiB, {avail / 1024 ** 2:.1f} available"
+                        note(msg)
+                        self.failures.append(msg)
+                        continue
+                w = Worker(self, "idle", "--url", url, "--topic", self.topic("idle"), "--conns", k,
+                           "--prefix", f"i{k}-", "--deadline", 300, *(["--distinct"] if distinct else []))
+                try:
+                    res = w.next_line(310)
+                    if res is None or "opened" not in res:
+                        raise RuntimeError(f"idle worker gave no result: {w.stderr_tail()}")
+                    time.sleep(1.0)
+                    pss, nproc = broker_footprint(broker)
+                    per = {}
+                    if broker and res["opened"]:
+                        per = {"per_conn_mib": round((pss - base[0]) / 1024 / res["opened"], 2),
+                               "per_conn_processes": round((nproc - base[1]) / res["opened"], 2)}
+                        if not distinct:
+                            per_conn_kb = max(1, (pss - base[0]) / res["opened"])
+                    self.add("scale", label, "broker PSS", "MiB", [pss / 1024] if broker else [],
+                             processes=nproc, opened=res["opened"], errors=res["errors"], **per)
+                    self.add("scale", label, "connection set-up", "conn/s", [res["conn_s"]])
+                    note(f"scale {label}: opened {res['opened']} in {res['elapsed_s']:.1f}s ({res['conn_s']:.1f}/s), "
+                         f"broker {nproc} processes, PSS {pss / 1024:.0f} MiB {per}"
+                         + (f", errors {res['errors']}" if res["errors"] else ""))
+                finally:
+                    w.stop()
+                if broker:   # wait (bounded) until the broker has cleaned up those connections
+                    t_close = time.monotonic()
+                    deadline = t_close + 120
+                    while len(broker.processes()) > base[1] + 2 and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    left = len(broker.processes()) - base[1]
+                    note(f"scale {label}: clients gone; broker back to {base[1] + left} processes "
+                         f"after {time.monotonic() - t_close:.1f}s")
+                    if left > 2:
+                        msg = f"scale {label}: {left} extra broker processes still alive 120s after the clients left"
+                        self.failures.append(msg)
+                        note(msg)
+        finally:
+            if broker:
+                left = broker.stop()
+                if left:
+                    self.failures.append(f"scale broker: processes left after stop: {left}")
+
+
+def aggregate(cres, expected):
+    firsts = [c["first_ns"] for c in cres if c["first_ns"]]
+    lasts = [c["last_ns"] for c in cres if c["last_ns"]]
+    received = sum(c["received"] for c in cres)
+    span = (max(lasts) - min(firsts)) / 1e9 if firsts and lasts else 0
+    return {"msg_s": (received - 1) / span if span > 0 else 0.0, "lost": expected - received}
+
+
+def wait_event(worker, event, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = worker.next_line(deadline - time.monotonic())
+        if line is None:
+            if worker.proc.poll() is not None and worker.lines.empty():
+                return None
+            continue
+        if line.get("event") == event:
+            return line
+    return None
+
+
+def pct(values, q):
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+def broker_footprint(broker):
+    if broker is None:
+        return 0, 0
+    pids = broker.processes()
+    return proctree.pss_kb(pids), len(pids)
+
+
+def mem_available_kb():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    return 0
+
+
+def machine():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "platform": platform.platform(), "mem_total_kb": _meminfo("MemTotal"),
+            "loadavg_at_end": os.getloadavg()}
+
+
+def _meminfo(key):
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def add_ratios(rows):
+    base = {r["variant"]: r["median"] for r in rows if r["scenario"] == "baseline"}
+    unb = base.get("unbatched")
+    bat = next((v for k, v in base.items() if k.startswith("batched")), None)
+    for r in rows:
+        if r["unit"] == "msg/s" and r["median"]:
+            r["x_unbatched"] = r["median"] / unb if unb else None
+            r["x_batched"] = r["median"] / bat if bat else None
+
+
+def table(rows):
+    head = ["scenario", "variant", "metric", "median", "min-max", "unit", "vs fwd 1/100", "notes"]
+    lines = []
+    for r in rows:
+        rng = f"{_fmt(r['min'])}-{_fmt(r['max'])}" if r["min"] is not None else "-"
+        ratio = ""
+        if r.get("x_unbatched") is not None:
+            ratio = f"{r['x_unbatched']:.2f} / {r['x_batched']:.2f}" if r.get("x_batched") else f"{r['x_unbatched']:.2f}"
+        notes = []
+        for key in ("lost", "dropped", "processes", "per_conn_mib", "per_conn_processes", "samples"):
+            if r.get(key) is not None:
+                notes.append(f"{key} {r[key]}")
+        if r.get("producer"):
+            notes.append(f"producer {_fmt(r['producer'])}/s")
+        lines.append([r["scenario"], r["variant"], r["metric"], _fmt(r["median"]), rng, r["unit"], ratio,
+                      ", ".join(notes)])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
+    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    for line in lines:
+        out.append(" | ".join(str(x).ljust(w) for x, w in zip(line, widths)))
+    return "\n".join(out)
+
+
+def plot(results, outdir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        note("--plot: matplotlib is not installed (pip install matplotlib, or the 'plot' extra); no charts")
+        return []
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows = results["rows"]
+    written = []
+
+    def bars(sel, title, fname, ylabel, log=False):
+        sel = [r for r in sel if r["median"] is not None]
+        if not sel:
+            return
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        labels = [f"{r['scenario']}\n{r['variant']}" if r["scenario"] != "latency" else f"{r['variant']}\n{r['metric']}"
+                  for r in sel]
+        med = [r["median"] for r in sel]
+        err = [[m - r["min"] for m, r in zip(med, sel)], [r["max"] - m for m, r in zip(med, sel)]]
+        ax.bar(range(len(sel)), med, yerr=err, capsize=4, color="#4878a8")
+        ax.set_xticks(range(len(sel)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if log:
+            ax.set_yscale("log")
+        for i, m in enumerate(med):
+            ax.annotate(_fmt(m), (i, m), ha="center", va="bottom", fontsize=7)
+        fig.tight_layout()
+        path = outdir / fname
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+
+    bars([r for r in rows if r["scenario"] in ("baseline", "throughput")],
+         "1 producer -> 1 consumer, delivered msg/s (median, min-max)", "bench-throughput.png", "msg/s", log=True)
+    bars([r for r in rows if r["scenario"] in ("fanout", "shared")],
+         "fan-out (K subscriptions) and shared (C consumers): aggregate msg/s", "bench-fanout-shared.png", "msg/s")
+    bars([r for r in rows if r["scenario"] == "latency"],
+         "latency at a fixed rate (us, median of runs, min-max)", "bench-latency.png", "us", log=True)
+    bars([r for r in rows if r["scenario"] == "disconnect"],
+         "disconnect: time to takeover / redelivery (ms)", "bench-disconnect.png", "ms")
+    scale = [r for r in rows if r["scenario"] == "scale" and r["metric"] == "broker PSS" and r["median"]
+             and "each" not in r["variant"]]
+    if scale:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs = [int(r["variant"].split()[0]) for r in scale]
+        ax.plot(xs, [r["median"] for r in scale], "o-", label="PSS (MiB)")
+        ax.plot(xs, [r["processes"] for r in scale], "s--", label="broker processes")
+        ax.set_xlabel("idle consumer connections")
+        ax.set_title("broker footprint vs idle connections")
+        ax.legend()
+        fig.tight_layout()
+        path = outdir / "bench-scale.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def run_bench(args):
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in ALL_SCENARIOS]
+    if unknown:
+        print(f"error: unknown scenarios {unknown}; choose from {ALL_SCENARIOS}", file=sys.stderr)
+        return 2
+    bench = Bench(args)
+    started = time.monotonic()
+    load_at_start = os.getloadavg()
+    note(f"scenarios {','.join(chosen)}; {bench.n} messages of {bench.payload} B, {bench.runs} run(s) each; "
+         f"non_reliable subscriptions keep up to {BIG_BACKLOG:,} messages (--max-backlog) so that a fast "
+         f"producer is not counted as drops" + (" (self-started brokers only)" if not args.url else ""))
+    scenarios = {}
+    try:
+        for name in ALL_SCENARIOS:
+            if name not in chosen:
+                continue
+            note(f"== {name}")
+            t0 = time.monotonic()
+            try:
+                getattr(bench, f"sc_{name}")()
+                scenarios[name] = {"ok": True}
+            except Exception as exc:   # noqa: BLE001 - report and go on
+                bench.failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                note(f"{name} FAILED: {type(exc).__name__}: {exc}")
+                scenarios[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            scenarios[name]["seconds"] = round(time.monotonic() - t0, 1)
+    finally:
+        bench.close()
+    add_ratios(bench.rows)
+    results = {"machine": machine() | {"loadavg_at_start": load_at_start}, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "settings": {"messages": bench.n, "payload": bench.payload, "runs": bench.runs,
+                            "rate": args.rate, "latency_seconds": bench.latency_s, "reps": bench.reps,
+                            "fanout": bench.fanout_k, "shared": bench.shared_c, "conns": bench.conns,
+                            "url": args.url, "quick": args.quick, "max_backlog": BIG_BACKLOG},
+               "scenarios": scenarios, "rows": bench.rows, "details": bench.details,
+               "failures": bench.failures, "seconds": round(time.monotonic() - started, 1)}
+    print(table(bench.rows))
+    print(f"\nload average at start {load_at_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
+          f"({os.cpu_count()} CPUs): other work on the machine skews every figure")
+    print(f"\nratios: 'vs fwd 1/100' = median / bare asyncio forwarder (unbatched / 100 frames per write). "
+          f"non_reliable runs use --max-backlog {BIG_BACKLOG:,}.")
+    if bench.failures:
+        print("\nfailures:")
+        for f in bench.failures:
+            print(f"  - {f}")
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    note(f"results written to {args.json} ({results['seconds']}s in all)")
+    if args.plot:
+        for path in plot(results, args.plot):
+            note(f"chart {path}")
+    return 0

@@ -1,0 +1,243 @@
+"""Client subcommands of the `actorbroker` command: produce, consume, topics, stats, delete-topic.
+
+Each command returns an exit code: 0 on success, 1 on an error (printed as one line
+`error: CODE: message` on stderr), 130 on Ctrl-C.
+"""
+import argparse
+import json
+import sys
+import time
+
+from transport.client import Client
+from transport.client_common import DEFAULT_HOST, DEFAULT_PORT, parse_url
+from transport.errors import BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed
+
+DEFAULT_URL = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+SUBSCRIPTION_TYPES = ["exclusive", "shared", "failover", "key_shared"]
+DISPATCH_MODES = ["non_reliable", "reliable"]
+
+
+def add_client_commands(subparsers):
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=DEFAULT_URL, type=url_arg,
+                        help="broker address HOST:PORT (default %(default)s)")
+    common.add_argument("--token", help="auth token, when the broker has auth on")
+
+    p = subparsers.add_parser(
+        "produce", parents=[common], help="send messages to a topic",
+        description="Send messages to TOPIC (created if missing). With -m, send MESSAGE (COUNT "
+                    "times); otherwise send each line of standard input (or of --file) as one "
+                    "message. Prints the offsets the messages got.")
+    p.add_argument("topic", metavar="TOPIC", help="topic name, /namespace/name")
+    p.add_argument("-m", "--message", help="the message to send (UTF-8 text)")
+    p.add_argument("--file", type=argparse.FileType("rb"), help="send the lines of this file")
+    p.add_argument("-n", "--count", type=positive_int,
+                   help="with -m: how many copies to send (default 1); with lines: send at most this many")
+    p.add_argument("--key", help="routing key of every message (key_shared subscriptions)")
+    p.add_argument("--attr", action="append", type=attr_arg, default=[], metavar="K=V",
+                   help="attribute of every message; repeat for more")
+    p.add_argument("--rate", type=positive_float, metavar="R", help="send at most R messages per second")
+    p.add_argument("--dispatch", choices=DISPATCH_MODES,
+                   help="mode of the topic if this creates it (default: the broker's default)")
+    p.set_defaults(func=produce)
+
+    p = subparsers.add_parser(
+        "consume", parents=[common], help="receive messages from a subscription",
+        description="Attach a consumer to SUBSCRIPTION of TOPIC (both created if missing) and print "
+                    "each message's payload, one line each. Stops after --count messages, after "
+                    "--timeout seconds without a message, or on Ctrl-C.")
+    p.add_argument("topic", metavar="TOPIC", help="topic name, /namespace/name")
+    p.add_argument("-s", "--subscription", required=True, help="subscription name")
+    p.add_argument("-t", "--type", default="exclusive", choices=SUBSCRIPTION_TYPES,
+                   help="subscription type (default %(default)s)")
+    p.add_argument("--consumer", help="consumer name (default: a generated unique one); reusing a "
+                                      "name takes over that consumer's place")
+    p.add_argument("-n", "--count", type=positive_int, help="stop after this many messages")
+    p.add_argument("--ack", action=argparse.BooleanOptionalAction, default=True,
+                   help="acknowledge each message (default: yes)")
+    p.add_argument("--start", choices=["earliest", "latest"],
+                   help="reliable topics: where a new subscription starts (default: latest)")
+    p.add_argument("--dispatch", choices=DISPATCH_MODES,
+                   help="mode of the topic if this creates it (default: the broker's default)")
+    p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
+                   help="stop when no message has arrived for this long")
+    p.add_argument("--nack-every", type=positive_int, metavar="K",
+                   help="negatively acknowledge every K-th message instead of acking it (tests redelivery)")
+    p.add_argument("--show-meta", action="store_true",
+                   help="print id, key and redeliveries before each payload")
+    p.set_defaults(func=consume)
+
+    p = subparsers.add_parser("topics", parents=[common], help="list topics",
+                              description="List the broker's topics.")
+    p.add_argument("--json", action="store_true", help="print the broker's answer as JSON")
+    p.set_defaults(func=topics)
+
+    p = subparsers.add_parser("stats", parents=[common], help="show a topic's statistics",
+                              description="Print a topic's statistics as JSON: counters, "
+                                          "subscriptions and their consumers.")
+    p.add_argument("topic", metavar="TOPIC")
+    p.set_defaults(func=stats)
+
+    p = subparsers.add_parser("delete-topic", parents=[common], help="delete a topic",
+                              description="Delete a topic; its producers and consumers are closed.")
+    p.add_argument("topic", metavar="TOPIC")
+    p.set_defaults(func=delete_topic)
+
+
+# --- argument types ---------------------------------------------------------------------------
+
+def url_arg(text):
+    try:
+        return parse_url(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from None
+
+
+def attr_arg(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"not K=V: {text!r}")
+    return key, value
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+# --- running a command ------------------------------------------------------------------------
+
+def with_client(command):
+    """Run command(client, args) on a connected client; errors become one line on stderr."""
+    def run(args):
+        host, port = args.url
+        name = f"actorbroker-cli-{getattr(args, 'command', None) or 'client'}"
+        try:
+            with Client(host, port, token=args.token, name=name) as client:
+                return command(client, args)
+        except KeyboardInterrupt:
+            return 130
+        except BrokerError as exc:
+            return fail(f"{exc.code}: {exc.message}")
+        except (ConsumerClosed, ProducerClosed) as exc:
+            return fail(f"CLOSED: {exc}")
+        except ConnectionLost as exc:
+            return fail(f"CONNECTION_LOST: {exc}")
+        except (OSError, TimeoutError) as exc:
+            return fail(f"CONNECTION: {host}:{port}: {exc}")
+    run.__doc__ = command.__doc__
+    return run
+
+
+def fail(text):
+    print(f"error: {text}", file=sys.stderr)
+    return 1
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+@with_client
+def produce(client, args):
+    """Send -m MESSAGE (count times) or lines of stdin/--file; print the offsets they got."""
+    producer = client.producer(args.topic, dispatch=args.dispatch)
+    attrs = dict(args.attr) or None
+    futures = []
+    start = time.monotonic()
+    for payload in payloads(args):
+        if args.rate:   # pace by schedule, not by sleeping a fixed gap: sending takes time too
+            delay = start + len(futures) / args.rate - time.monotonic()
+            if delay > 0:
+                producer.flush()   # what was due before the pause goes out now
+                time.sleep(delay)
+        futures.append(producer.send(payload, key=args.key, attrs=attrs))
+    producer.flush(timeout=60)
+    offsets = [f.result(0) for f in futures]   # raises the error of a refused send
+    producer.close()
+    where = f" (offsets {offsets[0]}..{offsets[-1]})" if offsets else ""
+    print(f"sent {len(offsets)} message{'s' * (len(offsets) != 1)} to {args.topic}{where}")
+    return 0
+
+
+def payloads(args):
+    if args.message is not None:
+        for _ in range(args.count or 1):
+            yield args.message.encode("utf-8")
+        return
+    source = args.file or sys.stdin.buffer
+    for n, line in enumerate(source):
+        if args.count and n >= args.count:
+            return
+        yield line.rstrip(b"\r\n")
+
+
+@with_client
+def consume(client, args):
+    """Print the messages of a subscription until count, idle timeout or Ctrl-C."""
+    # With a count, credit no more than that: extra messages would be taken from other consumers.
+    queue_size = min(args.count, 1000) if args.count else 1000
+    consumer = client.subscribe(args.topic, args.subscription, args.type, args.consumer,
+                                start=args.start, dispatch=args.dispatch, receiver_queue=queue_size)
+    received = 0
+    try:
+        while args.count is None or received < args.count:
+            try:
+                msg = consumer.receive(timeout=args.timeout)
+            except TimeoutError:
+                break
+            received += 1
+            print_message(msg, args.show_meta)
+            if args.nack_every and received % args.nack_every == 0:
+                consumer.nack(msg)
+            elif args.ack:
+                consumer.ack(msg)
+    except ConsumerClosed as exc:
+        return fail(f"CLOSED: consumer closed by the broker: {exc.reason}")
+    consumer.close()
+    return 0
+
+
+def print_message(msg, show_meta):
+    text = msg.payload.decode("utf-8", errors="replace")
+    if show_meta:
+        attrs = " ".join(f"{k}={v}" for k, v in msg.attrs.items())
+        text = f"id={msg.id} key={msg.key} redeliveries={msg.redeliveries}{' ' + attrs if attrs else ''} {text}"
+    print(text, flush=True)
+
+
+@with_client
+def topics(client, args):
+    """List topics."""
+    listed = client.topics()
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    rows = [("NAME", "DISPATCH", "SUBSCRIPTIONS", "PRODUCERS")] + [
+        (t["name"], t["dispatch"], str(t["subscriptions"]), str(t["producers"])) for t in listed]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+@with_client
+def stats(client, args):
+    """A topic's statistics as JSON."""
+    print(json.dumps(client.stats(args.topic), indent=2))
+    return 0
+
+
+@with_client
+def delete_topic(client, args):
+    """Delete a topic."""
+    client.delete_topic(args.topic)
+    print(f"deleted {args.topic}")
+    return 0

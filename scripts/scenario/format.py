@@ -1,0 +1,298 @@
+"""Scenario files: TOML (stdlib tomllib), one scenario per file, parsed and validated here.
+
+Every error names the file, the step number (1-based, in file order) and the field, so that a
+typo is reported before anything is started. See docs/scenarios.md for the format reference."""
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LIBRARY = Path(__file__).resolve().parent.parent / "scenarios"
+
+SUB_TYPES = ("exclusive", "shared", "failover", "key_shared")
+DISPATCH = ("non_reliable", "reliable")
+
+
+class ScenarioError(Exception):
+    """A scenario file that cannot be run: unreadable, not TOML, or a field that is wrong."""
+
+    def __init__(self, path, message, step=None, field_name=None):
+        where = str(path)
+        if step is not None:
+            where += f": step {step}"
+        if field_name is not None:
+            where += f": field '{field_name}'"
+        super().__init__(f"{where}: {message}")
+        self.path, self.step, self.field = path, step, field_name
+
+
+@dataclass
+class Step:
+    number: int            # 1-based position in the file
+    action: str
+    fields: dict
+
+    def get(self, name, default=None):
+        return self.fields.get(name, default)
+
+    def __getitem__(self, name):
+        return self.fields[name]
+
+    def title(self):
+        shown = {k: v for k, v in self.fields.items() if k not in ("action", "comment")}
+        text = " ".join(f"{k}={_short(v)}" for k, v in shown.items())
+        return f"{self.action} {text}".strip()
+
+
+def _short(value):
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass
+class Scenario:
+    path: Path
+    name: str
+    description: str
+    broker_options: list
+    steps: list
+    slow: bool = False
+    start_broker: bool = True
+    tags: list = field(default_factory=list)
+
+
+# --- field types -------------------------------------------------------------------------------
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+
+def t_str(v):
+    return None if isinstance(v, str) and v else "must be a non-empty string"
+
+
+def t_int(v):
+    return None if _is_int(v) and v >= 0 else "must be an integer >= 0"
+
+
+def t_pos_int(v):
+    return None if _is_int(v) and v > 0 else "must be an integer > 0"
+
+
+def t_num(v):
+    return None if _is_num(v) and v >= 0 else "must be a number >= 0"
+
+
+def t_pos_num(v):
+    return None if _is_num(v) and v > 0 else "must be a number > 0"
+
+
+def t_bool(v):
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def t_strs(v):
+    ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+    return None if ok else "must be a list of strings"
+
+
+def t_ints(v):
+    ok = isinstance(v, list) and all(_is_int(x) for x in v)
+    return None if ok else "must be a list of integers"
+
+
+def t_table(v):
+    return None if isinstance(v, dict) else "must be a table"
+
+
+def t_str_table(v):
+    ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+    return None if ok else "must be a table of strings"
+
+
+def t_topic(v):
+    if not isinstance(v, str) or not v.startswith("/") or v.count("/") != 2:
+        return "must be a topic name /namespace/name"
+    return None
+
+
+def t_choice(*choices):
+    def check(v):
+        return None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+    return check
+
+
+def t_credits(v):
+    if v == "auto" or (_is_int(v) and v >= 0):
+        return None
+    return "must be \"auto\" or an integer >= 0"
+
+
+def t_any(v):
+    return None
+
+
+# Per action: field -> (check, required). Every step also takes `comment` (free text).
+BROKER = {
+    "start": {"options": (t_strs, False)},
+    "restart": {"options": (t_strs, False), "kill": (t_bool, False)},
+    "stop": {},
+    "kill9": {},
+}
+CLIENT = {
+    "open": {"client": (t_str, True), "heartbeat_ms": (t_pos_int, False)},
+    "close": {"client": (t_str, True)},
+    "kill": {"client": (t_str, True)},
+    "freeze": {"client": (t_str, True)},
+    "thaw": {"client": (t_str, True)},
+}
+MESSAGES = {  # how an expect/ack step names messages: one of these
+    "messages": (t_str, False), "ids": (t_ints, False), "payloads": (t_strs, False),
+    "count": (t_int, False),
+}
+ACTIONS = {
+    **BROKER, **CLIENT,
+    "producer": {"client": (t_str, True), "producer": (t_str, True), "topic": (t_topic, True),
+                 "dispatch": (t_choice(*DISPATCH), False), "name": (t_str, False),
+                 "access": (t_choice("shared", "exclusive"), False)},
+    "produce": {"producer": (t_str, True), "count": (t_pos_int, True), "payload": (t_str, False),
+                "keys": (t_strs, False), "attrs": (t_str_table, False), "rate": (t_pos_num, False),
+                "as": (t_str, False), "within": (t_pos_num, False)},
+    "subscribe": {"client": (t_str, True), "consumer": (t_str, True), "as": (t_str, False),
+                  "topic": (t_topic, True), "subscription": (t_str, True),
+                  "type": (t_choice(*SUB_TYPES), True), "dispatch": (t_choice(*DISPATCH), False),
+                  "start": (t_choice("earliest", "latest"), False), "credits": (t_credits, False),
+                  "receiver_queue": (t_pos_int, False), "ack": (t_choice("auto", "manual"), False),
+                  "max_unacked": (t_pos_int, False), "ack_timeout_ms": (t_pos_int, False),
+                  "max_redeliveries": (t_int, False), "dead_letter_topic": (t_topic, False),
+                  "expect_error": (t_str, False)},
+    "flow": {"consumer": (t_str, True), "credits": (t_pos_int, True)},
+    "ack": {"consumer": (t_str, True), "messages": (t_str, False), "ids": (t_ints, False),
+            "all": (t_bool, False)},
+    "nack": {"consumer": (t_str, True), "messages": (t_str, False), "ids": (t_ints, False),
+             "all": (t_bool, False), "delay_ms": (t_int, False)},
+    "close_consumer": {"consumer": (t_str, True)},
+    "unsubscribe": {"consumer": (t_str, True)},
+    "expect": {"consumer": (t_str, False), "consumers": (t_strs, False), **MESSAGES,
+               "order": (t_bool, False), "only": (t_bool, False), "redelivered": (t_bool, False),
+               "sticky_keys": (t_bool, False), "within": (t_pos_num, False)},
+    "expect_active": {"consumer": (t_str, True), "active": (t_bool, True), "within": (t_pos_num, False)},
+    "expect_closed": {"consumer": (t_str, True), "reason": (t_str, False), "within": (t_pos_num, False)},
+    "expect_lost": {"client": (t_str, True), "within": (t_pos_num, False)},
+    "expect_stats": {"client": (t_str, True), "topic": (t_topic, True), "subscription": (t_str, False),
+                     "values": (t_table, True), "within": (t_pos_num, False)},
+    "wait": {"until": (t_choice("active", "closed", "lost", "stats", "messages"), True)},  # + fields of the expect
+    "pause": {"seconds": (t_pos_num, True)},
+    "churn": {"topic": (t_topic, True), "subscription": (t_str, True),
+              "type": (t_choice("shared", "key_shared", "failover"), True),
+              "dispatch": (t_choice(*DISPATCH), False), "duration": (t_pos_num, True),
+              "rate": (t_pos_num, True), "seed": (t_int, True), "produce_rate": (t_pos_num, False),
+              "keys": (t_pos_int, False), "min_consumers": (t_pos_int, False),
+              "max_consumers": (t_pos_int, False), "receiver_queue": (t_pos_int, False),
+              "heartbeat_ms": (t_pos_int, False), "drain_within": (t_pos_num, False),
+              "kill_share": (t_num, False)},
+}
+WAIT_AS = {"active": "expect_active", "closed": "expect_closed", "lost": "expect_lost",
+           "stats": "expect_stats", "messages": "expect"}
+TOP = {"name": t_str, "description": t_str, "broker": t_table, "step": None, "slow": t_bool,
+       "tags": t_strs}
+BROKER_TABLE = {"options": t_strs, "start": t_bool}
+
+
+def load(path):
+    """Parse and validate one scenario file; raises ScenarioError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ScenarioError(path, f"cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(path, f"not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if key not in TOP:
+            raise ScenarioError(path, f"unknown top-level field (known: {', '.join(TOP)})", field_name=key)
+        check = TOP[key]
+        if check and (problem := check(value)):
+            raise ScenarioError(path, problem, field_name=key)
+    for key in ("name", "description"):
+        if key not in data:
+            raise ScenarioError(path, "missing", field_name=key)
+    broker = data.get("broker", {})
+    for key, value in broker.items():
+        if key not in BROKER_TABLE:
+            raise ScenarioError(path, "unknown field of [broker] (known: options, start)",
+                                field_name=f"broker.{key}")
+        if problem := BROKER_TABLE[key](value):
+            raise ScenarioError(path, problem, field_name=f"broker.{key}")
+    raw_steps = data.get("step")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise ScenarioError(path, "a scenario needs at least one [[step]]", field_name="step")
+    steps = [validate_step(path, i, raw) for i, raw in enumerate(raw_steps, 1)]
+    return Scenario(path=path, name=data["name"], description=data["description"],
+                    broker_options=list(broker.get("options", [])), steps=steps,
+                    slow=data.get("slow", False), start_broker=broker.get("start", True),
+                    tags=data.get("tags", []))
+
+
+def validate_step(path, number, raw):
+    if not isinstance(raw, dict):
+        raise ScenarioError(path, "a step must be a table", step=number)
+    action = raw.get("action")
+    if action is None:
+        raise ScenarioError(path, "missing", step=number, field_name="action")
+    if action not in ACTIONS:
+        raise ScenarioError(path, f"unknown action {action!r} (known: {', '.join(sorted(ACTIONS))})",
+                            step=number, field_name="action")
+    schema = dict(ACTIONS[action])
+    if action == "wait":
+        until = raw.get("until")
+        if until in WAIT_AS:
+            schema.update(ACTIONS[WAIT_AS[until]])
+    for key, value in raw.items():
+        if key in ("action", "comment"):
+            continue
+        if key not in schema:
+            raise ScenarioError(path, f"not a field of '{action}' (known: {', '.join(schema)})",
+                                step=number, field_name=key)
+        if problem := schema[key][0](value):
+            raise ScenarioError(path, problem, step=number, field_name=key)
+    for key, (_, required) in schema.items():
+        if required and key not in raw:
+            raise ScenarioError(path, "missing", step=number, field_name=key)
+    target = WAIT_AS.get(raw.get("until")) if action == "wait" else action
+    if target == "expect":
+        given = [k for k in ("messages", "ids", "payloads", "count") if k in raw]
+        if len(given) != 1:
+            raise ScenarioError(path, "give exactly one of messages, ids, payloads, count",
+                                step=number, field_name="messages")
+        if ("consumer" in raw) == ("consumers" in raw):
+            raise ScenarioError(path, "give exactly one of consumer, consumers", step=number,
+                                field_name="consumer")
+    if action in ("ack", "nack"):
+        given = [k for k in ("messages", "ids", "all") if k in raw]
+        if len(given) != 1:
+            raise ScenarioError(path, "give exactly one of messages, ids, all", step=number,
+                                field_name="messages")
+    if action == "produce" and "keys" in raw and not raw["keys"]:
+        raise ScenarioError(path, "must not be empty", step=number, field_name="keys")
+    if action == "churn" and raw.get("min_consumers", 1) > raw.get("max_consumers", 4):
+        raise ScenarioError(path, "must not exceed max_consumers", step=number, field_name="min_consumers")
+    return Step(number=number, action=action, fields=dict(raw))
+
+
+def library():
+    """The scenario files shipped with actorbroker, sorted by file name."""
+    return sorted(LIBRARY.glob("*.toml"))
+
+
+def resolve(name):
+    """A path as given, or the name of a library scenario (file stem, with or without .toml)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    candidate = LIBRARY / (p.name if p.suffix == ".toml" else p.name + ".toml")
+    return candidate if candidate.exists() else p
