@@ -208,8 +208,9 @@ def consume(client, args):
 def print_message(msg, show_meta):
     text = msg.payload.decode("utf-8", errors="replace")
     if show_meta:
-        attrs = " ".join(f"{k}={v}" for k, v in msg.attrs.items())
-        text = f"id={msg.id} key={msg.key} redeliveries={msg.redeliveries}{' ' + attrs if attrs else ''} {text}"
+        meta = [f"id={msg.id}", f"key={msg.key}", f"redeliveries={msg.redeliveries}"]
+        meta += [f"{k}={v}" for k, v in msg.attrs.items()]
+        text = " ".join(meta + [text])
     print(text, flush=True)
 
 

@@ -21,8 +21,9 @@ import time
 
 from transport.client_common import (
     DEFAULT_HOST, DEFAULT_PORT, PUSH_OPS, Attachments, Batch, Batcher, CreditWindow, Message,
-    default_consumer_name, hello_frame, ids_of, max_message_size, message_from_record, parse_url, producer_frame,
-    record_for, reply_fields, subscribe_frame, too_large)
+    default_consumer_name, hello_frame, ids_of, max_message_size, message_from_record,
+    note_unanswered_error, parse_url, producer_frame, record_for, reply_fields, subscribe_frame,
+    too_large)
 from transport.codec import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from transport.errors import (
     BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed, UnknownConsumer, UnknownProducer,
@@ -54,7 +55,7 @@ class Client:
         self._rids = itertools.count(1)
         self._lost = None                      # the ConnectionLost once the connection is gone
         self._closing = False
-        self._last_error = None                # the last error frame without a rid
+        self._last_error = None                # a fatal error without rid: why the broker closes
         self._decoder = FrameDecoder(max_frame=DEFAULT_MAX_FRAME)
         self._last_received = time.monotonic()
         self._timer = threading.Condition()    # guards _linger; wakes the ticker
@@ -89,16 +90,17 @@ class Client:
         waiter = concurrent.futures.Future()
 
         def handle(result):
-            if opens:
-                with self._lock:
-                    self._attachments.end_open(rid)
-            if isinstance(result, BaseException):
-                waiter.set_exception(result)
-                return
             try:
-                waiter.set_result(on_reply(result) if on_reply else result)
+                if isinstance(result, BaseException):
+                    waiter.set_exception(result)
+                else:
+                    waiter.set_result(on_reply(result) if on_reply else result)
             except BaseException as exc:
                 waiter.set_exception(exc)
+            finally:
+                if opens:   # after on_reply attached the new id, which takes the pushes held for it
+                    with self._lock:
+                        self._attachments.end_open(rid)
 
         with self._lock:
             if self._lost:
@@ -119,6 +121,8 @@ class Client:
             raise TimeoutError(f"no reply within {timeout}s") from None
 
     def _send(self, frame):
+        if self._lost is not None:
+            raise ConnectionLost(str(self._lost))
         data = encode_frame(frame)
         try:
             with self._write_lock:
@@ -241,8 +245,7 @@ class Client:
             if handler is not None:
                 handler(error_from_frame(frame) if op == "error" else frame)
         elif op == "error":
-            # Not an answer: a one-way op went wrong, or the broker is about to close (fatal code).
-            self._last_error = error_from_frame(frame)
+            note_unanswered_error(self, error_from_frame(frame))
 
     # --- heartbeat and linger ------------------------------------------------------------------
 
@@ -270,7 +273,8 @@ class Client:
             quiet = now - self._last_received
             try:
                 if quiet > DEAD_AFTER_HEARTBEATS * beat:
-                    self._connection_lost(ConnectionLost(f"nothing received from the broker for {quiet:.1f}s"))
+                    silence = ConnectionLost(f"nothing received from the broker for {quiet:.1f}s")
+                    self._connection_lost(silence)
                 elif quiet >= beat and now - last_ping >= beat:
                     last_ping = now
                     self._send_and_forget({"op": "ping"})

@@ -1,11 +1,14 @@
 """Pure pieces shared by the threaded client (client.py) and the asyncio client (aio_client.py):
 the Message type, frame builders, send batching arithmetic, receiver-queue credits, push routing.
 No sockets and no threads here."""
+import logging
 import uuid
 from dataclasses import dataclass, field
 
 from transport.codec import PROTOCOL_VERSION
-from transport.errors import BAD_REQUEST, error_for
+from transport.errors import BAD_REQUEST, FATAL_CODES, OVERLOADED, error_for
+
+log = logging.getLogger("actorbroker.client")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6650
@@ -87,6 +90,15 @@ def ids_of(msg_or_ids):
     if isinstance(msg_or_ids, int):
         return [msg_or_ids]
     return [m.id if isinstance(m, Message) else int(m) for m in msg_or_ids]
+
+
+def note_unanswered_error(client, error):
+    """An error frame without rid: a fatal one (or a refused connection) is kept as the reason the
+    broker is about to close; any other answers a one-way op (flow, ack, nack), so it is logged."""
+    if error.code in FATAL_CODES or error.code == OVERLOADED:
+        client._last_error = error
+    else:
+        log.warning("broker error on a one-way op: %s", error)
 
 
 def reply_fields(frame):
