@@ -519,10 +519,12 @@ class Bench:
                     need = per_conn_kb * k * (2.5 if distinct else 1)
                     avail = mem_available_kb()
                     if need > 0.6 * avail:
-                        msg = f"scale {label}: skipped, would need ~{need / 1024 ** 2:.1f} GiB, {avail / 1024 ** 2:.1f} available"
+                        msg = (f"scale {label}: skipped, would need ~{need / 1024 ** 2:.1f} GiB, "
+                               f"{avail / 1024 ** 2:.1f} available")
                         note(msg)
                         self.failures.append(msg)
                         continue
+                pre = len(broker.processes()) if broker else 0
                 w = Worker(self, "idle", "--url", url, "--topic", self.topic("idle"), "--conns", k,
                            "--prefix", f"i{k}-", "--deadline", 300, *(["--distinct"] if distinct else []))
                 try:
@@ -545,15 +547,18 @@ class Bench:
                          + (f", errors {res['errors']}" if res["errors"] else ""))
                 finally:
                     w.stop()
-                if broker:   # wait (bounded) until the broker has cleaned up those connections
+                if broker:   # wait (bounded) until the broker has cleaned up those connections;
+                    # the step's topic (one TopicActor) stays, as topics do
                     t_close = time.monotonic()
                     deadline = t_close + 120
-                    while len(broker.processes()) > base[1] + 2 and time.monotonic() < deadline:
-                        time.sleep(0.2)
-                    left = len(broker.processes()) - base[1]
-                    note(f"scale {label}: clients gone; broker back to {base[1] + left} processes "
-                         f"after {time.monotonic() - t_close:.1f}s")
-                    if left > 2:
+                    while len(broker.processes()) > pre + 1 and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    took = time.monotonic() - t_close
+                    left = len(broker.processes()) - pre - 1
+                    self.add("scale", label, "teardown (clients killed -> broker processes gone)", "s", [took],
+                             left=left)
+                    note(f"scale {label}: clients gone; broker processes back to {pre + 1 + left} after {took:.1f}s")
+                    if left > 0:
                         msg = f"scale {label}: {left} extra broker processes still alive 120s after the clients left"
                         self.failures.append(msg)
                         note(msg)
@@ -662,7 +667,9 @@ def table(rows):
         rng = f"{_fmt(r['min'])}-{_fmt(r['max'])}" if r["min"] is not None else "-"
         ratio = ""
         if r.get("x_unbatched") is not None:
-            ratio = f"{r['x_unbatched']:.2f} / {r['x_batched']:.2f}" if r.get("x_batched") else f"{r['x_unbatched']:.2f}"
+            ratio = f"{r['x_unbatched']:.2f}"
+            if r.get("x_batched"):
+                ratio += f" / {r['x_batched']:.2f}"
         notes = []
         for key in ("lost", "dropped", "processes", "per_conn_mib", "per_conn_processes", "samples"):
             if r.get(key) is not None:
@@ -771,7 +778,8 @@ def run_bench(args):
     finally:
         bench.close()
     add_ratios(bench.rows)
-    results = {"machine": machine() | {"loadavg_at_start": load_at_start}, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    results = {"machine": machine() | {"loadavg_at_start": load_at_start},
+               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "settings": {"messages": bench.n, "payload": bench.payload, "runs": bench.runs,
                             "rate": args.rate, "latency_seconds": bench.latency_s, "reps": bench.reps,
                             "fanout": bench.fanout_k, "shared": bench.shared_c, "conns": bench.conns,

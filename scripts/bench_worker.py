@@ -214,7 +214,8 @@ def shared_watch(args):
 
 def idle(args):
     """Open --conns connections, each hello + one subscribe (all to one shared subscription, or
-    with --distinct each to its own), one after another; print how long it took, then hold them until SIGTERM (or --deadline)."""
+    with --distinct each to its own), one after another; print how long it took, then hold them
+    until SIGTERM (or --deadline)."""
     host, port = parse_url(args.url)
     clients, errors = [], []
     start = time.monotonic()

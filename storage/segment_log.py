@@ -36,10 +36,12 @@ def _segment_name(first_offset):
     return f"{first_offset:020d}{SEGMENT_SUFFIX}"
 
 
-def _read_batches(path, start=0):
+def _read_batches(path, start=0, verify=True):
     """Yield (position, header tuple, body) of the valid batches of a segment file from `start`;
-    stops at the first torn or corrupt batch and then yields ("torn", position)."""
+    stops at the first torn or corrupt batch and then yields ("torn", position). Without
+    `verify`, bodies are skipped, not read (body None): only the headers are walked."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         f.seek(start)
         pos = start
         while True:
@@ -50,10 +52,17 @@ def _read_batches(path, start=0):
                 yield ("torn", pos)
                 return
             length, crc, first, count, stamp = HEADER.unpack(head)
-            body = f.read(length)
-            if len(body) < length or zlib.crc32(body) != crc:
-                yield ("torn", pos)
-                return
+            if verify:
+                body = f.read(length)
+                if len(body) < length or zlib.crc32(body) != crc:
+                    yield ("torn", pos)
+                    return
+            else:
+                if pos + HEADER.size + length > size:
+                    yield ("torn", pos)
+                    return
+                body = None
+                f.seek(length, os.SEEK_CUR)
             yield (pos, (length, crc, first, count, stamp), body)
             pos += HEADER.size + length
 
@@ -68,11 +77,11 @@ class Segment:
         self.index_positions = []
         self.last_time = 0
 
-    def load(self):
+    def load(self, verify=True):
         """Rebuild the index by scanning; truncate a torn tail. Returns bytes truncated."""
         truncated = 0
         self.size = 0
-        for item in _read_batches(self.path):
+        for item in _read_batches(self.path, verify=verify):
             if item[0] == "torn":
                 real = os.path.getsize(self.path)
                 truncated = real - item[1]
@@ -118,9 +127,13 @@ class SegmentLog:
         for name in names:
             segment = Segment(self.directory, int(name[:-len(SEGMENT_SUFFIX)]))
             self.segments.append(segment)
-        # sealed segments were fsynced when rolled, but a crash may still have torn the last one
-        for segment in self.segments:
-            self.truncated_bytes += segment.load()
+        # Sealed segments were fsynced when the log rolled past them: that is the checkpoint.
+        # Their headers are walked to rebuild the index; only the active (last) segment, which a
+        # crash may have torn, is read and checked batch by batch.
+        for segment in self.segments[:-1]:
+            self.truncated_bytes += segment.load(verify=False)
+        for segment in self.segments[-1:]:
+            self.truncated_bytes += segment.load(verify=True)
         if not self.segments:
             self.segments.append(Segment(self.directory, 0))
             open(self.segments[0].path, "ab").close()
