@@ -49,6 +49,13 @@ class Appended:
 
 
 @dataclass(frozen=True)
+class AppendFailed:
+    seq: int
+    error: str
+    next_offset: int    # where the log really ends
+
+
+@dataclass(frozen=True)
 class ReadLog:
     token: Any
     offset: int
@@ -116,13 +123,18 @@ class LogActor(BrokerActor):
 
     def on_Append(self, msg, sender):
         log_ = self.store.log
-        if msg.first != log_.next_offset:  # a bug upstream; refuse rather than renumber
-            log.error("append at %d but log ends at %d", msg.first, log_.next_offset)
+        if msg.first != log_.next_offset:  # after a failed append: refuse rather than renumber
+            self.send(sender, AppendFailed(msg.seq, "log position moved", log_.next_offset))
             return
-        log_.append(msg.entries, msg.time_ms)
-        if self.interval_s is None:
-            log_.sync()
-        elif not self.sync_scheduled:
+        try:
+            log_.append(msg.entries, msg.time_ms)
+            if self.interval_s is None:
+                log_.sync()
+        except OSError as exc:   # disk full, I/O error: refuse, never receipt
+            log.error("topic log append failed: %s", exc)
+            self.send(sender, AppendFailed(msg.seq, str(exc), log_.next_offset))
+            return
+        if self.interval_s is not None and not self.sync_scheduled:
             self.sync_scheduled = True
             self.wakeupAfter(timedelta(seconds=self.interval_s), payload="sync")
         self._retain()

@@ -263,6 +263,19 @@ class TopicActor(BrokerActor):
             self._feed(name, sub)
         self._append()
 
+    def on_AppendFailed(self, msg, sender):
+        """Nothing of this append, nor of what was queued behind it, was receipted: refuse them
+        all (the producers may retry) and number again from where the log really ends."""
+        failed, _, _ = self.appending.pop(msg.seq, ([], None, None))
+        for transport, producer_id, receipts, entries in failed + self.unsynced:
+            if transport is not None:
+                self.send(transport, Receipts(producer_id, [], [
+                    (rid, E.INTERNAL, f"log write failed: {msg.error}") for rid, _, _ in receipts]))
+            self.msgs_in -= len(entries)
+        self.unsynced = []
+        self.next_offset = msg.next_offset
+        self._append()
+
     def _feed(self, name, sub):
         if sub.in_flight < DISPATCH_WINDOW and sub.pending:
             self.send_ordered(sub.dispatcher, dispatcher.Dispatch(sub.pending), ("dispatcher", name))

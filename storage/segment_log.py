@@ -166,14 +166,29 @@ class SegmentLog:
         body = msgpack.packb(entries, use_bin_type=True)
         first = self.active.next_offset
         data = HEADER.pack(len(body), zlib.crc32(body), first, len(entries), stamp) + body
-        self._file.write(data)
         segment = self.active
+        try:
+            self._file.write(data)
+            self._file.flush()
+        except OSError:
+            # never leave half a batch behind: later batches would sit after garbage
+            self._file = self._reopen_truncated(segment.size)
+            raise
         segment._index(first, segment.size)
         segment.size += len(data)
         segment.next_offset = first + len(entries)
         segment.last_time = stamp
         self._dirty = True
         return first
+
+    def _reopen_truncated(self, size):
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        with open(self.active.path, "r+b") as f:
+            f.truncate(size)
+        return open(self.active.path, "ab")
 
     def sync(self):
         if self._dirty:
