@@ -15,6 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on ([\d.]+):(\d+) \(admin port (\d+), admin pid (\d+)")
 
 
+def _term_with_parent():
+    """In the child, before exec: SIGTERM it if whoever started it (a test run, the bench) dies,
+    so that a killed test run does not leave a broker behind (serve then stops its actors)."""
+    from actors.base import die_with_parent
+    die_with_parent()
+
+
 class BrokerProcess:
     """One `actorbroker serve` and the actor system it started."""
 
@@ -25,7 +32,8 @@ class BrokerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scripts.cli", "serve", "--port", "0",
              "--data-dir", str(self.data_dir), *options],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL)
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL,
+            preexec_fn=_term_with_parent)
         line = self._read_line(timeout=60)
         match = READY.search(line)
         if not match:
