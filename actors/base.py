@@ -65,8 +65,27 @@ class BrokerActor(Actor):
         self._in_seq = {}      # channel -> [expected seq, {seq: (msg, sender)}]
         self._initialized = self.init_message is None
         self._held = []
+        # ACTORBROKER_PROFILE_DIR=dir: profile message handling, one .prof per actor, written at
+        # exit (for finding the hot spots of the record path; off by default).
+        self._profile = None
+        if os.environ.get("ACTORBROKER_PROFILE_DIR"):
+            import cProfile
+            self._profile = cProfile.Profile()
 
     def receiveMessage(self, msg, sender):
+        if self._profile is not None:
+            self._profile.enable()
+            try:
+                return self._receive(msg, sender)
+            finally:
+                self._profile.disable()
+                if isinstance(msg, ActorExitRequest):
+                    path = os.path.join(os.environ["ACTORBROKER_PROFILE_DIR"],
+                                        f"{type(self).__name__}-{os.getpid()}.prof")
+                    self._profile.dump_stats(path)
+        return self._receive(msg, sender)
+
+    def _receive(self, msg, sender):
         if isinstance(msg, Ordered):
             for inner, inner_sender in self._release(msg, sender):
                 self._dispatch(inner, inner_sender)

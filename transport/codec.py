@@ -97,10 +97,13 @@ _TAIL_KEYS = [msgpack.packb(k) for k in ("payload", "key", "attrs", "producer", 
 
 
 def encode_record_tail(payload, key, attrs, producer, redeliveries=0):
-    p, k, a, pr, r = _TAIL_KEYS
-    pack = msgpack.packb
-    return b"".join((p, pack(payload, use_bin_type=True), k, pack(key), a, pack(attrs),
-                     pr, pack(producer), r, pack(redeliveries)))
+    # One C call: pack a 5-entry map and drop its one-byte header (0x85): what is left is the
+    # five key/value pairs, in this order, redeliveries last (with_redeliveries relies on it).
+    return _pack({"payload": payload, "key": key, "attrs": attrs, "producer": producer,
+                  "redeliveries": redeliveries})[1:]
+
+
+_pack = msgpack.Packer(use_bin_type=True).pack
 
 
 def record_blob(offset, time_ms, tail):

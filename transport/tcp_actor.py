@@ -252,37 +252,40 @@ class TcpTransportActor(BrokerActor):
             self._error(E.BAD_REQUEST, "'msgs' must be a non-empty list", rid)
             return False
         records = []
-        limit = self.config.max_frame - PUSH_OVERHEAD - 64 - len(route[1].encode())
-        for i, m in enumerate(msgs):
-            problem = self._check_msg(m, limit)
+        name = route[1]
+        limit = self.config.max_frame - PUSH_OVERHEAD - 64 - len(name.encode())
+        for i, m in enumerate(msgs):   # the hot loop of the record path: checks are kept cheap
+            if type(m) is not dict:
+                problem = "must be a map"
+            else:
+                payload, key, attrs = m.get("payload"), m.get("key"), m.get("attrs")
+                problem = self._check_msg(payload, key, attrs, limit)
             if problem:
                 self._error(E.BAD_REQUEST, f"msgs[{i}]: {problem}", rid)
                 return False
-            records.append((m.get("key"), encode_record_tail(m["payload"], m.get("key"), m.get("attrs") or {},
-                                                              route[1]), len(m["payload"])))
+            records.append((key, encode_record_tail(payload, key, attrs or {}, name), len(payload)))
         publishes.setdefault(producer_id, []).append((rid, records))
         return False
 
     @staticmethod
-    def _check_msg(m, limit):
-        if not isinstance(m, dict):
-            return "must be a map"
-        payload = m.get("payload")
-        if not isinstance(payload, bytes):
+    def _check_msg(payload, key, attrs, limit):
+        if type(payload) is not bytes:
             return "'payload' must be bin"
-        size = len(payload)
-        key = m.get("key")
-        if key is not None:
-            if not isinstance(key, str):
-                return "'key' must be a str"
-            size += len(key.encode())
-        attrs = m.get("attrs")
-        if attrs is not None:
-            if not is_str_map(attrs):
-                return "'attrs' must be a map of str to str"
-            size += sum(len(k.encode()) + len(v.encode()) + 10 for k, v in attrs.items())
-        if size > limit:
-            return f"message of {size} bytes is too large to be delivered in one frame (max_frame {limit + PUSH_OVERHEAD + 64})"
+        if key is not None and type(key) is not str:
+            return "'key' must be a str"
+        if attrs and not is_str_map(attrs):
+            return "'attrs' must be a map of str to str"
+        if attrs is not None and type(attrs) is not dict:
+            return "'attrs' must be a map of str to str"
+        # 4 bytes per character bounds UTF-8; measure exactly only when the bound is too big
+        bound = len(payload) + 4 * len(key or "") + (
+            sum(4 * (len(k) + len(v)) + 10 for k, v in attrs.items()) if attrs else 0)
+        if bound > limit:
+            size = len(payload) + len((key or "").encode()) + (
+                sum(len(k.encode()) + len(v.encode()) + 10 for k, v in attrs.items()) if attrs else 0)
+            if size > limit:
+                return (f"message of {size} bytes is too large to be delivered in one frame "
+                        f"(max_frame {limit + PUSH_OVERHEAD + 64})")
         return None
 
     def _op_flow(self, frame, rid, publishes):
