@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -50,6 +51,13 @@ def add_bench_command(subparsers):
 
 # --- processes ----------------------------------------------------------------------------------
 
+def _term_with_parent():
+    """In a worker or forwarder child, before exec: SIGTERM it if the bench dies (all of them are
+    started from the bench's main thread, whose exit is what PR_SET_PDEATHSIG watches)."""
+    from actors.base import die_with_parent
+    die_with_parent()
+
+
 class Worker:
     """One bench_worker process; its stdout JSON lines are collected by a thread."""
 
@@ -62,7 +70,8 @@ class Worker:
         self._err = open(err_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scripts.bench_worker", role, "--ready", self.ready, *map(str, options)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL)
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL,
+            preexec_fn=_term_with_parent)
         self.pid = self.proc.pid
         bench.workers.add(self)
         self.lines = queue.Queue()
@@ -108,10 +117,12 @@ class Worker:
         return line
 
     def stderr_tail(self):
+        """The last line of the worker's stderr (the exception, when it died of one)."""
         try:
-            return self.err_path.read_text(errors="replace")[-800:]
+            lines = [x for x in self.err_path.read_text(errors="replace").splitlines() if x.strip()]
         except OSError:
             return ""
+        return lines[-1][-300:] if lines else "(no stderr)"
 
     def signal(self, sig):
         if self.proc.poll() is None:
@@ -138,7 +149,7 @@ class Forwarder:
     def __init__(self, bench):
         self.proc = subprocess.Popen([sys.executable, "-m", "scripts.bench_baseline", "--port", "0"],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL, text=True)
+                                     stdin=subprocess.DEVNULL, text=True, preexec_fn=_term_with_parent)
         line = self.proc.stdout.readline()
         if not line.startswith("listening on "):
             self.stop()
@@ -259,18 +270,39 @@ class Bench:
             prod = Worker(self, "produce", "--url", url, "--topic", topic, "--dispatch", dispatch, "--n", n,
                           "--payload", self.payload, "--deadline", timeout, *producer_opts)
             pres = prod.result(timeout + 10)
+            # Stats now, while the consumers are attached: a non_reliable subscription is removed
+            # (with its counters) once its last consumer has gone.
+            try:
+                self.snapshot = self.stats(url, topic)
+            except Exception as exc:   # noqa: BLE001
+                self.snapshot = {"error": str(exc)}
             cres = [c.result(timeout + 10) for c in cons]
         finally:
             for c in cons:
                 c.stop()
+        received = sum(c["received"] for c in cres)
+        if received < n * (len(consumers) if consumers[0][1] != "shared" else 1):
+            self.details.setdefault("losses", []).append(
+                {"topic": topic, "dispatch": dispatch, "n": n, "producer": pres, "consumers": cres,
+                 "stats_after_producer": self.snapshot, "stats_at_end": self._stats_or_error(url, topic)})
+            note(f"loss on {topic}: consumers got {[c['received'] for c in cres]} of {n} "
+                 f"(stopped: {[c['stopped'] for c in cres]}); details in the JSON")
         return pres, cres
 
-    def dropped(self, url, topic):
+    def _stats_or_error(self, url, topic):
         try:
-            st = self.stats(url, topic)
-        except Exception:   # noqa: BLE001
-            return None
-        return sum(s.get("dropped", 0) for s in st.get("subscriptions", []))
+            return self.stats(url, topic)
+        except Exception as exc:   # noqa: BLE001
+            return {"error": str(exc)}
+
+    def dropped(self, url, topic):
+        """Drops counted by the broker: from the snapshot taken while the consumers were attached,
+        or now, whichever is larger."""
+        counts = []
+        for st in (getattr(self, "snapshot", None) or {}, self._stats_or_error(url, topic)):
+            if "subscriptions" in st:
+                counts.append(sum(x.get("dropped", 0) for x in st["subscriptions"]))
+        return max(counts) if counts else None
 
     # scenarios
 
@@ -508,9 +540,9 @@ class Bench:
             url = "%s:%d" % broker.address
         try:
             base = broker_footprint(broker)
-            self.add("scale", "0 connections", "broker PSS", "MiB", [base[0] / 1024] if broker else [],
-                     processes=base[1])
-            note(f"scale: idle broker: {base[1]} processes, PSS {base[0] / 1024:.0f} MiB")
+            if broker:
+                self.add("scale", "0 connections", "broker PSS", "MiB", [base[0] / 1024], processes=base[1])
+                note(f"scale: idle broker: {base[1]} processes, PSS {base[0] / 1024:.0f} MiB")
             per_conn_kb = None
             steps = [(k, False) for k in self.conns] + [(self.conns[0], True)]
             for k, distinct in steps:
@@ -531,6 +563,8 @@ class Bench:
                     res = w.next_line(310)
                     if res is None or "opened" not in res:
                         raise RuntimeError(f"idle worker gave no result: {w.stderr_tail()}")
+                    if res["errors"]:
+                        self.failures.append(f"scale {label}: opened {res['opened']}/{k}, errors {res['errors']}")
                     time.sleep(1.0)
                     pss, nproc = broker_footprint(broker)
                     per = {}
@@ -539,11 +573,12 @@ class Bench:
                                "per_conn_processes": round((nproc - base[1]) / res["opened"], 2)}
                         if not distinct:
                             per_conn_kb = max(1, (pss - base[0]) / res["opened"])
-                    self.add("scale", label, "broker PSS", "MiB", [pss / 1024] if broker else [],
-                             processes=nproc, opened=res["opened"], errors=res["errors"], **per)
+                    if broker:
+                        self.add("scale", label, "broker PSS", "MiB", [pss / 1024],
+                                 processes=nproc, opened=res["opened"], errors=res["errors"], **per)
                     self.add("scale", label, "connection set-up", "conn/s", [res["conn_s"]])
-                    note(f"scale {label}: opened {res['opened']} in {res['elapsed_s']:.1f}s ({res['conn_s']:.1f}/s), "
-                         f"broker {nproc} processes, PSS {pss / 1024:.0f} MiB {per}"
+                    note(f"scale {label}: opened {res['opened']} in {res['elapsed_s']:.1f}s ({res['conn_s']:.1f}/s)"
+                         + (f", broker {nproc} processes, PSS {pss / 1024:.0f} MiB {per}" if broker else "")
                          + (f", errors {res['errors']}" if res["errors"] else ""))
                 finally:
                     w.stop()
@@ -599,7 +634,7 @@ def pct(values, q):
 
 def broker_footprint(broker):
     if broker is None:
-        return 0, 0
+        return 0, None
     pids = broker.processes()
     return proctree.pss_kb(pids), len(pids)
 
@@ -703,8 +738,8 @@ def plot(results, outdir):
         if not sel:
             return
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        labels = [f"{r['scenario']}\n{r['variant']}" if r["scenario"] != "latency" else f"{r['variant']}\n{r['metric']}"
-                  for r in sel]
+        labels = [textwrap.fill(f"{r['variant']} {r['metric']}" if r["scenario"] in ("latency", "disconnect")
+                                else f"{r['scenario']}: {r['variant']}", 18) for r in sel]
         med = [r["median"] for r in sel]
         err = [[m - r["min"] for m, r in zip(med, sel)], [r["max"] - m for m, r in zip(med, sel)]]
         ax.bar(range(len(sel)), med, yerr=err, capsize=4, color="#4878a8")
@@ -789,8 +824,10 @@ def run_bench(args):
     print(table(bench.rows))
     print(f"\nload average at start {load_at_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
           f"({os.cpu_count()} CPUs): other work on the machine skews every figure")
-    print(f"\nratios: 'vs fwd 1/100' = median / bare asyncio forwarder (unbatched / 100 frames per write). "
-          f"non_reliable runs use --max-backlog {BIG_BACKLOG:,}.")
+    backlog = (f"the self-started brokers run with --max-backlog {BIG_BACKLOG:,}" if not args.url
+               else f"the broker at {args.url} keeps its own --max-backlog: a fast producer may show as drops")
+    print(f"\nratios: 'vs fwd 1/100' = median / bare asyncio forwarder (unbatched / 100 frames per write); "
+          f"{backlog}.")
     if bench.failures:
         print("\nfailures:")
         for f in bench.failures:
@@ -801,4 +838,4 @@ def run_bench(args):
     if args.plot:
         for path in plot(results, args.plot):
             note(f"chart {path}")
-    return 0
+    return 1 if bench.failures else 0

@@ -97,6 +97,13 @@ def consume(args):
     client = Client(host, port, name="bench-consumer")
     consumer = client.subscribe(args.topic, args.subscription, args.type, args.name,
                                 dispatch=args.dispatch, receiver_queue=args.receiver_queue)
+    granted = [args.receiver_queue]          # credits this consumer gave the broker (flow frames)
+    send_flow = consumer.flow
+
+    def counted_flow(credits):
+        send_flow(credits)
+        granted.append(credits)
+    consumer.flow = counted_flow
     touch(args.ready)
     deadline = time.monotonic() + args.deadline
     received, first_ns, last_ns = 0, None, None
@@ -141,7 +148,8 @@ def consume(args):
             pass
     span = (last_ns - first_ns) / 1e9 if first_ns is not None and last_ns != first_ns else 0.0
     result = {"role": "consume", "received": received, "first_ns": first_ns, "last_ns": last_ns,
-              "span_s": span, "msg_s": (received - 1) / span if span > 0 else 0.0, "stopped": error}
+              "span_s": span, "msg_s": (received - 1) / span if span > 0 else 0.0, "stopped": error,
+              "credits_granted": sum(granted), "flows": len(granted)}
     if seen is not None:
         result["distinct"] = len(seen)
     if lat is not None:
