@@ -32,6 +32,48 @@ def bind_actor_sockets_to(host):
 
     IPBase.IPActorAddress.__init__ = __init__
     IPBase.IPActorAddress._actorbroker_patched = True
+    keep_trailing_messages()
+
+
+class _PacketWithTrailer(tuple):
+    """A received (sender, message) packet that also carries the bytes read after it."""
+    trailing = b""
+
+
+def keep_trailing_messages():
+    """Work around a Thespian 4.0.1 bug that loses messages between actors.
+
+    When a read on a reused actor-to-actor socket returns one whole message and the start of the
+    next, TCPTransport._addedDataToIncoming feeds the *decoded first message* instead of the
+    trailing bytes to the buffer of the next one, which then fails and is discarded ("discarding
+    bad incoming trailing data", logged below WARNING): the second message is silently lost.
+    Seen here as a dispatcher that stopped receiving for good under fan-out load. The patch lets
+    that call receive the trailing bytes after all; it changes nothing when there are none."""
+    from thespian.system.transport import TCPTransport, streamBuffer
+    buffer_class = streamBuffer.ReceiveBuffer
+    if getattr(buffer_class, "_actorbroker_patched", False):
+        return
+    completed = buffer_class.completed
+
+    def completed_with_trailer(self):
+        result = completed(self)
+        if result is not None and result[1] and isinstance(result[0], tuple):
+            packet = _PacketWithTrailer(result[0])
+            packet.trailing = result[1]
+            return packet, result[1]
+        return result
+
+    incoming_class = TCPTransport.TCPIncoming_Common
+    add_data = incoming_class.addData
+
+    def add_data_or_trailer(self, new_data):
+        if isinstance(new_data, _PacketWithTrailer):   # the buggy call: use what followed it
+            new_data = new_data.trailing
+        return add_data(self, new_data)
+
+    buffer_class.completed = completed_with_trailer
+    incoming_class.addData = add_data_or_trailer
+    buffer_class._actorbroker_patched = True
 
 
 def capabilities(admin_port, convention_leader=None):

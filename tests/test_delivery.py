@@ -167,3 +167,18 @@ def test_stats_and_topics_report_the_topic(client, topic):
     assert (sub["name"], sub["type"], sub["msgs_out"], sub["dropped"]) == ("s", "failover", 1, 0)
     (c,) = sub["consumers"]
     assert c["consumer"] == consumer.id and c["name"] == "c" and c["active"] is True
+
+
+def test_fan_out_to_many_subscriptions_delivers_everything(broker, client, topic):
+    # Under this load Thespian 4.0.1 used to drop actor messages (see test_thespian_patch.py).
+    others = [Client(*broker.address) for _ in range(8)]
+    consumers = [o.subscribe(topic, f"sub-{i}", "exclusive", "c", receiver_queue=2000)
+                 for i, o in enumerate(others)]
+    producer = client.producer(topic)
+    futures = [producer.send(b"m") for _ in range(5000)]
+    producer.flush(timeout=30)
+    offsets = [f.result(5) for f in futures]
+    for consumer in consumers:
+        assert [consumer.receive(timeout=10).id for _ in range(5000)] == offsets
+    for o in others:
+        o.close()
