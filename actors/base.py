@@ -19,15 +19,15 @@ def die_with_parent():
     """Ask the kernel for SIGTERM when our parent process dies.
 
     Thespian turns SIGTERM into an ActorExitRequest, so an actor whose parent was SIGKILLed
-    exits cleanly instead of outliving it (and even ActorSystem.shutdown()).
+    exits cleanly instead of outliving it (and even ActorSystem.shutdown()). A parent that died
+    before this call (we were forked just then) has left us to init: exit as well.
     """
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    if os.getppid() == 1:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
