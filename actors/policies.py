@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-DELIVER_WINDOW = 2      # Deliver messages in flight to one consumer's transport
+DELIVER_WINDOW = 1      # Deliver messages in flight to one consumer's transport
 VIRTUAL_NODES = 64      # points per consumer on the key_shared hash ring
 
 

@@ -22,7 +22,7 @@ from transport import errors as E
 from transport.codec import record_blob
 from transport.messages import Receipts
 
-DISPATCH_WINDOW = 2
+DISPATCH_WINDOW = 1
 GATHER_TIMEOUT = timedelta(seconds=5)
 
 

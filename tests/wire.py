@@ -9,6 +9,7 @@ from transport.codec import FrameDecoder, encode_frame
 class RawConnection:
     def __init__(self, host, port, timeout=5.0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = FrameDecoder(max_frame=64 * 1024 * 1024)
         self.last_rid = 0
         self.welcome = None
