@@ -65,6 +65,15 @@ def add_client_commands(subparsers):
                    help="negatively acknowledge every K-th message instead of acking it (tests redelivery)")
     p.add_argument("--show-meta", action="store_true",
                    help="print id, key and redeliveries before each payload")
+    p.add_argument("--max-unacked", type=positive_int, metavar="N",
+                   help="reliable: this consumer's bound on delivered, unacknowledged messages")
+    p.add_argument("--ack-timeout-ms", type=positive_int, metavar="MS",
+                   help="reliable, set when this creates the subscription: redeliver what is not "
+                        "acknowledged in time")
+    p.add_argument("--max-redeliveries", type=positive_int, metavar="N",
+                   help="reliable, set when this creates the subscription: then dead-letter")
+    p.add_argument("--dead-letter-topic", metavar="TOPIC",
+                   help="reliable, set when this creates the subscription: where to dead-letter")
     p.set_defaults(func=consume)
 
     p = subparsers.add_parser("topics", parents=[common], help="list topics",
@@ -185,7 +194,10 @@ def consume(client, args):
     # With a count, credit no more than that: extra messages would be taken from other consumers.
     queue_size = min(args.count, 1000) if args.count else 1000
     consumer = client.subscribe(args.topic, args.subscription, args.type, args.consumer,
-                                start=args.start, dispatch=args.dispatch, receiver_queue=queue_size)
+                                start=args.start, dispatch=args.dispatch, receiver_queue=queue_size,
+                                max_unacked=args.max_unacked, ack_timeout_ms=args.ack_timeout_ms,
+                                max_redeliveries=args.max_redeliveries,
+                                dead_letter_topic=args.dead_letter_topic)
     received = 0
     try:
         while args.count is None or received < args.count:
