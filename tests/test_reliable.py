@@ -165,7 +165,8 @@ def test_unacked_messages_of_a_dead_consumer_are_redelivered_and_acked_ones_not(
                                b"\x01\x00\x00\x00\x00\x00\x00\x00")
         doomed.close()      # abortive close (RST), as a crashed process's socket
     redelivered = receive(survivor, 6)
-    assert sorted(o for o, _, _ in redelivered) == [o for o, _, _ in got[4:]]
+    # exactly the unacked ones, in offset order (so in order per key as well)
+    assert [o for o, _, _ in redelivered] == [o for o, _, _ in got[4:]]
     assert all(r >= 1 for _, _, r in redelivered)
     assert_nothing_more(survivor)
 
@@ -283,3 +284,20 @@ def test_retention_keeps_what_a_cursor_needs_and_deletes_the_rest(start_broker, 
     subscribe(reader, topic, "late", "exclusive", start="earliest")
     offsets = [o for o, _, _ in receive(reader, 1)]
     assert offsets[0] > 0
+
+
+def test_age_retention_deletes_old_acknowledged_segments(start_broker, topic):
+    b = start_broker("--segment-bytes", "600", "--retention-ms", "300")
+    conn = connect(b)
+    consumer = subscribe(conn, topic, "s", "exclusive")
+    pid = producer(conn, topic)
+    for i in range(12):
+        send(conn, pid, [bytes(100)])
+    got = receive(conn, 12)
+    conn.request({"op": "ack", "consumer": consumer, "ids": [o for o, _, _ in got]})
+    before = conn.request({"op": "stats", "topic": topic})["segments"]
+    assert before > 2
+    # appends run retention; segments older than 300 ms and fully acknowledged go
+    stats = wait_for(lambda: (send(conn, pid, [bytes(100)]), conn.request({"op": "stats", "topic": topic}))[1],
+                     lambda s: s["segments"] < before, timeout=10, interval=0.2)
+    assert stats["segments"] < before
