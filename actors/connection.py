@@ -186,7 +186,6 @@ class ConnectionActor(BrokerActor):
         producer_name = self._optional(frame, "name", str)
         dispatch = self._choice(frame, "dispatch", DISPATCH_MODES)
         access = self._choice(frame, "access", ("shared", "exclusive")) or "shared"
-        self._check_dispatch(dispatch)
         self.pending.add(rid)
         self.send(self.broker, broker.TopicRequest(
             name, dispatch or self.config.default_dispatch,
@@ -210,7 +209,6 @@ class ConnectionActor(BrokerActor):
             raise BadRequest(E.BAD_REQUEST, "'consumer' must be a non-empty str")
         start = self._choice(frame, "start", ("latest", "earliest")) or "latest"
         dispatch = self._choice(frame, "dispatch", DISPATCH_MODES)
-        self._check_dispatch(dispatch)
         options = {}
         for field in ("max_unacked", "ack_timeout_ms", "max_redeliveries"):
             value = frame.get(field)
@@ -290,9 +288,6 @@ class ConnectionActor(BrokerActor):
         if value not in table:
             raise BadRequest(code, f"{field} {value} is not open on this connection")
         return value
-
-    def _check_dispatch(self, dispatch):
-        pass
 
     # --- answers from the broker's actors ---------------------------------------------------------
     def on_ProducerOpened(self, msg, sender):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors import broker, connection, log as log_actor, topic
-from actors.base import BrokerActor, log
+from actors.base import BrokerActor
 from actors.cursor import Cursor
 from actors.policies import ConsumerState, make_policy
 from transport.codec import encode_frame, record_blob, record_tail, with_redeliveries

@@ -6,7 +6,6 @@ subscriptions' cursors. Blocking file I/O (fsync) is this actor's whole job, so 
 one else: the topic keeps accepting sends meanwhile and merges them into the next append
 (group commit).
 """
-import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta

@@ -7,7 +7,7 @@ import pytest
 
 from transport import errors as E
 from transport.client_common import (
-    SEND_OVERHEAD, Attachments, Batcher, CreditWindow, Message, ids_of, max_message_size,
+    SEND_OVERHEAD, Attachments, Batcher, CreditWindow, ids_of, max_message_size,
     message_from_record, parse_url, record_for, subscribe_frame)
 from transport.codec import encode_frame
 

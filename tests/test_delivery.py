@@ -1,7 +1,5 @@
 """Delivery semantics of non_reliable topics through the Python client: order, credits,
 subscription types, backlog bounds, closing pushes, stats."""
-import collections
-
 import pytest
 
 from transport.client import Client

@@ -1,6 +1,5 @@
 """Protocol v1 over real TCP against a real broker: sessions, every error code, bad input."""
 import json
-import socket
 import struct
 
 import msgpack

@@ -8,7 +8,6 @@ to its supervisor (the ConnectionActor). Writes go through a non-blocking buffer
 When the socket ends, for whatever reason, it sends ConnectionClosed to its supervisor at once
 and exits: the end of the connection is itself the cleanup signal.
 """
-import os
 import socket
 import time
 from datetime import timedelta
@@ -20,9 +19,8 @@ from actors import dispatcher, topic as topic_actor
 from transport import errors as E
 from transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
                              encode_message_frames, encode_record_tail)
-from transport.messages import (
-    AdoptSocket, ClientHello, ClientRequest, CloseConnection, ConnectionClosed, Deliver, Outbound,
-    Receipts, RouteConsumer, RouteProducer, UnrouteConsumer, UnrouteProducer)
+# The messages this actor handles (on_<Name>) are in transport/messages.py.
+from transport.messages import AdoptSocket, ClientHello, ClientRequest, ConnectionClosed
 
 READ_SIZE = 256 * 1024
 MAX_READ_PER_MESSAGE = 512 * 1024       # per message: bounds a Publish, lets deliveries in
