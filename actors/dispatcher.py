@@ -40,6 +40,7 @@ class InitDispatcher:
     start_offset: int = 0     # where a new subscription starts
     end_offset: int = 0       # the topic's next offset now
     options: Any = None       # ack_timeout_ms, max_redeliveries, dead_letter_topic
+    broker: Any = None        # where dead letters are published
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class DispatcherActor(BrokerActor):
         self.reliable = False
         # reliable state
         self.log = None
+        self.broker = None
         self.cursor = None
         self.read_pos = 0          # next offset to bring into memory
         self.end = 0               # the topic's next offset, as far as we know
@@ -139,6 +141,7 @@ class DispatcherActor(BrokerActor):
             self.reliable = True
             self.log = msg.log
             self.options = msg.options or {}
+            self.broker = msg.broker
             state = msg.cursor or {"floor": msg.start_offset, "acked": []}
             self.cursor = Cursor(state["floor"], state.get("acked", ()))
             self.read_pos = self.cursor.floor
@@ -194,9 +197,9 @@ class DispatcherActor(BrokerActor):
         self.policy.enqueue(keep)
         if msg.records:
             self.read_pos = max(self.read_pos, msg.records[-1][0] + 1)
-        else:
+        else:   # nothing on disk from read_pos: we are at the log's end, stop reading
             self.read_pos = max(self.read_pos, msg.first_offset)
-            self.end = min(self.end, self.read_pos) if self.read_pos >= self.end else self.end
+            self.end = self.read_pos
         self._pump()
         self._refill()
 
@@ -219,14 +222,11 @@ class DispatcherActor(BrokerActor):
 
     def _dead_letter(self, offset, key, blob):
         tail = record_tail(with_redeliveries(blob, 0))
-        self.send(self.broker_address(), broker.TopicRequest(
+        self.send(self.broker, broker.TopicRequest(
             self.options["dead_letter_topic"], "reliable",
             topic.Publish(0, f"{self.name}-dlq", [(None, [(key, tail, len(tail))])])))
         self.dead_lettered += 1
         self._acknowledge(offset)
-
-    def broker_address(self):
-        return self.options["broker"]
 
     def _acknowledge(self, offset):
         self.redelivery_count.pop(offset, None)
@@ -240,11 +240,8 @@ class DispatcherActor(BrokerActor):
             return
         self.cursor_saving, self.cursor_dirty = True, False
         self.acks_waiting, self.acks_waiting_next = self.acks_waiting_next, []
-        state = dict(self.cursor.state(), type=self.type, options=self.options_to_keep())
+        state = dict(self.cursor.state(), type=self.type, options=self.options)
         self.send_ordered(self.log, log_actor.SaveCursor(self.name, state), "log")
-
-    def options_to_keep(self):
-        return {k: v for k, v in self.options.items() if k != "broker"}
 
     def on_CursorSaved(self, msg, sender):
         self.cursor_saving = False

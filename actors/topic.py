@@ -300,7 +300,7 @@ class TopicActor(BrokerActor):
             init = dispatcher.InitDispatcher(
                 self.name, name, sub_type, self.dispatch, self.config, log=self.log, cursor=cursor,
                 start_offset=self.first_offset if start == "earliest" else self.next_offset,
-                end_offset=self.next_offset, options=dict(kept, broker=self.broker))
+                end_offset=self.next_offset, options=kept, broker=self.broker)
         self.send_ordered(dispatcher_address, init, ("dispatcher", name))
         self.send_ordered(sub_address, subscription.InitSubscription(
             self.name, name, sub_type, self.dispatch, dispatcher_address), ("subscription", name))

@@ -66,11 +66,6 @@ class Receipts:
     errors: list = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class CloseConnection:
-    reason: str
-
-
 # --- from the transport to its supervisor ---------------------------------------------------------
 
 @dataclass(frozen=True)

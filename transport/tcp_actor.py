@@ -404,9 +404,6 @@ class TcpTransportActor(BrokerActor):
         else:
             self.deferred_acks.append((sender, msg.consumer_id))
 
-    def on_CloseConnection(self, msg, sender):
-        self._closed(msg.reason)
-
     def on_WakeupMessage(self, msg, sender):
         if msg.payload == _Tick.WRITE:
             self.write_retry_pending = False
