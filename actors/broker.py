@@ -15,10 +15,10 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actors import connection, listener, topic
-from actors.base import BrokerActor, log
-from storage.topic_store import stored_topics
-from transport import errors as E
+from actorbroker.actors import connection, listener, topic
+from actorbroker.actors.base import BrokerActor, log
+from actorbroker.storage.topic_store import stored_topics
+from actorbroker.transport import errors as E
 
 TOPIC_NAME = re.compile(r"^/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 GATHER_TIMEOUT = timedelta(seconds=5)
@@ -107,7 +107,7 @@ class BrokerRootActor(BrokerActor):
             log.warning("cannot watch serve process %s: %s", msg.serve_pid, exc)
         for name, dispatch in stored_topics(self.config.data_dir):   # durable topics come back
             self._create_topic(name, dispatch)
-        self.listener = self.createActor("actors.listener.ListenerActor")
+        self.listener = self.createActor("actorbroker.actors.listener.ListenerActor")
         self.send(self.listener, listener.Listen(self.config, self.myAddress))
 
     def on_Listening(self, msg, sender):
@@ -123,7 +123,7 @@ class BrokerRootActor(BrokerActor):
             log.warning("serve process died; shutting the actor system down")
             os.close(self.lifeline)
             self.lifeline = None
-            subprocess.Popen([sys.executable, "-m", "actors.system", "--stop",
+            subprocess.Popen([sys.executable, "-m", "actorbroker.actors.system", "--stop",
                               "--admin-port", str(self.admin_port), "--host", self.config.host],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -144,7 +144,7 @@ class BrokerRootActor(BrokerActor):
         self.send_ordered(entry[0], request, msg.name)
 
     def _create_topic(self, name, dispatch):
-        address = self.createActor("actors.topic.TopicActor")
+        address = self.createActor("actorbroker.actors.topic.TopicActor")
         self.forget_ordered(name)
         self.send_ordered(address, topic.InitTopic(name, dispatch, self.config), name)
         entry = self.topics[name] = (address, dispatch)

@@ -1,7 +1,7 @@
 """Broker configuration, passed to the actors as plain picklable data."""
 from dataclasses import dataclass, field
 
-from transport.codec import DEFAULT_MAX_FRAME
+from actorbroker.transport.codec import DEFAULT_MAX_FRAME
 
 DISPATCH_MODES = ("non_reliable", "reliable")
 

@@ -11,14 +11,14 @@ from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
-from actors import broker, subscription, topic
-from actors.base import BrokerActor, log
-from actors.config import DISPATCH_MODES
-from transport import errors as E
-from transport.codec import encode_frame
-from transport.messages import (
+from actorbroker.actors import broker, subscription, topic
+from actorbroker.actors.base import BrokerActor, log
+from actorbroker.actors.config import DISPATCH_MODES
+from actorbroker.transport import errors as E
+from actorbroker.transport.codec import encode_frame
+from actorbroker.transport.messages import (
     AdoptSocket, Outbound, RouteConsumer, RouteProducer, UnrouteConsumer, UnrouteProducer)
-from transport.tcp_actor import error_frame, is_uint
+from actorbroker.transport.tcp_actor import error_frame, is_uint
 
 SUBSCRIPTION_TYPES = ("exclusive", "shared", "failover", "key_shared")
 SUBSCRIPTION_NAME_MAX = 255
@@ -125,7 +125,7 @@ class ConnectionActor(BrokerActor):
         self.broker = msg.broker
         self.connection_id = msg.connection_id
         os.close(msg.listen_fd)  # inherited from the listener's fork; not ours
-        self.transport = self.createActor("transport.tcp_actor.TcpTransportActor")
+        self.transport = self.createActor("actorbroker.transport.tcp_actor.TcpTransportActor")
         self._to_transport(AdoptSocket(msg.fd, msg.connection_id, msg.config))
         os.close(msg.fd)         # the transport's fork has its own copy now
 

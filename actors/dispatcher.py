@@ -16,12 +16,12 @@ from datetime import timedelta
 from dataclasses import dataclass
 from typing import Any
 
-from actors import broker, connection, log as log_actor, topic
-from actors.base import BrokerActor
-from actors.cursor import Cursor
-from actors.policies import ConsumerState, make_policy
-from transport.codec import encode_frame, record_blob, record_tail, with_redeliveries
-from transport.messages import Deliver, Outbound
+from actorbroker.actors import broker, connection, log as log_actor, topic
+from actorbroker.actors.base import BrokerActor
+from actorbroker.actors.cursor import Cursor
+from actorbroker.actors.policies import ConsumerState, make_policy
+from actorbroker.transport.codec import encode_frame, record_blob, record_tail, with_redeliveries
+from actorbroker.transport.messages import Deliver, Outbound
 
 RELIABLE_BUFFER = 5000
 DEFAULT_MAX_UNACKED = 1000

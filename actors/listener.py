@@ -6,10 +6,10 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actors import connection
-from actors.base import BrokerActor, log
-from transport import errors as E
-from transport.tcp_actor import error_frame
+from actorbroker.actors import connection
+from actorbroker.actors.base import BrokerActor, log
+from actorbroker.transport import errors as E
+from actorbroker.transport.tcp_actor import error_frame
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class ListenerActor(BrokerActor):
         connection_id = self.next_connection_id
         self.next_connection_id += 1
         # createActor forks: the child inherits `conn` (and our listening socket, which it closes).
-        address = self.createActor("actors.connection.ConnectionActor")
+        address = self.createActor("actorbroker.actors.connection.ConnectionActor")
         self.send(address, connection.StartConnection(
             conn.fileno(), self.sock.fileno(), connection_id, self.config, self.broker))
         self.connections.append(address)

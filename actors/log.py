@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from actors.base import BrokerActor, log
-from storage.topic_store import TopicStore
+from actorbroker.actors.base import BrokerActor, log
+from actorbroker.storage.topic_store import TopicStore
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ The data path does not pass through it: it tells its Dispatcher who to deliver t
 from dataclasses import dataclass
 from typing import Any
 
-from actors import connection, dispatcher, topic
-from actors.base import BrokerActor, log
-from transport import errors as E
+from actorbroker.actors import connection, dispatcher, topic
+from actorbroker.actors.base import BrokerActor, log
+from actorbroker.transport import errors as E
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ def start_system_process(admin_port, host, data_dir, log_level="INFO"):
                THESPLOG_FILE_MAXSIZE=str(4 * 1024 * 1024))
     with open(log_path, "ab") as log_file:
         subprocess.run(
-            [sys.executable, "-m", "actors.system", "--admin-port", str(admin_port),
+            [sys.executable, "-m", "actorbroker.actors.system", "--admin-port", str(admin_port),
              "--host", host, "--log", log_path, "--log-level", log_level],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
             cwd=os.getcwd(), check=True, timeout=60, close_fds=True)

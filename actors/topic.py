@@ -16,11 +16,11 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest
 
-from actors import broker, connection, dispatcher, log as log_actor, subscription
-from actors.base import BrokerActor, log
-from transport import errors as E
-from transport.codec import record_blob
-from transport.messages import Receipts
+from actorbroker.actors import broker, connection, dispatcher, log as log_actor, subscription
+from actorbroker.actors.base import BrokerActor, log
+from actorbroker.transport import errors as E
+from actorbroker.transport.codec import record_blob
+from actorbroker.transport.messages import Receipts
 
 DISPATCH_WINDOW = 1
 GATHER_TIMEOUT = timedelta(seconds=5)
@@ -159,7 +159,7 @@ class TopicActor(BrokerActor):
         self.broker = sender
         log.info("topic %s open (%s)", self.name, self.dispatch)
         if self.dispatch == "reliable":
-            self.log = self.createActor("actors.log.LogActor")
+            self.log = self.createActor("actorbroker.actors.log.LogActor")
             self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config), "log")
             self.hold_until(log_actor.LogOpened)
 
@@ -290,8 +290,8 @@ class TopicActor(BrokerActor):
 
     # --- subscriptions -------------------------------------------------------------------------------
     def _create_subscription(self, name, sub_type, cursor, start, options):
-        sub_address = self.createActor("actors.subscription.SubscriptionActor")
-        dispatcher_address = self.createActor("actors.dispatcher.DispatcherActor")
+        sub_address = self.createActor("actorbroker.actors.subscription.SubscriptionActor")
+        dispatcher_address = self.createActor("actorbroker.actors.dispatcher.DispatcherActor")
         self.forget_ordered(("dispatcher", name))
         self.forget_ordered(("subscription", name))
         init = dispatcher.InitDispatcher(self.name, name, sub_type, self.dispatch, self.config)

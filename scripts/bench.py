@@ -21,8 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
-from scripts import proctree
-from scripts.broker_process import ROOT, BrokerProcess
+from actorbroker.scripts import proctree
+from actorbroker.scripts.broker_process import ROOT, BrokerProcess
 
 ALL_SCENARIOS = ["baseline", "throughput", "latency", "fanout", "shared", "disconnect", "scale"]
 FSYNC_MODES = ["group", "always", "interval:5"]
@@ -54,7 +54,7 @@ def add_bench_command(subparsers):
 def _term_with_parent():
     """In a worker or forwarder child, before exec: SIGTERM it if the bench dies (all of them are
     started from the bench's main thread, whose exit is what PR_SET_PDEATHSIG watches)."""
-    from actors.base import die_with_parent
+    from actorbroker.actors.base import die_with_parent
     die_with_parent()
 
 
@@ -69,7 +69,7 @@ class Worker:
         self.err_path = err_path
         self._err = open(err_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.bench_worker", role, "--ready", self.ready, *map(str, options)],
+            [sys.executable, "-m", "actorbroker.scripts.bench_worker", role, "--ready", self.ready, *map(str, options)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL,
             preexec_fn=_term_with_parent)
         self.pid = self.proc.pid
@@ -147,7 +147,7 @@ class Forwarder:
     """The bare asyncio forwarder (scripts/bench_baseline.py) as a process."""
 
     def __init__(self, bench):
-        self.proc = subprocess.Popen([sys.executable, "-m", "scripts.bench_baseline", "--port", "0"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "actorbroker.scripts.bench_baseline", "--port", "0"],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL, text=True, preexec_fn=_term_with_parent)
         line = self.proc.stdout.readline()
@@ -229,7 +229,7 @@ class Bench:
         return f"/bench/{label}-{uuid.uuid4().hex[:8]}"
 
     def stats(self, url, topic):
-        from transport.client import connect
+        from actorbroker.transport.client import connect
         with connect(url, name="bench-stats") as c:
             return c.stats(topic)
 
@@ -417,7 +417,7 @@ class Bench:
     def failover_takeover(self, url):
         """Failover consumers named c0000, c0001, ...: the first by name is active. Kill or close the
         active one; the next one's first message ends the measurement; then start another standby."""
-        from transport.client import connect
+        from actorbroker.transport.client import connect
         topic, sub = self.topic("failover"), "fo"
         names = (f"c{i:04d}" for i in range(10_000))
 
@@ -476,7 +476,7 @@ class Bench:
     def shared_redelivery(self, url, batch=50):
         """Shared reliable subscription: Y acks all, X holds what it gets unacked; kill -9 X; time until
         Y has every message."""
-        from transport.client import connect
+        from actorbroker.transport.client import connect
         topic, sub = self.topic("redeliver"), "sh"
         y = Worker(self, "shared-watch", "--url", url, "--topic", topic, "--subscription", sub,
                    "--name", "y", "--ack", "--deadline", 600)

@@ -14,7 +14,7 @@ import asyncio
 import struct
 import sys
 
-from transport.codec import decode_body
+from actorbroker.transport.codec import decode_body
 
 _HEADER = struct.Struct(">I")
 READ_SIZE = 256 * 1024

@@ -19,9 +19,9 @@ import struct
 import sys
 import time
 
-from transport.client import Client
-from transport.client_common import parse_url
-from transport.codec import FrameDecoder, encode_frame, encode_message_frames, encode_record
+from actorbroker.transport.client import Client
+from actorbroker.transport.client_common import parse_url
+from actorbroker.transport.codec import FrameDecoder, encode_frame, encode_message_frames, encode_record
 
 STAMP = struct.Struct(">QQ")
 

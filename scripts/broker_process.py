@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts import proctree
+from actorbroker.scripts import proctree
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on ([\d.]+):(\d+) \(admin port (\d+), admin pid (\d+)")
@@ -18,7 +18,7 @@ READY = re.compile(r"listening on ([\d.]+):(\d+) \(admin port (\d+), admin pid (
 def _term_with_parent():
     """In the child, before exec: SIGTERM it if whoever started it (a test run, the bench) dies,
     so that a killed test run does not leave a broker behind (serve then stops its actors)."""
-    from actors.base import die_with_parent
+    from actorbroker.actors.base import die_with_parent
     die_with_parent()
 
 
@@ -30,7 +30,7 @@ class BrokerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.stderr = open(self.data_dir / "serve.stderr", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.cli", "serve", "--port", "0",
+            [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
              "--data-dir", str(self.data_dir), *options],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL,
             preexec_fn=_term_with_parent)

@@ -2,9 +2,9 @@
 import argparse
 import sys
 
-from scripts.scenario import add_scenario_command
-from scripts.bench import add_bench_command
-from scripts.serve import add_serve_command
+from actorbroker.scripts.scenario import add_scenario_command
+from actorbroker.scripts.bench import add_bench_command
+from actorbroker.scripts.serve import add_serve_command
 
 
 def build_parser():
@@ -14,7 +14,7 @@ def build_parser():
     add_bench_command(sub)
     add_scenario_command(sub)
     try:
-        from scripts.client_commands import add_client_commands
+        from actorbroker.scripts.client_commands import add_client_commands
         add_client_commands(sub)
     except ImportError:
         pass

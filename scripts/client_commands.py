@@ -8,9 +8,9 @@ import json
 import sys
 import time
 
-from transport.client import Client
-from transport.client_common import DEFAULT_HOST, DEFAULT_PORT, parse_url
-from transport.errors import BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed
+from actorbroker.transport.client import Client
+from actorbroker.transport.client_common import DEFAULT_HOST, DEFAULT_PORT, parse_url
+from actorbroker.transport.errors import BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed
 
 DEFAULT_URL = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 SUBSCRIPTION_TYPES = ["exclusive", "shared", "failover", "key_shared"]

@@ -5,8 +5,8 @@ import signal
 import sys
 import threading
 
-from actors.config import BrokerConfig
-from actors.system import connect_system, free_port, start_system_process
+from actorbroker.actors.config import BrokerConfig
+from actorbroker.actors.system import connect_system, free_port, start_system_process
 
 START_TIMEOUT_S = 30
 
@@ -74,8 +74,8 @@ def serve(args):
     start_system_process(admin_port, args.actor_host, data_dir, args.log_level)
     system = connect_system(admin_port, args.actor_host)
     try:
-        from actors.broker import BrokerFailed, BrokerStarted, StartBroker
-        root = system.createActor("actors.broker.BrokerRootActor")
+        from actorbroker.actors.broker import BrokerFailed, BrokerStarted, StartBroker
+        root = system.createActor("actorbroker.actors.broker.BrokerRootActor")
         reply = system.ask(root, StartBroker(config, os.getpid(), admin_port), START_TIMEOUT_S)
         if not isinstance(reply, BrokerStarted):
             reason = reply.error if isinstance(reply, BrokerFailed) else "no answer from the broker"

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 
-from storage.segment_log import SegmentLog
+from actorbroker.storage.segment_log import SegmentLog
 
 
 def topics_root(data_dir):

@@ -3,7 +3,7 @@ until killed. Run as: client_proc.py HOST PORT TOPIC SUBSCRIPTION TYPE NAME HEAR
 (hold: subscribe to a reliable topic and never acknowledge)."""
 import sys
 
-from transport.client import Client
+from actorbroker.transport.client import Client
 
 
 def main():

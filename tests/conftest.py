@@ -4,8 +4,8 @@ import uuid
 
 import pytest
 
-from scripts import proctree
-from scripts.broker_process import BrokerProcess
+from actorbroker.scripts import proctree
+from actorbroker.scripts.broker_process import BrokerProcess
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@ import asyncio
 
 import pytest
 
-from transport.aio_client import AsyncClient
-from transport.errors import ConsumerBusy
+from actorbroker.transport.aio_client import AsyncClient
+from actorbroker.transport.errors import ConsumerBusy
 
 
 def run(coro):

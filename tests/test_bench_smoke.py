@@ -5,15 +5,15 @@ import sys
 
 import pytest
 
-from scripts.bench import ALL_SCENARIOS
-from scripts.broker_process import ROOT
+from actorbroker.scripts.bench import ALL_SCENARIOS
+from actorbroker.scripts.broker_process import ROOT
 
 
 @pytest.mark.timeout(150)
 def test_bench_quick_writes_every_scenario(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.cli", "bench", "--quick", "--messages", "500", "--reps", "2",
+        [sys.executable, "-m", "actorbroker.scripts.cli", "bench", "--quick", "--messages", "500", "--reps", "2",
          "--conns", "3", "--latency-seconds", "0.5", "--json", str(out), "--plot", str(tmp_path / "img")],
         cwd=ROOT, capture_output=True, text=True, timeout=140)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,11 +5,11 @@ import argparse
 import msgpack
 import pytest
 
-from transport import errors as E
-from transport.client_common import (
+from actorbroker.transport import errors as E
+from actorbroker.transport.client_common import (
     SEND_OVERHEAD, Attachments, Batcher, CreditWindow, ids_of, max_message_size,
     message_from_record, parse_url, record_for, subscribe_frame)
-from transport.codec import encode_frame
+from actorbroker.transport.codec import encode_frame
 
 
 def test_record_size_is_an_upper_bound_of_the_packed_size():
@@ -116,7 +116,7 @@ def test_error_for_gives_one_class_per_code():
 
 
 def test_cli_arguments():
-    from scripts.client_commands import add_client_commands
+    from actorbroker.scripts.client_commands import add_client_commands
     parser = argparse.ArgumentParser()
     add_client_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["produce", "/a/b", "-m", "hi", "-n", "3", "--attr", "k=v=w",

@@ -4,9 +4,9 @@ import struct
 import msgpack
 import pytest
 
-from transport.codec import (FrameDecoder, encode_frame, encode_message_frames, encode_record, with_redeliveries,
+from actorbroker.transport.codec import (FrameDecoder, encode_frame, encode_message_frames, encode_record, with_redeliveries,
                              fits_in_push)
-from transport.errors import BAD_FRAME, FRAME_TOO_LARGE, ProtocolError
+from actorbroker.transport.errors import BAD_FRAME, FRAME_TOO_LARGE, ProtocolError
 
 
 def test_frames_split_anywhere_are_reassembled():
@@ -92,6 +92,6 @@ def test_redelivery_count_is_rewritten_in_place():
 
 
 def test_record_tail_round_trips():
-    from transport.codec import record_blob, record_tail
+    from actorbroker.transport.codec import record_blob, record_tail
     blob = encode_record(5, b"p", None, {}, 9, "prod")
     assert record_blob(5, 9, record_tail(blob)) == blob

@@ -1,4 +1,4 @@
-from actors.cursor import Cursor
+from actorbroker.actors.cursor import Cursor
 
 
 def test_floor_advances_over_contiguous_acks():

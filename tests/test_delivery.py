@@ -2,7 +2,7 @@
 subscription types, backlog bounds, closing pushes, stats."""
 import pytest
 
-from transport.client import Client
+from actorbroker.transport.client import Client
 from tests.util import consumers_of, wait_for
 
 

@@ -4,8 +4,8 @@ import signal
 
 import pytest
 
-from transport.client import Client
-from transport.errors import ConsumerBusy
+from actorbroker.transport.client import Client
+from actorbroker.transport.errors import ConsumerBusy
 from tests.util import ClientProcess, consumers_of, wait_for
 
 

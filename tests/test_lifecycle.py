@@ -1,7 +1,7 @@
 """The broker's processes: loopback-only sockets, and nothing left behind however serve ends."""
 import signal
 
-from scripts import proctree
+from actorbroker.scripts import proctree
 from tests.wire import RawConnection
 
 

@@ -1,5 +1,5 @@
 """Dispatch policies: which consumer gets which message. Pure logic, no actors."""
-from actors.policies import ConsumerState, make_policy
+from actorbroker.actors.policies import ConsumerState, make_policy
 
 
 def rec(offset, key=None):

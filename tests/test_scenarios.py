@@ -7,10 +7,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from scripts import proctree
-from scripts.scenario import run_command
-from scripts.scenario.format import ScenarioError, library, load
-from scripts.scenario.runner import Runner
+from actorbroker.scripts import proctree
+from actorbroker.scripts.scenario import run_command
+from actorbroker.scripts.scenario.format import ScenarioError, library, load
+from actorbroker.scripts.scenario.runner import Runner
 
 SLOW = os.environ.get("ACTORBROKER_SLOW") == "1"
 

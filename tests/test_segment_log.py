@@ -1,7 +1,7 @@
 """The segment log on real files in a temp dir (no actors): append, read, roll, recovery."""
 import os
 
-from storage.segment_log import HEADER, SegmentLog
+from actorbroker.storage.segment_log import HEADER, SegmentLog
 
 
 def fill(log, batches, per_batch=3):

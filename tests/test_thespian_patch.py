@@ -2,7 +2,7 @@
 reused actor socket (actors/system.py, keep_trailing_messages)."""
 import pickle
 
-from actors.system import keep_trailing_messages
+from actorbroker.actors.system import keep_trailing_messages
 
 
 def test_message_read_behind_another_is_not_lost():

@@ -3,7 +3,7 @@ import collections
 import socket
 import time
 
-from transport.codec import FrameDecoder, encode_frame
+from actorbroker.transport.codec import FrameDecoder, encode_frame
 
 
 class RawConnection:

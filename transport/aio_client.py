@@ -14,13 +14,13 @@ import asyncio
 import itertools
 import time
 
-from transport.client_common import (
+from actorbroker.transport.client_common import (
     DEFAULT_HOST, DEFAULT_PORT, PUSH_OPS, Attachments, Batch, Batcher, CreditWindow, Message,
     default_consumer_name, hello_frame, ids_of, max_message_size, message_from_record,
     note_unanswered_error, parse_url, producer_frame, record_for, reply_fields, subscribe_frame,
     too_large)
-from transport.codec import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
-from transport.errors import (
+from actorbroker.transport.codec import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from actorbroker.transport.errors import (
     BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed, UnknownConsumer, UnknownProducer,
     error_from_frame)
 

@@ -5,8 +5,8 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from transport.codec import PROTOCOL_VERSION
-from transport.errors import BAD_REQUEST, FATAL_CODES, OVERLOADED, error_for
+from actorbroker.transport.codec import PROTOCOL_VERSION
+from actorbroker.transport.errors import BAD_REQUEST, FATAL_CODES, OVERLOADED, error_for
 
 log = logging.getLogger("actorbroker.client")
 

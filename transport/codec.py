@@ -6,7 +6,7 @@ import struct
 
 import msgpack
 
-from transport.errors import BAD_FRAME, FRAME_TOO_LARGE, ProtocolError
+from actorbroker.transport.errors import BAD_FRAME, FRAME_TOO_LARGE, ProtocolError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024

@@ -14,13 +14,13 @@ from datetime import timedelta
 
 from thespian.actors import ThespianWatch
 
-from actors.base import BrokerActor, log
-from actors import dispatcher, topic as topic_actor
-from transport import errors as E
-from transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
+from actorbroker.actors.base import BrokerActor, log
+from actorbroker.actors import dispatcher, topic as topic_actor
+from actorbroker.transport import errors as E
+from actorbroker.transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
                              encode_message_frames, encode_record_tail)
 # The messages this actor handles (on_<Name>) are in transport/messages.py.
-from transport.messages import AdoptSocket, ClientHello, ClientRequest, ConnectionClosed
+from actorbroker.transport.messages import AdoptSocket, ClientHello, ClientRequest, ConnectionClosed
 
 READ_SIZE = 256 * 1024
 MAX_READ_PER_MESSAGE = 512 * 1024       # per message: bounds a Publish, lets deliveries in

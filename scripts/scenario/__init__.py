@@ -24,7 +24,7 @@ def add_scenario_command(subparsers):
 
 
 def list_command(args):
-    from scripts.scenario.format import ScenarioError, library, load
+    from actorbroker.scripts.scenario.format import ScenarioError, library, load
     for path in library():
         try:
             sc = load(path)
@@ -38,8 +38,8 @@ def list_command(args):
 
 
 def run_command(args):
-    from scripts.scenario.format import ScenarioError, load, resolve
-    from scripts.scenario.runner import Runner
+    from actorbroker.scripts.scenario.format import ScenarioError, load, resolve
+    from actorbroker.scripts.scenario.runner import Runner
     scenarios, errors = [], []
     for name in args.files:
         path = resolve(name)

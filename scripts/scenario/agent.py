@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 
-from transport.client import Client
-from transport.errors import BrokerError, ConnectionLost, ConsumerClosed
+from actorbroker.transport.client import Client
+from actorbroker.transport.errors import BrokerError, ConnectionLost, ConsumerClosed
 
 _out_lock = threading.Lock()
 

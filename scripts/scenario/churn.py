@@ -8,7 +8,7 @@ with the same seed (the timing of the broker and of the processes still varies).
 import random
 import time
 
-from scripts.scenario.runner import AgentProcess, ConsumerState, StepFailed
+from actorbroker.scripts.scenario.runner import AgentProcess, ConsumerState, StepFailed
 
 
 def run_churn(runner, s):

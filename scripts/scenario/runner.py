@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scripts import proctree
-from scripts.broker_process import BrokerProcess
+from actorbroker.scripts import proctree
+from actorbroker.scripts.broker_process import BrokerProcess
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_WITHIN = 10.0
@@ -53,7 +53,7 @@ class AgentProcess:
         self.runner, self.name = runner, name
         host, port = runner.broker.address
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.scenario.agent", host, str(port), name, str(heartbeat_ms or 0)],
+            [sys.executable, "-m", "actorbroker.scripts.scenario.agent", host, str(port), name, str(heartbeat_ms or 0)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=runner.agent_stderr,
             env=dict(os.environ, PYTHONPATH=str(ROOT)))
         self.pid = self.proc.pid
@@ -591,7 +591,7 @@ class Runner:
         return got
 
     def step_wait(self, s):
-        from scripts.scenario.format import WAIT_AS
+        from actorbroker.scripts.scenario.format import WAIT_AS
         return getattr(self, "step_" + WAIT_AS[s["until"]])(s)
 
     def step_pause(self, s):
@@ -601,7 +601,7 @@ class Runner:
     # --- churn ---------------------------------------------------------------------------------
 
     def step_churn(self, s):
-        from scripts.scenario.churn import run_churn
+        from actorbroker.scripts.scenario.churn import run_churn
         return run_churn(self, s)
 
     # --- running -------------------------------------------------------------------------------
@@ -706,7 +706,7 @@ class Runner:
 
 def run_file(path, out=None, keep=False):
     """Load and run one scenario file; returns the Runner (or raises ScenarioError)."""
-    from scripts.scenario.format import load
+    from actorbroker.scripts.scenario.format import load
     runner = Runner(load(path), out=out, keep=keep)
     runner.run()
     return runner
