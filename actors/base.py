@@ -13,6 +13,18 @@ from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage
 log = logging.getLogger("actorbroker")
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+def name_process(name):
+    """Name this process (what `ps -o comm` and /proc/PID/comm show, 15 bytes at most), so that an
+    operator or a test can tell the broker's processes apart: ab-root, ab-listener, ab-conn,
+    ab-shard, ab-topic, ab-sub, ab-disp, ab-log."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def die_with_parent():
@@ -56,10 +68,13 @@ class BrokerActor(Actor):
     one has been handled: an actor's init and its first requests come from different senders.
     """
     init_message = None
+    process_name = None     # see name_process
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         die_with_parent()
+        if self.process_name:
+            name_process(self.process_name)
         self._uid = uuid.uuid4().hex
         self._out_seq = {}     # stream -> next seq
         self._in_seq = {}      # channel -> [expected seq, {seq: (msg, sender)}]

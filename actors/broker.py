@@ -79,6 +79,7 @@ class TopicSummary:
 
 
 class BrokerRootActor(BrokerActor):
+    process_name = "ab-root"
     init_message = StartBroker
 
     def __init__(self, *args, **kwargs):

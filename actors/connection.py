@@ -104,6 +104,7 @@ def allowed(permissions, action, topic_name):
 
 
 class ConnectionActor(BrokerActor):
+    process_name = "ab-conn"
     init_message = StartConnection
 
     def __init__(self, *args, **kwargs):

@@ -104,6 +104,7 @@ class DispatcherStatsRequest:
 
 
 class DispatcherActor(BrokerActor):
+    process_name = "ab-disp"
     init_message = InitDispatcher
 
     def __init__(self, *args, **kwargs):

@@ -30,6 +30,7 @@ class ListenFailed:
 
 
 class ListenerActor(BrokerActor):
+    process_name = "ab-listener"
     init_message = Listen
 
     def __init__(self, *args, **kwargs):

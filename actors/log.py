@@ -95,6 +95,7 @@ class LogDestroyed:
 
 
 class LogActor(BrokerActor):
+    process_name = "ab-log"
     init_message = OpenLog
 
     def __init__(self, *args, **kwargs):

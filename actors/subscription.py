@@ -38,6 +38,7 @@ class EndAll:
 
 
 class SubscriptionActor(BrokerActor):
+    process_name = "ab-sub"
     init_message = InitSubscription
 
     def __init__(self, *args, **kwargs):

@@ -128,6 +128,7 @@ class _Sub:
 
 
 class TopicActor(BrokerActor):
+    process_name = "ab-topic"
     init_message = InitTopic
 
     def __init__(self, *args, **kwargs):

@@ -70,6 +70,7 @@ class _Tick:
 
 
 class TcpTransportActor(BrokerActor):
+    process_name = "ab-transport"
     init_message = AdoptSocket
 
     def __init__(self, *args, **kwargs):
