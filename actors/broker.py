@@ -3,6 +3,12 @@
 It owns the topic registry (name -> TopicActor) and the id counter for producers and consumers,
 starts the listener, and watches the `serve` process through a pidfd: when `serve` dies, even by
 SIGKILL, it asks the actor system to shut down, so that no actor outlives the broker.
+
+Supervision (restart rules): the listener is permanent (restarted on the same port; its
+connection shards die with it, and the lanes of the dead shards tell every topic and dispatcher
+to drop their producers and consumers); a topic that dies leaves the registry, and a reliable one
+is reopened at once from its log (its durable subscriptions with it); a non_reliable one comes
+back with the next producer or subscribe.
 """
 import dataclasses
 import os
@@ -72,6 +78,16 @@ class DeleteTopic:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """serve asks the root now and then: no answer means the actor system is lost."""
+
+
+@dataclass(frozen=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True)
 class TopicSummary:
     token: int
     summary: dict
@@ -94,6 +110,7 @@ class BrokerRootActor(BrokerActor):
         self.gathers = {}         # token -> [rid, reply_to, expected, summaries]
         self.next_token = 1
         self.stopping = False
+        self.listen_port = None
 
     def watch(self):
         return ThespianWatch([self.lifeline]) if self.lifeline is not None else None
@@ -112,10 +129,18 @@ class BrokerRootActor(BrokerActor):
         self.send(self.listener, listener.Listen(self.config, self.myAddress))
 
     def on_Listening(self, msg, sender):
-        self.send(self.starter, BrokerStarted(msg.host, msg.port, os.getppid()))
+        if self.listen_port is None:
+            self.listen_port = msg.port
+            self.send(self.starter, BrokerStarted(msg.host, msg.port, os.getppid()))
+
+    def on_Ping(self, msg, sender):
+        self.send(sender, Pong())
 
     def on_ListenFailed(self, msg, sender):
-        self.send(self.starter, BrokerFailed(msg.error))
+        if self.listen_port is None:
+            self.send(self.starter, BrokerFailed(msg.error))
+        else:   # a restarted listener could not bind again: nothing can serve clients any more
+            log.critical("listener restart failed: %s", msg.error)
 
     def on_WatchMessage(self, msg, sender):
         if self.lifeline in msg.ready and not self.stopping:
@@ -191,7 +216,19 @@ class BrokerRootActor(BrokerActor):
         self.send(reply_to, connection.RequestDone(rid, {"op": "topics", "rid": rid, "topics": summaries}))
 
     def on_ChildActorExited(self, msg, sender):
-        # a topic that exits (deleted, or crashed) leaves the registry; idempotent
-        for name, (address, _) in list(self.topics.items()):
+        # delivered once or twice: both branches act only on an address still registered
+        if msg.childAddress == self.listener and not self.stopping:
+            log.error("listener exited; restarting it on port %s", self.listen_port)
+            self.listener = self.createActor("actorbroker.actors.listener.ListenerActor")
+            config = dataclasses.replace(self.config, port=self.listen_port)
+            self.send(self.listener, listener.Listen(config, self.myAddress))
+            return
+        for name, (address, dispatch) in list(self.topics.items()):
             if address == msg.childAddress:
-                del self.topics[name]
+                del self.topics[name]   # deleted, or crashed
+                if dispatch == "reliable" and not self.stopping:   # (a deleted one left the registry first)
+                    log.error("topic %s exited; reopening it from its log", name)
+                    self._create_topic(name, dispatch)
+
+    def on_ActorExitRequest(self, msg, sender):
+        self.stopping = True

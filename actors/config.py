@@ -17,6 +17,9 @@ class BrokerConfig:
     default_dispatch: str = "non_reliable"
     hello_timeout_ms: int = 10_000
     max_connections: int = 10_000      # beyond it a new connection gets OVERLOADED
+    io_shards: int = 2                 # connection shards (transport actors owning many sockets)
+    lanes: str = "unix"                # record lanes between actors: "unix" (one host) or "tcp"
+    actor_host: str = "127.0.0.1"      # interface of Thespian's sockets and of tcp lanes
     # token -> list of permissions ("admin", "produce:PATTERN", "consume:PATTERN"); empty = auth off
     tokens: dict = field(default_factory=dict)
     broker_name: str = "actorbroker"

@@ -1,55 +1,98 @@
-"""ConnectionActor: one per client connection; the design card's ConsumerConnection.
+"""ConnectionActor: one per connection shard; the design card's ConsumerConnection.
 
-It supervises the connection's TcpTransportActor, handles control and admin ops, and holds the
-connection's producers and consumers. When the transport reports the socket's end (a
-ConnectionClosed message, or the ChildActorExited Thespian sends when it exits, often twice) it
-detaches every producer and consumer at once, by messages: no flag, no lock, no second packet.
+It supervises one ShardActor (restart rule: permanent; a new shard takes over the same handoff
+socket), handles the control and admin ops of every connection of that shard, and holds each
+connection's producers and consumers. When the shard reports a connection's end
+(ConnectionClosed) it detaches that connection's producers and consumers at once, by messages; when
+the shard itself dies (ChildActorExited, often twice) it does the same for every connection of the
+shard. No flag, no lock, no second packet.
+
+Requests it sends on carry `rid` as a tag (connection id, rid): the answers find their connection.
 """
 import os
+import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
-from actorbroker.actors import broker, subscription, topic
+from actorbroker.actors import broker, shard, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.config import DISPATCH_MODES
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import encode_frame
-from actorbroker.transport.messages import (
-    AdoptSocket, Outbound, RouteConsumer, RouteProducer, UnrouteConsumer, UnrouteProducer)
-from actorbroker.transport.tcp_actor import error_frame, is_uint
+from actorbroker.transport.session import error_frame, is_uint
 
 SUBSCRIPTION_TYPES = ("exclusive", "shared", "failover", "key_shared")
 SUBSCRIPTION_NAME_MAX = 255
-DRAIN_TIMEOUT = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
-class StartConnection:
-    fd: int
-    listen_fd: int
-    connection_id: int
+class StartConnections:
+    handoff_fd: int      # our end of the listener's handoff socket, passed on to the shard
+    close_fds: tuple     # inherited through the listener's fork; not ours
+    index: int
     config: Any
     broker: Any
+    listener: Any        # told of the shard's load
+
+
+# --- from the shard ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClientHello:
+    """A connection completed hello; `permissions` are its token's (None: auth is off)."""
+    connection_id: int
+    client: str
+    permissions: Any
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """A control or admin frame of a connection."""
+    connection_id: int
+    frame: dict
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The socket is gone (EOF, error, heartbeat timeout, protocol error): clean up now."""
+    connection_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ConsumersLost:
+    """The shard lost these consumers' lane (their dispatcher is gone) or was told they ended."""
+    consumer_ids: list
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProducersLost:
+    producer_ids: list
+    reason: str
+
+
+# --- from the topics, subscriptions and dispatchers ---------------------------------------------
 
 
 @dataclass(frozen=True)
 class ProducerOpened:
-    rid: int
+    rid: Any            # (connection id, rid)
     producer_id: int
     topic: str
     topic_address: Any
+    lane: Any           # the topic's LaneAddress
     dispatch: str
     name: str
 
 
 @dataclass(frozen=True)
 class ConsumerOpened:
-    rid: int
+    rid: Any            # (connection id, rid)
     consumer_id: int
     subscription: Any   # SubscriptionActor address
-    dispatcher: Any     # DispatcherActor address
+    lane: Any           # the DispatcherActor's LaneAddress
     dispatch: str
     active: Any         # bool for failover subscriptions, else None
 
@@ -103,102 +146,143 @@ def allowed(permissions, action, topic_name):
                for p in permissions)
 
 
+class _Connection:
+    """What this actor knows of one client connection."""
+    __slots__ = ("permissions", "producers", "consumers", "pending", "closed")
+
+    def __init__(self, permissions=None):
+        self.permissions = permissions
+        self.producers = {}    # producer id -> topic address
+        self.consumers = {}    # consumer id -> subscription address
+        self.pending = set()   # rids of open/subscribe requests not answered yet
+        self.closed = False
+
+
 class ConnectionActor(BrokerActor):
     process_name = "ab-conn"
-    init_message = StartConnection
+    init_message = StartConnections
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.config = None
         self.broker = None
-        self.transport = None
-        self.connection_id = None
-        self.permissions = None
-        self.producers = {}    # producer id -> topic address
-        self.consumers = {}    # consumer id -> subscription address
-        self.pending = set()   # rids of open/subscribe requests not answered yet
-        self.closed = False
-        self.transport_exited = False
+        self.index = 0
+        self.handoff_fd = None
+        self.shard = None
+        self.shard_ident = None
+        self.listener = None
+        self.connections = {}        # connection id -> _Connection
+        self.producer_conn = {}      # producer id -> connection id
+        self.consumer_conn = {}      # consumer id -> connection id
+        self.exiting = False
 
-    # --- set-up ---------------------------------------------------------------------------------
-    def on_StartConnection(self, msg, sender):
-        self.config = msg.config
-        self.broker = msg.broker
-        self.connection_id = msg.connection_id
-        os.close(msg.listen_fd)  # inherited from the listener's fork; not ours
-        self.transport = self.createActor("actorbroker.transport.tcp_actor.TcpTransportActor")
-        self._to_transport(AdoptSocket(msg.fd, msg.connection_id, msg.config))
-        os.close(msg.fd)         # the transport's fork has its own copy now
+    # --- set-up and the shard's supervision -------------------------------------------------------
+    def on_StartConnections(self, msg, sender):
+        self.config, self.broker, self.index = msg.config, msg.broker, msg.index
+        self.listener = msg.listener
+        for fd in msg.close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.handoff_fd = msg.handoff_fd   # kept open: a restarted shard inherits it again
+        self._start_shard()
 
-    def on_ClientHello(self, msg, sender):
-        self.permissions = msg.permissions
-
-    # --- the end of the connection is the cleanup signal -----------------------------------------
-    def on_ConnectionClosed(self, msg, sender):
-        self._cleanup(msg.reason)
+    def _start_shard(self):
+        self.shard_ident = f"shard-{self.index}-{uuid.uuid4().hex[:12]}"
+        self.shard = self.createActor("actorbroker.actors.shard.ShardActor")
+        self.forget_ordered("shard")
+        self.send_ordered(self.shard, shard.StartShard(self.handoff_fd, self.index, self.shard_ident,
+                                                       self.config, self.listener), "shard")
 
     def on_ChildActorExited(self, msg, sender):
-        if msg.childAddress == self.transport:
-            self.transport_exited = True
-            self._cleanup("transport exited")
-            self._exit_when_drained()
-
-    def _cleanup(self, reason):
-        if self.closed:
+        if msg.childAddress != self.shard:
             return
-        self.closed = True
-        for producer_id, topic_address in self.producers.items():
+        # Delivered once or twice; after the first, self.shard is the new shard.
+        (log.info if self.exiting else log.warning)(
+            "shard %d exited; its %d connections are cleaned up%s", self.index, len(self.connections),
+            "" if self.exiting else ", a new shard starts")
+        for connection_id in list(self.connections):
+            self._cleanup(connection_id, "shard lost")
+        if not self.exiting:
+            self._start_shard()
+
+    def on_ActorExitRequest(self, msg, sender):
+        self.exiting = True
+        for connection_id in list(self.connections):
+            self._cleanup(connection_id, "broker stopping")
+
+    # --- the end of a connection is the cleanup signal --------------------------------------------
+    def on_ClientHello(self, msg, sender):
+        self.connections[msg.connection_id] = _Connection(msg.permissions)
+
+    def on_ConnectionClosed(self, msg, sender):
+        self._cleanup(msg.connection_id, msg.reason)
+
+    def _cleanup(self, connection_id, reason):
+        conn = self.connections.get(connection_id)
+        if conn is None or conn.closed:
+            return
+        conn.closed = True
+        for producer_id, topic_address in conn.producers.items():
+            self.producer_conn.pop(producer_id, None)
             self.send(topic_address, topic.CloseProducer(producer_id, None, None))
-        for consumer_id, subscription_address in self.consumers.items():
+        for consumer_id, subscription_address in conn.consumers.items():
+            self.consumer_conn.pop(consumer_id, None)
             self.send(subscription_address, subscription.DetachConsumer(consumer_id, None, None))
-        log.info("connection %s: cleaned up %d producers, %d consumers (%s)", self.connection_id,
-                 len(self.producers), len(self.consumers), reason)
-        self.producers.clear()
-        self.consumers.clear()
-        self.wakeupAfter(DRAIN_TIMEOUT)
-        self._exit_when_drained()
+        log.info("connection %s: cleaned up %d producers, %d consumers (%s)", connection_id,
+                 len(conn.producers), len(conn.consumers), reason)
+        conn.producers.clear()
+        conn.consumers.clear()
+        self._forget_when_drained(connection_id)
 
-    def _exit_when_drained(self):
-        # Stay while an open request is in flight (it may yet attach a consumer, to detach at
-        # once) and while the transport lingers to deliver its last frames.
-        if self.closed and not self.pending and self.transport_exited:
-            self.exit_self()
+    def _forget_when_drained(self, connection_id):
+        # Stay while an open request is in flight: it may yet attach a consumer, to detach at once.
+        conn = self.connections.get(connection_id)
+        if conn is not None and conn.closed and not conn.pending:
+            del self.connections[connection_id]
 
-    def on_WakeupMessage(self, msg, sender):
-        if self.closed:
-            self.exit_self()
+    def on_ConsumersLost(self, msg, sender):
+        for consumer_id in msg.consumer_ids:
+            self._end_consumer(consumer_id, msg.reason, detach=True)
+
+    def on_ProducersLost(self, msg, sender):
+        for producer_id in msg.producer_ids:
+            self._end_producer(producer_id, msg.reason, close=True)
 
     # --- control and admin requests ---------------------------------------------------------------
     def on_ClientRequest(self, msg, sender):
         frame = msg.frame
-        rid = frame["rid"]
-        if self.closed:
+        conn = self.connections.get(msg.connection_id)
+        if conn is None or conn.closed:
             return
+        rid = frame["rid"]
         try:
-            getattr(self, "_op_" + frame["op"])(frame, rid)
+            getattr(self, "_op_" + frame["op"])(conn, msg.connection_id, frame, (msg.connection_id, rid))
         except BadRequest as exc:
-            self._reply(error_frame(exc.code, exc.message, rid))
+            self._write(msg.connection_id, error_frame(exc.code, exc.message, rid))
         except Exception:
-            log.exception("connection %s: op %r failed", self.connection_id, frame.get("op"))
-            self._reply(error_frame(E.INTERNAL, "internal error (logged on the broker)", rid))
+            log.exception("connection %s: op %r failed", msg.connection_id, frame.get("op"))
+            self._write(msg.connection_id, error_frame(E.INTERNAL, "internal error (logged on the broker)", rid))
 
-    def _op_producer(self, frame, rid):
-        name = self._topic(frame, "produce")
+    def _op_producer(self, conn, connection_id, frame, tag):
+        name = self._topic(conn, frame, "produce")
         producer_name = self._optional(frame, "name", str)
         dispatch = self._choice(frame, "dispatch", DISPATCH_MODES)
         access = self._choice(frame, "access", ("shared", "exclusive")) or "shared"
-        self.pending.add(rid)
+        conn.pending.add(tag)
         self.send(self.broker, broker.TopicRequest(
             name, dispatch or self.config.default_dispatch,
-            topic.OpenProducer(rid, self.myAddress, 0, producer_name, access)))
+            topic.OpenProducer(tag, self.myAddress, 0, producer_name, access, self.shard_ident)))
 
-    def _op_close_producer(self, frame, rid):
-        producer_id = self._known(frame, "producer", self.producers, E.UNKNOWN_PRODUCER)
-        topic_address = self.producers.pop(producer_id)
-        self.send(topic_address, topic.CloseProducer(producer_id, rid, self.myAddress))
+    def _op_close_producer(self, conn, connection_id, frame, tag):
+        producer_id = self._known(frame, "producer", conn.producers, E.UNKNOWN_PRODUCER)
+        topic_address = conn.producers.pop(producer_id)
+        self.producer_conn.pop(producer_id, None)
+        self.send(topic_address, topic.CloseProducer(producer_id, tag, self.myAddress))
 
-    def _op_subscribe(self, frame, rid):
-        name = self._topic(frame, "consume")
+    def _op_subscribe(self, conn, connection_id, frame, tag):
+        name = self._topic(conn, frame, "consume")
         sub_name = frame.get("subscription")
         if not isinstance(sub_name, str) or not sub_name or len(sub_name) > SUBSCRIPTION_NAME_MAX:
             raise BadRequest(E.BAD_REQUEST, "'subscription' must be a non-empty str")
@@ -222,49 +306,52 @@ class ConnectionActor(BrokerActor):
         if dead_letter is not None and not broker.valid_topic(dead_letter):
             raise BadRequest(E.BAD_TOPIC, f"bad dead_letter_topic {dead_letter!r}")
         options["dead_letter_topic"] = dead_letter
-        self.pending.add(rid)
+        conn.pending.add(tag)
         self.send(self.broker, broker.TopicRequest(
             name, dispatch or self.config.default_dispatch,
-            topic.Subscribe(rid, self.myAddress, self.transport, 0, sub_name, sub_type,
+            topic.Subscribe(tag, self.myAddress, self.shard_ident, 0, sub_name, sub_type,
                             consumer_name, start, options)))
 
-    def _op_close_consumer(self, frame, rid):
-        consumer_id = self._known(frame, "consumer", self.consumers, E.UNKNOWN_CONSUMER)
-        self.send(self.consumers.pop(consumer_id),
-                  subscription.DetachConsumer(consumer_id, rid, self.myAddress))
+    def _op_close_consumer(self, conn, connection_id, frame, tag):
+        consumer_id = self._known(frame, "consumer", conn.consumers, E.UNKNOWN_CONSUMER)
+        self.consumer_conn.pop(consumer_id, None)
+        self.send(conn.consumers.pop(consumer_id),
+                  subscription.DetachConsumer(consumer_id, tag, self.myAddress))
 
-    def _op_unsubscribe(self, frame, rid):
-        consumer_id = self._known(frame, "consumer", self.consumers, E.UNKNOWN_CONSUMER)
-        self.send(self.consumers.pop(consumer_id),
-                  subscription.Unsubscribe(consumer_id, rid, self.myAddress))
+    def _op_unsubscribe(self, conn, connection_id, frame, tag):
+        consumer_id = self._known(frame, "consumer", conn.consumers, E.UNKNOWN_CONSUMER)
+        self.consumer_conn.pop(consumer_id, None)
+        self.send(conn.consumers.pop(consumer_id),
+                  subscription.Unsubscribe(consumer_id, tag, self.myAddress))
 
-    def _op_topics(self, frame, rid):
-        self._require_admin()
-        self.send(self.broker, broker.ListTopics(rid, self.myAddress))
+    def _op_topics(self, conn, connection_id, frame, tag):
+        self._require_admin(conn)
+        self.send(self.broker, broker.ListTopics(tag, self.myAddress))
 
-    def _op_stats(self, frame, rid):
-        self._require_admin()
-        name = self._topic(frame, None)
-        self.send(self.broker, broker.TopicRequest(name, None, topic.StatsRequest(rid, self.myAddress)))
+    def _op_stats(self, conn, connection_id, frame, tag):
+        self._require_admin(conn)
+        name = self._topic(conn, frame, None)
+        self.send(self.broker, broker.TopicRequest(name, None, topic.StatsRequest(tag, self.myAddress)))
 
-    def _op_delete_topic(self, frame, rid):
-        self._require_admin()
-        name = self._topic(frame, None)
-        self.send(self.broker, broker.DeleteTopic(rid, name, self.myAddress))
+    def _op_delete_topic(self, conn, connection_id, frame, tag):
+        self._require_admin(conn)
+        name = self._topic(conn, frame, None)
+        self.send(self.broker, broker.DeleteTopic(tag, name, self.myAddress))
 
     # --- field checks -----------------------------------------------------------------------------
-    def _topic(self, frame, action):
+    def _topic(self, conn, frame, action):
         name = frame.get("topic")
         if not isinstance(name, str):
             raise BadRequest(E.BAD_REQUEST, "'topic' must be a str")
         if not broker.valid_topic(name):
             raise BadRequest(E.BAD_TOPIC, f"bad topic name {name!r}: expected /namespace/name")
-        if action and not allowed(self.permissions, action, name):
+        if action and not allowed(conn.permissions, action, name):
             raise BadRequest(E.NOT_AUTHORIZED, f"token may not {action} on {name}")
         return name
 
-    def _require_admin(self):
-        if not allowed(self.permissions, "admin", ""):
+    @staticmethod
+    def _require_admin(conn):
+        if not allowed(conn.permissions, "admin", ""):
             raise BadRequest(E.NOT_AUTHORIZED, "admin permission needed")
 
     @staticmethod
@@ -291,60 +378,99 @@ class ConnectionActor(BrokerActor):
         return value
 
     # --- answers from the broker's actors ---------------------------------------------------------
+    def _answered(self, tag):
+        """The connection a request came from, if it is still open; forgets the request."""
+        connection_id, _ = tag
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return None, None
+        conn.pending.discard(tag)
+        return connection_id, conn
+
     def on_ProducerOpened(self, msg, sender):
-        self.pending.discard(msg.rid)
-        if self.closed:  # the client left while this was in flight
+        connection_id, conn = self._answered(msg.rid)
+        if conn is None or conn.closed:   # the client left while this was in flight
             self.send(msg.topic_address, topic.CloseProducer(msg.producer_id, None, None))
-            self._exit_when_drained()
+            if conn is not None:
+                self._forget_when_drained(connection_id)
             return
-        self.producers[msg.producer_id] = msg.topic_address
-        self._to_transport(RouteProducer(
-            msg.producer_id, msg.topic_address, msg.name,
-            encode_frame({"op": "producer_ok", "rid": msg.rid, "producer": msg.producer_id,
+        conn.producers[msg.producer_id] = msg.topic_address
+        self.producer_conn[msg.producer_id] = connection_id
+        self._to_shard(shard.RouteProducer(
+            connection_id, msg.producer_id, msg.lane, msg.name,
+            encode_frame({"op": "producer_ok", "rid": msg.rid[1], "producer": msg.producer_id,
                           "topic": msg.topic, "dispatch": msg.dispatch})))
 
     def on_ConsumerOpened(self, msg, sender):
-        self.pending.discard(msg.rid)
-        if self.closed:
+        connection_id, conn = self._answered(msg.rid)
+        if conn is None or conn.closed:
             self.send(msg.subscription, subscription.DetachConsumer(msg.consumer_id, None, None))
-            self._exit_when_drained()
+            if conn is not None:
+                self._forget_when_drained(connection_id)
             return
-        self.consumers[msg.consumer_id] = msg.subscription
-        data = encode_frame({"op": "subscribed", "rid": msg.rid, "consumer": msg.consumer_id,
+        conn.consumers[msg.consumer_id] = msg.subscription
+        self.consumer_conn[msg.consumer_id] = connection_id
+        data = encode_frame({"op": "subscribed", "rid": msg.rid[1], "consumer": msg.consumer_id,
                              "dispatch": msg.dispatch})
         if msg.active is not None:
             data += encode_frame({"op": "active", "consumer": msg.consumer_id, "active": msg.active})
-        self._to_transport(RouteConsumer(msg.consumer_id, msg.dispatcher, data))
+        self._to_shard(shard.RouteConsumer(connection_id, msg.consumer_id, msg.lane, data))
 
     def on_ActiveChanged(self, msg, sender):
-        if msg.consumer_id in self.consumers and not self.closed:
-            self._reply(encode_frame({"op": "active", "consumer": msg.consumer_id, "active": msg.active}))
+        connection_id = self.consumer_conn.get(msg.consumer_id)
+        if connection_id is not None:
+            self._write(connection_id, encode_frame(
+                {"op": "active", "consumer": msg.consumer_id, "active": msg.active}))
 
     def on_RequestDone(self, msg, sender):
-        self.pending.discard(msg.rid)
-        if not self.closed:
-            self._reply(encode_frame(msg.frame))
-        self._exit_when_drained()
+        connection_id, conn = self._answered(msg.rid)
+        if conn is None:
+            return
+        if not conn.closed:
+            self._write(connection_id, encode_frame(dict(msg.frame, rid=msg.rid[1])))
+        self._forget_when_drained(connection_id)
 
     def on_RequestFailed(self, msg, sender):
-        self.pending.discard(msg.rid)
-        if not self.closed:
-            self._reply(error_frame(msg.code, msg.message, msg.rid))
-        self._exit_when_drained()
+        connection_id, conn = self._answered(msg.rid)
+        if conn is None:
+            return
+        if not conn.closed:
+            self._write(connection_id, error_frame(msg.code, msg.message, msg.rid[1]))
+        self._forget_when_drained(connection_id)
 
     def on_ProducerEnded(self, msg, sender):
-        if self.producers.pop(msg.producer_id, None) is not None and not self.closed:
-            self._to_transport(UnrouteProducer(msg.producer_id, encode_frame(
-                {"op": "closed", "producer": msg.producer_id, "reason": msg.reason})))
+        self._end_producer(msg.producer_id, msg.reason, close=False)
 
     def on_ConsumerEnded(self, msg, sender):
-        if self.consumers.pop(msg.consumer_id, None) is not None and not self.closed:
-            self._to_transport(UnrouteConsumer(msg.consumer_id, encode_frame(
-                {"op": "closed", "consumer": msg.consumer_id, "reason": msg.reason})))
+        self._end_consumer(msg.consumer_id, msg.reason, detach=False)
 
-    def _reply(self, data):
-        self._to_transport(Outbound(data))
+    def _end_producer(self, producer_id, reason, close):
+        connection_id = self.producer_conn.pop(producer_id, None)
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return
+        topic_address = conn.producers.pop(producer_id, None)
+        if close and topic_address is not None:   # the topic may live on: say so (idempotent)
+            self.send(topic_address, topic.CloseProducer(producer_id, None, None))
+        if not conn.closed:
+            self._to_shard(shard.UnrouteProducer(connection_id, producer_id, encode_frame(
+                {"op": "closed", "producer": producer_id, "reason": reason})))
 
-    def _to_transport(self, msg):
+    def _end_consumer(self, consumer_id, reason, detach):
+        connection_id = self.consumer_conn.pop(consumer_id, None)
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return
+        subscription_address = conn.consumers.pop(consumer_id, None)
+        if detach and subscription_address is not None:
+            self.send(subscription_address, subscription.DetachConsumer(consumer_id, None, None))
+        if not conn.closed:
+            self._to_shard(shard.UnrouteConsumer(connection_id, consumer_id, encode_frame(
+                {"op": "closed", "consumer": consumer_id, "reason": reason})))
+
+    def _write(self, connection_id, data):
+        self._to_shard(shard.Outbound(connection_id, data))
+
+    def _to_shard(self, msg):
         # one ordered channel: replies, routes and pushes reach the client in the order sent
-        self.send_ordered(self.transport, msg, "connection")
+        self.send_ordered(self.shard, msg, "shard")

@@ -1,27 +1,35 @@
 """DispatcherActor: one per subscription; the data side of it.
 
 It holds the subscription's backlog and its consumers' credits (through the policy of the
-subscription's type) and pushes batches straight to each consumer's TcpTransportActor. At most
-DELIVER_WINDOW batches are in flight to one transport; the transport acks each once it has
-buffered it, so a slow client holds messages here, in the bounded backlog, not in Thespian's queue.
+subscription's type) and pushes batches straight to each consumer's shard over that shard's lane
+(transport/lanes.py): the topic's DISPATCH frames come in on one lane, each shard with consumers
+here connects one lane that carries credits, acks and nacks in and DELIVER frames out. At most
+DELIVER_WINDOW batches are in flight to one consumer; the shard acks each once it has buffered
+it, so a slow client holds messages here, in the bounded backlog.
+
+A shard's lane ending means that shard is gone: its consumers are removed at once (failover
+promotes, reliable unacked messages are redelivered) and the SubscriptionActor is told. The
+topic's lane ending means the topic is gone: the consumers are told `topic_lost`.
 
 On a reliable topic it also keeps the subscription's cursor (persisted through the topic's
 LogActor), the delivered-but-unacknowledged messages of each consumer, and redelivers them when
 their consumer goes, on nack, and on ack timeout. It holds at most RELIABLE_BUFFER records in
 memory; beyond that it reads them back from the log when there is room (catch-up).
 """
+import os
 import time
-from datetime import timedelta
-
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from actorbroker.actors import broker, connection, log as log_actor, topic
-from actorbroker.actors.base import BrokerActor
+from thespian.actors import ThespianWatch
+
+from actorbroker.actors import broker, connection, log as log_actor, subscription, topic
+from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.cursor import Cursor
 from actorbroker.actors.policies import ConsumerState, make_policy
 from actorbroker.transport.codec import encode_frame, record_blob, record_tail, with_redeliveries
-from actorbroker.transport.messages import Deliver, Outbound
+from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 
 RELIABLE_BUFFER = 5000
 DEFAULT_MAX_UNACKED = 1000
@@ -44,16 +52,10 @@ class InitDispatcher:
 
 
 @dataclass(frozen=True)
-class Dispatch:
-    """New records from the topic."""
-    records: list
-
-
-@dataclass(frozen=True)
 class AddConsumer:
     consumer_id: int
     name: str
-    transport: Any
+    transport: str    # ident of the consumer's shard (its lane)
     reply_to: Any     # the ConnectionActor, told ConsumerOpened
     rid: int
     replaces: Any     # consumer id taken over, or None
@@ -67,34 +69,17 @@ class RemoveConsumer:
 
 @dataclass(frozen=True)
 class CloseAll:
-    """Tell every consumer it is closed for `reason`, then send `then_tell_topic` to the topic."""
+    """Tell every consumer it is closed for `reason`, then send `then_tell_topic` (if any) to the
+    topic."""
     reason: str
     then_tell_topic: Any
 
 
 @dataclass(frozen=True)
-class Flow:
-    consumer_id: int
-    credits: int
-
-
-@dataclass(frozen=True)
-class Ack:
-    consumer_id: int
-    ids: list
-    rid: Any = None   # answered with `ok` once the ack is durable (reliable) or taken
-
-
-@dataclass(frozen=True)
-class Nack:
-    consumer_id: int
-    ids: list
-    delay_ms: int
-
-
-@dataclass(frozen=True)
-class DeliverAck:
-    consumer_id: int
+class LogMoved:
+    """The topic's LogActor was restarted: read and save through `log` from now on."""
+    log: Any
+    end_offset: int
 
 
 @dataclass(frozen=True)
@@ -110,11 +95,18 @@ class DispatcherActor(BrokerActor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.topic = None
+        self.topic_name = None
         self.name = self.type = self.dispatch = None
         self.policy = None
         self.msgs_out = 0
         self.dropped = 0
         self.reliable = False
+        self.reactor = Reactor()
+        self.hub = None
+        self.shard_lanes = {}      # shard ident -> Lane
+        self.lost_shards = set()   # idents of shards whose lane ended (a shard is never reused)
+        self.subscription = None   # the SubscriptionActor, told of consumers lost with a shard
+        self.parent_pid = os.getppid()
         # reliable state
         self.log = None
         self.broker = None
@@ -130,14 +122,21 @@ class DispatcherActor(BrokerActor):
         self.dead_lettered = 0
         self.cursor_saving = False
         self.cursor_dirty = False
-        self.acks_waiting = []       # (transport, rid) of acks in the save in flight
+        self.acks_waiting = []       # (lane, consumer id, rid) of acks in the save in flight
         self.acks_waiting_next = []  # ... and of acks for the next save
         self.timeout_tick = False
 
+    def watch(self):
+        return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
+
     def on_InitDispatcher(self, msg, sender):
         self.topic = sender
+        self.topic_name = msg.topic
         self.name, self.type, self.dispatch = msg.name, msg.type, msg.dispatch
         self.policy = make_policy(msg.type, msg.config.max_backlog)
+        self.hub = LaneHub(self.reactor, self._lane_frames, self._lane_closed,
+                           kind=msg.config.lanes, host=msg.config.actor_host)
+        self.send(self.topic, topic.DispatcherReady(self.name, self.hub.listen()))
         if msg.dispatch == "reliable":
             self.reliable = True
             self.log = msg.log
@@ -150,15 +149,91 @@ class DispatcherActor(BrokerActor):
             self._save_cursor()
             self._refill()
 
-    def on_Dispatch(self, msg, sender):
-        self.send(sender, topic.DispatchAck(self.name))
+    def on_WatchMessage(self, msg, sender):
+        self.reactor.poll()
+
+    # --- lanes --------------------------------------------------------------------------------------
+    def _lane_frames(self, lane, frames):
+        for frame in frames:
+            op = frame[0]
+            if op == LaneOp.DISPATCH:
+                self._take_batch(lane, frame[1])
+            elif op == LaneOp.FLOW:
+                self._flow(frame[1], frame[2])
+            elif op == LaneOp.DELIVER_ACK:
+                consumer = self.policy.consumers.get(frame[1])
+                if consumer is not None:
+                    consumer.in_flight -= 1
+                    self._pump()
+            elif op == LaneOp.ACK:
+                self._ack(lane, frame[1], frame[2], frame[3])
+            elif op == LaneOp.NACK:
+                self._nack(frame[2], frame[3])
+            elif op == LaneOp.HELLO:
+                if frame[1] == self.topic_name:
+                    lane.peer = ("topic", frame[1])
+                else:
+                    lane.peer = ("shard", frame[1])
+                    self.shard_lanes[frame[1]] = lane
+                    self._pump()
+
+    def _lane_closed(self, lane, reason):
+        if lane.peer is None:
+            return
+        role, ident = lane.peer
+        if role == "topic":
+            self._topic_lost()
+            self.exit_self()
+            return
+        if self.shard_lanes.get(ident) is lane:
+            del self.shard_lanes[ident]
+        self.lost_shards.add(ident)
+        gone = [c.id for c in self.policy.consumers.values() if c.transport == ident]
+        if gone:
+            log.info("%s/%s: shard %s gone; removing consumers %s", self.topic_name, self.name, ident, gone)
+            before = self._active_flags()
+            for consumer_id in gone:
+                self._forget(consumer_id)
+            self._announce_active(before)
+            if self.subscription is not None:
+                self.send(self.subscription, subscription.MembersLost(gone))
+            self._pump()
+
+    def _topic_lost(self):
+        """Our topic is gone (its lane ended, or our parent process died): say so to every
+        consumer, over its lane, before we go too."""
+        for consumer in list(self.policy.consumers.values()):
+            lane = self.shard_lanes.get(consumer.transport)
+            if lane is not None:
+                lane.send([LaneOp.ENDED, consumer.id, "topic_lost"])
+            self.policy.remove(consumer.id)
+
+    def on_ActorExitRequest(self, msg, sender):
+        if os.getppid() != self.parent_pid:
+            self._topic_lost()
+        if self.hub is not None:
+            self.hub.close()
+            self.hub = None
+
+    def _take_batch(self, lane, records):
+        lane.send([LaneOp.DISPATCH_ACK])
         if self.reliable:
-            self._take_fresh(msg.records)
+            self._take_fresh(records)
         else:
-            self.policy.enqueue(msg.records)
+            self.policy.enqueue(records)
         self._pump()
         if not self.reliable:
             self.dropped += self.policy.trim()  # non_reliable: what no credit can take, within bounds
+
+    def on_LogMoved(self, msg, sender):
+        self.log = msg.log
+        self.end = max(self.end, msg.end_offset)
+        self.reading = False
+        self.acks_waiting_next = self.acks_waiting + self.acks_waiting_next
+        self.acks_waiting = []
+        self.cursor_saving = False
+        self._save_cursor()
+        self._refill()
 
     # --- reliable: what is in memory, and reading the rest back -----------------------------------
     def _take_fresh(self, records):
@@ -246,8 +321,8 @@ class DispatcherActor(BrokerActor):
 
     def on_CursorSaved(self, msg, sender):
         self.cursor_saving = False
-        for transport, rid in self.acks_waiting:   # their acks are on disk now
-            self._answer_ack(transport, rid)
+        for lane, consumer_id, rid in self.acks_waiting:   # their acks are on disk now
+            self._answer_ack(lane, consumer_id, rid)
         self.acks_waiting = []
         if self.cursor_dirty:
             self._save_cursor()
@@ -285,6 +360,10 @@ class DispatcherActor(BrokerActor):
 
     # --- membership, told by the SubscriptionActor -----------------------------------------------
     def on_AddConsumer(self, msg, sender):
+        self.subscription = sender
+        if msg.transport in self.lost_shards:   # its shard died before it got here
+            self.send(sender, subscription.MembersLost([msg.consumer_id]))
+            return
         before = self._active_flags()
         if msg.replaces is not None:
             self._close(msg.replaces, "replaced")
@@ -296,7 +375,7 @@ class DispatcherActor(BrokerActor):
         # Opened and every later ActiveChanged of a consumer share one ordered channel, so the
         # client sees `subscribed` and the initial `active` before any change of it.
         self.send_ordered(msg.reply_to, connection.ConsumerOpened(
-            msg.rid, msg.consumer_id, sender, self.myAddress, self.dispatch,
+            msg.rid, msg.consumer_id, sender, self.hub.address, self.dispatch,
             self.policy.is_active(msg.consumer_id)), ("consumer", msg.consumer_id))
         self._announce_active(before, skip=msg.consumer_id)
         self._pump()
@@ -310,7 +389,8 @@ class DispatcherActor(BrokerActor):
     def on_CloseAll(self, msg, sender):
         for consumer_id in list(self.policy.consumers):
             self._close(consumer_id, msg.reason)
-        self.send(self.topic, msg.then_tell_topic)
+        if msg.then_tell_topic is not None:
+            self.send(self.topic, msg.then_tell_topic)
 
     def _close(self, consumer_id, reason):
         consumer = self.policy.consumers.get(consumer_id)
@@ -341,17 +421,17 @@ class DispatcherActor(BrokerActor):
                               ("consumer", consumer.id))
 
     # --- from the consumers' transports ---------------------------------------------------------
-    def on_Flow(self, msg, sender):
-        consumer = self.policy.consumers.get(msg.consumer_id)
+    def _flow(self, consumer_id, credits):
+        consumer = self.policy.consumers.get(consumer_id)
         if consumer is not None:
-            consumer.credits += msg.credits
+            consumer.credits += credits
             self._pump()
 
-    def on_Ack(self, msg, sender):
+    def _ack(self, lane, consumer_id, ids, rid):
         if not self.reliable:  # non_reliable: nothing is kept for redelivery, nothing to release
-            self._answer_ack(sender, msg.rid)
+            self._answer_ack(lane, consumer_id, rid)
             return
-        for offset in msg.ids:
+        for offset in ids:
             entry = self.unacked.pop(offset, None)
             if entry is not None:
                 consumer = self.policy.consumers.get(entry[0])
@@ -362,22 +442,23 @@ class DispatcherActor(BrokerActor):
                 self.delayed.pop(offset, None)
                 self._acknowledge(offset)   # waiting for redelivery: acked by anyone, for all
         if self.cursor_dirty:
-            if msg.rid is not None:
-                self.acks_waiting_next.append((sender, msg.rid))
+            if rid is not None:
+                self.acks_waiting_next.append((lane, consumer_id, rid))
             self._save_cursor()
         else:
-            self._answer_ack(sender, msg.rid)
+            self._answer_ack(lane, consumer_id, rid)
         self._pump()
 
-    def _answer_ack(self, transport, rid):
+    @staticmethod
+    def _answer_ack(lane, consumer_id, rid):
         if rid is not None:
-            self.send(transport, Outbound(encode_frame({"op": "ok", "rid": rid})))
+            lane.send([LaneOp.REPLY, consumer_id, encode_frame({"op": "ok", "rid": rid})])
 
-    def on_Nack(self, msg, sender):
+    def _nack(self, ids, delay_ms):
         if not self.reliable:
             return  # non_reliable: nothing is redelivered
-        offsets = [o for o in msg.ids if o in self.unacked]
-        if not msg.delay_ms:
+        offsets = [o for o in ids if o in self.unacked]
+        if not delay_ms:
             self._return_unacked(offsets)
         else:
             for offset in offsets:
@@ -386,14 +467,8 @@ class DispatcherActor(BrokerActor):
                 if consumer is not None:
                     consumer.unacked -= 1
                 self.delayed[offset] = record
-            self.wakeupAfter(timedelta(milliseconds=msg.delay_ms), payload=("nack", tuple(offsets)))
+            self.wakeupAfter(timedelta(milliseconds=delay_ms), payload=("nack", tuple(offsets)))
         self._pump()
-
-    def on_DeliverAck(self, msg, sender):
-        consumer = self.policy.consumers.get(msg.consumer_id)
-        if consumer is not None:
-            consumer.in_flight -= 1
-            self._pump()
 
     def _pump(self):
         deadline = None
@@ -409,11 +484,13 @@ class DispatcherActor(BrokerActor):
                     self.unacked[record[0]] = (consumer.id, record, deadline)
                 if not records:
                     continue
+            lane = self.shard_lanes.get(consumer.transport)
+            if lane is None:   # credits only come over that lane: it was there a moment ago
+                continue
             consumer.in_flight += 1
             consumer.msgs_out += len(records)
             self.msgs_out += len(records)
-            self.send_ordered(consumer.transport, Deliver(consumer.id, [blob for _, _, blob in records]),
-                              stream=consumer.id)
+            lane.send([LaneOp.DELIVER, consumer.id, [record[2] for record in records]])
         if self.reliable:
             self._schedule_timeouts()
             self._refill()

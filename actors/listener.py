@@ -1,5 +1,12 @@
-"""ListenerActor: owns the listening socket and starts one ConnectionActor per accepted client."""
+"""ListenerActor: owns the listening socket and hands each accepted socket to a connection shard.
+
+It supervises K ConnectionActors (restart rule: permanent, one for one), each the supervisor of one
+ShardActor. An accepted socket goes to the next live shard, round-robin, over that pair's handoff
+socket (an AF_UNIX socketpair, `socket.send_fds`): nothing is forked per connection, and before
+`hello` a connection costs the shard a socket and a small buffer.
+"""
 import errno
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -9,7 +16,7 @@ from thespian.actors import ThespianWatch
 from actorbroker.actors import connection
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.transport import errors as E
-from actorbroker.transport.tcp_actor import error_frame
+from actorbroker.transport.session import error_frame
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,26 @@ class ListenFailed:
     error: str
 
 
+@dataclass(frozen=True)
+class ShardLoad:
+    """A shard's open connections, reported when the number changed (at most every 100 ms)."""
+    index: int
+    open: int
+
+
+class _Pair:
+    """One ConnectionActor (and through it one shard) and our end of its handoff socket."""
+    __slots__ = ("address", "handoff", "open", "handed")
+
+    def __init__(self, address, handoff):
+        self.address, self.handoff = address, handoff
+        self.open = 0       # as last reported by its shard
+        self.handed = 0     # sockets handed over since that report
+
+    def load(self):
+        return self.open + self.handed
+
+
 class ListenerActor(BrokerActor):
     process_name = "ab-listener"
     init_message = Listen
@@ -38,8 +65,9 @@ class ListenerActor(BrokerActor):
         self.sock = None
         self.config = None
         self.broker = None
-        self.connections = []      # addresses of live ConnectionActors (not hashable)
-        self.next_connection_id = 1
+        self.pairs = []            # index -> _Pair or None while restarting
+        self.turn = 0
+        self.exiting = False
 
     def watch(self):
         return ThespianWatch([self.sock.fileno()]) if self.sock is not None else None
@@ -51,20 +79,34 @@ class ListenerActor(BrokerActor):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.config.host, self.config.port))
-            sock.listen(512)
+            sock.listen(4096)
             sock.setblocking(False)
         except OSError as exc:
             self.send(sender, ListenFailed(f"cannot listen on {self.config.host}:{self.config.port}: {exc}"))
             return
         self.sock = sock
+        self.pairs = [None] * max(1, self.config.io_shards)
+        for index in range(len(self.pairs)):
+            self._start_pair(index)
         host, port = sock.getsockname()[:2]
-        log.info("listening on %s:%s", host, port)
+        log.info("listening on %s:%s with %d connection shards", host, port, len(self.pairs))
         self.send(sender, Listening(host, port))
+
+    def _start_pair(self, index):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        # createActor forks: the child inherits every fd of ours; it closes what is not its own.
+        close = [self.sock.fileno(), ours.fileno()] + [p.handoff.fileno() for p in self.pairs if p]
+        address = self.createActor("actorbroker.actors.connection.ConnectionActor")
+        self.send(address, connection.StartConnections(theirs.fileno(), tuple(close), index,
+                                                       self.config, self.broker, self.myAddress))
+        theirs.close()
+        self.pairs[index] = _Pair(address, ours)
 
     def on_WatchMessage(self, msg, sender):
         if self.sock is None or self.sock.fileno() not in msg.ready:
             return
-        for _ in range(64):  # a burst of clients, but let other messages in between
+        for _ in range(256):  # a burst of clients, but let other messages in between
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -74,31 +116,51 @@ class ListenerActor(BrokerActor):
                     log.error("accept failed: %s", exc)
                     return
                 raise
-            self._adopt(conn)
+            self._hand_over(conn)
 
-    def _adopt(self, conn):
-        if len(self.connections) >= self.config.max_connections:
-            try:  # a fresh socket's send buffer is empty: this small write does not block
-                conn.setblocking(False)
-                conn.send(error_frame(E.OVERLOADED, "too many connections"))
-            except OSError:
-                pass
-            conn.close()
-            return
-        connection_id = self.next_connection_id
-        self.next_connection_id += 1
-        # createActor forks: the child inherits `conn` (and our listening socket, which it closes).
-        address = self.createActor("actorbroker.actors.connection.ConnectionActor")
-        self.send(address, connection.StartConnection(
-            conn.fileno(), self.sock.fileno(), connection_id, self.config, self.broker))
-        self.connections.append(address)
-        conn.close()
+    def _hand_over(self, conn):
+        with conn:
+            if sum(p.load() for p in self.pairs if p) >= self.config.max_connections:
+                self._refuse(conn, "too many connections")
+                return
+            for _ in range(len(self.pairs)):
+                pair = self.pairs[self.turn % len(self.pairs)]
+                self.turn += 1
+                if pair is None:
+                    continue
+                try:
+                    socket.send_fds(pair.handoff, [b"c"], [conn.fileno()])
+                    pair.handed += 1
+                    return
+                except OSError:
+                    continue   # that shard is not taking sockets now: try the next
+            self._refuse(conn, "no connection shard available")
+
+    @staticmethod
+    def _refuse(conn, text):
+        try:  # a fresh socket's send buffer is empty: this small write does not block
+            conn.setblocking(False)
+            conn.send(error_frame(E.OVERLOADED, text))
+        except OSError:
+            pass
+
+    def on_ShardLoad(self, msg, sender):
+        pair = self.pairs[msg.index] if msg.index < len(self.pairs) else None
+        if pair is not None:
+            pair.open, pair.handed = msg.open, 0
 
     def on_ChildActorExited(self, msg, sender):
-        # delivered once or twice: removing by value is idempotent
-        self.connections = [a for a in self.connections if a != msg.childAddress]
+        # delivered once or twice: only a pair still registered under that address restarts
+        for index, pair in enumerate(self.pairs):
+            if pair is not None and pair.address == msg.childAddress:
+                pair.handoff.close()
+                self.pairs[index] = None
+                if not self.exiting:
+                    log.warning("connection actor %d exited; restarting it with a new shard", index)
+                    self._start_pair(index)
 
     def on_ActorExitRequest(self, msg, sender):
+        self.exiting = True
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -80,6 +80,19 @@ class CursorSaved:
 
 
 @dataclass(frozen=True)
+class LoadCursor:
+    """Answered with topic.CursorLoaded: a subscription restarting from its durable cursor."""
+    subscription: str
+
+
+@dataclass(frozen=True)
+class CursorLoaded:
+    """The durable cursor of a subscription being restarted (None: it has none)."""
+    subscription: str
+    state: Any
+
+
+@dataclass(frozen=True)
 class DeleteCursor:
     subscription: str
 
@@ -154,6 +167,9 @@ class LogActor(BrokerActor):
         self.store.save_cursor(msg.subscription, msg.state)
         self.floors[msg.subscription] = msg.state.get("floor", 0)
         self.send(sender, CursorSaved(msg.subscription))
+
+    def on_LoadCursor(self, msg, sender):
+        self.send(sender, CursorLoaded(msg.subscription, self.store.cursors().get(msg.subscription)))
 
     def on_DeleteCursor(self, msg, sender):
         self.store.delete_cursor(msg.subscription)

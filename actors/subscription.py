@@ -33,6 +33,12 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True)
+class MembersLost:
+    """From the dispatcher: these consumers' shard is gone; they are no longer attached."""
+    consumer_ids: list
+
+
+@dataclass(frozen=True)
 class EndAll:
     reason: str
 
@@ -79,13 +85,18 @@ class SubscriptionActor(BrokerActor):
     def on_DetachConsumer(self, msg, sender):
         self._remove(msg.consumer_id)
         if msg.rid is not None:
-            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok", "rid": msg.rid}))
+            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
+        self._idle_check()
+
+    def on_MembersLost(self, msg, sender):
+        for consumer_id in msg.consumer_ids:
+            self._remove(consumer_id)   # the dispatcher has dropped them already; idempotent there
         self._idle_check()
 
     def on_Unsubscribe(self, msg, sender):
         self._remove(msg.consumer_id)
         self._end_all("unsubscribed", topic.RemoveSubscription(self.name))
-        self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok", "rid": msg.rid}))
+        self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
 
     def on_EndAll(self, msg, sender):
         self._end_all(msg.reason, topic.SubscriptionEnded(self.name))

@@ -132,7 +132,7 @@ def _start_main():
     parser.add_argument("--stop", action="store_true", help="shut the system down instead")
     args = parser.parse_args()
     if not args.stop:
-        from actorbroker.actors.base import name_process
+        from actorbroker.actors.process import name_process
         name_process("ab-admin")   # inherited by the admin and the logger Thespian forks from here
     bind_actor_sockets_to(args.host)
     from thespian.actors import ActorSystem

@@ -5,22 +5,29 @@ On a reliable topic, a LogActor child owns the log on disk: sends are appended (
 arrive while an append is in flight go together: group commit), receipts go out and records are
 fanned out only once the append is durable.
 
-Fan-out is windowed: at most DISPATCH_WINDOW batches are in flight to a dispatcher; what arrives
-meanwhile is merged into the next batch (adaptive batching), so Thespian's send queue never
-becomes the buffer.
+Records travel over lanes (transport/lanes.py), not as Thespian messages: producers' shards
+connect to the topic's lane address and send PUBLISH frames, receipts go back on the same lane;
+the topic connects to each dispatcher's lane and sends it DISPATCH frames. Fan-out is windowed:
+at most DISPATCH_WINDOW batches are in flight to a dispatcher; what arrives meanwhile is merged
+into the next batch (adaptive batching).
+
+Supervision (restart rules): a dead LogActor is restarted at once (sends not yet receipted are
+refused with INTERNAL, recovery runs, nothing receipted is lost); a dead Subscription or
+Dispatcher takes its partner with it, its consumers get `closed` (`subscription_lost`), and a
+reliable subscription is restarted from its durable cursor. A lane's EOF counts as a death.
 """
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from thespian.actors import ActorExitRequest
+from thespian.actors import ActorExitRequest, ThespianWatch
 
 from actorbroker.actors import broker, connection, dispatcher, log as log_actor, subscription
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import record_blob
-from actorbroker.transport.messages import Receipts
+from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 
 DISPATCH_WINDOW = 1
 GATHER_TIMEOUT = timedelta(seconds=5)
@@ -35,11 +42,12 @@ class InitTopic:
 
 @dataclass(frozen=True)
 class OpenProducer:
-    rid: int
+    rid: Any
     reply_to: Any
     new_id: int          # 0 until the broker assigns it
     name: Any
     access: str
+    shard: str           # ident of the shard whose lane will carry its sends
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,8 @@ class CloseProducer:
 
 @dataclass(frozen=True)
 class Publish:
-    """Sends of one producer, merged: [(rid, [(key, record tail, payload size), ...])]."""
+    """Sends not from a client (dead letters): [(rid, [(key, record tail, payload size), ...])].
+    Clients' sends come over lanes."""
     producer_id: int
     producer_name: str
     sends: list
@@ -59,9 +68,9 @@ class Publish:
 
 @dataclass(frozen=True)
 class Subscribe:
-    rid: int
+    rid: Any
     reply_to: Any        # the ConnectionActor
-    transport: Any       # its TcpTransportActor, where deliveries go
+    transport: str       # ident of its shard: deliveries go over that shard's lane
     new_id: int
     subscription: str
     type: str
@@ -105,9 +114,12 @@ class SubscriptionEnded:
 
 
 @dataclass(frozen=True)
-class DispatchAck:
-    """The dispatcher took a Dispatch batch: the window opens by one."""
+class DispatcherReady:
+    """A new dispatcher accepts lanes at `lane`."""
     subscription: str
+    lane: Any
+
+
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,8 @@ class _Sub:
     attaches: int = 0
     pending: list = field(default_factory=list)   # records not yet sent to the dispatcher
     in_flight: int = 0
+    lane: Any = None     # our lane to the dispatcher, once it is ready
+    lane_address: Any = None
 
 
 class TopicActor(BrokerActor):
@@ -139,69 +153,176 @@ class TopicActor(BrokerActor):
         self.next_offset = 0
         self.msgs_in = 0
         self.bytes_in = 0
-        self.producers = {}        # id -> (name, access, connection address)
+        self.producers = {}        # id -> (name, access, connection address, shard ident)
         self.subs = {}             # name -> _Sub
         self.stats_gathers = {}    # token -> [rid, reply_to, expected, frame]
         self.next_token = 1
         self.deleting = None       # (rid, reply_to, subscriptions still ending)
         self.broker = None
+        self.reactor = Reactor()
+        self.hub = None
+        self.lane_address = None
         # reliable topics
         self.log = None
+        self.log_ready = False
         self.first_offset = 0
-        self.unsynced = []         # [(transport, producer id, receipts, entries)] not appended yet
+        self.unsynced = []         # [(lane, producer id, receipts, entries)] not appended yet
         self.appending = {}        # seq -> (those same tuples, first offset, time)
         self.append_seq = 0
         self.log_bytes = 0
         self.segments = 0
         self.truncated_bytes = 0
+        self.restoring = {}        # subscription name -> type, while its cursor is being loaded
+        self.ending = False        # deleted or stopping: children that exit are not restarted
+
+    def watch(self):
+        return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
 
     def on_InitTopic(self, msg, sender):
         self.name, self.dispatch, self.config = msg.name, msg.dispatch, msg.config
         self.broker = sender
+        self.hub = LaneHub(self.reactor, self._lane_frames, self._lane_closed,
+                           kind=self.config.lanes, host=self.config.actor_host)
+        self.lane_address = self.hub.listen()
         log.info("topic %s open (%s)", self.name, self.dispatch)
         if self.dispatch == "reliable":
-            self.log = self.createActor("actorbroker.actors.log.LogActor")
-            self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config), "log")
+            self._start_log()
             self.hold_until(log_actor.LogOpened)
+
+    def _start_log(self):
+        self.log_ready = False
+        self.log = self.createActor("actorbroker.actors.log.LogActor")
+        self.forget_ordered("log")
+        self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config), "log")
 
     def on_LogOpened(self, msg, sender):
         self.next_offset, self.first_offset = msg.next_offset, msg.first_offset
         self.log_bytes, self.segments = msg.log_bytes, msg.segments
         self.truncated_bytes = msg.truncated_bytes
+        restart = self.log_ready is None
+        self.log_ready = True
+        if restart:   # a restarted log: the dispatchers read and save through the new one
+            for name, sub in self.subs.items():
+                self.send_ordered(sub.dispatcher, dispatcher.LogMoved(self.log, self.next_offset),
+                                  ("dispatcher", name))
+            log.warning("topic %s: log restarted, ends at offset %d", self.name, self.next_offset)
+            return
         for name, state in msg.cursors.items():   # durable subscriptions outlive restarts
             self._create_subscription(name, state.get("type", "exclusive"), state, "latest",
                                       state.get("options") or {})
         log.info("topic %s: log ends at offset %d, %d subscriptions restored",
                  self.name, self.next_offset, len(msg.cursors))
 
+    def on_WatchMessage(self, msg, sender):
+        self.reactor.poll()
+
+    # --- supervision --------------------------------------------------------------------------------
+    def on_ChildActorExited(self, msg, sender):
+        # Delivered once or twice, and a lane's EOF may have told us first: all idempotent.
+        if self.ending or self.deleting is not None:
+            return
+        if msg.childAddress == self.log:
+            self._log_lost()
+            return
+        for name, sub in list(self.subs.items()):
+            if msg.childAddress in (sub.subscription, sub.dispatcher):
+                self._subscription_lost(name, sub)
+
+    def _log_lost(self):
+        """Restart the LogActor; what it had not made durable is refused, never receipted."""
+        log.error("topic %s: log actor died; restarting it", self.name)
+        refused = [entry for entry, _, _ in self.appending.values()]
+        self.appending = {}
+        for batch in refused + [self.unsynced]:
+            for lane, producer_id, receipts, entries in batch:
+                self._refuse(lane, producer_id, receipts, "the topic's log restarted before this send "
+                             "was durable; send it again")
+                self.msgs_in -= len(entries)
+        self.unsynced = []
+        self._start_log()
+        self.log_ready = None   # restarting: LogOpened tells the dispatchers
+
+    def _subscription_lost(self, name, sub):
+        """One of the pair died: end the other, close the consumers, restart a durable one."""
+        if self.subs.get(name) is not sub:
+            return
+        log.error("topic %s: subscription %s lost its actor; %s", self.name, name,
+                  "restarting it from its cursor" if self.log is not None else "ending it")
+        self.subs.pop(name)
+        self.send_ordered(sub.dispatcher, dispatcher.CloseAll("subscription_lost", None), ("dispatcher", name))
+        self.send(sub.subscription, ActorExitRequest())
+        self.send(sub.dispatcher, ActorExitRequest())
+        self.forget_ordered(("subscription", name))
+        self.forget_ordered(("dispatcher", name))
+        if self.log is not None:
+            self.restoring[name] = sub.type
+            self.send_ordered(self.log, log_actor.LoadCursor(name), "log")
+
+    def on_CursorLoaded(self, msg, sender):
+        sub_type = self.restoring.pop(msg.subscription, None)
+        if sub_type is None or msg.subscription in self.subs or msg.state is None:
+            return
+        self._create_subscription(msg.subscription, msg.state.get("type", sub_type), msg.state, "latest",
+                                  msg.state.get("options") or {})
+
+    # --- lanes --------------------------------------------------------------------------------------
+    def _lane_frames(self, lane, frames):
+        for frame in frames:
+            op = frame[0]
+            if op == LaneOp.PUBLISH:
+                self._publish(lane, frame[1], frame[3])
+            elif op == LaneOp.DISPATCH_ACK:
+                name = lane.peer[1]
+                sub = self.subs.get(name)
+                if sub is not None and sub.lane is lane:
+                    sub.in_flight -= 1
+                    self._feed(name, sub)
+            elif op == LaneOp.HELLO:
+                lane.peer = ("shard", frame[1])
+
+    def _lane_closed(self, lane, reason):
+        if lane.peer is None or self.ending:
+            return
+        if lane.peer[0] == "shard":   # that shard is gone: its producers with it
+            ident = lane.peer[1]
+            for producer_id in [p for p, entry in self.producers.items() if entry[3] == ident]:
+                del self.producers[producer_id]
+        elif lane.peer[0] == "dispatcher" and self.deleting is None:
+            sub = self.subs.get(lane.peer[1])
+            if sub is not None and sub.lane is lane:
+                self._subscription_lost(lane.peer[1], sub)
+
     # --- producers ------------------------------------------------------------------------------
     def on_OpenProducer(self, msg, sender):
-        exclusive_open = any(access == "exclusive" for _, access, _ in self.producers.values())
+        exclusive_open = any(entry[1] == "exclusive" for entry in self.producers.values())
         if exclusive_open or (msg.access == "exclusive" and self.producers):
             self.send(msg.reply_to, connection.RequestFailed(
                 msg.rid, E.PRODUCER_BUSY, f"topic {self.name} has an exclusive producer" if exclusive_open
                 else f"topic {self.name} has other producers"))
             return
         name = msg.name or f"producer-{msg.new_id}"
-        self.producers[msg.new_id] = (name, msg.access, msg.reply_to)
+        self.producers[msg.new_id] = (name, msg.access, msg.reply_to, msg.shard)
         self.send(msg.reply_to, connection.ProducerOpened(
-            msg.rid, msg.new_id, self.name, self.myAddress, self.dispatch, name))
+            msg.rid, msg.new_id, self.name, self.myAddress, self.lane_address, self.dispatch, name))
 
     def on_CloseProducer(self, msg, sender):
         self.producers.pop(msg.producer_id, None)
         if msg.rid is not None:
-            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok", "rid": msg.rid}))
+            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
 
     # --- the record path ----------------------------------------------------------------------------
     def on_Publish(self, msg, sender):
-        # Accepted whatever the producer's state: the transport routed it while it was open.
+        self._publish(None, msg.producer_id, msg.sends)
+
+    def _publish(self, lane, producer_id, sends):
+        # Accepted whatever the producer's state: the shard routed it while it was open.
         if self.log is not None:
-            self._publish_reliable(msg, sender)
+            self._publish_reliable(lane, producer_id, sends)
             return
         now = int(time.time() * 1000)
         records, receipts = [], []
         offset = self.next_offset
-        for rid, msgs in msg.sends:
+        for rid, msgs in sends:
             first = offset
             for key, tail, size in msgs:
                 records.append((offset, key, record_blob(offset, now, tail)))
@@ -210,26 +331,34 @@ class TopicActor(BrokerActor):
             receipts.append((rid, first, offset - first))
         self.msgs_in += offset - self.next_offset
         self.next_offset = offset
-        self.send(sender, Receipts(msg.producer_id, receipts))
-        # The pending lists stay bounded because each transport has at most a few Publish in
-        # flight (it stops reading its socket beyond that); dispatchers bound their backlogs.
+        if lane is not None:
+            lane.send([LaneOp.RECEIPTS, producer_id, receipts, []])
+        # The pending lists stay bounded because each shard has at most a few PUBLISH in flight
+        # per producer (it stops reading its client beyond that); dispatchers bound their backlogs.
         for name, sub in self.subs.items():
             sub.pending.extend(records)
             self._feed(name, sub)
 
-    def _publish_reliable(self, msg, sender):
+    def _refuse(self, lane, producer_id, receipts, text):
+        if lane is not None and not lane.closed:
+            lane.send([LaneOp.RECEIPTS, producer_id, [], [(rid, E.INTERNAL, text) for rid, _, _ in receipts]])
+
+    def _publish_reliable(self, lane, producer_id, sends):
         entries, receipts = [], []
         offset = self.next_offset
-        for rid, msgs in msg.sends:
+        for rid, msgs in sends:
             first = offset
             for key, tail, size in msgs:
                 entries.append((key, tail))
                 self.bytes_in += size
                 offset += 1
             receipts.append((rid, first, offset - first))
+        if not self.log_ready:
+            self._refuse(lane, producer_id, receipts, "the topic's log is restarting; send it again")
+            return
         self.msgs_in += offset - self.next_offset
         self.next_offset = offset
-        self.unsynced.append((sender, msg.producer_id, receipts, entries))
+        self.unsynced.append((lane, producer_id, receipts, entries))
         self._append()
 
     def _append(self):
@@ -249,13 +378,16 @@ class TopicActor(BrokerActor):
             self._append()
 
     def on_Appended(self, msg, sender):
-        batch, first, now = self.appending.pop(msg.seq)
+        entry = self.appending.pop(msg.seq, None)
+        if entry is None or sender != self.log:
+            return   # from a log that has been restarted since: those sends were refused
+        batch, first, now = entry
         self.log_bytes, self.segments = msg.log_bytes, msg.segments
         records = []
         offset = first
-        for transport, producer_id, receipts, entries in batch:
-            if transport is not None:
-                self.send(transport, Receipts(producer_id, receipts))
+        for lane, producer_id, receipts, entries in batch:
+            if lane is not None and not lane.closed:
+                lane.send([LaneOp.RECEIPTS, producer_id, receipts, []])
             for key, tail in entries:
                 records.append((offset, key, record_blob(offset, now, tail)))
                 offset += 1
@@ -268,26 +400,18 @@ class TopicActor(BrokerActor):
         """Nothing of this append, nor of what was queued behind it, was receipted: refuse them
         all (the producers may retry) and number again from where the log really ends."""
         failed, _, _ = self.appending.pop(msg.seq, ([], None, None))
-        for transport, producer_id, receipts, entries in failed + self.unsynced:
-            if transport is not None:
-                self.send(transport, Receipts(producer_id, [], [
-                    (rid, E.INTERNAL, f"log write failed: {msg.error}") for rid, _, _ in receipts]))
+        for lane, producer_id, receipts, entries in failed + self.unsynced:
+            self._refuse(lane, producer_id, receipts, f"log write failed: {msg.error}")
             self.msgs_in -= len(entries)
         self.unsynced = []
         self.next_offset = msg.next_offset
         self._append()
 
     def _feed(self, name, sub):
-        if sub.in_flight < DISPATCH_WINDOW and sub.pending:
-            self.send_ordered(sub.dispatcher, dispatcher.Dispatch(sub.pending), ("dispatcher", name))
+        if sub.lane is not None and sub.in_flight < DISPATCH_WINDOW and sub.pending:
+            sub.lane.send([LaneOp.DISPATCH, sub.pending])
             sub.pending = []
             sub.in_flight += 1
-
-    def on_DispatchAck(self, msg, sender):
-        sub = self.subs.get(msg.subscription)
-        if sub is not None:
-            sub.in_flight -= 1
-            self._feed(msg.subscription, sub)
 
     # --- subscriptions -------------------------------------------------------------------------------
     def _create_subscription(self, name, sub_type, cursor, start, options):
@@ -307,6 +431,18 @@ class TopicActor(BrokerActor):
             self.name, name, sub_type, self.dispatch, dispatcher_address), ("subscription", name))
         sub = self.subs[name] = _Sub(sub_type, sub_address, dispatcher_address)
         return sub
+
+    def on_DispatcherReady(self, msg, sender):
+        sub = self.subs.get(msg.subscription)
+        if sub is None or sub.dispatcher != sender or sub.lane is not None:
+            return
+        try:
+            sub.lane = self.hub.connect(msg.lane, peer=("dispatcher", msg.subscription))
+        except OSError:
+            self._subscription_lost(msg.subscription, sub)
+            return
+        sub.lane.send([LaneOp.HELLO, self.name])
+        self._feed(msg.subscription, sub)
 
     def on_Subscribe(self, msg, sender):
         sub = self.subs.get(msg.subscription)
@@ -332,7 +468,7 @@ class TopicActor(BrokerActor):
         sub = self.subs.pop(name, None)
         if sub is not None and self.log is not None:
             self.send_ordered(self.log, log_actor.DeleteCursor(name), "log")
-        if sub is not None:
+        if sub is not None:   # its lane ends when the dispatcher exits
             self.send(sub.subscription, ActorExitRequest())
             self.send(sub.dispatcher, ActorExitRequest())
             self.forget_ordered(("subscription", name))
@@ -382,7 +518,7 @@ class TopicActor(BrokerActor):
 
     # --- deletion ----------------------------------------------------------------------------------
     def on_DeleteTopic(self, msg, sender):
-        for producer_id, (_, _, owner) in self.producers.items():
+        for producer_id, (_, _, owner, _) in self.producers.items():
             self.send(owner, connection.ProducerEnded(producer_id, "topic_deleted"))
         self.producers.clear()
         self.deleting = (msg.rid, msg.reply_to, set(self.subs))
@@ -410,8 +546,15 @@ class TopicActor(BrokerActor):
         rid, reply_to, _ = self.deleting
         self.deleting = None
         log.info("topic %s deleted", self.name)
-        self.send(reply_to, connection.RequestDone(rid, {"op": "ok", "rid": rid}))
+        self.send(reply_to, connection.RequestDone(rid, {"op": "ok"}))
+        self.ending = True
         self.exit_self()  # Thespian stops the subscriptions and dispatchers with us
+
+    def on_ActorExitRequest(self, msg, sender):
+        self.ending = True
+        if self.hub is not None:
+            self.hub.close()
+            self.hub = None
 
     def on_WakeupMessage(self, msg, sender):
         kind, token = msg.payload

@@ -54,7 +54,7 @@ def add_bench_command(subparsers):
 def _term_with_parent():
     """In a worker or forwarder child, before exec: SIGTERM it if the bench dies (all of them are
     started from the bench's main thread, whose exit is what PR_SET_PDEATHSIG watches)."""
-    from actorbroker.actors.base import die_with_parent
+    from actorbroker.actors.process import die_with_parent
     die_with_parent()
 
 

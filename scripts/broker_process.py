@@ -18,7 +18,7 @@ READY = re.compile(r"listening on ([\d.]+):(\d+) \(admin port (\d+), admin pid (
 def _term_with_parent():
     """In the child, before exec: SIGTERM it if whoever started it (a test run, the bench) dies,
     so that a killed test run does not leave a broker behind (serve then stops its actors)."""
-    from actorbroker.actors.base import die_with_parent
+    from actorbroker.actors.process import die_with_parent
     die_with_parent()
 
 

@@ -1,14 +1,19 @@
 """`actorbroker serve`: start the actor system and the broker's actors, serve until a signal."""
 import json
 import os
+import resource
+import select
 import signal
 import sys
 import threading
+import time
 
 from actorbroker.actors.config import BrokerConfig
 from actorbroker.actors.system import connect_system, free_port, start_system_process
 
 START_TIMEOUT_S = 30
+PING_EVERY_S = 2.0
+PING_TIMEOUT_S = 3.0
 
 
 def add_serve_command(subparsers):
@@ -22,7 +27,14 @@ def add_serve_command(subparsers):
     p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024, help="largest frame in bytes")
     p.add_argument("--max-backlog", type=int, default=10_000,
                    help="non_reliable: messages a subscription keeps (default %(default)s)")
-    p.add_argument("--max-connections", type=int, default=10_000)
+    p.add_argument("--max-connections", type=int, default=10_000,
+                   help="client connections at most; beyond, a new one gets OVERLOADED (default %(default)s)")
+    p.add_argument("--io-shards", type=int, default=os.cpu_count() or 1,
+                   help="connection shards: actor processes that each own many client sockets "
+                        "(default: the CPU count, %(default)s)")
+    p.add_argument("--lanes", default="unix", choices=["unix", "tcp"],
+                   help="record lanes between the broker's actors: Unix sockets (one host) or TCP on "
+                        "--actor-host (several hosts) (default %(default)s)")
     p.add_argument("--default-dispatch", default="non_reliable", choices=["non_reliable", "reliable"],
                    help="mode of topics created without an explicit dispatch (default %(default)s)")
     p.add_argument("--fsync", default="group", type=fsync_mode,
@@ -64,8 +76,10 @@ def serve(args):
                           max_backlog=args.max_backlog, max_connections=args.max_connections,
                           tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
                           segment_bytes=args.segment_bytes, retention_bytes=args.retention_bytes,
-                          retention_ms=args.retention_ms)
+                          retention_ms=args.retention_ms, io_shards=max(1, args.io_shards),
+                          lanes=args.lanes, actor_host=args.actor_host)
     admin_port = args.admin_port or free_port(args.actor_host)
+    files = raise_open_files_limit()
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -83,9 +97,83 @@ def serve(args):
             return 1
         print(f"actorbroker listening on {reply.host}:{reply.port} "
               f"(admin port {admin_port}, admin pid {reply.admin_pid}, data {data_dir})", flush=True)
-        while not stop.wait(0.5):
-            pass
+        print(f"open files limit {files}: about {connections_allowed(files, config)} client "
+              f"connections per shard, {config.io_shards} shards", file=sys.stderr, flush=True)
+        lost = watch_system(system, root, reply.admin_pid, stop)
+        if lost:
+            system = None
+            print(f"error: the actor system is lost ({lost}); exiting so that a service manager "
+                  f"restarts the broker", file=sys.stderr, flush=True)
+            kill_system(reply.admin_pid)
+            return 3
         print("actorbroker stopping", flush=True)
         return 0
     finally:
-        system.shutdown()
+        if system is not None:
+            system.shutdown()
+
+
+def raise_open_files_limit():
+    """Each client socket is a file of its shard's process: take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connections_allowed(files, config):
+    return max(0, min(files - 64, -(-config.max_connections // config.io_shards)))
+
+
+def watch_system(system, root, admin_pid, stop):
+    """Serve until a signal; returns why, if the actor system is lost meanwhile.
+
+    Killing Thespian's admin or logger process (kill -9) takes the system down while this process
+    would keep running and serve nothing: so the admin's pid is watched, and the root actor must
+    answer a ping every few seconds."""
+    from actorbroker.actors.broker import Ping, Pong
+    try:
+        pidfd = os.pidfd_open(admin_pid)
+    except (OSError, AttributeError):
+        pidfd = None
+    last_ping = time.monotonic()
+    try:
+        while not stop.wait(0.25):
+            if pidfd is not None and select.select([pidfd], [], [], 0)[0]:
+                return f"admin process {admin_pid} exited"
+            if time.monotonic() - last_ping >= PING_EVERY_S:
+                last_ping = time.monotonic()
+                try:
+                    answer = system.ask(root, Ping(), PING_TIMEOUT_S)
+                except Exception as exc:   # the admin socket itself failing
+                    return f"ping failed: {exc}"
+                if stop.is_set():
+                    return None
+                if not isinstance(answer, Pong):
+                    return f"the root actor did not answer within {PING_TIMEOUT_S} s"
+        return None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def kill_system(admin_pid):
+    """What is left of a lost system: the admin's descendants, by PID (never by name)."""
+    pids = [admin_pid]
+    i = 0
+    while i < len(pids):
+        try:
+            with open(f"/proc/{pids[i]}/task/{pids[i]}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except OSError:
+            pass
+        i += 1
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

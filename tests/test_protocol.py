@@ -56,7 +56,7 @@ def test_second_hello_is_bad_request_and_connection_stays(broker):
 def test_op_before_hello_is_not_connected_and_closed(broker):
     conn = connect(broker, hello=False)
     conn.send_frame({"op": "ping", "rid": 1})
-    assert_error(conn.recv_frame(), "NOT_CONNECTED")
+    assert_error(conn.recv_frame(), "NOT_CONNECTED", rid=1)   # it answers that request
     assert conn.expect_closed()
 
 

@@ -1,0 +1,601 @@
+"""ShardActor: a connection shard, the design card's TCP transport actor. It owns many client
+sockets (handed over by the listener) and, per connection, a sans-IO `Session`.
+
+Everything a socket reads goes through its session; the hot ops go straight over lanes (records
+to the topic, credits and acks to the dispatcher), control ops go to the supervisor, the
+ConnectionActor of this shard, as Thespian messages. Deliveries come back over the lanes and are
+written to the consumer's socket without decoding the records.
+
+Sockets, lanes and the handoff socket are all registered in one epoll of the shard's own; Thespian
+watches only that epoll's fd (see transport/lanes.py for why).
+
+The end of a connection is itself the cleanup signal: EOF, a socket error, a fatal protocol error
+or a heartbeat timeout sends ConnectionClosed(connection) to the supervisor at once. When the
+shard itself dies, its supervisor gets ChildActorExited and every lane of the shard ends: the
+topics and dispatchers at their other ends drop this shard's producers and consumers at once.
+"""
+import heapq
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from thespian.actors import ThespianWatch
+
+from actorbroker.actors import connection, listener
+from actorbroker.actors.base import BrokerActor, log
+from actorbroker.transport import errors as E
+from actorbroker.transport.codec import encode_frame, encode_message_frames
+from actorbroker.transport.lanes import IN, OUT, LaneHub, LaneOp, Reactor
+from actorbroker.transport.session import Session, SessionConfig, error_frame
+
+READ_SIZE = 256 * 1024
+MAX_READ_PER_EVENT = 512 * 1024      # per socket per wakeup: others get their turn
+HIGH_WATER = 1024 * 1024             # unsent bytes above which deliveries to a client wait
+PUBLISH_WINDOW = 2                   # PUBLISH frames in flight per producer; the rest is merged
+MAX_PENDING_RECORDS = 20_000         # per connection: then stop reading it (TCP pushes back)
+LINGER_S = 1.0
+LOAD_REPORT_S = 0.1
+
+
+@dataclass(frozen=True)
+class StartShard:
+    handoff_fd: int     # AF_UNIX socket on which the listener passes accepted sockets
+    index: int
+    ident: str          # this incarnation's name on its lanes
+    config: Any
+    listener: Any       # told how many connections we hold (it enforces max_connections)
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """Bytes (whole frames) to write to a client."""
+    connection_id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RouteProducer:
+    """A producer is open: its `send` frames go to the topic's lane; then write `data`."""
+    connection_id: int
+    producer_id: int
+    lane: Any           # transport.lanes.LaneAddress of the topic
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UnrouteProducer:
+    connection_id: int
+    producer_id: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class RouteConsumer:
+    """A consumer is attached: its flow/ack/nack go to the dispatcher's lane; then write `data`."""
+    connection_id: int
+    consumer_id: int
+    lane: Any           # LaneAddress of the dispatcher
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UnrouteConsumer:
+    connection_id: int
+    consumer_id: int
+    data: bytes = b""
+
+
+class _Client:
+    """One client socket and its session; the reactor calls on_event."""
+    __slots__ = ("shard", "sock", "fd", "session", "state", "pending_records", "deferred_acks",
+                 "reading")
+
+    def __init__(self, shard, sock, session):
+        self.shard, self.sock, self.fd, self.session = shard, sock, sock.fileno(), session
+        self.state = "open"             # open -> lingering -> closed
+        self.pending_records = 0
+        self.deferred_acks = []         # (lane, consumer id) waiting for the outbox to drain
+        self.reading = True
+
+    def on_event(self, fd, events):
+        if events & OUT:
+            self.shard._flush(self)
+        if events & ~OUT:
+            self.shard._readable(self)
+
+
+class _Producer:
+    __slots__ = ("connection_id", "lane", "name", "sends", "records", "in_flight")
+
+    def __init__(self, connection_id, lane, name):
+        self.connection_id, self.lane, self.name = connection_id, lane, name
+        self.sends, self.records = [], 0
+        self.in_flight = []      # per PUBLISH in flight: its rids, answered if the lane dies
+
+
+class _Handoff:
+    __slots__ = ("shard",)
+
+    def __init__(self, shard):
+        self.shard = shard
+
+    def on_event(self, fd, events):
+        self.shard._adopt_sockets()
+
+
+class ShardActor(BrokerActor):
+    process_name = "ab-shard"
+    init_message = StartShard
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reactor = Reactor()
+        self.hub = None
+        self.supervisor = None
+        self.config = None
+        self.session_config = None
+        self.ident = None
+        self.index = 0
+        self.handoff = None
+        self.clients = {}        # connection id -> _Client
+        self.next_seq = 0
+        self.producers = {}      # producer id -> _Producer
+        self.closing_producers = {}  # closed producers whose last sends await their receipts
+        self.consumers = {}      # consumer id -> (connection id, lane)
+        self.topic_lanes = {}    # LaneAddress -> Lane
+        self.dispatcher_lanes = {}
+        self.timers = []         # heap of (due, seq, kind, connection id)
+        self.timer_seq = 0
+        self.wakeups = set()     # due times of the Thespian wakeups scheduled
+        self.listener = None
+        self.reported_load = -1   # a new shard reports at once: the listener may count stale ones
+        self.load_report_due = False
+        self.exiting = False
+
+    def watch(self):
+        return None if self.exiting else ThespianWatch([self.reactor.fileno()])
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def on_StartShard(self, msg, sender):
+        self.supervisor = sender
+        self.config = msg.config
+        self.session_config = SessionConfig(msg.config)
+        self.ident, self.index = msg.ident, msg.index
+        self.listener = msg.listener
+        self.hub = LaneHub(self.reactor, self._lane_frames, self._lane_closed,
+                           kind=msg.config.lanes, host=msg.config.actor_host)
+        self.handoff = socket.socket(fileno=msg.handoff_fd)
+        self.handoff.setblocking(False)
+        self.reactor.add(self.handoff.fileno(), _Handoff(self))
+        self._load_changed()
+
+    def on_WatchMessage(self, msg, sender):
+        self.reactor.poll()
+
+    def _adopt_sockets(self):
+        for _ in range(64):
+            try:
+                _, fds, _, _ = socket.recv_fds(self.handoff, 64, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("shard %d: handoff socket failed: %s", self.index, exc)
+                return
+            if not fds:
+                return
+            for fd in fds:
+                self._adopt(socket.socket(fileno=fd))
+
+    def _adopt(self, sock):
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.next_seq += 1
+        connection_id = self.next_seq * 256 + self.index   # unique across the broker's shards
+        now = time.monotonic()
+        client = _Client(self, sock, Session(connection_id, self.session_config, now))
+        self.clients[connection_id] = client
+        self.reactor.add(client.fd, client, IN)
+        self._timer(now + self.config.hello_timeout_ms / 1000.0, "heartbeat", connection_id)
+        self._load_changed()
+
+    def _load_changed(self):
+        if not self.load_report_due and not self.exiting:
+            self.load_report_due = True
+            self._timer(time.monotonic() + LOAD_REPORT_S, "load", 0)
+
+    def _report_load(self):
+        self.load_report_due = False
+        if len(self.clients) != self.reported_load:
+            self.reported_load = len(self.clients)
+            self.send(self.listener, listener.ShardLoad(self.index, self.reported_load))
+
+    # --- reading clients ------------------------------------------------------------------------
+    def _readable(self, client):
+        if client.state == "lingering":
+            self._drain_lingering(client)
+            return
+        if client.state != "open":
+            return
+        got = 0
+        events = []
+        publishes = {}
+        while got < MAX_READ_PER_EVENT:
+            try:
+                data = client.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._handle_events(client, events, publishes)
+                self._closed(client, f"socket error: {exc}")
+                return
+            if not data:
+                self._handle_events(client, events, publishes)
+                self._closed(client, "eof")
+                return
+            got += len(data)
+            events.extend(client.session.receive_data(data, time.monotonic()))
+            if len(data) < READ_SIZE:
+                break
+        self._handle_events(client, events, publishes)
+        self._flush(client)
+
+    def _handle_events(self, client, events, publishes):
+        connection_id = client.session.id
+        for event in events:
+            kind = event[0]
+            if kind == "publish":
+                publishes.setdefault(event[1], []).append((event[2], event[3]))
+            elif kind == "flow":
+                self._to_dispatcher(event[1], [LaneOp.FLOW, event[1], event[2]])
+            elif kind == "ack":
+                self._to_dispatcher(event[1], [LaneOp.ACK, event[1], event[2], event[3]])
+            elif kind == "nack":
+                self._to_dispatcher(event[1], [LaneOp.NACK, event[1], event[2], event[3]])
+            elif kind == "control":
+                frame = event[1]
+                if frame["op"] == "close_producer" and frame.get("producer") in self.producers:
+                    self._send_publishes(client, publishes)
+                    self._drop_producer(frame["producer"])
+                elif frame["op"] in ("close_consumer", "unsubscribe"):
+                    self.consumers.pop(frame.get("consumer"), None)
+                self.send_ordered(self.supervisor, connection.ClientRequest(connection_id, frame), "shard")
+            elif kind == "hello":
+                self.send_ordered(self.supervisor, connection.ClientHello(connection_id, event[1], event[2]),
+                                  "shard")
+                self._timer(time.monotonic() + client.session.heartbeat_s, "heartbeat", connection_id)
+            elif kind == "closed":
+                self._send_publishes(client, publishes)
+                self._closed(client, event[1])
+                return
+        self._send_publishes(client, publishes)
+
+    def _to_dispatcher(self, consumer_id, frame):
+        route = self.consumers.get(consumer_id)
+        if route is not None:
+            route[1].send(frame)
+
+    # --- producing ------------------------------------------------------------------------------
+    def _send_publishes(self, client, publishes):
+        """Adaptive batching: sends that arrive while PUBLISH_WINDOW batches of their producer are
+        in flight wait here and go together in the next PUBLISH."""
+        for producer_id, sends in publishes.items():
+            producer = self.producers.get(producer_id)
+            if producer is None:
+                continue
+            producer.sends.extend(sends)
+            count = sum(len(records) for _, records in sends)
+            producer.records += count
+            client.pending_records += count
+            self._publish(producer_id, producer)
+        publishes.clear()
+        if client.pending_records >= MAX_PENDING_RECORDS and client.reading:
+            client.reading = False   # paused: the kernel buffer fills and the producer is pushed back
+            self._update_mask(client)
+
+    def _publish(self, producer_id, producer, force=False):
+        if producer.sends and (force or len(producer.in_flight) < PUBLISH_WINDOW):
+            producer.lane.send([LaneOp.PUBLISH, producer_id, producer.name, producer.sends])
+            producer.in_flight.append([rid for rid, _ in producer.sends])
+            client = self.clients.get(producer.connection_id)
+            if client is not None:
+                client.pending_records -= producer.records
+                if not client.reading and client.pending_records < MAX_PENDING_RECORDS // 2:
+                    client.reading = True
+                    self._update_mask(client)
+            producer.sends, producer.records = [], 0
+
+    def _drop_producer(self, producer_id):
+        """Closed: what it sent before goes to the topic now; receipts still find the client."""
+        producer = self.producers.pop(producer_id, None)
+        if producer is not None:
+            self._publish(producer_id, producer, force=True)
+            self.closing_producers[producer_id] = producer
+
+    # --- lanes ----------------------------------------------------------------------------------
+    def _lane(self, table, address, role):
+        lane = table.get(address)
+        if lane is None or lane.closed:
+            lane = self.hub.connect(address, peer=(role, address))   # OSError: the peer is gone
+            lane.send([LaneOp.HELLO, self.ident])
+            table[address] = lane
+        return lane
+
+    def _lane_frames(self, lane, frames):
+        for frame in frames:
+            op = frame[0]
+            if op == LaneOp.DELIVER:
+                self._deliver(lane, frame[1], frame[2])
+            elif op == LaneOp.RECEIPTS:
+                self._receipts(frame[1], frame[2], frame[3])
+            elif op == LaneOp.REPLY:
+                route = self.consumers.get(frame[1])
+                client = self.clients.get(route[0]) if route else None
+                if client is not None:
+                    self._write(client, frame[2])
+            elif op == LaneOp.ENDED:
+                self._consumers_lost([frame[1]], frame[2])
+
+    def _receipts(self, producer_id, items, errors):
+        producer = self.producers.get(producer_id) or self.closing_producers.get(producer_id)
+        if producer is None:
+            return
+        if producer.in_flight:
+            producer.in_flight.pop(0)
+        if producer_id in self.closing_producers and not producer.in_flight:
+            del self.closing_producers[producer_id]
+        out = [encode_frame({"op": "receipt", "rid": rid, "first": first, "count": count})
+               for rid, first, count in items]
+        out += [error_frame(code, text, rid) for rid, code, text in errors]
+        client = self.clients.get(producer.connection_id)
+        if client is not None:
+            self._write(client, b"".join(out))
+        if producer_id in self.producers:
+            self._publish(producer_id, producer)
+
+    def _deliver(self, lane, consumer_id, blobs):
+        route = self.consumers.get(consumer_id)
+        client = self.clients.get(route[0]) if route else None
+        if client is None or client.state != "open":
+            lane.send([LaneOp.DELIVER_ACK, consumer_id])   # dropped: the consumer is gone
+            return
+        client.session.write(b"".join(encode_message_frames(consumer_id, blobs, self.config.max_frame)))
+        self._flush(client)
+        # Ack at once unless the client is slow to read; then when its outbox drains.
+        if len(client.session.outbox) < HIGH_WATER:
+            lane.send([LaneOp.DELIVER_ACK, consumer_id])
+        else:
+            client.deferred_acks.append((lane, consumer_id))
+
+    def _lane_closed(self, lane, reason):
+        role, address = lane.peer
+        if role == "topic":
+            if self.topic_lanes.get(address) is lane:
+                del self.topic_lanes[address]
+            lost = [pid for pid, p in self.producers.items() if p.lane is lane]
+            self._producers_lost(lost, "topic_lost")
+            for pid, p in list(self.closing_producers.items()):
+                if p.lane is lane:
+                    self._refuse_in_flight(pid, p)
+                    del self.closing_producers[pid]
+        else:
+            if self.dispatcher_lanes.get(address) is lane:
+                del self.dispatcher_lanes[address]
+            lost = [cid for cid, (_, l) in self.consumers.items() if l is lane]
+            self._consumers_lost(lost, "subscription_lost")
+
+    def _producers_lost(self, producer_ids, reason):
+        lost = []
+        for producer_id in producer_ids:
+            producer = self.producers.pop(producer_id, None)
+            if producer is not None:
+                self._refuse_in_flight(producer_id, producer)
+                lost.append(producer_id)
+        if lost:
+            self.send_ordered(self.supervisor, connection.ProducersLost(lost, reason), "shard")
+
+    def _refuse_in_flight(self, producer_id, producer):
+        """Sends the topic never receipted: their client hears it now, instead of never."""
+        client = self.clients.get(producer.connection_id)
+        rids = [rid for batch in producer.in_flight for rid in batch] + [rid for rid, _ in producer.sends]
+        producer.in_flight, producer.sends = [], []
+        if client is not None and client.pending_records:
+            client.pending_records = max(0, client.pending_records - producer.records)
+        if client is not None and rids:
+            self._write(client, b"".join(error_frame(E.INTERNAL, "the topic was lost before this send "
+                                                     "was receipted; send it again", rid) for rid in rids))
+
+    def _consumers_lost(self, consumer_ids, reason):
+        lost = [cid for cid in consumer_ids if self.consumers.pop(cid, None) is not None]
+        if lost:
+            self.send_ordered(self.supervisor, connection.ConsumersLost(lost, reason), "shard")
+
+    # --- from the supervisor ----------------------------------------------------------------------
+    def on_Outbound(self, msg, sender):
+        client = self.clients.get(msg.connection_id)
+        if client is not None:
+            self._write(client, msg.data)
+
+    def on_RouteProducer(self, msg, sender):
+        client = self.clients.get(msg.connection_id)
+        if client is None or client.state != "open":
+            return   # the supervisor learns of the close from ConnectionClosed
+        try:
+            lane = self._lane(self.topic_lanes, msg.lane, "topic")
+        except OSError:
+            self._write(client, msg.data)
+            self.send_ordered(self.supervisor, connection.ProducersLost([msg.producer_id], "topic_lost"),
+                              "shard")
+            return
+        self.producers[msg.producer_id] = _Producer(msg.connection_id, lane, msg.name)
+        client.session.producers[msg.producer_id] = msg.name
+        self._write(client, msg.data)
+
+    def on_UnrouteProducer(self, msg, sender):
+        client = self.clients.get(msg.connection_id)
+        self._drop_producer(msg.producer_id)
+        if client is not None:
+            client.session.producers.pop(msg.producer_id, None)
+            self._write(client, msg.data)
+
+    def on_RouteConsumer(self, msg, sender):
+        client = self.clients.get(msg.connection_id)
+        if client is None or client.state != "open":
+            return
+        try:
+            lane = self._lane(self.dispatcher_lanes, msg.lane, "dispatcher")
+        except OSError:
+            self._write(client, msg.data)
+            self.send_ordered(self.supervisor, connection.ConsumersLost([msg.consumer_id], "subscription_lost"),
+                              "shard")
+            return
+        self.consumers[msg.consumer_id] = (msg.connection_id, lane)
+        client.session.consumers.add(msg.consumer_id)
+        self._write(client, msg.data)
+
+    def on_UnrouteConsumer(self, msg, sender):
+        self.consumers.pop(msg.consumer_id, None)
+        client = self.clients.get(msg.connection_id)
+        if client is not None:
+            client.session.consumers.discard(msg.consumer_id)
+            self._write(client, msg.data)
+
+    # --- writing ----------------------------------------------------------------------------------
+    def _write(self, client, data):
+        if data and client.state == "open":
+            client.session.write(data)
+            self._flush(client)
+
+    def _flush(self, client):
+        if client.state == "closed":
+            return
+        outbox = client.session.outbox
+        while outbox:
+            try:
+                sent = client.sock.send(outbox)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                outbox.clear()
+                if client.state == "open":
+                    self._closed(client, f"socket error: {exc}")
+                return
+            del outbox[:sent]
+        if client.deferred_acks and len(outbox) < HIGH_WATER:
+            for lane, consumer_id in client.deferred_acks:
+                lane.send([LaneOp.DELIVER_ACK, consumer_id])
+            client.deferred_acks.clear()
+        self._update_mask(client)
+
+    def _update_mask(self, client):
+        if client.state != "closed":
+            mask = (IN if client.reading or client.state == "lingering" else 0) | \
+                   (OUT if client.session.outbox else 0)
+            self.reactor.set_mask(client.fd, mask)
+
+    # --- timers: one heap for every connection's heartbeat and linger -----------------------------
+    def _timer(self, due, kind, connection_id):
+        self.timer_seq += 1
+        heapq.heappush(self.timers, (due, self.timer_seq, kind, connection_id))
+        if not self.wakeups or due < min(self.wakeups) - 0.005:
+            self.wakeups.add(due)
+            self.wakeupAfter(timedelta(seconds=max(0.0, due - time.monotonic())), payload=due)
+
+    def on_WakeupMessage(self, msg, sender):
+        self.wakeups.discard(msg.payload)
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now + 0.001:
+            _, _, kind, connection_id = heapq.heappop(self.timers)
+            if kind == "load":
+                self._report_load()
+                continue
+            client = self.clients.get(connection_id)
+            if client is None:
+                continue
+            if kind == "linger":
+                self._finish(client)
+            elif client.state == "open":
+                events, due = client.session.check_heartbeat(now)
+                self._handle_events(client, events, {})
+                self._flush(client)
+                if due is not None and client.state == "open":
+                    self._timer(now + due, "heartbeat", connection_id)
+        if self.timers and (not self.wakeups or self.timers[0][0] < min(self.wakeups) - 0.005):
+            due = self.timers[0][0]
+            self.wakeups.add(due)
+            self.wakeupAfter(timedelta(seconds=max(0.0, due - now)), payload=due)
+
+    # --- closing --------------------------------------------------------------------------------
+    def _closed(self, client, reason):
+        """Tell the supervisor at once, then let the socket linger briefly so that the last frames
+        (an error, say) reach the client before the close instead of being cut off by a reset."""
+        if client.state != "open":
+            return
+        connection_id = client.session.id
+        client.session.open = False
+        log.info("connection %s closed: %s", connection_id, reason)
+        self.send_ordered(self.supervisor, connection.ConnectionClosed(connection_id, reason), "shard")
+        for producer_id in [p for p, producer in self.producers.items() if producer.connection_id == connection_id]:
+            self._drop_producer(producer_id)
+        for consumer_id in [c for c, route in self.consumers.items() if route[0] == connection_id]:
+            del self.consumers[consumer_id]
+        for lane, consumer_id in client.deferred_acks:
+            lane.send([LaneOp.DELIVER_ACK, consumer_id])
+        client.deferred_acks.clear()
+        client.state = "lingering"
+        client.reading = True
+        self._flush_lingering(client)
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish(client)
+            return
+        self._update_mask(client)
+        self._timer(time.monotonic() + LINGER_S, "linger", connection_id)
+
+    def _flush_lingering(self, client):
+        outbox = client.session.outbox
+        try:
+            while outbox:
+                sent = client.sock.send(outbox)
+                del outbox[:sent]
+        except OSError:
+            outbox.clear()
+
+    def _drain_lingering(self, client):
+        try:
+            while client.sock.recv(READ_SIZE):
+                pass
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._finish(client)   # EOF: the client has seen everything
+
+    def _finish(self, client):
+        if client.state == "closed":
+            return
+        client.state = "closed"
+        self.reactor.remove(client.fd)
+        self.clients.pop(client.session.id, None)
+        try:
+            client.sock.close()
+        except OSError:
+            pass
+        self._load_changed()
+
+    def on_ActorExitRequest(self, msg, sender):
+        self.exiting = True
+        for client in list(self.clients.values()):
+            if client.state == "open":
+                self._flush_lingering(client)
+            client.state = "lingering"
+            self._finish(client)
+        if self.hub is not None:
+            self.hub.close()
+        self.reactor.close()

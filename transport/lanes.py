@@ -1,0 +1,335 @@
+"""Lanes: stream sockets between broker actors, for the record path.
+
+Thespian pickles every message, acknowledges each one and keeps one in flight per pair of actors
+(about a millisecond a hop here). Record batches instead travel over lanes: a stream socket owned
+by the two actors at its ends, carrying length-prefixed msgpack arrays (the frame header of the
+client protocol, `transport.codec`), in order, with no acknowledgement of its own. A lane is set
+up by a Thespian message exchange (the listening side announces its `LaneAddress`), and its end
+is a failure signal: EOF or an error on a lane means the actor at the other end is gone.
+
+A `Reactor` is an epoll of the actor's own. The actor hands Thespian only the epoll's fd
+(`ThespianWatch([reactor.fileno()])`): Thespian rebuilds its selector on every loop, so watching
+thousands of sockets through it costs O(n) per wakeup; one epoll fd costs O(1), and epoll also
+reports writability, which ThespianWatch does not.
+"""
+import errno
+import select
+import socket
+import struct
+import uuid
+from dataclasses import dataclass
+
+import msgpack
+
+from actorbroker.transport.codec import DEFAULT_MAX_FRAME
+
+READ_SIZE = 256 * 1024
+MAX_LANE_FRAME = 64 * 1024 * 1024   # lanes carry whole batches: bounded, but well above max_frame
+_HEADER = struct.Struct(">I")
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
+
+
+@dataclass(frozen=True)
+class LaneAddress:
+    """Where an actor accepts lanes: ("unix", abstract name) on one host, ("tcp", host, port)
+    between hosts. Plain data: it travels in Thespian messages."""
+    kind: str
+    host: str
+    port: int = 0
+    name: str = ""
+
+
+class Reactor:
+    """An epoll and, per fd, a handler object with `on_event(events)`."""
+
+    def __init__(self):
+        self.epoll = select.epoll()
+        self.handlers = {}
+        self.masks = {}
+
+    def fileno(self):
+        return self.epoll.fileno()
+
+    def add(self, fd, handler, mask=IN):
+        self.handlers[fd] = handler
+        self.masks[fd] = mask
+        self.epoll.register(fd, mask)
+
+    def set_mask(self, fd, mask):
+        if fd in self.masks and self.masks[fd] != mask:
+            self.masks[fd] = mask
+            self.epoll.modify(fd, mask)
+
+    def remove(self, fd):
+        if self.handlers.pop(fd, None) is not None:
+            del self.masks[fd]
+            try:
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def poll(self, max_events=1024):
+        """Handle what is ready now (never blocks: Thespian told us the epoll is readable)."""
+        for fd, events in self.epoll.poll(0, max_events):
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler.on_event(fd, events)
+
+    def close(self):
+        self.epoll.close()
+
+
+def encode_lane_frame(obj):
+    body = _pack(obj)
+    return _HEADER.pack(len(body)) + body
+
+
+class Lane:
+    """One end of a lane. `on_frames(lane, frames)` and `on_closed(lane, reason)` are the owner's."""
+    __slots__ = ("hub", "sock", "fd", "inbuf", "outbuf", "peer", "closed", "reading")
+
+    def __init__(self, hub, sock, peer=None):
+        self.hub, self.sock, self.fd = hub, sock, sock.fileno()
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.peer = peer          # whatever the owner wants to remember about the other end
+        self.closed = False
+        self.reading = True
+
+    def send(self, obj):
+        """Queue one frame and write what the socket takes now; the rest goes when writable."""
+        if self.closed:
+            return
+        self.outbuf += encode_lane_frame(obj)
+        self.flush()
+
+    def send_raw(self, data):
+        if not self.closed:
+            self.outbuf += data
+            self.flush()
+
+    def flush(self):
+        while self.outbuf and not self.closed:
+            try:
+                sent = self.sock.send(self.outbuf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.hub._lost(self, f"write: {exc}")
+                return
+            del self.outbuf[:sent]
+        self._update_mask()
+
+    @property
+    def backlog(self):
+        return len(self.outbuf)
+
+    def pause(self, paused):
+        """Stop (or resume) reading: the kernel buffer fills and the writer is pushed back."""
+        if self.reading == (not paused):
+            return
+        self.reading = not paused
+        self._update_mask()
+        if self.reading and self.inbuf:
+            self.hub._deliver(self)
+
+    def _update_mask(self):
+        if not self.closed:
+            self.hub.reactor.set_mask(self.fd, (IN if self.reading else 0) | (OUT if self.outbuf else 0))
+
+    def on_event(self, fd, events):
+        if events & OUT:
+            self.flush()
+        if self.closed:
+            return
+        if events & IN or (events & _ERR and self.reading):
+            self._read()
+        elif events & _ERR and not self.outbuf:
+            self.hub._lost(self, "hang-up")
+
+    def _read(self):
+        got = 0
+        while got < READ_SIZE * 4:
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.hub._lost(self, f"read: {exc}")
+                return
+            if not data:
+                self.hub._deliver(self)
+                self.hub._lost(self, "eof")
+                return
+            self.inbuf += data
+            got += len(data)
+            if len(data) < READ_SIZE:
+                break
+        self.hub._deliver(self)
+
+    def frames(self):
+        """Whole frames received so far (the partial tail stays)."""
+        buf, pos, out = self.inbuf, 0, []
+        end = len(buf)
+        while end - pos >= 4:
+            (n,) = _HEADER.unpack_from(buf, pos)
+            if n > MAX_LANE_FRAME:
+                raise ValueError(f"lane frame of {n} bytes")
+            if end - pos - 4 < n:
+                break
+            out.append(msgpack.unpackb(buf[pos + 4:pos + 4 + n], raw=False, strict_map_key=False,
+                                       use_list=True))
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        return out
+
+
+class LaneHub:
+    """An actor's lanes: the listening socket others connect to, and the lanes themselves.
+
+    on_frames(lane, frames): frames that arrived on a lane, in order.
+    on_closed(lane, reason): the lane ended (EOF or error): the actor at its other end is gone,
+        or closed it; called once per lane.
+    """
+
+    def __init__(self, reactor, on_frames, on_closed, kind="unix", host="127.0.0.1"):
+        self.reactor = reactor
+        self.on_frames, self.on_closed = on_frames, on_closed
+        self.kind, self.host = kind, host
+        self.listener = None
+        self.address = None
+        self.lanes = {}          # fd -> Lane
+
+    # --- listening ------------------------------------------------------------------------------
+    def listen(self):
+        if self.kind == "unix":
+            name = f"\0actorbroker-lane-{uuid.uuid4().hex}"
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(name)
+            self.address = LaneAddress("unix", socket.gethostname(), name=name)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, 0))
+            self.address = LaneAddress("tcp", self.host, sock.getsockname()[1])
+        sock.listen(512)
+        sock.setblocking(False)
+        self.listener = sock
+        self.reactor.add(sock.fileno(), self)
+        return self.address
+
+    def on_event(self, fd, events):   # the listening socket
+        for _ in range(64):
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return
+                raise
+            self._adopt(conn)
+
+    # --- connecting -----------------------------------------------------------------------------
+    def connect(self, address, peer=None):
+        """A lane to `address`; frames sent before the connection completes wait in its buffer.
+        Raises OSError when nothing listens there any more (the peer is gone)."""
+        if address.kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target = address.name
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = (address.host, address.port)
+        sock.setblocking(False)
+        try:
+            sock.connect(target)
+        except (BlockingIOError, InterruptedError):
+            pass   # TCP: completes later; the first write waits for writability
+        except OSError:
+            sock.close()
+            raise   # the caller treats it as the peer being gone
+        return self._adopt(sock, peer)
+
+    def _adopt(self, sock, peer=None):
+        sock.setblocking(False)
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        lane = Lane(self, sock, peer)
+        self.lanes[lane.fd] = lane
+        self.reactor.add(lane.fd, lane, IN)
+        return lane
+
+    # --- events ---------------------------------------------------------------------------------
+    def _deliver(self, lane):
+        if not lane.reading or lane.closed:
+            return
+        try:
+            frames = lane.frames()
+        except Exception as exc:   # a corrupt lane is a broken peer: end it like any other
+            self._lost(lane, f"bad frame: {exc}")
+            return
+        if frames:
+            self.on_frames(lane, frames)
+
+    def _lost(self, lane, reason):
+        if lane.closed:
+            return
+        lane.closed = True
+        self.reactor.remove(lane.fd)
+        self.lanes.pop(lane.fd, None)
+        try:
+            lane.sock.close()
+        except OSError:
+            pass
+        lane.outbuf.clear()
+        self.on_closed(lane, reason)
+
+    def close_lane(self, lane):
+        """Close our end on purpose: the peer sees EOF. on_closed is not called for it."""
+        if lane.closed:
+            return
+        lane.closed = True
+        self.reactor.remove(lane.fd)
+        self.lanes.pop(lane.fd, None)
+        try:
+            lane.sock.close()
+        except OSError:
+            pass
+
+    def close(self):
+        for lane in list(self.lanes.values()):
+            if lane.outbuf:
+                try:
+                    lane.sock.setblocking(True)
+                    lane.sock.settimeout(0.2)
+                    lane.sock.sendall(lane.outbuf)   # at exit only: last frames, bounded wait
+                except OSError:
+                    pass
+            self.close_lane(lane)
+        if self.listener is not None:
+            self.reactor.remove(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+
+
+class LaneOp:
+    """The first element of every lane frame."""
+    HELLO = 0         # [HELLO, ident]: first frame from the connecting side (a shard's ident)
+    PUBLISH = 1       # shard -> topic: [PUBLISH, producer_id, producer_name, [[rid, [[key, tail, size]...]]...]]
+    RECEIPTS = 2      # topic -> shard: [RECEIPTS, producer_id, [[rid, first, count]...], [[rid, code, text]...]]
+    DISPATCH = 3      # topic -> dispatcher: [DISPATCH, [[offset, key, blob]...]]
+    DISPATCH_ACK = 4  # dispatcher -> topic: [DISPATCH_ACK]: the topic's window opens by one
+    FLOW = 5          # shard -> dispatcher: [FLOW, consumer_id, credits]
+    ACK = 6           # shard -> dispatcher: [ACK, consumer_id, ids, rid or None]
+    NACK = 7          # shard -> dispatcher: [NACK, consumer_id, ids, delay_ms]
+    DELIVER = 8       # dispatcher -> shard: [DELIVER, consumer_id, [blob...]]
+    DELIVER_ACK = 9   # shard -> dispatcher: [DELIVER_ACK, consumer_id]: buffered, send more
+    REPLY = 10        # dispatcher -> shard: [REPLY, consumer_id, frame bytes] (an ack's `ok`)
+    ENDED = 11        # dispatcher -> shard: [ENDED, consumer_id, reason]: the consumer is gone
+
+
+__all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame", "DEFAULT_MAX_FRAME"]

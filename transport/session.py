@@ -1,0 +1,297 @@
+"""The protocol state of one client connection, sans-IO: bytes in, events out.
+
+A `Session` is fed what the socket read (`receive_data`) and returns events for the actor that
+owns the socket; the bytes to write accumulate in `outbox`. It handles everything that needs no
+other actor: framing, `hello`, `ping`/`pong`, the heartbeat clock, the shape of the hot ops
+(`send`, `flow`, `ack`, `nack`) and which producer and consumer ids are open on the connection.
+No sockets, no actors, no clock of its own (the caller passes `now`).
+
+Events (tuples, first element the kind):
+  ("hello", client, permissions)              hello accepted (permissions None: auth is off)
+  ("publish", producer_id, rid, records)      records: [(key, record tail, payload size)]
+  ("flow", consumer_id, credits)
+  ("ack", consumer_id, ids, rid)              answered by whoever owns the subscription
+  ("nack", consumer_id, ids, delay_ms)
+  ("control", frame)                          control and admin ops, for the supervisor
+  ("closed", reason)                          the connection must end (after the outbox is sent)
+"""
+from actorbroker.transport import errors as E
+from actorbroker.transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
+                                         encode_record_tail)
+
+# Ops answered by a frame of their own: they must carry a valid rid.
+REPLY_OPS = frozenset({"hello", "ping", "producer", "send", "close_producer", "subscribe",
+                       "close_consumer", "unsubscribe", "topics", "stats", "delete_topic"})
+ONE_WAY_OPS = frozenset({"flow", "ack", "nack", "pong"})
+
+
+def error_frame(code, message, rid=None):
+    frame = {"op": "error", "code": code, "message": message}
+    if rid is not None:
+        frame["rid"] = rid
+    return encode_frame(frame)
+
+
+def is_uint(value):
+    return type(value) is int and value >= 0
+
+
+def is_str_map(value):
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+class SessionConfig:
+    """What a session needs of the broker's configuration (plain values)."""
+    __slots__ = ("max_frame", "heartbeat_ms", "hello_timeout_ms", "tokens", "broker_name")
+
+    def __init__(self, config):
+        self.max_frame = config.max_frame
+        self.heartbeat_ms = config.heartbeat_ms
+        self.hello_timeout_ms = config.hello_timeout_ms
+        self.tokens = config.tokens
+        self.broker_name = config.broker_name
+
+
+class Session:
+    __slots__ = ("id", "config", "decoder", "outbox", "hello_done", "heartbeat_s", "last_recv",
+                 "ping_sent", "ping_rid", "producers", "consumers", "open", "opened_at")
+
+    def __init__(self, connection_id, config, now):
+        self.id = connection_id
+        self.config = config
+        self.decoder = FrameDecoder(config.max_frame)
+        self.outbox = bytearray()
+        self.hello_done = False
+        self.heartbeat_s = config.heartbeat_ms / 1000.0
+        self.last_recv = now
+        self.opened_at = now
+        self.ping_sent = False
+        self.ping_rid = 0
+        self.producers = {}     # producer id -> producer name
+        self.consumers = set()  # consumer ids
+        self.open = True
+
+    # --- input ----------------------------------------------------------------------------------
+    def receive_data(self, data, now):
+        """Feed bytes read from the socket; returns the events they make."""
+        if not self.open:
+            return []
+        self.last_recv = now
+        self.ping_sent = False
+        self.decoder.feed(data)
+        events = []
+        try:
+            for frame in self.decoder:
+                self._frame(frame, events)
+                if not self.open:
+                    break
+        except E.ProtocolError as exc:
+            self._fail(exc.code, exc.message, None, events)
+        return events
+
+    def check_heartbeat(self, now):
+        """Returns (events, seconds until the next check)."""
+        if not self.open:
+            return [], None
+        events = []
+        if not self.hello_done:
+            due = self.opened_at + self.config.hello_timeout_ms / 1000.0 - now
+            if due <= 0:
+                self._fail(E.NOT_CONNECTED, "no hello within the hello timeout", None, events)
+                return events, None
+            return events, due
+        idle = now - self.last_recv
+        if idle >= 2 * self.heartbeat_s:
+            self.open = False
+            events.append(("closed", f"heartbeat timeout ({idle:.1f}s silent)"))
+            return events, None
+        if idle >= self.heartbeat_s and not self.ping_sent:
+            self.ping_rid += 1
+            self.outbox += encode_frame({"op": "ping", "rid": self.ping_rid})
+            self.ping_sent = True
+        due = self.heartbeat_s - idle if idle < self.heartbeat_s else 2 * self.heartbeat_s - idle
+        return events, max(due, 0.01)
+
+    # --- output ---------------------------------------------------------------------------------
+    def write(self, data):
+        if self.open:
+            self.outbox += data
+
+    def error(self, code, message, rid=None):
+        self.write(error_frame(code, message, rid))
+
+    def ok(self, rid):
+        if rid is not None:
+            self.write(encode_frame({"op": "ok", "rid": rid}))
+
+    def close(self, reason, events):
+        if self.open:
+            self.open = False
+            events.append(("closed", reason))
+
+    # --- frames ---------------------------------------------------------------------------------
+    def _frame(self, frame, events):
+        op = frame["op"]
+        rid = frame.get("rid")
+        if not self.hello_done and op != "hello":
+            self._fail(E.NOT_CONNECTED, f"'{op}' before hello", rid if is_uint(rid) else None, events)
+            return
+        if op == "send":           # the hot op first
+            if is_uint(rid):
+                self._send(frame, rid, events)
+            else:
+                self.error(E.BAD_REQUEST, "'send' needs a 'rid' (int >= 0)")
+            return
+        if op not in REPLY_OPS and op not in ONE_WAY_OPS:
+            self.error(E.UNKNOWN_OP, f"unknown op '{op}'", rid if is_uint(rid) else None)
+            return
+        if op in REPLY_OPS and not is_uint(rid):
+            self.error(E.BAD_REQUEST, f"'{op}' needs a 'rid' (int >= 0)")
+            return
+        if op in ONE_WAY_OPS and rid is not None and not is_uint(rid):
+            self.error(E.BAD_REQUEST, "'rid' must be an int >= 0")
+            return
+        if op == "hello":
+            self._hello(frame, rid, events)
+        elif op == "ping":
+            self.write(encode_frame({"op": "pong", "rid": rid}))
+        elif op == "pong":
+            pass   # receiving it already proved the client alive
+        elif op == "flow":
+            consumer_id = self._consumer(frame, rid)
+            if consumer_id is not None:
+                credits = frame.get("credits")
+                if not is_uint(credits):
+                    self.error(E.BAD_REQUEST, "'credits' must be an int >= 0", rid)
+                    return
+                events.append(("flow", consumer_id, credits))
+                self.ok(rid)
+        elif op in ("ack", "nack"):
+            self._acknowledge(op, frame, rid, events)
+        else:
+            # control ops: forget routes of what closes now, so that frames pipelined after the
+            # close are refused here, in order
+            if op == "close_producer" and type(frame.get("producer")) is int:
+                self.producers.pop(frame["producer"], None)
+            elif op in ("close_consumer", "unsubscribe") and type(frame.get("consumer")) is int:
+                self.consumers.discard(frame["consumer"])
+            events.append(("control", frame))
+
+    def _hello(self, frame, rid, events):
+        if self.hello_done:
+            self.error(E.BAD_REQUEST, "second hello", rid)
+            return
+        version = frame.get("version")
+        if type(version) is not int:
+            self.error(E.BAD_REQUEST, "'version' must be an int", rid)
+            return
+        if version != PROTOCOL_VERSION:
+            self._fail(E.UNSUPPORTED_VERSION, f"version {version} is not served (only {PROTOCOL_VERSION})",
+                       rid, events)
+            return
+        client = frame.get("client")
+        if not isinstance(client, str):
+            self.error(E.BAD_REQUEST, "'client' must be a str", rid)
+            return
+        token = frame.get("token")
+        if token is not None and not isinstance(token, str):
+            self.error(E.BAD_REQUEST, "'token' must be a str", rid)
+            return
+        wish = frame.get("heartbeat_ms")
+        if wish is not None and type(wish) is not int:
+            self.error(E.BAD_REQUEST, "'heartbeat_ms' must be an int", rid)
+            return
+        permissions = None
+        if self.config.tokens:
+            if token is None or token not in self.config.tokens:
+                self._fail(E.AUTH_FAILED, "missing or wrong token", rid, events)
+                return
+            permissions = tuple(self.config.tokens[token])
+        heartbeat_ms = self.config.heartbeat_ms if wish is None else min(max(wish, 200), 60000)
+        self.heartbeat_s = heartbeat_ms / 1000.0
+        self.hello_done = True
+        events.append(("hello", client, permissions))
+        self.write(encode_frame({"op": "welcome", "rid": rid, "version": PROTOCOL_VERSION,
+                                 "broker": self.config.broker_name, "heartbeat_ms": heartbeat_ms,
+                                 "max_frame": self.config.max_frame}))
+
+    def _send(self, frame, rid, events):
+        producer_id = frame.get("producer")
+        if type(producer_id) is not int:
+            self.error(E.BAD_REQUEST, "'producer' must be an int", rid)
+            return
+        name = self.producers.get(producer_id)
+        if name is None:
+            self.error(E.UNKNOWN_PRODUCER, f"producer {producer_id} is not open on this connection", rid)
+            return
+        msgs = frame.get("msgs")
+        if type(msgs) is not list or not msgs:
+            self.error(E.BAD_REQUEST, "'msgs' must be a non-empty list", rid)
+            return
+        records = []
+        limit = self.config.max_frame - PUSH_OVERHEAD - 64 - len(name.encode())
+        for i, m in enumerate(msgs):   # the hot loop of the record path: checks are kept cheap
+            if type(m) is not dict:
+                problem = "must be a map"
+            else:
+                payload, key, attrs = m.get("payload"), m.get("key"), m.get("attrs")
+                problem = _check_msg(payload, key, attrs, limit)
+            if problem:
+                self.error(E.BAD_REQUEST, f"msgs[{i}]: {problem}", rid)
+                return
+            records.append((key, encode_record_tail(payload, key, attrs or {}, name), len(payload)))
+        events.append(("publish", producer_id, rid, records))
+
+    def _acknowledge(self, op, frame, rid, events):
+        consumer_id = self._consumer(frame, rid)
+        if consumer_id is None:
+            return
+        ids = frame.get("ids")
+        if type(ids) is not list or not all(is_uint(i) for i in ids):
+            self.error(E.BAD_REQUEST, "'ids' must be a list of ints >= 0", rid)
+            return
+        if op == "nack":
+            delay = frame.get("delay_ms", 0)
+            if not is_uint(delay):
+                self.error(E.BAD_REQUEST, "'delay_ms' must be an int >= 0", rid)
+                return
+            events.append(("nack", consumer_id, ids, delay))
+            self.ok(rid)
+        else:   # the dispatcher answers, once the ack is durable on a reliable topic
+            events.append(("ack", consumer_id, ids, rid))
+
+    def _consumer(self, frame, rid):
+        consumer_id = frame.get("consumer")
+        if type(consumer_id) is not int:
+            self.error(E.BAD_REQUEST, "'consumer' must be an int", rid)
+            return None
+        if consumer_id not in self.consumers:
+            self.error(E.UNKNOWN_CONSUMER, f"consumer {consumer_id} is not open on this connection", rid)
+            return None
+        return consumer_id
+
+    def _fail(self, code, message, rid, events):
+        """A fatal protocol error: say why, then close."""
+        self.error(code, message, rid)
+        self.close(f"{code}: {message}", events)
+
+
+def _check_msg(payload, key, attrs, limit):
+    if type(payload) is not bytes:
+        return "'payload' must be bin"
+    if key is not None and type(key) is not str:
+        return "'key' must be a str"
+    if attrs is not None and type(attrs) is not dict:
+        return "'attrs' must be a map of str to str"
+    if attrs and not is_str_map(attrs):
+        return "'attrs' must be a map of str to str"
+    # 4 bytes per character bounds UTF-8; measure exactly only when the bound is too big
+    bound = len(payload) + 4 * len(key or "") + (
+        sum(4 * (len(k) + len(v)) + 10 for k, v in attrs.items()) if attrs else 0)
+    if bound > limit:
+        size = len(payload) + len((key or "").encode()) + (
+            sum(len(k.encode()) + len(v.encode()) + 10 for k, v in attrs.items()) if attrs else 0)
+        if size > limit:
+            return (f"message of {size} bytes is too large to be delivered in one frame "
+                    f"(max_frame {limit + PUSH_OVERHEAD + 64})")
+    return None
