@@ -52,3 +52,84 @@ class ClientProcess:
             self.proc.kill()
         self.proc.wait()
         self.proc.stdout.close()
+
+
+# --- broker processes by kind, and which process holds which TCP connection ---------------------
+
+def process_kind(pid):
+    """What a broker process calls itself (/proc/PID/comm: ab-root, ab-shard, ab-topic, ...)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def processes_of_kind(broker, kind):
+    """PIDs of the broker's own processes of this kind, alive now."""
+    return [pid for pid in broker.processes() if process_kind(pid) == kind]
+
+
+def parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+        return int(data[data.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _socket_inodes(pid):
+    inodes = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _established_tcp():
+    """{inode: (local port, remote port)} of every ESTABLISHED TCP socket of the machine."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[3] != "01":   # ESTABLISHED
+                continue
+            local, remote = parts[1], parts[2]
+            found[int(parts[9])] = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16))
+    return found
+
+
+def own_ports_to(port):
+    """Local ports of this process's TCP connections to `port` (to learn which port a client got)."""
+    established = _established_tcp()
+    return {established[i][0] for i in _socket_inodes(os.getpid())
+            if i in established and established[i][1] == port}
+
+
+def peer_ports_held_by(pid, port):
+    """Remote ports of the connections accepted on `port` whose socket process `pid` holds."""
+    established = _established_tcp()
+    return {established[i][1] for i in _socket_inodes(pid)
+            if i in established and established[i][0] == port}
+
+
+def raise_nofile_limit():
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit; returns the old (soft, hard)."""
+    import resource
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (old[1], old[1]))
+    return old

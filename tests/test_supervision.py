@@ -1,0 +1,599 @@
+"""Supervision: kill -9 of one broker process of each kind while a producer produces and consumers
+consume, and what the broker promises afterwards, seen only as a client sees it (frames, the
+Python client's state, `stats`, `topics`).
+
+For every kind: once the broker has recovered (defined per test), a fresh connection's hello and
+a ping are answered within 1 s, and every message of a reliable topic that got a receipt is
+delivered to some consumer of the subscription (possibly again, possibly to a consumer that
+subscribed again).
+
+Processes are found by the name each one gives itself (/proc/PID/comm: ab-shard, ab-conn,
+ab-listener, ab-topic, ab-sub, ab-disp, ab-log) among the broker's own process tree; a test that
+kills a topic's or a subscription's process has one topic (or tells its subscriptions' processes
+apart by when they appeared).
+"""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from actorbroker.scripts import proctree
+from actorbroker.transport.client import Client
+from actorbroker.transport.errors import (
+    BrokerError, ConnectionLost, ConsumerBusy, ConsumerClosed, Internal, ProducerClosed, TopicNotFound)
+from tests.util import (
+    consumers_of, own_ports_to, parent_of, peer_ports_held_by, process_kind, processes_of_kind, wait_for)
+
+HELLO_LIMIT_S = 1.0      # a fresh connection's hello + ping, once the broker has recovered
+CLEANUP_LIMIT_S = 3.0    # connection shard lost: EOF is seen at once, no heartbeat timer involved
+FEW_S = 5.0              # "within a few seconds"
+EVENTUALLY_S = 15.0      # every receipted reliable message delivered
+SLOW_HEARTBEAT = 60000   # broker and clients: nothing here may wait for a heartbeat timer
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def closing(start_broker):
+    """Register what the test opens (clients, traffic, collectors); closed in reverse order at
+    the end, before the test's brokers are stopped (this fixture depends on start_broker)."""
+    things = []
+
+    def add(thing):
+        things.append(thing)
+        return thing
+
+    yield add
+    for thing in reversed(things):
+        try:
+            thing.close()
+        except Exception:
+            pass
+
+
+def kill(pid):
+    """kill -9 of one broker process; returns the monotonic time of the kill once it is dead."""
+    at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: proctree.alive(pid), lambda alive: not alive, timeout=5)
+    return at
+
+
+def only_process(broker, kind):
+    """The broker's single process of this kind (the test is built to have exactly one)."""
+    return wait_for(lambda: processes_of_kind(broker, kind), lambda pids: len(pids) == 1)[0]
+
+
+def ancestor_of_kind(pid, kind):
+    while pid and pid > 1:
+        pid = parent_of(pid)
+        if pid and process_kind(pid) == kind:
+            return pid
+    return None
+
+
+def names(stats, subscription):
+    """Names of the consumers `stats` lists on `subscription` ([] if it has no such subscription)."""
+    return sorted(c["name"] for c in consumers_of(stats, subscription))
+
+
+def subscription_names(stats):
+    return {s["name"] for s in stats["subscriptions"]}
+
+
+def assert_hello_answered_fast(broker, connections=1):
+    """A fresh connection's hello (Client construction) and a ping take less than HELLO_LIMIT_S."""
+    for _ in range(connections):
+        start = time.monotonic()
+        client = Client(*broker.address, connect_timeout=5, name="hello-check")
+        try:
+            client.ping(timeout=5)
+            took = time.monotonic() - start
+        finally:
+            client.close()
+        assert took < HELLO_LIMIT_S, f"hello + ping took {took:.2f}s after recovery"
+
+
+def subscribe_again(client, *args, timeout=FEW_S, **options):
+    """Subscribe; an error answer (the broker may still be restoring the subscription) is retried
+    until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.subscribe(*args, timeout=timeout, **options)
+        except BrokerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class Admin:
+    """stats and topics over a connection of its own, reopened when it was closed; a probe
+    answers None while the broker cannot answer it, so that wait_for keeps polling."""
+
+    def __init__(self, broker):
+        self.broker = broker
+        self.client = None
+
+    def _call(self, fn):
+        try:
+            if self.client is None or not self.client.connected:
+                self.close()
+                self.client = Client(*self.broker.address, connect_timeout=2, name="admin",
+                                     heartbeat_ms=SLOW_HEARTBEAT)
+            return fn(self.client)
+        except (ConnectionLost, OSError):   # OSError includes TimeoutError and refused connects
+            self.close()
+            return None
+
+    def stats(self, topic):
+        try:
+            return self._call(lambda c: c.stats(topic, timeout=3))
+        except TopicNotFound:
+            return None
+
+    def topics(self):
+        """{name: entry} of `topics`, or None."""
+        found = self._call(lambda c: c.topics(timeout=3))
+        return None if found is None else {t["name"]: t for t in found}
+
+    def close(self):
+        if self.client is not None:
+            client, self.client = self.client, None
+            try:
+                client.close(timeout=1)
+            except Exception:
+                pass
+
+
+class Traffic:
+    """A producer that keeps producing from a thread, one message at a time: reconnects when its
+    connection is lost, opens a new producer when the broker closed its producer (unless
+    reopen=False: then it stops there), and records every offset that got a receipt."""
+
+    def __init__(self, broker, topic, dispatch=None, reopen=True, interval=0.02):
+        self.broker, self.topic, self.dispatch, self.reopen = broker, topic, dispatch, reopen
+        self.interval = interval
+        self.receipted = {}     # offset -> payload
+        self.receipts = []      # (monotonic time the send started, offset)
+        self.errors = []        # (monotonic time, exception): sends and opens that failed
+        self.producers = []     # every producer opened; closed_reason tells how each ended
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        client = producer = None
+        seq = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if client is None or not client.connected:
+                        if client is not None:
+                            client.close(timeout=1)
+                        client = producer = None
+                        client = Client(*self.broker.address, connect_timeout=2, name="traffic")
+                    if producer is None:
+                        producer = client.producer(self.topic, dispatch=self.dispatch, linger_ms=0,
+                                                   timeout=5)
+                        self.producers.append(producer)
+                    payload = f"m{seq}".encode()
+                    seq += 1
+                    started = time.monotonic()
+                    offset = producer.send_sync(payload, timeout=5)
+                    self.receipted[offset] = payload
+                    self.receipts.append((started, offset))
+                except ProducerClosed:
+                    if not self.reopen:
+                        return
+                    producer = None
+                except (ConnectionLost, OSError, BrokerError) as exc:
+                    self.errors.append((time.monotonic(), exc))
+                self._stop.wait(self.interval)
+        finally:
+            if client is not None:
+                client.close(timeout=1)
+
+    def since(self, at):
+        """Offsets receipted for sends started after `at`."""
+        return [offset for started, offset in list(self.receipts) if started > at]
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the producing thread did not stop"
+
+    close = stop
+
+
+class Collector:
+    """Takes a consumer's messages from a thread and records them (id -> payload).
+
+    ack: None holds every message (never acknowledged), "all" acknowledges each (without waiting),
+    "even" acknowledges even ids and waits for the broker's ok; those are recorded in `acked`.
+    resubscribe: called to get a new consumer when the broker closed this one."""
+
+    def __init__(self, consumer, ack=None, resubscribe=None):
+        self.consumer = consumer
+        self.ack, self.resubscribe = ack, resubscribe
+        self.received = {}        # id -> payload
+        self.conflicts = []       # (id, payload before, payload now): one offset, two payloads
+        self.acked = set()
+        self.ended = []           # closed reasons of the consumers it had
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"collect-{consumer.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                msg = self.consumer.receive(timeout=0.1)
+            except TimeoutError:
+                continue
+            except (ConsumerClosed, ConnectionLost):
+                self.ended.append(self.consumer.closed_reason)
+                if self.resubscribe is None:
+                    return
+                while not self._stop.is_set():
+                    try:
+                        self.consumer = self.resubscribe()
+                        break
+                    except (BrokerError, ConnectionLost, OSError):
+                        self._stop.wait(0.1)
+                continue
+            before = self.received.setdefault(msg.id, msg.payload)
+            if before != msg.payload:
+                self.conflicts.append((msg.id, before, msg.payload))
+            try:
+                if self.ack == "all":
+                    self.consumer.ack(msg)
+                elif self.ack == "even" and msg.id % 2 == 0:
+                    self.consumer.ack(msg, sync=True, timeout=5)
+                    self.acked.add(msg.id)
+            except Exception:
+                pass    # not acknowledged: the broker must deliver it again
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(10)
+
+
+def undelivered(receipted, collectors, acked=()):
+    """Receipted offsets that none of `collectors` received (and that are not in `acked`), and
+    offsets received with another payload than the one that got the receipt."""
+    got = {}
+    for collector in collectors:
+        got.update(collector.received)
+    wrong = sorted(o for o, p in list(receipted.items()) if o in got and got[o] != p)
+    lost = sorted(o for o in list(receipted) if o not in got and o not in acked)
+    conflicts = [c for collector in collectors for c in collector.conflicts]
+    return {"lost": lost, "wrong_payload": wrong, "conflicts": conflicts}
+
+
+def all_delivered(report):
+    return not (report["lost"] or report["wrong_payload"] or report["conflicts"])
+
+
+# --- connection shard and its supervisor --------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ab-shard", "ab-conn"])
+def test_kill_of_a_connection_shard_closes_its_connections_and_cleans_them_up_at_once(
+        start_broker, closing, topic, kind):
+    """kill -9 of a connection shard (or of the ab-conn that supervises it): the connections it
+    owned are closed by the broker and their consumers removed at once (no heartbeat: 60 s);
+    the other connections keep working; exclusive subscriptions are free again, failover
+    standbys promoted, unacknowledged reliable messages redelivered to the survivors."""
+    b = start_broker("--io-shards", "2", "--heartbeat-ms", str(SLOW_HEARTBEAT))
+    admin = closing(Admin(b))
+    shards = wait_for(lambda: processes_of_kind(b, "ab-shard"), lambda pids: len(pids) == 2)
+    pairs_before = (len(processes_of_kind(b, "ab-conn")), len(shards))
+
+    # Connections, each with the local port it got, so that the shard holding its socket can be
+    # told; more are opened (up to 16) until both shards hold some.
+    clients, ports = [], []
+
+    def owners():
+        held = {pid: peer_ports_held_by(pid, b.port) for pid in shards}
+        return [[pid for pid in shards if port in held[pid]] for port in ports]
+
+    while True:
+        before = own_ports_to(b.port)
+        clients.append(closing(Client(*b.address, heartbeat_ms=SLOW_HEARTBEAT, name=f"c{len(clients)}")))
+        new = own_ports_to(b.port) - before
+        ports.append(new.pop() if len(new) == 1 else None)
+        if len(clients) >= 6:
+            used = {o[0] for o in owners() if len(o) == 1}
+            if len(used) == 2 or not used or len(clients) >= 16:
+                break
+    n = len(clients)
+    owned = owners()
+    counts = {pid: sum(1 for o in owned if o == [pid]) for pid in shards}
+    shard = max(shards, key=lambda pid: counts[pid])
+    known = all(len(o) == 1 for o in owned)
+    expected_closed = {i for i in range(n) if owned[i] == [shard]} if known else None
+    if kind == "ab-shard":
+        victim = shard
+    else:
+        victim = ancestor_of_kind(shard, "ab-conn")
+        assert victim is not None, "the ab-conn supervising the shard is not an ancestor of it"
+
+    # On a reliable topic: one shared subscription, a consumer on every connection, holding what
+    # it gets. On another topic: per connection i, an exclusive subscription held by it, and a
+    # failover subscription where it is the active consumer and connection i+1 the standby.
+    topic2 = topic + "-x"
+    held = [closing(Collector(clients[i].subscribe(
+        topic, "rs", "shared", f"r{i}", dispatch="reliable", receiver_queue=5000, max_unacked=5000)))
+        for i in range(n)]
+    for i in range(n):
+        clients[i].subscribe(topic2, f"ex-{i}", "exclusive", f"holder-{i}", dispatch="non_reliable")
+    primary = [clients[i].subscribe(topic2, f"fo-{i}", "failover", f"a-{i}") for i in range(n)]
+    standby = [clients[(i + 1) % n].subscribe(topic2, f"fo-{i}", "failover", f"b-{i}") for i in range(n)]
+    wait_for(lambda: [(p.active, s.active) for p, s in zip(primary, standby)],
+             lambda states: all(state == (True, False) for state in states))
+
+    traffic = closing(Traffic(b, topic, "reliable"))
+    wait_for(lambda: (len(traffic.receipted), [len(h.received) for h in held]),
+             lambda s: s[0] >= 4 * n and all(s[1]))       # every consumer holds unacked messages
+
+    at = kill(victim)
+
+    def observe():
+        """(closed connections, consumers listed per subscription, failover states), or None."""
+        closed = {i for i, c in enumerate(clients) if not c.connected}
+        s1, s2 = admin.stats(topic), admin.stats(topic2)
+        if s1 is None or s2 is None:
+            return None
+        listed = {"rs": names(s1, "rs")}
+        for i in range(n):
+            listed[f"ex-{i}"] = names(s2, f"ex-{i}")
+            listed[f"fo-{i}"] = names(s2, f"fo-{i}")
+        return closed, listed, [(p.active, s.active) for p, s in zip(primary, standby)]
+
+    def cleaned_up(seen):
+        if seen is None:
+            return False
+        closed, listed, states = seen
+        alive = set(range(n)) - closed
+        if not closed or (expected_closed is not None and closed != expected_closed):
+            return False
+        want = {"rs": sorted(f"r{i}" for i in alive)}
+        for i in range(n):
+            a, s = i in alive, (i + 1) % n in alive
+            want[f"ex-{i}"] = [f"holder-{i}"] if i in alive else []
+            want[f"fo-{i}"] = sorted(([f"a-{i}"] if a else []) + ([f"b-{i}"] if s else []))
+            if (a and states[i][0] is not True) or (not a and s and states[i][1] is not True):
+                return False    # the primary stays active, or the standby was promoted
+        return listed == want
+
+    try:
+        closed, _, _ = wait_for(observe, cleaned_up, interval=0.05,
+                                timeout=max(0.1, at + CLEANUP_LIMIT_S - time.monotonic()))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{n} connections; the killed shard held "
+                             f"{sorted(expected_closed) if expected_closed is not None else 'unknown'}") from None
+    survivors = sorted(set(range(n)) - closed)
+    assert closed and survivors, f"closed {sorted(closed)} of {n}: want some closed, some not"
+    for i in closed:
+        assert held[i].consumer.closed_reason == "connection_lost"
+    for i in survivors:
+        clients[i].ping(timeout=5)
+        assert clients[i].connected and held[i].consumer.closed_reason is None
+
+    if kind == "ab-conn":   # a restarted pair takes new connections
+        wait_for(lambda: (len(processes_of_kind(b, "ab-conn")), len(processes_of_kind(b, "ab-shard"))),
+                 lambda pairs: pairs == pairs_before)
+    assert_hello_answered_fast(b, connections=4)
+
+    # New connections: an exclusive subscription whose holder died takes another name; one whose
+    # holder lives is still busy. Promoted standbys and the newcomers receive what comes next.
+    newcomers = []
+    for i in range(n):
+        fresh = closing(Client(*b.address, heartbeat_ms=SLOW_HEARTBEAT, name=f"new{i}"))
+        if i in closed:
+            newcomers.append(fresh.subscribe(topic2, f"ex-{i}", "exclusive", f"newcomer-{i}"))
+        else:
+            with pytest.raises(ConsumerBusy):
+                fresh.subscribe(topic2, f"ex-{i}", "exclusive", f"newcomer-{i}")
+    promoted = [standby[i] for i in closed if (i + 1) % n not in closed]
+    sender = closing(Client(*b.address, heartbeat_ms=SLOW_HEARTBEAT, name="sender"))
+    offset = sender.producer(topic2).send_sync(b"after the kill")
+    for consumer in newcomers + promoted:
+        msg = consumer.receive(timeout=FEW_S)
+        assert (msg.id, msg.payload) == (offset, b"after the kill"), consumer.name
+
+    # Every receipted message reached a surviving consumer of "rs": what the dead ones held was
+    # redelivered.
+    wait_for(lambda: len(traffic.since(at)), lambda count: count >= 10, timeout=FEW_S)
+    traffic.stop()
+    wait_for(lambda: undelivered(traffic.receipted, [held[i] for i in survivors]), all_delivered,
+             timeout=EVENTUALLY_S)
+
+
+# --- listener -----------------------------------------------------------------------------------
+
+def _hello_works(broker):
+    try:
+        client = Client(*broker.address, connect_timeout=1, name="probe")
+    except (OSError, ConnectionLost, BrokerError):
+        return False
+    try:
+        client.ping(timeout=1)
+        return True
+    except (OSError, ConnectionLost, BrokerError):
+        return False
+    finally:
+        client.close(timeout=1)
+
+
+def test_kill_of_the_listener_keeps_accepting_on_the_same_port(start_broker, closing, topic):
+    b = start_broker()
+    admin = closing(Admin(b))
+    existing = closing(Client(*b.address, name="existing"))
+    old = closing(Collector(existing.subscribe(topic, "s", "shared", "e1", dispatch="reliable"), ack="all"))
+    traffic = closing(Traffic(b, topic, "reliable"))
+    wait_for(lambda: (len(traffic.receipted), len(old.received)), lambda s: s[0] >= 20 and s[1] >= 1)
+
+    at = kill(only_process(b, "ab-listener"))
+    wait_for(lambda: _hello_works(b), bool, timeout=FEW_S, interval=0.05)   # same address
+    assert_hello_answered_fast(b)
+
+    fresh = closing(Client(*b.address, name="fresh"))
+    new = closing(Collector(fresh.subscribe(topic, "s", "shared", "n1", dispatch="reliable"), ack="all"))
+
+    def settled():
+        """(existing connection still open, consumers listed), or None while not known."""
+        stats = admin.stats(topic)
+        if stats is None:
+            return None
+        if existing.connected:
+            try:
+                existing.ping(timeout=2)
+            except (ConnectionLost, TimeoutError):
+                return None
+        return existing.connected, names(stats, "s")
+
+    # kept: it still works; closed by the restart: its consumer is removed
+    kept, _ = wait_for(settled, lambda s: s is not None and s[1] == (["e1", "n1"] if s[0] else ["n1"]),
+                       timeout=FEW_S, interval=0.05)
+    assert old.consumer.closed_reason == (None if kept else "connection_lost")
+    wait_for(lambda: (len(traffic.since(at)), len(new.received)), lambda s: s[0] >= 10 and s[1] >= 1,
+             timeout=FEW_S)
+    traffic.stop()
+    wait_for(lambda: undelivered(traffic.receipted, [old, new]), all_delivered, timeout=EVENTUALLY_S)
+
+
+# --- topic --------------------------------------------------------------------------------------
+
+def test_kill_of_a_reliable_topic_reopens_it_from_its_log(start_broker, closing, topic):
+    b = start_broker()
+    admin = closing(Admin(b))
+    client = closing(Client(*b.address))
+    first = [closing(Collector(client.subscribe(topic, "durable", "shared", name, dispatch="reliable"),
+                               ack="even")) for name in ("d1", "d2")]
+    traffic = closing(Traffic(b, topic, "reliable"))
+    wait_for(lambda: (len(traffic.receipted), [len(c.received) for c in first]),
+             lambda s: s[0] >= 20 and all(s[1]))
+
+    at = kill(only_process(b, "ab-topic"))
+    wait_for(lambda: [c.consumer.closed_reason for c in first], lambda r: r == ["topic_lost"] * 2,
+             timeout=FEW_S)
+    wait_for(lambda: traffic.producers[0].closed_reason, lambda r: r == "topic_lost", timeout=FEW_S)
+    # reopened at once, from its log, with its durable subscription
+    stats = wait_for(lambda: admin.stats(topic), lambda s: s is not None and "durable" in subscription_names(s),
+                     timeout=FEW_S)
+    assert stats["dispatch"] == "reliable"
+    assert_hello_answered_fast(b)
+
+    again = closing(Collector(subscribe_again(client, topic, "durable", "shared", "d1", dispatch="reliable"),
+                              ack="all"))
+    wait_for(lambda: len(traffic.since(at)), lambda count: count >= 10, timeout=FEW_S)   # producing again
+    traffic.stop()
+    acked = first[0].acked | first[1].acked
+    # every receipted message not acknowledged before the kill comes to the new consumer
+    wait_for(lambda: undelivered(traffic.receipted, [again], acked), all_delivered, timeout=EVENTUALLY_S)
+
+
+def test_kill_of_a_non_reliable_topic_drops_it_until_created_again(start_broker, closing, topic):
+    b = start_broker()
+    admin = closing(Admin(b))
+    client = closing(Client(*b.address))
+    first = closing(Collector(client.subscribe(topic, "s", "shared", "c1", dispatch="non_reliable")))
+    traffic = closing(Traffic(b, topic, "non_reliable", reopen=False))
+    wait_for(lambda: (len(traffic.receipted), len(first.received)), lambda s: s[0] >= 20 and s[1] >= 1)
+
+    kill(only_process(b, "ab-topic"))
+    wait_for(lambda: first.consumer.closed_reason, lambda r: r == "topic_lost", timeout=FEW_S)
+    wait_for(lambda: traffic.producers[0].closed_reason, lambda r: r == "topic_lost", timeout=FEW_S)
+    wait_for(lambda: admin.topics(), lambda t: t is not None and topic not in t, timeout=FEW_S)
+    assert_hello_answered_fast(b)
+    assert topic not in admin.topics()          # gone until something creates it again
+
+    consumer = client.subscribe(topic, "s", "shared", "c2")      # creates it again
+    stats = admin.stats(topic)
+    assert stats["dispatch"] == "non_reliable"
+    assert [(s["name"], names(stats, s["name"])) for s in stats["subscriptions"]] == [("s", ["c2"])]
+    producer = client.producer(topic)
+    offset = producer.send_sync(b"again")
+    msg = consumer.receive(timeout=FEW_S)
+    assert (msg.id, msg.payload) == (offset, b"again")
+    assert admin.topics()[topic]["dispatch"] == "non_reliable"
+
+
+# --- subscription and dispatcher ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dispatch", ["reliable", "non_reliable"])
+@pytest.mark.parametrize("kind", ["ab-sub", "ab-disp"])
+def test_kill_of_a_subscription_process_closes_its_consumers_only(start_broker, closing, topic, kind, dispatch):
+    b = start_broker()
+    admin = closing(Admin(b))
+    c1 = closing(Client(*b.address, name="c1"))
+    c2 = closing(Client(*b.address, name="c2"))
+    reliable = dispatch == "reliable"
+    ack = "even" if reliable else None
+    victims = [closing(Collector(c.subscribe(topic, "victim", "shared", name, dispatch=dispatch), ack=ack))
+               for c, name in ((c1, "v1"), (c2, "v2"))]
+    victim = only_process(b, kind)               # the "victim" subscription's, the only one yet
+    other = closing(Collector(c2.subscribe(topic, "other", "shared", "o1", dispatch=dispatch), ack="all"))
+    wait_for(lambda: processes_of_kind(b, kind), lambda pids: len(pids) == 2)
+    traffic = closing(Traffic(b, topic, dispatch))
+    wait_for(lambda: (len(traffic.receipted), [len(v.received) for v in victims], len(other.received)),
+             lambda s: s[0] >= 20 and all(s[1]) and s[2] >= 1)
+
+    at = kill(victim)
+    wait_for(lambda: [v.consumer.closed_reason for v in victims], lambda r: r == ["subscription_lost"] * 2,
+             timeout=FEW_S)
+    assert other.consumer.closed_reason is None and traffic.producers[0].closed_reason is None
+
+    if reliable:
+        assert_hello_answered_fast(b)
+        again = closing(Collector(subscribe_again(c1, topic, "victim", "shared", "v1", dispatch=dispatch),
+                                  ack="all"))
+        wait_for(lambda: len(traffic.since(at)), lambda count: count >= 10, timeout=FEW_S)
+        traffic.stop()
+        # the other subscription got everything; the victim's every message not acknowledged
+        wait_for(lambda: undelivered(traffic.receipted, [other]), all_delivered, timeout=EVENTUALLY_S)
+        acked = victims[0].acked | victims[1].acked
+        wait_for(lambda: undelivered(traffic.receipted, [again], acked), all_delivered, timeout=EVENTUALLY_S)
+    else:
+        wait_for(lambda: admin.stats(topic), lambda s: s is not None and subscription_names(s) == {"other"},
+                 timeout=FEW_S)
+        assert_hello_answered_fast(b)
+        # the other subscription keeps receiving
+        mark = time.monotonic()
+        sent = wait_for(lambda: traffic.since(mark), lambda offsets: len(offsets) >= 10, timeout=FEW_S)
+        wait_for(lambda: [o for o in sent if o not in other.received], lambda missing: not missing,
+                 timeout=FEW_S)
+        # a subscribe creates the lost one again, and it receives what is sent from then on
+        again = closing(Collector(c1.subscribe(topic, "victim", "shared", "v3", dispatch=dispatch)))
+        assert names(admin.stats(topic), "victim") == ["v3"]
+        mark = time.monotonic()
+        sent = wait_for(lambda: traffic.since(mark), lambda offsets: len(offsets) >= 5, timeout=FEW_S)
+        wait_for(lambda: [o for o in sent if o not in again.received], lambda missing: not missing,
+                 timeout=FEW_S)
+        traffic.stop()
+
+
+# --- log ----------------------------------------------------------------------------------------
+
+def test_kill_of_the_log_loses_no_receipted_message(start_broker, closing, topic):
+    b = start_broker()
+    client = closing(Client(*b.address))
+
+    def subscribe():
+        return client.subscribe(topic, "s", "exclusive", "c", dispatch="reliable")
+
+    collector = closing(Collector(subscribe(), ack="all", resubscribe=subscribe))
+    traffic = closing(Traffic(b, topic, "reliable"))
+    wait_for(lambda: (len(traffic.receipted), len(collector.received)), lambda s: s[0] >= 20 and s[1] >= 1)
+
+    at = kill(only_process(b, "ab-log"))
+    wait_for(lambda: traffic.since(at), bool, timeout=FEW_S)        # a send gets a receipt again
+    assert_hello_answered_fast(b)
+    wait_for(lambda: len(traffic.since(at)), lambda count: count >= 10, timeout=FEW_S)
+    assert [p.closed_reason for p in traffic.producers] == [None], "the producer was closed"
+    traffic.stop()
+    refused = [exc for _, exc in traffic.errors if not isinstance(exc, Internal)]
+    assert not refused, f"sends failed otherwise than with INTERNAL: {refused}"
+    wait_for(lambda: undelivered(traffic.receipted, [collector]), all_delivered, timeout=EVENTUALLY_S)
