@@ -78,6 +78,13 @@ class DeleteTopic:
 
 
 @dataclass(frozen=True)
+class TopicLost:
+    """A connection actor learnt over a lane that this topic actor is gone, maybe before we get its
+    ChildActorExited: forget it now, so that the client's next request finds a live topic."""
+    address: Any
+
+
+@dataclass(frozen=True)
 class Ping:
     """serve asks the root now and then: no answer means the actor system is lost."""
 
@@ -215,6 +222,9 @@ class BrokerRootActor(BrokerActor):
         summaries.sort(key=lambda s: s["name"])
         self.send(reply_to, connection.RequestDone(rid, {"op": "topics", "rid": rid, "topics": summaries}))
 
+    def on_TopicLost(self, msg, sender):
+        self._topic_exited(msg.address)
+
     def on_ChildActorExited(self, msg, sender):
         # delivered once or twice: both branches act only on an address still registered
         if msg.childAddress == self.listener and not self.stopping:
@@ -223,8 +233,11 @@ class BrokerRootActor(BrokerActor):
             config = dataclasses.replace(self.config, port=self.listen_port)
             self.send(self.listener, listener.Listen(config, self.myAddress))
             return
+        self._topic_exited(msg.childAddress)
+
+    def _topic_exited(self, dead):
         for name, (address, dispatch) in list(self.topics.items()):
-            if address == msg.childAddress:
+            if address == dead:
                 del self.topics[name]   # deleted, or crashed
                 if dispatch == "reliable" and not self.stopping:   # (a deleted one left the registry first)
                     log.error("topic %s exited; reopening it from its log", name)

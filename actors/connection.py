@@ -92,6 +92,7 @@ class ConsumerOpened:
     rid: Any            # (connection id, rid)
     consumer_id: int
     subscription: Any   # SubscriptionActor address
+    topic: Any          # TopicActor address
     lane: Any           # the DispatcherActor's LaneAddress
     dispatch: str
     active: Any         # bool for failover subscriptions, else None
@@ -174,6 +175,7 @@ class ConnectionActor(BrokerActor):
         self.connections = {}        # connection id -> _Connection
         self.producer_conn = {}      # producer id -> connection id
         self.consumer_conn = {}      # consumer id -> connection id
+        self.consumer_topic = {}     # consumer id -> topic address
         self.exiting = False
 
     # --- set-up and the shard's supervision -------------------------------------------------------
@@ -229,6 +231,7 @@ class ConnectionActor(BrokerActor):
             self.send(topic_address, topic.CloseProducer(producer_id, None, None))
         for consumer_id, subscription_address in conn.consumers.items():
             self.consumer_conn.pop(consumer_id, None)
+            self.consumer_topic.pop(consumer_id, None)
             self.send(subscription_address, subscription.DetachConsumer(consumer_id, None, None))
         log.info("connection %s: cleaned up %d producers, %d consumers (%s)", connection_id,
                  len(conn.producers), len(conn.consumers), reason)
@@ -244,10 +247,16 @@ class ConnectionActor(BrokerActor):
 
     def on_ConsumersLost(self, msg, sender):
         for consumer_id in msg.consumer_ids:
+            if msg.reason == "topic_lost" and consumer_id in self.consumer_topic:
+                self.send(self.broker, broker.TopicLost(self.consumer_topic[consumer_id]))
             self._end_consumer(consumer_id, msg.reason, detach=True)
 
     def on_ProducersLost(self, msg, sender):
         for producer_id in msg.producer_ids:
+            if msg.reason == "topic_lost":
+                conn = self.connections.get(self.producer_conn.get(producer_id))
+                if conn is not None and producer_id in conn.producers:
+                    self.send(self.broker, broker.TopicLost(conn.producers[producer_id]))
             self._end_producer(producer_id, msg.reason, close=True)
 
     # --- control and admin requests ---------------------------------------------------------------
@@ -315,12 +324,14 @@ class ConnectionActor(BrokerActor):
     def _op_close_consumer(self, conn, connection_id, frame, tag):
         consumer_id = self._known(frame, "consumer", conn.consumers, E.UNKNOWN_CONSUMER)
         self.consumer_conn.pop(consumer_id, None)
+        self.consumer_topic.pop(consumer_id, None)
         self.send(conn.consumers.pop(consumer_id),
                   subscription.DetachConsumer(consumer_id, tag, self.myAddress))
 
     def _op_unsubscribe(self, conn, connection_id, frame, tag):
         consumer_id = self._known(frame, "consumer", conn.consumers, E.UNKNOWN_CONSUMER)
         self.consumer_conn.pop(consumer_id, None)
+        self.consumer_topic.pop(consumer_id, None)
         self.send(conn.consumers.pop(consumer_id),
                   subscription.Unsubscribe(consumer_id, tag, self.myAddress))
 
@@ -410,6 +421,7 @@ class ConnectionActor(BrokerActor):
             return
         conn.consumers[msg.consumer_id] = msg.subscription
         self.consumer_conn[msg.consumer_id] = connection_id
+        self.consumer_topic[msg.consumer_id] = msg.topic
         data = encode_frame({"op": "subscribed", "rid": msg.rid[1], "consumer": msg.consumer_id,
                              "dispatch": msg.dispatch})
         if msg.active is not None:
@@ -457,6 +469,7 @@ class ConnectionActor(BrokerActor):
                 {"op": "closed", "producer": producer_id, "reason": reason})))
 
     def _end_consumer(self, consumer_id, reason, detach):
+        self.consumer_topic.pop(consumer_id, None)
         connection_id = self.consumer_conn.pop(consumer_id, None)
         conn = self.connections.get(connection_id)
         if conn is None:

@@ -49,6 +49,7 @@ class InitDispatcher:
     end_offset: int = 0       # the topic's next offset now
     options: Any = None       # ack_timeout_ms, max_redeliveries, dead_letter_topic
     broker: Any = None        # where dead letters are published
+    incarnation: int = 0      # echoed in DispatcherReady
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class DispatcherActor(BrokerActor):
         self.policy = make_policy(msg.type, msg.config.max_backlog)
         self.hub = LaneHub(self.reactor, self._lane_frames, self._lane_closed,
                            kind=msg.config.lanes, host=msg.config.actor_host)
-        self.send(self.topic, topic.DispatcherReady(self.name, self.hub.listen()))
+        self.send(self.topic, topic.DispatcherReady(self.name, msg.incarnation, self.hub.listen()))
         if msg.dispatch == "reliable":
             self.reliable = True
             self.log = msg.log
@@ -227,6 +228,7 @@ class DispatcherActor(BrokerActor):
 
     def on_LogMoved(self, msg, sender):
         self.log = msg.log
+        self.forget_ordered("log")   # a new receiver: its ordered channel starts from zero
         self.end = max(self.end, msg.end_offset)
         self.reading = False
         self.acks_waiting_next = self.acks_waiting + self.acks_waiting_next
@@ -375,7 +377,7 @@ class DispatcherActor(BrokerActor):
         # Opened and every later ActiveChanged of a consumer share one ordered channel, so the
         # client sees `subscribed` and the initial `active` before any change of it.
         self.send_ordered(msg.reply_to, connection.ConsumerOpened(
-            msg.rid, msg.consumer_id, sender, self.hub.address, self.dispatch,
+            msg.rid, msg.consumer_id, sender, self.topic, self.hub.address, self.dispatch,
             self.policy.is_active(msg.consumer_id)), ("consumer", msg.consumer_id))
         self._announce_active(before, skip=msg.consumer_id)
         self._pump()

@@ -286,7 +286,10 @@ class ShardActor(BrokerActor):
         in flight wait here and go together in the next PUBLISH."""
         for producer_id, sends in publishes.items():
             producer = self.producers.get(producer_id)
-            if producer is None:
+            if producer is None:   # ended since the session accepted them: say so, never drop
+                client.session.write(b"".join(error_frame(
+                    E.UNKNOWN_PRODUCER, f"producer {producer_id} is not open on this connection", rid)
+                    for rid, _ in sends))
                 continue
             producer.sends.extend(sends)
             count = sum(len(records) for _, records in sends)
@@ -395,6 +398,9 @@ class ShardActor(BrokerActor):
             producer = self.producers.pop(producer_id, None)
             if producer is not None:
                 self._refuse_in_flight(producer_id, producer)
+                client = self.clients.get(producer.connection_id)
+                if client is not None:   # later sends get UNKNOWN_PRODUCER at once
+                    client.session.producers.pop(producer_id, None)
                 lost.append(producer_id)
         if lost:
             self.send_ordered(self.supervisor, connection.ProducersLost(lost, reason), "shard")
@@ -411,7 +417,14 @@ class ShardActor(BrokerActor):
                                                      "was receipted; send it again", rid) for rid in rids))
 
     def _consumers_lost(self, consumer_ids, reason):
-        lost = [cid for cid in consumer_ids if self.consumers.pop(cid, None) is not None]
+        lost = []
+        for consumer_id in consumer_ids:
+            route = self.consumers.pop(consumer_id, None)
+            if route is not None:
+                lost.append(consumer_id)
+                client = self.clients.get(route[0])
+                if client is not None:   # later flow/ack/nack get UNKNOWN_CONSUMER at once
+                    client.session.consumers.discard(consumer_id)
         if lost:
             self.send_ordered(self.supervisor, connection.ConsumersLost(lost, reason), "shard")
 

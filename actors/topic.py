@@ -117,6 +117,7 @@ class SubscriptionEnded:
 class DispatcherReady:
     """A new dispatcher accepts lanes at `lane`."""
     subscription: str
+    incarnation: int
     lane: Any
 
 
@@ -138,7 +139,7 @@ class _Sub:
     pending: list = field(default_factory=list)   # records not yet sent to the dispatcher
     in_flight: int = 0
     lane: Any = None     # our lane to the dispatcher, once it is ready
-    lane_address: Any = None
+    incarnation: int = 0 # tells a restarted pair's messages from its predecessor's
 
 
 class TopicActor(BrokerActor):
@@ -174,6 +175,7 @@ class TopicActor(BrokerActor):
         self.truncated_bytes = 0
         self.restoring = {}        # subscription name -> type, while its cursor is being loaded
         self.ending = False        # deleted or stopping: children that exit are not restarted
+        self.incarnations = 0      # subscription pairs created so far
 
     def watch(self):
         return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
@@ -379,7 +381,7 @@ class TopicActor(BrokerActor):
 
     def on_Appended(self, msg, sender):
         entry = self.appending.pop(msg.seq, None)
-        if entry is None or sender != self.log:
+        if entry is None:
             return   # from a log that has been restarted since: those sends were refused
         batch, first, now = entry
         self.log_bytes, self.segments = msg.log_bytes, msg.segments
@@ -419,22 +421,26 @@ class TopicActor(BrokerActor):
         dispatcher_address = self.createActor("actorbroker.actors.dispatcher.DispatcherActor")
         self.forget_ordered(("dispatcher", name))
         self.forget_ordered(("subscription", name))
-        init = dispatcher.InitDispatcher(self.name, name, sub_type, self.dispatch, self.config)
+        self.incarnations += 1
+        init = dispatcher.InitDispatcher(self.name, name, sub_type, self.dispatch, self.config,
+                                         incarnation=self.incarnations)
         if self.log is not None:
             kept = {k: options.get(k) for k in ("ack_timeout_ms", "max_redeliveries", "dead_letter_topic")}
             init = dispatcher.InitDispatcher(
                 self.name, name, sub_type, self.dispatch, self.config, log=self.log, cursor=cursor,
                 start_offset=self.first_offset if start == "earliest" else self.next_offset,
-                end_offset=self.next_offset, options=kept, broker=self.broker)
+                end_offset=self.next_offset, options=kept, broker=self.broker,
+                incarnation=self.incarnations)
         self.send_ordered(dispatcher_address, init, ("dispatcher", name))
         self.send_ordered(sub_address, subscription.InitSubscription(
             self.name, name, sub_type, self.dispatch, dispatcher_address), ("subscription", name))
-        sub = self.subs[name] = _Sub(sub_type, sub_address, dispatcher_address)
+        sub = self.subs[name] = _Sub(sub_type, sub_address, dispatcher_address,
+                                     incarnation=self.incarnations)
         return sub
 
     def on_DispatcherReady(self, msg, sender):
         sub = self.subs.get(msg.subscription)
-        if sub is None or sub.dispatcher != sender or sub.lane is not None:
+        if sub is None or sub.incarnation != msg.incarnation or sub.lane is not None:
             return
         try:
             sub.lane = self.hub.connect(msg.lane, peer=("dispatcher", msg.subscription))
