@@ -2,11 +2,13 @@
 forwarder baseline, measured with real client processes (scripts/bench_worker.py).
 
 Brokers are started on free ports in a temp dir (one per fsync mode) unless --url names one.
-Every figure is the median of --runs runs, with min and max. Progress goes to stderr, the table
+With --compare nats,redis the same 1->1, fan-out 1->4 and latency runs go to NATS and Redis
+servers it starts (scripts/bench_peers.py; clients in scripts/bench_peer_worker.py). Every figure is the median of --runs runs, with min and max. Progress goes to stderr, the table
 to stdout, the results to --json, the charts to --plot DIR (needs matplotlib: pip install
 'actorbroker[plot]').
 """
 import json
+import functools
 import os
 import platform
 import queue
@@ -21,7 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
-from actorbroker.scripts import proctree
+from actorbroker.scripts import bench_peers, proctree
+from actorbroker.scripts.bench_common import parse_url, term_with_parent
 from actorbroker.scripts.broker_process import ROOT, BrokerProcess
 
 ALL_SCENARIOS = ["baseline", "throughput", "latency", "fanout", "shared", "disconnect", "scale"]
@@ -42,7 +45,11 @@ def add_bench_command(subparsers):
     p.add_argument("--rate", type=int, default=1000, help="latency scenario: msg/s (default %(default)s)")
     p.add_argument("--latency-seconds", type=float, default=None, help="latency scenario duration (default 3)")
     p.add_argument("--reps", type=int, default=None, help="disconnect: repetitions per kind (default 20)")
-    p.add_argument("--conns", default=None, help="scale: idle connection counts (default 10,100,500)")
+    p.add_argument("--conns", default=None, help="scale: idle connection counts (default 10,100,1000,10000)")
+    p.add_argument("--compare", default="", metavar="PEERS",
+                   help="also run 1->1, fan-out 1->4 and latency against these systems (of: "
+                        + ",".join(bench_peers.PEERS) + "), on servers started here; needs "
+                        "nats-server / redis-server on PATH and pip install 'actorbroker[bench]'")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds): checks that everything works")
     p.add_argument("--json", default="bench-results.json", help="results file (default %(default)s)")
     p.add_argument("--plot", metavar="DIR", help="write PNG charts there (needs matplotlib)")
@@ -52,26 +59,32 @@ def add_bench_command(subparsers):
 # --- processes ----------------------------------------------------------------------------------
 
 def _term_with_parent():
-    """In a worker or forwarder child, before exec: SIGTERM it if the bench dies (all of them are
-    started from the bench's main thread, whose exit is what PR_SET_PDEATHSIG watches)."""
-    from actorbroker.actors.process import die_with_parent
-    die_with_parent()
+    """A preexec_fn for every child: SIGTERM it if the bench dies (all of them are started from the
+    bench's main thread, whose exit is what PR_SET_PDEATHSIG watches)."""
+    return functools.partial(term_with_parent, os.getpid())
+
+
+WORKER = "actorbroker.scripts.bench_worker"
+PEER_WORKER = "actorbroker.scripts.bench_peer_worker"
+CONNS_WORKER = "actorbroker.scripts.bench_conns"
 
 
 class Worker:
-    """One bench_worker process; its stdout JSON lines are collected by a thread."""
+    """One client process (bench_worker ROLE, or another `module`); its stdout JSON lines are
+    collected by a thread."""
 
-    def __init__(self, bench, role, *options):
+    def __init__(self, bench, role, *options, module=WORKER):
         self.bench = bench
         self.role = role
         self.ready = str(bench.tmp / f"ready-{uuid.uuid4().hex[:10]}")
         err_path = bench.tmp / f"worker-{role}-{uuid.uuid4().hex[:6]}.stderr"
         self.err_path = err_path
         self._err = open(err_path, "wb")
+        argv = [role, "--ready", self.ready] if module != CONNS_WORKER else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actorbroker.scripts.bench_worker", role, "--ready", self.ready, *map(str, options)],
+            [sys.executable, "-m", module, *argv, *map(str, options)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL,
-            preexec_fn=_term_with_parent)
+            preexec_fn=_term_with_parent())
         self.pid = self.proc.pid
         bench.workers.add(self)
         self.lines = queue.Queue()
@@ -149,7 +162,7 @@ class Forwarder:
     def __init__(self, bench):
         self.proc = subprocess.Popen([sys.executable, "-m", "actorbroker.scripts.bench_baseline", "--port", "0"],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL, text=True, preexec_fn=_term_with_parent)
+                                     stdin=subprocess.DEVNULL, text=True, preexec_fn=_term_with_parent())
         line = self.proc.stdout.readline()
         if not line.startswith("listening on "):
             self.stop()
@@ -190,7 +203,11 @@ class Bench:
         self.reps = args.reps or (3 if quick else 20)
         self.fanout_k = [1, 2] if quick else [1, 2, 4, 8]
         self.shared_c = [1, 2] if quick else [1, 2, 4]
-        self.conns = [int(c) for c in args.conns.split(",")] if args.conns else ([5, 20] if quick else [10, 100, 500])
+        self.conns = ([int(c) for c in args.conns.split(",")] if args.conns
+                      else ([5, 20] if quick else [10, 100, 1000, 10000]))
+        self.compare = [p.strip() for p in (args.compare or "").split(",") if p.strip()]
+        if self.compare and 4 not in self.fanout_k:   # the same shape as the peers' fan-out 1->4
+            self.fanout_k = sorted(self.fanout_k + [4])
         self.tmpdir = tempfile.TemporaryDirectory(prefix="actorbroker-bench-")
         self.tmp = Path(self.tmpdir.name)
         self.brokers = {}           # fsync mode -> BrokerProcess
@@ -198,6 +215,10 @@ class Bench:
         self.rows = []              # the table: dicts
         self.details = {}           # scenario -> raw data
         self.failures = []
+        self.skipped = []           # notes: what was not run here, and why (not failures)
+        self.peer_servers = {}      # "nats"/"redis" -> bench_peers.PeerServer
+        self.peer_versions = {}
+        self.chosen = list(ALL_SCENARIOS)
 
     # brokers
 
@@ -218,9 +239,17 @@ class Bench:
             if left:
                 self.failures.append(f"broker {fsync}: processes left after stop: {left}")
 
+    def stop_peer(self, peer):
+        server = self.peer_servers.pop(peer, None)
+        if server is not None and not server.stop():
+            self.failures.append(f"compare {peer}: {bench_peers.BINARIES[peer]} (pid {server.pid}) still alive "
+                                 f"after SIGKILL")
+
     def close(self):
         for w in list(self.workers):
             w.stop()
+        for peer in list(self.peer_servers):
+            self.stop_peer(peer)
         for mode in list(self.brokers):
             self.stop_broker(mode)
         self.tmpdir.cleanup()
@@ -229,9 +258,11 @@ class Bench:
         return f"/bench/{label}-{uuid.uuid4().hex[:8]}"
 
     def stats(self, url, topic):
-        from actorbroker.transport.client import connect
-        with connect(url, name="bench-stats") as c:
+        c = client_for(url, "bench-stats")
+        try:
             return c.stats(topic)
+        finally:
+            c.close(timeout=2)
 
     def add(self, scenario, variant, metric, unit, values, **extra):
         row = {"scenario": scenario, "variant": variant, "metric": metric, "unit": unit, **summary(values), **extra}
@@ -392,6 +423,99 @@ class Bench:
                      lost=max([r["lost"] for r in rs], default=None),
                      dropped=max([r["dropped"] or 0 for r in rs], default=None), messages=self.n)
 
+    # other systems (--compare)
+
+    def sc_compare(self):
+        """NATS core pub/sub and Redis PUBLISH/SUBSCRIBE, same process layout as ours (a producer
+        process, consumer processes): 1->1 with `throughput`, 1->4 with `fanout`, latency at --rate
+        with `latency`, for whichever of those scenarios were chosen."""
+        parts = [s for s in ("throughput", "fanout", "latency") if s in self.chosen]
+        if not parts:
+            self.skipped.append("compare: nothing to compare (--compare goes with throughput, fanout or latency)")
+            note(self.skipped[-1])
+            return
+        for peer in self.compare:
+            why = bench_peers.missing(peer)
+            if why:
+                self.skipped.append(f"compare: {why}")
+                note(self.skipped[-1])
+                continue
+            self.peer_versions[peer] = bench_peers.versions(peer)
+            try:
+                server = bench_peers.PeerServer(peer, self.tmp / f"peer-{peer}")
+            except Exception as exc:   # noqa: BLE001
+                self.failures.append(f"compare {peer}: server did not start: {exc}")
+                note(self.failures[-1])
+                continue
+            self.peer_servers[peer] = server
+            self.peer_versions[peer] |= {"pid": server.pid, "url": server.url}
+            note(f"compare: {bench_peers.BINARIES[peer]} pid {server.pid} on {server.url} "
+                 f"({', '.join(f'{k} {v}' for k, v in self.peer_versions[peer].items() if k not in ('pid', 'url'))})")
+            try:
+                if "throughput" in parts:
+                    def once():
+                        pres, (cres,) = self.peer_pubsub(peer, server.url, self.n, 1)
+                        return {"msg_s": cres["msg_s"], "producer_msg_s": pres["msg_s"],
+                                "lost": self.n - cres["received"]}
+                    rs = self.repeat(f"compare {peer} 1->1", once)
+                    self.add("compare", f"{peer} 1->1", "delivered", "msg/s", [r["msg_s"] for r in rs],
+                             lost=max([r["lost"] for r in rs], default=None),
+                             producer=summary([r["producer_msg_s"] for r in rs])["median"], messages=self.n)
+                if "fanout" in parts:
+                    n = self.n // 2   # as our fan-out: N/2 per subscription
+
+                    def once():
+                        _, cres = self.peer_pubsub(peer, server.url, n, 4)
+                        return aggregate(cres, n * 4)
+                    rs = self.repeat(f"compare {peer} 1->4", once)
+                    self.add("compare", f"{peer} 1->4", "delivered (all subscriptions)", "msg/s",
+                             [r["msg_s"] for r in rs], lost=max([r["lost"] for r in rs], default=None),
+                             messages=n * 4)
+                if "latency" in parts:
+                    n = int(self.args.rate * self.latency_s)
+
+                    def once():
+                        _, (cres,) = self.peer_pubsub(peer, server.url, n, 1,
+                                                      producer_opts=["--rate", self.args.rate],
+                                                      consumer_opts=["--latency"])
+                        lat = cres.get("latency") or {}
+                        return {k: lat.get(k) for k in ("p50_us", "p99_us", "p999_us", "max_us")} | {
+                            "lost": n - cres["received"]}
+                    label = f"{peer} @{self.args.rate}/s"
+                    rs = self.repeat(f"compare {label}", once)
+                    for key in ("p50_us", "p99_us", "p999_us", "max_us"):
+                        self.add("compare", label, key[:-3], "us", [r[key] for r in rs],
+                                 lost=max([r["lost"] for r in rs], default=None), messages=n)
+            finally:
+                self.stop_peer(peer)
+
+    def peer_pubsub(self, peer, url, n, consumers, producer_opts=(), consumer_opts=()):
+        """`consumers` consumer processes of one NATS subject / Redis channel, each expecting all n
+        messages, then one producer process; returns (producer result, [consumer results])."""
+        timeout = max(60.0, n / 500)
+        subject = f"bench.{uuid.uuid4().hex[:10]}"
+        cons = [Worker(self, f"{peer}-consume", "--url", url, "--topic", subject, "--n", n, "--payload",
+                       self.payload, "--deadline", timeout, "--idle", 3, *consumer_opts, module=PEER_WORKER)
+                for _ in range(consumers)]
+        try:
+            for c in cons:
+                c.wait_ready()
+            prod = Worker(self, f"{peer}-produce", "--url", url, "--topic", subject, "--n", n, "--payload",
+                          self.payload, "--deadline", timeout, *producer_opts, module=PEER_WORKER)
+            pres = prod.result(timeout + 10)
+            cres = [c.result(timeout + 10) for c in cons]
+        finally:
+            for c in cons:
+                c.stop()
+        if pres.get("error"):
+            note(f"compare {peer}: producer: {pres['error']}")
+        received = [c["received"] for c in cres]
+        if sum(received) < n * consumers:
+            self.details.setdefault("compare_losses", []).append(
+                {"peer": peer, "n": n, "producer": pres, "consumers": cres})
+            note(f"compare {peer}: consumers got {received} of {n} (stopped: {[c['stopped'] for c in cres]})")
+        return pres, cres
+
     def sc_disconnect(self):
         url = self.url_for("group")
         try:
@@ -417,7 +541,6 @@ class Bench:
     def failover_takeover(self, url):
         """Failover consumers named c0000, c0001, ...: the first by name is active. Kill or close the
         active one; the next one's first message ends the measurement; then start another standby."""
-        from actorbroker.transport.client import connect
         topic, sub = self.topic("failover"), "fo"
         names = (f"c{i:04d}" for i in range(10_000))
 
@@ -428,7 +551,7 @@ class Bench:
             return w
         stop = threading.Event()
         active, waiting = standby(), standby()
-        client = connect(url, name="bench-failover-producer")
+        client = client_for(url, "bench-failover-producer")
         producer = client.producer(topic, max_batch=1)
 
         def pump():   # one message every ~1 ms
@@ -476,12 +599,11 @@ class Bench:
     def shared_redelivery(self, url, batch=50):
         """Shared reliable subscription: Y acks all, X holds what it gets unacked; kill -9 X; time until
         Y has every message."""
-        from actorbroker.transport.client import connect
         topic, sub = self.topic("redeliver"), "sh"
         y = Worker(self, "shared-watch", "--url", url, "--topic", topic, "--subscription", sub,
                    "--name", "y", "--ack", "--deadline", 600)
         y.wait_ready()
-        client = connect(url, name="bench-redelivery-producer")
+        client = client_for(url, "bench-redelivery-producer")
         producer = client.producer(topic, dispatch="reliable")
         y_d, values = 0, []
         try:
@@ -532,76 +654,212 @@ class Bench:
         return values
 
     def sc_scale(self):
+        """Idle consumer connections, K at a time, opened concurrently by one process
+        (scripts/bench_conns.py); broker footprint with them; then the opener is killed (-9) and
+        the time until the broker is clean is measured."""
         if self.args.url:
             url, broker = self.args.url, None
-            note("scale: --url given, broker memory cannot be measured; connection rate only")
+            note("scale: --url given, broker memory and processes cannot be measured; set-up rate and "
+                 "stats-clean time only")
         else:
             broker = BrokerProcess(self.tmp / "broker-scale")
             url = "%s:%d" % broker.address
+        admin = ScaleAdmin(url)
+        steps_done = self.details.setdefault("scale", [])
         try:
             base = broker_footprint(broker)
             if broker:
                 self.add("scale", "0 connections", "broker PSS", "MiB", [base[0] / 1024], processes=base[1])
                 note(f"scale: idle broker: {base[1]} processes, PSS {base[0] / 1024:.0f} MiB")
-            per_conn_kb = None
+            per_conn = None   # (KiB, processes) per connection, from the last step of shared subscriptions
             steps = [(k, False) for k in self.conns] + [(self.conns[0], True)]
             for k, distinct in steps:
                 label = f"{k} idle connections" + (", a subscription each" if distinct else "")
-                if broker and per_conn_kb:
-                    need = per_conn_kb * k * (2.5 if distinct else 1)
-                    avail = mem_available_kb()
-                    if need > 0.6 * avail:
-                        msg = (f"scale {label}: skipped, would need ~{need / 1024 ** 2:.1f} GiB, "
-                               f"{avail / 1024 ** 2:.1f} available")
-                        note(msg)
-                        self.failures.append(msg)
+                if broker and broker.proc.poll() is not None:
+                    self.fail_note(f"scale {label}: not run, the broker exited ({broker.proc.returncode}); "
+                                   f"log: {broker.log_tail(3)}")
+                    break
+                if broker and per_conn:
+                    why = too_big(k * per_conn[0] * (2.5 if distinct else 1), k * per_conn[1] * (2.5 if distinct else 1))
+                    if why:
+                        self.fail_note(f"scale {label}: skipped, the broker cannot take it here: {why} "
+                                       f"(measured {per_conn[0] / 1024:.1f} MiB and {per_conn[1]:.2f} processes "
+                                       f"per connection)")
                         continue
-                pre = len(broker.processes()) if broker else 0
-                w = Worker(self, "idle", "--url", url, "--topic", self.topic("idle"), "--conns", k,
-                           "--prefix", f"i{k}-", "--deadline", 300, *(["--distinct"] if distinct else []))
-                try:
-                    res = w.next_line(310)
-                    if res is None or "opened" not in res:
-                        raise RuntimeError(f"idle worker gave no result: {w.stderr_tail()}")
-                    if res["errors"]:
-                        self.failures.append(f"scale {label}: opened {res['opened']}/{k}, errors {res['errors']}")
-                    time.sleep(1.0)
-                    pss, nproc = broker_footprint(broker)
-                    per = {}
-                    if broker and res["opened"]:
-                        per = {"per_conn_mib": round((pss - base[0]) / 1024 / res["opened"], 2),
-                               "per_conn_processes": round((nproc - base[1]) / res["opened"], 2)}
-                        if not distinct:
-                            per_conn_kb = max(1, (pss - base[0]) / res["opened"])
-                    if broker:
-                        self.add("scale", label, "broker PSS", "MiB", [pss / 1024],
-                                 processes=nproc, opened=res["opened"], errors=res["errors"], **per)
-                    self.add("scale", label, "connection set-up", "conn/s", [res["conn_s"]])
-                    note(f"scale {label}: opened {res['opened']} in {res['elapsed_s']:.1f}s ({res['conn_s']:.1f}/s)"
-                         + (f", broker {nproc} processes, PSS {pss / 1024:.0f} MiB {per}" if broker else "")
-                         + (f", errors {res['errors']}" if res["errors"] else ""))
-                finally:
-                    w.stop()
-                if broker:   # wait (bounded) until the broker has cleaned up those connections;
-                    # the step's topic (one TopicActor) stays, as topics do
-                    t_close = time.monotonic()
-                    deadline = t_close + 120
-                    while len(broker.processes()) > pre + 1 and time.monotonic() < deadline:
-                        time.sleep(0.1)
-                    took = time.monotonic() - t_close
-                    left = len(broker.processes()) - pre - 1
-                    self.add("scale", label, "teardown (clients killed -> broker processes gone)", "s", [took],
-                             left=left)
-                    note(f"scale {label}: clients gone; broker processes back to {pre + 1 + left} after {took:.1f}s")
-                    if left > 0:
-                        msg = f"scale {label}: {left} extra broker processes still alive 120s after the clients left"
-                        self.failures.append(msg)
-                        note(msg)
+                step = self.scale_step(url, broker, admin, k, distinct, label)
+                steps_done.append(step)
+                if step.get("per_conn") and not distinct:
+                    per_conn = step["per_conn"]
         finally:
+            admin.close()
             if broker:
                 left = broker.stop()
                 if left:
                     self.failures.append(f"scale broker: processes left after stop: {left}")
+
+    def fail_note(self, msg):
+        self.failures.append(msg)
+        note(msg)
+
+    def scale_step(self, url, broker, admin, k, distinct, label):
+        topic = self.topic("idle")
+        admin.create_topic(topic)            # so that the step's TopicActor (if any) is in `pre`
+        pre_pss, pre_n = broker_footprint(broker, settle=True)
+        open_deadline = min(300.0, 60 + 0.05 * k)
+        w = Worker(self, "idle", "--url", url, "--topic", topic, "--conns", k, "--prefix", f"i{k}-",
+                   "--deadline", open_deadline, "--hold", open_deadline + 900,
+                   *(["--distinct"] if distinct else []), module=CONNS_WORKER)
+        step = {"conns": k, "distinct": distinct, "topic": topic, "pre_processes": pre_n, "pre_pss_kb": pre_pss}
+        try:
+            self._scale_measure(w, broker, k, distinct, label, step, open_deadline, pre_pss, pre_n)
+        except Exception as exc:   # noqa: BLE001 - reported; the broker's clean-up is still measured
+            self.fail_note(f"scale {label}: {type(exc).__name__}: {exc}")
+        finally:
+            t_kill = time.monotonic()
+            w.signal(signal.SIGKILL)   # the kernel closes every socket at once
+            w.stop()
+        clean = self.wait_clean(admin, broker, topic, pre_n, t_kill, deadline_s=min(180.0, 30 + 0.02 * k))
+        step["clean"] = clean
+        took = max(clean["stats_s"] or 0, clean["processes_s"] or 0) if clean["ok"] else None
+        self.add("scale", label, "broker clean after the client is killed", "s", [took] if took is not None else [],
+                 stats_clean_s=_round(clean["stats_s"]), processes_back_s=_round(clean["processes_s"]),
+                 left=clean["left"] or None)
+        if clean["ok"]:
+            note(f"scale {label}: client killed; broker clean after {took:.2f}s (stats {_fmt(clean['stats_s'])}s, "
+                 f"processes {_fmt(clean['processes_s'])}s)")
+        else:
+            self.fail_note(f"scale {label}: broker not clean {clean['deadline_s']:g}s after the client was killed: "
+                           f"consumers left {clean['consumers']}, processes {clean['left']} above the "
+                           f"{pre_n} before the step")
+        return step
+
+    def _scale_measure(self, w, broker, k, distinct, label, step, open_deadline, pre_pss, pre_n):
+        res = None
+        end = time.monotonic() + open_deadline + 30
+        while res is None and time.monotonic() < end:
+            line = w.next_line(end - time.monotonic())
+            if line is None and w.proc.poll() is not None:
+                break   # it exited (its output is read up to the end first)
+            if line and "opened" in line:
+                res = line
+        if res is None:
+            raise RuntimeError(f"the connection opener gave no result: {w.stderr_tail()}")
+        step["opener"] = res
+        opened = res["opened"]
+        if res["stopped"] or opened < k:
+            self.fail_note(f"scale {label}: {opened}/{k} connections set up ({res['stopped']}); "
+                           f"errors {res['errors']}")
+        time.sleep(1.0)
+        lost = 0
+        line = w.next_line(0)
+        while line is not None:
+            lost = line.get("count", lost)
+            line = w.next_line(0)
+        if lost:
+            self.fail_note(f"scale {label}: the broker closed {lost} of the {opened} idle connections")
+        pss, nproc = broker_footprint(broker)
+        extra = {}
+        if broker and opened:
+            step["per_conn"] = (max(1, (pss - pre_pss) / opened), max(0, (nproc - pre_n) / opened))
+            extra = {"per_conn_mib": round((pss - pre_pss) / 1024 / opened, 2),
+                     "per_conn_processes": round((nproc - pre_n) / opened, 2)}
+            self.add("scale", label, "broker PSS", "MiB", [pss / 1024], processes=nproc, conns=opened, **extra)
+        self.add("scale", label, "connection set-up", "conn/s", [res["conn_s"]] if opened else [],
+                 opened=f"{opened}/{k}", failed=res["failed"] or None)
+        note(f"scale {label}: {opened}/{k} set up in {res['elapsed_s']:.2f}s ({res['conn_s']:,.0f}/s)"
+             + (f", broker {nproc} processes, PSS {pss / 1024:,.0f} MiB {extra}" if broker else "")
+             + (f", errors {res['errors']}" if res["errors"] else ""))
+
+    def wait_clean(self, admin, broker, topic, pre_n, t_kill, deadline_s):
+        """Poll `stats` (no consumer left on the topic's subscriptions) and the broker's process
+        count (back to `pre_n`) until both hold or `deadline_s` has passed since `t_kill`."""
+        deadline = t_kill + deadline_s
+        stats_at = procs_at = None
+        consumers, left = None, None
+        while True:
+            now = time.monotonic()
+            if stats_at is None:
+                consumers = admin.consumers(topic)
+                if consumers == 0:
+                    stats_at = time.monotonic()
+            if broker is None:
+                procs_at = procs_at or now
+                left = None
+            elif procs_at is None:
+                left = len(broker.processes()) - pre_n
+                if left <= 0:
+                    procs_at = time.monotonic()
+            if (stats_at and procs_at) or now > deadline:
+                break
+            time.sleep(0.05)
+        return {"ok": bool(stats_at and procs_at), "deadline_s": deadline_s, "consumers": consumers,
+                "left": max(0, left) if left is not None else None,
+                "stats_s": stats_at - t_kill if stats_at else None,
+                "processes_s": (procs_at - t_kill if procs_at else None) if broker else None}
+
+
+class ScaleAdmin:
+    """The scale scenario's one admin connection (stats, topic creation), opened on first use and
+    opened again after an error; every call bounded."""
+
+    def __init__(self, url):
+        self.url = url
+        self.client = None
+
+    def _client(self):
+        if self.client is None:
+            self.client = client_for(self.url, "bench-scale-admin")
+        return self.client
+
+    def create_topic(self, topic):
+        producer = self._client().producer(topic, timeout=30)
+        producer.close(timeout=30)
+
+    def consumers(self, topic):
+        """Consumers attached to the topic's subscriptions now (None if stats did not answer)."""
+        try:
+            st = self._client().stats(topic, timeout=5)
+        except Exception:   # noqa: BLE001 - a busy broker: try again at the next poll
+            self.close()
+            return None
+        return sum(len(s.get("consumers") or []) for s in st.get("subscriptions") or [])
+
+    def close(self):
+        if self.client is not None:
+            try:
+                self.client.close(timeout=2)
+            except Exception:   # noqa: BLE001
+                pass
+            self.client = None
+
+
+def too_big(need_kb, need_processes):
+    """Why a step needing this much memory / this many processes cannot run here, or None."""
+    avail = mem_available_kb()
+    if need_kb > 0.6 * avail:
+        return f"it would need ~{need_kb / 1024 ** 2:.1f} GiB, {avail / 1024 ** 2:.1f} GiB available"
+    limits = []
+    for path in ("/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"):
+        try:
+            with open(path) as f:
+                limits.append(int(f.read()))
+        except (OSError, ValueError):
+            pass
+    running = sum(1 for name in os.listdir("/proc") if name.isdigit())
+    if limits and need_processes > 0.5 * min(limits) - running:
+        return f"it would need ~{need_processes:,.0f} more processes, the kernel allows {min(limits):,}"
+    return None
+
+
+def _round(v, digits=3):
+    return None if v is None else round(v, digits)
+
+
+def client_for(url, name):
+    """A connected Client (transport/client.py) for "host:port"."""
+    from actorbroker.transport.client import Client
+    host, port = parse_url(url)
+    return Client(host, port, name=name)
 
 
 def aggregate(cres, expected):
@@ -632,10 +890,20 @@ def pct(values, q):
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-def broker_footprint(broker):
+def broker_footprint(broker, settle=False):
+    """(PSS KiB, number of processes) of the broker's whole process tree; with settle, first wait
+    (at most 5 s) until the number of processes has not changed for 0.5 s."""
     if broker is None:
         return 0, None
     pids = broker.processes()
+    if settle:
+        end, since = time.monotonic() + 5, time.monotonic()
+        while time.monotonic() < end and time.monotonic() - since < 0.5:
+            time.sleep(0.1)
+            now = broker.processes()
+            if len(now) != len(pids):
+                pids, since = now, time.monotonic()
+        pids = broker.processes()
     return proctree.pss_kb(pids), len(pids)
 
 
@@ -686,17 +954,39 @@ def _fmt(v):
 # --- output -------------------------------------------------------------------------------------
 
 def add_ratios(rows):
+    """Every msg/s row: x_unbatched / x_batched (to the forwarder) and, with --compare nats,
+    x_nats (to NATS's median of this run: fan-out rows and 1->4 rows to NATS 1->4, the others to
+    NATS 1->1). Every latency row (ours and Redis's): nats_us, NATS's figure of the same
+    percentile at the same rate."""
     base = {r["variant"]: r["median"] for r in rows if r["scenario"] == "baseline"}
     unb = base.get("unbatched")
     bat = next((v for k, v in base.items() if k.startswith("batched")), None)
+    nats = {(r["variant"], r["metric"]): r["median"] for r in rows
+            if r["scenario"] == "compare" and r["variant"].startswith("nats ") and r["median"]}
+    nats_11 = nats.get(("nats 1->1", "delivered"))
+    nats_14 = nats.get(("nats 1->4", "delivered (all subscriptions)"))
+    nats_lat = {metric: v for (variant, metric), v in nats.items() if variant.startswith("nats @")}
     for r in rows:
         if r["unit"] == "msg/s" and r["median"]:
             r["x_unbatched"] = r["median"] / unb if unb else None
             r["x_batched"] = r["median"] / bat if bat else None
+            ref = nats_14 if r["scenario"] == "fanout" or r["variant"].endswith("1->4") else nats_11
+            if ref and not r["variant"].startswith("nats "):
+                r["x_nats"] = r["median"] / ref
+        elif r["unit"] == "us" and r["median"] and nats_lat.get(r["metric"]) \
+                and not r["variant"].startswith("nats "):
+            r["nats_us"] = nats_lat[r["metric"]]
+
+
+NOTE_KEYS = ("lost", "dropped", "processes", "per_conn_mib", "per_conn_processes", "opened", "failed",
+             "stats_clean_s", "processes_back_s", "left", "samples")
 
 
 def table(rows):
-    head = ["scenario", "variant", "metric", "median", "min-max", "unit", "vs fwd 1/100", "notes"]
+    with_nats = any(r.get("x_nats") is not None or r.get("nats_us") is not None for r in rows)
+    head = ["scenario", "variant", "metric", "median", "min-max", "unit", "vs fwd 1/100"]
+    head += ["vs nats"] if with_nats else []
+    head += ["notes"]
     lines = []
     for r in rows:
         rng = f"{_fmt(r['min'])}-{_fmt(r['max'])}" if r["min"] is not None else "-"
@@ -705,14 +995,22 @@ def table(rows):
             ratio = f"{r['x_unbatched']:.2f}"
             if r.get("x_batched"):
                 ratio += f" / {r['x_batched']:.2f}"
+        vs_nats = []
+        if r.get("x_nats") is not None:
+            vs_nats = [f"{r['x_nats']:.2f}"]
+        elif r.get("nats_us") is not None:   # NATS's figure next to ours, and how many times it
+            x = r["median"] / r["nats_us"]
+            vs_nats = [f"nats {_fmt(r['nats_us'])} (x{x:.1f})" if x >= 1 else f"nats {_fmt(r['nats_us'])} (x{x:.2f})"]
+        elif with_nats:
+            vs_nats = [""]
         notes = []
-        for key in ("lost", "dropped", "processes", "per_conn_mib", "per_conn_processes", "samples"):
+        for key in NOTE_KEYS:
             if r.get(key) is not None:
                 notes.append(f"{key} {r[key]}")
         if r.get("producer"):
             notes.append(f"producer {_fmt(r['producer'])}/s")
         lines.append([r["scenario"], r["variant"], r["metric"], _fmt(r["median"]), rng, r["unit"], ratio,
-                      ", ".join(notes)])
+                      *vs_nats, ", ".join(notes)])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
     out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
     for line in lines:
@@ -738,7 +1036,7 @@ def plot(results, outdir):
         if not sel:
             return
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        labels = [textwrap.fill(f"{r['variant']} {r['metric']}" if r["scenario"] in ("latency", "disconnect")
+        labels = [textwrap.fill(f"{r['variant']} {r['metric']}" if r["unit"] != "msg/s"
                                 else f"{r['scenario']}: {r['variant']}", 18) for r in sel]
         med = [r["median"] for r in sel]
         err = [[m - r["min"] for m, r in zip(med, sel)], [r["max"] - m for m, r in zip(med, sel)]]
@@ -757,11 +1055,12 @@ def plot(results, outdir):
         plt.close(fig)
         written.append(str(path))
 
-    bars([r for r in rows if r["scenario"] in ("baseline", "throughput")],
+    bars([r for r in rows if r["scenario"] in ("baseline", "throughput")
+          or r["scenario"] == "compare" and r["unit"] == "msg/s"],
          "1 producer -> 1 consumer, delivered msg/s (median, min-max)", "bench-throughput.png", "msg/s", log=True)
     bars([r for r in rows if r["scenario"] in ("fanout", "shared")],
          "fan-out (K subscriptions) and shared (C consumers): aggregate msg/s", "bench-fanout-shared.png", "msg/s")
-    bars([r for r in rows if r["scenario"] == "latency"],
+    bars([r for r in rows if r["scenario"] == "latency" or r["scenario"] == "compare" and r["unit"] == "us"],
          "latency at a fixed rate (us, median of runs, min-max)", "bench-latency.png", "us", log=True)
     bars([r for r in rows if r["scenario"] == "disconnect"],
          "disconnect: time to takeover / redelivery (ms)", "bench-disconnect.png", "ms")
@@ -789,7 +1088,12 @@ def run_bench(args):
     if unknown:
         print(f"error: unknown scenarios {unknown}; choose from {ALL_SCENARIOS}", file=sys.stderr)
         return 2
+    peers = [p.strip() for p in (args.compare or "").split(",") if p.strip()]
+    if [p for p in peers if p not in bench_peers.PEERS]:
+        print(f"error: --compare {args.compare!r}: choose from {','.join(bench_peers.PEERS)}", file=sys.stderr)
+        return 2
     bench = Bench(args)
+    bench.chosen = chosen
     started = time.monotonic()
     load_at_start = os.getloadavg()
     note(f"scenarios {','.join(chosen)}; {bench.n} messages of {bench.payload} B, {bench.runs} run(s) each; "
@@ -797,8 +1101,8 @@ def run_bench(args):
          f"producer is not counted as drops" + (" (self-started brokers only)" if not args.url else ""))
     scenarios = {}
     try:
-        for name in ALL_SCENARIOS:
-            if name not in chosen:
+        for name in ALL_SCENARIOS + ["compare"]:
+            if name not in chosen and not (name == "compare" and peers):
                 continue
             note(f"== {name}")
             t0 = time.monotonic()
@@ -818,9 +1122,12 @@ def run_bench(args):
                "settings": {"messages": bench.n, "payload": bench.payload, "runs": bench.runs,
                             "rate": args.rate, "latency_seconds": bench.latency_s, "reps": bench.reps,
                             "fanout": bench.fanout_k, "shared": bench.shared_c, "conns": bench.conns,
-                            "url": args.url, "quick": args.quick, "max_backlog": BIG_BACKLOG},
+                            "url": args.url, "quick": args.quick, "max_backlog": BIG_BACKLOG,
+                            "compare": peers},
+               "peers": bench.peer_versions,
                "scenarios": scenarios, "rows": bench.rows, "details": bench.details,
-               "failures": bench.failures, "seconds": round(time.monotonic() - started, 1)}
+               "skipped": bench.skipped, "failures": bench.failures,
+               "seconds": round(time.monotonic() - started, 1)}
     print(table(bench.rows))
     print(f"\nload average at start {load_at_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
           f"({os.cpu_count()} CPUs): other work on the machine skews every figure")
@@ -828,6 +1135,16 @@ def run_bench(args):
                else f"the broker at {args.url} keeps its own --max-backlog: a fast producer may show as drops")
     print(f"\nratios: 'vs fwd 1/100' = median / bare asyncio forwarder (unbatched / 100 frames per write); "
           f"{backlog}.")
+    if any("x_nats" in r or "nats_us" in r for r in bench.rows):
+        print("'vs nats' = median / NATS median of this run (fanout and 1->4 rows: / NATS 1->4, other msg/s "
+              "rows: / NATS 1->1); latency rows: NATS's figure of the same percentile at the same rate "
+              "(x = ours / NATS's).")
+    for peer, v in bench.peer_versions.items():
+        print(f"compare {peer}: " + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("pid", "url")))
+    if bench.skipped:
+        print("\nskipped:")
+        for s in bench.skipped:
+            print(f"  - {s}")
     if bench.failures:
         print("\nfailures:")
         for f in bench.failures:

@@ -2,56 +2,27 @@
 
     python -m scripts.bench_worker ROLE [options]
 
-Result roles (produce, consume, idle, raw-produce, raw-consume) print one JSON line of results
+Result roles (produce, consume, raw-produce, raw-consume) print one JSON line of results
 on stdout when done. Event roles (failover, shared-watch), used by the disconnect scenario,
 print one JSON line per event instead. A role that waits for its peers writes --ready FILE once
 it is subscribed/connected. Every loop is bounded by --deadline seconds.
+
+The scale scenario opens its connections with scripts/bench_conns.py (raw non-blocking sockets),
+and `--compare` drives NATS and Redis with scripts/bench_peer_worker.py.
 
 Payloads start with the send time (time.time_ns, 8 bytes big-endian) and a sequence number
 (8 bytes), padded with zeros to --payload bytes.
 """
 import argparse
-import json
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 
+from actorbroker.scripts.bench_common import STAMP, emit, make_payload, parse_url, percentiles, touch
 from actorbroker.transport.client import Client
-from actorbroker.transport.client_common import parse_url
 from actorbroker.transport.codec import FrameDecoder, encode_frame, encode_message_frames, encode_record
-
-STAMP = struct.Struct(">QQ")
-
-
-def emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def touch(path):
-    if path:
-        with open(path + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
-        os.replace(path + ".tmp", path)
-
-
-def make_payload(seq, size):
-    head = STAMP.pack(time.time_ns(), seq)
-    return head + bytes(max(0, size - len(head))) if size >= len(head) else head[:max(size, 8)]
-
-
-def percentiles(values_us):
-    if not values_us:
-        return {}
-    v = sorted(values_us)
-
-    def q(p):
-        return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
-    return {"p50_us": q(50), "p99_us": q(99), "p999_us": q(99.9), "max_us": v[-1],
-            "mean_us": sum(v) / len(v), "count": len(v)}
 
 
 # --- broker client roles ----------------------------------------------------------------------
@@ -220,40 +191,6 @@ def shared_watch(args):
     return 0
 
 
-def idle(args):
-    """Open --conns connections, each hello + one subscribe (all to one shared subscription, or
-    with --distinct each to its own), one after another; print how long it took, then hold them
-    until SIGTERM (or --deadline)."""
-    host, port = parse_url(args.url)
-    clients, errors = [], []
-    start = time.monotonic()
-    for i in range(args.conns):
-        if time.monotonic() - start > args.deadline:
-            errors.append("deadline")
-            break
-        try:
-            c = Client(host, port, name=f"idle-{i}")
-            if args.distinct:   # a subscription of its own: its SubscriptionActor and DispatcherActor
-                c.subscribe(args.topic, f"{args.prefix}{i}", "exclusive", f"idle-{args.prefix}{i}",
-                            receiver_queue=10)
-            else:               # all on one shared subscription: the connection's own cost only
-                c.subscribe(args.topic, "idle", "shared", f"idle-{args.prefix}{i}", receiver_queue=10)
-            clients.append(c)
-        except Exception as exc:   # noqa: BLE001
-            errors.append(f"{type(exc).__name__}: {exc}")
-            if len(errors) > 5:
-                break
-    elapsed = time.monotonic() - start
-    emit({"role": "idle", "opened": len(clients), "elapsed_s": elapsed,
-          "conn_s": len(clients) / elapsed if elapsed > 0 else 0.0, "errors": errors[:5]})
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    end = time.monotonic() + args.deadline
-    while not stop and time.monotonic() < end:
-        time.sleep(0.1)
-    os._exit(0)   # the kernel closes every socket at once
-
-
 # --- baseline (bare forwarder) roles -----------------------------------------------------------
 
 def raw_connect(url, role):
@@ -327,7 +264,7 @@ def raw_consume(args):
 
 
 ROLES = {"produce": produce, "consume": consume, "failover": failover, "shared-watch": shared_watch,
-         "idle": idle, "raw-produce": raw_produce, "raw-consume": raw_consume}
+         "raw-produce": raw_produce, "raw-consume": raw_consume}
 
 
 def parse(argv):
@@ -349,8 +286,6 @@ def parse(argv):
     p.add_argument("--ack", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--latency", action="store_true")
     p.add_argument("--distinct", action="store_true")
-    p.add_argument("--conns", type=int, default=10)
-    p.add_argument("--prefix", default="idle")
     p.add_argument("--ready", default=None)
     p.add_argument("--idle", type=float, default=3.0, help="stop after this long without a message")
     p.add_argument("--first-timeout", type=float, default=30.0)

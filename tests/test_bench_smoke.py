@@ -1,10 +1,12 @@
-"""`actorbroker bench --quick` runs every scenario end to end and writes its JSON (no timing checks)."""
+"""`actorbroker bench --quick` runs every scenario end to end and writes its JSON (no timing checks);
+with --compare nats,redis when their servers and clients are installed."""
 import json
 import subprocess
 import sys
 
 import pytest
 
+from actorbroker.scripts import proctree
 from actorbroker.scripts.bench import ALL_SCENARIOS
 from actorbroker.scripts.broker_process import ROOT
 
@@ -27,3 +29,39 @@ def test_bench_quick_writes_every_scenario(tmp_path):
     assert "== throughput" in proc.stderr                             # progress went to stderr
     # The brokers it started were stopped without leaving a process behind (BrokerProcess.stop).
     assert not [f for f in results["failures"] if "left after stop" in f], results["failures"]
+
+
+def _compare_missing():
+    """Why the compare smoke run cannot run here (server binaries or Python clients), or None."""
+    from actorbroker.scripts import bench_peers
+    reasons = [why for why in map(bench_peers.missing, bench_peers.PEERS) if why]
+    return "; ".join(reasons) or None
+
+
+@pytest.mark.timeout(150)
+def test_bench_quick_compare_nats_redis(tmp_path):
+    why = _compare_missing()
+    if why:
+        pytest.skip(why)
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "actorbroker.scripts.cli", "bench", "--quick", "--compare", "nats,redis",
+         "--scenarios", "throughput,fanout,latency", "--messages", "500", "--latency-seconds", "0.5",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=140)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["scenarios"]["compare"]["ok"], results["scenarios"]
+    variants = {r["variant"] for r in results["rows"] if r["scenario"] == "compare"}
+    for peer in ("nats", "redis"):
+        assert {f"{peer} 1->1", f"{peer} 1->4", f"{peer} @1000/s"} <= variants, variants
+    # Our rows carry the ratio to NATS; latency rows carry NATS's figure.
+    ours = {(r["scenario"], r["variant"], r["metric"]): r for r in results["rows"]}
+    assert ours[("throughput", "non_reliable", "delivered")]["x_nats"] > 0
+    assert ours[("fanout", "K=4", "delivered (all subscriptions)")]["x_nats"] > 0
+    assert ours[("latency", "non_reliable @1000/s", "p50")]["nats_us"] > 0
+    assert "vs nats" in proc.stdout
+    assert not results["skipped"], results["skipped"]
+    # The servers it started are gone.
+    for peer in ("nats", "redis"):
+        assert not proctree.alive(results["peers"][peer]["pid"]), results["peers"][peer]

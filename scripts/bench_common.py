@@ -1,0 +1,67 @@
+"""Small helpers shared by the bench's processes (scripts/bench*.py): payload stamps, JSON result
+lines, ready files, percentiles, "host:port" parsing and PR_SET_PDEATHSIG.
+
+Nothing here imports the client library, so the peer workers (NATS, Redis) and the connection
+opener do not depend on it.
+"""
+import ctypes
+import json
+import os
+import signal
+import struct
+import sys
+import time
+
+STAMP = struct.Struct(">QQ")   # send time (time.time_ns) and sequence number, at a payload's start
+_PR_SET_PDEATHSIG = 1
+
+
+def emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def touch(path):
+    """Write the ready file atomically (the bench polls for it)."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(path + ".tmp", path)
+
+
+def make_payload(seq, size):
+    head = STAMP.pack(time.time_ns(), seq)
+    return head + bytes(max(0, size - len(head))) if size >= len(head) else head[:max(size, 8)]
+
+
+def percentiles(values_us):
+    if not values_us:
+        return {}
+    v = sorted(values_us)
+
+    def q(p):
+        return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+    return {"p50_us": q(50), "p99_us": q(99), "p999_us": q(99.9), "max_us": v[-1],
+            "mean_us": sum(v) / len(v), "count": len(v)}
+
+
+def parse_url(url, default_port=6650):
+    """"host:port" (or "host", or ":port") as (host, port)."""
+    host, sep, port = url.rpartition(":")
+    if not sep:
+        return url or "127.0.0.1", default_port
+    return host or "127.0.0.1", int(port)
+
+
+def term_with_parent(parent_pid=None):
+    """In a child of the bench, before exec: ask the kernel for SIGTERM when the bench dies
+    (PR_SET_PDEATHSIG; it watches the thread that forked, so children are started from the
+    bench's main thread). If the bench (`parent_pid`, taken before the fork) died before this
+    call, exit at once."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != (parent_pid or os.getppid()) or os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
