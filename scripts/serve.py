@@ -99,12 +99,12 @@ def serve(args):
               f"(admin port {admin_port}, admin pid {reply.admin_pid}, data {data_dir})", flush=True)
         print(f"open files limit {files}: about {connections_allowed(files, config)} client "
               f"connections per shard, {config.io_shards} shards", file=sys.stderr, flush=True)
-        lost = watch_system(system, root, reply.admin_pid, stop)
+        lost, lost_pids = watch_system(system, root, reply.admin_pid, stop)
         if lost:
             system = None
+            kill_system(lost_pids)
             print(f"error: the actor system is lost ({lost}); exiting so that a service manager "
                   f"restarts the broker", file=sys.stderr, flush=True)
-            kill_system(reply.admin_pid)
             return 3
         print("actorbroker stopping", flush=True)
         return 0
@@ -130,7 +130,7 @@ def connections_allowed(files, config):
 
 
 def watch_system(system, root, admin_pid, stop):
-    """Serve until a signal; returns why, if the actor system is lost meanwhile.
+    """Serve until a signal; returns (why, its last known pids) if the actor system is lost meanwhile.
 
     Killing Thespian's admin or logger process (kill -9) takes the system down while this process
     would keep running and serve nothing: so the admin's pid is watched, and the root actor must
@@ -141,29 +141,31 @@ def watch_system(system, root, admin_pid, stop):
     except (OSError, AttributeError):
         pidfd = None
     last_ping = time.monotonic()
+    known = set(descendants(admin_pid))
     try:
         while not stop.wait(0.25):
             if pidfd is not None and select.select([pidfd], [], [], 0)[0]:
-                return f"admin process {admin_pid} exited"
+                return f"admin process {admin_pid} exited", known
             if time.monotonic() - last_ping >= PING_EVERY_S:
                 last_ping = time.monotonic()
+                known = set(descendants(admin_pid))   # for kill_system, once the admin is gone
                 try:
                     answer = system.ask(root, Ping(), PING_TIMEOUT_S)
                 except Exception as exc:   # the admin socket itself failing
-                    return f"ping failed: {exc}"
+                    return f"ping failed: {exc}", known
                 if stop.is_set():
-                    return None
+                    return None, ()
                 if not isinstance(answer, Pong):
-                    return f"the root actor did not answer within {PING_TIMEOUT_S} s"
-        return None
+                    return f"the root actor did not answer within {PING_TIMEOUT_S} s", known
+        return None, ()
     finally:
         if pidfd is not None:
             os.close(pidfd)
 
 
-def kill_system(admin_pid):
-    """What is left of a lost system: the admin's descendants, by PID (never by name)."""
-    pids = [admin_pid]
+def descendants(pid):
+    """pid and every process below it, from /proc."""
+    pids = [pid]
     i = 0
     while i < len(pids):
         try:
@@ -172,6 +174,15 @@ def kill_system(admin_pid):
         except OSError:
             pass
         i += 1
+    return pids
+
+
+def kill_system(known):
+    """What is left of a lost system, by PID (never by name): the admin's tree as last seen, and
+    whatever is still below any of those."""
+    pids = set(known)
+    for pid in list(pids):
+        pids.update(descendants(pid))
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
