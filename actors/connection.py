@@ -228,11 +228,12 @@ class ConnectionActor(BrokerActor):
         conn.closed = True
         for producer_id, topic_address in conn.producers.items():
             self.producer_conn.pop(producer_id, None)
-            self.send(topic_address, topic.CloseProducer(producer_id, None, None))
+            self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), ("to", str(topic_address)))
         for consumer_id, subscription_address in conn.consumers.items():
             self.consumer_conn.pop(consumer_id, None)
             self.consumer_topic.pop(consumer_id, None)
-            self.send(subscription_address, subscription.DetachConsumer(consumer_id, None, None))
+            self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
+                              ("to", str(subscription_address)))
         log.info("connection %s: cleaned up %d producers, %d consumers (%s)", connection_id,
                  len(conn.producers), len(conn.consumers), reason)
         conn.producers.clear()
@@ -248,7 +249,7 @@ class ConnectionActor(BrokerActor):
     def on_ConsumersLost(self, msg, sender):
         for consumer_id in msg.consumer_ids:
             if msg.reason == "topic_lost" and consumer_id in self.consumer_topic:
-                self.send(self.broker, broker.TopicLost(self.consumer_topic[consumer_id]))
+                self.send_ordered(self.broker, broker.TopicLost(self.consumer_topic[consumer_id]), "root")
             self._end_consumer(consumer_id, msg.reason, detach=True)
 
     def on_ProducersLost(self, msg, sender):
@@ -256,7 +257,7 @@ class ConnectionActor(BrokerActor):
             if msg.reason == "topic_lost":
                 conn = self.connections.get(self.producer_conn.get(producer_id))
                 if conn is not None and producer_id in conn.producers:
-                    self.send(self.broker, broker.TopicLost(conn.producers[producer_id]))
+                    self.send_ordered(self.broker, broker.TopicLost(conn.producers[producer_id]), "root")
             self._end_producer(producer_id, msg.reason, close=True)
 
     # --- control and admin requests ---------------------------------------------------------------
@@ -280,9 +281,9 @@ class ConnectionActor(BrokerActor):
         dispatch = self._choice(frame, "dispatch", DISPATCH_MODES)
         access = self._choice(frame, "access", ("shared", "exclusive")) or "shared"
         conn.pending.add(tag)
-        self.send(self.broker, broker.TopicRequest(
+        self.send_ordered(self.broker, broker.TopicRequest(
             name, dispatch or self.config.default_dispatch,
-            topic.OpenProducer(tag, self.myAddress, 0, producer_name, access, self.shard_ident)))
+            topic.OpenProducer(tag, self.myAddress, 0, producer_name, access, self.shard_ident)), "root")
 
     def _op_close_producer(self, conn, connection_id, frame, tag):
         producer_id = self._known(frame, "producer", conn.producers, E.UNKNOWN_PRODUCER)
@@ -316,10 +317,10 @@ class ConnectionActor(BrokerActor):
             raise BadRequest(E.BAD_TOPIC, f"bad dead_letter_topic {dead_letter!r}")
         options["dead_letter_topic"] = dead_letter
         conn.pending.add(tag)
-        self.send(self.broker, broker.TopicRequest(
+        self.send_ordered(self.broker, broker.TopicRequest(
             name, dispatch or self.config.default_dispatch,
             topic.Subscribe(tag, self.myAddress, self.shard_ident, 0, sub_name, sub_type,
-                            consumer_name, start, options)))
+                            consumer_name, start, options)), "root")
 
     def _op_close_consumer(self, conn, connection_id, frame, tag):
         consumer_id = self._known(frame, "consumer", conn.consumers, E.UNKNOWN_CONSUMER)
@@ -337,17 +338,18 @@ class ConnectionActor(BrokerActor):
 
     def _op_topics(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        self.send(self.broker, broker.ListTopics(tag, self.myAddress))
+        self.send_ordered(self.broker, broker.ListTopics(tag, self.myAddress), "root")
 
     def _op_stats(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
         name = self._topic(conn, frame, None)
-        self.send(self.broker, broker.TopicRequest(name, None, topic.StatsRequest(tag, self.myAddress)))
+        self.send_ordered(self.broker, broker.TopicRequest(name, None, topic.StatsRequest(tag, self.myAddress)),
+                          "root")
 
     def _op_delete_topic(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
         name = self._topic(conn, frame, None)
-        self.send(self.broker, broker.DeleteTopic(tag, name, self.myAddress))
+        self.send_ordered(self.broker, broker.DeleteTopic(tag, name, self.myAddress), "root")
 
     # --- field checks -----------------------------------------------------------------------------
     def _topic(self, conn, frame, action):
@@ -463,7 +465,7 @@ class ConnectionActor(BrokerActor):
             return
         topic_address = conn.producers.pop(producer_id, None)
         if close and topic_address is not None:   # the topic may live on: say so (idempotent)
-            self.send(topic_address, topic.CloseProducer(producer_id, None, None))
+            self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), ("to", str(topic_address)))
         if not conn.closed:
             self._to_shard(shard.UnrouteProducer(connection_id, producer_id, encode_frame(
                 {"op": "closed", "producer": producer_id, "reason": reason})))
@@ -476,7 +478,8 @@ class ConnectionActor(BrokerActor):
             return
         subscription_address = conn.consumers.pop(consumer_id, None)
         if detach and subscription_address is not None:
-            self.send(subscription_address, subscription.DetachConsumer(consumer_id, None, None))
+            self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
+                              ("to", str(subscription_address)))
         if not conn.closed:
             self._to_shard(shard.UnrouteConsumer(connection_id, consumer_id, encode_frame(
                 {"op": "closed", "consumer": consumer_id, "reason": reason})))

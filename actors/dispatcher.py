@@ -374,11 +374,12 @@ class DispatcherActor(BrokerActor):
             consumer.tracks_acks = True
             consumer.max_unacked = msg.max_unacked or DEFAULT_MAX_UNACKED
         self.policy.add(consumer)
-        # Opened and every later ActiveChanged of a consumer share one ordered channel, so the
-        # client sees `subscribed` and the initial `active` before any change of it.
+        # Opened and every later ActiveChanged of a consumer share one ordered channel (one per
+        # ConnectionActor), so the client sees `subscribed` and the initial `active` before any
+        # change of it.
         self.send_ordered(msg.reply_to, connection.ConsumerOpened(
             msg.rid, msg.consumer_id, sender, self.topic, self.hub.address, self.dispatch,
-            self.policy.is_active(msg.consumer_id)), ("consumer", msg.consumer_id))
+            self.policy.is_active(msg.consumer_id)), ("owner", str(msg.reply_to)))
         self._announce_active(before, skip=msg.consumer_id)
         self._pump()
 
@@ -398,7 +399,7 @@ class DispatcherActor(BrokerActor):
         consumer = self.policy.consumers.get(consumer_id)
         if consumer is not None:
             self.send_ordered(consumer.owner, connection.ConsumerEnded(consumer_id, reason),
-                              ("consumer", consumer_id))
+                              ("owner", str(consumer.owner)))
             self._forget(consumer_id)
 
     def _forget(self, consumer_id):
@@ -406,9 +407,6 @@ class DispatcherActor(BrokerActor):
         if consumer is not None and self.reliable:
             # its unacknowledged messages go back to the subscription, counted as redelivered
             self._return_unacked([o for o, entry in self.unacked.items() if entry[0] == consumer_id])
-        if consumer is not None:
-            self.forget_ordered(consumer_id)
-            self.forget_ordered(("consumer", consumer_id))
 
     def _active_flags(self):
         return {cid: self.policy.is_active(cid) for cid in self.policy.consumers}
@@ -420,7 +418,7 @@ class DispatcherActor(BrokerActor):
             if now is None or consumer.id == skip or before.get(consumer.id) == now:
                 continue
             self.send_ordered(consumer.owner, connection.ActiveChanged(consumer.id, now),
-                              ("consumer", consumer.id))
+                              ("owner", str(consumer.owner)))
 
     # --- from the consumers' transports ---------------------------------------------------------
     def _flow(self, consumer_id, credits):
