@@ -19,8 +19,7 @@ import struct
 import sys
 import time
 
-from actorbroker.transport.client import Client
-from actorbroker.transport.client_common import parse_url
+from actorbroker.transport.client import Client, parse_url
 from actorbroker.transport.codec import FrameDecoder, encode_frame, encode_message_frames, encode_record
 
 STAMP = struct.Struct(">QQ")
