@@ -3,7 +3,8 @@
     python -m actorbroker.scripts.client_microbench [-n 200000] [--payload 100] [--repeat 5]
 
 - pack: a producer's per-message work up to the bytes of its `send` frames (record, batching,
-  rid and pending entry, frame encoding), through the sans-IO core;
+  rid and pending entry, frame encoding) and the handling of their receipts, through the
+  sans-IO core;
 - decode: a consumer's work from the bytes of `message` pushes (made with codec.encode_record and
   encode_message_frames, 100 records a push) to Message objects, through the sans-IO core;
 - e2e produce / e2e consume: the threaded Client's public API (producer.send + flush,
@@ -50,15 +51,29 @@ class _Consumer(ConsumerCore):
         self.sink.delivered += len(messages)
 
 
-def pack(payloads, max_batch=500):
+class _Producer(ProducerCore):
+    def _receipt(self, batch, reply, error):
+        self._settle(batch, reply, error)
+
+
+def receipts(n, max_batch=500):
+    """The broker's receipts for the sends of pack(n messages), in order (rids count from 1)."""
+    return [encode_frame({"op": "receipt", "rid": rid, "first": i, "count": max_batch})
+            for rid, i in enumerate(range(0, n, max_batch), 1)]
+
+
+def pack(payloads, receipts, max_batch=500):
     core = ClientCore("bench")
-    producer = ProducerCore({"producer": 1}, None, 2, max_batch, len(payloads) + 1, MAX_FRAME, Batch)
-    written = 0
-    for payload in payloads:
-        _, _, ready, _ = producer._add(*producer._record(payload, None, None))
+    sink = _Sink()
+    producer = _Producer({"producer": 1}, None, 2, max_batch, len(payloads) + 1, MAX_FRAME, Batch)
+    receipts = iter(receipts)
+    for payload in payloads:             # as sync.Producer.send does, without its lock
+        record, size = producer._record(payload, None, None)
+        _, _, ready, _ = producer._add(record, size)
         for batch in ready:
-            written += len(core.send_request(producer, batch))
-    return written
+            sink.written += len(core.send_request(producer, batch))
+            dispatch(core.receive_data(next(receipts), 0.0), sink)
+    return sink.written
 
 
 def decode(chunks):
@@ -177,7 +192,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
     n, payload = args.n, bytes(args.payload)
-    (t,) = best_of(args.repeat, pack, [payload] * n)
+    (t,) = best_of(args.repeat, pack, [payload] * n, receipts(n))
     print(f"pack send frames (core)       {t / n * 1e6:7.3f} us/msg")
     chunks = push_chunks(n, payload)
     (t,) = best_of(args.repeat, decode, chunks)
