@@ -24,7 +24,8 @@ import uuid
 from pathlib import Path
 
 from actorbroker.scripts import bench_peers, proctree
-from actorbroker.scripts.bench_common import parse_url, term_with_parent
+from actorbroker.scripts.bench_common import term_with_parent
+from actorbroker.transport.client import parse_url
 from actorbroker.scripts.broker_process import ROOT, BrokerProcess
 
 ALL_SCENARIOS = ["baseline", "throughput", "latency", "fanout", "shared", "disconnect", "scale"]

@@ -45,14 +45,6 @@ def percentiles(values_us):
             "mean_us": sum(v) / len(v), "count": len(v)}
 
 
-def parse_url(url, default_port=6650):
-    """"host:port" (or "host", or ":port") as (host, port)."""
-    host, sep, port = url.rpartition(":")
-    if not sep:
-        return url or "127.0.0.1", default_port
-    return host or "127.0.0.1", int(port)
-
-
 def term_with_parent(parent_pid=None):
     """In a child of the bench, before exec: ask the kernel for SIGTERM when the bench dies
     (PR_SET_PDEATHSIG; it watches the thread that forked, so children are started from the

@@ -31,7 +31,8 @@ import sys
 import time
 from collections import Counter
 
-from actorbroker.scripts.bench_common import emit, parse_url
+from actorbroker.scripts.bench_common import emit
+from actorbroker.transport.client import parse_url
 from actorbroker.transport.codec import FrameDecoder, encode_frame
 
 CREDITS = 10

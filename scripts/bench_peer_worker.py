@@ -22,7 +22,8 @@ import asyncio
 import sys
 import time
 
-from actorbroker.scripts.bench_common import STAMP, emit, make_payload, parse_url, percentiles, touch
+from actorbroker.scripts.bench_common import STAMP, emit, make_payload, percentiles, touch
+from actorbroker.transport.client import parse_url
 
 
 class Counter:

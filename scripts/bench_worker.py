@@ -20,8 +20,8 @@ import socket
 import sys
 import time
 
-from actorbroker.scripts.bench_common import STAMP, emit, make_payload, parse_url, percentiles, touch
-from actorbroker.transport.client import Client
+from actorbroker.scripts.bench_common import STAMP, emit, make_payload, percentiles, touch
+from actorbroker.transport.client import Client, parse_url
 from actorbroker.transport.codec import FrameDecoder, encode_frame, encode_message_frames, encode_record
 
 

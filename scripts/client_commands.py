@@ -8,8 +8,7 @@ import json
 import sys
 import time
 
-from actorbroker.transport.client import Client
-from actorbroker.transport.client_common import DEFAULT_HOST, DEFAULT_PORT, parse_url
+from actorbroker.transport.client import DEFAULT_HOST, DEFAULT_PORT, Client, parse_url
 from actorbroker.transport.errors import BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed
 
 DEFAULT_URL = f"{DEFAULT_HOST}:{DEFAULT_PORT}"

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from actorbroker.transport.aio_client import AsyncClient
+from actorbroker.transport.client import AsyncClient
 from actorbroker.transport.errors import ConsumerBusy
 
 

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from actorbroker.transport import errors as E
-from actorbroker.transport.client_common import (
+from actorbroker.transport.client.core import (
     SEND_OVERHEAD, Attachments, Batcher, CreditWindow, ids_of, max_message_size,
     message_from_record, parse_url, record_for, subscribe_frame)
 from actorbroker.transport.codec import encode_frame

@@ -5,8 +5,8 @@
 Commands arrive on stdin as JSON lines {"cmd", "rid", ...}; every command is answered on stdout
 by {"rid", "ok": true, ...} or {"rid", "ok": false, "error", "code"}. Events are written on
 stdout as they happen: {"event": "ready" | "message" | "active" | "closed" | "lost" | "fatal"}.
-The agent uses transport/client.py only, so killing or freezing it is killing or freezing a real
-client. It exits when stdin closes (the runner went away) or on the `close` command."""
+The agent uses the sync client (transport/client/) only, so killing or freezing it is killing or
+freezing a real client. It exits when stdin closes (the runner went away) or on the `close` command."""
 import ctypes
 import json
 import os

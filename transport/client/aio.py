@@ -1,0 +1,414 @@
+"""asyncio client of actorbroker, with the shape of the threaded one (sync.py).
+
+    async with await AsyncClient.connect("127.0.0.1", 6650) as client:
+        producer = await client.producer("/demo/orders")
+        future = await producer.send(b"hello")    # batched like Producer.send; await it for the offset
+        consumer = await client.subscribe("/demo/orders", "billing", "shared")
+        async for msg in consumer:
+            await consumer.ack(msg)
+
+The protocol is core.ClientCore's: one reader task feeds it what the stream receives and carries
+out the events it returns; a heartbeat task ticks its heartbeat clock.
+"""
+import asyncio
+import time
+from collections import deque
+
+from actorbroker.transport.client.core import (
+    ADMIN, DEFAULT_HEARTBEAT_MS, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore,
+    ConsumerCore, Message, ProducerCore, dispatch, hello_frame, open_consumer, open_producer,
+    parse_url, read_failure)
+from actorbroker.transport.codec import DEFAULT_MAX_FRAME
+from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
+
+__all__ = ["AsyncClient", "connect", "AsyncProducer", "AsyncConsumer", "AsyncSendFuture", "Message"]
+
+
+async def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
+    """An AsyncClient connected to "host:port"."""
+    host, port = parse_url(url)
+    return await AsyncClient.connect(host, port, **options)
+
+
+class AsyncClient:
+    def __init__(self, reader, writer, name):
+        """Use `await AsyncClient.connect(...)`."""
+        self.name = name
+        self._reader, self._writer = reader, writer
+        self._core = ClientCore(name)
+        self._core.last_received = time.monotonic()
+        self._tasks = []
+        self.welcome, self.max_frame, self.heartbeat_ms = None, DEFAULT_MAX_FRAME, DEFAULT_HEARTBEAT_MS
+
+    @classmethod
+    async def connect(cls, host=DEFAULT_HOST, port=DEFAULT_PORT, *, token=None, heartbeat_ms=None,
+                      name="actorbroker-py-async", connect_timeout=5.0):
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout)
+        self = cls(reader, writer, name)
+        self._tasks.append(asyncio.create_task(self._read_loop()))
+        try:
+            self.welcome = await self.request(hello_frame(name, token, heartbeat_ms), connect_timeout)
+        except BaseException as exc:
+            await self.close()
+            raise self._core.hello_error(exc) from None
+        self._core.welcomed(self.welcome)
+        self.max_frame, self.heartbeat_ms = self._core.max_frame, self._core.heartbeat_ms
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        return self
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def request(self, frame, timeout=10):
+        """Send `frame` with a new rid and return the reply; an `error` reply raises its typed error."""
+        return await self._wait(*self._call(frame), timeout)
+
+    def _call(self, frame, make=None, kind=None):
+        """Send a request now; returns (rid, future) (see Client._call)."""
+        waiter = asyncio.get_running_loop().create_future()
+        rid, data = self._core.request(frame, waiter, make, kind)
+        self._writer.write(data)
+        return rid, waiter
+
+    async def _wait(self, rid, waiter, timeout):
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            if waiter.cancelled():
+                self._core.forget(rid)
+                raise TimeoutError(f"no reply within {timeout}s") from None
+            raise
+
+    @staticmethod
+    def _settle(waiter, result, error):
+        if waiter.done():
+            return   # timed out or cancelled meanwhile
+        if error is None:
+            waiter.set_result(result)
+        else:
+            waiter.set_exception(error)
+
+    def _send(self, frame):
+        """A frame without rid (flow, ack, nack)."""
+        self._writer.write(self._core.one_way(frame))
+
+    def _send_batch(self, producer, batch):
+        self._writer.write(self._core.send_request(producer, batch))
+
+    def _write_quietly(self, data):
+        if self._core.lost is None:
+            self._writer.write(data)
+
+    async def _drain(self):
+        try:
+            await self._writer.drain()
+        except OSError as exc:
+            self._connection_lost(ConnectionLost(f"write failed: {exc}"))
+            raise ConnectionLost(str(exc)) from exc
+
+    # --- producers and consumers ---------------------------------------------------------------
+
+    async def producer(self, topic, *, name=None, dispatch=None, access=None, linger_ms=2,
+                       max_batch=500, max_pending=10000, timeout=10):
+        """As Client.producer."""
+        request = open_producer(self, AsyncProducer, topic, name, dispatch, access, linger_ms,
+                                max_batch, max_pending)
+        return await self._wait(*self._call(*request, "producer"), timeout)
+
+    async def subscribe(self, topic, subscription, type="exclusive", consumer=None, *,
+                        receiver_queue=1000, auto_credit=True, on_active=None, timeout=10, **options):
+        """As Client.subscribe; on_active(consumer, active) is called in the reader task."""
+        request = open_consumer(self, AsyncConsumer, topic, subscription, type, consumer,
+                                receiver_queue, auto_credit, on_active, options)
+        consumer = await self._wait(*self._call(*request, "consumer"), timeout)
+        if auto_credit:
+            consumer.flow(receiver_queue)
+        return consumer
+
+    async def _close_remote(self, obj, timeout):
+        """Detach a producer or consumer and close it on the broker (ClientCore.close_request)."""
+        waiter = asyncio.get_running_loop().create_future()
+        request = self._core.close_request(obj, waiter)
+        if request is not None:
+            self._write_quietly(request[1])
+            await self._wait(request[0], waiter, timeout)
+
+    # --- admin ---------------------------------------------------------------------------------
+
+    async def _admin(self, op, timeout, *args):
+        frame_of, result_of = ADMIN[op]
+        return result_of(await self.request(frame_of(*args), timeout))
+
+    async def topics(self, timeout=10):
+        return await self._admin("topics", timeout)
+
+    async def stats(self, topic, timeout=10):
+        return await self._admin("stats", timeout, topic)
+
+    async def delete_topic(self, topic, timeout=10):
+        await self._admin("delete_topic", timeout, topic)
+
+    async def ping(self, timeout=10):
+        """Round trip time in seconds."""
+        start = time.monotonic()
+        await self._admin("ping", timeout)
+        return time.monotonic() - start
+
+    # --- reading and heartbeat -----------------------------------------------------------------
+
+    async def _read_loop(self):
+        reason = "connection closed by the broker"
+        try:
+            while data := await self._reader.read(READ_SIZE):
+                dispatch(self._core.receive_data(data, time.monotonic()), self)
+        except asyncio.CancelledError:
+            reason = "client closed"
+        except Exception as exc:
+            reason = read_failure(exc)
+        self._connection_lost(ConnectionLost(self._core.end_reason(reason)))
+
+    async def _heartbeat_loop(self):
+        while self._core.lost is None:
+            await asyncio.sleep(self.heartbeat_ms / 4000)
+            ping, dead = self._core.heartbeat(time.monotonic())
+            if dead is not None:
+                self._connection_lost(dead)
+            elif ping is not None:
+                self._writer.write(ping)
+
+    # --- the end -------------------------------------------------------------------------------
+
+    def _connection_lost(self, error):
+        events = self._core.connection_lost(error)
+        if events is None:
+            return
+        self._writer.close()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        dispatch(events, self)
+
+    @property
+    def connected(self):
+        return self._core.lost is None
+
+    async def close(self, timeout=5.0):
+        """Send what producers still buffer (waiting up to `timeout`), then close the connection."""
+        core = self._core
+        if core.lost is None and not core.closing:
+            flushes = asyncio.gather(*(p.flush(None) for p in core.producers()), return_exceptions=True)
+            try:
+                await asyncio.wait_for(flushes, timeout)
+            except asyncio.TimeoutError:
+                pass   # closing anyway; the futures tell what became of each send
+        core.closing = True
+        self._connection_lost(ConnectionLost("client closed"))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self._writer.wait_closed()
+        except OSError:
+            pass
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+# --- producing --------------------------------------------------------------------------------
+
+def _new_batch():
+    return Batch(asyncio.Event())
+
+
+class AsyncSendFuture(BatchFuture):
+    """Awaitable offset of one message: `offset = await future`."""
+    __slots__ = ()
+
+    async def result(self, timeout=None):
+        try:
+            await asyncio.wait_for(self._batch.done.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no receipt within {timeout}s") from None
+        return self._batch.offset(self._index)
+
+    def __await__(self):
+        return self.result().__await__()
+
+
+class AsyncProducer(ProducerCore):
+    """As sync.Producer: batched, pipelined; `send` waits while max_pending are outstanding."""
+
+    def __init__(self, client, reply, name, linger_ms, max_batch, max_pending):
+        super().__init__(reply, name, linger_ms, max_batch, max_pending, client.max_frame, _new_batch)
+        self._client = client
+        self._changed = asyncio.Event()   # set whenever _outstanding drops or the producer ends
+
+    async def send(self, payload, key=None, attrs=None):
+        """Queue one message; returns an AsyncSendFuture of its offset."""
+        record, size = self._record(payload, key, attrs)
+        if self._outstanding >= self._max_pending:
+            await self._wait_until(lambda: self._outstanding < self._max_pending or self._end)
+        if self._end is not None:
+            raise self._end_error()
+        batch, index, ready, lingering = self._add(record, size)
+        for full in ready:
+            self._write(full)
+        if lingering:
+            asyncio.get_running_loop().call_later(self._linger_s, self._send_current, batch)
+        if ready:
+            await self._client._drain()
+        return AsyncSendFuture(batch, index)
+
+    async def send_sync(self, payload, key=None, attrs=None, timeout=10):
+        future = await self.send(payload, key, attrs)
+        self._send_current()
+        return await future.result(timeout)
+
+    async def flush(self, timeout=10):
+        """Send what is buffered and wait until every message sent so far has its receipt."""
+        self._send_current()
+        try:
+            await asyncio.wait_for(self._wait_until(lambda: not self._outstanding), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{self._outstanding} messages without receipt after {timeout}s") from None
+        if self._end is not None and self._end[0] is ConnectionLost:
+            raise self._end_error()
+
+    async def close(self, timeout=10):
+        """Flush, then close the producer on the broker."""
+        if self._end is not None:
+            return
+        try:
+            await self.flush(timeout)
+        finally:
+            self._ended(ProducerClosed, "closed")
+            await self._client._close_remote(self, timeout)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    def _send_current(self, only=None):
+        """Send the batch being filled (or only `only`, when its linger timer fires)."""
+        current = self._batcher.current
+        if current is None or (only is not None and current is not only):
+            return
+        batch = self._batcher.take()
+        if self._end is not None:
+            self._receipt(batch, None, self._end_error())
+        else:
+            self._write(batch)
+
+    def _write(self, batch):
+        try:
+            self._client._send_batch(self, batch)
+        except ConnectionLost as exc:
+            self._receipt(batch, None, exc)
+
+    async def _wait_until(self, condition):
+        # Event.set wakes every waiter at once, so a waiter clearing it cannot make another miss it.
+        while not condition():
+            self._changed.clear()
+            await self._changed.wait()
+
+    # --- events (core.dispatch), in the reader task ----------------------------------------------
+
+    def _receipt(self, batch, reply, error):
+        if self._settle(batch, reply, error):
+            batch.done.set()
+            self._changed.set()
+
+    def _ended(self, cls, arg):
+        self._set_end(cls, arg)
+        self._changed.set()
+
+    def _fail_unsent(self):
+        self._send_current()
+
+
+# --- consuming --------------------------------------------------------------------------------
+
+class AsyncConsumer(ConsumerCore):
+    """As sync.Consumer; `receive` and iteration are coroutines."""
+
+    def __init__(self, client, reply, topic, subscription, sub_type, name, receiver_queue, on_active):
+        super().__init__(reply, topic, subscription, sub_type, name, receiver_queue, on_active)
+        self._client = client
+        self._ready = deque()            # the receiver queue
+        self._arrived = asyncio.Event()  # set when messages come or the consumer ends
+
+    async def receive(self, timeout=None):
+        if not self._ready:
+            await self._wait_message(timeout)
+        msg = self._ready.popleft()
+        grant = self._grant()
+        if grant and self._client.connected:
+            self.flow(grant)
+        return msg
+
+    async def _wait_message(self, timeout):
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._ready:
+                    if self._end is not None:
+                        raise self._end_error()
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError:
+            raise TimeoutError(f"no message within {timeout}s") from None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self.receive()
+        except ConsumerClosed:
+            raise StopAsyncIteration from None
+
+    def flow(self, credits):
+        self._client._send(self._flow_frame(credits))
+
+    async def ack(self, msg_or_ids, sync=False, timeout=10):
+        await self._send_ack(self._ack_frame("ack", msg_or_ids), sync, timeout)
+
+    async def nack(self, msg_or_ids, delay_ms=None, sync=False, timeout=10):
+        await self._send_ack(self._ack_frame("nack", msg_or_ids, delay_ms), sync, timeout)
+
+    async def _send_ack(self, frame, sync, timeout):
+        if frame is None:
+            return
+        if not sync:
+            self._client._send(frame)
+            return
+        await self._client.request(frame, timeout)
+
+    async def close(self, timeout=10):
+        if self._end is None:
+            self._ended("closed")
+            await self._client._close_remote(self, timeout)
+
+    async def unsubscribe(self, timeout=10):
+        await self._client.request(self._unsubscribe_frame(), timeout)
+        self._ended("unsubscribed")
+        self._client._core.detach(self)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    # --- events (core.dispatch), in the reader task ----------------------------------------------
+
+    def _deliver(self, messages):
+        self._ready.extend(messages)
+        self._arrived.set()
+
+    def _ended(self, reason, raises=None):
+        if self._set_end(reason, raises):
+            self._ready.clear()
+            self._arrived.set()

@@ -1,0 +1,753 @@
+"""Sans-IO core of the Python clients (protocol v1, PROTOCOL.md), in the style of h11/wsproto.
+
+Everything a client connection knows and decides, with no sockets, threads, clocks or event loop:
+`ClientCore` is handed the bytes the broker sent (`receive_data`) and the time (`heartbeat`), and
+answers with the bytes to write and a list of events, which the I/O layer (sync.py with threads,
+aio.py with asyncio) carries out with its own primitives:
+
+    (REPLY, waiter, result, error)          settle the waiter of a request (result or error)
+    (RECEIPT, producer, batch, reply, error) a send's receipt (or its error) for a producer batch
+    (MESSAGES, consumer, [Message, ...])     messages for a consumer's receiver queue
+    (ACTIVE, consumer, bool)                 failover state of a consumer
+    (CLOSED, producer_or_consumer, reason)   the broker ended it (already detached here)
+    (LOST, producer_or_consumer, error, client_closing)   the connection is gone
+    (WRITE, bytes)                           answer to a broker ping
+    (BROKEN, exception)                      the bytes received cannot be used: abandon the connection
+
+`dispatch(events, client)` runs them by calling the I/O layer's hooks. `ProducerCore` and
+`ConsumerCore` hold the pure part of a producer and a consumer (batching arithmetic, flow
+control counts, receiver-queue credits, end state); the I/O classes derive from them and add
+only how to wait and wake.
+"""
+import itertools
+import logging
+import uuid
+from collections import namedtuple
+
+from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, encode_frame
+from actorbroker.transport.errors import (
+    BAD_REQUEST, FATAL_CODES, INTERNAL, OVERLOADED, UNKNOWN_CONSUMER, UNKNOWN_PRODUCER, BrokerError,
+    ConnectionLost, ConsumerClosed, ProducerClosed, error_for, error_from_frame)
+
+log = logging.getLogger("actorbroker.client")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 6650
+DEFAULT_HEARTBEAT_MS = 5000
+READ_SIZE = 256 * 1024
+DEAD_AFTER_HEARTBEATS = 3   # nothing at all received for this many heartbeats: the broker is gone
+
+# Bytes of a `send` frame around its records: length header, op, rid, producer id, msgs array header.
+SEND_OVERHEAD = 64
+# A record must also fit, alone, in the broker's `message` push to a consumer, whose envelope adds
+# the producer name, id, time and redeliveries; this margin covers that with room to spare.
+PUSH_MARGIN = 128
+
+# Event kinds (see the module docstring).
+REPLY, RECEIPT, MESSAGES, ACTIVE, CLOSED, LOST, WRITE, BROKEN = (
+    "reply", "receipt", "messages", "active", "closed", "lost", "write", "broken")
+_IGNORED = ("ignored",)     # pending entry of a request whose reply nobody waits for (our pings)
+_CLOSING = "closing"        # pending entry kind of a close_producer/close_consumer (close_request)
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+_MessageFields = namedtuple("_MessageFields",
+                            "id payload key attrs time producer redeliveries consumer_id")
+
+
+class Message(_MessageFields):
+    """One delivered message (immutable); `id` is its topic offset, `time` its publish time (ms
+    since epoch). A named tuple underneath, so that a consumer builds thousands of them cheaply."""
+    __slots__ = ()
+
+    def __new__(cls, id, payload, key=None, attrs=None, time=0, producer="", redeliveries=0,
+                consumer_id=None):
+        return tuple.__new__(cls, (id, payload, key, {} if attrs is None else attrs, time, producer,
+                                   redeliveries, consumer_id))
+
+    @property
+    def text(self):
+        return self.payload.decode("utf-8")
+
+
+_new_tuple = tuple.__new__
+
+
+def messages_of(records, consumer_id):
+    """The Messages of a `message` push's `msgs` (the consumer's hot path: one tuple each).
+
+    PROTOCOL.md gives every record all seven fields, which is the fast path; a record without
+    some of them gets the defaults of Message."""
+    try:
+        return [_new_tuple(Message, (r["id"], r["payload"], r["key"],
+                                     attrs if (attrs := r["attrs"]) is not None else {},
+                                     r["time"], r["producer"], r["redeliveries"], consumer_id))
+                for r in records]
+    except KeyError:
+        return [_new_tuple(Message, (r["id"], r["payload"], r.get("key"), r.get("attrs") or {},
+                                     r.get("time", 0), r.get("producer", ""), r.get("redeliveries", 0),
+                                     consumer_id))
+                for r in records]
+
+
+def message_from_record(record, consumer_id):
+    return messages_of((record,), consumer_id)[0]
+
+
+def ids_of(msg_or_ids):
+    """Message ids from a Message, an int, or an iterable of either."""
+    if isinstance(msg_or_ids, Message):
+        return [msg_or_ids.id]
+    if isinstance(msg_or_ids, int):
+        return [msg_or_ids]
+    return [m.id if isinstance(m, Message) else int(m) for m in msg_or_ids]
+
+
+# --- addresses and names ----------------------------------------------------------------------
+
+def parse_url(url, default_port=DEFAULT_PORT):
+    """"host:port" (or "host", or ":port") as (host, port)."""
+    host, sep, port = url.rpartition(":")
+    if not sep:
+        return url or DEFAULT_HOST, default_port
+    return host or DEFAULT_HOST, int(port)
+
+
+def default_consumer_name(client_name):
+    return f"{client_name}-{uuid.uuid4().hex[:12]}"
+
+
+# --- frames -----------------------------------------------------------------------------------
+
+def _with_optional(frame, **optional):
+    """`frame` plus the optional fields that were given (None means: let the broker decide)."""
+    frame.update((k, v) for k, v in optional.items() if v is not None)
+    return frame
+
+
+def hello_frame(client_name, token=None, heartbeat_ms=None):
+    return _with_optional({"op": "hello", "version": PROTOCOL_VERSION, "client": client_name},
+                          token=token, heartbeat_ms=heartbeat_ms)
+
+
+def producer_frame(topic, name=None, dispatch=None, access=None):
+    return _with_optional({"op": "producer", "topic": topic}, name=name, dispatch=dispatch, access=access)
+
+
+def subscribe_frame(topic, subscription, sub_type, consumer, *, start=None, dispatch=None,
+                    max_unacked=None, ack_timeout_ms=None, max_redeliveries=None, dead_letter_topic=None):
+    return _with_optional(
+        {"op": "subscribe", "topic": topic, "subscription": subscription, "type": sub_type,
+         "consumer": consumer},
+        start=start, dispatch=dispatch, max_unacked=max_unacked, ack_timeout_ms=ack_timeout_ms,
+        max_redeliveries=max_redeliveries, dead_letter_topic=dead_letter_topic)
+
+
+def open_producer(client, cls, topic, name, dispatch, access, linger_ms, max_batch, max_pending):
+    """(frame, make) of a `producer` request: make(reply) builds the client's producer class."""
+    frame = producer_frame(topic, name, dispatch, access)
+    return frame, lambda reply: cls(client, reply, name, linger_ms, max_batch, max_pending)
+
+
+def open_consumer(client, cls, topic, subscription, sub_type, consumer, receiver_queue, auto_credit,
+                  on_active, options):
+    """(frame, make) of a `subscribe` request; options are subscribe_frame's keywords."""
+    name = consumer or default_consumer_name(client.name)
+    frame = subscribe_frame(topic, subscription, sub_type, name, **options)
+    credits = receiver_queue if auto_credit else None
+
+    def make(reply):
+        return cls(client, reply, topic, subscription, sub_type, name, credits, on_active)
+    return frame, make
+
+
+def reply_fields(frame):
+    """A reply without its envelope (op, rid): what admin calls return."""
+    return {k: v for k, v in frame.items() if k not in ("op", "rid")}
+
+
+# Admin calls: name -> (request frame from the call's arguments, result from the reply).
+ADMIN = {
+    "topics": (lambda: {"op": "topics"}, lambda reply: reply["topics"]),
+    "stats": (lambda topic: {"op": "stats", "topic": topic}, reply_fields),
+    "delete_topic": (lambda topic: {"op": "delete_topic", "topic": topic}, lambda reply: None),
+    "ping": (lambda: {"op": "ping"}, lambda reply: None),
+}
+
+
+def read_failure(exc):
+    """Why a connection ended, when reading from it raised exc."""
+    if isinstance(exc, OSError):
+        return f"connection failed: {exc}"
+    return f"connection abandoned: {type(exc).__name__}: {exc}"   # a bad frame, or a bug in a handler
+
+
+# --- batching ---------------------------------------------------------------------------------
+
+def _as_bytes(payload):
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    return payload if isinstance(payload, bytes) else bytes(payload)
+
+
+def record_for(payload, key=None, attrs=None):
+    """The `msgs` element for one message, and an upper bound of its msgpack size.
+
+    The bound is computed instead of packing twice; each str/bin/map header counts 5 bytes (their
+    largest form), and each attribute 10 bytes more, as the broker's own size check does."""
+    if type(payload) is not bytes:
+        payload = _as_bytes(payload)
+    record = {"payload": payload}
+    size = 1 + 8 + 5 + len(payload)
+    if key is not None:
+        record["key"] = key
+        size += 4 + 5 + len(key.encode("utf-8"))
+    if attrs:
+        record["attrs"] = attrs
+        size += 6 + 5 + sum(20 + len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in attrs.items())
+    return record, size
+
+
+def max_message_size(max_frame, producer_name):
+    """Largest record (as measured by record_for) that the broker can take and deliver."""
+    return max_frame - PUSH_MARGIN - len(producer_name.encode("utf-8"))
+
+
+def too_large(size, limit):
+    return error_for(BAD_REQUEST, f"message of about {size} bytes is larger than the {limit} bytes "
+                                  f"this broker's max_frame allows")
+
+
+class Batch:
+    """Records collected for one `send` frame, and its outcome once settled. `done` is the I/O
+    layer's way to wake who waits for it (a threading.Event or an asyncio.Event)."""
+    __slots__ = ("records", "size", "settled", "first", "error", "done")
+
+    def __init__(self, done=None):
+        self.records = []
+        self.size = SEND_OVERHEAD
+        self.settled = False
+        self.first = None
+        self.error = None
+        self.done = done
+
+    def add(self, record, size):
+        self.records.append(record)
+        self.size += size
+        return len(self.records) - 1
+
+    def offset(self, index):
+        """The offset of the index-th message once settled; raises the batch's error."""
+        if self.error is not None:
+            raise self.error
+        return self.first + index
+
+
+class BatchFuture:
+    """The offset one message of a batch will get; the I/O layer adds how to wait for it."""
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch, index):
+        self._batch, self._index = batch, index
+
+    def done(self):
+        return self._batch.done.is_set()
+
+
+class Batcher:
+    """Groups records into batches of at most max_batch records and max_frame bytes.
+
+    `add` returns (batch, index, ready): the batch the record went into, its index there, and the
+    batches that are complete and must be sent now, in order. The batch being filled is `current`;
+    `take` removes it (to send it when the linger time is up, or on flush)."""
+
+    def __init__(self, max_frame, max_batch, new_batch=Batch):
+        self.max_frame = max_frame
+        self.max_batch = max(1, max_batch)
+        self.new_batch = new_batch
+        self.current = None
+
+    def add(self, record, size):
+        batch = self.current
+        if batch is None:
+            batch = self.current = self.new_batch()
+            ready = []
+        elif batch.size + size > self.max_frame:
+            ready = [batch]
+            batch = self.current = self.new_batch()
+        else:
+            ready = []
+        records = batch.records
+        records.append(record)
+        batch.size += size
+        index = len(records) - 1
+        if index + 1 >= self.max_batch:
+            ready.append(batch)
+            self.current = None
+        return batch, index, ready
+
+    def take(self):
+        batch, self.current = self.current, None
+        return batch
+
+
+# --- receiver queue credits -------------------------------------------------------------------
+
+class CreditWindow:
+    """Pulsar-style receiver queue: `size` credits up front, then the consumed ones are granted
+    back in one `flow` once half the queue has been taken, so that at most `size` messages are
+    ever credited but not yet taken by the application. `take` is safe from several threads
+    without a lock (one counter step, atomic in CPython)."""
+
+    def __init__(self, size):
+        if size < 1:
+            raise ValueError("receiver_queue must be at least 1")
+        self.size = size
+        self.threshold = max(1, size // 2)
+        self._taken = itertools.count(1)
+
+    def initial(self):
+        return self.size
+
+    def take(self):
+        """Count one message taken; returns the credits to grant now (0: none yet)."""
+        return self.threshold if next(self._taken) % self.threshold == 0 else 0
+
+
+# --- push routing -----------------------------------------------------------------------------
+
+class Attachments:
+    """The producers and consumers of one connection by id, to route pushes to them.
+
+    A push can overtake the reply that announces its id (PROTOCOL: hold pushes for an id not known
+    yet), so while a producer/subscribe request is in flight, pushes for unknown ids are held and
+    handed over when the id is attached. With no such request in flight, a push for an unknown id
+    is for something already closed here and is dropped."""
+
+    def __init__(self):
+        self.by_id = {}        # ("consumer" | "producer", id) -> object
+        self.opening = set()   # rids of producer/subscribe requests in flight
+        self.held = {}         # ("consumer" | "producer", id) -> [push frames]
+
+    @staticmethod
+    def key_of(frame):
+        if "consumer" in frame:
+            return "consumer", frame["consumer"]
+        if "producer" in frame:
+            return "producer", frame["producer"]
+        return None
+
+    def route(self, frame):
+        """The object the push is for, or None (held for later or dropped)."""
+        key = self.key_of(frame)
+        target = self.by_id.get(key)
+        if target is None and key is not None and self.opening:
+            self.held.setdefault(key, []).append(frame)
+        return target
+
+    def begin_open(self, rid):
+        self.opening.add(rid)
+
+    def end_open(self, rid):
+        self.opening.discard(rid)
+        if not self.opening:
+            self.held.clear()
+
+    def attach(self, kind, ident, obj):
+        """Registers obj; returns the pushes held for it, to be handed to it in order."""
+        self.by_id[(kind, ident)] = obj
+        return self.held.pop((kind, ident), [])
+
+    def detach(self, kind, ident):
+        self.by_id.pop((kind, ident), None)
+
+    def take_all(self):
+        objs = list(self.by_id.values())
+        self.by_id.clear()
+        self.held.clear()
+        return objs
+
+
+# --- producers and consumers ------------------------------------------------------------------
+
+class ProducerCore:
+    """The pure part of a producer: batching (max_batch messages, never over max_frame), the count
+    of messages buffered or waiting for their receipt (bounded by max_pending), its end. The I/O
+    subclass guards these with its own lock where it has threads."""
+    kind = "producer"
+
+    def __init__(self, reply, name, linger_ms, max_batch, max_pending, max_frame, new_batch=Batch):
+        self.id = reply["producer"]
+        self.topic = reply.get("topic")
+        self.dispatch = reply.get("dispatch")
+        self.name = name or f"producer-{self.id}"    # the broker's default name
+        self.closed_reason = None
+        self._linger_s = max(0.0, linger_ms / 1000)
+        self._max_pending = max(1, max_pending)
+        self._max_message = max_message_size(max_frame, self.name)
+        self._batcher = Batcher(max_frame, max_batch, new_batch)
+        self._outstanding = 0     # messages buffered or waiting for their receipt
+        self._end = None          # (exception class, argument) sends fail with once closed
+
+    def _record(self, payload, key, attrs):
+        """The record of one message and its size bound; too large for the broker: raises."""
+        if key is None and not attrs and type(payload) is bytes:    # the common case, inline
+            record, size = {"payload": payload}, 14 + len(payload)
+        else:
+            record, size = record_for(payload, key, attrs)
+        if size > self._max_message:
+            raise too_large(size, self._max_message)
+        return record, size
+
+    def _add(self, record, size):
+        """Count the message and batch it: (batch, index, ready batches, starts a linger wait)."""
+        self._outstanding += 1
+        batcher = self._batcher
+        batch, index, ready = batcher.add(record, size)
+        return batch, index, ready, index == 0 and batch is batcher.current
+
+    def _send_frame(self, batch):
+        return {"op": "send", "producer": self.id, "msgs": batch.records}
+
+    def _settle(self, batch, reply=None, error=None):
+        """Record a batch's receipt (or error), once; returns whether it was settled now."""
+        if batch.settled:
+            return False
+        if error is None and reply.get("count") != len(batch.records):
+            error = BrokerError(INTERNAL, f"receipt counts {reply.get('count')} messages, "
+                                          f"the send had {len(batch.records)}")
+        batch.settled = True
+        batch.error = error
+        batch.first = None if error is not None else reply["first"]
+        self._outstanding -= len(batch.records)
+        return True
+
+    def _set_end(self, cls, arg):
+        if self._end is None:
+            self._end = (cls, arg)
+
+    def _end_error(self):
+        cls, arg = self._end
+        return cls(arg)
+
+    def _close_frame(self):
+        return {"op": "close_producer", "producer": self.id}
+
+    # Events (see dispatch); the I/O subclass gives _ended(cls, arg) and _fail_unsent().
+
+    def _closed(self, reason):
+        self.closed_reason = reason
+        self._ended(ProducerClosed, reason)
+        self._fail_unsent()
+
+    def _lost(self, error, client_closing):
+        if self.closed_reason is None:
+            self.closed_reason = "client_closed" if client_closing else "connection_lost"
+        self._ended(ConnectionLost, str(error))
+        self._fail_unsent()
+
+
+class ConsumerCore:
+    """The pure part of a consumer: its identity, failover state, receiver-queue credits, end."""
+    kind = "consumer"
+
+    def __init__(self, reply, topic, subscription, sub_type, name, receiver_queue, on_active):
+        self.id = reply["consumer"]
+        self.dispatch = reply.get("dispatch")
+        self.topic, self.subscription, self.type, self.name = topic, subscription, sub_type, name
+        self.active = None            # failover: set by the broker's `active` pushes
+        self.closed_reason = None
+        self.on_active = on_active
+        self._credits = CreditWindow(receiver_queue) if receiver_queue else None
+        self._end = None              # (exception class, argument) that receive raises once closed
+
+    def _set_end(self, reason, raises=None):
+        """Mark the consumer ended; False if it already was."""
+        if self._end is not None:
+            return False
+        self.closed_reason = reason
+        self._end = raises or (ConsumerClosed, reason)
+        return True
+
+    def _end_error(self):
+        cls, arg = self._end
+        return cls(arg)
+
+    def _grant(self):
+        """One message taken by the application: the credits to grant back now (0: none)."""
+        credits = self._credits
+        if credits is None or self._end is not None:
+            return 0
+        return credits.take()
+
+    def _flow_frame(self, credits):
+        return {"op": "flow", "consumer": self.id, "credits": credits}
+
+    def _ack_frame(self, op, msg_or_ids, delay_ms=None):
+        """The ack/nack frame for these messages, or None if there are none."""
+        ids = ids_of(msg_or_ids)
+        if not ids:
+            return None
+        frame = {"op": op, "consumer": self.id, "ids": ids}
+        if delay_ms is not None:
+            frame["delay_ms"] = delay_ms
+        return frame
+
+    def _close_frame(self):
+        return {"op": "close_consumer", "consumer": self.id}
+
+    def _unsubscribe_frame(self):
+        return {"op": "unsubscribe", "consumer": self.id}
+
+    # Events (see dispatch); the I/O subclass gives _deliver(messages) and _ended(reason, raises).
+
+    def _activated(self, active):
+        self.active = active
+        if self.on_active is not None:
+            self.on_active(self, active)
+
+    def _closed(self, reason):
+        self._ended(reason)
+
+    def _lost(self, error, client_closing):
+        if client_closing:
+            self._ended("client_closed")
+        else:
+            self._ended("connection_lost", (ConnectionLost, str(error)))
+
+
+# --- the connection ---------------------------------------------------------------------------
+
+class ClientCore:
+    """The state of one client connection: rids and pending requests, attached producers and
+    consumers, the frame decoder, heartbeat bookkeeping, and how the connection ended.
+
+    Methods that return bytes give what to write, in the order they are called; the I/O layer
+    writes them in that order per producer (rids need not be written in order)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.heartbeat_ms = DEFAULT_HEARTBEAT_MS
+        self.lost = None          # the ConnectionLost once the connection is gone
+        self.closing = False      # the application is closing the client
+        self.last_error = None    # a fatal error without rid: why the broker closes
+        self.last_received = 0.0
+        self._last_ping = 0.0
+        # rid -> (REPLY, waiter, make, kind) | (RECEIPT, producer, batch) | (_CLOSING, waiter) | _IGNORED
+        self._pending = {}
+        self._attachments = Attachments()
+        self._rids = itertools.count(1)
+        self._decoder = FrameDecoder(max_frame=DEFAULT_MAX_FRAME)
+
+    # --- session -------------------------------------------------------------------------------
+
+    def welcomed(self, welcome):
+        """Take the broker's `welcome`: its max_frame and the heartbeat both sides use."""
+        self.max_frame = welcome.get("max_frame", DEFAULT_MAX_FRAME)
+        self.heartbeat_ms = welcome.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS)
+        self._decoder.max_frame = max(self.max_frame, DEFAULT_MAX_FRAME)
+
+    def hello_error(self, exc):
+        """What to raise when hello failed with exc: when the connection ended, the broker's fatal
+        error if it sent one."""
+        if isinstance(exc, ConnectionLost):
+            return self.last_error or ConnectionLost("closed by the broker during hello")
+        return exc
+
+    def end_reason(self, reason):
+        """The reason a connection ended, with the broker's fatal error when it sent one."""
+        return reason if self.last_error is None else f"{reason} (after {self.last_error})"
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def check(self):
+        if self.lost is not None:
+            raise ConnectionLost(str(self.lost))
+
+    def one_way(self, frame):
+        """Bytes of a frame that gets no reply (flow, ack, nack without rid)."""
+        self.check()
+        return encode_frame(frame)
+
+    def request(self, frame, waiter, make=None, kind=None):
+        """Bytes of a request; (rid, bytes). Its reply settles `waiter` (REPLY event), with
+        make(reply) as the result if given. kind ("producer" | "consumer"): the request opens one,
+        whose pushes may overtake the reply; the result of make is attached under its id."""
+        self.check()
+        rid = next(self._rids)
+        self._pending[rid] = (REPLY, waiter, make, kind)
+        if kind is not None:
+            self._attachments.begin_open(rid)
+        return rid, encode_frame(dict(frame, rid=rid))
+
+    def send_request(self, producer, batch):
+        """Bytes of the `send` of a producer's batch; its receipt comes as a RECEIPT event."""
+        self.check()
+        rid = next(self._rids)
+        self._pending[rid] = (RECEIPT, producer, batch)
+        frame = producer._send_frame(batch)
+        frame["rid"] = rid
+        return encode_frame(frame)
+
+    def close_request(self, obj, waiter):
+        """Detach a producer or consumer here and close it on the broker: (rid, bytes) of the
+        request, or None if the connection is gone (which closed it). Its reply settles waiter with
+        None also when the broker no longer has it (UNKNOWN_PRODUCER / UNKNOWN_CONSUMER) and when
+        the connection ends meanwhile: closed either way."""
+        self._attachments.detach(obj.kind, obj.id)
+        if self.lost is not None:
+            return None
+        rid = next(self._rids)
+        self._pending[rid] = (_CLOSING, waiter)
+        return rid, encode_frame(dict(obj._close_frame(), rid=rid))
+
+    def forget(self, rid):
+        """Nobody waits for this request any more (timed out): its reply will be dropped."""
+        self._pending.pop(rid, None)
+        self._attachments.end_open(rid)
+
+    def heartbeat(self, now):
+        """A tick of the heartbeat clock: (bytes of a ping to send or None, ConnectionLost to end
+        the connection with or None)."""
+        if self.lost is not None:
+            return None, None
+        beat = self.heartbeat_ms / 1000
+        quiet = now - self.last_received
+        if quiet > DEAD_AFTER_HEARTBEATS * beat:
+            return None, ConnectionLost(f"nothing received from the broker for {quiet:.1f}s")
+        if quiet >= beat and now - self._last_ping >= beat:
+            self._last_ping = now
+            rid = next(self._rids)
+            self._pending[rid] = _IGNORED    # the pong only proves the broker alive
+            return encode_frame({"op": "ping", "rid": rid}), None
+        return None, None
+
+    # --- attachments ---------------------------------------------------------------------------
+
+    def detach(self, obj):
+        self._attachments.detach(obj.kind, obj.id)
+
+    def producers(self):
+        return [o for o in self._attachments.by_id.values() if isinstance(o, ProducerCore)]
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def receive_data(self, data, now):
+        """Bytes from the broker: the events they make, in order. If they cannot be used (a bad
+        frame, a push that does not follow the protocol), the last event is (BROKEN, exception),
+        after the events of the frames before: the connection must then be abandoned."""
+        self.last_received = now
+        decoder = self._decoder
+        decoder.feed(data)
+        events = []
+        try:
+            for frame in decoder:
+                self._handle(frame, events)
+        except Exception as exc:
+            events.append((BROKEN, exc))
+        return events
+
+    def _handle(self, frame, events):
+        op = frame["op"]
+        if op == "message":
+            target = self._attachments.route(frame)
+            if target is not None and target._end is None:
+                events.append((MESSAGES, target, messages_of(frame["msgs"], target.id)))
+        elif op == "active" or op == "closed":
+            target = self._attachments.route(frame)
+            if target is not None:
+                self._push(target, frame, events)
+        elif op == "ping":
+            events.append((WRITE, encode_frame({"op": "pong", "rid": frame.get("rid", 0)})))
+        elif "rid" in frame:
+            entry = self._pending.pop(frame["rid"], None)
+            if entry is not None:
+                self._reply(entry, frame, events)
+        elif op == "error":
+            error = error_from_frame(frame)
+            if error.code in FATAL_CODES or error.code == OVERLOADED:
+                self.last_error = error
+            else:
+                log.warning("broker error on a one-way op: %s", error)
+
+    def _push(self, target, frame, events):
+        if frame["op"] == "message":
+            if target._end is None:
+                events.append((MESSAGES, target, messages_of(frame["msgs"], target.id)))
+        elif frame["op"] == "active":
+            events.append((ACTIVE, target, bool(frame.get("active"))))
+        else:
+            self._attachments.detach(target.kind, target.id)
+            events.append((CLOSED, target, frame.get("reason", "closed")))
+
+    def _reply(self, entry, frame, events):
+        error = error_from_frame(frame) if frame["op"] == "error" else None
+        kind = entry[0]
+        if kind is RECEIPT:
+            events.append((RECEIPT, entry[1], entry[2], None if error else frame, error))
+            return
+        if kind is _CLOSING:
+            gone = error is not None and error.code in (UNKNOWN_PRODUCER, UNKNOWN_CONSUMER)
+            events.append((REPLY, entry[1], None, None if gone else error))
+            return
+        if entry is _IGNORED:
+            return
+        _, waiter, make, opens = entry
+        result = frame
+        if error is None and make is not None:
+            try:
+                result = make(frame)
+                if opens is not None:
+                    for push in self._attachments.attach(opens, result.id, result):
+                        self._push(result, push, events)
+            except Exception as exc:
+                error = exc
+        if opens is not None:
+            self._attachments.end_open(frame["rid"])
+        events.append((REPLY, waiter, None if error else result, error))
+
+    # --- the end -------------------------------------------------------------------------------
+
+    def connection_lost(self, error):
+        """The connection is gone: the events that tell everyone (None if it was already gone)."""
+        if self.lost is not None:
+            return None
+        self.lost = error
+        pending, self._pending = self._pending, {}
+        events = []
+        for entry in pending.values():
+            if entry[0] is RECEIPT:
+                events.append((RECEIPT, entry[1], entry[2], None, ConnectionLost(str(error))))
+            elif entry[0] is _CLOSING:
+                events.append((REPLY, entry[1], None, None))
+            elif entry is not _IGNORED:
+                events.append((REPLY, entry[1], None, ConnectionLost(str(error))))
+        for obj in self._attachments.take_all():
+            events.append((LOST, obj, error, self.closing))
+        return events
+
+
+def dispatch(events, client):
+    """Carry out events: `client._settle(waiter, result, error)` and `client._write_quietly(data)`
+    are the I/O layer's; producers and consumers get `_receipt`, `_deliver`, `_activated`, `_closed` and
+    `_lost` calls. A BROKEN event raises its exception, after the events before it."""
+    for event in events:
+        kind = event[0]
+        if kind is MESSAGES:
+            event[1]._deliver(event[2])
+        elif kind is RECEIPT:
+            event[1]._receipt(event[2], event[3], event[4])
+        elif kind is REPLY:
+            client._settle(event[1], event[2], event[3])
+        elif kind is ACTIVE:
+            event[1]._activated(event[2])
+        elif kind is CLOSED:
+            event[1]._closed(event[2])
+        elif kind is LOST:
+            event[1]._lost(event[2], event[3])
+        elif kind is WRITE:
+            client._write_quietly(event[1])
+        elif kind is BROKEN:
+            raise event[1]

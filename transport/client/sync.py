@@ -1,0 +1,497 @@
+"""Synchronous Python client of actorbroker (protocol v1, see PROTOCOL.md), thread-based.
+
+One socket per Client; the protocol itself is core.ClientCore's. A reader thread feeds it what
+the socket receives and carries out the events it returns: replies to the waiting caller,
+messages to their consumer's receiver queue, pongs to broker pings. A ticker thread sends the
+producers' batches when their linger time is up and runs the heartbeat. Writes go through one
+lock; no lock is held while a thread waits for the socket, except that write lock.
+
+    with Client("127.0.0.1", 6650) as client:
+        producer = client.producer("/demo/orders")
+        producer.send(b"hello", key="customer-42")     # batched, pipelined; returns a SendFuture
+        consumer = client.subscribe("/demo/orders", "billing", "shared")
+        for msg in consumer:
+            consumer.ack(msg)
+"""
+import concurrent.futures
+import socket
+import threading
+import time
+from collections import deque
+
+from actorbroker.transport.client.core import (
+    ADMIN, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore, ConsumerCore, Message,
+    ProducerCore, dispatch, hello_frame, open_consumer, open_producer, parse_url, read_failure)
+from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
+
+__all__ = ["Client", "connect", "Producer", "Consumer", "Message", "SendFuture"]
+
+
+def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
+    """A Client connected to "host:port"."""
+    host, port = parse_url(url)
+    return Client(host, port, **options)
+
+
+class Client:
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, *, token=None, heartbeat_ms=None,
+                 name="actorbroker-py", connect_timeout=5.0):
+        self.name = name
+        self._core = core = ClientCore(name)
+        self._sock = socket.create_connection((host, port), timeout=connect_timeout)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock.settimeout(None)
+        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()          # guards the core; never held during I/O
+        self._timer = threading.Condition()    # guards _linger; wakes the ticker
+        self._linger = {}                      # producer -> monotonic time its batch is due
+        core.last_received = time.monotonic()
+        self._reader = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
+        self._reader.start()
+        try:
+            self.welcome = self.request(hello_frame(name, token, heartbeat_ms), timeout=connect_timeout)
+        except BaseException as exc:
+            self.close()
+            raise core.hello_error(exc) from None
+        core.welcomed(self.welcome)
+        self.max_frame, self.heartbeat_ms = core.max_frame, core.heartbeat_ms
+        self._ticker = threading.Thread(target=self._tick_loop, name=f"{name}-ticker", daemon=True)
+        self._ticker.start()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def request(self, frame, timeout=10):
+        """Send `frame` with a new rid and return the reply; an `error` reply raises its typed error."""
+        return self._wait(*self._call(frame), timeout)
+
+    def _call(self, frame, make=None, kind=None):
+        """Send a request; returns (rid, future). make(reply), run in the reader thread, gives the
+        future's result; kind: "producer" | "consumer" when it opens one (see ClientCore.request)."""
+        waiter = concurrent.futures.Future()
+        with self._lock:
+            rid, data = self._core.request(frame, waiter, make, kind)
+        self._write(data)
+        return rid, waiter
+
+    def _wait(self, rid, waiter, timeout):
+        try:
+            return waiter.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if not waiter.done():
+                with self._lock:
+                    self._core.forget(rid)
+                raise TimeoutError(f"no reply within {timeout}s") from None
+            raise
+
+    @staticmethod
+    def _settle(waiter, result, error):
+        if error is None:
+            waiter.set_result(result)
+        else:
+            waiter.set_exception(error)
+
+    def _send(self, frame):
+        """A frame without rid (flow, ack, nack)."""
+        self._write(self._core.one_way(frame))
+
+    def _send_batch(self, producer, batch):
+        with self._lock:
+            data = self._core.send_request(producer, batch)
+        self._write(data)
+
+    def _write(self, data):
+        try:
+            with self._write_lock:
+                self._sock.sendall(data)
+        except OSError as exc:
+            self._connection_lost(ConnectionLost(f"write failed: {exc}"))
+            raise ConnectionLost(str(exc)) from exc
+
+    def _write_quietly(self, data):
+        try:
+            self._write(data)
+        except ConnectionLost:
+            pass   # the reader will find out too
+
+    # --- producers and consumers ---------------------------------------------------------------
+
+    def producer(self, topic, *, name=None, dispatch=None, access=None, linger_ms=2, max_batch=500,
+                 max_pending=10000, timeout=10):
+        """Open a producer on `topic` (created if missing, with `dispatch`)."""
+        frame, make = open_producer(self, Producer, topic, name, dispatch, access, linger_ms,
+                                    max_batch, max_pending)
+        return self._wait(*self._call(frame, make, "producer"), timeout)
+
+    def subscribe(self, topic, subscription, type="exclusive", consumer=None, *, receiver_queue=1000,
+                  auto_credit=True, on_active=None, timeout=10, **options):
+        """Attach a consumer to `subscription` of `topic` (both created if missing).
+
+        options: start, dispatch, max_unacked, ack_timeout_ms, max_redeliveries, dead_letter_topic
+        (see PROTOCOL.md, subscribe). auto_credit: grant `receiver_queue` credits now and more as
+        messages are taken (receive or iteration); False leaves credits to `consumer.flow(n)`.
+        on_active(consumer, active) is called from the reader thread when a failover subscription
+        tells this consumer its state."""
+        frame, make = open_consumer(self, Consumer, topic, subscription, type, consumer,
+                                    receiver_queue, auto_credit, on_active, options)
+        c = self._wait(*self._call(frame, make, "consumer"), timeout)
+        if auto_credit:
+            c.flow(receiver_queue)
+        return c
+
+    def _detach(self, obj):
+        with self._lock:
+            self._core.detach(obj)
+
+    def _close_remote(self, obj, timeout):
+        """Detach a producer or consumer and close it on the broker (ClientCore.close_request)."""
+        waiter = concurrent.futures.Future()
+        with self._lock:
+            request = self._core.close_request(obj, waiter)
+        if request is not None:
+            self._write_quietly(request[1])
+            self._wait(request[0], waiter, timeout)
+
+    # --- admin ---------------------------------------------------------------------------------
+
+    def _admin(self, op, timeout, *args):
+        frame_of, result_of = ADMIN[op]
+        return result_of(self.request(frame_of(*args), timeout))
+
+    def topics(self, timeout=10):
+        """[{name, dispatch, subscriptions, producers}, ...]"""
+        return self._admin("topics", timeout)
+
+    def stats(self, topic, timeout=10):
+        return self._admin("stats", timeout, topic)
+
+    def delete_topic(self, topic, timeout=10):
+        self._admin("delete_topic", timeout, topic)
+
+    def ping(self, timeout=10):
+        """Round trip time in seconds."""
+        start = time.monotonic()
+        self._admin("ping", timeout)
+        return time.monotonic() - start
+
+    # --- reading, linger and heartbeat ---------------------------------------------------------
+
+    def _read_loop(self):
+        reason = "connection closed by the broker"
+        try:
+            while data := self._sock.recv(READ_SIZE):
+                with self._lock:
+                    events = self._core.receive_data(data, time.monotonic())
+                dispatch(events, self)
+        except Exception as exc:
+            reason = read_failure(exc)
+        self._connection_lost(ConnectionLost(self._core.end_reason(reason)))
+
+    def _schedule_linger(self, producer, delay_s):
+        with self._timer:
+            if producer not in self._linger:
+                self._linger[producer] = time.monotonic() + delay_s
+                self._timer.notify()
+
+    def _tick_loop(self):
+        beat = self.heartbeat_ms / 1000
+        while self._core.lost is None:
+            with self._timer:
+                now = time.monotonic()
+                due = [p for p, at in self._linger.items() if at <= now]
+                for p in due:
+                    del self._linger[p]
+                if not due:
+                    self._timer.wait(min([now + beat / 4, *self._linger.values()]) - now)
+            for p in due:
+                p._send_current()
+            with self._lock:
+                ping, dead = self._core.heartbeat(time.monotonic())
+            if dead is not None:
+                self._connection_lost(dead)
+            elif ping is not None:
+                self._write_quietly(ping)
+
+    # --- the end -------------------------------------------------------------------------------
+
+    def _connection_lost(self, error):
+        with self._lock:
+            events = self._core.connection_lost(error)
+        if events is None:
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)   # wakes the reader if it is not the caller
+        except OSError:
+            pass
+        with self._timer:
+            self._timer.notify()
+        dispatch(events, self)
+
+    @property
+    def connected(self):
+        return self._core.lost is None
+
+    @property
+    def _lost(self):
+        return self._core.lost
+
+    @property
+    def _closing(self):
+        return self._core.closing
+
+    def close(self, timeout=5.0):
+        """Send what producers still buffer (waiting up to `timeout` for it), then close the socket."""
+        core = self._core
+        if core.lost is None and not core.closing:
+            with self._lock:
+                producers = core.producers()
+            deadline = time.monotonic() + timeout
+            for p in producers:
+                try:
+                    p.flush(max(0.0, deadline - time.monotonic()))
+                except Exception:   # closing anyway; the futures tell what became of each send
+                    pass
+        core.closing = True
+        self._connection_lost(ConnectionLost("client closed"))
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout)
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- producing --------------------------------------------------------------------------------
+
+def _new_batch():
+    return Batch(threading.Event())
+
+
+class SendFuture(BatchFuture):
+    """The offset one message will get; `result(timeout)` waits for the receipt of its batch."""
+    __slots__ = ()
+
+    def exception(self, timeout=None):
+        if not self._batch.done.wait(timeout):
+            raise TimeoutError(f"no receipt within {timeout}s")
+        return self._batch.error
+
+    def result(self, timeout=None):
+        self.exception(timeout)
+        return self._batch.offset(self._index)
+
+
+class Producer(ProducerCore):
+    """Sends messages to one topic, batched (max_batch messages or linger_ms, whichever comes
+    first, never over max_frame) and pipelined (up to max_pending messages buffered or in flight;
+    `send` blocks beyond that)."""
+
+    def __init__(self, client, reply, name, linger_ms, max_batch, max_pending):
+        super().__init__(reply, name, linger_ms, max_batch, max_pending, client.max_frame, _new_batch)
+        self._client = client
+        # _lock guards the batcher, _outstanding, _end and _outbox, and is never held during I/O;
+        # _room is notified when _outstanding drops or the producer ends.
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._outbox = deque()                   # complete batches to write, in order
+        self._write_order = threading.Lock()     # held while the outbox is written: batches stay in order
+
+    def send(self, payload, key=None, attrs=None):
+        """Queue one message (bytes, or str sent as UTF-8); returns its SendFuture."""
+        record, size = self._record(payload, key, attrs)
+        with self._lock:
+            while self._outstanding >= self._max_pending and self._end is None:
+                self._room.wait()
+            if self._end is not None:
+                raise self._end_error()
+            batch, index, ready, lingering = self._add(record, size)
+            if ready:
+                self._outbox.extend(ready)
+        if ready:
+            self._write_outbox()
+        if lingering:
+            self._client._schedule_linger(self, self._linger_s)
+        return SendFuture(batch, index)
+
+    def send_sync(self, payload, key=None, attrs=None, timeout=10):
+        """Send one message now and return its offset."""
+        future = self.send(payload, key, attrs)
+        self._send_current()
+        return future.result(timeout)
+
+    def flush(self, timeout=10):
+        """Send what is buffered and wait until every message sent so far has its receipt."""
+        self._send_current()
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        with self._lock:
+            while self._outstanding:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self._outstanding} messages without receipt after {timeout}s")
+                self._room.wait(min(left, 1.0))
+        if self._end is not None and self._end[0] is ConnectionLost:
+            raise self._end_error()
+
+    def close(self, timeout=10):
+        """Flush, then close the producer on the broker."""
+        if self._end is not None:
+            return
+        try:
+            self.flush(timeout)
+        finally:
+            self._ended(ProducerClosed, "closed")
+            self._client._close_remote(self, timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _send_current(self):
+        """Send the batch being filled (linger time up, flush)."""
+        with self._lock:
+            batch = self._batcher.take()
+            if batch is None:
+                return
+            self._outbox.append(batch)
+        self._write_outbox()
+
+    def _write_outbox(self):
+        """Write the complete batches, in order, or fail them if the producer ended meanwhile."""
+        with self._write_order:
+            while self._outbox:
+                batch = self._outbox.popleft()
+                try:
+                    if self._end is not None:
+                        raise self._end_error()
+                    self._client._send_batch(self, batch)
+                except (ConnectionLost, ProducerClosed) as exc:
+                    self._receipt(batch, None, exc)
+
+    # --- events (core.dispatch), from the reader thread ------------------------------------------
+
+    def _receipt(self, batch, reply, error):
+        with self._lock:
+            if self._settle(batch, reply, error):
+                batch.done.set()
+                self._room.notify_all()
+
+    def _ended(self, cls, arg):
+        with self._lock:
+            self._set_end(cls, arg)
+            self._room.notify_all()
+
+    def _fail_unsent(self):
+        # No waiting here for _write_order (its holder may be blocked writing): the batch being
+        # filled is failed at once; the outbox is failed by the thread writing it.
+        with self._lock:
+            batch = self._batcher.take()
+        if batch is not None:
+            self._receipt(batch, None, self._end_error())
+
+
+# --- consuming --------------------------------------------------------------------------------
+
+class Consumer(ConsumerCore):
+    """Messages of one subscription, in a local receiver queue filled against credits."""
+
+    def __init__(self, client, reply, topic, subscription, sub_type, name, receiver_queue, on_active):
+        super().__init__(reply, topic, subscription, sub_type, name, receiver_queue, on_active)
+        self._client = client
+        self._ready = deque()         # the receiver queue (append and popleft are atomic)
+        self._arrived = threading.Condition(threading.Lock())   # notified when messages come or it ends
+
+    def receive(self, timeout=None):
+        """The next message; TimeoutError if none within `timeout`; ConsumerClosed once the
+        consumer is closed (ConnectionLost if the connection died)."""
+        try:
+            msg = self._ready.popleft()
+        except IndexError:
+            msg = self._wait_message(timeout)
+        if self._end is not None:     # closed meanwhile: what was queued goes back to the subscription
+            raise self._end_error()
+        grant = self._grant()
+        if grant:
+            try:
+                self.flow(grant)
+            except ConnectionLost:
+                pass   # receive will tell, once the queue is drained
+        return msg
+
+    def _wait_message(self, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                try:
+                    return self._ready.popleft()
+                except IndexError:
+                    pass
+                if self._end is not None:
+                    raise self._end_error()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no message within {timeout}s")
+                self._arrived.wait(left)
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.receive()
+            except ConsumerClosed:
+                return
+
+    def flow(self, credits):
+        """Allow the broker to send `credits` more messages."""
+        self._client._send(self._flow_frame(credits))
+
+    def ack(self, msg_or_ids, sync=False, timeout=10):
+        """Acknowledge messages (a Message, an id, or an iterable of them) for the subscription;
+        sync: wait for the broker's ok."""
+        self._send_ack(self._ack_frame("ack", msg_or_ids), sync, timeout)
+
+    def nack(self, msg_or_ids, delay_ms=None, sync=False, timeout=10):
+        """Ask for redelivery (reliable topics), after delay_ms if given."""
+        self._send_ack(self._ack_frame("nack", msg_or_ids, delay_ms), sync, timeout)
+
+    def _send_ack(self, frame, sync, timeout):
+        if frame is not None:
+            if sync:
+                self._client.request(frame, timeout)
+            else:
+                self._client._send(frame)
+
+    def close(self, timeout=10):
+        """Detach from the subscription; its unacknowledged messages go back to it."""
+        if self._end is not None:
+            return
+        self._ended("closed")
+        self._client._close_remote(self, timeout)
+
+    def unsubscribe(self, timeout=10):
+        """Detach and delete the subscription (its other consumers are closed by the broker)."""
+        self._client.request(self._unsubscribe_frame(), timeout)
+        self._ended("unsubscribed")
+        self._client._detach(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- events (core.dispatch), from the reader thread ------------------------------------------
+
+    def _deliver(self, messages):
+        self._ready.extend(messages)
+        with self._arrived:
+            self._arrived.notify(len(messages))
+
+    def _ended(self, reason, raises=None):
+        """Closed: drop what is queued (its messages go back to the subscription) and end receive."""
+        if self._set_end(reason, raises):
+            self._ready.clear()
+            with self._arrived:
+                self._arrived.notify_all()
