@@ -2,15 +2,21 @@
 until initialisation, and dying with the parent process."""
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage
+from datetime import timedelta
+
+from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage, WakeupMessage
 
 from actorbroker.actors.process import die_with_parent, name_process
 
 log = logging.getLogger("actorbroker")
+# Thespian forwards every record its root logger lets through to the logger process, one Thespian
+# message each, and lets everything through: filter here, at the level `serve --log-level` set.
+log.setLevel(os.environ.get("ACTORBROKER_LOG_LEVEL", "INFO"))
 
 @dataclass(frozen=True)
 class Ordered:
@@ -28,6 +34,14 @@ class Batch:
     costs about a millisecond here whatever its size: everything an actor sends on one channel
     while it handles one message goes together (a burst of closes, of subscribes, ...)."""
     msgs: tuple
+
+
+# At most one Thespian message per ordered channel per this many seconds: a message sent sooner
+# waits, and what else is sent meanwhile joins it. Thespian keeps one message in flight per pair
+# of actors and walks its whole queue on every loop, so a burst of small messages costs far more
+# than one batch (10,000 subscribes: 111/s as messages, see docs/benchmarks.md).
+COALESCE_S = 0.004
+_FLUSH = "actorbroker-flush"
 
 
 class BrokerActor(Actor):
@@ -51,6 +65,8 @@ class BrokerActor(Actor):
         self._out_seq = {}     # stream -> next seq
         self._in_seq = {}      # channel -> [expected seq, {seq: (msg, sender)}]
         self._outbox = {}      # stream -> (address, [msgs]) sent when the current message is handled
+        self._sent_at = {}     # stream -> when its last message went
+        self._flush_due = False
         self._initialized = self.init_message is None
         self._held = []
         # ACTORBROKER_PROFILE_DIR=dir: profile message handling, one .prof per actor, written at
@@ -74,6 +90,10 @@ class BrokerActor(Actor):
         return self._receive(msg, sender)
 
     def _receive(self, msg, sender):
+        if isinstance(msg, WakeupMessage) and msg.payload == _FLUSH:
+            self._flush_due = False
+            self._flush_outbox()
+            return self.watch()
         try:
             if isinstance(msg, Ordered):
                 for inner, inner_sender in self._release(msg, sender):
@@ -130,7 +150,14 @@ class BrokerActor(Actor):
 
     def _flush_outbox(self, only=None):
         streams = list(self._outbox) if only is None else [only] if only in self._outbox else []
+        now = time.monotonic()
         for stream in streams:
+            if only is None and now - self._sent_at.get(stream, 0.0) < COALESCE_S:
+                if not self._flush_due:   # sent a moment ago: this one waits and gathers more
+                    self._flush_due = True
+                    self.wakeupAfter(timedelta(seconds=COALESCE_S), payload=_FLUSH)
+                continue
+            self._sent_at[stream] = now
             address, msgs = self._outbox.pop(stream)
             seq = self._out_seq.get(stream, 0)
             self._out_seq[stream] = seq + 1

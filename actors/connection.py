@@ -234,7 +234,7 @@ class ConnectionActor(BrokerActor):
             self.consumer_topic.pop(consumer_id, None)
             self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
                               ("to", str(subscription_address)))
-        log.info("connection %s: cleaned up %d producers, %d consumers (%s)", connection_id,
+        log.debug("connection %s: cleaned up %d producers, %d consumers (%s)", connection_id,
                  len(conn.producers), len(conn.consumers), reason)
         conn.producers.clear()
         conn.consumers.clear()

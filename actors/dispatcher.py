@@ -27,7 +27,7 @@ from thespian.actors import ThespianWatch
 from actorbroker.actors import broker, connection, log as log_actor, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.cursor import Cursor
-from actorbroker.actors.policies import ConsumerState, make_policy
+from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
 from actorbroker.transport.codec import encode_frame, record_blob, record_tail, with_redeliveries
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 
@@ -191,7 +191,8 @@ class DispatcherActor(BrokerActor):
         self.lost_shards.add(ident)
         gone = [c.id for c in self.policy.consumers.values() if c.transport == ident]
         if gone:
-            log.info("%s/%s: shard %s gone; removing consumers %s", self.topic_name, self.name, ident, gone)
+            log.info("%s/%s: shard %s gone; removing its %d consumers", self.topic_name, self.name, ident,
+                     len(gone))
             before = self._active_flags()
             for consumer_id in gone:
                 self._forget(consumer_id)
@@ -409,16 +410,24 @@ class DispatcherActor(BrokerActor):
             self._return_unacked([o for o, entry in self.unacked.items() if entry[0] == consumer_id])
 
     def _active_flags(self):
-        return {cid: self.policy.is_active(cid) for cid in self.policy.consumers}
+        """Failover: the id of the active consumer (None: none, or not a failover subscription)."""
+        if not isinstance(self.policy, FailoverPolicy):
+            return None
+        active = self.policy.active()
+        return active.id if active is not None else None
 
     def _announce_active(self, before, skip=None):
-        """Failover: push `active` to every consumer whose state changed."""
-        for consumer in self.policy.consumers.values():
-            now = self.policy.is_active(consumer.id)
-            if now is None or consumer.id == skip or before.get(consumer.id) == now:
-                continue
-            self.send_ordered(consumer.owner, connection.ActiveChanged(consumer.id, now),
-                              ("owner", str(consumer.owner)))
+        """Failover: push `active` to the consumers whose state changed (at most two)."""
+        if not isinstance(self.policy, FailoverPolicy):
+            return
+        now = self._active_flags()
+        if now == before:
+            return
+        for consumer_id, flag in ((before, False), (now, True)):
+            consumer = self.policy.consumers.get(consumer_id)
+            if consumer is not None and consumer_id != skip:
+                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag),
+                                  ("owner", str(consumer.owner)))
 
     # --- from the consumers' transports ---------------------------------------------------------
     def _flow(self, consumer_id, credits):

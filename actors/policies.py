@@ -113,9 +113,9 @@ class SharedPolicy(Policy):
         self.turn = 0  # index in attach order of the consumer whose turn is next
 
     def take(self):
-        order = list(self.consumers.values())
-        if not order or not self.backlog:
+        if not self.backlog or not self.consumers:
             return []
+        order = list(self.consumers.values())
         position = {c.id: i for i, c in enumerate(order)}
         start = self.turn % len(order)
         order = order[start:] + order[:start]

@@ -108,7 +108,7 @@ def start_system_process(admin_port, host, data_dir, log_level="INFO"):
     """
     log_path = os.path.join(data_dir, "broker.log")
     env = dict(os.environ, THESPLOG_FILE=os.path.join(data_dir, "thespian.log"),
-               THESPLOG_FILE_MAXSIZE=str(4 * 1024 * 1024))
+               THESPLOG_FILE_MAXSIZE=str(4 * 1024 * 1024), ACTORBROKER_LOG_LEVEL=log_level)
     with open(log_path, "ab") as log_file:
         subprocess.run(
             [sys.executable, "-m", "actorbroker.actors.system", "--admin-port", str(admin_port),

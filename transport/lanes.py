@@ -13,9 +13,11 @@ thousands of sockets through it costs O(n) per wakeup; one epoll fd costs O(1), 
 reports writability, which ThespianWatch does not.
 """
 import errno
+import os
 import select
 import socket
 import struct
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -43,15 +45,42 @@ class LaneAddress:
 
 
 class Reactor:
-    """An epoll and, per fd, a handler object with `on_event(events)`."""
+    """An epoll and, per fd, a handler object with `on_event(events)`.
 
-    def __init__(self):
+    `fileno()` is what the actor hands Thespian to watch. Thespian builds a new selector on every
+    loop and adds each watched fd to it; adding an epoll fd to another epoll makes the kernel walk
+    every item of the nested one (its loop check), so an epoll holding thousands of sockets costs
+    that much on every loop. With `relay=True` (the shards) a thread of the reactor's own waits
+    on the epoll instead and signals a pipe, which is what Thespian watches; the actor calls
+    `poll()` and then, when done, the thread waits again.
+    """
+
+    def __init__(self, relay=False):
         self.epoll = select.epoll()
         self.handlers = {}
         self.masks = {}
+        self.relay = None
+        if relay:
+            self.relay_r, self.relay_w = os.pipe()
+            os.set_blocking(self.relay_r, False)
+            self.armed = threading.Event()
+            self.armed.set()
+            self.relay = threading.Thread(target=self._relay, name="epoll-relay", daemon=True)
+            self.relay.start()
 
     def fileno(self):
-        return self.epoll.fileno()
+        return self.relay_r if self.relay is not None else self.epoll.fileno()
+
+    def _relay(self):
+        while True:
+            self.armed.wait()
+            self.armed.clear()
+            try:
+                while not self.epoll.poll(-1, 1):
+                    pass
+                os.write(self.relay_w, b"!")
+            except (OSError, ValueError):   # closed: the actor is exiting
+                return
 
     def add(self, fd, handler, mask=IN):
         self.handlers[fd] = handler
@@ -73,13 +102,25 @@ class Reactor:
 
     def poll(self, max_events=1024):
         """Handle what is ready now (never blocks: Thespian told us the epoll is readable)."""
-        for fd, events in self.epoll.poll(0, max_events):
-            handler = self.handlers.get(fd)
-            if handler is not None:
-                handler.on_event(fd, events)
+        if self.relay is not None:
+            try:
+                os.read(self.relay_r, 64)
+            except BlockingIOError:
+                pass
+        try:
+            for fd, events in self.epoll.poll(0, max_events):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler.on_event(fd, events)
+        finally:
+            if self.relay is not None:
+                self.armed.set()   # the relay may wait for the next readiness now
 
     def close(self):
         self.epoll.close()
+        if self.relay is not None:
+            self.armed.set()
+            os.close(self.relay_w)
 
 
 def encode_lane_frame(obj):
