@@ -1,7 +1,8 @@
 """LogActor: one per reliable topic; the only owner of the topic's files.
 
 Appends batches to the segment log and makes them durable per the broker's fsync setting
-before answering, serves reads (catch-up, redelivery after restart) and keeps the
+before answering (appends come over a lane from the topic: APPEND frames in, APPENDED or
+APPEND_FAILED frames back; its EOF tells the topic that this actor died), serves reads (catch-up, redelivery after restart) and keeps the
 subscriptions' cursors. Blocking file I/O (fsync) is this actor's whole job, so it stalls no
 one else: the topic keeps accepting sends meanwhile and merges them into the next append
 (group commit).
@@ -11,8 +12,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from thespian.actors import ThespianWatch
+
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.storage.topic_store import TopicStore
+from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 
 
 @dataclass(frozen=True)
@@ -24,34 +28,13 @@ class OpenLog:
 
 @dataclass(frozen=True)
 class LogOpened:
+    lane: Any           # where the topic connects for appends
     next_offset: int
     first_offset: int
     cursors: dict
     truncated_bytes: int
     log_bytes: int
     segments: int
-
-
-@dataclass(frozen=True)
-class Append:
-    seq: int
-    first: int          # the offset the topic assigned to the first entry, checked here
-    entries: list       # [(key, record tail)]
-    time_ms: int
-
-
-@dataclass(frozen=True)
-class Appended:
-    seq: int
-    log_bytes: int
-    segments: int
-
-
-@dataclass(frozen=True)
-class AppendFailed:
-    seq: int
-    error: str
-    next_offset: int    # where the log really ends
 
 
 @dataclass(frozen=True)
@@ -119,6 +102,14 @@ class LogActor(BrokerActor):
         self.sync_scheduled = False
         self.floors = {}           # subscription -> cursor floor, for retention
         self.forced_deletions = 0
+        self.reactor = Reactor()
+        self.hub = None
+
+    def watch(self):
+        return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
+
+    def on_WatchMessage(self, msg, sender):
+        self.reactor.poll()
 
     def on_OpenLog(self, msg, sender):
         self.config = msg.config
@@ -131,27 +122,33 @@ class LogActor(BrokerActor):
         log_ = self.store.log
         if log_.truncated_bytes:
             log.warning("topic %s: recovered, %d torn bytes truncated", msg.topic, log_.truncated_bytes)
-        self.send(sender, LogOpened(log_.next_offset, log_.first_offset, cursors, log_.truncated_bytes,
+        self.hub = LaneHub(self.reactor, self._lane_frames, lambda lane, reason: None,
+                           kind=self.config.lanes, host=self.config.actor_host)
+        self.send(sender, LogOpened(self.hub.listen(), log_.next_offset, log_.first_offset, cursors,
+                                    log_.truncated_bytes,
                                     log_.size, len(log_.segments)))
 
-    def on_Append(self, msg, sender):
+    def _lane_frames(self, lane, frames):
+        for frame in frames:
+            if frame[0] == LaneOp.APPEND:
+                lane.send(self._append(*frame[1:]))
+
+    def _append(self, seq, first, entries, time_ms):
         log_ = self.store.log
-        if msg.first != log_.next_offset:  # after a failed append: refuse rather than renumber
-            self.send(sender, AppendFailed(msg.seq, "log position moved", log_.next_offset))
-            return
+        if first != log_.next_offset:  # after a failed append: refuse rather than renumber
+            return [LaneOp.APPEND_FAILED, seq, "log position moved", log_.next_offset]
         try:
-            log_.append(msg.entries, msg.time_ms)
+            log_.append(entries, time_ms)
             if self.interval_s is None:
                 log_.sync()
         except OSError as exc:   # disk full, I/O error: refuse, never receipt
             log.error("topic log append failed: %s", exc)
-            self.send(sender, AppendFailed(msg.seq, str(exc), log_.next_offset))
-            return
+            return [LaneOp.APPEND_FAILED, seq, str(exc), log_.next_offset]
         if self.interval_s is not None and not self.sync_scheduled:
             self.sync_scheduled = True
             self.wakeupAfter(timedelta(seconds=self.interval_s), payload="sync")
         self._retain()
-        self.send(sender, Appended(msg.seq, log_.size, len(log_.segments)))
+        return [LaneOp.APPENDED, seq, log_.size, len(log_.segments)]
 
     def on_WakeupMessage(self, msg, sender):
         if msg.payload == "sync":
@@ -181,6 +178,9 @@ class LogActor(BrokerActor):
         self.send(sender, LogDestroyed())
 
     def on_ActorExitRequest(self, msg, sender):
+        if self.hub is not None:
+            self.hub.close()
+            self.hub = None
         if self.store is not None:
             self.store.close()
 

@@ -165,6 +165,7 @@ class TopicActor(BrokerActor):
         self.lane_address = None
         # reliable topics
         self.log = None
+        self.log_lane = None       # appends go over it
         self.log_ready = False
         self.first_offset = 0
         self.unsynced = []         # [(lane, producer id, receipts, entries)] not appended yet
@@ -193,6 +194,7 @@ class TopicActor(BrokerActor):
 
     def _start_log(self):
         self.log_ready = False
+        self.log_lane = None
         self.log = self.createActor("actorbroker.actors.log.LogActor")
         self.forget_ordered("log")
         self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config), "log")
@@ -202,6 +204,10 @@ class TopicActor(BrokerActor):
         self.log_bytes, self.segments = msg.log_bytes, msg.segments
         self.truncated_bytes = msg.truncated_bytes
         restart = self.log_ready is None
+        try:
+            self.log_lane = self.hub.connect(msg.lane, peer=("log",))
+        except OSError:   # it died already: ChildActorExited restarts it again
+            return
         self.log_ready = True
         if restart:   # a restarted log: the dispatchers read and save through the new one
             for name, sub in self.subs.items():
@@ -223,7 +229,7 @@ class TopicActor(BrokerActor):
         # Delivered once or twice, and a lane's EOF may have told us first: all idempotent.
         if self.ending or self.deleting is not None:
             return
-        if msg.childAddress == self.log:
+        if msg.childAddress == self.log:   # (if its lane's EOF told us first, self.log is new)
             self._log_lost()
             return
         for name, sub in list(self.subs.items()):
@@ -279,6 +285,12 @@ class TopicActor(BrokerActor):
                 if sub is not None and sub.lane is lane:
                     sub.in_flight -= 1
                     self._feed(name, sub)
+            elif op == LaneOp.APPENDED:
+                if lane is self.log_lane:
+                    self._appended(frame[1], frame[2], frame[3])
+            elif op == LaneOp.APPEND_FAILED:
+                if lane is self.log_lane:
+                    self._append_failed(frame[1], frame[2], frame[3])
             elif op == LaneOp.HELLO:
                 lane.peer = ("shard", frame[1])
 
@@ -289,6 +301,9 @@ class TopicActor(BrokerActor):
             ident = lane.peer[1]
             for producer_id in [p for p, entry in self.producers.items() if entry[3] == ident]:
                 del self.producers[producer_id]
+        elif lane.peer[0] == "log":
+            if lane is self.log_lane and self.deleting is None:
+                self._log_lost()
         elif lane.peer[0] == "dispatcher" and self.deleting is None:
             sub = self.subs.get(lane.peer[1])
             if sub is not None and sub.lane is lane:
@@ -375,16 +390,16 @@ class TopicActor(BrokerActor):
         now = int(time.time() * 1000)
         self.append_seq += 1
         self.appending[self.append_seq] = (batch, first, now)
-        self.send_ordered(self.log, log_actor.Append(self.append_seq, first, entries, now), "log")
+        self.log_lane.send([LaneOp.APPEND, self.append_seq, first, entries, now])
         if self.config.fsync == "always":
             self._append()
 
-    def on_Appended(self, msg, sender):
-        entry = self.appending.pop(msg.seq, None)
+    def _appended(self, seq, log_bytes, segments):
+        entry = self.appending.pop(seq, None)
         if entry is None:
             return   # from a log that has been restarted since: those sends were refused
         batch, first, now = entry
-        self.log_bytes, self.segments = msg.log_bytes, msg.segments
+        self.log_bytes, self.segments = log_bytes, segments
         records = []
         offset = first
         for lane, producer_id, receipts, entries in batch:
@@ -398,15 +413,15 @@ class TopicActor(BrokerActor):
             self._feed(name, sub)
         self._append()
 
-    def on_AppendFailed(self, msg, sender):
+    def _append_failed(self, seq, error, next_offset):
         """Nothing of this append, nor of what was queued behind it, was receipted: refuse them
         all (the producers may retry) and number again from where the log really ends."""
-        failed, _, _ = self.appending.pop(msg.seq, ([], None, None))
+        failed, _, _ = self.appending.pop(seq, ([], None, None))
         for lane, producer_id, receipts, entries in failed + self.unsynced:
-            self._refuse(lane, producer_id, receipts, f"log write failed: {msg.error}")
+            self._refuse(lane, producer_id, receipts, f"log write failed: {error}")
             self.msgs_in -= len(entries)
         self.unsynced = []
-        self.next_offset = msg.next_offset
+        self.next_offset = next_offset
         self._append()
 
     def _feed(self, name, sub):

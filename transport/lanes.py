@@ -371,6 +371,9 @@ class LaneOp:
     DELIVER_ACK = 9   # shard -> dispatcher: [DELIVER_ACK, consumer_id]: buffered, send more
     REPLY = 10        # dispatcher -> shard: [REPLY, consumer_id, frame bytes] (an ack's `ok`)
     ENDED = 11        # dispatcher -> shard: [ENDED, consumer_id, reason]: the consumer is gone
+    APPEND = 12       # topic -> log: [APPEND, seq, first offset, [[key, tail]...], time_ms]
+    APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments]: durable (per --fsync)
+    APPEND_FAILED = 14  # log -> topic: [APPEND_FAILED, seq, error, next offset]: nothing of it kept
 
 
 __all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame", "DEFAULT_MAX_FRAME"]
