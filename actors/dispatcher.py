@@ -170,6 +170,8 @@ class DispatcherActor(BrokerActor):
                 self._ack(lane, frame[1], frame[2], frame[3])
             elif op == LaneOp.NACK:
                 self._nack(frame[2], frame[3])
+            elif op == LaneOp.DETACH:
+                self._detached(frame[1])
             elif op == LaneOp.HELLO:
                 if frame[1] == self.topic_name:
                     lane.peer = ("topic", frame[1])
@@ -389,6 +391,14 @@ class DispatcherActor(BrokerActor):
         self._forget(msg.consumer_id)
         self._announce_active(before)
         self._pump()
+
+    def _detached(self, consumer_id):
+        """Its connection ended: the shard says so over the lane, ahead of the ConnectionActor's
+        detach (which then finds nothing to do). The SubscriptionActor is told at once too."""
+        if consumer_id in self.policy.consumers:
+            self.on_RemoveConsumer(RemoveConsumer(consumer_id), None)
+            if self.subscription is not None:
+                self.send(self.subscription, subscription.MembersLost([consumer_id]))
 
     def on_CloseAll(self, msg, sender):
         for consumer_id in list(self.policy.consumers):

@@ -558,7 +558,9 @@ class ShardActor(BrokerActor):
         for producer_id in list(client.session.producers):
             self._drop_producer(producer_id)
         for consumer_id in client.session.consumers:
-            self.consumers.pop(consumer_id, None)
+            route = self.consumers.pop(consumer_id, None)
+            if route is not None:   # the dispatcher hears it first, over the lane: failover at once
+                route[1].send([LaneOp.DETACH, consumer_id])
         for lane, consumer_id in client.deferred_acks:
             lane.send([LaneOp.DELIVER_ACK, consumer_id])
         client.deferred_acks.clear()

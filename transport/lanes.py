@@ -374,6 +374,7 @@ class LaneOp:
     APPEND = 12       # topic -> log: [APPEND, seq, first offset, [[key, tail]...], time_ms]
     APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments]: durable (per --fsync)
     APPEND_FAILED = 14  # log -> topic: [APPEND_FAILED, seq, error, next offset]: nothing of it kept
+    DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id]: its connection ended
 
 
 __all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame", "DEFAULT_MAX_FRAME"]
