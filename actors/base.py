@@ -9,7 +9,7 @@ from typing import Any
 
 from datetime import timedelta
 
-from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage, WakeupMessage
+from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage, PoisonMessage, WakeupMessage
 
 from actorbroker.actors.process import die_with_parent, name_process
 
@@ -42,6 +42,10 @@ class Batch:
 # than one batch (10,000 subscribes: 111/s as messages, see docs/benchmarks.md).
 COALESCE_S = 0.004
 _FLUSH = "actorbroker-flush"
+# A message of an ordered channel that has not come this long after a later one never will (its
+# sender died, or Thespian dropped it): go on without it rather than hold the channel forever.
+GAP_TIMEOUT_S = 5.0
+_GAP = "actorbroker-gap"
 
 
 class BrokerActor(Actor):
@@ -67,6 +71,10 @@ class BrokerActor(Actor):
         self._outbox = {}      # stream -> (address, [msgs]) sent when the current message is handled
         self._sent_at = {}     # stream -> when its last message went
         self._flush_due = False
+        self._gaps = {}        # channel -> when it started waiting for a missing message
+        self._gap_check_due = False
+        self.gaps_skipped = 0
+        self.poison_messages = 0
         self._initialized = self.init_message is None
         self._held = []
         # ACTORBROKER_PROFILE_DIR=dir: profile message handling, one .prof per actor, written at
@@ -95,48 +103,90 @@ class BrokerActor(Actor):
             self._flush_outbox()
             return self.watch()
         try:
-            if isinstance(msg, Ordered):
-                for inner, inner_sender in self._release(msg, sender):
-                    if isinstance(inner, Batch):
-                        for one in inner.msgs:
-                            self._dispatch(one, inner_sender)
-                    else:
-                        self._dispatch(inner, inner_sender)
+            if isinstance(msg, WakeupMessage) and msg.payload == _GAP:
+                self._gap_check_due = False
+                self._ordered_deliver(self._ordered_skip_gaps())
+            elif isinstance(msg, PoisonMessage):
+                # A message we sent failed twice in its receiver (which lives on): count it.
+                self.poison_messages += 1
+                log.error("%s: a %s we sent failed in its receiver: %s", type(self).__name__,
+                          type(msg.poisonMessage).__name__, (msg.details or "")[-500:])
+            elif isinstance(msg, Ordered):
+                self._ordered_deliver(self._ordered_release(msg, sender))
             else:
-                self._dispatch(msg, sender)
+                self._base_dispatch(msg, sender)
         finally:
             self._flush_outbox()
         return self.watch()
 
-    def _dispatch(self, msg, sender):
+    def _ordered_deliver(self, released):
+        for inner, inner_sender in released:
+            if isinstance(inner, Batch):
+                for one in inner.msgs:
+                    self._base_dispatch(one, inner_sender)
+            else:
+                self._base_dispatch(inner, inner_sender)
+
+    def _base_dispatch(self, msg, sender):
         if not self._initialized and not isinstance(msg, ActorSystemMessage):
             if not isinstance(msg, self.init_message):
                 self._held.append((msg, sender))
                 return
             self._initialized = True
-            self._handle(msg, sender)
+            self._base_handle(msg, sender)
             held, self._held = self._held, []
             for m, s in held:
-                self._handle(m, s)
+                self._base_handle(m, s)
             return
-        self._handle(msg, sender)
+        self._base_handle(msg, sender)
 
-    def _handle(self, msg, sender):
+    def _base_handle(self, msg, sender):
         handler = getattr(self, "on_" + type(msg).__name__, None)
         if handler is not None:
             handler(msg, sender)
 
-    def _release(self, msg, sender):
+    def _ordered_release(self, msg, sender):
         state = self._in_seq.setdefault(msg.channel, [0, {}])
-        if msg.seq != state[0]:
-            state[1][msg.seq] = (msg.msg, sender)
-            return []
-        ready = [(msg.msg, sender)]
-        state[0] += 1
+        if msg.seq < state[0]:
+            return []   # after a gap was skipped, a straggler: too late
+        state[1][msg.seq] = (msg.msg, sender)
+        return self._ordered_run(msg.channel, state)
+
+    def _ordered_run(self, channel, state):
+        """The messages that are next in order; a channel still missing one starts waiting."""
+        ready = []
         while state[0] in state[1]:
             ready.append(state[1].pop(state[0]))
             state[0] += 1
+        if state[1]:
+            if ready or channel not in self._gaps:
+                self._gaps[channel] = time.monotonic()
+            if not self._gap_check_due:
+                self._gap_check_due = True
+                self.wakeupAfter(timedelta(seconds=GAP_TIMEOUT_S), payload=_GAP)
+        else:
+            self._gaps.pop(channel, None)
         return ready
+
+    def _ordered_skip_gaps(self):
+        released = []
+        now = time.monotonic()
+        for channel, since in list(self._gaps.items()):
+            state = self._in_seq.get(channel)
+            if state is None or not state[1]:
+                self._gaps.pop(channel, None)
+                continue
+            if now - since >= GAP_TIMEOUT_S:
+                first = min(state[1])
+                log.error("%s: ordered channel %s: messages %d..%d never came; going on without them",
+                          type(self).__name__, channel[1], state[0], first - 1)
+                self.gaps_skipped += 1
+                state[0] = first
+                released += self._ordered_run(channel, state)
+        if self._gaps and not self._gap_check_due:
+            self._gap_check_due = True
+            self.wakeupAfter(timedelta(seconds=GAP_TIMEOUT_S / 2), payload=_GAP)
+        return released
 
     def send_ordered(self, address, msg, stream):
         """Send on the ordered channel `stream`: a key naming one receiver, stable for its life

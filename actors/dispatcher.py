@@ -135,7 +135,7 @@ class DispatcherActor(BrokerActor):
         self.topic_name = msg.topic
         self.name, self.type, self.dispatch = msg.name, msg.type, msg.dispatch
         self.policy = make_policy(msg.type, msg.config.max_backlog)
-        self.hub = LaneHub(self.reactor, self._lane_frames, self._lane_closed,
+        self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
                            kind=msg.config.lanes, host=msg.config.actor_host)
         self.send(self.topic, topic.DispatcherReady(self.name, msg.incarnation, self.hub.listen()))
         if msg.dispatch == "reliable":
@@ -154,31 +154,30 @@ class DispatcherActor(BrokerActor):
         self.reactor.poll()
 
     # --- lanes --------------------------------------------------------------------------------------
-    def _lane_frames(self, lane, frames):
-        for frame in frames:
-            op = frame[0]
-            if op == LaneOp.DISPATCH:
-                self._take_batch(lane, frame[1])
-            elif op == LaneOp.FLOW:
-                self._flow(frame[1], frame[2])
-            elif op == LaneOp.DELIVER_ACK:
-                consumer = self.policy.consumers.get(frame[1])
-                if consumer is not None:
-                    consumer.in_flight -= 1
-                    self._pump()
-            elif op == LaneOp.ACK:
-                self._ack(lane, frame[1], frame[2], frame[3])
-            elif op == LaneOp.NACK:
-                self._nack(frame[2], frame[3])
-            elif op == LaneOp.DETACH:
-                self._detached(frame[1])
-            elif op == LaneOp.HELLO:
-                if frame[1] == self.topic_name:
-                    lane.peer = ("topic", frame[1])
-                else:
-                    lane.peer = ("shard", frame[1])
-                    self.shard_lanes[frame[1]] = lane
-                    self._pump()
+    def _lane_frame(self, lane, frame):
+        op = frame[0]
+        if op == LaneOp.DISPATCH:
+            self._take_batch(lane, frame[1])
+        elif op == LaneOp.FLOW:
+            self._flow(frame[1], frame[2])
+        elif op == LaneOp.DELIVER_ACK:
+            consumer = self.policy.consumers.get(frame[1])
+            if consumer is not None:
+                consumer.in_flight -= 1
+                self._pump()
+        elif op == LaneOp.ACK:
+            self._ack(lane, frame[1], frame[2], frame[3])
+        elif op == LaneOp.NACK:
+            self._nack(frame[2], frame[3])
+        elif op == LaneOp.DETACH:
+            self._detached(frame[1])
+        elif op == LaneOp.HELLO:
+            if frame[1] == self.topic_name:
+                lane.peer = ("topic", frame[1])
+            else:
+                lane.peer = ("shard", frame[1])
+                self.shard_lanes[frame[1]] = lane
+                self._pump()
 
     def _lane_closed(self, lane, reason):
         if lane.peer is None:
@@ -199,9 +198,13 @@ class DispatcherActor(BrokerActor):
             for consumer_id in gone:
                 self._forget(consumer_id)
             self._announce_active(before)
-            if self.subscription is not None:
-                self.send(self.subscription, subscription.MembersLost(gone))
+            self._members_lost(gone)
             self._pump()
+
+    def _members_lost(self, consumer_ids):
+        # An ordered channel: a burst (10,000 clients killed at once) goes as one Thespian message.
+        if self.subscription is not None:
+            self.send_ordered(self.subscription, subscription.MembersLost(consumer_ids), "members-lost")
 
     def _topic_lost(self):
         """Our topic is gone (its lane ended, or our parent process died): say so to every
@@ -367,7 +370,7 @@ class DispatcherActor(BrokerActor):
     def on_AddConsumer(self, msg, sender):
         self.subscription = sender
         if msg.transport in self.lost_shards:   # its shard died before it got here
-            self.send(sender, subscription.MembersLost([msg.consumer_id]))
+            self._members_lost([msg.consumer_id])
             return
         before = self._active_flags()
         if msg.replaces is not None:
@@ -397,8 +400,7 @@ class DispatcherActor(BrokerActor):
         detach (which then finds nothing to do). The SubscriptionActor is told at once too."""
         if consumer_id in self.policy.consumers:
             self.on_RemoveConsumer(RemoveConsumer(consumer_id), None)
-            if self.subscription is not None:
-                self.send(self.subscription, subscription.MembersLost([consumer_id]))
+            self._members_lost([consumer_id])
 
     def on_CloseAll(self, msg, sender):
         for consumer_id in list(self.policy.consumers):
@@ -527,7 +529,8 @@ class DispatcherActor(BrokerActor):
             backlog = self.policy.backlog_size() + msg.topic_pending
         stats = {"name": self.name, "type": self.type, "backlog": backlog,
                  "msgs_out": self.msgs_out, "dropped": self.dropped, "redelivered": self.redelivered,
-                 "consumers": consumers}
+                 "consumers": consumers, "poison_messages": self.poison_messages,
+                 "gaps_skipped": self.gaps_skipped}
         if self.reliable:
             stats["dead_lettered"] = self.dead_lettered
             stats["cursor"] = self.cursor.floor

@@ -122,16 +122,15 @@ class LogActor(BrokerActor):
         log_ = self.store.log
         if log_.truncated_bytes:
             log.warning("topic %s: recovered, %d torn bytes truncated", msg.topic, log_.truncated_bytes)
-        self.hub = LaneHub(self.reactor, self._lane_frames, lambda lane, reason: None,
+        self.hub = LaneHub(self.reactor, self._lane_frame, lambda lane, reason: None,
                            kind=self.config.lanes, host=self.config.actor_host)
         self.send(sender, LogOpened(self.hub.listen(), log_.next_offset, log_.first_offset, cursors,
                                     log_.truncated_bytes,
                                     log_.size, len(log_.segments)))
 
-    def _lane_frames(self, lane, frames):
-        for frame in frames:
-            if frame[0] == LaneOp.APPEND:
-                lane.send(self._append(*frame[1:]))
+    def _lane_frame(self, lane, frame):
+        if frame[0] == LaneOp.APPEND:
+            lane.send(self._append(*frame[1:]))
 
     def _append(self, seq, first, entries, time_ms):
         log_ = self.store.log

@@ -165,7 +165,7 @@ class ShardActor(BrokerActor):
         self.session_config = SessionConfig(msg.config)
         self.ident, self.index = msg.ident, msg.index
         self.listener = msg.listener
-        self.hub = LaneHub(self.reactor, self._lane_frames, self._lane_closed,
+        self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
                            kind=msg.config.lanes, host=msg.config.actor_host)
         self.handoff = socket.socket(fileno=msg.handoff_fd)
         self.handoff.setblocking(False)
@@ -329,20 +329,19 @@ class ShardActor(BrokerActor):
             table[address] = lane
         return lane
 
-    def _lane_frames(self, lane, frames):
-        for frame in frames:
-            op = frame[0]
-            if op == LaneOp.DELIVER:
-                self._deliver(lane, frame[1], frame[2])
-            elif op == LaneOp.RECEIPTS:
-                self._receipts(frame[1], frame[2], frame[3])
-            elif op == LaneOp.REPLY:
-                route = self.consumers.get(frame[1])
-                client = self.clients.get(route[0]) if route else None
-                if client is not None:
-                    self._write(client, frame[2])
-            elif op == LaneOp.ENDED:
-                self._consumers_lost([frame[1]], frame[2])
+    def _lane_frame(self, lane, frame):
+        op = frame[0]
+        if op == LaneOp.DELIVER:
+            self._deliver(lane, frame[1], frame[2])
+        elif op == LaneOp.RECEIPTS:
+            self._receipts(frame[1], frame[2], frame[3])
+        elif op == LaneOp.REPLY:
+            route = self.consumers.get(frame[1])
+            client = self.clients.get(route[0]) if route else None
+            if client is not None:
+                self._write(client, frame[2])
+        elif op == LaneOp.ENDED:
+            self._consumers_lost([frame[1]], frame[2])
 
     def _receipts(self, producer_id, items, errors):
         producer = self.producers.get(producer_id) or self.closing_producers.get(producer_id)

@@ -184,7 +184,7 @@ class TopicActor(BrokerActor):
     def on_InitTopic(self, msg, sender):
         self.name, self.dispatch, self.config = msg.name, msg.dispatch, msg.config
         self.broker = sender
-        self.hub = LaneHub(self.reactor, self._lane_frames, self._lane_closed,
+        self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
                            kind=self.config.lanes, host=self.config.actor_host)
         self.lane_address = self.hub.listen()
         log.info("topic %s open (%s)", self.name, self.dispatch)
@@ -274,25 +274,24 @@ class TopicActor(BrokerActor):
                                   msg.state.get("options") or {})
 
     # --- lanes --------------------------------------------------------------------------------------
-    def _lane_frames(self, lane, frames):
-        for frame in frames:
-            op = frame[0]
-            if op == LaneOp.PUBLISH:
-                self._publish(lane, frame[1], frame[3])
-            elif op == LaneOp.DISPATCH_ACK:
-                name = lane.peer[1]
-                sub = self.subs.get(name)
-                if sub is not None and sub.lane is lane:
-                    sub.in_flight -= 1
-                    self._feed(name, sub)
-            elif op == LaneOp.APPENDED:
-                if lane is self.log_lane:
-                    self._appended(frame[1], frame[2], frame[3])
-            elif op == LaneOp.APPEND_FAILED:
-                if lane is self.log_lane:
-                    self._append_failed(frame[1], frame[2], frame[3])
-            elif op == LaneOp.HELLO:
-                lane.peer = ("shard", frame[1])
+    def _lane_frame(self, lane, frame):
+        op = frame[0]
+        if op == LaneOp.PUBLISH:
+            self._publish(lane, frame[1], frame[3])
+        elif op == LaneOp.DISPATCH_ACK:
+            name = lane.peer[1]
+            sub = self.subs.get(name)
+            if sub is not None and sub.lane is lane:
+                sub.in_flight -= 1
+                self._feed(name, sub)
+        elif op == LaneOp.APPENDED:
+            if lane is self.log_lane:
+                self._appended(frame[1], frame[2], frame[3])
+        elif op == LaneOp.APPEND_FAILED:
+            if lane is self.log_lane:
+                self._append_failed(frame[1], frame[2], frame[3])
+        elif op == LaneOp.HELLO:
+            lane.peer = ("shard", frame[1])
 
     def _lane_closed(self, lane, reason):
         if lane.peer is None or self.ending:
@@ -506,7 +505,8 @@ class TopicActor(BrokerActor):
     def on_StatsRequest(self, msg, sender):
         frame = {"op": "stats", "rid": msg.rid, "topic": self.name, "dispatch": self.dispatch,
                  "msgs_in": self.msgs_in, "bytes_in": self.bytes_in,
-                 "producers": len(self.producers), "subscriptions": []}
+                 "producers": len(self.producers), "subscriptions": [],
+                 "poison_messages": self.poison_messages, "gaps_skipped": self.gaps_skipped}
         token = self.next_token
         self.next_token += 1
         self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame]
@@ -531,6 +531,8 @@ class TopicActor(BrokerActor):
         if gather is not None:
             rid, reply_to, _, frame = gather
             frame["subscriptions"].sort(key=lambda s: s["name"])
+            for field in ("poison_messages", "gaps_skipped"):   # the topic's and its dispatchers'
+                frame[field] += sum(s.get(field, 0) for s in frame["subscriptions"])
             if self.log is not None:
                 frame.update(log_bytes=self.log_bytes, segments=self.segments,
                              recovered_truncated_bytes=self.truncated_bytes,

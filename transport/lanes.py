@@ -21,9 +21,13 @@ import threading
 import uuid
 from dataclasses import dataclass
 
+import logging
+
 import msgpack
 
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME
+
+log = logging.getLogger("actorbroker")
 
 READ_SIZE = 256 * 1024
 MAX_LANE_FRAME = 64 * 1024 * 1024   # lanes carry whole batches: bounded, but well above max_frame
@@ -129,7 +133,7 @@ def encode_lane_frame(obj):
 
 
 class Lane:
-    """One end of a lane. `on_frames(lane, frames)` and `on_closed(lane, reason)` are the owner's."""
+    """One end of a lane. `on_frame(lane, frame)` and `on_closed(lane, reason)` are the owner's."""
     __slots__ = ("hub", "sock", "fd", "inbuf", "outbuf", "peer", "closed", "reading")
 
     def __init__(self, hub, sock, peer=None):
@@ -232,14 +236,17 @@ class Lane:
 class LaneHub:
     """An actor's lanes: the listening socket others connect to, and the lanes themselves.
 
-    on_frames(lane, frames): frames that arrived on a lane, in order.
+    on_frame(lane, frame): a frame that arrived on a lane (in order). An exception it raises is
+        logged and counted (`frame_errors`) and the next frame is handled all the same: one bad
+        frame must not lose the frames read with it.
     on_closed(lane, reason): the lane ended (EOF or error): the actor at its other end is gone,
         or closed it; called once per lane.
     """
 
-    def __init__(self, reactor, on_frames, on_closed, kind="unix", host="127.0.0.1"):
+    def __init__(self, reactor, on_frame, on_closed, kind="unix", host="127.0.0.1"):
         self.reactor = reactor
-        self.on_frames, self.on_closed = on_frames, on_closed
+        self.on_frame, self.on_closed = on_frame, on_closed
+        self.frame_errors = 0
         self.kind, self.host = kind, host
         self.listener = None
         self.address = None
@@ -313,8 +320,13 @@ class LaneHub:
         except Exception as exc:   # a corrupt lane is a broken peer: end it like any other
             self._lost(lane, f"bad frame: {exc}")
             return
-        if frames:
-            self.on_frames(lane, frames)
+        for frame in frames:
+            try:
+                self.on_frame(lane, frame)
+            except Exception:
+                self.frame_errors += 1
+                log.exception("a lane frame failed (op %r); going on with the next",
+                              frame[0] if isinstance(frame, list) and frame else None)
 
     def _lost(self, lane, reason):
         if lane.closed:

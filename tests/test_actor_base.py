@@ -1,0 +1,78 @@
+"""The ordered channels of actors/base.py, as pure logic (no actor system): batching, order
+restored, and a gap that never fills is skipped instead of holding the channel forever."""
+from thespian.actors import PoisonMessage, WakeupMessage
+
+from actorbroker.actors import base
+
+
+class Probe(base.BrokerActor):
+    def __init__(self):
+        super().__init__()
+        self.got = []
+        self.sent = []
+        self.wakeups = []
+
+    def on_str(self, msg, sender):
+        self.got.append(msg)
+
+    # what Thespian would do, recorded instead
+    def send(self, address, msg):
+        self.sent.append((address, msg))
+
+    def wakeupAfter(self, delay, payload=None):
+        self.wakeups.append(payload)
+
+
+def ordered(seq, msg, channel=("peer", "s")):
+    return base.Ordered(channel, seq, msg)
+
+
+def test_out_of_order_messages_are_handled_in_order():
+    a = Probe()
+    a.receiveMessage(ordered(1, "b"), None)
+    a.receiveMessage(ordered(2, "c"), None)
+    assert a.got == []
+    a.receiveMessage(ordered(0, "a"), None)
+    assert a.got == ["a", "b", "c"]
+
+
+def test_a_batch_is_handled_as_its_messages_in_order():
+    a = Probe()
+    a.receiveMessage(ordered(0, base.Batch(("a", "b", "c"))), None)
+    assert a.got == ["a", "b", "c"]
+
+
+def test_what_one_message_sends_on_a_channel_goes_as_one_batch():
+    a = Probe()
+
+    def fan(msg, sender):
+        for i in range(3):
+            a.send_ordered("target", f"m{i}", "out")
+    a.on_int = fan
+    a.receiveMessage(7, None)
+    assert len(a.sent) == 1
+    address, sent = a.sent[0]
+    assert address == "target" and sent.msg == base.Batch(("m0", "m1", "m2")) and sent.seq == 0
+
+
+def test_a_gap_that_never_fills_is_skipped_and_the_straggler_dropped(monkeypatch):
+    a = Probe()
+    a.receiveMessage(ordered(1, "b"), None)
+    a.receiveMessage(ordered(2, "c"), None)
+    assert a.got == [] and base._GAP in a.wakeups
+    a.receiveMessage(WakeupMessage(1, base._GAP), None)       # too early: still waiting
+    assert a.got == []
+    clock = base.time.monotonic() + base.GAP_TIMEOUT_S + 1
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock)
+    a.receiveMessage(WakeupMessage(1, base._GAP), None)
+    assert a.got == ["b", "c"] and a.gaps_skipped == 1
+    a.receiveMessage(ordered(0, "a"), None)                   # came after all: too late
+    a.receiveMessage(ordered(3, "d"), None)
+    assert a.got == ["b", "c", "d"]
+
+
+def test_a_poison_message_is_counted_and_the_actor_goes_on():
+    a = Probe()
+    a.receiveMessage(PoisonMessage("x", "Traceback: boom"), None)
+    a.receiveMessage(ordered(0, "a"), None)
+    assert a.poison_messages == 1 and a.got == ["a"]
