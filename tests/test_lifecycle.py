@@ -54,3 +54,21 @@ def test_serve_exits_nonzero_when_the_actor_system_is_lost(start_broker, victim)
     os.kill(target, signal.SIGKILL)
     assert b.proc.wait(timeout=20) != 0
     assert b.wait_gone(pids, timeout=30) == []
+
+
+def test_tcp_lanes_carry_records_and_listen_on_loopback_only(start_broker, topic):
+    """--lanes tcp (for several hosts) moves the same records, receipts and deliveries over TCP
+    lanes, which bind the actor host like every other socket of the broker."""
+    from actorbroker.transport.client import Client
+    b = start_broker("--lanes", "tcp")
+    with Client(*b.address) as client:
+        consumer = client.subscribe(topic, "s", "exclusive", "c")
+        producer = client.producer(topic)
+        offsets = [producer.send(f"m{i}".encode()) for i in range(50)]
+        producer.flush()
+        got = [consumer.receive(timeout=10) for _ in range(50)]
+        assert [m.id for m in got] == [f.result(5) for f in offsets]
+        assert [m.payload for m in got] == [f"m{i}".encode() for i in range(50)]
+        listening = proctree.listening_sockets(b.processes())
+        assert len(listening) > 3    # admin, actors, client port, and now the lanes
+        assert all(host == "127.0.0.1" for _, host, _ in listening), listening
