@@ -32,6 +32,7 @@ from actorbroker.transport.codec import encode_frame, record_blob, record_tail, 
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 
 RELIABLE_BUFFER = 5000
+CURSOR_SAVE_DELAY = timedelta(milliseconds=100)
 DEFAULT_MAX_UNACKED = 1000
 
 
@@ -44,6 +45,7 @@ class InitDispatcher:
     config: Any
     # reliable topics only
     log: Any = None
+    log_lane: Any = None      # the LogActor's LaneAddress: catch-up reads go over it
     cursor: Any = None        # {"floor", "acked"} from disk, or None for a new subscription
     start_offset: int = 0     # where a new subscription starts
     end_offset: int = 0       # the topic's next offset now
@@ -80,6 +82,7 @@ class CloseAll:
 class LogMoved:
     """The topic's LogActor was restarted: read and save through `log` from now on."""
     log: Any
+    lane: Any
     end_offset: int
 
 
@@ -110,6 +113,7 @@ class DispatcherActor(BrokerActor):
         self.parent_pid = os.getppid()
         # reliable state
         self.log = None
+        self.log_lane = None
         self.broker = None
         self.cursor = None
         self.read_pos = 0          # next offset to bring into memory
@@ -126,6 +130,7 @@ class DispatcherActor(BrokerActor):
         self.acks_waiting = []       # (lane, consumer id, rid) of acks in the save in flight
         self.acks_waiting_next = []  # ... and of acks for the next save
         self.timeout_tick = False
+        self.save_scheduled = False
 
     def watch(self):
         return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
@@ -141,6 +146,7 @@ class DispatcherActor(BrokerActor):
         if msg.dispatch == "reliable":
             self.reliable = True
             self.log = msg.log
+            self._connect_log(msg.log_lane)
             self.options = msg.options or {}
             self.broker = msg.broker
             state = msg.cursor or {"floor": msg.start_offset, "acked": []}
@@ -171,6 +177,9 @@ class DispatcherActor(BrokerActor):
             self._nack(frame[2], frame[3])
         elif op == LaneOp.DETACH:
             self._detached(frame[1])
+        elif op == LaneOp.RECORDS:
+            if lane is self.log_lane:
+                self._log_records(frame[1], frame[2], frame[3])
         elif op == LaneOp.HELLO:
             if frame[1] == self.topic_name:
                 lane.peer = ("topic", frame[1])
@@ -183,6 +192,11 @@ class DispatcherActor(BrokerActor):
         if lane.peer is None:
             return
         role, ident = lane.peer
+        if role == "log":   # it died: the topic restarts it and sends LogMoved
+            if lane is self.log_lane:
+                self.log_lane = None
+                self.reading = False
+            return
         if role == "topic":
             self._topic_lost()
             self.exit_self()
@@ -232,8 +246,16 @@ class DispatcherActor(BrokerActor):
         if not self.reliable:
             self.dropped += self.policy.trim()  # non_reliable: what no credit can take, within bounds
 
+    def _connect_log(self, address):
+        self.log_lane = None
+        try:
+            self.log_lane = self.hub.connect(address, peer=("log", None))
+        except OSError:
+            pass   # it died: the topic restarts it and sends LogMoved
+
     def on_LogMoved(self, msg, sender):
         self.log = msg.log
+        self._connect_log(msg.lane)
         self.forget_ordered("log")   # a new receiver: its ordered channel starts from zero
         self.end = max(self.end, msg.end_offset)
         self.reading = False
@@ -258,31 +280,31 @@ class DispatcherActor(BrokerActor):
         self._refill()
 
     def _refill(self):
-        if self.reading or self.read_pos >= self.end:
+        if self.reading or self.read_pos >= self.end or self.log_lane is None:
             return
         room = RELIABLE_BUFFER - self.policy.backlog_size()
         if room >= RELIABLE_BUFFER // 2:
             self.reading = True
-            self.send_ordered(self.log, log_actor.ReadLog(self.read_pos, self.read_pos, room), "log")
+            self.log_lane.send([LaneOp.READ, self.read_pos, self.read_pos, room])
 
-    def on_LogRecords(self, msg, sender):
+    def _log_records(self, token, records, first_offset):
         self.reading = False
-        if msg.token != self.read_pos:
+        if token != self.read_pos:
             return
-        if msg.first_offset > self.cursor.floor:   # retention removed what we had not acked
-            self.cursor.skip_to(msg.first_offset)
+        if first_offset > self.cursor.floor:   # retention removed what we had not acked
+            self.cursor.skip_to(first_offset)
         keep = []
-        for offset, key, stamp, tail in msg.records:
+        for offset, key, stamp, tail in records:
             if offset < self.read_pos or self.cursor.is_acked(offset) or offset in self.unacked:
                 continue
             blob = record_blob(offset, stamp, tail)
             count = self.redelivery_count.get(offset, 0)
             keep.append((offset, key, with_redeliveries(blob, count) if count else blob))
         self.policy.enqueue(keep)
-        if msg.records:
-            self.read_pos = max(self.read_pos, msg.records[-1][0] + 1)
+        if records:
+            self.read_pos = max(self.read_pos, records[-1][0] + 1)
         else:   # nothing on disk from read_pos: we are at the log's end, stop reading
-            self.read_pos = max(self.read_pos, msg.first_offset)
+            self.read_pos = max(self.read_pos, first_offset)
             self.end = self.read_pos
         self._pump()
         self._refill()
@@ -333,7 +355,18 @@ class DispatcherActor(BrokerActor):
             self._answer_ack(lane, consumer_id, rid)
         self.acks_waiting = []
         if self.cursor_dirty:
+            self._save_cursor_soon()
+
+    def _save_cursor_soon(self):
+        """Acks that asked for an answer (a rid) are saved at once; the others within
+        CURSOR_SAVE_DELAY, together: a cursor save is an fsync and a rename in the LogActor, in
+        series with the appends, and a consumer acking every 100 messages must not cost one save
+        each (a crash then redelivers at most what was acked in that interval: at least once)."""
+        if self.acks_waiting_next:
             self._save_cursor()
+        elif not self.save_scheduled and not self.cursor_saving:
+            self.save_scheduled = True
+            self.wakeupAfter(CURSOR_SAVE_DELAY, payload="cursor-save")
 
     def _schedule_timeouts(self):
         timeout = self.options.get("ack_timeout_ms")
@@ -342,7 +375,11 @@ class DispatcherActor(BrokerActor):
             self.wakeupAfter(timedelta(milliseconds=max(20, timeout // 4)), payload="ack-timeout")
 
     def on_WakeupMessage(self, msg, sender):
-        if msg.payload == "ack-timeout":
+        if msg.payload == "cursor-save":
+            self.save_scheduled = False
+            if self.cursor_dirty:
+                self._save_cursor()
+        elif msg.payload == "ack-timeout":
             self.timeout_tick = False
             now = time.monotonic()
             expired = [o for o, (_, _, deadline) in self.unacked.items() if deadline and deadline <= now]
@@ -465,7 +502,7 @@ class DispatcherActor(BrokerActor):
         if self.cursor_dirty:
             if rid is not None:
                 self.acks_waiting_next.append((lane, consumer_id, rid))
-            self._save_cursor()
+            self._save_cursor_soon()
         else:
             self._answer_ack(lane, consumer_id, rid)
         self._pump()

@@ -2,8 +2,8 @@
 
 Appends batches to the segment log and makes them durable per the broker's fsync setting
 before answering (appends come over a lane from the topic: APPEND frames in, APPENDED or
-APPEND_FAILED frames back; its EOF tells the topic that this actor died), serves reads (catch-up, redelivery after restart) and keeps the
-subscriptions' cursors. Blocking file I/O (fsync) is this actor's whole job, so it stalls no
+APPEND_FAILED frames back; its EOF tells the topic that this actor died), serves reads over
+the dispatchers' lanes (catch-up, redelivery after restart), and keeps the subscriptions' cursors. Blocking file I/O (fsync) is this actor's whole job, so it stalls no
 one else: the topic keeps accepting sends meanwhile and merges them into the next append
 (group commit).
 """
@@ -35,20 +35,6 @@ class LogOpened:
     truncated_bytes: int
     log_bytes: int
     segments: int
-
-
-@dataclass(frozen=True)
-class ReadLog:
-    token: Any
-    offset: int
-    max_records: int
-
-
-@dataclass(frozen=True)
-class LogRecords:
-    token: Any
-    records: list       # [(offset, key, time_ms, tail)]
-    first_offset: int   # the oldest offset still retained
 
 
 @dataclass(frozen=True)
@@ -131,6 +117,9 @@ class LogActor(BrokerActor):
     def _lane_frame(self, lane, frame):
         if frame[0] == LaneOp.APPEND:
             lane.send(self._append(*frame[1:]))
+        elif frame[0] == LaneOp.READ:   # a dispatcher catching up
+            log_ = self.store.log
+            lane.send([LaneOp.RECORDS, frame[1], log_.read(frame[2], frame[3]), log_.first_offset])
 
     def _append(self, seq, first, entries, time_ms):
         log_ = self.store.log
@@ -153,11 +142,6 @@ class LogActor(BrokerActor):
         if msg.payload == "sync":
             self.sync_scheduled = False
             self.store.log.sync()
-
-    def on_ReadLog(self, msg, sender):
-        log_ = self.store.log
-        records = log_.read(msg.offset, msg.max_records)
-        self.send(sender, LogRecords(msg.token, records, log_.first_offset))
 
     def on_SaveCursor(self, msg, sender):
         self.store.save_cursor(msg.subscription, msg.state)

@@ -166,6 +166,7 @@ class TopicActor(BrokerActor):
         # reliable topics
         self.log = None
         self.log_lane = None       # appends go over it
+        self.log_address = None    # where it accepts lanes (the dispatchers read through it)
         self.log_ready = False
         self.first_offset = 0
         self.unsynced = []         # [(lane, producer id, receipts, entries)] not appended yet
@@ -204,6 +205,7 @@ class TopicActor(BrokerActor):
         self.log_bytes, self.segments = msg.log_bytes, msg.segments
         self.truncated_bytes = msg.truncated_bytes
         restart = self.log_ready is None
+        self.log_address = msg.lane
         try:
             self.log_lane = self.hub.connect(msg.lane, peer=("log",))
         except OSError:   # it died already: ChildActorExited restarts it again
@@ -211,7 +213,7 @@ class TopicActor(BrokerActor):
         self.log_ready = True
         if restart:   # a restarted log: the dispatchers read and save through the new one
             for name, sub in self.subs.items():
-                self.send_ordered(sub.dispatcher, dispatcher.LogMoved(self.log, self.next_offset),
+                self.send_ordered(sub.dispatcher, dispatcher.LogMoved(self.log, self.log_address, self.next_offset),
                                   ("dispatcher", name))
             log.warning("topic %s: log restarted, ends at offset %d", self.name, self.next_offset)
             return
@@ -441,7 +443,8 @@ class TopicActor(BrokerActor):
         if self.log is not None:
             kept = {k: options.get(k) for k in ("ack_timeout_ms", "max_redeliveries", "dead_letter_topic")}
             init = dispatcher.InitDispatcher(
-                self.name, name, sub_type, self.dispatch, self.config, log=self.log, cursor=cursor,
+                self.name, name, sub_type, self.dispatch, self.config, log=self.log,
+                log_lane=self.log_address, cursor=cursor,
                 start_offset=self.first_offset if start == "earliest" else self.next_offset,
                 end_offset=self.next_offset, options=kept, broker=self.broker,
                 incarnation=self.incarnations)

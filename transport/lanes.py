@@ -387,6 +387,8 @@ class LaneOp:
     APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments]: durable (per --fsync)
     APPEND_FAILED = 14  # log -> topic: [APPEND_FAILED, seq, error, next offset]: nothing of it kept
     DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id]: its connection ended
+    READ = 16         # dispatcher -> log: [READ, token, offset, max records]
+    RECORDS = 17      # log -> dispatcher: [RECORDS, token, [[offset, key, time_ms, tail]...], first retained offset]
 
 
 __all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame", "DEFAULT_MAX_FRAME"]
