@@ -6,7 +6,6 @@ socket (an AF_UNIX socketpair, `socket.send_fds`): nothing is forked per connect
 `hello` a connection costs the shard a socket and a small buffer.
 """
 import errno
-import os
 import socket
 from dataclasses import dataclass
 from typing import Any

@@ -534,8 +534,8 @@ class TopicActor(BrokerActor):
         if gather is not None:
             rid, reply_to, _, frame = gather
             frame["subscriptions"].sort(key=lambda s: s["name"])
-            for field in ("poison_messages", "gaps_skipped"):   # the topic's and its dispatchers'
-                frame[field] += sum(s.get(field, 0) for s in frame["subscriptions"])
+            for name in ("poison_messages", "gaps_skipped"):   # the topic's and its dispatchers'
+                frame[name] += sum(s.get(name, 0) for s in frame["subscriptions"])
             if self.log is not None:
                 frame.update(log_bytes=self.log_bytes, segments=self.segments,
                              recovered_truncated_bytes=self.truncated_bytes,

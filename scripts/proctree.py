@@ -43,7 +43,7 @@ def alive(pid):
         return False
 
 
-def _socket_inodes(pid):
+def socket_inodes(pid):
     inodes = set()
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -71,13 +71,9 @@ def _hex_addr(text, v6):
     return host, int(port, 16)
 
 
-def listening_sockets(pids):
-    """[(pid, host, port)] of the TCP sockets in LISTEN state that these processes hold."""
-    by_inode = {}
-    for pid in pids:
-        for inode in _socket_inodes(pid):
-            by_inode.setdefault(inode, pid)
-    found = []
+def tcp_sockets(state):
+    """(inode, local (host, port), remote (host, port)) of the machine's TCP sockets in `state`
+    ("0A" LISTEN, "01" ESTABLISHED), from /proc/net/tcp and tcp6."""
     for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
         try:
             with open(table) as f:
@@ -86,13 +82,17 @@ def listening_sockets(pids):
             continue
         for line in lines:
             parts = line.split()
-            if parts[3] != "0A":  # LISTEN
-                continue
-            inode = int(parts[9])
-            if inode in by_inode:
-                host, port = _hex_addr(parts[1], v6)
-                found.append((by_inode[inode], host, port))
-    return found
+            if parts[3] == state:
+                yield int(parts[9]), _hex_addr(parts[1], v6), _hex_addr(parts[2], v6)
+
+
+def listening_sockets(pids):
+    """[(pid, host, port)] of the TCP sockets in LISTEN state that these processes hold."""
+    by_inode = {}
+    for pid in pids:
+        for inode in socket_inodes(pid):
+            by_inode.setdefault(inode, pid)
+    return [(by_inode[inode], *local) for inode, local, _ in tcp_sockets("0A") if inode in by_inode]
 
 
 def pss_kb(pids):

@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+from actorbroker.scripts import proctree
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -79,51 +81,22 @@ def parent_of(pid):
         return None
 
 
-def _socket_inodes(pid):
-    inodes = set()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return inodes
-    for fd in names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
 def _established_tcp():
     """{inode: (local port, remote port)} of every ESTABLISHED TCP socket of the machine."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] != "01":   # ESTABLISHED
-                continue
-            local, remote = parts[1], parts[2]
-            found[int(parts[9])] = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16))
-    return found
+    return {inode: (local[1], remote[1]) for inode, local, remote in proctree.tcp_sockets("01")}
 
 
 def own_ports_to(port):
     """Local ports of this process's TCP connections to `port` (to learn which port a client got)."""
     established = _established_tcp()
-    return {established[i][0] for i in _socket_inodes(os.getpid())
+    return {established[i][0] for i in proctree.socket_inodes(os.getpid())
             if i in established and established[i][1] == port}
 
 
 def peer_ports_held_by(pid, port):
     """Remote ports of the connections accepted on `port` whose socket process `pid` holds."""
     established = _established_tcp()
-    return {established[i][1] for i in _socket_inodes(pid)
+    return {established[i][1] for i in proctree.socket_inodes(pid)
             if i in established and established[i][0] == port}
 
 

@@ -329,17 +329,10 @@ class LaneHub:
                               frame[0] if isinstance(frame, list) and frame else None)
 
     def _lost(self, lane, reason):
-        if lane.closed:
-            return
-        lane.closed = True
-        self.reactor.remove(lane.fd)
-        self.lanes.pop(lane.fd, None)
-        try:
-            lane.sock.close()
-        except OSError:
-            pass
-        lane.outbuf.clear()
-        self.on_closed(lane, reason)
+        if not lane.closed:
+            self.close_lane(lane)
+            lane.outbuf.clear()
+            self.on_closed(lane, reason)
 
     def close_lane(self, lane):
         """Close our end on purpose: the peer sees EOF. on_closed is not called for it."""
