@@ -26,7 +26,7 @@ from thespian.actors import ActorExitRequest, ThespianWatch
 from actorbroker.actors import broker, connection, dispatcher, log as log_actor, subscription
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import record_blob
+from actorbroker.transport.codec import record_blob, record_blobs
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 
 DISPATCH_WINDOW = 1
@@ -341,12 +341,11 @@ class TopicActor(BrokerActor):
         records, receipts = [], []
         offset = self.next_offset
         for rid, msgs in sends:
-            first = offset
-            for key, tail, size in msgs:
-                records.append((offset, key, record_blob(offset, now, tail)))
-                self.bytes_in += size
-                offset += 1
-            receipts.append((rid, first, offset - first))
+            blobs = record_blobs(offset, now, [tail for _, tail, _ in msgs])
+            records += [(offset + i, m[0], blob) for i, (m, blob) in enumerate(zip(msgs, blobs))]
+            self.bytes_in += sum(m[2] for m in msgs)
+            receipts.append((rid, offset, len(msgs)))
+            offset += len(msgs)
         self.msgs_in += offset - self.next_offset
         self.next_offset = offset
         if lane is not None:

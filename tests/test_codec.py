@@ -95,3 +95,15 @@ def test_record_tail_round_trips():
     from actorbroker.transport.codec import record_blob, record_tail
     blob = encode_record(5, b"p", None, {}, 9, "prod")
     assert record_blob(5, 9, record_tail(blob)) == blob
+
+
+def test_the_fast_record_encoders_make_the_same_bytes():
+    from actorbroker.transport.codec import (encode_record_tail, plain_tail_encoder, record_blob,
+                                             record_blobs)
+    encode = plain_tail_encoder("producer-7")
+    for n in (0, 1, 255, 256, 65535, 65536, 70000):
+        payload = bytes(i % 251 for i in range(n))
+        assert encode(payload) == encode_record_tail(payload, None, {}, "producer-7")
+    tails = [encode_record_tail(b"x" * i, None, {}, "p") for i in range(5)]
+    assert record_blobs(41, 1_700_000_000_000, tails) == \
+        [record_blob(41 + i, 1_700_000_000_000, t) for i, t in enumerate(tails)]

@@ -104,10 +104,36 @@ def encode_record_tail(payload, key, attrs, producer, redeliveries=0):
 
 
 _pack = msgpack.Packer(use_bin_type=True).pack
+_PAYLOAD_KEY = msgpack.packb("payload")
+
+
+def plain_tail_encoder(producer):
+    """A faster encode_record_tail for the common record (no key, no attrs) of one producer: the
+    same bytes, built from a prefix per payload size and a suffix per producer, no msgpack call."""
+    suffix = _pack({"key": None, "attrs": {}, "producer": producer, "redeliveries": 0})[1:]
+
+    def encode(payload):
+        n = len(payload)
+        if n < 0x100:
+            head = b"\xc4" + bytes((n,))
+        elif n < 0x10000:
+            head = b"\xc5" + n.to_bytes(2, "big")
+        else:
+            head = b"\xc6" + n.to_bytes(4, "big")
+        return b"".join((_PAYLOAD_KEY, head, payload, suffix))
+    return encode
 
 
 def record_blob(offset, time_ms, tail):
     return b"".join((_RECORD_HEAD, _UINT64.pack(0xCF, offset), _TIME_KEY, _UINT64.pack(0xCF, time_ms), tail))
+
+
+def record_blobs(first_offset, time_ms, tails):
+    """record_blob for consecutive offsets sharing one time: the time is packed once."""
+    stamp = _TIME_KEY + _UINT64.pack(0xCF, time_ms)
+    pack = _UINT64.pack
+    return [b"".join((_RECORD_HEAD, pack(0xCF, offset), stamp, tail))
+            for offset, tail in enumerate(tails, first_offset)]
 
 
 _TAIL_START = len(_RECORD_HEAD) + 9 + len(_TIME_KEY) + 9

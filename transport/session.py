@@ -17,7 +17,7 @@ Events (tuples, first element the kind):
 """
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
-                                         encode_record_tail)
+                                         encode_record_tail, plain_tail_encoder)
 
 # Ops answered by a frame of their own: they must carry a valid rid.
 REPLY_OPS = frozenset({"hello", "ping", "producer", "send", "close_producer", "subscribe",
@@ -230,11 +230,16 @@ class Session:
             return
         records = []
         limit = self.config.max_frame - PUSH_OVERHEAD - 64 - len(name.encode())
+        plain = plain_tail_encoder(name)
         for i, m in enumerate(msgs):   # the hot loop of the record path: checks are kept cheap
             if type(m) is not dict:
                 problem = "must be a map"
             else:
                 payload, key, attrs = m.get("payload"), m.get("key"), m.get("attrs")
+                if key is None and (attrs is None or attrs == {}) and type(payload) is bytes \
+                        and len(payload) <= limit:   # the common record: nothing more to check
+                    records.append((None, plain(payload), len(payload)))
+                    continue
                 problem = _check_msg(payload, key, attrs, limit)
             if problem:
                 self.error(E.BAD_REQUEST, f"msgs[{i}]: {problem}", rid)
