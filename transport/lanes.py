@@ -32,6 +32,7 @@ log = logging.getLogger("actorbroker")
 READ_SIZE = 256 * 1024
 MAX_LANE_FRAME = 64 * 1024 * 1024   # lanes carry whole batches: bounded, but well above max_frame
 _HEADER = struct.Struct(">I")
+RELAY_ABOVE = 256   # fds in a Reactor beyond which Thespian watches a relay pipe, not the epoll
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
@@ -54,9 +55,9 @@ class Reactor:
     `fileno()` is what the actor hands Thespian to watch. Thespian builds a new selector on every
     loop and adds each watched fd to it; adding an epoll fd to another epoll makes the kernel walk
     every item of the nested one (its loop check), so an epoll holding thousands of sockets costs
-    that much on every loop. With `relay=True` (the shards) a thread of the reactor's own waits
-    on the epoll instead and signals a pipe, which is what Thespian watches; the actor calls
-    `poll()` and then, when done, the thread waits again.
+    that much on every loop. With `relay=True` (the shards), once the reactor holds RELAY_ABOVE
+    fds, a thread of its own waits on the epoll instead and signals a pipe, which is what Thespian
+    watches; the actor calls `poll()` and then, when done, the thread waits again.
     """
 
     def __init__(self, relay=False):
@@ -64,16 +65,26 @@ class Reactor:
         self.handlers = {}
         self.masks = {}
         self.relay = None
+        self.relaying = False
         if relay:
             self.relay_r, self.relay_w = os.pipe()
             os.set_blocking(self.relay_r, False)
             self.armed = threading.Event()
-            self.armed.set()
             self.relay = threading.Thread(target=self._relay, name="epoll-relay", daemon=True)
             self.relay.start()
 
     def fileno(self):
-        return self.relay_r if self.relay is not None else self.epoll.fileno()
+        """The fd to hand Thespian now (called after every message: the choice may change). Below
+        RELAY_ABOVE fds the epoll itself: its walk is cheap, and a thread in the path costs
+        latency (it must win the GIL back from a busy actor, up to Python's 5 ms switch
+        interval)."""
+        if self.relay is not None and len(self.handlers) >= RELAY_ABOVE:
+            if not self.relaying:
+                self.relaying = True
+                self.armed.set()
+            return self.relay_r
+        self.relaying = False
+        return self.epoll.fileno()
 
     def _relay(self):
         while True:
@@ -117,7 +128,7 @@ class Reactor:
                 if handler is not None:
                     handler.on_event(fd, events)
         finally:
-            if self.relay is not None:
+            if self.relaying:
                 self.armed.set()   # the relay may wait for the next readiness now
 
     def close(self):
