@@ -212,7 +212,8 @@ class Collector:
     """Takes a consumer's messages from a thread and records them (id -> payload).
 
     ack: None holds every message (never acknowledged), "all" acknowledges each (without waiting),
-    "even" acknowledges even ids and waits for the broker's ok; those are recorded in `acked`.
+    "even" acknowledges even ids and waits for the broker's ok; those are recorded in `acked`
+    (and so are those whose ok never came: an ack whose answer was lost may have taken effect).
     resubscribe: called to get a new consumer when the broker closed this one."""
 
     def __init__(self, consumer, ack=None, resubscribe=None):
@@ -250,7 +251,13 @@ class Collector:
                 if self.ack == "all":
                     self.consumer.ack(msg)
                 elif self.ack == "even" and msg.id % 2 == 0:
-                    self.consumer.ack(msg, sync=True, timeout=5)
+                    try:
+                        self.consumer.ack(msg, sync=True, timeout=5)
+                    except Exception:
+                        # sent, but its `ok` never came (the process holding it died): it may or
+                        # may not have been made durable first, so either outcome is right
+                        self.acked.add(msg.id)
+                        raise
                     self.acked.add(msg.id)
             except Exception:
                 pass    # not acknowledged: the broker must deliver it again
