@@ -14,6 +14,7 @@ import sys
 
 SYSTEM_BASE = "multiprocTCPBase"
 BIND_ENV = "ACTORBROKER_BIND_HOST"
+ADMIN_PORT_TAKEN = 75   # exit status of the system starter when its admin port is in use
 
 
 def bind_actor_sockets_to(host):
@@ -144,6 +145,14 @@ def _start_main():
             return
         ActorSystem(SYSTEM_BASE, capabilities(args.admin_port)).shutdown()
         return
+    # ActorSystem() joins whatever admin already listens on the port: another broker's, if a port
+    # chosen free a moment ago was taken meanwhile (two test runs at once). Refuse instead, so
+    # that serve picks another.
+    try:
+        socket.create_connection((args.host, args.admin_port), timeout=0.5).close()
+        sys.exit(ADMIN_PORT_TAKEN)
+    except OSError:
+        pass
     ActorSystem(SYSTEM_BASE, capabilities(args.admin_port), logDefs=log_defs(args.log, args.log_level))
 
 

@@ -4,12 +4,13 @@ import os
 import resource
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
 
 from actorbroker.actors.config import BrokerConfig
-from actorbroker.actors.system import connect_system, free_port, start_system_process
+from actorbroker.actors.system import ADMIN_PORT_TAKEN, connect_system, free_port, start_system_process
 
 START_TIMEOUT_S = 30
 PING_EVERY_S = 2.0
@@ -78,14 +79,23 @@ def serve(args):
                           segment_bytes=args.segment_bytes, retention_bytes=args.retention_bytes,
                           retention_ms=args.retention_ms, io_shards=max(1, args.io_shards),
                           lanes=args.lanes, actor_host=args.actor_host)
-    admin_port = args.admin_port or free_port(args.actor_host)
+    admin_port = args.admin_port
     files = raise_open_files_limit()
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    start_system_process(admin_port, args.actor_host, data_dir, args.log_level)
+    for attempt in range(5):   # a free port may be taken before the admin binds it: pick again
+        port = admin_port or free_port(args.actor_host)
+        try:
+            start_system_process(port, args.actor_host, data_dir, args.log_level)
+            break
+        except subprocess.CalledProcessError as exc:
+            if exc.returncode != ADMIN_PORT_TAKEN or admin_port or attempt == 4:
+                print(f"error: cannot start the actor system on admin port {port}", file=sys.stderr)
+                return 1
+    admin_port = port
     system = connect_system(admin_port, args.actor_host)
     try:
         from actorbroker.actors.broker import BrokerFailed, BrokerStarted, StartBroker
