@@ -25,8 +25,6 @@ import logging
 
 import msgpack
 
-from actorbroker.transport.codec import DEFAULT_MAX_FRAME
-
 log = logging.getLogger("actorbroker")
 
 READ_SIZE = 256 * 1024
@@ -145,7 +143,7 @@ def encode_lane_frame(obj):
 
 class Lane:
     """One end of a lane. `on_frame(lane, frame)` and `on_closed(lane, reason)` are the owner's."""
-    __slots__ = ("hub", "sock", "fd", "inbuf", "outbuf", "peer", "closed", "reading")
+    __slots__ = ("hub", "sock", "fd", "inbuf", "outbuf", "peer", "closed")
 
     def __init__(self, hub, sock, peer=None):
         self.hub, self.sock, self.fd = hub, sock, sock.fileno()
@@ -153,7 +151,6 @@ class Lane:
         self.outbuf = bytearray()
         self.peer = peer          # whatever the owner wants to remember about the other end
         self.closed = False
-        self.reading = True
 
     def send(self, obj):
         """Queue one frame and write what the socket takes now; the rest goes when writable."""
@@ -161,11 +158,6 @@ class Lane:
             return
         self.outbuf += encode_lane_frame(obj)
         self.flush()
-
-    def send_raw(self, data):
-        if not self.closed:
-            self.outbuf += data
-            self.flush()
 
     def flush(self):
         while self.outbuf and not self.closed:
@@ -179,32 +171,17 @@ class Lane:
             del self.outbuf[:sent]
         self._update_mask()
 
-    @property
-    def backlog(self):
-        return len(self.outbuf)
-
-    def pause(self, paused):
-        """Stop (or resume) reading: the kernel buffer fills and the writer is pushed back."""
-        if self.reading == (not paused):
-            return
-        self.reading = not paused
-        self._update_mask()
-        if self.reading and self.inbuf:
-            self.hub._deliver(self)
-
     def _update_mask(self):
         if not self.closed:
-            self.hub.reactor.set_mask(self.fd, (IN if self.reading else 0) | (OUT if self.outbuf else 0))
+            self.hub.reactor.set_mask(self.fd, IN | (OUT if self.outbuf else 0))
 
     def on_event(self, fd, events):
         if events & OUT:
             self.flush()
         if self.closed:
             return
-        if events & IN or (events & _ERR and self.reading):
+        if events & (IN | _ERR):
             self._read()
-        elif events & _ERR and not self.outbuf:
-            self.hub._lost(self, "hang-up")
 
     def _read(self):
         got = 0
@@ -324,7 +301,7 @@ class LaneHub:
 
     # --- events ---------------------------------------------------------------------------------
     def _deliver(self, lane):
-        if not lane.reading or lane.closed:
+        if lane.closed:
             return
         try:
             frames = lane.frames()
@@ -395,4 +372,4 @@ class LaneOp:
     RECORDS = 17      # log -> dispatcher: [RECORDS, token, [[offset, key, time_ms, tail]...], first retained offset]
 
 
-__all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame", "DEFAULT_MAX_FRAME"]
+__all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame"]
