@@ -5,9 +5,8 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
-
 from datetime import timedelta
+from typing import Any
 
 from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage, PoisonMessage, WakeupMessage
 

@@ -230,8 +230,7 @@ class ConnectionActor(BrokerActor):
             self.producer_conn.pop(producer_id, None)
             self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), ("to", str(topic_address)))
         for consumer_id, subscription_address in conn.consumers.items():
-            self.consumer_conn.pop(consumer_id, None)
-            self.consumer_topic.pop(consumer_id, None)
+            self._forget_consumer(consumer_id)
             self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
                               ("to", str(subscription_address)))
         log.debug("connection %s: cleaned up %d producers, %d consumers (%s)", connection_id,
@@ -323,18 +322,23 @@ class ConnectionActor(BrokerActor):
                             consumer_name, start, options)), "root")
 
     def _op_close_consumer(self, conn, connection_id, frame, tag):
-        consumer_id = self._known(frame, "consumer", conn.consumers, E.UNKNOWN_CONSUMER)
-        self.consumer_conn.pop(consumer_id, None)
-        self.consumer_topic.pop(consumer_id, None)
-        self.send(conn.consumers.pop(consumer_id),
-                  subscription.DetachConsumer(consumer_id, tag, self.myAddress))
+        consumer_id, subscription_address = self._release_consumer(conn, frame)
+        self.send(subscription_address, subscription.DetachConsumer(consumer_id, tag, self.myAddress))
 
     def _op_unsubscribe(self, conn, connection_id, frame, tag):
+        consumer_id, subscription_address = self._release_consumer(conn, frame)
+        self.send(subscription_address, subscription.Unsubscribe(consumer_id, tag, self.myAddress))
+
+    def _release_consumer(self, conn, frame):
+        """The consumer a close/unsubscribe names, no longer this connection's."""
         consumer_id = self._known(frame, "consumer", conn.consumers, E.UNKNOWN_CONSUMER)
-        self.consumer_conn.pop(consumer_id, None)
+        self._forget_consumer(consumer_id)
+        return consumer_id, conn.consumers.pop(consumer_id)
+
+    def _forget_consumer(self, consumer_id):
+        """Drop the consumer's indexes; returns the connection id it had."""
         self.consumer_topic.pop(consumer_id, None)
-        self.send(conn.consumers.pop(consumer_id),
-                  subscription.Unsubscribe(consumer_id, tag, self.myAddress))
+        return self.consumer_conn.pop(consumer_id, None)
 
     def _op_topics(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
@@ -471,8 +475,7 @@ class ConnectionActor(BrokerActor):
                 {"op": "closed", "producer": producer_id, "reason": reason})))
 
     def _end_consumer(self, consumer_id, reason, detach):
-        self.consumer_topic.pop(consumer_id, None)
-        connection_id = self.consumer_conn.pop(consumer_id, None)
+        connection_id = self._forget_consumer(consumer_id)
         conn = self.connections.get(connection_id)
         if conn is None:
             return
