@@ -26,7 +26,7 @@ from pathlib import Path
 from actorbroker.scripts import bench_peers, proctree
 from actorbroker.scripts.bench_common import term_with_parent
 from actorbroker.transport.client import parse_url
-from actorbroker.scripts.broker_process import ROOT, BrokerProcess
+from actorbroker.scripts.local_broker import ROOT, LocalBroker
 
 ALL_SCENARIOS = ["baseline", "throughput", "latency", "fanout", "shared", "disconnect", "scale"]
 FSYNC_MODES = ["group", "always", "interval:5"]
@@ -211,7 +211,7 @@ class Bench:
             self.fanout_k = sorted(self.fanout_k + [4])
         self.tmpdir = tempfile.TemporaryDirectory(prefix="actorbroker-bench-")
         self.tmp = Path(self.tmpdir.name)
-        self.brokers = {}           # fsync mode -> BrokerProcess
+        self.brokers = {}           # fsync mode -> LocalBroker
         self.workers = set()
         self.rows = []              # the table: dicts
         self.details = {}           # scenario -> raw data
@@ -228,7 +228,7 @@ class Bench:
             return self.args.url
         if fsync not in self.brokers:
             note(f"starting a broker (--fsync {fsync} --max-backlog {BIG_BACKLOG})")
-            self.brokers[fsync] = BrokerProcess(self.tmp / f"broker-{fsync.replace(':', '-')}",
+            self.brokers[fsync] = LocalBroker(self.tmp / f"broker-{fsync.replace(':', '-')}",
                                                 "--fsync", fsync, "--max-backlog", str(BIG_BACKLOG))
         host, port = self.brokers[fsync].address
         return f"{host}:{port}"
@@ -663,7 +663,7 @@ class Bench:
             note("scale: --url given, broker memory and processes cannot be measured; set-up rate and "
                  "stats-clean time only")
         else:
-            broker = BrokerProcess(self.tmp / "broker-scale")
+            broker = LocalBroker(self.tmp / "broker-scale")
             url = "%s:%d" % broker.address
         admin = ScaleAdmin(url)
         steps_done = self.details.setdefault("scale", [])

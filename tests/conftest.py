@@ -5,13 +5,13 @@ import uuid
 import pytest
 
 from actorbroker.scripts import proctree
-from actorbroker.scripts.broker_process import BrokerProcess
+from actorbroker.scripts.local_broker import LocalBroker
 
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
     """A broker shared by the tests that only need defaults (each uses its own topics)."""
-    b = BrokerProcess(tmp_path_factory.mktemp("broker"))
+    b = LocalBroker(tmp_path_factory.mktemp("broker"))
     yield b
     left = b.stop()
     assert not left, f"broker processes left behind: {left}"
@@ -23,7 +23,7 @@ def start_broker(tmp_path):
     started = []
 
     def start(*options, data_dir=None):
-        b = BrokerProcess(data_dir or tmp_path / f"broker{len(started)}", *options)
+        b = LocalBroker(data_dir or tmp_path / f"broker{len(started)}", *options)
         started.append(b)
         return b
 

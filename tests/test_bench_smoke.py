@@ -8,7 +8,7 @@ import pytest
 
 from actorbroker.scripts import proctree
 from actorbroker.scripts.bench import ALL_SCENARIOS
-from actorbroker.scripts.broker_process import ROOT
+from actorbroker.scripts.local_broker import ROOT
 
 
 @pytest.mark.timeout(150)
@@ -27,7 +27,7 @@ def test_bench_quick_writes_every_scenario(tmp_path):
     assert results["machine"]["nproc"] >= 1
     assert "scenario" in proc.stdout and "baseline" in proc.stdout   # the table was printed
     assert "== throughput" in proc.stderr                             # progress went to stderr
-    # The brokers it started were stopped without leaving a process behind (BrokerProcess.stop).
+    # The brokers it started were stopped without leaving a process behind (LocalBroker.stop).
     assert not [f for f in results["failures"] if "left after stop" in f], results["failures"]
 
 

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from actorbroker.scripts import proctree
+from tests import sockets
 from tests.util import processes_of_kind
 from tests.wire import RawConnection
 
@@ -15,7 +15,7 @@ def test_every_socket_of_the_process_tree_listens_on_loopback_only(start_broker)
     conn.hello()
     pids = b.processes()
     assert len(pids) >= 5              # serve, admin, logger, broker root, listener, ...
-    listening = proctree.listening_sockets(pids)
+    listening = sockets.listening_sockets(pids)
     ports = {port for _, _, port in listening}
     assert b.port in ports and b.admin_port in ports
     public = [(pid, host, port) for pid, host, port in listening if host != "127.0.0.1"]
@@ -69,6 +69,6 @@ def test_tcp_lanes_carry_records_and_listen_on_loopback_only(start_broker, topic
         got = [consumer.receive(timeout=10) for _ in range(50)]
         assert [m.id for m in got] == [f.result(5) for f in offsets]
         assert [m.payload for m in got] == [f"m{i}".encode() for i in range(50)]
-        listening = proctree.listening_sockets(b.processes())
+        listening = sockets.listening_sockets(b.processes())
         assert len(listening) > 3    # admin, actors, client port, and now the lanes
         assert all(host == "127.0.0.1" for _, host, _ in listening), listening

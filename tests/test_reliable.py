@@ -57,7 +57,7 @@ def send(conn, producer_id, payloads):
                          "msgs": [{"payload": p} for p in payloads]})
 
 
-def test_receipted_messages_survive_kill_9_of_every_broker_process(start_broker, tmp_path, topic):
+def test_receipted_messages_survive_kill_9_of_every_local_broker(start_broker, tmp_path, topic):
     data = tmp_path / "data"
     b = start_broker(data_dir=data)
     conn = connect(b)

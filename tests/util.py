@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from actorbroker.scripts import proctree
+from tests import sockets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,20 +83,20 @@ def parent_of(pid):
 
 def _established_tcp():
     """{inode: (local port, remote port)} of every ESTABLISHED TCP socket of the machine."""
-    return {inode: (local[1], remote[1]) for inode, local, remote in proctree.tcp_sockets("01")}
+    return {inode: (local[1], remote[1]) for inode, local, remote in sockets.tcp_sockets("01")}
 
 
 def own_ports_to(port):
     """Local ports of this process's TCP connections to `port` (to learn which port a client got)."""
     established = _established_tcp()
-    return {established[i][0] for i in proctree.socket_inodes(os.getpid())
+    return {established[i][0] for i in sockets.socket_inodes(os.getpid())
             if i in established and established[i][1] == port}
 
 
 def peer_ports_held_by(pid, port):
     """Remote ports of the connections accepted on `port` whose socket process `pid` holds."""
     established = _established_tcp()
-    return {established[i][1] for i in proctree.socket_inodes(pid)
+    return {established[i][1] for i in sockets.socket_inodes(pid)
             if i in established and established[i][0] == port}
 
 

@@ -1,4 +1,4 @@
-"""Runs a scenario: a broker (BrokerProcess), client agents (one OS process each), the steps in
+"""Runs a scenario: a broker (LocalBroker), client agents (one OS process each), the steps in
 order, invariants checked on every message that arrives; prints each step with its outcome and
 time. Every process it starts is stopped by PID at the end, whatever happens."""
 import json
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actorbroker.scripts import proctree
-from actorbroker.scripts.broker_process import BrokerProcess
+from actorbroker.scripts.local_broker import LocalBroker
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_WITHIN = 10.0
@@ -146,7 +146,7 @@ class Runner:
         self.agent_stderr = open(self.workdir / "agents.stderr", "ab")
         self.cond = threading.Condition()
         self.broker = None
-        self.brokers = []               # every BrokerProcess started (stopped at the end)
+        self.brokers = []               # every LocalBroker started (stopped at the end)
         self.agents = {}                # client name -> AgentProcess
         self.all_agents = []
         self.consumers = {}             # handle -> ConsumerState
@@ -231,7 +231,7 @@ class Runner:
     def start_broker(self, options):
         opts = list(self.scenario.broker_options) + list(options or [])
         t = time.monotonic()
-        self.broker = BrokerProcess(self.data_dir, *opts)
+        self.broker = LocalBroker(self.data_dir, *opts)
         self.brokers.append(self.broker)
         self.seen.clear()   # after a (re)start, unacknowledged messages may come again unflagged
         return f"broker on {self.broker.host}:{self.broker.port} in {time.monotonic() - t:.2f}s"

@@ -1,5 +1,6 @@
-"""Run `actorbroker serve` as a subprocess on free ports and stop it leaving no process behind.
-Used by the tests, the benchmark and the scenario runner."""
+"""A broker as a child process: `actorbroker serve` on free ports, stopped (or killed) leaving no
+process behind. Part of the product because `actorbroker bench` and the scenario runner start
+their own brokers; the tests use it the same way."""
 import os
 import re
 import select
@@ -22,7 +23,7 @@ def _term_with_parent():
     die_with_parent()
 
 
-class BrokerProcess:
+class LocalBroker:
     """One `actorbroker serve` and the actor system it started."""
 
     def __init__(self, data_dir, *options):
