@@ -55,6 +55,7 @@ class TlsSocket:
         self._tls_lock = threading.Lock()    # every call on self._tls
         self._send_lock = threading.Lock()   # ciphertext goes out in the order it was made
         self._plain = b""                    # application data that came with the handshake
+        self._failure = None                 # the TLS error that ended reading (the broker's alert)
         sock.settimeout(timeout)
         while True:
             self._write_outgoing()
@@ -75,7 +76,11 @@ class TlsSocket:
             if not data:
                 return b""
             with self._tls_lock:
-                plain = self._tls.receive(data)
+                try:
+                    plain = self._tls.receive(data)
+                except ssl.SSLError as exc:
+                    self._failure = exc
+                    raise
                 answer = bool(self._tls.outgoing)
             if answer:
                 self._write_outgoing()
@@ -87,6 +92,8 @@ class TlsSocket:
     def sendall(self, data):
         with self._send_lock:
             with self._tls_lock:
+                if self._failure is not None:   # say why (not "EOF"), whichever thread notices first
+                    raise self._failure
                 self._tls.send(data)
             self._write_outgoing(locked=True)
 
