@@ -124,6 +124,16 @@ def test_cli_over_tls(start_broker, certs, topic):
     assert plain.returncode == 1 and "need a tls:// --url" in plain.stderr
 
 
+def test_serve_refuses_tls_options_it_cannot_use_before_starting_anything(tmp_path, certs):
+    for options, why in [(["--tls-cert", str(tmp_path / "missing.pem")], "cannot use the TLS certificate"),
+                         (["--tls-cert", certs.server_cert, "--tls-key", certs.rogue_server_key],
+                          "cannot use the TLS certificate"),        # a key of another certificate
+                         (["--tls-key", certs.server_key], "need --tls-cert")]:
+        done = cli("serve", "--port", "0", "--data-dir", str(tmp_path / "data"), *options, timeout=30)
+        assert done.returncode == 1 and why in done.stderr, (options, done.stderr)
+        assert "listening" not in done.stdout
+
+
 # --- who is refused -------------------------------------------------------------------------------
 
 def test_a_client_that_does_not_trust_the_certificate_fails(start_broker, certs, topic):
