@@ -23,6 +23,13 @@ class BrokerConfig:
     # token -> list of permissions ("admin", "produce:PATTERN", "consume:PATTERN"); empty = auth off
     tokens: dict = field(default_factory=dict)
     broker_name: str = "actorbroker"
+    # TLS on the client port: file paths, read by each shard on its own host (the files must be
+    # there); no cert: plain TCP. With tls_client_ca, clients must present a certificate it signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # accept tokens over plain TCP on a listener bound to a non-loopback address
+    allow_plain_tokens: bool = False
     # reliable topics
     fsync: str = "group"               # "always", "group" or "interval:MS"
     segment_bytes: int = 64 * 1024 * 1024

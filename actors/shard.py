@@ -9,6 +9,12 @@ written to the consumer's socket without decoding the records.
 Sockets, lanes and the handoff socket are all registered in one epoll of the shard's own; Thespian
 watches only that epoll's fd (see transport/lanes.py for why).
 
+With `serve --tls-cert`, each socket carries TLS: a sans-IO TlsConnection (transport/tls.py) per
+client turns what the socket reads into plaintext for the session and the session's outbox into
+ciphertext, chunk by chunk as the socket takes it; the handshake advances in the same epoll loop as
+everything else and never blocks. A client that stalls mid-handshake is closed at the hello
+deadline like any connection without `hello`.
+
 The end of a connection is itself the cleanup signal: EOF, a socket error, a fatal protocol error
 or a heartbeat timeout sends ConnectionClosed(connection) to the supervisor at once. When the
 shard itself dies, its supervisor gets ChildActorExited and every lane of the shard ends: the
@@ -16,6 +22,7 @@ topics and dispatchers at their other ends drop this shard's producers and consu
 """
 import heapq
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,6 +36,7 @@ from actorbroker.transport import errors as E
 from actorbroker.transport.codec import encode_frame, encode_message_frames
 from actorbroker.transport.lanes import IN, OUT, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import Session, SessionConfig, error_frame
+from actorbroker.transport.tls import TlsConnection, server_context
 
 READ_SIZE = 256 * 1024
 MAX_READ_PER_EVENT = 512 * 1024      # per socket per wakeup: others get their turn
@@ -36,6 +44,7 @@ HIGH_WATER = 1024 * 1024             # unsent bytes above which deliveries to a 
 PUBLISH_WINDOW = 2                   # PUBLISH frames in flight per producer; the rest is merged
 MAX_PENDING_RECORDS = 20_000         # per connection: then stop reading it (TCP pushes back)
 LINGER_S = 1.0
+TLS_CHUNK = 64 * 1024                # plaintext encrypted at a time: the rest waits in the outbox
 LOAD_REPORT_S = 0.1
 
 
@@ -91,10 +100,11 @@ class UnrouteConsumer:
 class _Client:
     """One client socket and its session; the reactor calls on_event."""
     __slots__ = ("shard", "sock", "fd", "session", "state", "pending_records", "deferred_acks",
-                 "reading")
+                 "reading", "tls")
 
-    def __init__(self, shard, sock, session):
+    def __init__(self, shard, sock, session, tls=None):
         self.shard, self.sock, self.fd, self.session = shard, sock, sock.fileno(), session
+        self.tls = tls                  # TlsConnection, or None for plain TCP
         self.state = "open"             # open -> lingering -> closed
         self.pending_records = 0
         self.deferred_acks = []         # (lane, consumer id) waiting for the outbox to drain
@@ -137,6 +147,7 @@ class ShardActor(BrokerActor):
         self.supervisor = None
         self.config = None
         self.session_config = None
+        self.tls_context = None  # ssl.SSLContext when the client port has TLS
         self.ident = None
         self.index = 0
         self.handoff = None
@@ -163,6 +174,15 @@ class ShardActor(BrokerActor):
         self.supervisor = sender
         self.config = msg.config
         self.session_config = SessionConfig(msg.config)
+        if msg.config.tls_cert:
+            # the files are read here, on this shard's host (serve checked them on its own)
+            try:
+                self.tls_context = server_context(msg.config.tls_cert, msg.config.tls_key or None,
+                                                  msg.config.tls_client_ca or None)
+            except (OSError, ValueError) as exc:   # never serve plain TCP on the TLS port instead
+                log.error("shard %d: cannot load the TLS certificate: %s; refusing connections",
+                          self.index, exc)
+                self.tls_context = False
         self.ident, self.index = msg.ident, msg.index
         self.listener = msg.listener
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
@@ -190,6 +210,9 @@ class ShardActor(BrokerActor):
                 self._adopt(socket.socket(fileno=fd))
 
     def _adopt(self, sock):
+        if self.tls_context is False:
+            sock.close()
+            return
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -198,7 +221,8 @@ class ShardActor(BrokerActor):
         self.next_seq += 1
         connection_id = self.next_seq * 256 + self.index   # unique across the broker's shards
         now = time.monotonic()
-        client = _Client(self, sock, Session(connection_id, self.session_config, now))
+        tls = TlsConnection(self.tls_context, server_side=True) if self.tls_context else None
+        client = _Client(self, sock, Session(connection_id, self.session_config, now), tls)
         self.clients[connection_id] = client
         self.reactor.add(client.fd, client, IN)
         self._timer(now + self.config.hello_timeout_ms / 1000.0, "heartbeat", connection_id)
@@ -239,11 +263,31 @@ class ShardActor(BrokerActor):
                 self._closed(client, "eof")
                 return
             got += len(data)
-            events.extend(client.session.receive_data(data, time.monotonic()))
-            if len(data) < READ_SIZE:
+            more = len(data) == READ_SIZE
+            if client.tls is not None:
+                data = self._decrypt(client, data, events, publishes)
+                if data is None:
+                    return
+            if data:
+                events.extend(client.session.receive_data(data, time.monotonic()))
+            if not more:
                 break
+        if client.tls is not None and client.tls.peer_closed:
+            self._handle_events(client, events, publishes)
+            self._closed(client, "eof")
+            return
         self._handle_events(client, events, publishes)
         self._flush(client)
+
+    def _decrypt(self, client, data, events, publishes):
+        """The plaintext of what a TLS client sent (b"" mid-handshake); None once it broke TLS and
+        the connection is closed (its alert is sent while lingering)."""
+        try:
+            return client.tls.receive(data)
+        except ssl.SSLError as exc:
+            self._handle_events(client, events, publishes)
+            self._closed(client, f"TLS: {exc.reason or exc}")
+            return None
 
     def _handle_events(self, client, events, publishes):
         connection_id = client.session.id
@@ -486,6 +530,9 @@ class ShardActor(BrokerActor):
     def _flush(self, client):
         if client.state == "closed":
             return
+        if client.tls is not None:
+            self._flush_tls(client)
+            return
         outbox = client.session.outbox
         while outbox:
             try:
@@ -498,16 +545,43 @@ class ShardActor(BrokerActor):
                     self._closed(client, f"socket error: {exc}")
                 return
             del outbox[:sent]
-        if client.deferred_acks and len(outbox) < HIGH_WATER:
+        self._flushed(client)
+
+    def _flushed(self, client):
+        if client.deferred_acks and len(client.session.outbox) < HIGH_WATER:
             for lane, consumer_id in client.deferred_acks:
                 lane.send([LaneOp.DELIVER_ACK, consumer_id])
             client.deferred_acks.clear()
         self._update_mask(client)
 
+    def _flush_tls(self, client):
+        """Encrypt the outbox a chunk at a time, as the socket takes the ciphertext: what the client
+        has not read yet stays plaintext in the outbox, measured as for plain TCP."""
+        tls, outbox = client.tls, client.session.outbox
+        while True:
+            if not tls.outgoing:
+                if not outbox or not tls.established:
+                    break
+                chunk = outbox[:TLS_CHUNK]
+                del outbox[:TLS_CHUNK]
+                tls.send(chunk)
+            try:
+                sent = client.sock.send(tls.outgoing)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                outbox.clear()
+                tls.outgoing.clear()
+                if client.state == "open":
+                    self._closed(client, f"socket error: {exc}")
+                return
+            del tls.outgoing[:sent]
+        self._flushed(client)
+
     def _update_mask(self, client):
         if client.state != "closed":
             mask = (IN if client.reading or client.state == "lingering" else 0) | \
-                   (OUT if client.session.outbox else 0)
+                   (OUT if client.session.outbox or (client.tls is not None and client.tls.outgoing) else 0)
             self.reactor.set_mask(client.fd, mask)
 
     # --- timers: one heap for every connection's heartbeat and linger -----------------------------
@@ -576,6 +650,15 @@ class ShardActor(BrokerActor):
 
     def _flush_lingering(self, client):
         outbox = client.session.outbox
+        if client.tls is not None:   # the last frames, our close_notify or our alert, as ciphertext
+            try:
+                if client.tls.established:
+                    client.tls.send(outbox)
+                    client.tls.close()
+            except ssl.SSLError:
+                pass   # TLS broke: nothing more can be said in it
+            outbox.clear()
+            outbox = client.tls.outgoing
         try:
             while outbox:
                 sent = client.sock.send(outbox)

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from actorbroker.transport.client import DEFAULT_HOST, DEFAULT_PORT, Client, parse_url
+from actorbroker.transport.client import DEFAULT_HOST, DEFAULT_PORT, Client, TlsOptions, parse_address
 from actorbroker.transport.errors import BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed
 
 DEFAULT_URL = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
@@ -19,8 +19,18 @@ DISPATCH_MODES = ["non_reliable", "reliable"]
 def add_client_commands(subparsers):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=DEFAULT_URL, type=url_arg,
-                        help="broker address HOST:PORT (default %(default)s)")
+                        help="broker address HOST:PORT, or tls://HOST:PORT for a broker serving TLS "
+                             "(default %(default)s)")
     common.add_argument("--token", help="auth token, when the broker has auth on")
+    common.add_argument("--tls-ca", metavar="FILE",
+                        help="tls://: trust the broker's certificate if these CAs (PEM) signed it "
+                             "(default: the system's CAs)")
+    common.add_argument("--tls-cert", metavar="FILE", help="tls://: our certificate, for mutual TLS")
+    common.add_argument("--tls-key", metavar="FILE", help="tls://: its key (default: in --tls-cert)")
+    common.add_argument("--tls-server-name", metavar="NAME",
+                        help="tls://: the name the broker's certificate must carry (default: HOST)")
+    common.add_argument("--tls-no-check-hostname", action="store_true",
+                        help="tls://: accept any name in a certificate of a trusted CA")
 
     p = subparsers.add_parser(
         "produce", parents=[common], help="send messages to a topic",
@@ -96,9 +106,22 @@ def add_client_commands(subparsers):
 
 def url_arg(text):
     try:
-        return parse_url(text)
+        return parse_address(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not HOST:PORT or tls://HOST:PORT: {text!r}") from None
+
+
+TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key", "tls_server_name", "tls_no_check_hostname")
+
+
+def tls_of(args):
+    """The TlsOptions of a tls:// --url (None for plain TCP)."""
+    if not args.url.tls:
+        if any(getattr(args, name) for name in TLS_OPTIONS):
+            raise ValueError("the --tls-* options need a tls:// --url")
+        return None
+    return TlsOptions(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+                      server_name=args.tls_server_name, check_hostname=not args.tls_no_check_hostname)
 
 
 def attr_arg(text):
@@ -127,10 +150,14 @@ def positive_float(text):
 def with_client(command):
     """Run command(client, args) on a connected client; errors become one line on stderr."""
     def run(args):
-        host, port = args.url
+        host, port, _ = args.url
         name = f"actorbroker-cli-{getattr(args, 'command', None) or 'client'}"
         try:
-            with Client(host, port, token=args.token, name=name) as client:
+            tls = tls_of(args)
+        except ValueError as exc:
+            return fail(str(exc))
+        try:
+            with Client(host, port, token=args.token, name=name, tls=tls) as client:
                 return command(client, args)
         except KeyboardInterrupt:
             return 130

@@ -26,12 +26,13 @@ def _term_with_parent():
 class LocalBroker:
     """One `actorbroker serve` and the actor system it started."""
 
-    def __init__(self, data_dir, *options):
+    def __init__(self, data_dir, *options, prefix=()):
+        """prefix: a command that execs serve in place (e.g. `ip netns exec NAME`): the pid stays."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.stderr = open(self.data_dir / "serve.stderr", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+            [*prefix, sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
              "--data-dir", str(self.data_dir), *options],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL,
             preexec_fn=_term_with_parent)

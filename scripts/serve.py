@@ -51,6 +51,16 @@ def add_serve_command(subparsers):
                    help="reliable topics: delete segments older than this (0: no limit)")
     p.add_argument("--auth-file", help="JSON file {token: [permissions]}; permissions are 'admin', "
                                        "'produce:PATTERN', 'consume:PATTERN'. Without it auth is off.")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="serve the client port over TLS with this certificate chain (PEM); clients "
+                        "connect to tls://HOST:PORT. The file is read by every connection shard on "
+                        "its own host")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM; default: in --tls-cert)")
+    p.add_argument("--tls-client-ca", metavar="FILE",
+                   help="mutual TLS: refuse clients without a certificate signed by these CAs (PEM)")
+    p.add_argument("--allow-plain-tokens", action="store_true",
+                   help="accept auth tokens over plain TCP when --host is not loopback (by default "
+                        "such a hello gets AUTH_FAILED: the token crossed the network in the clear)")
     p.add_argument("--admin-port", type=int, help="Thespian admin port (default: a free one)")
     p.add_argument("--actor-host", default="127.0.0.1",
                    help="interface of Thespian's own sockets, which unpickle what they receive: keep "
@@ -65,7 +75,24 @@ def fsync_mode(text):
     raise ValueError(text)
 
 
+def tls_problem(args):
+    """Why the TLS options cannot serve (None if they can): checked here, before any actor starts,
+    so that a typo is an error at once and not a broker refusing every connection."""
+    if not args.tls_cert:
+        return "--tls-key and --tls-client-ca need --tls-cert" if args.tls_key or args.tls_client_ca else None
+    from actorbroker.transport.tls import server_context
+    try:
+        server_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except (OSError, ValueError) as exc:
+        return f"cannot use the TLS certificate: {exc}"
+    return None
+
+
 def serve(args):
+    problem = tls_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     tokens = {}
     if args.auth_file:
         with open(args.auth_file) as f:
@@ -78,7 +105,10 @@ def serve(args):
                           tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
                           segment_bytes=args.segment_bytes, retention_bytes=args.retention_bytes,
                           retention_ms=args.retention_ms, io_shards=max(1, args.io_shards),
-                          lanes=args.lanes, actor_host=args.actor_host)
+                          lanes=args.lanes, actor_host=args.actor_host,
+                          tls_cert=abspath_or_empty(args.tls_cert), tls_key=abspath_or_empty(args.tls_key),
+                          tls_client_ca=abspath_or_empty(args.tls_client_ca),
+                          allow_plain_tokens=args.allow_plain_tokens)
     admin_port = args.admin_port
     files = raise_open_files_limit()
 
@@ -107,6 +137,9 @@ def serve(args):
             return 1
         print(f"actorbroker listening on {reply.host}:{reply.port} "
               f"(admin port {admin_port}, admin pid {reply.admin_pid}, data {data_dir})", flush=True)
+        if config.tls_cert:
+            print(f"client port on TLS{' (mutual: client certificates required)' if config.tls_client_ca else ''}",
+                  file=sys.stderr, flush=True)
         print(f"open files limit {files}: about {connections_allowed(files, config)} client "
               f"connections per shard, {config.io_shards} shards", file=sys.stderr, flush=True)
         lost, lost_pids = watch_system(system, root, reply.admin_pid, stop)
@@ -121,6 +154,11 @@ def serve(args):
     finally:
         if system is not None:
             system.shutdown()
+
+
+def abspath_or_empty(path):
+    """The shards do not run in serve's working directory."""
+    return os.path.abspath(path) if path else ""
 
 
 def raise_open_files_limit():

@@ -22,8 +22,8 @@ def start_broker(tmp_path):
     """Start a broker with options of the test's own; stopped (and checked) after the test."""
     started = []
 
-    def start(*options, data_dir=None):
-        b = LocalBroker(data_dir or tmp_path / f"broker{len(started)}", *options)
+    def start(*options, data_dir=None, prefix=()):
+        b = LocalBroker(data_dir or tmp_path / f"broker{len(started)}", *options, prefix=prefix)
         started.append(b)
         return b
 

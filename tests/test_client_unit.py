@@ -8,7 +8,7 @@ import pytest
 from actorbroker.transport import errors as E
 from actorbroker.transport.client.core import (
     SEND_OVERHEAD, Attachments, Batcher, CreditWindow, ids_of, max_message_size,
-    message_from_record, parse_url, record_for, subscribe_frame)
+    message_from_record, parse_address, parse_url, record_for, subscribe_frame)
 from actorbroker.transport.codec import encode_frame
 
 
@@ -103,6 +103,19 @@ def test_parse_url():
     assert parse_url("example.org:7000") == ("example.org", 7000)
     assert parse_url("example.org") == ("example.org", 6650)
     assert parse_url(":7001") == ("127.0.0.1", 7001)
+    assert parse_url("tcp://example.org:7000") == ("example.org", 7000)
+    with pytest.raises(ValueError, match="TLS"):
+        parse_url("tls://example.org:7000")     # a (host, port) caller would drop the TLS
+
+
+def test_parse_address():
+    assert parse_address("example.org:7000") == ("example.org", 7000, False)
+    assert parse_address("tcp://example.org") == ("example.org", 6650, False)
+    address = parse_address("tls://example.org:6651")
+    assert (address.host, address.port, address.tls) == ("example.org", 6651, True)
+    assert parse_address("tls://:6651") == ("127.0.0.1", 6651, True)
+    with pytest.raises(ValueError, match="scheme"):
+        parse_address("http://example.org:80")
 
 
 def test_error_for_gives_one_class_per_code():
@@ -121,8 +134,10 @@ def test_cli_arguments():
     add_client_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["produce", "/a/b", "-m", "hi", "-n", "3", "--attr", "k=v=w",
                               "--url", "h:1234"])
-    assert (args.count, args.attr, args.url) == (3, [("k", "v=w")], ("h", 1234))
+    assert (args.count, args.attr, args.url) == (3, [("k", "v=w")], ("h", 1234, False))
     args = parser.parse_args(["consume", "/a/b", "-s", "s", "--no-ack", "-t", "key_shared"])
-    assert (args.ack, args.type, args.url) == (False, "key_shared", ("127.0.0.1", 6650))
+    assert (args.ack, args.type, args.url) == (False, "key_shared", ("127.0.0.1", 6650, False))
+    args = parser.parse_args(["topics", "--url", "tls://h:6651", "--tls-ca", "ca.pem"])
+    assert (args.url, args.tls_ca, args.tls_no_check_hostname) == (("h", 6651, True), "ca.pem", False)
     with pytest.raises(SystemExit):
         parser.parse_args(["consume", "/a/b"])                 # -s is required

@@ -15,6 +15,8 @@ Events (tuples, first element the kind):
   ("control", frame)                          control and admin ops, for the supervisor
   ("closed", reason)                          the connection must end (after the outbox is sent)
 """
+import ipaddress
+
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
                                          encode_record_tail, plain_tail_encoder)
@@ -42,7 +44,8 @@ def is_str_map(value):
 
 class SessionConfig:
     """What a session needs of the broker's configuration (plain values)."""
-    __slots__ = ("max_frame", "heartbeat_ms", "hello_timeout_ms", "tokens", "broker_name")
+    __slots__ = ("max_frame", "heartbeat_ms", "hello_timeout_ms", "tokens", "broker_name",
+                 "refuse_tokens")
 
     def __init__(self, config):
         self.max_frame = config.max_frame
@@ -50,6 +53,17 @@ class SessionConfig:
         self.hello_timeout_ms = config.hello_timeout_ms
         self.tokens = config.tokens
         self.broker_name = config.broker_name
+        # a token sent in the clear where others may read it is refused, so that it is noticed
+        self.refuse_tokens = not (config.tls_cert or config.allow_plain_tokens or is_loopback(config.host))
+
+
+def is_loopback(host):
+    """Whether a listener bound to `host` is reachable from this machine only (no DNS lookup:
+    a name other than localhost counts as reachable from elsewhere)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class Session:
@@ -200,6 +214,11 @@ class Session:
         wish = frame.get("heartbeat_ms")
         if wish is not None and type(wish) is not int:
             self.error(E.BAD_REQUEST, "'heartbeat_ms' must be an int", rid)
+            return
+        if token is not None and self.config.refuse_tokens:
+            self._fail(E.AUTH_FAILED, "tokens are refused over plain TCP on a non-loopback listener "
+                       "(anyone on the path can read them): connect with TLS, or serve with "
+                       "--allow-plain-tokens", rid, events)
             return
         permissions = None
         if self.config.tokens:

@@ -17,7 +17,8 @@ from collections import deque
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HEARTBEAT_MS, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore,
     ConsumerCore, Message, ProducerCore, dispatch, hello_frame, open_consumer, open_producer,
-    parse_url, read_failure)
+    parse_address, read_failure)
+from actorbroker.transport.client.tls import client_context, server_name
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
 
@@ -25,8 +26,10 @@ __all__ = ["AsyncClient", "connect", "AsyncProducer", "AsyncConsumer", "AsyncSen
 
 
 async def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
-    """An AsyncClient connected to "host:port"."""
-    host, port = parse_url(url)
+    """An AsyncClient connected to "host:port" or "tls://host:port" (see sync.connect)."""
+    host, port, tls = parse_address(url)
+    if tls and not options.get("tls"):
+        options["tls"] = True
     return await AsyncClient.connect(host, port, **options)
 
 
@@ -42,8 +45,11 @@ class AsyncClient:
 
     @classmethod
     async def connect(cls, host=DEFAULT_HOST, port=DEFAULT_PORT, *, token=None, heartbeat_ms=None,
-                      name="actorbroker-py-async", connect_timeout=5.0):
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout)
+                      name="actorbroker-py-async", connect_timeout=5.0, tls=None):
+        """tls: None (plain TCP), True (TLS, the system's CAs), a TlsOptions or an ssl.SSLContext;
+        asyncio's own TLS (memory BIOs under its transport) carries it."""
+        secure = dict(ssl=client_context(tls), server_hostname=server_name(tls, host)) if tls else {}
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **secure), connect_timeout)
         self = cls(reader, writer, name)
         self._tasks.append(asyncio.create_task(self._read_loop()))
         try:

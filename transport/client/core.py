@@ -106,12 +106,34 @@ def ids_of(msg_or_ids):
 
 # --- addresses and names ----------------------------------------------------------------------
 
-def parse_url(url, default_port=DEFAULT_PORT):
-    """"host:port" (or "host", or ":port") as (host, port)."""
+Address = namedtuple("Address", "host port tls")
+SCHEMES = {"tcp://": False, "tls://": True}
+
+
+def parse_address(url, default_port=DEFAULT_PORT):
+    """"[tcp://|tls://]host:port" (or "host", or ":port") as Address(host, port, tls)."""
+    tls = False
+    for scheme, secure in SCHEMES.items():
+        if url.startswith(scheme):
+            url, tls = url[len(scheme):], secure
+            break
+    else:
+        if "://" in url:
+            raise ValueError(f"unknown scheme in {url!r} (tcp:// or tls://)")
     host, sep, port = url.rpartition(":")
     if not sep:
-        return url or DEFAULT_HOST, default_port
-    return host or DEFAULT_HOST, int(port)
+        return Address(url or DEFAULT_HOST, default_port, tls)
+    return Address(host or DEFAULT_HOST, int(port), tls)
+
+
+def parse_url(url, default_port=DEFAULT_PORT):
+    """"host:port" (or "host", or ":port", or "tcp://host:port") as (host, port). A tls:// address
+    raises ValueError: a caller that only takes (host, port) would drop the TLS silently; use
+    parse_address."""
+    host, port, tls = parse_address(url, default_port)
+    if tls:
+        raise ValueError(f"{url!r} needs TLS: use parse_address")
+    return host, port
 
 
 def default_consumer_name(client_name):
@@ -553,7 +575,7 @@ class ClientCore:
         """What to raise when hello failed with exc: when the connection ended, the broker's fatal
         error if it sent one."""
         if isinstance(exc, ConnectionLost):
-            return self.last_error or ConnectionLost("closed by the broker during hello")
+            return self.last_error or ConnectionLost(f"during hello: {exc}")
         return exc
 
     def end_reason(self, reason):

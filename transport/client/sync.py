@@ -21,25 +21,29 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore, ConsumerCore, Message,
-    ProducerCore, dispatch, hello_frame, open_consumer, open_producer, parse_url, read_failure)
+    ProducerCore, dispatch, hello_frame, open_consumer, open_producer, parse_address, read_failure)
+from actorbroker.transport.client.tls import TlsSocket, client_context, server_name
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
 
 __all__ = ["Client", "connect", "Producer", "Consumer", "Message", "SendFuture"]
 
 
 def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
-    """A Client connected to "host:port"."""
-    host, port = parse_url(url)
+    """A Client connected to "host:port" or "tls://host:port" (options: as Client's; `tls` is
+    then a TlsOptions, or the system's CAs by default)."""
+    host, port, tls = parse_address(url)
+    if tls and not options.get("tls"):
+        options["tls"] = True
     return Client(host, port, **options)
 
 
 class Client:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, *, token=None, heartbeat_ms=None,
-                 name="actorbroker-py", connect_timeout=5.0):
+                 name="actorbroker-py", connect_timeout=5.0, tls=None):
+        """tls: None (plain TCP), True (TLS, the system's CAs), a TlsOptions or an ssl.SSLContext."""
         self.name = name
         self._core = core = ClientCore(name)
-        self._sock = socket.create_connection((host, port), timeout=connect_timeout)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = open_socket(host, port, tls, connect_timeout)
         self._sock.settimeout(None)
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()          # guards the core; never held during I/O
@@ -261,6 +265,19 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def open_socket(host, port, tls, timeout):
+    """A connected socket, with TLS (handshake done) when `tls` is set."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            return TlsSocket(sock, client_context(tls), server_name(tls, host), timeout)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 # --- producing --------------------------------------------------------------------------------
