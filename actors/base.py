@@ -240,8 +240,12 @@ class BrokerActor(Actor):
             address, msgs = self._outbox.pop(stream)
             seq = self._out_seq.get(stream, 0)
             self._out_seq[stream] = seq + 1
-            self.send(address, Ordered((self._uid, stream), seq,
-                                       msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))))
+            try:
+                self.send(address, Ordered((self._uid, stream), seq,
+                                           msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))))
+            except Exception:   # not an address (a handler's bug): the other channels still go
+                log.exception("%s: ordered channel %r: cannot send to %r", type(self).__name__, stream, address)
+                self.handler_errors += 1
 
     def forget_ordered(self, stream):
         """The receiver is gone: a new receiver under the same key starts from zero."""

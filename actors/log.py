@@ -147,7 +147,7 @@ class LogActor(BrokerActor):
     def on_SaveCursor(self, msg, sender):
         try:
             self.store.save_cursor(msg.subscription, msg.state)
-        except (OSError, TypeError, ValueError) as exc:   # the dispatcher waits for an answer
+        except Exception as exc:   # disk full, log destroyed, ...: the dispatcher waits for an answer
             log.error("cursor of %s not saved: %s", msg.subscription, exc)
             self.send(sender, CursorSaved(msg.subscription, str(exc)))
             return
