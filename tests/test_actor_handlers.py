@@ -8,6 +8,7 @@ actor system (sends, wakeups, children) is recorded by a stand-in for Thespian's
 """
 import dataclasses
 import inspect
+import os
 import socket
 
 import pytest
@@ -102,7 +103,8 @@ def _actors(config):
         (make(connection.ConnectionActor, connection.StartConnections(-1, (), 0, config, parent, parent),
               connection.ClientHello(7, "c", None)),
          connection.ClientRequest(7, {"op": "close_producer", "rid": 9, "producer": 1})),
-        (make(shard.ShardActor, shard.StartShard(theirs.fileno(), 0, "shard-x", config, parent)), None),
+        # the shard's socket object owns the fd it is given: a copy of ours, never closed twice
+        (make(shard.ShardActor, shard.StartShard(os.dup(theirs.fileno()), 0, "shard-x", config, parent)), None),
         (make(topic.TopicActor, topic.InitTopic("/a/b", "non_reliable", config)),
          topic.CloseProducer(5, (1, 9), CLIENT)),
         (make(topic.TopicActor, topic.InitTopic("/a/r", "reliable", config),
