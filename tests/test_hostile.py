@@ -274,6 +274,16 @@ def test_case8_deeply_nested_fields_are_answered(broker, topic):
     assert_alive(conn)
 
 
+def test_case8_nesting_msgpack_cannot_decode_closes_only_the_offender(broker):
+    bystander = connect(broker)
+    conn = connect(broker)
+    body = b"\x83\xa2op\xa6topics\xa3rid\x07\xa1x" + b"\x91" * 2000 + b"\xc0"   # 2000 levels
+    conn.send_raw(len(body).to_bytes(4, "big") + body)
+    assert_error(conn.recv_frame(), "BAD_FRAME")
+    assert conn.expect_closed()
+    assert_alive(bystander)
+
+
 # --- case 9: control characters in names --------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [lambda t: t + "\n", lambda t: t + "\r", lambda t: t.replace("/t-", "/\tt-"),
