@@ -112,10 +112,11 @@ def _hostile_frames(topic, pid, cid):
                     yield dict(template, msgs=[dict(template["msgs"][0], **{field: value})])
 
 
-def test_case3_every_hostile_field_of_every_op_is_answered_once_and_harms_no_neighbour(broker, topic):
+@pytest.mark.parametrize("dispatch", ["non_reliable", "reliable"])
+def test_case3_every_hostile_field_of_every_op_is_answered_once_and_harms_no_neighbour(broker, topic, dispatch):
     conn = connect(broker)
     bystander = connect(broker)
-    pid = producer(conn, topic)
+    pid = conn.request({"op": "producer", "topic": topic, "dispatch": dispatch})["producer"]
     cid = conn.request({"op": "subscribe", "topic": topic, "subscription": "keep", "type": "shared",
                         "consumer": "k"})["consumer"]
     frames, rid = [], 1000
@@ -135,6 +136,8 @@ def test_case3_every_hostile_field_of_every_op_is_answered_once_and_harms_no_nei
             assert reply["op"] != "error" or reply["code"] != "INTERNAL", (f, reply)
     assert_alive(conn)
     assert_alive(bystander)
+    stats = conn.request({"op": "stats", "topic": topic})   # no handler of the topic's actors failed
+    assert stats["handler_errors"] == 0 and stats["poison_messages"] == 0
 
 
 # --- case 4: nack with duplicate ids and a delay -----------------------------------------------------------
