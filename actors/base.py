@@ -11,6 +11,7 @@ from typing import Any
 from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage, PoisonMessage, WakeupMessage
 
 from actorbroker.actors.process import die_with_parent, name_process
+from actorbroker.transport.errors import INTERNAL
 
 log = logging.getLogger("actorbroker")
 # Thespian forwards every record its root logger lets through to the logger process, one Thespian
@@ -55,6 +56,11 @@ class BrokerActor(Actor):
 
     An actor whose class sets `init_message` holds every other (non-system) message until that
     one has been handled: an actor's init and its first requests come from different senders.
+
+    Every message is handled on its own: a handler that raises is logged and counted
+    (`handler_errors`), a request it was handling is answered INTERNAL, and the next message (of
+    the same Batch too) is handled all the same. Thespian would retry the message and then drop
+    it, with the rest of its Batch, and the request would never be answered.
     """
     init_message = None
     process_name = None     # see name_process
@@ -74,6 +80,7 @@ class BrokerActor(Actor):
         self._gap_check_due = False
         self.gaps_skipped = 0
         self.poison_messages = 0
+        self.handler_errors = 0
         self._initialized = self.init_message is None
         self._held = []
         # ACTORBROKER_PROFILE_DIR=dir: profile message handling, one .prof per actor, written at
@@ -114,6 +121,11 @@ class BrokerActor(Actor):
                 self._ordered_deliver(self._ordered_release(msg, sender))
             else:
                 self._base_dispatch(msg, sender)
+        except Exception:
+            # not a handler's failure (those are caught in _base_handle): a message of a shape
+            # this module cannot use, an Ordered whose channel is a list, say
+            log.exception("%s: a %s could not be handled", type(self).__name__, type(msg).__name__)
+            self.handler_errors += 1
         finally:
             self._flush_outbox()
         return self.watch()
@@ -141,8 +153,26 @@ class BrokerActor(Actor):
 
     def _base_handle(self, msg, sender):
         handler = getattr(self, "on_" + type(msg).__name__, None)
-        if handler is not None:
+        if handler is None:
+            return
+        try:
             handler(msg, sender)
+        except Exception as exc:
+            log.exception("%s: handling a %s failed", type(self).__name__, type(msg).__name__)
+            self._base_failed(msg, f"{type(exc).__name__} in the broker (logged)")
+
+    def _base_failed(self, msg, text):
+        """Count the failure, and answer the request `msg` carried, if any, with INTERNAL."""
+        self.handler_errors += 1
+        request = getattr(msg, "request", msg)   # a TopicRequest carries its request
+        rid, reply_to = getattr(request, "rid", None), getattr(request, "reply_to", None)
+        if rid is not None and reply_to is not None:
+            # imported here: connection.py imports this module
+            from actorbroker.actors.connection import RequestFailed
+            try:
+                self.send(reply_to, RequestFailed(rid, INTERNAL, text))
+            except Exception:
+                log.exception("%s: could not answer a failed %s", type(self).__name__, type(msg).__name__)
 
     def _ordered_release(self, msg, sender):
         state = self._in_seq.setdefault(msg.channel, [0, {}])
@@ -210,8 +240,12 @@ class BrokerActor(Actor):
             address, msgs = self._outbox.pop(stream)
             seq = self._out_seq.get(stream, 0)
             self._out_seq[stream] = seq + 1
-            self.send(address, Ordered((self._uid, stream), seq,
-                                       msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))))
+            try:
+                self.send(address, Ordered((self._uid, stream), seq,
+                                           msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))))
+            except Exception:   # not an address (a handler's bug): the other channels still go
+                log.exception("%s: ordered channel %r: cannot send to %r", type(self).__name__, stream, address)
+                self.handler_errors += 1
 
     def forget_ordered(self, stream):
         """The receiver is gone: a new receiver under the same key starts from zero."""
@@ -228,3 +262,4 @@ class BrokerActor(Actor):
 
     def exit_self(self):
         self.send(self.myAddress, ActorExitRequest())
+

@@ -12,7 +12,6 @@ back with the next producer or subscribe.
 """
 import dataclasses
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,12 +25,7 @@ from actorbroker.actors.base import BrokerActor, log
 from actorbroker.storage.topic_store import stored_topics
 from actorbroker.transport import errors as E
 
-TOPIC_NAME = re.compile(r"^/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 GATHER_TIMEOUT = timedelta(seconds=5)
-
-
-def valid_topic(name):
-    return isinstance(name, str) and len(name) <= 255 and TOPIC_NAME.match(name) is not None
 
 
 @dataclass(frozen=True)

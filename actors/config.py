@@ -3,8 +3,6 @@ from dataclasses import dataclass, field
 
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME
 
-DISPATCH_MODES = ("non_reliable", "reliable")
-
 
 @dataclass(frozen=True)
 class BrokerConfig:

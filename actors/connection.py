@@ -17,13 +17,9 @@ from typing import Any
 
 from actorbroker.actors import broker, shard, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
-from actorbroker.actors.config import DISPATCH_MODES
-from actorbroker.transport import errors as E
+from actorbroker.transport import errors as E, validate
 from actorbroker.transport.codec import encode_frame
-from actorbroker.transport.session import error_frame, is_uint
-
-SUBSCRIPTION_TYPES = ("exclusive", "shared", "failover", "key_shared")
-SUBSCRIPTION_NAME_MAX = 255
+from actorbroker.transport.session import error_frame
 
 
 @dataclass(frozen=True)
@@ -261,28 +257,27 @@ class ConnectionActor(BrokerActor):
 
     # --- control and admin requests ---------------------------------------------------------------
     def on_ClientRequest(self, msg, sender):
-        frame = msg.frame
         conn = self.connections.get(msg.connection_id)
         if conn is None or conn.closed:
             return
-        rid = frame["rid"]
+        rid = msg.frame.get("rid") if isinstance(msg.frame, dict) else None
+        rid = rid if validate.is_uint(rid) else None
         try:
+            frame = validate.control(msg.frame)   # the shard checked it; trust no message all the same
             getattr(self, "_op_" + frame["op"])(conn, msg.connection_id, frame, (msg.connection_id, rid))
-        except BadRequest as exc:
+        except (BadRequest, validate.Invalid) as exc:
             self._write(msg.connection_id, error_frame(exc.code, exc.message, rid))
         except Exception:
-            log.exception("connection %s: op %r failed", msg.connection_id, frame.get("op"))
+            log.exception("connection %s: op %r failed", msg.connection_id, msg.frame.get("op"))
             self._write(msg.connection_id, error_frame(E.INTERNAL, "internal error (logged on the broker)", rid))
 
     def _op_producer(self, conn, connection_id, frame, tag):
-        name = self._topic(conn, frame, "produce")
-        producer_name = self._optional(frame, "name", str)
-        dispatch = self._choice(frame, "dispatch", DISPATCH_MODES)
-        access = self._choice(frame, "access", ("shared", "exclusive")) or "shared"
+        name = self._authorized(conn, frame["topic"], "produce")
         conn.pending.add(tag)
         self.send_ordered(self.broker, broker.TopicRequest(
-            name, dispatch or self.config.default_dispatch,
-            topic.OpenProducer(tag, self.myAddress, 0, producer_name, access, self.shard_ident)), "root")
+            name, frame["dispatch"] or self.config.default_dispatch,
+            topic.OpenProducer(tag, self.myAddress, 0, frame["name"], frame["access"], self.shard_ident)),
+            "root")
 
     def _op_close_producer(self, conn, connection_id, frame, tag):
         producer_id = self._known(frame, "producer", conn.producers, E.UNKNOWN_PRODUCER)
@@ -291,35 +286,17 @@ class ConnectionActor(BrokerActor):
         self.send(topic_address, topic.CloseProducer(producer_id, tag, self.myAddress))
 
     def _op_subscribe(self, conn, connection_id, frame, tag):
-        name = self._topic(conn, frame, "consume")
-        sub_name = frame.get("subscription")
-        if not isinstance(sub_name, str) or not sub_name or len(sub_name) > SUBSCRIPTION_NAME_MAX:
-            raise BadRequest(E.BAD_REQUEST, "'subscription' must be a non-empty str")
-        sub_type = self._choice(frame, "type", SUBSCRIPTION_TYPES)
-        if sub_type is None:
-            raise BadRequest(E.BAD_REQUEST, f"'type' must be one of {', '.join(SUBSCRIPTION_TYPES)}")
-        consumer_name = frame.get("consumer")
-        if not isinstance(consumer_name, str) or not consumer_name:
-            raise BadRequest(E.BAD_REQUEST, "'consumer' must be a non-empty str")
-        start = self._choice(frame, "start", ("latest", "earliest")) or "latest"
-        dispatch = self._choice(frame, "dispatch", DISPATCH_MODES)
-        options = {}
-        for field in ("max_unacked", "ack_timeout_ms", "max_redeliveries"):
-            value = frame.get(field)
-            if value is not None and not is_uint(value):
-                raise BadRequest(E.BAD_REQUEST, f"'{field}' must be an int >= 0")
-            options[field] = value
-        dead_letter = frame.get("dead_letter_topic")
-        if dead_letter is not None and not isinstance(dead_letter, str):
-            raise BadRequest(E.BAD_REQUEST, "'dead_letter_topic' must be a str")
-        if dead_letter is not None and not broker.valid_topic(dead_letter):
-            raise BadRequest(E.BAD_TOPIC, f"bad dead_letter_topic {dead_letter!r}")
-        options["dead_letter_topic"] = dead_letter
+        name = self._authorized(conn, frame["topic"], "consume")
+        if frame["dead_letter_topic"] is not None:
+            # the broker writes there on this client's behalf: it needs the right to produce there
+            self._authorized(conn, frame["dead_letter_topic"], "produce")
+        options = {field: frame[field] for field in ("max_unacked", "ack_timeout_ms", "max_redeliveries",
+                                                     "dead_letter_topic")}
         conn.pending.add(tag)
         self.send_ordered(self.broker, broker.TopicRequest(
-            name, dispatch or self.config.default_dispatch,
-            topic.Subscribe(tag, self.myAddress, self.shard_ident, 0, sub_name, sub_type,
-                            consumer_name, start, options)), "root")
+            name, frame["dispatch"] or self.config.default_dispatch,
+            topic.Subscribe(tag, self.myAddress, self.shard_ident, 0, frame["subscription"], frame["type"],
+                            frame["consumer"], frame["start"], options)), "root")
 
     def _op_close_consumer(self, conn, connection_id, frame, tag):
         consumer_id, subscription_address = self._release_consumer(conn, frame)
@@ -346,23 +323,17 @@ class ConnectionActor(BrokerActor):
 
     def _op_stats(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        name = self._topic(conn, frame, None)
-        self.send_ordered(self.broker, broker.TopicRequest(name, None, topic.StatsRequest(tag, self.myAddress)),
-                          "root")
+        self.send_ordered(self.broker, broker.TopicRequest(
+            frame["topic"], None, topic.StatsRequest(tag, self.myAddress)), "root")
 
     def _op_delete_topic(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        name = self._topic(conn, frame, None)
-        self.send_ordered(self.broker, broker.DeleteTopic(tag, name, self.myAddress), "root")
+        self.send_ordered(self.broker, broker.DeleteTopic(tag, frame["topic"], self.myAddress), "root")
 
-    # --- field checks -----------------------------------------------------------------------------
-    def _topic(self, conn, frame, action):
-        name = frame.get("topic")
-        if not isinstance(name, str):
-            raise BadRequest(E.BAD_REQUEST, "'topic' must be a str")
-        if not broker.valid_topic(name):
-            raise BadRequest(E.BAD_TOPIC, f"bad topic name {name!r}: expected /namespace/name")
-        if action and not allowed(conn.permissions, action, name):
+    # --- permissions and ids (the shapes were checked by transport/validate.py) --------------------
+    @staticmethod
+    def _authorized(conn, name, action):
+        if not allowed(conn.permissions, action, name):
             raise BadRequest(E.NOT_AUTHORIZED, f"token may not {action} on {name}")
         return name
 
@@ -372,24 +343,8 @@ class ConnectionActor(BrokerActor):
             raise BadRequest(E.NOT_AUTHORIZED, "admin permission needed")
 
     @staticmethod
-    def _optional(frame, field, kind):
-        value = frame.get(field)
-        if value is not None and not isinstance(value, kind):
-            raise BadRequest(E.BAD_REQUEST, f"'{field}' must be a {kind.__name__}")
-        return value
-
-    @staticmethod
-    def _choice(frame, field, choices):
-        value = frame.get(field)
-        if value is not None and value not in choices:
-            raise BadRequest(E.BAD_REQUEST, f"'{field}' must be one of {', '.join(choices)}")
-        return value
-
-    @staticmethod
     def _known(frame, field, table, code):
-        value = frame.get(field)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise BadRequest(E.BAD_REQUEST, f"'{field}' must be an int")
+        value = frame[field]
         if value not in table:
             raise BadRequest(code, f"{field} {value} is not open on this connection")
         return value

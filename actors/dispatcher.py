@@ -28,8 +28,11 @@ from actorbroker.actors import broker, connection, log as log_actor, subscriptio
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.cursor import Cursor
 from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
+from actorbroker.transport import errors as E
 from actorbroker.transport.codec import encode_frame, record_blob, record_tail, with_redeliveries
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
+from actorbroker.transport.session import error_frame
+from actorbroker.transport.validate import MAX_DELAY_MS, MAX_TOTAL_CREDITS
 
 RELIABLE_BUFFER = 5000
 CURSOR_SAVE_DELAY = timedelta(milliseconds=100)
@@ -351,9 +354,15 @@ class DispatcherActor(BrokerActor):
 
     def on_CursorSaved(self, msg, sender):
         self.cursor_saving = False
-        for lane, consumer_id, rid in self.acks_waiting:   # their acks are on disk now
-            self._answer_ack(lane, consumer_id, rid)
+        for lane, consumer_id, rid in self.acks_waiting:   # their acks are on disk now (or not: say so)
+            if msg.error is None:
+                self._answer_ack(lane, consumer_id, rid)
+            else:
+                lane.send([LaneOp.REPLY, consumer_id, error_frame(
+                    E.INTERNAL, f"the ack is not durable: cursor save failed ({msg.error}); ack again", rid)])
         self.acks_waiting = []
+        if msg.error is not None:
+            self.cursor_dirty = True   # tried again with the next ack, or within CURSOR_SAVE_DELAY
         if self.cursor_dirty:
             self._save_cursor_soon()
 
@@ -372,7 +381,9 @@ class DispatcherActor(BrokerActor):
         timeout = self.options.get("ack_timeout_ms")
         if timeout and self.unacked and not self.timeout_tick:
             self.timeout_tick = True
-            self.wakeupAfter(timedelta(milliseconds=max(20, timeout // 4)), payload="ack-timeout")
+            # bounded here too: a timer past 2^31 ms overflows in Thespian's loop (and kills us)
+            self.wakeupAfter(timedelta(milliseconds=max(20, min(timeout, MAX_DELAY_MS) // 4)),
+                             payload="ack-timeout")
 
     def on_WakeupMessage(self, msg, sender):
         if msg.payload == "cursor-save":
@@ -481,8 +492,8 @@ class DispatcherActor(BrokerActor):
     # --- from the consumers' transports ---------------------------------------------------------
     def _flow(self, consumer_id, credits):
         consumer = self.policy.consumers.get(consumer_id)
-        if consumer is not None:
-            consumer.credits += credits
+        if consumer is not None:   # credits add up, to a bound any client can read back in stats
+            consumer.credits = min(consumer.credits + credits, MAX_TOTAL_CREDITS)
             self._pump()
 
     def _ack(self, lane, consumer_id, ids, rid):
@@ -515,7 +526,7 @@ class DispatcherActor(BrokerActor):
     def _nack(self, ids, delay_ms):
         if not self.reliable:
             return  # non_reliable: nothing is redelivered
-        offsets = [o for o in ids if o in self.unacked]
+        offsets = [o for o in dict.fromkeys(ids) if o in self.unacked]   # an id given twice counts once
         if not delay_ms:
             self._return_unacked(offsets)
         else:
@@ -525,7 +536,7 @@ class DispatcherActor(BrokerActor):
                 if consumer is not None:
                     consumer.unacked -= 1
                 self.delayed[offset] = record
-            self.wakeupAfter(timedelta(milliseconds=delay_ms), payload=("nack", tuple(offsets)))
+            self.wakeupAfter(timedelta(milliseconds=min(delay_ms, MAX_DELAY_MS)), payload=("nack", tuple(offsets)))
         self._pump()
 
     def _pump(self):
@@ -567,7 +578,7 @@ class DispatcherActor(BrokerActor):
         stats = {"name": self.name, "type": self.type, "backlog": backlog,
                  "msgs_out": self.msgs_out, "dropped": self.dropped, "redelivered": self.redelivered,
                  "consumers": consumers, "poison_messages": self.poison_messages,
-                 "gaps_skipped": self.gaps_skipped}
+                 "gaps_skipped": self.gaps_skipped, "handler_errors": self.handler_errors}
         if self.reliable:
             stats["dead_lettered"] = self.dead_lettered
             stats["cursor"] = self.cursor.floor

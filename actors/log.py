@@ -46,6 +46,7 @@ class SaveCursor:
 @dataclass(frozen=True)
 class CursorSaved:
     subscription: str
+    error: Any = None    # why it was not saved (disk full, ...); None: it is on disk
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,12 @@ class LogActor(BrokerActor):
             self.store.log.sync()
 
     def on_SaveCursor(self, msg, sender):
-        self.store.save_cursor(msg.subscription, msg.state)
+        try:
+            self.store.save_cursor(msg.subscription, msg.state)
+        except Exception as exc:   # disk full, log destroyed, ...: the dispatcher waits for an answer
+            log.error("cursor of %s not saved: %s", msg.subscription, exc)
+            self.send(sender, CursorSaved(msg.subscription, str(exc)))
+            return
         self.floors[msg.subscription] = msg.state.get("floor", 0)
         self.send(sender, CursorSaved(msg.subscription))
 

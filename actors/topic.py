@@ -508,7 +508,8 @@ class TopicActor(BrokerActor):
         frame = {"op": "stats", "rid": msg.rid, "topic": self.name, "dispatch": self.dispatch,
                  "msgs_in": self.msgs_in, "bytes_in": self.bytes_in,
                  "producers": len(self.producers), "subscriptions": [],
-                 "poison_messages": self.poison_messages, "gaps_skipped": self.gaps_skipped}
+                 "poison_messages": self.poison_messages, "gaps_skipped": self.gaps_skipped,
+                 "handler_errors": self.handler_errors}
         token = self.next_token
         self.next_token += 1
         self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame]
@@ -533,7 +534,7 @@ class TopicActor(BrokerActor):
         if gather is not None:
             rid, reply_to, _, frame = gather
             frame["subscriptions"].sort(key=lambda s: s["name"])
-            for name in ("poison_messages", "gaps_skipped"):   # the topic's and its dispatchers'
+            for name in ("poison_messages", "gaps_skipped", "handler_errors"):   # the topic's and its dispatchers'
                 frame[name] += sum(s.get(name, 0) for s in frame["subscriptions"])
             if self.log is not None:
                 frame.update(log_bytes=self.log_bytes, segments=self.segments,

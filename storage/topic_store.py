@@ -1,41 +1,59 @@
 """A reliable topic's directory: its log, its metadata and its subscriptions' cursors.
 
-    <data>/topics/<hex of topic name>/topic.json        {"name", "dispatch"}
-    <data>/topics/<hex of topic name>/log/*.log          the SegmentLog
-    <data>/topics/<hex of topic name>/cursors/<hex>.json one per durable subscription
+    <data>/topics/<digest of topic name>/topic.json           {"name", "dispatch"}
+    <data>/topics/<digest of topic name>/log/*.log             the SegmentLog
+    <data>/topics/<digest of topic name>/cursors/<digest>.json one per durable subscription,
+                                                               {"name", ...}
 
-Directory names are hex so that no topic name ('.', '..') can escape the data folder.
-Cursor files are replaced atomically (write, fsync, rename).
+A digest is the SHA-256 of the name's UTF-8, in hex: 64 characters whatever the name (names
+reach 255 bytes; a file name may not be longer than 255), and no name ('.', '..', '/') can
+escape the data folder. The real names are in the files. Cursor files are replaced atomically
+(write, fsync, rename).
+
+Data written by earlier versions named both by the hex of the name (too long from 128
+characters on); such a topic directory and its cursor files are renamed when the topic opens.
 """
+import hashlib
 import json
+import logging
 import os
 import shutil
 
 from actorbroker.storage.segment_log import SegmentLog
+
+log = logging.getLogger("actorbroker.storage")
 
 
 def topics_root(data_dir):
     return os.path.join(data_dir, "topics")
 
 
+def digest(name):
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def topic_dir(data_dir, name):
+    return os.path.join(topics_root(data_dir), digest(name))
+
+
+def _legacy_topic_dir(data_dir, name):
     return os.path.join(topics_root(data_dir), name.encode().hex())
 
 
 def stored_topics(data_dir):
     """[(name, dispatch)] of the topics kept on disk."""
-    found = []
+    found = {}
     root = topics_root(data_dir)
     if not os.path.isdir(root):
-        return found
+        return []
     for entry in sorted(os.listdir(root)):
         try:
             with open(os.path.join(root, entry, "topic.json")) as f:
                 meta = json.load(f)
-            found.append((meta["name"], meta["dispatch"]))
-        except (OSError, ValueError, KeyError):
+            found.setdefault(meta["name"], meta["dispatch"])   # once, whatever the layout
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-    return found
+    return list(found.items())
 
 
 def _write_atomic(path, data):
@@ -47,18 +65,59 @@ def _write_atomic(path, data):
     os.replace(tmp, path)
 
 
+def _migrate_topic_dir(data_dir, name):
+    """An earlier version's directory of this topic takes the digest's name (atomic rename)."""
+    new = topic_dir(data_dir, name)
+    if os.path.exists(new):
+        return
+    try:
+        legacy = _legacy_topic_dir(data_dir, name)
+        if os.path.isdir(legacy):
+            os.rename(legacy, new)
+            log.info("topic %s: data directory renamed to the digest layout", name)
+    except OSError as exc:   # ENAMETOOLONG: there never was one
+        log.debug("topic %s: no earlier data directory (%s)", name, exc)
+
+
 class TopicStore:
     def __init__(self, data_dir, name, dispatch, segment_bytes):
+        _migrate_topic_dir(data_dir, name)
         self.directory = topic_dir(data_dir, name)
         self.cursor_dir = os.path.join(self.directory, "cursors")
         os.makedirs(self.cursor_dir, exist_ok=True)
+        self._migrate_cursors()
         meta = os.path.join(self.directory, "topic.json")
         if not os.path.exists(meta):
             _write_atomic(meta, json.dumps({"name": name, "dispatch": dispatch}))
         self.log = SegmentLog(os.path.join(self.directory, "log"), segment_bytes)
 
     def _cursor_path(self, subscription):
-        return os.path.join(self.cursor_dir, subscription.encode().hex() + ".json")
+        return os.path.join(self.cursor_dir, digest(subscription) + ".json")
+
+    def _migrate_cursors(self):
+        """Cursor files of an earlier version (named by the hex of the name) take the digest's."""
+        for entry, state in self._cursor_files():
+            path = self._cursor_path(state["name"])
+            if os.path.join(self.cursor_dir, entry) != path:
+                if os.path.exists(path):   # the newer one is already there
+                    os.unlink(os.path.join(self.cursor_dir, entry))
+                else:
+                    os.rename(os.path.join(self.cursor_dir, entry), path)
+
+    def _cursor_files(self):
+        """[(file name, state)] of the readable cursor files."""
+        found = []
+        for entry in os.listdir(self.cursor_dir):
+            if not entry.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.cursor_dir, entry)) as f:
+                    state = json.load(f)
+                if isinstance(state, dict) and isinstance(state.get("name"), str):
+                    found.append((entry, state))
+            except (OSError, ValueError):
+                continue
+        return found
 
     def save_cursor(self, subscription, state, durable=True):
         data = json.dumps(dict(state, name=subscription))
@@ -75,17 +134,7 @@ class TopicStore:
             pass
 
     def cursors(self):
-        found = {}
-        for entry in os.listdir(self.cursor_dir):
-            if not entry.endswith(".json"):
-                continue
-            try:
-                with open(os.path.join(self.cursor_dir, entry)) as f:
-                    state = json.load(f)
-                found[state["name"]] = state
-            except (OSError, ValueError, KeyError):
-                continue
-        return found
+        return {state["name"]: state for _, state in self._cursor_files()}
 
     def destroy(self):
         self.log.close()

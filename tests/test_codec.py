@@ -91,6 +91,19 @@ def test_redelivery_count_is_rewritten_in_place():
         assert msg["redeliveries"] == count and msg["payload"] == b"p" and msg["id"] == 5
 
 
+def test_redelivery_count_is_rewritten_again_and_again():
+    # the dispatcher re-marks the blob it delivered last time: past 127 the count takes 2 bytes,
+    # past 255 three, ... (the 129th redelivery used to be cut to invalid msgpack)
+    blob = encode_record(5, b"p", None, {}, 9, "producer ending in \u0301 and \xac")
+    for count in [*range(1, 300), 70000, 2**32, 2**40, 3, 0]:
+        blob = with_redeliveries(blob, count)
+        decoder = FrameDecoder()
+        decoder.feed(encode_message_frames(1, [blob])[0])
+        (msg,) = decoder.next_frame()["msgs"]
+        assert msg["redeliveries"] == count and msg["producer"].endswith("\xac")
+    assert blob == encode_record(5, b"p", None, {}, 9, "producer ending in \u0301 and \xac")
+
+
 def test_record_tail_round_trips():
     from actorbroker.transport.codec import record_blob, record_tail
     blob = encode_record(5, b"p", None, {}, 9, "prod")

@@ -144,9 +144,15 @@ def record_tail(blob):
     return blob[_TAIL_START:]
 
 
+_REDELIVERIES_KEY = msgpack.packb("redeliveries")
+_LAST_VALUE_MAX = 9   # the longest msgpack int
+
+
 def with_redeliveries(blob, count):
-    """A record built with redeliveries=0 (its last byte), re-marked as redelivered `count` times."""
-    return blob[:-1] + msgpack.packb(count)
+    """A record (its redeliveries last) re-marked as redelivered `count` times. The old count may
+    take 1 to 9 bytes: cut after the key, which the value that follows it is too short to hold."""
+    cut = blob.rfind(_REDELIVERIES_KEY, len(blob) - len(_REDELIVERIES_KEY) - _LAST_VALUE_MAX)
+    return blob[:cut + len(_REDELIVERIES_KEY)] + msgpack.packb(count)
 
 
 def encode_record(offset, payload, key, attrs, time_ms, producer, redeliveries=0):

@@ -17,9 +17,10 @@ Events (tuples, first element the kind):
 """
 import ipaddress
 
-from actorbroker.transport import errors as E
+from actorbroker.transport import errors as E, validate
 from actorbroker.transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
                                          encode_record_tail, plain_tail_encoder)
+from actorbroker.transport.validate import Invalid, is_uint
 
 # Ops answered by a frame of their own: they must carry a valid rid.
 REPLY_OPS = frozenset({"hello", "ping", "producer", "send", "close_producer", "subscribe",
@@ -32,14 +33,6 @@ def error_frame(code, message, rid=None):
     if rid is not None:
         frame["rid"] = rid
     return encode_frame(frame)
-
-
-def is_uint(value):
-    return type(value) is int and value >= 0
-
-
-def is_str_map(value):
-    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
 class SessionConfig:
@@ -171,25 +164,26 @@ class Session:
             self.write(encode_frame({"op": "pong", "rid": rid}))
         elif op == "pong":
             pass   # receiving it already proved the client alive
-        elif op == "flow":
-            consumer_id = self._consumer(frame, rid)
-            if consumer_id is not None:
-                credits = frame.get("credits")
-                if not is_uint(credits):
-                    self.error(E.BAD_REQUEST, "'credits' must be an int >= 0", rid)
-                    return
-                events.append(("flow", consumer_id, credits))
-                self.ok(rid)
-        elif op in ("ack", "nack"):
-            self._acknowledge(op, frame, rid, events)
+        elif op in ("flow", "ack", "nack"):
+            self._consumer_op(op, frame, rid, events)
         else:
-            # control ops: forget routes of what closes now, so that frames pipelined after the
-            # close are refused here, in order
-            if op == "close_producer" and type(frame.get("producer")) is int:
-                self.producers.pop(frame["producer"], None)
-            elif op in ("close_consumer", "unsubscribe") and type(frame.get("consumer")) is int:
-                self.consumers.discard(frame["consumer"])
-            events.append(("control", frame))
+            self._control(frame, rid, events)
+
+    def _control(self, frame, rid, events):
+        """Control and admin ops go to the supervisor as a clean copy (known fields only)."""
+        try:
+            frame = validate.control(frame)
+        except Invalid as exc:
+            self.error(exc.code, exc.message, rid)
+            return
+        # forget routes of what closes now, so that frames pipelined after the close are
+        # refused here, in order
+        op = frame["op"]
+        if op == "close_producer":
+            self.producers.pop(frame["producer"], None)
+        elif op in ("close_consumer", "unsubscribe"):
+            self.consumers.discard(frame["consumer"])
+        events.append(("control", frame))
 
     def _hello(self, frame, rid, events):
         if self.hello_done:
@@ -203,17 +197,10 @@ class Session:
             self._fail(E.UNSUPPORTED_VERSION, f"version {version} is not served (only {PROTOCOL_VERSION})",
                        rid, events)
             return
-        client = frame.get("client")
-        if not isinstance(client, str):
-            self.error(E.BAD_REQUEST, "'client' must be a str", rid)
-            return
-        token = frame.get("token")
-        if token is not None and not isinstance(token, str):
-            self.error(E.BAD_REQUEST, "'token' must be a str", rid)
-            return
-        wish = frame.get("heartbeat_ms")
-        if wish is not None and type(wish) is not int:
-            self.error(E.BAD_REQUEST, "'heartbeat_ms' must be an int", rid)
+        try:
+            client, token, wish = validate.hello(frame)
+        except Invalid as exc:
+            self.error(exc.code, exc.message, rid)
             return
         if token is not None and self.config.refuse_tokens:
             self._fail(E.AUTH_FAILED, "tokens are refused over plain TCP on a non-loopback listener "
@@ -259,63 +246,34 @@ class Session:
                         and len(payload) <= limit:   # the common record: nothing more to check
                     records.append((None, plain(payload), len(payload)))
                     continue
-                problem = _check_msg(payload, key, attrs, limit)
+                problem = validate.message_problem(payload, key, attrs, limit)
             if problem:
                 self.error(E.BAD_REQUEST, f"msgs[{i}]: {problem}", rid)
                 return
             records.append((key, encode_record_tail(payload, key, attrs or {}, name), len(payload)))
         events.append(("publish", producer_id, rid, records))
 
-    def _acknowledge(self, op, frame, rid, events):
-        consumer_id = self._consumer(frame, rid)
-        if consumer_id is None:
-            return
-        ids = frame.get("ids")
-        if type(ids) is not list or not all(is_uint(i) for i in ids):
-            self.error(E.BAD_REQUEST, "'ids' must be a list of ints >= 0", rid)
-            return
-        if op == "nack":
-            delay = frame.get("delay_ms", 0)
-            if not is_uint(delay):
-                self.error(E.BAD_REQUEST, "'delay_ms' must be an int >= 0", rid)
+    def _consumer_op(self, op, frame, rid, events):
+        """flow, ack, nack: checked here, then straight to the consumer's dispatcher."""
+        try:
+            consumer_id = validate.ident(frame, "consumer")
+            if consumer_id not in self.consumers:
+                self.error(E.UNKNOWN_CONSUMER, f"consumer {consumer_id} is not open on this connection", rid)
                 return
-            events.append(("nack", consumer_id, ids, delay))
-            self.ok(rid)
-        else:   # the dispatcher answers, once the ack is durable on a reliable topic
-            events.append(("ack", consumer_id, ids, rid))
-
-    def _consumer(self, frame, rid):
-        consumer_id = frame.get("consumer")
-        if type(consumer_id) is not int:
-            self.error(E.BAD_REQUEST, "'consumer' must be an int", rid)
-            return None
-        if consumer_id not in self.consumers:
-            self.error(E.UNKNOWN_CONSUMER, f"consumer {consumer_id} is not open on this connection", rid)
-            return None
-        return consumer_id
+            if op == "flow":
+                events.append(("flow", consumer_id, validate.credits(frame)))
+            elif op == "nack":
+                events.append(("nack", consumer_id, validate.ids(frame), validate.delay(frame)))
+            else:   # the dispatcher answers, once the ack is durable on a reliable topic
+                events.append(("ack", consumer_id, validate.ids(frame), rid))
+                return
+        except Invalid as exc:
+            self.error(exc.code, exc.message, rid)
+            return
+        self.ok(rid)
 
     def _fail(self, code, message, rid, events):
         """A fatal protocol error: say why, then close."""
         self.error(code, message, rid)
         self.close(f"{code}: {message}", events)
 
-
-def _check_msg(payload, key, attrs, limit):
-    if type(payload) is not bytes:
-        return "'payload' must be bin"
-    if key is not None and type(key) is not str:
-        return "'key' must be a str"
-    if attrs is not None and type(attrs) is not dict:
-        return "'attrs' must be a map of str to str"
-    if attrs and not is_str_map(attrs):
-        return "'attrs' must be a map of str to str"
-    # 4 bytes per character bounds UTF-8; measure exactly only when the bound is too big
-    bound = len(payload) + 4 * len(key or "") + (
-        sum(4 * (len(k) + len(v)) + 10 for k, v in attrs.items()) if attrs else 0)
-    if bound > limit:
-        size = len(payload) + len((key or "").encode()) + (
-            sum(len(k.encode()) + len(v.encode()) + 10 for k, v in attrs.items()) if attrs else 0)
-        if size > limit:
-            return (f"message of {size} bytes is too large to be delivered in one frame "
-                    f"(max_frame {limit + PUSH_OVERHEAD + 64})")
-    return None
