@@ -154,11 +154,15 @@ class LogActor(BrokerActor):
         self.floors[msg.subscription] = msg.state.get("floor", 0)
         self.send(sender, CursorSaved(msg.subscription))
 
+    # A cursor request may cross the topic's DestroyLog (an unsubscribe racing a delete_topic):
+    # the log is gone with every cursor, which is what either request wanted.
     def on_LoadCursor(self, msg, sender):
-        self.send(sender, CursorLoaded(msg.subscription, self.store.cursors().get(msg.subscription)))
+        cursor = self.store.cursors().get(msg.subscription) if self.store is not None else None
+        self.send(sender, CursorLoaded(msg.subscription, cursor))
 
     def on_DeleteCursor(self, msg, sender):
-        self.store.delete_cursor(msg.subscription)
+        if self.store is not None:
+            self.store.delete_cursor(msg.subscription)
         self.floors.pop(msg.subscription, None)
 
     def on_DestroyLog(self, msg, sender):
