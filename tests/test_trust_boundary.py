@@ -1,0 +1,180 @@
+"""The trust boundary of the broker's Thespian sockets (issue 10, case 16): they unpickle what they
+receive, so every packet must carry the broker's HMAC (actors/signing.py) and anything else is
+refused before it is unpickled."""
+import pathlib
+import pickle
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from actorbroker.actors import signing
+from actorbroker.scripts import proctree
+from actorbroker.transport.client import Client
+from tests.util import ROOT, consumers_of, process_kind
+
+
+class TouchOnLoad:
+    """Unpickling this creates `path`: harmless proof that a pickle was executed."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def thespian_packet(body):
+    """Thespian's framing: the length in ASCII, '>', then the (normally pickled) body."""
+    return b"%d>" % len(body) + body
+
+
+def send_until_closed(port, packet):
+    """Send one packet to a Thespian socket and read until the broker closes it (it answers a
+    packet it cannot use with a negative ack and closes): the packet has then been handled.
+    False if nothing closed it (a socket no process reads)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(packet)
+        try:
+            while s.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            return False
+    return True
+
+
+def thespian_ports(broker):
+    """{port: the kind of process listening on it} for every TCP port of the broker's processes
+    but the client port."""
+    listening = proctree.listening_sockets(broker.processes())
+    return {port: process_kind(pid) for pid, _, port in listening if port != broker.port}
+
+
+def exchange(client, consumer, producer, count):
+    """`count` sends on `producer` all reach `consumer` (acknowledged)."""
+    sent = [producer.send(b"m%d" % i) for i in range(count)]
+    producer.flush()
+    offsets = [f.result(10) for f in sent]
+    got = [consumer.receive(timeout=10) for _ in range(count)]
+    assert [m.id for m in got] == offsets
+    consumer.ack(got, sync=True)
+
+
+def serves_clients(broker, topic, count=20):
+    """A new client can subscribe, send and receive, and stats agree."""
+    with Client(*broker.address) as client:
+        consumer = client.subscribe(topic, "s", "exclusive", "c")
+        producer = client.producer(topic)
+        exchange(client, consumer, producer, count)
+        stats = client.stats(topic)
+        assert (stats["msgs_in"], stats["producers"]) == (count, 1)
+        assert [c["name"] for c in consumers_of(stats, "s")] == ["c"]
+
+
+def refusals_logged(broker):
+    logs = [broker.data_dir / "broker.log", broker.data_dir / "serve.stderr"]
+    return sum(path.read_text(errors="replace").count("refused a Thespian packet")
+               for path in logs if path.exists())
+
+
+def test_foreign_pickles_on_every_thespian_socket_are_refused_unexecuted(start_broker, topic, tmp_path):
+    """Case 16: a well-framed Thespian packet whose pickle would create a file, sent unsigned and
+    with a forged MAC to the admin port and to every actor's socket, is never unpickled; the
+    broker goes on serving, its live connection included, and stops cleanly."""
+    b = start_broker("--default-dispatch", "reliable")
+    with Client(*b.address) as client:   # every kind of actor alive: shards, topic, log, sub, disp
+        consumer = client.subscribe(topic, "live", "exclusive", "c")
+        producer = client.producer(topic)
+        exchange(client, consumer, producer, 10)
+        ports = thespian_ports(b)
+        kinds = set(ports.values())
+        assert b.admin_port in ports
+        assert {"ab-admin", "ab-root", "ab-listener", "ab-conn", "ab-shard", "ab-topic", "ab-log",
+                "ab-sub", "ab-disp"} <= kinds, ports
+        markers, unread = [], []
+        for port in ports:
+            unsigned, forged = tmp_path / f"unsigned-{port}", tmp_path / f"forged-{port}"
+            markers += [unsigned, forged]
+            forged_mac = secrets.token_bytes(signing.MAC_BYTES)
+            for packet in (pickle.dumps(TouchOnLoad(unsigned)), forged_mac + pickle.dumps(TouchOnLoad(forged))):
+                if not send_until_closed(port, thespian_packet(packet)):
+                    unread.append((port, ports[port]))
+        assert [m.name for m in markers if m.exists()] == []
+        assert unread == []   # no socket where connections just queue
+        assert refusals_logged(b) == len(markers)   # each refused, logged once
+        exchange(client, consumer, producer, 10)
+        stats = client.stats(topic)
+        assert stats["msgs_in"] == 20 and consumers_of(stats, "live")[0]["unacked"] == 0
+    serves_clients(b, topic + "-after")
+    assert b.stop(signal.SIGTERM) == []
+    assert b.proc.returncode == 0
+
+
+def test_shared_secret_file_is_used_and_never_exposed(start_broker, topic, tmp_path):
+    secret = secrets.token_hex(32).encode()
+    path = tmp_path / "cluster.secret"
+    path.write_bytes(secret + b"\n")
+    path.chmod(0o600)
+    b = start_broker("--cluster-secret-file", str(path))
+    serves_clients(b, topic)
+    for pid in b.processes():
+        for name in ("environ", "cmdline"):
+            assert secret not in pathlib.Path(f"/proc/{pid}/{name}").read_bytes(), (pid, name)
+    assert b.stop(signal.SIGTERM) == []
+    assert b.proc.returncode == 0
+
+
+def test_secret_file_readable_by_others_is_refused(tmp_path):
+    path = tmp_path / "cluster.secret"
+    path.write_bytes(secrets.token_hex(32).encode())
+    for mode in (0o640, 0o604):
+        path.chmod(mode)
+        run = subprocess.run(
+            [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+             "--data-dir", str(tmp_path / "data"), "--cluster-secret-file", str(path)],
+            cwd=ROOT, capture_output=True, timeout=60)
+        assert run.returncode == 2
+        assert b"chmod 600" in run.stderr
+
+
+def test_short_secret_file_is_refused(tmp_path):
+    path = tmp_path / "cluster.secret"
+    path.write_bytes(b"too short")
+    path.chmod(0o600)
+    run = subprocess.run(
+        [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "data"), "--cluster-secret-file", str(path)],
+        cwd=ROOT, capture_output=True, timeout=60)
+    assert run.returncode == 2
+    assert b"at least 32" in run.stderr
+
+
+# --- the signing serializer itself (pure, no sockets) ------------------------------------------
+
+def test_signed_pickle_round_trips_and_refuses_without_unpickling(tmp_path):
+    signer = signing.SignedPickle(signing.new_secret())
+    message = ("sender", {"topic": "/a", "n": [1, 2, 3]})
+    assert signer.loads(signer.dumps(message)) == message
+    marker = tmp_path / "executed"
+    evil = pickle.dumps(TouchOnLoad(marker))
+    other = signing.SignedPickle(signing.new_secret())
+    tampered = bytearray(signer.dumps(message))
+    tampered[-2] ^= 1
+    refused = [evil, b"", b"x" * 10, bytes(signing.MAC_BYTES) + evil,
+               other.dumps(TouchOnLoad(marker)), bytes(tampered)]
+    for packet in refused:
+        with pytest.raises(signing.UnsignedPacket):
+            signer.loads(packet)
+    assert not marker.exists()
+    assert signer.refused == len(refused)
+
+
+def test_secret_shorter_than_32_bytes_is_refused():
+    with pytest.raises(ValueError):
+        signing.SignedPickle(b"x" * 31)
+    assert len({signing.new_secret() for _ in range(10)}) == 10
