@@ -81,6 +81,25 @@ def keep_trailing_messages():
     buffer_class._actorbroker_patched = True
 
 
+def close_starter_socket_in_children():
+    """Keep the starting process's own Thespian socket out of the admin and every actor.
+
+    The process that calls ActorSystem() first listens on a socket of its own, then forks the
+    admin, which forks every actor: all of them inherit that socket, and none ever reads it, so
+    connections to it would queue there for the life of the broker. Closing the inherited copy in
+    each forked child leaves the starter's own copy working."""
+    from thespian.system.transport import ExternalInterfaceTransportInit, TCPTransport
+    transport_class = TCPTransport.TCPTransport
+    original_init = transport_class.__init__
+
+    def __init__(self, init_type, *args):
+        original_init(self, init_type, *args)
+        if isinstance(init_type, ExternalInterfaceTransportInit):
+            os.register_at_fork(after_in_child=self.socket.close)   # a no-op once closed
+
+    transport_class.__init__ = __init__
+
+
 def capabilities(admin_port, convention_leader=None):
     caps = {"Admin Port": admin_port}
     if convention_leader:
@@ -164,6 +183,7 @@ def _start_main():
     if not args.stop:
         from actorbroker.actors.process import name_process
         name_process("ab-admin")   # inherited by the admin and the logger Thespian forks from here
+        close_starter_socket_in_children()
     bind_actor_sockets_to(args.host)
     signing.install(_secret_from_stdin())
     from thespian.actors import ActorSystem
