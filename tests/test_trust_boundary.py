@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from actorbroker.actors import signing
-from actorbroker.scripts import proctree
+from tests import sockets
 from actorbroker.transport.client import Client
 from tests.util import ROOT, consumers_of, process_kind
 
@@ -51,7 +51,7 @@ def send_until_closed(port, packet):
 def thespian_ports(broker):
     """{port: the kind of process listening on it} for every TCP port of the broker's processes
     but the client port."""
-    listening = proctree.listening_sockets(broker.processes())
+    listening = sockets.listening_sockets(broker.processes())
     return {port: process_kind(pid) for pid, _, port in listening if port != broker.port}
 
 
