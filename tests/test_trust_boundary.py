@@ -1,6 +1,7 @@
 """The trust boundary of the broker's Thespian sockets (issue 10, case 16): they unpickle what they
 receive, so every packet must carry the broker's HMAC (actors/signing.py) and anything else is
 refused before it is unpickled."""
+import os
 import pathlib
 import pickle
 import secrets
@@ -113,6 +114,58 @@ def test_foreign_pickles_on_every_thespian_socket_are_refused_unexecuted(start_b
     serves_clients(b, topic + "-after")
     assert b.stop(signal.SIGTERM) == []
     assert b.proc.returncode == 0
+
+
+NOBODY = 65534
+
+
+def lanes_closed_for_another_user(names):
+    """Connect to each abstract socket from a forked process running as `nobody` (no exec: the
+    interpreter may live where nobody cannot read); for each, whether the broker closed it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: plain system calls only, always ends in os._exit
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            for name in names:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(10)
+                    s.connect("\0" + name)
+                    try:
+                        closed = s.recv(1) == b""
+                    except ConnectionResetError:
+                        closed = True
+                    except TimeoutError:
+                        closed = False
+                    os.write(write_end, b"1" if closed else b"0")
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        answers = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return [a == ord("1") for a in answers]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another user needs root")
+def test_lanes_from_another_users_process_are_closed_unread(start_broker, topic):
+    """Unix lanes are abstract sockets (no file permissions, names listed in /proc/net/unix): a
+    process of another user that connects to one is closed before anything is read."""
+    b = start_broker("--default-dispatch", "reliable")
+    with Client(*b.address) as client:
+        consumer = client.subscribe(topic, "live", "exclusive", "c")
+        producer = client.producer(topic)
+        exchange(client, consumer, producer, 10)
+        lanes = [n for n in sockets.unix_listening_names(b.processes()) if n.startswith("actorbroker-lane-")]
+        assert len(lanes) >= 3, lanes   # the topic's, its log's, its dispatcher's
+        assert lanes_closed_for_another_user(lanes) == [True] * len(lanes)
+        exchange(client, consumer, producer, 10)
+    assert (b.data_dir / "broker.log").read_text().count("refused a lane from another user") == len(lanes)
 
 
 def test_shared_secret_file_is_used_and_never_exposed(start_broker, topic, tmp_path):
