@@ -38,6 +38,7 @@ def bind_actor_sockets_to(host):
     IPBase.IPActorAddress.__init__ = __init__
     IPBase.IPActorAddress._actorbroker_patched = True
     keep_trailing_messages()
+    forget_watch_on_exit()
 
 
 class _PacketWithTrailer(tuple):
@@ -79,6 +80,28 @@ def keep_trailing_messages():
     buffer_class.completed = completed_with_trailer
     incoming_class.addData = add_data_or_trailer
     buffer_class._actorbroker_patched = True
+
+
+def forget_watch_on_exit():
+    """Work around Thespian 4.0.1 watching closed fds after an ActorExitRequest.
+
+    Thespian replaces an actor's ThespianWatch list after every message but ActorExitRequest, so
+    the fds an actor closes when asked to exit (a shard's epoll) stay in its select list while it
+    drains its last sends. A socket opened for one of those sends can get the same fd number:
+    the selector refuses to register it twice (KeyError), the drain fails, and the process tree
+    is not shut down (seen about once in 20 start-and-SIGTERM runs of serve)."""
+    from thespian.system.actorManager import ActorManager
+    if getattr(ActorManager, "_actorbroker_patched", False):
+        return
+    actor_exit = ActorManager._actorExit
+
+    def _actorExit(self, exit_request):
+        if hasattr(self.transport, "set_watch"):
+            self.transport.set_watch([])
+        return actor_exit(self, exit_request)
+
+    ActorManager._actorExit = _actorExit
+    ActorManager._actorbroker_patched = True
 
 
 def close_starter_socket_in_children():

@@ -113,3 +113,26 @@ def test_thespian_names_the_signing_replaces_still_exist():
 
 def test_signing_reaches_thespian_receive_path_and_acks():
     assert all(in_fresh_process("signing_applies_to_new_incoming_sockets").values())
+
+
+def test_an_exiting_actor_no_longer_watches_its_fds():
+    """ActorExitRequest is the one message after which Thespian keeps the old ThespianWatch list
+    (actors/system.py, forget_watch_on_exit): the patched exit clears it before shutting down."""
+    from thespian.actors import ActorExitRequest
+    from thespian.system.actorManager import ActorManager
+    from actorbroker.actors.system import forget_watch_on_exit
+    forget_watch_on_exit()
+    steps = []
+
+    class Transport:
+        def set_watch(self, fds):
+            steps.append(("watch", fds))
+
+    class Manager:
+        transport = Transport()
+
+        def _shutdownActor(self, recursive):
+            steps.append(("shutdown", recursive))
+
+    ActorManager._actorExit(Manager(), ActorExitRequest())
+    assert steps == [("watch", []), ("shutdown", True)]
