@@ -110,7 +110,7 @@ def serve(args):
         with open(args.auth_file) as f:
             tokens = json.load(f)
     data_dir = os.path.abspath(args.data_dir)
-    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)   # new: its owner only (messages, logs)
     config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,
                           heartbeat_ms=args.heartbeat_ms, max_frame=args.max_frame,
                           max_backlog=args.max_backlog, max_connections=args.max_connections,

@@ -182,6 +182,15 @@ def test_shared_secret_file_is_used_and_never_exposed(start_broker, topic, tmp_p
     assert b.proc.returncode == 0
 
 
+def test_a_new_data_dir_is_private_to_the_broker_user(start_broker, tmp_path):
+    data_dir = tmp_path / "new" / "data"
+    b = start_broker("--data-dir", str(data_dir))
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    with Client(*b.address) as client:   # started through: a SIGTERM during start-up can hang
+        client.ping()
+    assert b.stop(signal.SIGTERM) == []
+
+
 def test_secret_file_readable_by_others_is_refused(tmp_path):
     path = tmp_path / "cluster.secret"
     path.write_bytes(secrets.token_hex(32).encode())
