@@ -191,29 +191,25 @@ def test_a_new_data_dir_is_private_to_the_broker_user(start_broker, tmp_path):
     assert b.stop(signal.SIGTERM) == []
 
 
-def test_secret_file_readable_by_others_is_refused(tmp_path):
+def serve_with_secret_file(tmp_path, content, mode):
+    """serve with a secret file of this content and mode: (exit status, stderr), when refused."""
     path = tmp_path / "cluster.secret"
-    path.write_bytes(secrets.token_hex(32).encode())
-    for mode in (0o640, 0o604):
-        path.chmod(mode)
-        run = subprocess.run(
-            [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
-             "--data-dir", str(tmp_path / "data"), "--cluster-secret-file", str(path)],
-            cwd=ROOT, capture_output=True, timeout=60)
-        assert run.returncode == 2
-        assert b"chmod 600" in run.stderr
-
-
-def test_short_secret_file_is_refused(tmp_path):
-    path = tmp_path / "cluster.secret"
-    path.write_bytes(b"too short")
-    path.chmod(0o600)
+    path.write_bytes(content)
+    path.chmod(mode)
     run = subprocess.run(
         [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
          "--data-dir", str(tmp_path / "data"), "--cluster-secret-file", str(path)],
         cwd=ROOT, capture_output=True, timeout=60)
-    assert run.returncode == 2
-    assert b"at least 32" in run.stderr
+    return run.returncode, run.stderr
+
+
+def test_secret_file_readable_by_others_or_short_is_refused(tmp_path):
+    secret = secrets.token_hex(32).encode()
+    for mode in (0o640, 0o604):
+        status, stderr = serve_with_secret_file(tmp_path, secret, mode)
+        assert status == 2 and b"chmod 600" in stderr
+    status, stderr = serve_with_secret_file(tmp_path, b"too short", 0o600)
+    assert status == 2 and b"at least 32" in stderr
 
 
 # --- the signing serializer itself (pure, no sockets) ------------------------------------------
