@@ -211,9 +211,9 @@ def test_secret_file_readable_by_others_or_short_is_refused(tmp_path):
     secret = secrets.token_hex(32).encode()
     for mode in (0o640, 0o604):
         status, stderr = serve_with_secret_file(tmp_path, secret, mode)
-        assert status == 2 and b"chmod 600" in stderr
+        assert status == 1 and b"chmod 600" in stderr
     status, stderr = serve_with_secret_file(tmp_path, b"too short", 0o600)
-    assert status == 2 and b"at least 32" in stderr
+    assert status == 1 and b"at least 32" in stderr
 
 
 # --- the signing serializer itself (pure, no sockets) ------------------------------------------
