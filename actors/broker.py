@@ -12,8 +12,6 @@ back with the next producer or subscribe.
 """
 import dataclasses
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,6 +20,7 @@ from thespian.actors import ThespianWatch
 
 from actorbroker.actors import connection, listener, topic
 from actorbroker.actors.base import BrokerActor, log
+from actorbroker.actors.system import stop_system_process
 from actorbroker.storage.topic_store import stored_topics
 from actorbroker.transport import errors as E
 
@@ -150,10 +149,7 @@ class BrokerRootActor(BrokerActor):
             log.warning("serve process died; shutting the actor system down")
             os.close(self.lifeline)
             self.lifeline = None
-            subprocess.Popen([sys.executable, "-m", "actorbroker.actors.system", "--stop",
-                              "--admin-port", str(self.admin_port), "--host", self.config.host],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+            stop_system_process(self.admin_port, self.config.actor_host)
 
     # --- topic registry -----------------------------------------------------------------------
     def on_TopicRequest(self, msg, sender):

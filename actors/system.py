@@ -4,13 +4,17 @@ Thespian's multiprocTCPBase binds the admin and every actor socket to 0.0.0.0 an
 arrives on them, so anyone who can reach those ports can run code in the broker. We bind them to
 one interface instead (127.0.0.1 unless the user configures a multi-host convention) by patching
 the address class before the system starts; the admin and every actor are forked from a process
-that carries the patch, so they all inherit it.
+that carries the patch, so they all inherit it. Every packet on those sockets is also signed with
+the broker's secret (actors/signing.py): each process that talks to the system installs the
+signing before its first message; processes started by exec get the secret on their stdin.
 """
 import argparse
 import os
 import socket
 import subprocess
 import sys
+
+from actorbroker.actors import signing
 
 SYSTEM_BASE = "multiprocTCPBase"
 BIND_ENV = "ACTORBROKER_BIND_HOST"
@@ -34,6 +38,7 @@ def bind_actor_sockets_to(host):
     IPBase.IPActorAddress.__init__ = __init__
     IPBase.IPActorAddress._actorbroker_patched = True
     keep_trailing_messages()
+    forget_watch_on_exit()
 
 
 class _PacketWithTrailer(tuple):
@@ -77,6 +82,47 @@ def keep_trailing_messages():
     buffer_class._actorbroker_patched = True
 
 
+def forget_watch_on_exit():
+    """Work around Thespian 4.0.1 watching closed fds after an ActorExitRequest.
+
+    Thespian replaces an actor's ThespianWatch list after every message but ActorExitRequest, so
+    the fds an actor closes when asked to exit (a shard's epoll) stay in its select list while it
+    drains its last sends. A socket opened for one of those sends can get the same fd number:
+    the selector refuses to register it twice (KeyError), the drain fails, and the process tree
+    is not shut down (seen about once in 20 start-and-SIGTERM runs of serve)."""
+    from thespian.system.actorManager import ActorManager
+    if getattr(ActorManager, "_actorbroker_patched", False):
+        return
+    actor_exit = ActorManager._actorExit
+
+    def _actorExit(self, exit_request):
+        if hasattr(self.transport, "set_watch"):
+            self.transport.set_watch([])
+        return actor_exit(self, exit_request)
+
+    ActorManager._actorExit = _actorExit
+    ActorManager._actorbroker_patched = True
+
+
+def close_starter_socket_in_children():
+    """Keep the starting process's own Thespian socket out of the admin and every actor.
+
+    The process that calls ActorSystem() first listens on a socket of its own, then forks the
+    admin, which forks every actor: all of them inherit that socket, and none ever reads it, so
+    connections to it would queue there for the life of the broker. Closing the inherited copy in
+    each forked child leaves the starter's own copy working."""
+    from thespian.system.transport import ExternalInterfaceTransportInit, TCPTransport
+    transport_class = TCPTransport.TCPTransport
+    original_init = transport_class.__init__
+
+    def __init__(self, init_type, *args):
+        original_init(self, init_type, *args)
+        if isinstance(init_type, ExternalInterfaceTransportInit):
+            os.register_at_fork(after_in_child=self.socket.close)   # a no-op once closed
+
+    transport_class.__init__ = __init__
+
+
 def capabilities(admin_port, convention_leader=None):
     caps = {"Admin Port": admin_port}
     if convention_leader:
@@ -101,11 +147,12 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def start_system_process(admin_port, host, data_dir, log_level="INFO"):
+def start_system_process(admin_port, host, data_dir, secret, log_level="INFO"):
     """Start the admin from a short-lived child whose only open files are the broker log.
 
     The admin daemonizes and inherits every fd of the process that starts it; starting it from
     a clean child keeps the caller's stdout (a terminal, a test's pipe) out of the actor tree.
+    The secret goes through the child's stdin: never in its arguments or environment.
     """
     log_path = os.path.join(data_dir, "broker.log")
     env = dict(os.environ, THESPLOG_FILE=os.path.join(data_dir, "thespian.log"),
@@ -114,14 +161,38 @@ def start_system_process(admin_port, host, data_dir, log_level="INFO"):
         subprocess.run(
             [sys.executable, "-m", "actorbroker.actors.system", "--admin-port", str(admin_port),
              "--host", host, "--log", log_path, "--log-level", log_level],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
+            input=secret, stdout=log_file, stderr=log_file, env=env,
             cwd=os.getcwd(), check=True, timeout=60, close_fds=True)
 
 
-def connect_system(admin_port, host):
+def stop_system_process(admin_port, host):
+    """Shut the system down from a new process (an actor may not do it): for the root actor, once
+    serve is gone. It signs with this process's secret, handed over its stdin."""
+    stopper = subprocess.Popen(
+        [sys.executable, "-m", "actorbroker.actors.system", "--stop", "--admin-port", str(admin_port),
+         "--host", host],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    stopper.stdin.write(signing.installed().secret)   # a few bytes: fits the pipe, never blocks
+    stopper.stdin.close()
+
+
+def connect_system(admin_port, host, secret):
     from thespian.actors import ActorSystem
     bind_actor_sockets_to(host)
+    signing.install(secret)
     return ActorSystem(SYSTEM_BASE, capabilities(admin_port))
+
+
+def _secret_from_stdin():
+    """The secret the starting process wrote to our stdin; stdin is then /dev/null again."""
+    secret = sys.stdin.buffer.read()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    if len(secret) < signing.MIN_SECRET_BYTES:
+        sys.exit("actorbroker.actors.system reads the cluster secret from its stdin")
+    return secret
 
 
 def _start_main():
@@ -135,7 +206,9 @@ def _start_main():
     if not args.stop:
         from actorbroker.actors.process import name_process
         name_process("ab-admin")   # inherited by the admin and the logger Thespian forks from here
+        close_starter_socket_in_children()
     bind_actor_sockets_to(args.host)
+    signing.install(_secret_from_stdin())
     from thespian.actors import ActorSystem
     if args.stop:
         # ActorSystem() would start a new admin if none runs: only connect to a live one.

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+from actorbroker.actors import signing
 from actorbroker.actors.config import BrokerConfig
 from actorbroker.actors.system import ADMIN_PORT_TAKEN, connect_system, free_port, start_system_process
 
@@ -65,6 +66,11 @@ def add_serve_command(subparsers):
     p.add_argument("--actor-host", default="127.0.0.1",
                    help="interface of Thespian's own sockets, which unpickle what they receive: keep "
                         "it on loopback unless you run a multi-host convention on a trusted network")
+    p.add_argument("--cluster-secret-file",
+                   help="file holding the secret (32+ bytes, readable by its owner only) that signs "
+                        "every packet between the broker's Thespian processes; give every host of a "
+                        "multi-host convention the same one (default: a new random secret per run, "
+                        "kept in memory only)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=serve)
 
@@ -89,6 +95,12 @@ def tls_problem(args):
 
 
 def serve(args):
+    try:
+        secret = signing.read_secret_file(args.cluster_secret_file) if args.cluster_secret_file \
+            else signing.new_secret()
+    except (OSError, ValueError) as exc:
+        print(f"error: --cluster-secret-file: {exc}", file=sys.stderr)
+        return 1
     problem = tls_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -98,7 +110,7 @@ def serve(args):
         with open(args.auth_file) as f:
             tokens = json.load(f)
     data_dir = os.path.abspath(args.data_dir)
-    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)   # new: its owner only (messages, logs)
     config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,
                           heartbeat_ms=args.heartbeat_ms, max_frame=args.max_frame,
                           max_backlog=args.max_backlog, max_connections=args.max_connections,
@@ -119,14 +131,14 @@ def serve(args):
     for attempt in range(5):   # a free port may be taken before the admin binds it: pick again
         port = admin_port or free_port(args.actor_host)
         try:
-            start_system_process(port, args.actor_host, data_dir, args.log_level)
+            start_system_process(port, args.actor_host, data_dir, secret, args.log_level)
             break
         except subprocess.CalledProcessError as exc:
             if exc.returncode != ADMIN_PORT_TAKEN or admin_port or attempt == 4:
                 print(f"error: cannot start the actor system on admin port {port}", file=sys.stderr)
                 return 1
     admin_port = port
-    system = connect_system(admin_port, args.actor_host)
+    system = connect_system(admin_port, args.actor_host, secret)
     try:
         from actorbroker.actors.broker import BrokerFailed, BrokerStarted, StartBroker
         root = system.createActor("actorbroker.actors.broker.BrokerRootActor")

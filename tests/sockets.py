@@ -53,3 +53,18 @@ def listening_sockets(pids):
         for inode in socket_inodes(pid):
             by_inode.setdefault(inode, pid)
     return [(by_inode[inode], *local) for inode, local, _ in tcp_sockets("0A") if inode in by_inode]
+
+
+def unix_listening_names(pids):
+    """Names of the abstract Unix sockets in LISTEN state that these processes hold."""
+    inodes = set()
+    for pid in pids:
+        inodes |= socket_inodes(pid)
+    names = []
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()   # Num RefCount Protocol Flags Type St Inode [Path]
+            listening = int(parts[3], 16) & 0x10000   # __SO_ACCEPTCON
+            if len(parts) > 7 and listening and int(parts[6]) in inodes and parts[7].startswith("@"):
+                names.append(parts[7][1:])
+    return names

@@ -11,6 +11,11 @@ A `Reactor` is an epoll of the actor's own. The actor hands Thespian only the ep
 (`ThespianWatch([reactor.fileno()])`): Thespian rebuilds its selector on every loop, so watching
 thousands of sockets through it costs O(n) per wakeup; one epoll fd costs O(1), and epoll also
 reports writability, which ThespianWatch does not.
+
+Unix lanes are abstract sockets: they have no file permissions, and their names are listed in
+/proc/net/unix for every local user. A lane accepted from a process of another user is closed
+before a byte of it is read (SO_PEERCRED). TCP lanes (several hosts) rely on the cluster network
+being private (docs/security.md).
 """
 import errno
 import os
@@ -221,6 +226,13 @@ class Lane:
         return out
 
 
+def same_user(conn):
+    """Whether the process at the other end of a Unix socket runs as our own user."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.geteuid()
+
+
 class LaneHub:
     """An actor's lanes: the listening socket others connect to, and the lanes themselves.
 
@@ -235,6 +247,7 @@ class LaneHub:
         self.reactor = reactor
         self.on_frame, self.on_closed = on_frame, on_closed
         self.frame_errors = 0
+        self.refused_peers = 0   # unix lanes from processes of another user
         self.kind, self.host = kind, host
         self.listener = None
         self.address = None
@@ -268,6 +281,13 @@ class LaneHub:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     return
                 raise
+            if self.kind == "unix" and not same_user(conn):
+                self.refused_peers += 1
+                if self.refused_peers <= 20 or self.refused_peers % 1000 == 0:
+                    log.warning("refused a lane from another user's process (%d so far)",
+                                self.refused_peers)
+                conn.close()
+                continue
             self._adopt(conn)
 
     # --- connecting -----------------------------------------------------------------------------
