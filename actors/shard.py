@@ -14,6 +14,7 @@ or a heartbeat timeout sends ConnectionClosed(connection) to the supervisor at o
 shard itself dies, its supervisor gets ChildActorExited and every lane of the shard ends: the
 topics and dispatchers at their other ends drop this shard's producers and consumers at once.
 """
+import collections
 import heapq
 import socket
 import time
@@ -33,6 +34,7 @@ from actorbroker.transport.session import Session, SessionConfig, error_frame
 READ_SIZE = 256 * 1024
 MAX_READ_PER_EVENT = 512 * 1024      # per socket per wakeup: others get their turn
 HIGH_WATER = 1024 * 1024             # unsent bytes above which deliveries to a client wait
+                                     # (at most half of max_pending_bytes: see _flush)
 PUBLISH_WINDOW = 2                   # PUBLISH frames in flight per producer; the rest is merged
 MAX_PENDING_RECORDS = 20_000         # per connection: then stop reading it (TCP pushes back)
 LINGER_S = 1.0
@@ -91,7 +93,7 @@ class UnrouteConsumer:
 class _Client:
     """One client socket and its session; the reactor calls on_event."""
     __slots__ = ("shard", "sock", "fd", "session", "state", "pending_records", "deferred_acks",
-                 "reading")
+                 "reading", "address", "write_shut")
 
     def __init__(self, shard, sock, session):
         self.shard, self.sock, self.fd, self.session = shard, sock, sock.fileno(), session
@@ -99,6 +101,8 @@ class _Client:
         self.pending_records = 0
         self.deferred_acks = []         # (lane, consumer id) waiting for the outbox to drain
         self.reading = True
+        self.address = None             # the peer's host: the listener counts connections by it
+        self.write_shut = False
 
     def on_event(self, fd, events):
         if events & OUT:
@@ -141,6 +145,10 @@ class ShardActor(BrokerActor):
         self.index = 0
         self.handoff = None
         self.clients = {}        # connection id -> _Client
+        self.high_water = HIGH_WATER
+        self.handoff_seq = 0     # number of the last socket taken from the listener
+        self.opened = collections.Counter()   # peer host -> connections adopted since the last report
+        self.finished = collections.Counter()  # peer host -> connections ended since the last report
         self.next_seq = 0
         self.producers = {}      # producer id -> _Producer
         self.closing_producers = {}  # closed producers whose last sends await their receipts
@@ -163,6 +171,7 @@ class ShardActor(BrokerActor):
         self.supervisor = sender
         self.config = msg.config
         self.session_config = SessionConfig(msg.config)
+        self.high_water = min(HIGH_WATER, msg.config.max_pending_bytes // 2)
         self.ident, self.index = msg.ident, msg.index
         self.listener = msg.listener
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
@@ -178,7 +187,7 @@ class ShardActor(BrokerActor):
     def _adopt_sockets(self):
         for _ in range(64):
             try:
-                _, fds, _, _ = socket.recv_fds(self.handoff, 64, 64)
+                data, fds, _, _ = socket.recv_fds(self.handoff, 64 * listener.HANDOFF_TAG.size, 64)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -186,6 +195,7 @@ class ShardActor(BrokerActor):
                 return
             if not fds:
                 return
+            self.handoff_seq = listener.HANDOFF_TAG.unpack_from(data, len(data) - listener.HANDOFF_TAG.size)[0]
             for fd in fds:
                 self._adopt(socket.socket(fileno=fd))
 
@@ -199,6 +209,11 @@ class ShardActor(BrokerActor):
         connection_id = self.next_seq * 256 + self.index   # unique across the broker's shards
         now = time.monotonic()
         client = _Client(self, sock, Session(connection_id, self.session_config, now))
+        try:
+            client.address = sock.getpeername()[0]
+        except OSError:
+            client.address = ""
+        self.opened[client.address] += 1
         self.clients[connection_id] = client
         self.reactor.add(client.fd, client, IN)
         self._timer(now + self.config.hello_timeout_ms / 1000.0, "heartbeat", connection_id)
@@ -211,9 +226,13 @@ class ShardActor(BrokerActor):
 
     def _report_load(self):
         self.load_report_due = False
-        if len(self.clients) != self.reported_load:
+        if len(self.clients) != self.reported_load or self.opened or self.finished:
             self.reported_load = len(self.clients)
-            self.send(self.listener, listener.ShardLoad(self.index, self.reported_load))
+            self.send(self.listener, listener.ShardLoad(self.index, self.reported_load, self.ident,
+                                                        self.handoff_seq, dict(self.opened),
+                                                        dict(self.finished)))
+            self.opened.clear()
+            self.finished.clear()
 
     # --- reading clients ------------------------------------------------------------------------
     def _readable(self, client):
@@ -369,7 +388,7 @@ class ShardActor(BrokerActor):
         client.session.write(b"".join(encode_message_frames(consumer_id, blobs, self.config.max_frame)))
         self._flush(client)
         # Ack at once unless the client is slow to read; then when its outbox drains.
-        if len(client.session.outbox) < HIGH_WATER:
+        if client.state != "open" or len(client.session.outbox) < self.high_water:
             lane.send([LaneOp.DELIVER_ACK, consumer_id])
         else:
             client.deferred_acks.append((lane, consumer_id))
@@ -496,9 +515,17 @@ class ShardActor(BrokerActor):
                 outbox.clear()
                 if client.state == "open":
                     self._closed(client, f"socket error: {exc}")
+                else:
+                    self._finish(client)
                 return
-            del outbox[:sent]
-        if client.deferred_acks and len(outbox) < HIGH_WATER:
+            client.session.sent(sent)
+        if client.state == "lingering":
+            self._flushed_lingering(client)
+            return
+        if len(outbox) > self.session_config.max_pending_bytes:   # a client that does not read
+            self._handle_events(client, client.session.check_outbox(), {})
+            return
+        if client.deferred_acks and len(outbox) < self.high_water:
             for lane, consumer_id in client.deferred_acks:
                 lane.send([LaneOp.DELIVER_ACK, consumer_id])
             client.deferred_acks.clear()
@@ -565,14 +592,22 @@ class ShardActor(BrokerActor):
         client.deferred_acks.clear()
         client.state = "lingering"
         client.reading = True
-        self._flush_lingering(client)
-        try:
-            client.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._finish(client)
-            return
+        # A client that does not read gets longer to take its last frames: as long as a silent one
+        self._timer(time.monotonic() + max(LINGER_S, 2 * client.session.heartbeat_s
+                                           if reason.startswith(E.SLOW_CONSUMER) else 0), "linger",
+                    connection_id)
+        self._flush(client)
+
+    def _flushed_lingering(self, client):
+        """Once the last frames are on the wire, say EOF; until then wait for the socket."""
+        if not client.session.outbox and not client.write_shut:
+            client.write_shut = True
+            try:
+                client.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._finish(client)
+                return
         self._update_mask(client)
-        self._timer(time.monotonic() + LINGER_S, "linger", connection_id)
 
     def _flush_lingering(self, client):
         outbox = client.session.outbox
@@ -584,9 +619,15 @@ class ShardActor(BrokerActor):
             outbox.clear()
 
     def _drain_lingering(self, client):
+        got = 0
         try:
-            while client.sock.recv(READ_SIZE):
-                pass
+            while got < MAX_READ_PER_EVENT:   # a client that keeps writing must not starve the rest
+                data = client.sock.recv(READ_SIZE)
+                if not data:
+                    break
+                got += len(data)
+            else:
+                return
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -599,6 +640,7 @@ class ShardActor(BrokerActor):
         client.state = "closed"
         self.reactor.remove(client.fd)
         self.clients.pop(client.session.id, None)
+        self.finished[client.address] += 1
         try:
             client.sock.close()
         except OSError:

@@ -28,8 +28,7 @@ def add_serve_command(subparsers):
     p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024, help="largest frame in bytes")
     p.add_argument("--max-backlog", type=int, default=10_000,
                    help="non_reliable: messages a subscription keeps (default %(default)s)")
-    p.add_argument("--max-connections", type=int, default=10_000,
-                   help="client connections at most; beyond, a new one gets OVERLOADED (default %(default)s)")
+    add_limit_options(p)
     p.add_argument("--io-shards", type=int, default=os.cpu_count() or 1,
                    help="connection shards: actor processes that each own many client sockets "
                         "(default: the CPU count, %(default)s)")
@@ -59,6 +58,51 @@ def add_serve_command(subparsers):
     p.set_defaults(func=serve)
 
 
+def add_limit_options(p):
+    """The limits of docs/protocol.md ("Limits"); their defaults are BrokerConfig's."""
+    d = BrokerConfig()
+    g = p.add_argument_group("limits", "what one client, or all of them, may cost the broker "
+                                       "(docs/protocol.md, \"Limits\")")
+    g.add_argument("--max-connections", type=positive, default=d.max_connections,
+                   help="client connections at most; beyond, a new one gets OVERLOADED and is closed "
+                        "(default %(default)s)")
+    g.add_argument("--max-connections-per-address", type=positive, default=d.max_connections_per_address,
+                   help="client connections from one host at most; beyond, as above (default %(default)s)")
+    g.add_argument("--max-producers-per-connection", type=positive, default=d.max_producers_per_connection,
+                   help="producers open on one connection; beyond, `producer` gets OVERLOADED "
+                        "(default %(default)s)")
+    g.add_argument("--max-consumers-per-connection", type=positive, default=d.max_consumers_per_connection,
+                   help="consumers attached on one connection; beyond, `subscribe` gets OVERLOADED "
+                        "(default %(default)s)")
+    g.add_argument("--max-topics", type=positive, default=d.max_topics,
+                   help="topics of the broker (each is a process); beyond, a request that would create "
+                        "one gets OVERLOADED (default %(default)s)")
+    g.add_argument("--max-subscriptions-per-topic", type=positive, default=d.max_subscriptions_per_topic,
+                   help="subscriptions of one topic (each is two processes); beyond, a subscribe that "
+                        "would create one gets OVERLOADED (default %(default)s)")
+    g.add_argument("--max-pending-bytes", type=positive, default=d.max_pending_bytes,
+                   help="bytes waiting to be written to one client; beyond, it is closed with "
+                        "SLOW_CONSUMER (default %(default)s)")
+    g.add_argument("--frame-timeout-ms", type=positive, default=d.frame_timeout_ms,
+                   help="a frame whose first byte arrived must be whole within this, or the "
+                        "connection is closed with BAD_FRAME (default %(default)s)")
+
+
+def positive(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def limits_of(args):
+    """BrokerConfig's limit fields from the options of add_limit_options."""
+    names = ("max_connections", "max_connections_per_address", "max_producers_per_connection",
+             "max_consumers_per_connection", "max_topics", "max_subscriptions_per_topic",
+             "max_pending_bytes", "frame_timeout_ms")
+    return {name: getattr(args, name) for name in names}
+
+
 def fsync_mode(text):
     if text in ("always", "group") or (text.startswith("interval:") and text[9:].isdigit()):
         return text
@@ -74,8 +118,7 @@ def serve(args):
     os.makedirs(data_dir, exist_ok=True)
     config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,
                           heartbeat_ms=args.heartbeat_ms, max_frame=args.max_frame,
-                          max_backlog=args.max_backlog, max_connections=args.max_connections,
-                          tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
+                          max_backlog=args.max_backlog, **limits_of(args), tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
                           segment_bytes=args.segment_bytes, retention_bytes=args.retention_bytes,
                           retention_ms=args.retention_ms, io_shards=max(1, args.io_shards),
                           lanes=args.lanes, actor_host=args.actor_host)
