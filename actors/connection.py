@@ -155,7 +155,7 @@ class _Connection:
         self.permissions = permissions
         self.producers = {}    # producer id -> topic address
         self.consumers = {}    # consumer id -> subscription address
-        self.pending = set()   # rids of open/subscribe requests not answered yet
+        self.pending = {}      # tags of open/subscribe requests not answered yet -> "producers"/"consumers"
         self.closed = False
 
 
@@ -279,7 +279,8 @@ class ConnectionActor(BrokerActor):
         producer_name = self._optional(frame, "name", str)
         dispatch = self._choice(frame, "dispatch", DISPATCH_MODES)
         access = self._choice(frame, "access", ("shared", "exclusive")) or "shared"
-        conn.pending.add(tag)
+        self._within_limit(conn, "producers", self.config.max_producers_per_connection)
+        conn.pending[tag] = "producers"
         self.send_ordered(self.broker, broker.TopicRequest(
             name, dispatch or self.config.default_dispatch,
             topic.OpenProducer(tag, self.myAddress, 0, producer_name, access, self.shard_ident)), "root")
@@ -315,7 +316,8 @@ class ConnectionActor(BrokerActor):
         if dead_letter is not None and not broker.valid_topic(dead_letter):
             raise BadRequest(E.BAD_TOPIC, f"bad dead_letter_topic {dead_letter!r}")
         options["dead_letter_topic"] = dead_letter
-        conn.pending.add(tag)
+        self._within_limit(conn, "consumers", self.config.max_consumers_per_connection)
+        conn.pending[tag] = "consumers"
         self.send_ordered(self.broker, broker.TopicRequest(
             name, dispatch or self.config.default_dispatch,
             topic.Subscribe(tag, self.myAddress, self.shard_ident, 0, sub_name, sub_type,
@@ -367,6 +369,14 @@ class ConnectionActor(BrokerActor):
         return name
 
     @staticmethod
+    def _within_limit(conn, kind, limit):
+        """Open and opening producers (or consumers) of the connection stay within the limit."""
+        count = len(getattr(conn, kind)) + sum(1 for k in conn.pending.values() if k == kind)
+        if count >= limit:
+            raise BadRequest(E.OVERLOADED, f"this connection has {count} {kind} open "
+                                           f"(max_{kind}_per_connection {limit}); close one first")
+
+    @staticmethod
     def _require_admin(conn):
         if not allowed(conn.permissions, "admin", ""):
             raise BadRequest(E.NOT_AUTHORIZED, "admin permission needed")
@@ -401,7 +411,7 @@ class ConnectionActor(BrokerActor):
         conn = self.connections.get(connection_id)
         if conn is None:
             return None, None
-        conn.pending.discard(tag)
+        conn.pending.pop(tag, None)
         return connection_id, conn
 
     def on_ProducerOpened(self, msg, sender):
