@@ -318,6 +318,7 @@ class ShardActor(BrokerActor):
         publishes.clear()
         if client.pending_records >= MAX_PENDING_RECORDS and client.reading:
             client.reading = False   # paused: the kernel buffer fills and the producer is pushed back
+            client.session.frame_started = None   # the frame deadline does not run while we wait
             self._update_mask(client)
 
     def _publish(self, producer_id, producer, force=False):
@@ -329,6 +330,8 @@ class ShardActor(BrokerActor):
                 client.pending_records -= producer.records
                 if not client.reading and client.pending_records < MAX_PENDING_RECORDS // 2:
                     client.reading = True
+                    if client.session.decoder.buffered:
+                        client.session.frame_started = time.monotonic()
                     self._update_mask(client)
             producer.sends, producer.records = [], 0
 

@@ -58,34 +58,31 @@ def add_serve_command(subparsers):
     p.set_defaults(func=serve)
 
 
+# The limits of docs/protocol.md ("Limits"): BrokerConfig field -> what happens beyond it.
+LIMITS = (
+    ("max_connections", "client connections at most; beyond, a new one gets OVERLOADED and is closed"),
+    ("max_connections_per_address", "client connections from one host at most; beyond, as above"),
+    ("max_producers_per_connection", "producers open on one connection; beyond, `producer` gets OVERLOADED"),
+    ("max_consumers_per_connection", "consumers attached on one connection; beyond, `subscribe` gets "
+                                     "OVERLOADED"),
+    ("max_topics", "topics of the broker (each is a process); beyond, a request that would create one "
+                   "gets OVERLOADED"),
+    ("max_subscriptions_per_topic", "subscriptions of one topic (each is two processes); beyond, a "
+                                    "subscribe that would create one gets OVERLOADED"),
+    ("max_pending_bytes", "bytes waiting to be written to one client; beyond, it is closed with "
+                          "SLOW_CONSUMER"),
+    ("frame_timeout_ms", "a frame whose first byte arrived must be whole within this, or the connection "
+                         "is closed with BAD_FRAME"),
+)
+
+
 def add_limit_options(p):
-    """The limits of docs/protocol.md ("Limits"); their defaults are BrokerConfig's."""
-    d = BrokerConfig()
+    defaults = BrokerConfig()
     g = p.add_argument_group("limits", "what one client, or all of them, may cost the broker "
                                        "(docs/protocol.md, \"Limits\")")
-    g.add_argument("--max-connections", type=positive, default=d.max_connections,
-                   help="client connections at most; beyond, a new one gets OVERLOADED and is closed "
-                        "(default %(default)s)")
-    g.add_argument("--max-connections-per-address", type=positive, default=d.max_connections_per_address,
-                   help="client connections from one host at most; beyond, as above (default %(default)s)")
-    g.add_argument("--max-producers-per-connection", type=positive, default=d.max_producers_per_connection,
-                   help="producers open on one connection; beyond, `producer` gets OVERLOADED "
-                        "(default %(default)s)")
-    g.add_argument("--max-consumers-per-connection", type=positive, default=d.max_consumers_per_connection,
-                   help="consumers attached on one connection; beyond, `subscribe` gets OVERLOADED "
-                        "(default %(default)s)")
-    g.add_argument("--max-topics", type=positive, default=d.max_topics,
-                   help="topics of the broker (each is a process); beyond, a request that would create "
-                        "one gets OVERLOADED (default %(default)s)")
-    g.add_argument("--max-subscriptions-per-topic", type=positive, default=d.max_subscriptions_per_topic,
-                   help="subscriptions of one topic (each is two processes); beyond, a subscribe that "
-                        "would create one gets OVERLOADED (default %(default)s)")
-    g.add_argument("--max-pending-bytes", type=positive, default=d.max_pending_bytes,
-                   help="bytes waiting to be written to one client; beyond, it is closed with "
-                        "SLOW_CONSUMER (default %(default)s)")
-    g.add_argument("--frame-timeout-ms", type=positive, default=d.frame_timeout_ms,
-                   help="a frame whose first byte arrived must be whole within this, or the "
-                        "connection is closed with BAD_FRAME (default %(default)s)")
+    for name, text in LIMITS:
+        g.add_argument("--" + name.replace("_", "-"), type=positive, default=getattr(defaults, name),
+                       help=text + " (default %(default)s)")
 
 
 def positive(text):
@@ -97,10 +94,7 @@ def positive(text):
 
 def limits_of(args):
     """BrokerConfig's limit fields from the options of add_limit_options."""
-    names = ("max_connections", "max_connections_per_address", "max_producers_per_connection",
-             "max_consumers_per_connection", "max_topics", "max_subscriptions_per_topic",
-             "max_pending_bytes", "frame_timeout_ms")
-    return {name: getattr(args, name) for name in names}
+    return {name: getattr(args, name) for name, _ in LIMITS}
 
 
 def fsync_mode(text):
