@@ -163,6 +163,12 @@ class BrokerRootActor(BrokerActor):
                 self.send(request.reply_to, connection.RequestFailed(
                     request.rid, E.TOPIC_NOT_FOUND, f"topic {msg.name} does not exist"))
                 return
+            # A dead-letter Publish has no one to refuse to: its subscription exists, so it may
+            # create its topic even beyond the limit.
+            if len(self.topics) >= self.config.max_topics and hasattr(request, "reply_to"):
+                self.send(request.reply_to, connection.RequestFailed(request.rid, E.OVERLOADED, (
+                    f"the broker has {len(self.topics)} topics (max_topics {self.config.max_topics})")))
+                return
             entry = self._create_topic(msg.name, msg.create_dispatch)
         self.send_ordered(entry[0], request, msg.name)
 

@@ -14,7 +14,15 @@ class BrokerConfig:
     max_backlog: int = 10_000          # non_reliable: messages a subscription keeps for absent credit
     default_dispatch: str = "non_reliable"
     hello_timeout_ms: int = 10_000
+    # limits (docs/protocol.md, "Limits"); a request beyond one gets OVERLOADED
     max_connections: int = 10_000      # beyond it a new connection gets OVERLOADED
+    max_connections_per_address: int = 10_000
+    max_producers_per_connection: int = 1_000
+    max_consumers_per_connection: int = 1_000
+    max_topics: int = 1_000            # each topic is a process (and a log process when reliable)
+    max_subscriptions_per_topic: int = 1_000   # each subscription is two processes
+    max_pending_bytes: int = 64 * 1024 * 1024  # unsent to one client; beyond: SLOW_CONSUMER, closed
+    frame_timeout_ms: int = 30_000     # a frame begun must be whole within this, or BAD_FRAME
     io_shards: int = 2                 # connection shards (transport actors owning many sockets)
     lanes: str = "unix"                # record lanes between actors: "unix" (one host) or "tcp"
     actor_host: str = "127.0.0.1"      # interface of Thespian's sockets and of tcp lanes

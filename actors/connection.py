@@ -151,7 +151,7 @@ class _Connection:
         self.permissions = permissions
         self.producers = {}    # producer id -> topic address
         self.consumers = {}    # consumer id -> subscription address
-        self.pending = set()   # rids of open/subscribe requests not answered yet
+        self.pending = {}      # tags of open/subscribe requests not answered yet -> "producers"/"consumers"
         self.closed = False
 
 
@@ -273,7 +273,8 @@ class ConnectionActor(BrokerActor):
 
     def _op_producer(self, conn, connection_id, frame, tag):
         name = self._authorized(conn, frame["topic"], "produce")
-        conn.pending.add(tag)
+        self._within_limit(conn, "producers", self.config.max_producers_per_connection)
+        conn.pending[tag] = "producers"
         self.send_ordered(self.broker, broker.TopicRequest(
             name, frame["dispatch"] or self.config.default_dispatch,
             topic.OpenProducer(tag, self.myAddress, 0, frame["name"], frame["access"], self.shard_ident)),
@@ -292,7 +293,8 @@ class ConnectionActor(BrokerActor):
             self._authorized(conn, frame["dead_letter_topic"], "produce")
         options = {field: frame[field] for field in ("max_unacked", "ack_timeout_ms", "max_redeliveries",
                                                      "dead_letter_topic")}
-        conn.pending.add(tag)
+        self._within_limit(conn, "consumers", self.config.max_consumers_per_connection)
+        conn.pending[tag] = "consumers"
         self.send_ordered(self.broker, broker.TopicRequest(
             name, frame["dispatch"] or self.config.default_dispatch,
             topic.Subscribe(tag, self.myAddress, self.shard_ident, 0, frame["subscription"], frame["type"],
@@ -338,6 +340,14 @@ class ConnectionActor(BrokerActor):
         return name
 
     @staticmethod
+    def _within_limit(conn, kind, limit):
+        """Open and opening producers (or consumers) of the connection stay within the limit."""
+        count = len(getattr(conn, kind)) + sum(1 for k in conn.pending.values() if k == kind)
+        if count >= limit:
+            raise BadRequest(E.OVERLOADED, f"this connection has {count} {kind} open "
+                                           f"(max_{kind}_per_connection {limit}); close one first")
+
+    @staticmethod
     def _require_admin(conn):
         if not allowed(conn.permissions, "admin", ""):
             raise BadRequest(E.NOT_AUTHORIZED, "admin permission needed")
@@ -356,7 +366,7 @@ class ConnectionActor(BrokerActor):
         conn = self.connections.get(connection_id)
         if conn is None:
             return None, None
-        conn.pending.discard(tag)
+        conn.pending.pop(tag, None)
         return connection_id, conn
 
     def on_ProducerOpened(self, msg, sender):

@@ -4,9 +4,15 @@ It supervises K ConnectionActors (restart rule: permanent, one for one), each th
 ShardActor. An accepted socket goes to the next live shard, round-robin, over that pair's handoff
 socket (an AF_UNIX socketpair, `socket.send_fds`): nothing is forked per connection, and before
 `hello` a connection costs the shard a socket and a small buffer.
+
+It enforces the connection limits (in total and per peer host) from what the shards report, plus
+the sockets handed over that their shard has not reported taking yet: each socket is sent with a
+number, and a shard reports the number of the last one it took.
 """
+import collections
 import errno
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,24 +41,61 @@ class ListenFailed:
     error: str
 
 
+HANDOFF_TAG = struct.Struct(">Q")   # the number of a socket handed to a shard, sent with it
+
+
 @dataclass(frozen=True)
 class ShardLoad:
-    """A shard's open connections, reported when the number changed (at most every 100 ms)."""
+    """A shard's open connections, reported when they changed (at most every 100 ms): how many,
+    the number of the last handed socket it took, and by peer host the connections it took
+    (`opened`) and ended (`finished`) since its previous report. `ident` names the shard's
+    incarnation: a new one starts from nothing."""
     index: int
     open: int
+    ident: str = ""
+    handoff_seq: int = 0
+    opened: dict = None
+    finished: dict = None
 
 
 class _Pair:
     """One ConnectionActor (and through it one shard) and our end of its handoff socket."""
-    __slots__ = ("address", "handoff", "open", "handed")
+    __slots__ = ("address", "handoff", "open", "ident", "seq", "handed", "handed_hosts", "hosts")
 
     def __init__(self, address, handoff):
         self.address, self.handoff = address, handoff
         self.open = 0       # as last reported by its shard
-        self.handed = 0     # sockets handed over since that report
+        self.ident = None   # the shard incarnation that reported it
+        self.seq = 0        # number of the last socket handed over
+        self.handed = collections.deque()            # (number, host) not yet reported taken
+        self.handed_hosts = collections.Counter()    # host -> sockets in `handed`
+        self.hosts = collections.Counter()           # host -> open connections, as reported
 
     def load(self):
-        return self.open + self.handed
+        return self.open + len(self.handed)
+
+    def from_host(self, host):
+        return self.hosts[host] + self.handed_hosts[host]
+
+    def hand(self, host):
+        self.seq += 1
+        self.handed.append((self.seq, host))
+        self.handed_hosts[host] += 1
+
+    def reported(self, msg):
+        if msg.ident != self.ident:   # a new shard: the connections of the one before are gone
+            self.ident = msg.ident
+            self.hosts.clear()
+        while self.handed and self.handed[0][0] <= msg.handoff_seq:
+            _, host = self.handed.popleft()
+            self.handed_hosts[host] -= 1
+            if not self.handed_hosts[host]:
+                del self.handed_hosts[host]
+        self.hosts.update(msg.opened or {})
+        self.hosts.subtract(msg.finished or {})
+        for host in [h for h, n in self.hosts.items() if n <= 0]:
+            del self.hosts[host]
+        self.open = msg.open
 
 
 class ListenerActor(BrokerActor):
@@ -107,7 +150,7 @@ class ListenerActor(BrokerActor):
             return
         for _ in range(256):  # a burst of clients, but let other messages in between
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -115,12 +158,17 @@ class ListenerActor(BrokerActor):
                     log.error("accept failed: %s", exc)
                     return
                 raise
-            self._hand_over(conn)
+            self._hand_over(conn, peer[0])
 
-    def _hand_over(self, conn):
+    def _hand_over(self, conn, host):
         with conn:
-            if sum(p.load() for p in self.pairs if p) >= self.config.max_connections:
-                self._refuse(conn, "too many connections")
+            pairs = [p for p in self.pairs if p]
+            if sum(p.load() for p in pairs) >= self.config.max_connections:
+                self._refuse(conn, f"too many connections (max_connections {self.config.max_connections})")
+                return
+            if sum(p.from_host(host) for p in pairs) >= self.config.max_connections_per_address:
+                self._refuse(conn, f"too many connections from {host} "
+                                   f"(max_connections_per_address {self.config.max_connections_per_address})")
                 return
             for _ in range(len(self.pairs)):
                 pair = self.pairs[self.turn % len(self.pairs)]
@@ -128,8 +176,8 @@ class ListenerActor(BrokerActor):
                 if pair is None:
                     continue
                 try:
-                    socket.send_fds(pair.handoff, [b"c"], [conn.fileno()])
-                    pair.handed += 1
+                    socket.send_fds(pair.handoff, [HANDOFF_TAG.pack(pair.seq + 1)], [conn.fileno()])
+                    pair.hand(host)
                     return
                 except OSError:
                     continue   # that shard is not taking sockets now: try the next
@@ -146,7 +194,7 @@ class ListenerActor(BrokerActor):
     def on_ShardLoad(self, msg, sender):
         pair = self.pairs[msg.index] if msg.index < len(self.pairs) else None
         if pair is not None:
-            pair.open, pair.handed = msg.open, 0
+            pair.reported(msg)
 
     def on_ChildActorExited(self, msg, sender):
         # delivered once or twice: only a pair still registered under that address restarts

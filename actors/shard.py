@@ -20,6 +20,7 @@ or a heartbeat timeout sends ConnectionClosed(connection) to the supervisor at o
 shard itself dies, its supervisor gets ChildActorExited and every lane of the shard ends: the
 topics and dispatchers at their other ends drop this shard's producers and consumers at once.
 """
+import collections
 import heapq
 import socket
 import ssl
@@ -41,6 +42,7 @@ from actorbroker.transport.tls import TlsConnection, server_context
 READ_SIZE = 256 * 1024
 MAX_READ_PER_EVENT = 512 * 1024      # per socket per wakeup: others get their turn
 HIGH_WATER = 1024 * 1024             # unsent bytes above which deliveries to a client wait
+                                     # (at most half of max_pending_bytes: see _flush)
 PUBLISH_WINDOW = 2                   # PUBLISH frames in flight per producer; the rest is merged
 MAX_PENDING_RECORDS = 20_000         # per connection: then stop reading it (TCP pushes back)
 LINGER_S = 1.0
@@ -100,7 +102,7 @@ class UnrouteConsumer:
 class _Client:
     """One client socket and its session; the reactor calls on_event."""
     __slots__ = ("shard", "sock", "fd", "session", "state", "pending_records", "deferred_acks",
-                 "reading", "tls")
+                 "reading", "tls", "address", "write_shut")
 
     def __init__(self, shard, sock, session, tls=None):
         self.shard, self.sock, self.fd, self.session = shard, sock, sock.fileno(), session
@@ -109,6 +111,8 @@ class _Client:
         self.pending_records = 0
         self.deferred_acks = []         # (lane, consumer id) waiting for the outbox to drain
         self.reading = True
+        self.address = None             # the peer's host: the listener counts connections by it
+        self.write_shut = False
 
     def on_event(self, fd, events):
         if events & OUT:
@@ -152,6 +156,10 @@ class ShardActor(BrokerActor):
         self.index = 0
         self.handoff = None
         self.clients = {}        # connection id -> _Client
+        self.high_water = HIGH_WATER
+        self.handoff_seq = 0     # number of the last socket taken from the listener
+        self.opened = collections.Counter()   # peer host -> connections adopted since the last report
+        self.finished = collections.Counter()  # peer host -> connections ended since the last report
         self.next_seq = 0
         self.producers = {}      # producer id -> _Producer
         self.closing_producers = {}  # closed producers whose last sends await their receipts
@@ -183,6 +191,7 @@ class ShardActor(BrokerActor):
                 log.error("shard %d: cannot load the TLS certificate: %s; refusing connections",
                           self.index, exc)
                 self.tls_context = False
+        self.high_water = min(HIGH_WATER, msg.config.max_pending_bytes // 2)
         self.ident, self.index = msg.ident, msg.index
         self.listener = msg.listener
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
@@ -198,7 +207,7 @@ class ShardActor(BrokerActor):
     def _adopt_sockets(self):
         for _ in range(64):
             try:
-                _, fds, _, _ = socket.recv_fds(self.handoff, 64, 64)
+                data, fds, _, _ = socket.recv_fds(self.handoff, 64 * listener.HANDOFF_TAG.size, 64)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -206,6 +215,7 @@ class ShardActor(BrokerActor):
                 return
             if not fds:
                 return
+            self.handoff_seq = listener.HANDOFF_TAG.unpack_from(data, len(data) - listener.HANDOFF_TAG.size)[0]
             for fd in fds:
                 self._adopt(socket.socket(fileno=fd))
 
@@ -223,6 +233,11 @@ class ShardActor(BrokerActor):
         now = time.monotonic()
         tls = TlsConnection(self.tls_context, server_side=True) if self.tls_context else None
         client = _Client(self, sock, Session(connection_id, self.session_config, now), tls)
+        try:
+            client.address = sock.getpeername()[0]
+        except OSError:
+            client.address = ""
+        self.opened[client.address] += 1
         self.clients[connection_id] = client
         self.reactor.add(client.fd, client, IN)
         self._timer(now + self.config.hello_timeout_ms / 1000.0, "heartbeat", connection_id)
@@ -235,9 +250,13 @@ class ShardActor(BrokerActor):
 
     def _report_load(self):
         self.load_report_due = False
-        if len(self.clients) != self.reported_load:
+        if len(self.clients) != self.reported_load or self.opened or self.finished:
             self.reported_load = len(self.clients)
-            self.send(self.listener, listener.ShardLoad(self.index, self.reported_load))
+            self.send(self.listener, listener.ShardLoad(self.index, self.reported_load, self.ident,
+                                                        self.handoff_seq, dict(self.opened),
+                                                        dict(self.finished)))
+            self.opened.clear()
+            self.finished.clear()
 
     # --- reading clients ------------------------------------------------------------------------
     def _readable(self, client):
@@ -343,6 +362,7 @@ class ShardActor(BrokerActor):
         publishes.clear()
         if client.pending_records >= MAX_PENDING_RECORDS and client.reading:
             client.reading = False   # paused: the kernel buffer fills and the producer is pushed back
+            client.session.frame_started = None   # the frame deadline does not run while we wait
             self._update_mask(client)
 
     def _publish(self, producer_id, producer, force=False):
@@ -354,6 +374,8 @@ class ShardActor(BrokerActor):
                 client.pending_records -= producer.records
                 if not client.reading and client.pending_records < MAX_PENDING_RECORDS // 2:
                     client.reading = True
+                    if client.session.decoder.buffered:
+                        client.session.frame_started = time.monotonic()
                     self._update_mask(client)
             producer.sends, producer.records = [], 0
 
@@ -413,7 +435,7 @@ class ShardActor(BrokerActor):
         client.session.write(b"".join(encode_message_frames(consumer_id, blobs, self.config.max_frame)))
         self._flush(client)
         # Ack at once unless the client is slow to read; then when its outbox drains.
-        if len(client.session.outbox) < HIGH_WATER:
+        if client.state != "open" or len(client.session.outbox) < self.high_water:
             lane.send([LaneOp.DELIVER_ACK, consumer_id])
         else:
             client.deferred_acks.append((lane, consumer_id))
@@ -543,12 +565,21 @@ class ShardActor(BrokerActor):
                 outbox.clear()
                 if client.state == "open":
                     self._closed(client, f"socket error: {exc}")
+                else:
+                    self._finish(client)
                 return
-            del outbox[:sent]
+            client.session.sent(sent)
         self._flushed(client)
 
     def _flushed(self, client):
-        if client.deferred_acks and len(client.session.outbox) < HIGH_WATER:
+        if client.state == "lingering":
+            self._flushed_lingering(client)
+            return
+        outbox = client.session.outbox
+        if len(outbox) > self.session_config.max_pending_bytes:   # a client that does not read
+            self._handle_events(client, client.session.check_outbox(), {})
+            return
+        if client.deferred_acks and len(outbox) < self.high_water:
             for lane, consumer_id in client.deferred_acks:
                 lane.send([LaneOp.DELIVER_ACK, consumer_id])
             client.deferred_acks.clear()
@@ -563,7 +594,7 @@ class ShardActor(BrokerActor):
                 if not outbox or not tls.established:
                     break
                 chunk = outbox[:TLS_CHUNK]
-                del outbox[:TLS_CHUNK]
+                client.session.sent(len(chunk))
                 tls.send(chunk)
             try:
                 sent = client.sock.send(tls.outgoing)
@@ -574,6 +605,8 @@ class ShardActor(BrokerActor):
                 tls.outgoing.clear()
                 if client.state == "open":
                     self._closed(client, f"socket error: {exc}")
+                else:
+                    self._finish(client)
                 return
             del tls.outgoing[:sent]
         self._flushed(client)
@@ -639,25 +672,42 @@ class ShardActor(BrokerActor):
         client.deferred_acks.clear()
         client.state = "lingering"
         client.reading = True
-        self._flush_lingering(client)
-        try:
-            client.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._finish(client)
-            return
+        # A client that does not read gets longer to take its last frames: as long as a silent one
+        self._timer(time.monotonic() + max(LINGER_S, 2 * client.session.heartbeat_s
+                                           if reason.startswith(E.SLOW_CONSUMER) else 0), "linger",
+                    connection_id)
+        if client.tls is not None:
+            self._seal_tls(client)
+        self._flush(client)
+
+    def _flushed_lingering(self, client):
+        """Once the last frames are on the wire, say EOF; until then wait for the socket."""
+        unsent = client.session.outbox or (client.tls is not None and client.tls.outgoing)
+        if not unsent and not client.write_shut:
+            client.write_shut = True
+            try:
+                client.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._finish(client)
+                return
         self._update_mask(client)
-        self._timer(time.monotonic() + LINGER_S, "linger", connection_id)
+
+    @staticmethod
+    def _seal_tls(client):
+        """A TLS connection closing: its last frames and our close_notify, as ciphertext."""
+        outbox = client.session.outbox
+        try:
+            if client.tls.established:
+                client.tls.send(outbox)
+                client.tls.close()
+        except ssl.SSLError:
+            pass   # TLS broke: nothing more can be said in it
+        client.session.sent(len(outbox))
 
     def _flush_lingering(self, client):
         outbox = client.session.outbox
-        if client.tls is not None:   # the last frames, our close_notify or our alert, as ciphertext
-            try:
-                if client.tls.established:
-                    client.tls.send(outbox)
-                    client.tls.close()
-            except ssl.SSLError:
-                pass   # TLS broke: nothing more can be said in it
-            outbox.clear()
+        if client.tls is not None:
+            self._seal_tls(client)
             outbox = client.tls.outgoing
         try:
             while outbox:
@@ -667,9 +717,15 @@ class ShardActor(BrokerActor):
             outbox.clear()
 
     def _drain_lingering(self, client):
+        got = 0
         try:
-            while client.sock.recv(READ_SIZE):
-                pass
+            while got < MAX_READ_PER_EVENT:   # a client that keeps writing must not starve the rest
+                data = client.sock.recv(READ_SIZE)
+                if not data:
+                    break
+                got += len(data)
+            else:
+                return
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -682,6 +738,7 @@ class ShardActor(BrokerActor):
         client.state = "closed"
         self.reactor.remove(client.fd)
         self.clients.pop(client.session.id, None)
+        self.finished[client.address] += 1
         try:
             client.sock.close()
         except OSError:

@@ -30,6 +30,7 @@ from actorbroker.transport.codec import record_blob, record_blobs
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 
 DISPATCH_WINDOW = 1
+PRODUCER_NAME_MAX_BYTES = 255   # the name is copied into every record: it must not amplify a send
 GATHER_TIMEOUT = timedelta(seconds=5)
 
 
@@ -318,6 +319,10 @@ class TopicActor(BrokerActor):
                 msg.rid, E.PRODUCER_BUSY, f"topic {self.name} has an exclusive producer" if exclusive_open
                 else f"topic {self.name} has other producers"))
             return
+        if msg.name and len(msg.name.encode()) > PRODUCER_NAME_MAX_BYTES:
+            self.send(msg.reply_to, connection.RequestFailed(
+                msg.rid, E.BAD_REQUEST, f"'name' must be at most {PRODUCER_NAME_MAX_BYTES} bytes"))
+            return
         name = msg.name or f"producer-{msg.new_id}"
         self.producers[msg.new_id] = (name, msg.access, msg.reply_to, msg.shard)
         self.send(msg.reply_to, connection.ProducerOpened(
@@ -468,6 +473,11 @@ class TopicActor(BrokerActor):
 
     def on_Subscribe(self, msg, sender):
         sub = self.subs.get(msg.subscription)
+        if sub is None and len(self.subs) >= self.config.max_subscriptions_per_topic:
+            self.send(msg.reply_to, connection.RequestFailed(msg.rid, E.OVERLOADED, (
+                f"topic {self.name} has {len(self.subs)} subscriptions "
+                f"(max_subscriptions_per_topic {self.config.max_subscriptions_per_topic})")))
+            return
         if sub is None:
             sub = self._create_subscription(msg.subscription, msg.type, None, msg.start, msg.options)
         elif sub.type != msg.type:

@@ -29,8 +29,7 @@ def add_serve_command(subparsers):
     p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024, help="largest frame in bytes")
     p.add_argument("--max-backlog", type=int, default=10_000,
                    help="non_reliable: messages a subscription keeps (default %(default)s)")
-    p.add_argument("--max-connections", type=int, default=10_000,
-                   help="client connections at most; beyond, a new one gets OVERLOADED (default %(default)s)")
+    add_limit_options(p)
     p.add_argument("--io-shards", type=int, default=os.cpu_count() or 1,
                    help="connection shards: actor processes that each own many client sockets "
                         "(default: the CPU count, %(default)s)")
@@ -75,6 +74,45 @@ def add_serve_command(subparsers):
     p.set_defaults(func=serve)
 
 
+# The limits of docs/protocol.md ("Limits"): BrokerConfig field -> what happens beyond it.
+LIMITS = (
+    ("max_connections", "client connections at most; beyond, a new one gets OVERLOADED and is closed"),
+    ("max_connections_per_address", "client connections from one host at most; beyond, as above"),
+    ("max_producers_per_connection", "producers open on one connection; beyond, `producer` gets OVERLOADED"),
+    ("max_consumers_per_connection", "consumers attached on one connection; beyond, `subscribe` gets "
+                                     "OVERLOADED"),
+    ("max_topics", "topics of the broker (each is a process); beyond, a request that would create one "
+                   "gets OVERLOADED"),
+    ("max_subscriptions_per_topic", "subscriptions of one topic (each is two processes); beyond, a "
+                                    "subscribe that would create one gets OVERLOADED"),
+    ("max_pending_bytes", "bytes waiting to be written to one client; beyond, it is closed with "
+                          "SLOW_CONSUMER"),
+    ("frame_timeout_ms", "a frame whose first byte arrived must be whole within this, or the connection "
+                         "is closed with BAD_FRAME"),
+)
+
+
+def add_limit_options(p):
+    defaults = BrokerConfig()
+    g = p.add_argument_group("limits", "what one client, or all of them, may cost the broker "
+                                       "(docs/protocol.md, \"Limits\")")
+    for name, text in LIMITS:
+        g.add_argument("--" + name.replace("_", "-"), type=positive, default=getattr(defaults, name),
+                       help=text + " (default %(default)s)")
+
+
+def positive(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def limits_of(args):
+    """BrokerConfig's limit fields from the options of add_limit_options."""
+    return {name: getattr(args, name) for name, _ in LIMITS}
+
+
 def fsync_mode(text):
     if text in ("always", "group") or (text.startswith("interval:") and text[9:].isdigit()):
         return text
@@ -113,8 +151,7 @@ def serve(args):
     os.makedirs(data_dir, mode=0o700, exist_ok=True)   # new: its owner only (messages, logs)
     config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,
                           heartbeat_ms=args.heartbeat_ms, max_frame=args.max_frame,
-                          max_backlog=args.max_backlog, max_connections=args.max_connections,
-                          tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
+                          max_backlog=args.max_backlog, **limits_of(args), tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
                           segment_bytes=args.segment_bytes, retention_bytes=args.retention_bytes,
                           retention_ms=args.retention_ms, io_shards=max(1, args.io_shards),
                           lanes=args.lanes, actor_host=args.actor_host,

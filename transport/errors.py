@@ -16,10 +16,12 @@ UNKNOWN_PRODUCER = "UNKNOWN_PRODUCER"
 UNKNOWN_CONSUMER = "UNKNOWN_CONSUMER"
 TOPIC_NOT_FOUND = "TOPIC_NOT_FOUND"
 OVERLOADED = "OVERLOADED"
+SLOW_CONSUMER = "SLOW_CONSUMER"
 INTERNAL = "INTERNAL"
 
 # Codes after which the broker closes the connection.
-FATAL_CODES = frozenset({BAD_FRAME, FRAME_TOO_LARGE, NOT_CONNECTED, UNSUPPORTED_VERSION, AUTH_FAILED})
+FATAL_CODES = frozenset({BAD_FRAME, FRAME_TOO_LARGE, NOT_CONNECTED, UNSUPPORTED_VERSION, AUTH_FAILED,
+                         SLOW_CONSUMER})
 
 
 class BrokerError(Exception):
@@ -59,6 +61,7 @@ class UnknownProducer(BrokerError): pass
 class UnknownConsumer(BrokerError): pass
 class TopicNotFound(BrokerError): pass
 class Overloaded(BrokerError): pass
+class SlowConsumer(BrokerError): pass
 class Internal(BrokerError): pass
 
 
@@ -68,7 +71,8 @@ _CLASS_OF_CODE = {
     BAD_REQUEST: BadRequest, BAD_TOPIC: BadTopic, NOT_AUTHORIZED: NotAuthorized,
     CONSUMER_BUSY: ConsumerBusy, TYPE_MISMATCH: TypeMismatch, PRODUCER_BUSY: ProducerBusy,
     UNKNOWN_PRODUCER: UnknownProducer, UNKNOWN_CONSUMER: UnknownConsumer,
-    TOPIC_NOT_FOUND: TopicNotFound, OVERLOADED: Overloaded, INTERNAL: Internal,
+    TOPIC_NOT_FOUND: TopicNotFound, OVERLOADED: Overloaded, SLOW_CONSUMER: SlowConsumer,
+    INTERNAL: Internal,
 }
 
 

@@ -26,9 +26,13 @@ from actorbroker.transport.validate import Invalid, is_uint
 REPLY_OPS = frozenset({"hello", "ping", "producer", "send", "close_producer", "subscribe",
                        "close_consumer", "unsubscribe", "topics", "stats", "delete_topic"})
 ONE_WAY_OPS = frozenset({"flow", "ack", "nack", "pong"})
+HELLO_MAX_FRAME = 64 * 1024   # before hello: a connection costs a socket and a small buffer only
+MAX_ERROR_TEXT = 200          # characters of an error message: a request is never echoed back whole
 
 
 def error_frame(code, message, rid=None):
+    if len(message) > MAX_ERROR_TEXT:
+        message = message[:MAX_ERROR_TEXT - 3] + "..."
     frame = {"op": "error", "code": code, "message": message}
     if rid is not None:
         frame["rid"] = rid
@@ -38,7 +42,7 @@ def error_frame(code, message, rid=None):
 class SessionConfig:
     """What a session needs of the broker's configuration (plain values)."""
     __slots__ = ("max_frame", "heartbeat_ms", "hello_timeout_ms", "tokens", "broker_name",
-                 "refuse_tokens")
+                 "refuse_tokens", "max_pending_bytes", "frame_timeout_s")
 
     def __init__(self, config):
         self.max_frame = config.max_frame
@@ -46,6 +50,8 @@ class SessionConfig:
         self.hello_timeout_ms = config.hello_timeout_ms
         self.tokens = config.tokens
         self.broker_name = config.broker_name
+        self.max_pending_bytes = config.max_pending_bytes
+        self.frame_timeout_s = config.frame_timeout_ms / 1000.0
         # a token sent in the clear where others may read it is refused, so that it is noticed
         self.refuse_tokens = not (config.tls_cert or config.allow_plain_tokens or is_loopback(config.host))
 
@@ -61,13 +67,16 @@ def is_loopback(host):
 
 class Session:
     __slots__ = ("id", "config", "decoder", "outbox", "hello_done", "heartbeat_s", "last_recv",
-                 "ping_sent", "ping_rid", "producers", "consumers", "open", "opened_at")
+                 "ping_sent", "ping_rid", "producers", "consumers", "open", "opened_at",
+                 "frame_started", "frame_start")
 
     def __init__(self, connection_id, config, now):
         self.id = connection_id
         self.config = config
-        self.decoder = FrameDecoder(config.max_frame)
+        self.decoder = FrameDecoder(min(config.max_frame, HELLO_MAX_FRAME))   # raised by hello
         self.outbox = bytearray()
+        self.frame_start = 0      # offset in outbox of its first frame not yet begun on the wire
+        self.frame_started = None  # when the first byte of the frame being received arrived
         self.hello_done = False
         self.heartbeat_s = config.heartbeat_ms / 1000.0
         self.last_recv = now
@@ -87,13 +96,19 @@ class Session:
         self.ping_sent = False
         self.decoder.feed(data)
         events = []
+        frames = 0
         try:
             for frame in self.decoder:
+                frames += 1
                 self._frame(frame, events)
                 if not self.open:
                     break
         except E.ProtocolError as exc:
             self._fail(exc.code, exc.message, None, events)
+        if not self.decoder.buffered:
+            self.frame_started = None
+        elif frames or self.frame_started is None:   # a new frame began in this read
+            self.frame_started = now
         return events
 
     def check_heartbeat(self, now):
@@ -101,12 +116,19 @@ class Session:
         if not self.open:
             return [], None
         events = []
+        frame_due = None
+        if self.frame_started is not None:   # any byte resets the heartbeat clock, not this one
+            frame_due = self.frame_started + self.config.frame_timeout_s - now
+            if frame_due <= 0:
+                self._fail(E.BAD_FRAME, f"frame not complete within {self.config.frame_timeout_s:g} s "
+                           "of its first byte", None, events)
+                return events, None
         if not self.hello_done:
             due = self.opened_at + self.config.hello_timeout_ms / 1000.0 - now
             if due <= 0:
                 self._fail(E.NOT_CONNECTED, "no hello within the hello timeout", None, events)
                 return events, None
-            return events, due
+            return events, due if frame_due is None else min(due, frame_due)
         idle = now - self.last_recv
         if idle >= 2 * self.heartbeat_s:
             self.open = False
@@ -117,12 +139,39 @@ class Session:
             self.outbox += encode_frame({"op": "ping", "rid": self.ping_rid})
             self.ping_sent = True
         due = self.heartbeat_s - idle if idle < self.heartbeat_s else 2 * self.heartbeat_s - idle
+        if frame_due is not None:
+            due = min(due, frame_due)
         return events, max(due, 0.01)
 
     # --- output ---------------------------------------------------------------------------------
     def write(self, data):
         if self.open:
             self.outbox += data
+
+    def sent(self, n):
+        """`n` bytes of the outbox went to the socket: drop them, keeping track of where the first
+        frame not yet begun on the wire starts (all frames in the outbox are whole)."""
+        outbox = self.outbox
+        if n >= len(outbox):
+            outbox.clear()
+            self.frame_start = 0
+            return
+        start = self.frame_start
+        while start < n:
+            start += 4 + int.from_bytes(outbox[start:start + 4], "big")
+        del outbox[:n]
+        self.frame_start = start - n
+
+    def check_outbox(self):
+        """A client that does not read: beyond max_pending_bytes unsent, the frames not begun on
+        the wire are dropped and the connection ends with SLOW_CONSUMER (after the frame it is
+        in the middle of). Returns the events."""
+        events = []
+        if self.open and len(self.outbox) > self.config.max_pending_bytes:
+            del self.outbox[self.frame_start:]
+            self._fail(E.SLOW_CONSUMER, f"more than {self.config.max_pending_bytes} bytes waiting to be "
+                       "written to this connection: it does not read fast enough", None, events)
+        return events
 
     def error(self, code, message, rid=None):
         self.write(error_frame(code, message, rid))
@@ -216,6 +265,7 @@ class Session:
         heartbeat_ms = self.config.heartbeat_ms if wish is None else min(max(wish, 200), 60000)
         self.heartbeat_s = heartbeat_ms / 1000.0
         self.hello_done = True
+        self.decoder.max_frame = self.config.max_frame
         events.append(("hello", client, permissions))
         self.write(encode_frame({"op": "welcome", "rid": rid, "version": PROTOCOL_VERSION,
                                  "broker": self.config.broker_name, "heartbeat_ms": heartbeat_ms,
@@ -275,5 +325,5 @@ class Session:
     def _fail(self, code, message, rid, events):
         """A fatal protocol error: say why, then close."""
         self.error(code, message, rid)
-        self.close(f"{code}: {message}", events)
+        self.close(f"{code}: {message[:MAX_ERROR_TEXT]}", events)
 
