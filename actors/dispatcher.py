@@ -235,6 +235,11 @@ class DispatcherActor(BrokerActor):
     def on_ActorExitRequest(self, msg, sender):
         if os.getppid() != self.parent_pid:
             self._topic_lost()
+        # Acks still waiting for a cursor save are answered: every request with a rid gets one.
+        for lane, consumer_id, rid in self.acks_waiting + self.acks_waiting_next:
+            lane.send([LaneOp.REPLY, consumer_id, error_frame(
+                E.UNKNOWN_CONSUMER, "the subscription ended before this ack was saved", rid), rid])
+        self.acks_waiting, self.acks_waiting_next = [], []
         if self.hub is not None:
             self.hub.close()
             self.hub = None
@@ -359,7 +364,7 @@ class DispatcherActor(BrokerActor):
                 self._answer_ack(lane, consumer_id, rid)
             else:
                 lane.send([LaneOp.REPLY, consumer_id, error_frame(
-                    E.INTERNAL, f"the ack is not durable: cursor save failed ({msg.error}); ack again", rid)])
+                    E.INTERNAL, f"the ack is not durable: cursor save failed ({msg.error}); ack again", rid), rid])
         self.acks_waiting = []
         if msg.error is not None:
             self.cursor_dirty = True   # tried again with the next ack, or within CURSOR_SAVE_DELAY
@@ -521,7 +526,7 @@ class DispatcherActor(BrokerActor):
     @staticmethod
     def _answer_ack(lane, consumer_id, rid):
         if rid is not None:
-            lane.send([LaneOp.REPLY, consumer_id, encode_frame({"op": "ok", "rid": rid})])
+            lane.send([LaneOp.REPLY, consumer_id, encode_frame({"op": "ok", "rid": rid}), rid])
 
     def _nack(self, ids, delay_ms):
         if not self.reliable:
