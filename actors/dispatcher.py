@@ -24,7 +24,7 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actorbroker.actors import broker, connection, log as log_actor, subscription, topic
+from actorbroker.actors import broker, connection, log as log_actor, signing, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.cursor import Cursor
 from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
@@ -144,7 +144,8 @@ class DispatcherActor(BrokerActor):
         self.name, self.type, self.dispatch = msg.name, msg.type, msg.dispatch
         self.policy = make_policy(msg.type, msg.config.max_backlog)
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
-                           kind=msg.config.lanes, host=msg.config.actor_host)
+                           kind=msg.config.lanes, host=msg.config.actor_host,
+                           secret=signing.lane_secret())
         self.send(self.topic, topic.DispatcherReady(self.name, msg.incarnation, self.hub.listen()))
         if msg.dispatch == "reliable":
             self.reliable = True

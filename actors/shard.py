@@ -31,7 +31,7 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actorbroker.actors import connection, listener
+from actorbroker.actors import connection, listener, signing
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import encode_frame, encode_message_frames
@@ -198,7 +198,8 @@ class ShardActor(BrokerActor):
         self.ident, self.index = msg.ident, msg.index
         self.listener = msg.listener
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
-                           kind=msg.config.lanes, host=msg.config.actor_host)
+                           kind=msg.config.lanes, host=msg.config.actor_host,
+                           secret=signing.lane_secret())
         self.handoff = socket.socket(fileno=msg.handoff_fd)
         self.handoff.setblocking(False)
         self.reactor.add(self.handoff.fileno(), _Handoff(self))
