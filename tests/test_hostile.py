@@ -407,7 +407,9 @@ def test_acks_pipelined_behind_the_close_of_their_consumer_are_answered_once(bro
               {"op": "ack", "rid": 204, "consumer": consumer, "ids": []}]
     conn.send_raw(b"".join(RawConnection.encode(f) for f in frames))   # one socket read
     got = answers(conn, {201, 202, 203, 204})
-    assert got[201]["op"] == "ok" and got[202]["op"] == "ok"
-    for rid in (203, 204):   # behind the close: refused, never left hanging
+    assert got[202]["op"] == "ok"
+    if closing_op == "close_consumer":   # the subscription lives on: the ack before is saved
+        assert got[201]["op"] == "ok", got[201]
+    for rid in (201, 203, 204):   # an unsubscribe may end the cursor before the first is saved
         assert got[rid]["op"] == "ok" or got[rid]["code"] == "UNKNOWN_CONSUMER", got[rid]
     assert_alive(conn)
