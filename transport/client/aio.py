@@ -153,6 +153,9 @@ class AsyncClient:
     async def delete_topic(self, topic, timeout=10):
         await self._admin("delete_topic", timeout, topic)
 
+    async def broker_stats(self, timeout=10):
+        return await self._admin("broker_stats", timeout)
+
     async def ping(self, timeout=10):
         """Round trip time in seconds."""
         start = time.monotonic()

@@ -195,6 +195,7 @@ ADMIN = {
     "stats": (lambda topic: {"op": "stats", "topic": topic}, reply_fields),
     "delete_topic": (lambda topic: {"op": "delete_topic", "topic": topic}, lambda reply: None),
     "ping": (lambda: {"op": "ping"}, lambda reply: None),
+    "broker_stats": (lambda: {"op": "broker_stats"}, reply_fields),
 }
 
 

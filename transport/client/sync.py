@@ -171,6 +171,10 @@ class Client:
     def delete_topic(self, topic, timeout=10):
         self._admin("delete_topic", timeout, topic)
 
+    def broker_stats(self, timeout=10):
+        """{topics, connections, shards, processes, memory_bytes} (docs/protocol.md)"""
+        return self._admin("broker_stats", timeout)
+
     def ping(self, timeout=10):
         """Round trip time in seconds."""
         start = time.monotonic()
