@@ -1,10 +1,11 @@
 """The client agent: one actorbroker client in its own OS process, driven by the scenario runner.
 
-    python -m scripts.scenario.agent HOST PORT NAME [HEARTBEAT_MS]
+    python -m scripts.scenario.agent HOST PORT NAME [HEARTBEAT_MS [RECONNECT_WITHIN_S]]
 
 Commands arrive on stdin as JSON lines {"cmd", "rid", ...}; every command is answered on stdout
 by {"rid", "ok": true, ...} or {"rid", "ok": false, "error", "code"}. Events are written on
-stdout as they happen: {"event": "ready" | "message" | "active" | "closed" | "lost" | "fatal"}.
+stdout as they happen: {"event": "ready" | "message" | "active" | "closed" | "lost" | "fatal" |
+"reconnected" | "receipted"}.
 The agent uses the sync client (transport/client/) only, so killing or freezing it is killing or
 freezing a real client. It exits when stdin closes (the runner went away) or on the `close` command."""
 import ctypes
@@ -18,6 +19,7 @@ import threading
 import time
 
 from actorbroker.transport.client import Client
+from actorbroker.transport.client.core import Reconnect
 from actorbroker.transport.codec import encode_frame
 from actorbroker.transport.errors import BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed
 
@@ -93,17 +95,19 @@ class ConsumerAgent:
 
 
 class Agent:
-    def __init__(self, host, port, name, heartbeat_ms):
+    def __init__(self, host, port, name, heartbeat_ms, reconnect_within):
+        """reconnect_within: seconds the client tries to reconnect after a loss (None: it does not)."""
         self.name = name
-        self.client = Client(host, port, heartbeat_ms=heartbeat_ms, name=name)
+        reconnect = Reconnect([(host, port)], give_up_after=reconnect_within) if reconnect_within else None
+        self.client = Client(host, port, heartbeat_ms=heartbeat_ms, name=name, reconnect=reconnect,
+                             on_reconnect=lambda client: emit({"event": "reconnected"}))
         self.producers = {}
         self.consumers = {}
         self.watch = threading.Thread(target=self.watch_connection, daemon=True)
         self.watch.start()
 
     def watch_connection(self):
-        while self.client.connected:
-            time.sleep(0.02)
+        self.client.wait_closed()   # a reconnecting client is closed only once it gives up
         if not self.client._closing:
             emit({"event": "lost", "reason": str(self.client._lost)})
 
@@ -318,8 +322,9 @@ def main():
     die_with_parent()
     host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     heartbeat = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "0" else None
+    reconnect = float(sys.argv[5]) if len(sys.argv) > 5 and float(sys.argv[5]) > 0 else None
     try:
-        agent = Agent(host, port, name, heartbeat)
+        agent = Agent(host, port, name, heartbeat, reconnect)
     except Exception as exc:
         emit({"event": "fatal", "error": f"{type(exc).__name__}: {exc}"})
         return 1
