@@ -636,6 +636,18 @@ class ClientCore:
         rebinds it (new id) and settles waiter with it."""
         return self.request(obj._reopen_frame, waiter, obj._rebind, obj.kind)
 
+    def take_detached(self):
+        kept, self.detached = self.detached, []
+        return kept
+
+    def reopen_failed(self, obj, error):
+        """A reopen that failed with error: True if obj must end with it (the broker refused, e.g.
+        CONSUMER_BUSY); False if it is kept for the next reconnect (the connection was lost again)."""
+        if isinstance(error, ConnectionLost):
+            self.detached.append(obj)
+            return False
+        return True
+
     # --- session -------------------------------------------------------------------------------
 
     def welcomed(self, welcome):

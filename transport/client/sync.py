@@ -255,7 +255,7 @@ class Client:
     def _reopen_all(self):
         """Open every kept producer and consumer again, resume them, then tell on_reconnect."""
         with self._lock:
-            kept, self._core.detached = self._core.detached, []
+            kept = self._core.take_detached()
         opened = []
         for obj in kept:
             try:
@@ -272,10 +272,9 @@ class Client:
                 error = ConnectionLost("reopening it after a reconnect: no answer")
             except Exception as exc:
                 error = exc
-            if isinstance(error, ConnectionLost):   # lost again: the next reconnect reopens it
-                with self._lock:
-                    self._core.detached.append(obj)
-            else:                                     # refused now (CONSUMER_BUSY, ...): it ends
+            with self._lock:
+                ends = self._core.reopen_failed(obj, error)
+            if ends:
                 obj._lost(error, False)
         if self._on_reconnect is not None and self.connected:
             self._on_reconnect(self)
@@ -290,7 +289,7 @@ class Client:
     def _give_up(self):
         """Closed for good: what was kept for a reconnect ends as lost."""
         with self._lock:
-            kept, self._core.detached = self._core.detached, []
+            kept = self._core.take_detached()
         for obj in kept:
             obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
         self._finished.set()
