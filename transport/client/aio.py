@@ -200,14 +200,8 @@ class AsyncClient:
 
     async def _connect_again(self):
         """As Client._connect_again, with the event loop's primitives."""
-        policy = self._reconnect
-        policy.start(time.monotonic())
         token, heartbeat_ms, tls, timeout = self._hello
-        while not self._core.closing:
-            attempt = policy.next_attempt(time.monotonic())
-            if attempt is None:
-                return False
-            (host, port), delay = attempt
+        for (host, port), delay in self._reconnect.attempts(time.monotonic, lambda: self._core.closing):
             try:
                 await asyncio.wait_for(self._finished.wait(), delay)
                 return False

@@ -240,6 +240,16 @@ class Reconnect:
         """The connection was lost at `now`: the attempts start afresh."""
         self.lost_at, self.attempt = now, 0
 
+    def attempts(self, clock, stopped):
+        """(address, seconds to wait first) of each attempt after a loss now, until it gives up or
+        stopped(); clock() is the I/O layer's monotonic time."""
+        self.start(clock())
+        while not stopped():
+            attempt = self.next_attempt(clock())
+            if attempt is None:
+                return
+            yield attempt
+
     def next_attempt(self, now):
         """(address, seconds to wait before trying it), or None: give up."""
         if self.give_up_after is not None and now - self.lost_at >= self.give_up_after:

@@ -212,14 +212,8 @@ class Client:
     def _connect_again(self):
         """Connect to a seed address (Reconnect), hello, then reopen the kept producers and
         consumers; False once the client gives up or is closed."""
-        policy = self._reconnect
-        policy.start(time.monotonic())
         token, heartbeat_ms, tls, timeout = self._hello
-        while not self._core.closing:
-            attempt = policy.next_attempt(time.monotonic())
-            if attempt is None:
-                return False
-            (host, port), delay = attempt
+        for (host, port), delay in self._reconnect.attempts(time.monotonic, lambda: self._core.closing):
             if self._finished.wait(delay):
                 return False
             try:
