@@ -113,3 +113,14 @@ def test_async_client_reconnects_across_a_broker_restart(start_broker, topic, tm
             await producer.flush(10)
             assert (await consumer.receive(10)).payload == b"after"
     asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_a_new_connection_starts_its_heartbeat_clock_afresh():
+    from actorbroker.transport.client.core import ClientCore
+    core = ClientCore("c")
+    core.heartbeat_ms = 1000
+    core.last_received = 0.0
+    core.connection_lost(ConnectionLost("gone"), keep=True)
+    core.restart(100.0)                       # reconnected long after the last frame of the old one
+    ping, dead = core.heartbeat(100.5)
+    assert dead is None and ping is None

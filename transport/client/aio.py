@@ -211,7 +211,7 @@ class AsyncClient:
                 self._reader, self._writer = await _open(host, port, tls, timeout)
             except (OSError, asyncio.TimeoutError):
                 continue
-            self._core.restart()
+            self._core.restart(time.monotonic())
             try:
                 await asyncio.wait_for(self._handshake(hello_frame(self.name, token, heartbeat_ms)), timeout)
             except Exception:

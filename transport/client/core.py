@@ -634,10 +634,12 @@ class ClientCore:
         self._decoder = FrameDecoder(max_frame=DEFAULT_MAX_FRAME)
         self.detached = []        # producers and consumers kept across a loss, to open again
 
-    def restart(self):
-        """A new connection of a reconnecting client: nothing of the old one's bytes or errors."""
+    def restart(self, now):
+        """A new connection of a reconnecting client, opened at `now`: nothing of the old one's
+        bytes, errors or heartbeat clock."""
         self.lost = None
         self.last_error = None
+        self.last_received = now
         self._last_ping = 0.0
         self._decoder = FrameDecoder(max_frame=DEFAULT_MAX_FRAME)
 

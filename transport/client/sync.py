@@ -221,7 +221,7 @@ class Client:
             except OSError:
                 continue
             with self._lock:
-                self._core.restart()
+                self._core.restart(time.monotonic())
                 self._sock = sock
             try:
                 self._handshake(hello_frame(self.name, token, heartbeat_ms), timeout)
