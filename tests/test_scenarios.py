@@ -120,6 +120,11 @@ seconds = 1
 
 # --- runner v2: concurrency, expect_error, per-consumer stats, events --------------------------
 
+def opens(*clients):
+    """The TOML steps that open these clients."""
+    return "".join(f'[[step]]\naction = "open"\nclient = "{c}"\n' for c in clients)
+
+
 def run_text(tmp_path, text):
     path = tmp_path / "v2.toml"
     path.write_text(text)
@@ -163,13 +168,7 @@ def test_expect_events_matches_a_subsequence_in_order():
 def test_expect_error_on_each_kind_of_action_and_per_consumer_stats(tmp_path):
     runner, ok, out = run_text(tmp_path, '''name = "errors"
 description = "each action refused as expected, and consumer fields in stats"
-[[step]]
-action = "open"
-client = "a"
-[[step]]
-action = "open"
-client = "b"
-[[step]]
+''' + opens("a", "b") + '''[[step]]
 action = "producer"
 client = "a"
 producer = "only"
@@ -245,10 +244,7 @@ expect_error = "CONSUMER_BUSY"
 def test_a_background_step_runs_while_the_next_ones_do_and_its_failure_is_reported(tmp_path):
     runner, ok, out = run_text(tmp_path, '''name = "background"
 description = "a background expect that cannot pass, a step after it, the wait"
-[[step]]
-action = "open"
-client = "a"
-[[step]]
+''' + opens("a") + '''[[step]]
 action = "subscribe"
 client = "a"
 consumer = "c"
