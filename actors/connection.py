@@ -343,6 +343,10 @@ class ConnectionActor(BrokerActor):
         self.send_ordered(self.broker, broker.TopicRequest(
             frame["topic"], None, topic.StatsRequest(tag, self.myAddress)), "root")
 
+    def _op_broker_stats(self, conn, connection_id, frame, tag):
+        self._require_admin(conn)
+        self.send_ordered(self.broker, broker.BrokerStatsRequest(tag, self.myAddress), "root")
+
     def _op_delete_topic(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
         self.send_ordered(self.broker, broker.DeleteTopic(tag, frame["topic"], self.myAddress), "root")
