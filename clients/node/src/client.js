@@ -297,7 +297,9 @@ export class Client extends EventEmitter {
     const silent = Date.now() - this.lastReceived;
     if (silent >= DEAD_AFTER_HEARTBEATS * this.heartbeatMs) {
       this.destroy(new ConnectionError("CONNECTION_LOST", `nothing received from the broker for ${silent} ms`));
-    } else if (silent >= this.heartbeatMs && !this.pingInFlight) {
+    } else if (silent >= 2 * this.heartbeatMs && !this.pingInFlight) {
+      // The broker pings a silent client after heartbeatMs; pinging it ourselves only after
+      // twice that finds a broker that went away while this client kept talking.
       this.pingInFlight = true;
       const done = () => {
         this.pingInFlight = false;

@@ -20,7 +20,7 @@ export class Message {
   constructor(consumer, record) {
     this.consumer = consumer;
     this.id = record.id;
-    this.payload = Buffer.from(record.payload.buffer, record.payload.byteOffset, record.payload.byteLength);
+    this.payload = record.payload; // a Buffer: bin fields are decoded as views of the frame
     this.key = record.key ?? null;
     this.attrs = record.attrs ?? {};
     this.time = record.time;

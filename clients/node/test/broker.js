@@ -100,3 +100,28 @@ export function runPython(script, input, { onLine } = {}) {
     proc.stdin.end(JSON.stringify(input));
   });
 }
+
+/** Retries `check` (an async function returning truthy when done) until it passes or timeoutMs. */
+export async function eventually(check, { timeoutMs = 10000, what = "condition" } = {}) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`${what} not reached within ${timeoutMs} ms`);
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+}
+
+/** The next `count` messages of a consumer. */
+export async function take(consumer, count, { timeoutMs = 10000 } = {}) {
+  const msgs = [];
+  while (msgs.length < count) msgs.push(await consumer.receive({ timeoutMs }));
+  return msgs;
+}
+
+let topicCounter = 0;
+/** A topic name of its own for each test. */
+export function freshTopic(prefix = "t") {
+  topicCounter++;
+  return `/node/${prefix}-${process.pid}-${topicCounter}`;
+}
