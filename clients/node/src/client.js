@@ -99,15 +99,21 @@ export class Client extends EventEmitter {
 
   /** Sends `frame` with a new rid; `handlers.reply(frame)` / `handlers.fail(error)` settle it. */
   call(frame, handlers) {
+    this.callEncoded((rid) => {
+      frame.rid = rid;
+      return encodeFrame(frame);
+    }, handlers);
+  }
+
+  /** call() for a frame that encode(rid) gives as bytes (the producer's `send` frames). */
+  callEncoded(encode, handlers) {
     if (this.closedWith) {
       handlers.fail(this.closedWith);
-      return -1;
+      return;
     }
     const rid = this.nextRid++;
-    frame.rid = rid;
     this.pending.set(rid, handlers);
-    this.write(frame);
-    return rid;
+    this.socket.write(encode(rid));
   }
 
   /** Sends `frame` and resolves with its reply; an `error` reply rejects with a BrokerError. */

@@ -2,6 +2,7 @@
 // Messages sent in one turn of the event loop travel in one `send` frame (up to maxBatch, and
 // never a frame over the broker's max_frame); up to maxPending messages are in flight unreceipted.
 import { ActorbrokerError, ClosedError } from "./errors.js";
+import { encodeSendFrame } from "./send_frame.js";
 import { deferred, noop, waitFor } from "./waiting.js";
 
 // Bytes of a `send` frame around its messages (header, op, rid, producer id, list header), and
@@ -107,7 +108,7 @@ export class Producer {
     while (this.ready.length && (this.inFlight === 0 || this.inFlight + this.ready[0].msgs.length <= this.maxPending)) {
       const batch = this.ready.shift();
       this.inFlight += batch.msgs.length;
-      this.client.call({ op: "send", producer: this.id, msgs: batch.msgs }, {
+      this.client.callEncoded((rid) => encodeSendFrame(rid, this.id, batch.msgs), {
         reply: (receipt) => this.answered(batch, receipt, null),
         fail: (error) => this.answered(batch, null, error),
       });

@@ -3,14 +3,20 @@ import { TimeoutError } from "./errors.js";
 
 export const noop = () => {};
 
-/** A promise with its settle functions, marked handled so that nobody is forced to await it. */
+/**
+ * A promise with its settle functions. Rejecting marks it handled first, so that nobody is
+ * forced to await it (a failed send is also reported by flush()).
+ */
 export function deferred() {
-  let resolve, reject;
+  let resolve, fail;
   const promise = new Promise((res, rej) => {
     resolve = res;
-    reject = rej;
+    fail = rej;
   });
-  promise.catch(noop);
+  const reject = (error) => {
+    promise.catch(noop);
+    fail(error);
+  };
   return { promise, resolve, reject };
 }
 

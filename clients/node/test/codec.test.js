@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 
 import { encodeFrame, FrameDecoder } from "../src/index.js";
+import { encodeSendFrame } from "../src/send_frame.js";
 
 const FRAMES = [
   { op: "welcome", rid: 1, version: 1, broker: "actorbroker", heartbeat_ms: 5000, max_frame: 4194304 },
@@ -100,4 +101,27 @@ describe("frame codec", () => {
       assert.throws(() => decoder.next(), { code: "BAD_FRAME" });
     });
   }
+});
+
+describe("send frame encoder", () => {
+  // The producer's hand-written `send` frames must be the bytes the generic encoder gives.
+  const cases = [
+    [],
+    [{ payload: Buffer.alloc(0) }],
+    [{ payload: Buffer.alloc(100, 1), key: "k", attrs: { a: "b" } }],
+    [{ payload: Buffer.alloc(300, 2), key: "\u00e9".repeat(20), attrs: {} },
+      { payload: Buffer.alloc(70000, 3), key: "x".repeat(40000),
+        attrs: Object.fromEntries(Array.from({ length: 20 }, (_, i) => [`n${i}`, "\u{1F680}".repeat(i * 5)])) }],
+    Array.from({ length: 20 }, (_, i) => ({ payload: Buffer.alloc(i), key: i % 2 ? "k" : undefined })),
+    Array.from({ length: 70000 }, () => ({ payload: Buffer.alloc(1) })),
+  ];
+  it("gives the generic encoder's bytes for every size class", () => {
+    for (const [i, msgs] of cases.entries()) {
+      for (const id of [0, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32, 2 ** 53 - 1]) {
+        const fast = encodeSendFrame(id, id, msgs);
+        const generic = encodeFrame({ op: "send", rid: id, producer: id, msgs });
+        assert.ok(fast.equals(generic), `case ${i}, rid ${id}`);
+      }
+    }
+  });
 });
