@@ -70,6 +70,7 @@ export class Client extends EventEmitter {
     this.heartbeatMs = undefined;
     this.broker = undefined;
     this.lastReceived = Date.now();
+    this.lastCheck = 0;
     this.pingInFlight = false;
     this.heartbeat = null;
     this.fatal = null; // the fatal error frame the broker sent before closing, if any
@@ -91,6 +92,7 @@ export class Client extends EventEmitter {
     this.broker = welcome.broker;
     this.maxFrame = welcome.max_frame;
     this.heartbeatMs = welcome.heartbeat_ms;
+    this.lastCheck = Date.now();
     this.heartbeat = setInterval(() => this.checkAlive(), Math.max(50, this.heartbeatMs / 4));
     this.heartbeat.unref();
   }
@@ -225,9 +227,11 @@ export class Client extends EventEmitter {
     const flushes = [...this.producers.values()].map((p) => p.flush().catch(noop));
     await waitFor((resolve) => Promise.all(flushes).then(resolve), { signal, timeoutMs, what: "close" }).catch(noop);
     if (this.closedWith) return;
-    const closing = new Promise((resolve) => this.socket.once("close", resolve));
+    const socket = this.socket;
+    const closing = new Promise((resolve) => socket.once("close", resolve));
     this.destroy(new ConnectionError("CLIENT_CLOSED", "the client was closed"), { graceful: true });
-    await closing;
+    // The broker closes its side on our EOF; a broker that does not is cut off after a while.
+    await waitFor((resolve) => closing.then(resolve), { timeoutMs: 2000 }).catch(() => socket.destroy());
   }
 
   // --- incoming ---------------------------------------------------------------------------------
@@ -300,7 +304,11 @@ export class Client extends EventEmitter {
   }
 
   checkAlive() {
-    const silent = Date.now() - this.lastReceived;
+    const now = Date.now();
+    const stalled = now - this.lastCheck > this.heartbeatMs; // the event loop was blocked: data may be waiting unread
+    this.lastCheck = now;
+    if (stalled) return;
+    const silent = now - this.lastReceived;
     if (silent >= DEAD_AFTER_HEARTBEATS * this.heartbeatMs) {
       this.destroy(new ConnectionError("CONNECTION_LOST", `nothing received from the broker for ${silent} ms`));
     } else if (silent >= 2 * this.heartbeatMs && !this.pingInFlight) {

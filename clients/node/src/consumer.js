@@ -206,7 +206,7 @@ export class Consumer extends EventEmitter {
     if (this.endedWith !== undefined) return;
     this.endedWith = error;
     this.client.consumers.delete(this.id);
-    if (error === null) {
+    if (error === null || error.code === "CLIENT_CLOSED") { // what is queued can no longer be acked
       this.queue = [];
       this.head = 0;
     }
