@@ -370,9 +370,9 @@ class Bench:
                      lost=max([r["lost"] for r in rs], default=None), messages=fwd_n)
 
     def sc_throughput(self):
-        variants = [("non_reliable", "group", "python")] + [("reliable", m, "python") for m in FSYNC_MODES]
-        variants = [v for v in variants if "python" in self.clients]
-        variants[1:1] = [("non_reliable", "group", c) for c in self.clients if c != "python"]
+        # non_reliable 1->1 with each client, in the order given, then the reliable variants (python)
+        variants = [("non_reliable", "group", c) for c in self.clients]
+        variants += [("reliable", m, "python") for m in FSYNC_MODES if "python" in self.clients]
         for dispatch, fsync, client in variants:
             variant = (dispatch if dispatch == "non_reliable" else f"reliable fsync={fsync}") + client_label(client)
             try:
@@ -398,8 +398,8 @@ class Bench:
     def sc_latency(self):
         url = self.url_for("group")
         n = int(self.args.rate * self.latency_s)
-        variants = [(d, "python") for d in ("non_reliable", "reliable") if "python" in self.clients]
-        variants[1:1] = [("non_reliable", c) for c in self.clients if c != "python"]
+        variants = [("non_reliable", c) for c in self.clients]
+        variants += [("reliable", "python")] if "python" in self.clients else []
         for dispatch, client in variants:
             def once():
                 topic = self.topic("lat")
