@@ -14,8 +14,9 @@ import { noop, waitFor } from "./waiting.js";
 export const PROTOCOL_VERSION = 1;
 // Nothing at all received for this many heartbeats: the broker is gone.
 const DEAD_AFTER_HEARTBEATS = 3;
-// Error codes after which the broker closes the connection (PROTOCOL.md, docs/protocol.md).
+// Handlers of a request whose answer nobody waits for.
 const QUIET = { reply: noop, fail: noop };
+// Error codes after which the broker closes the connection (PROTOCOL.md, docs/protocol.md).
 const FATAL_CODES = new Set(["BAD_FRAME", "FRAME_TOO_LARGE", "NOT_CONNECTED", "UNSUPPORTED_VERSION",
   "AUTH_FAILED", "SLOW_CONSUMER"]);
 
@@ -152,6 +153,7 @@ export class Client extends EventEmitter {
    * ackTimeoutMs, maxRedeliveries, deadLetterTopic, receiverQueue, signal, timeoutMs.
    */
   subscribe(options) {
+    if (options.signal?.aborted) return Promise.reject(options.signal.reason);
     const frame = subscribeFrame(options);
     this.subscribing++;
     const settled = () => {

@@ -26,7 +26,7 @@ export function deferred() {
  * caller can forget the wait.
  */
 export function waitFor(start, { signal, timeoutMs, what = "wait" } = {}, cancel = noop) {
-  signal?.throwIfAborted();
+  if (signal?.aborted) return Promise.reject(signal.reason);
   return new Promise((resolve, reject) => {
     let timer;
     const onAbort = () => stop(signal.reason);

@@ -193,6 +193,10 @@ describe("session", () => {
     it("an aborted signal refuses the call at once", async () => {
       await assert.rejects(client.ping({ signal: AbortSignal.abort() }), { name: "AbortError" });
       await assert.rejects(connect(broker.address, { signal: AbortSignal.abort() }), { name: "AbortError" });
+      await assert.rejects(client.subscribe({ topic: freshTopic(), subscription: "s", signal: AbortSignal.abort() }),
+        { name: "AbortError" });
+      await assert.rejects(client.producer(freshTopic(), { signal: AbortSignal.abort() }), { name: "AbortError" });
+      assert.equal(client.subscribing, 0);
     });
 
     it("abort ends a receive that waits", async () => {
