@@ -79,32 +79,15 @@ class Writer {
     this.at += bytes.length;
   }
 
-  uint(n) {
-    const buf = this.buf;
-    if (n < 0x80) buf[this.at++] = n;
-    else if (n < 0x100) {
-      buf[this.at++] = 0xcc;
-      buf[this.at++] = n;
-    } else if (n < 0x10000) {
-      buf[this.at++] = 0xcd;
-      buf.writeUInt16BE(n, this.at);
-      this.at += 2;
-    } else if (n < 0x100000000) {
-      buf[this.at++] = 0xce;
-      buf.writeUInt32BE(n, this.at);
-      this.at += 4;
-    } else {
-      buf[this.at++] = 0xcf;
-      buf.writeBigUInt64BE(BigInt(n), this.at);
-      this.at += 8;
-    }
-  }
-
-  // A header of one of msgpack's three sizes (fixed, 16-bit, 32-bit length).
-  head(n, fixBase, fixMax, code16, code32) {
+  // A msgpack header carrying n: in the type byte itself up to fixMax, then with an 8-, 16- or
+  // 32-bit n after its code (code8 null: the type has no 8-bit form).
+  head(n, fixBase, fixMax, code8, code16, code32) {
     const buf = this.buf;
     if (n <= fixMax) buf[this.at++] = fixBase | n;
-    else if (n < 0x10000) {
+    else if (code8 !== null && n < 0x100) {
+      buf[this.at++] = code8;
+      buf[this.at++] = n;
+    } else if (n < 0x10000) {
       buf[this.at++] = code16;
       buf.writeUInt16BE(n, this.at);
       this.at += 2;
@@ -115,55 +98,36 @@ class Writer {
     }
   }
 
+  uint(n) {
+    if (n < 2 ** 32) {
+      this.head(n, 0, 0x7f, 0xcc, 0xcd, 0xce);
+    } else {
+      this.byte(0xcf);
+      this.buf.writeBigUInt64BE(BigInt(n), this.at);
+      this.at += 8;
+    }
+  }
+
   arrayHead(n) {
-    this.head(n, 0x90, 15, 0xdc, 0xdd);
+    this.head(n, 0x90, 15, null, 0xdc, 0xdd);
   }
 
   mapHead(n) {
-    this.head(n, 0x80, 15, 0xde, 0xdf);
+    this.head(n, 0x80, 15, null, 0xde, 0xdf);
   }
 
   str(s) {
-    // Written after a 5-byte gap, then moved back behind the real header once its length is known.
+    // Written after a gap as long as the longest header, then moved back behind the real one.
     const start = this.at;
     const length = this.buf.write(s, start + HEAD, "utf8");
-    let headBytes;
-    if (length < 32) headBytes = 1;
-    else if (length < 0x100) headBytes = 2;
-    else if (length < 0x10000) headBytes = 3;
-    else headBytes = 5;
-    if (headBytes !== HEAD) this.buf.copy(this.buf, start + headBytes, start + HEAD, start + HEAD + length);
-    const buf = this.buf;
-    if (headBytes === 1) buf[start] = 0xa0 | length;
-    else if (headBytes === 2) {
-      buf[start] = 0xd9;
-      buf[start + 1] = length;
-    } else if (headBytes === 3) {
-      buf[start] = 0xda;
-      buf.writeUInt16BE(length, start + 1);
-    } else {
-      buf[start] = 0xdb;
-      buf.writeUInt32BE(length, start + 1);
-    }
-    this.at = start + headBytes + length;
+    this.head(length, 0xa0, 31, 0xd9, 0xda, 0xdb);
+    if (this.at !== start + HEAD) this.buf.copy(this.buf, this.at, start + HEAD, start + HEAD + length);
+    this.at += length;
   }
 
   bin(bytes) {
-    const buf = this.buf;
-    const n = bytes.length;
-    if (n < 0x100) {
-      buf[this.at++] = 0xc4;
-      buf[this.at++] = n;
-    } else if (n < 0x10000) {
-      buf[this.at++] = 0xc5;
-      buf.writeUInt16BE(n, this.at);
-      this.at += 2;
-    } else {
-      buf[this.at++] = 0xc6;
-      buf.writeUInt32BE(n, this.at);
-      this.at += 4;
-    }
-    buf.set(bytes, this.at);
-    this.at += n;
+    this.head(bytes.length, 0, -1, 0xc4, 0xc5, 0xc6);
+    this.buf.set(bytes, this.at);
+    this.at += bytes.length;
   }
 }

@@ -5,6 +5,8 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
+import { connect } from "../src/index.js";
+
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, "../../..");
 const READY = /listening on ([\d.]+):(\d+) \(admin port (\d+), admin pid (\d+)/;
@@ -124,4 +126,17 @@ let topicCounter = 0;
 export function freshTopic(prefix = "t") {
   topicCounter++;
   return `/node/${prefix}-${process.pid}-${topicCounter}`;
+}
+
+/** A broker and a client connected to it, for a test file's before(). */
+export async function brokerWithClient(name, ...options) {
+  const broker = await startBroker(...options);
+  const client = await connect(broker.address, { name });
+  return { broker, client };
+}
+
+/** after() of brokerWithClient: the client closed, then the broker stopped. */
+export async function stopBoth(broker, client) {
+  await client?.close();
+  await broker?.stop();
 }

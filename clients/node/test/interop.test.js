@@ -3,8 +3,7 @@ import assert from "node:assert/strict";
 import crypto from "node:crypto";
 import { after, before, describe, it } from "node:test";
 
-import { connect } from "../src/index.js";
-import { freshTopic, runPython, startBroker, take } from "./broker.js";
+import { brokerWithClient, freshTopic, runPython, stopBoth, take } from "./broker.js";
 
 // Python's side reads {"address", "topic", ...} as JSON on stdin; payloads travel as hex.
 const PY_CONSUME = `
@@ -51,14 +50,8 @@ function asJson(msgs) {
 
 let broker;
 let client;
-before(async () => {
-  broker = await startBroker();
-  client = await connect(broker.address, { name: "node-interop-test" });
-});
-after(async () => {
-  await client?.close();
-  await broker?.stop();
-});
+before(async () => ({ broker, client } = await brokerWithClient("node-interop-test")));
+after(() => stopBoth(broker, client));
 
 describe("interop with the Python client", () => {
   it("a Node producer to a Python consumer", async () => {

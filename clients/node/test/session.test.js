@@ -6,19 +6,13 @@ import path from "node:path";
 import { after, before, describe, it } from "node:test";
 
 import { BrokerError, connect, ConnectionError } from "../src/index.js";
-import { eventually, freshTopic, startBroker, take } from "./broker.js";
+import { brokerWithClient, eventually, freshTopic, startBroker, stopBoth, take } from "./broker.js";
 
 describe("session", () => {
   let broker;
   let client;
-  before(async () => {
-    broker = await startBroker();
-    client = await connect(broker.address, { name: "node-session-test" });
-  });
-  after(async () => {
-    await client?.close();
-    await broker?.stop();
-  });
+  before(async () => ({ broker, client } = await brokerWithClient("node-session-test")));
+  after(() => stopBoth(broker, client));
 
   it("says hello and learns the broker's settings from welcome", async () => {
     const c = await connect(broker.address, { heartbeatMs: 1000 });
@@ -150,20 +144,14 @@ describe("session", () => {
         { code: "UNKNOWN_PRODUCER" });
       await assert.rejects(client.request({ op: "ack", consumer: 987654, ids: [1] }), { code: "UNKNOWN_CONSUMER" });
     });
-    it("TYPE_MISMATCH", async () => {
-      const topic = freshTopic();
-      const a = await client.subscribe({ topic, subscription: "s", type: "shared", consumer: "a" });
-      await assert.rejects(client.subscribe({ topic, subscription: "s", type: "exclusive", consumer: "b" }),
-        { code: "TYPE_MISMATCH" });
-      await a.close();
-    });
-    it("CONSUMER_BUSY", async () => {
-      const topic = freshTopic();
-      const a = await client.subscribe({ topic, subscription: "s", type: "exclusive", consumer: "a" });
-      await assert.rejects(client.subscribe({ topic, subscription: "s", type: "exclusive", consumer: "b" }),
-        { code: "CONSUMER_BUSY" });
-      await a.close();
-    });
+    for (const [code, firstType] of [["TYPE_MISMATCH", "shared"], ["CONSUMER_BUSY", "exclusive"]]) {
+      it(code, async () => {
+        const topic = freshTopic();
+        const a = await client.subscribe({ topic, subscription: "s", type: firstType, consumer: "a" });
+        await assert.rejects(client.subscribe({ topic, subscription: "s", type: "exclusive", consumer: "b" }), { code });
+        await a.close();
+      });
+    }
     it("PRODUCER_BUSY", async () => {
       const topic = freshTopic();
       const p = await client.producer(topic, { access: "exclusive" });

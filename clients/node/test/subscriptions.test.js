@@ -5,18 +5,12 @@ import { once } from "node:events";
 import { after, before, describe, it } from "node:test";
 
 import { connect } from "../src/index.js";
-import { eventually, freshTopic, startBroker, take } from "./broker.js";
+import { brokerWithClient, eventually, freshTopic, stopBoth, take } from "./broker.js";
 
 let broker;
 let client;
-before(async () => {
-  broker = await startBroker();
-  client = await connect(broker.address, { name: "node-subscriptions-test" });
-});
-after(async () => {
-  await client?.close();
-  await broker?.stop();
-});
+before(async () => ({ broker, client } = await brokerWithClient("node-subscriptions-test")));
+after(() => stopBoth(broker, client));
 
 async function produce(topic, count, options = {}, sendOptions = () => ({})) {
   const producer = await client.producer(topic, options);
