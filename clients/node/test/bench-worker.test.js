@@ -75,3 +75,20 @@ it("node worker -> python worker and python -> node: same results, same fields",
   assert.deepEqual(Object.keys(toPython.consumed).sort(), Object.keys(toNode.consumed).sort());
   assert.deepEqual(Object.keys(toPython.consumed.latency).sort(), Object.keys(toNode.consumed.latency).sort());
 });
+
+it("actorbroker bench --client python,node puts Node rows next to Python's", async () => {
+  const json = path.join(dir, "bench.json");
+  await run(PYTHON, ["-m", "actorbroker.scripts.cli", "bench", "--quick", "--scenarios", "throughput,latency",
+    "--messages", "500", "--latency-seconds", "0.5", "--client", "python,node", "--json", json],
+  { cwd: path.resolve(path.dirname(WORKER), "../../.."), timeout: 90000 });
+  const results = JSON.parse(fs.readFileSync(json, "utf8"));
+  assert.deepEqual(results.failures, []);
+  const variants = new Set(results.rows.map((r) => `${r.scenario}: ${r.variant}`));
+  for (const v of ["throughput: non_reliable", "throughput: non_reliable, node client",
+    "latency: non_reliable @1000/s", "latency: non_reliable @1000/s, node client"]) {
+    assert.ok(variants.has(v), `${v} in ${[...variants]}`);
+  }
+  const nodeRow = results.rows.find((r) => r.variant === "non_reliable, node client");
+  assert.equal(nodeRow.lost, 0);
+  assert.ok(nodeRow.median > 0);
+});
