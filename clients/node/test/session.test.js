@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 
-import { BrokerError, connect, ConnectionError } from "../src/index.js";
+import { BrokerError, connect, ConnectionError, Consumer } from "../src/index.js";
 import { brokerWithClient, eventually, freshTopic, startBroker, stopBoth, take } from "./broker.js";
 
 describe("session", () => {
@@ -163,18 +163,22 @@ describe("session", () => {
       await assert.rejects(producer.send(Buffer.alloc(client.maxFrame)), { code: "MESSAGE_TOO_LARGE" });
       assert.equal(await producer.send("fits"), 0);
     });
-    it("BAD_FRAME is fatal: pending requests fail with it and the client closes", async () => {
-      const c = await connect(broker.address);
-      const closed = new Promise((resolve) => c.once("close", resolve));
-      const pending = c.subscribe({ topic: freshTopic(), subscription: "s", consumer: "c" }).catch((e) => e);
-      c.socket.write(Buffer.from([0, 0, 0, 1, 0xc1]));
-      const error = await closed;
-      assert.equal(error.code, "BAD_FRAME");
-      assert.ok(error instanceof BrokerError);
-      const failed = await pending;
-      assert.ok(failed.code === "BAD_FRAME" || failed instanceof BrokerError, `${failed}`);
-      await assert.rejects(c.ping(), { code: "BAD_FRAME" });
-    });
+    for (const [code, bytes] of [["BAD_FRAME", [0, 0, 0, 1, 0xc1]], ["FRAME_TOO_LARGE", [0xff, 0xff, 0xff, 0xff]]]) {
+      it(`${code} is fatal: what waits fails with it and the client closes`, async () => {
+        const c = await connect(broker.address);
+        const closed = new Promise((resolve) => c.once("close", resolve));
+        // Sent before the bad bytes: answered before the close, or failed by it.
+        const pending = c.subscribe({ topic: freshTopic(), subscription: "s", consumer: "c" }).catch((e) => e);
+        c.socket.write(Buffer.from(bytes));
+        const error = await closed;
+        assert.ok(error instanceof BrokerError);
+        assert.equal(error.code, code);
+        const outcome = await pending;
+        assert.ok(outcome instanceof Consumer || outcome.code === code, `${outcome}`);
+        await assert.rejects(c.ping(), { code });
+        assert.equal(c.connected, false);
+      });
+    }
   });
 
   describe("AbortSignal and timeouts", () => {

@@ -115,6 +115,34 @@ describe("subscription types", () => {
 });
 
 describe("reliable delivery", () => {
+  it("a consumer name subscribed again takes the old attachment's place and its unacked messages", async () => {
+    const topic = freshTopic("rel");
+    const other = await connect(broker.address);
+    const old = await other.subscribe({ topic, subscription: "s", consumer: "same", dispatch: "reliable" });
+    await produce(topic, 2);
+    await take(old, 2); // delivered, never acknowledged
+    const replaced = once(old, "closed").then(([error]) => error);
+    const fresh = await client.subscribe({ topic, subscription: "s", consumer: "same" });
+    assert.equal((await replaced).reason, "replaced");
+    const again = await take(fresh, 2);
+    assert.deepEqual(again.map((m) => m.id), [0, 1]);
+    await fresh.ack(again);
+    await fresh.close();
+    await other.close();
+  });
+
+  it("credits by hand: flow() lets the broker send that many more", async () => {
+    const topic = freshTopic();
+    const c = await client.subscribe({ topic, subscription: "s", consumer: "c", receiverQueue: 1 });
+    await produce(topic, 4);
+    await outCounts(topic, 1); // one credit, from receiverQueue; nothing taken yet
+    c.flow(2);
+    await outCounts(topic, 3);
+    assert.equal((await client.stats(topic)).subscriptions[0].backlog, 1);
+    assert.deepEqual((await take(c, 4)).map((m) => m.id), [0, 1, 2, 3]);
+    await c.close();
+  });
+
   it("an acknowledged message is not delivered again; an unacknowledged one is redelivered", async () => {
     const topic = freshTopic("rel");
     let c = await client.subscribe({ topic, subscription: "s", consumer: "c", dispatch: "reliable" });
