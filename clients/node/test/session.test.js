@@ -270,8 +270,11 @@ describe("a broker that goes away", () => {
       const error = await closed;
       assert.ok(error instanceof ConnectionError);
       assert.equal(error.code, "CONNECTION_LOST");
-      assert.equal((await iterating)?.code, "CONNECTION_LOST");
-      await assert.rejects(producer.send("x"), { code: "CONNECTION_LOST" });
+      // A broker shutting down may end its topics (a `closed` push) before it closes the socket.
+      const ended = ["CONNECTION_LOST", "CLOSED"];
+      assert.ok(ended.includes((await iterating)?.code), `${await iterating}`);
+      const sendError = await producer.send("x").catch((e) => e);
+      assert.ok(ended.includes(sendError.code), `${sendError}`);
       await assert.rejects(client.ping(), { code: "CONNECTION_LOST" });
       assert.equal(client.connected, false);
     } finally {
