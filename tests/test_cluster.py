@@ -1,0 +1,215 @@
+"""One broker over three hosts (docs/cluster.md): three network namespaces made by the test, a
+real `actorbroker serve` in each, joined in a Thespian convention; clients in the test's own
+namespace reach every node. Every namespace, link and process is removed by the test."""
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from actorbroker.scripts import proctree
+from actorbroker.scripts.local_broker import LocalBroker
+from actorbroker.transport.client.sync import Client
+from actorbroker.transport.errors import ConsumerClosed, TopicUnavailable
+from tests import netns
+
+TIMEOUT_MS = 1500          # member timeout of the test clusters (default 3000)
+ADMIN_PORT = 7600
+
+pytestmark = pytest.mark.skipif(netns.unavailable() is not None,
+                                reason=f"cluster tests need network namespaces: {netns.unavailable()}")
+
+
+def wait_for(check, timeout, what):
+    """Poll `check` (a state the broker reaches on its own timers) until true; the deadline only
+    bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+class Cluster:
+    def __init__(self, tmp_path):
+        self.hosts = netns.Hosts()
+        self.dir = tmp_path
+        self.secret = tmp_path / "cluster.secret"
+        fd = os.open(self.secret, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+        self.nodes = {}
+        self.stopped = []
+
+    def start(self, node, *extra):
+        address = self.hosts.address(node)
+        options = ["--host", address, "--cluster-bind", f"{address}:{ADMIN_PORT}", "--node", node,
+                   "--cluster-secret-file", str(self.secret), "--member-timeout-ms", str(TIMEOUT_MS),
+                   *extra]
+        if node != "a":
+            options += ["--join", f"{self.hosts.address('a')}:{ADMIN_PORT}"]
+        broker = LocalBroker(self.dir / node, *options, prefix=self.hosts.prefix(node))
+        self.nodes[node] = broker
+        return broker
+
+    def client(self, node):
+        return Client(*self.nodes[node].address, name=f"test-on-{node}")
+
+    def members(self, node):
+        with self.client(node) as c:
+            return {m["node"]: m for m in c.cluster()}
+
+    def live(self, node):
+        return sorted(n for n, m in self.members(node).items() if m["state"] == "live")
+
+    def wait_live(self, node, expected, timeout=20):
+        wait_for(lambda: self.live(node) == sorted(expected), timeout,
+                 f"node {node} seeing {expected} live")
+
+    def topic_on(self, node, dispatch="non_reliable"):
+        """A new topic name that the cluster places on `node`."""
+        with self.client("a") as c:
+            for _ in range(200):
+                name = f"/cl/{dispatch[:3]}-{uuid.uuid4().hex[:10]}"
+                if c.lookup(name)["node"] == node:
+                    return name
+        raise AssertionError(f"no topic name placed on {node}")
+
+    def kill(self, node):
+        """kill -9 of the node's whole process tree (serve, admin, every actor)."""
+        broker = self.nodes.pop(node)
+        left = broker.kill_all()
+        broker.stderr.close()
+        broker.proc.stdout.close()
+        assert not left
+
+    def stop_all(self):
+        left = []
+        for broker in self.nodes.values():
+            for pid in broker.processes():   # SIGSTOPped ones must run to stop
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except OSError:
+                    pass
+            left += broker.stop()
+        self.nodes.clear()
+        self.hosts.remove()
+        return left
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        for node in netns.NODES:
+            c.start(node)
+        c.wait_live("a", ["a", "b", "c"])
+        c.wait_live("c", ["a", "b", "c"])
+        yield c
+    finally:
+        left = c.stop_all()
+        assert not left, f"broker processes left behind: {left}"
+        assert not c.hosts.leftovers(), f"namespaces or links left behind: {c.hosts.leftovers()}"
+
+
+def produce(client, topic, payloads, dispatch="non_reliable"):
+    producer = client.producer(topic, dispatch=dispatch)
+    for p in payloads:
+        producer.send_sync(p)
+    return producer
+
+
+def receive_all(consumer, count, timeout=10):
+    got = []
+    while len(got) < count:
+        msg = consumer.receive(timeout=timeout)
+        consumer.ack(msg)
+        got.append(msg.payload)
+    return got
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+def test_serve_refuses_unsafe_cluster_options(tmp_path):
+    """No convention on a public address without --trust-cluster-network, none on 0.0.0.0, none
+    without a shared secret: serve exits 1 before starting anything."""
+    import subprocess
+    import sys
+    secret = tmp_path / "s"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o600)
+    cases = [
+        (["--cluster-bind", "8.8.8.8:7600", "--cluster-secret-file", str(secret)], "not a private address"),
+        (["--cluster-bind", "0.0.0.0:7600", "--cluster-secret-file", str(secret)], "not 0.0.0.0"),
+        (["--cluster-bind", "10.1.2.3:7600"], "--cluster-secret-file"),
+        (["--join", "10.1.2.3:7600"], "need --cluster-bind"),
+    ]
+    for options, text in cases:
+        done = subprocess.run([sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+                               "--data-dir", str(tmp_path / "d"), *options],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, (options, done.stderr)
+        assert text in done.stderr, (options, done.stderr)
+
+
+# --- any node serves any client and any topic ------------------------------------------------------------
+
+def test_members_and_listening_sockets(cluster):
+    members = cluster.members("b")
+    assert sorted(members) == ["a", "b", "c"]
+    assert members["a"]["role"] == "leader" and members["b"]["role"] == "member"
+    assert all(m["state"] == "live" for m in members.values())
+    assert members["b"]["self"] and members["c"]["address"] == \
+        f"{cluster.hosts.address('c')}:{cluster.nodes['c'].port}"
+    # Thespian's sockets and the lanes are on the cluster address only: never 0.0.0.0
+    for node, broker in cluster.nodes.items():
+        for pid in broker.processes()[1:]:
+            for host in listening_hosts(pid):
+                assert host in (cluster.hosts.address(node),), (node, pid, host)
+
+
+def listening_hosts(pid):
+    """IPv4 addresses the process listens on (from /proc/PID/net/tcp and its fds)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+                  if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
+        lines = open(f"/proc/{pid}/net/tcp").read().splitlines()[1:]
+    except OSError:
+        return []
+    hosts = []
+    for line in lines:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:   # LISTEN
+            raw = fields[1].split(":")[0]
+            hosts.append(".".join(str(int(raw[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return hosts
+
+
+@pytest.mark.parametrize("sub_type", ["exclusive", "shared", "failover", "key_shared"])
+def test_produce_on_a_consume_on_c_topic_on_b(cluster, sub_type):
+    topic = cluster.topic_on("b")
+    with cluster.client("c") as on_c, cluster.client("a") as on_a:
+        consumer = on_c.subscribe(topic, "s", sub_type, "c1")
+        payloads = [f"m{i}".encode() for i in range(200)]
+        produce(on_a, topic, payloads)
+        got = receive_all(consumer, len(payloads))
+        assert sorted(got) == sorted(payloads)
+        if sub_type != "shared":
+            assert got == payloads
+        # every node names the owner
+        assert on_a.lookup(topic)["node"] == "b" and on_c.lookup(topic)["exists"]
+        assert on_c.stats(topic)["node"] == "b"
+        listed = [t for t in on_a.topics() if t["name"] == topic]
+        assert listed and listed[0]["node"] == "b" and listed[0]["subscriptions"] == 1
+
+
+def test_reliable_topic_across_nodes(cluster):
+    topic = cluster.topic_on("b", "reliable")
+    with cluster.client("a") as on_a, cluster.client("c") as on_c:
+        consumer = on_c.subscribe(topic, "durable", "exclusive", "c1", dispatch="reliable", start="earliest")
+        produce(on_a, topic, [b"r%d" % i for i in range(50)], dispatch="reliable")
+        assert receive_all(consumer, 50) == [b"r%d" % i for i in range(50)]
