@@ -129,6 +129,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.listen_host = None
         self.membership = None    # cluster only (actors/cluster_root.py)
         self.node_gathers = {}    # token -> [rid, reply_to, nodes expected, summaries]
+        self.connections_open = 0   # as the listener last counted them
         self.gathers = {}         # token -> [reply_to, expected, summaries]: this node's topics
 
     def watch(self):

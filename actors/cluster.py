@@ -122,12 +122,16 @@ class Membership:
         self.members = {}      # node name -> Member (never self)
 
     def heard(self, hb, now):
-        """A heartbeat arrived. Returns (returned, peers): whether a lost or unknown member is
-        live again, and members we did not know that it knows (to heartbeat them too)."""
+        """A heartbeat arrived. Returns (state, peers): state is "live", "returned" (a lost or
+        unknown member is live again) or "fenced" (a member we declared lost speaks as the same
+        incarnation: it must fence itself first, see ClusterRoot._fence); peers are members we
+        did not know that it knows (to heartbeat them too)."""
         if hb.node == self.node:
-            return False, []
+            return "live", []
         member = self.members.get(hb.node)
-        returned = member is None or member.lost
+        if member is not None and member.lost and hb.incarnation == member.incarnation:
+            return "fenced", []   # stopped or cut off, not restarted: lost it stays, until it fences
+        returned = "returned" if member is None or member.lost else "live"
         if member is None:
             member = self.members[hb.node] = Member(hb.node, hb.root, now)
         member.incarnation, member.root = hb.incarnation, hb.root

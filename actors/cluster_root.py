@@ -26,7 +26,6 @@ class ClusterRoot:
         self.membership = cluster.Membership(config.node, config.member_timeout_ms / 1000)
         self.incarnation = uuid.uuid4().hex[:12]
         self.next_id = 1 << ID_SALT_BITS | random.getrandbits(ID_SALT_BITS)
-        self.connections_open = 0
         self.last_lost_beat = 0.0
         self.joining = None       # the JoinAgent in flight
         log.info("cluster node %s (%s), member timeout %d ms", config.node,
@@ -60,6 +59,8 @@ class ClusterRoot:
 
     # --- heartbeats and loss detection ------------------------------------------------------------
     def cluster_tick(self):
+        every = self.config.member_timeout_ms / 1000 / cluster.HEARTBEATS_PER_TIMEOUT
+        self.wakeupAfter(timedelta(seconds=every), payload="heartbeat")   # first: whatever fails below
         now = time.monotonic()
         for member in self.membership.expire(now):
             self._member_lost(member)
@@ -75,8 +76,6 @@ class ClusterRoot:
             if now - getattr(self, "last_join", 0.0) >= JOIN_RETRY.total_seconds():
                 self.last_join = now
                 self._join()
-        every = self.config.member_timeout_ms / 1000 / cluster.HEARTBEATS_PER_TIMEOUT
-        self.wakeupAfter(timedelta(seconds=every), payload="heartbeat")
 
     def _heartbeat(self):
         return cluster.Heartbeat(
@@ -95,8 +94,10 @@ class ClusterRoot:
             return
         if (self.config.node, self.incarnation) in msg.lost:
             self._fence(msg.node)
-        returned, peers = self.membership.heard(msg, time.monotonic())
-        if returned:
+        state, peers = self.membership.heard(msg, time.monotonic())
+        if state == "fenced":   # our heartbeat lists it as lost: it fences, and comes back anew
+            self.send(msg.root, self._heartbeat())
+        elif state == "returned":
             log.warning("member %s is live (%s)", msg.node, msg.client_address)
             self.send(msg.root, self._heartbeat())   # answer at once: it learns of us sooner
         for peer in peers:

@@ -213,3 +213,160 @@ def test_reliable_topic_across_nodes(cluster):
         consumer = on_c.subscribe(topic, "durable", "exclusive", "c1", dispatch="reliable", start="earliest")
         produce(on_a, topic, [b"r%d" % i for i in range(50)], dispatch="reliable")
         assert receive_all(consumer, 50) == [b"r%d" % i for i in range(50)]
+
+
+# --- member loss ---------------------------------------------------------------------------------
+
+def lost_within(cluster, observers, node, since, what):
+    """Seconds from `since` until every observer has declared `node` lost."""
+    wait_for(lambda: all(cluster.members(o)[node]["state"] == "lost" for o in observers),
+             TIMEOUT_MS / 1000 + 10, f"{what}: {node} declared lost by {observers}")
+    return time.monotonic() - since
+
+
+def rehomed(cluster, topic, away_from, on="a"):
+    """Wait until the cluster places `topic` on a node other than `away_from`; that node."""
+    def placed():
+        with cluster.client(on) as c:
+            found = c.lookup(topic)
+        return found["node"] if found["available"] and found["node"] != away_from else None
+    return wait_for(placed, 10, f"{topic} re-homed away from {away_from}")
+
+
+def closed_reason(consumer, timeout=10):
+    with pytest.raises(ConsumerClosed) as ended:
+        while True:
+            consumer.receive(timeout=timeout)
+    return ended.value.reason
+
+
+def test_kill_9_of_a_node(cluster):
+    """B's whole process tree is killed: A and C declare it lost within the member timeout; its
+    non_reliable topic is re-homed and serves A and C; its reliable topic answers
+    TOPIC_UNAVAILABLE until B returns, then serves every receipted message."""
+    volatile = cluster.topic_on("b")
+    durable = cluster.topic_on("b", "reliable")
+    with cluster.client("a") as on_a, cluster.client("c") as on_c:
+        on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable", start="earliest").close()
+        produce(on_a, durable, [b"r%d" % i for i in range(100)], dispatch="reliable")   # all receipted
+        on_a_consumer = on_a.subscribe(volatile, "sa", "exclusive", "a1")
+        on_c_consumer = on_c.subscribe(volatile, "sc", "exclusive", "c1")
+
+        killed = time.monotonic()
+        cluster.kill("b")
+        detected = lost_within(cluster, ["a", "c"], "b", killed, "kill -9")
+        assert detected < TIMEOUT_MS / 1000 + 2.0, detected
+        # their topic is gone: both consumers are told (lane EOF, or the loss itself)
+        assert closed_reason(on_a_consumer) in ("topic_lost", "node_lost")
+        assert closed_reason(on_c_consumer) in ("topic_lost", "node_lost")
+
+        owner = rehomed(cluster, volatile, "b")
+        assert owner in ("a", "c")
+        on_a_consumer = on_a.subscribe(volatile, "sa", "exclusive", "a1")
+        on_c_consumer = on_c.subscribe(volatile, "sc", "exclusive", "c1")
+        after = [b"after-%d" % i for i in range(50)]
+        produce(on_a, volatile, after)
+        assert receive_all(on_a_consumer, 50) == after
+        assert receive_all(on_c_consumer, 50) == after
+        assert time.monotonic() - killed < TIMEOUT_MS / 1000 + 5.0
+
+        for client in (on_a, on_c):
+            with pytest.raises(TopicUnavailable):
+                client.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable")
+            with pytest.raises(TopicUnavailable):
+                client.producer(durable, dispatch="reliable")
+
+    cluster.start("b")   # same node name, same data directory
+    cluster.wait_live("a", ["a", "b", "c"])
+    cluster.wait_live("c", ["a", "b", "c"])
+    with cluster.client("c") as on_c:
+        assert on_c.lookup(durable)["node"] == "b"
+        consumer = on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable")
+        assert receive_all(consumer, 100) == [b"r%d" % i for i in range(100)]
+
+
+def test_sigstop_of_a_node_then_it_fences_itself(cluster):
+    """A stopped node keeps its sockets open: the heartbeat finds it lost; its non_reliable topic
+    goes to a survivor; once continued it learns it was lost, ends its own copy, and comes back as
+    a new incarnation: the topic never has two owners."""
+    topic = cluster.topic_on("b")
+    with cluster.client("a") as on_a, cluster.client("c") as on_c:
+        consumer = on_c.subscribe(topic, "s", "shared", "c1")
+        b_pids = cluster.nodes["b"].processes()
+        stopped = time.monotonic()
+        for pid in b_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            lost_within(cluster, ["a", "c"], "b", stopped, "SIGSTOP")
+            assert closed_reason(consumer) == "node_lost"
+            owner = rehomed(cluster, topic, "b", on="c")
+            consumer = on_c.subscribe(topic, "s", "shared", "c1")
+            produce(on_a, topic, [b"x%d" % i for i in range(20)])
+            assert sorted(receive_all(consumer, 20)) == sorted(b"x%d" % i for i in range(20))
+        finally:
+            for pid in b_pids:
+                os.kill(pid, signal.SIGCONT)
+        cluster.wait_live("a", ["a", "b", "c"])
+        cluster.wait_live("b", ["a", "b", "c"])
+        # one owner, the survivor, in every node's view; B's own copy is gone
+        for node in ("a", "b", "c"):
+            with cluster.client(node) as c:
+                assert c.lookup(topic)["node"] == owner
+                assert [t["node"] for t in c.topics() if t["name"] == topic] == [owner]
+        with cluster.client("b") as on_b:
+            produce(on_b, topic, [b"from-b"])
+        assert receive_all(consumer, 1) == [b"from-b"]
+
+
+def test_link_cut_between_two_nodes(cluster):
+    """Only the A-B link goes down: A and B declare each other lost, C sees both; B's topic is
+    unavailable from A (never opened a second time) and keeps serving C; when the link is back,
+    A reaches it again."""
+    topic = cluster.topic_on("b")
+    with cluster.client("c") as on_c:
+        consumer = on_c.subscribe(topic, "s", "exclusive", "c1")
+        cut = time.monotonic()
+        cluster.hosts.cut("a", "b")
+        try:
+            lost_within(cluster, ["a"], "b", cut, "link cut")
+            lost_within(cluster, ["b"], "a", cut, "link cut")
+            assert cluster.live("c") == ["a", "b", "c"]
+            with cluster.client("a") as on_a:
+                with pytest.raises(TopicUnavailable):
+                    on_a.producer(topic)
+            produce(on_c, topic, [b"still"])
+            assert receive_all(consumer, 1) == [b"still"]
+        finally:
+            cluster.hosts.mend("a", "b")
+    cluster.wait_live("a", ["a", "b", "c"])
+    cluster.wait_live("b", ["a", "b", "c"])
+    # B was declared lost by A: it fenced its non_reliable topics; the next use re-creates it once
+    with cluster.client("a") as on_a, cluster.client("c") as on_c:
+        owner = on_a.lookup(topic)["node"]
+        consumer = on_c.subscribe(topic, "s2", "exclusive", "c1")
+        produce(on_a, topic, [b"healed"])
+        assert receive_all(consumer, 1) == [b"healed"]
+        assert [t["node"] for t in on_c.topics() if t["name"] == topic] == [on_a.lookup(topic)["node"]]
+        assert owner in ("a", "b", "c")
+
+
+def test_leader_killed(cluster):
+    """docs/cluster.md: the leader is needed to join, not to serve. Killed, it is declared lost;
+    topics on the other nodes keep working; when it returns, the members join it again."""
+    on_c_topic = cluster.topic_on("c")
+    with cluster.client("b") as on_b, cluster.client("c") as on_c:
+        consumer = on_c.subscribe(on_c_topic, "s", "exclusive", "c1")
+        killed = time.monotonic()
+        cluster.kill("a")
+        lost_within(cluster, ["b", "c"], "a", killed, "leader killed")
+        produce(on_b, on_c_topic, [b"m%d" % i for i in range(10)])
+        assert receive_all(consumer, 10) == [b"m%d" % i for i in range(10)]
+        fresh = f"/cl/new-{uuid.uuid4().hex[:8]}"   # a new topic is placed on a survivor
+        assert on_b.lookup(fresh)["node"] in ("b", "c")
+        fresh_consumer = on_c.subscribe(fresh, "s", "exclusive", "c1")
+        produce(on_b, fresh, [b"new"])
+        assert receive_all(fresh_consumer, 1) == [b"new"]
+    cluster.start("a")
+    cluster.wait_live("a", ["a", "b", "c"])
+    cluster.wait_live("b", ["a", "b", "c"])
+    cluster.wait_live("c", ["a", "b", "c"])
