@@ -20,6 +20,9 @@ ROOT_GLOBAL_NAME = "actorbroker-root"   # the root actor of each node's system, 
 NODE_CAPABILITY = "actorbroker.node"
 LEADER_CAPABILITY = "actorbroker.leader"
 HEARTBEATS_PER_TIMEOUT = 6               # heartbeats sent to a live member per member timeout
+# A member silent for this share of the member timeout (four heartbeats missed) is declared lost
+# at the next check (every heartbeat): so within the member timeout of its last heartbeat.
+SILENCE_SHARE = 4 / HEARTBEATS_PER_TIMEOUT
 LOST_HEARTBEAT_EVERY_S = 2.0             # to a lost member: slower (a stopped peer queues them)
 
 
@@ -118,7 +121,7 @@ class Membership:
 
     def __init__(self, node, timeout_s):
         self.node = node
-        self.timeout_s = timeout_s
+        self.silence_s = timeout_s * SILENCE_SHARE
         self.members = {}      # node name -> Member (never self)
 
     def heard(self, hb, now):
@@ -149,13 +152,19 @@ class Membership:
         return returned, peers
 
     def expire(self, now):
-        """The members not heard from within the timeout: now lost (returned once)."""
+        """The members silent for too long: now lost (each returned once)."""
         lost = []
         for member in self.members.values():
-            if not member.lost and now - member.last_seen > self.timeout_s:
+            if not member.lost and now - member.last_seen > self.silence_s:
                 member.lost = True
                 lost.append(member)
         return lost
+
+    def stalled(self, now):
+        """This node itself did not run for a while (stopped, swapped out): what it did not hear
+        meanwhile says nothing of the others. Give every live member a new full timeout."""
+        for member in self.live():
+            member.last_seen = max(member.last_seen, now)
 
     def live(self):
         return [m for m in self.members.values() if not m.lost]
@@ -181,14 +190,19 @@ class Membership:
                 return member.node, member.topics[topic]
         for member in self.live():
             owner = member.seen.get(topic)
-            if owner is not None and owner != self.node:
-                # a member still sees its owner live: we cannot reach the owner, and nobody may
-                # open the topic a second time (a partition, or a loss not yet seen by all)
+            if owner is not None and owner != self.node and self._lost_here(owner):
+                # a member still sees its owner live, we do not: we cannot reach the owner, and
+                # nobody may open the topic a second time (a partition, or a loss not yet seen
+                # by all). (An owner live here speaks for itself: its own list is the truth.)
                 return None, owner
         for member in self.members.values():
             if member.lost and member.topics.get(topic) == "reliable":
                 return None, member.node   # its log is there: nobody else may open it
         return rendezvous_owner(topic, self.live_names()), None
+
+    def _lost_here(self, node):
+        member = self.members.get(node)
+        return member is None or member.lost
 
     def seen_topics(self):
         """((topic, node), ...) of every topic a live member owns: part of our heartbeat."""

@@ -27,6 +27,7 @@ class ClusterRoot:
         self.incarnation = uuid.uuid4().hex[:12]
         self.next_id = 1 << ID_SALT_BITS | random.getrandbits(ID_SALT_BITS)
         self.last_lost_beat = 0.0
+        self.last_tick = time.monotonic()
         self.joining = None       # the JoinAgent in flight
         log.info("cluster node %s (%s), member timeout %d ms", config.node,
                  "leader" if config.cluster_leader else "member", config.member_timeout_ms)
@@ -62,6 +63,12 @@ class ClusterRoot:
         every = self.config.member_timeout_ms / 1000 / cluster.HEARTBEATS_PER_TIMEOUT
         self.wakeupAfter(timedelta(seconds=every), payload="heartbeat")   # first: whatever fails below
         now = time.monotonic()
+        stall = now - self.last_tick
+        self.last_tick = now
+        if stall > self.membership.silence_s / 2:
+            log.warning("node %s did not run for %.1f s: no member is declared lost on that account",
+                        self.config.node, stall)
+            self.membership.stalled(now)
         for member in self.membership.expire(now):
             self._member_lost(member)
         beat = self._heartbeat()

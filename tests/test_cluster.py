@@ -14,7 +14,7 @@ from actorbroker.transport.client.sync import Client
 from actorbroker.transport.errors import ConsumerClosed, TopicUnavailable
 from tests import netns
 
-TIMEOUT_MS = 1500          # member timeout of the test clusters (default 3000)
+TIMEOUT_MS = 3000          # member timeout (the default): a loss is declared within it
 ADMIN_PORT = 7600
 
 pytestmark = pytest.mark.skipif(netns.unavailable() is not None,
@@ -41,7 +41,7 @@ class Cluster:
         self.secret = tmp_path / "cluster.secret"
         fd = os.open(self.secret, os.O_WRONLY | os.O_CREAT, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32))
+            f.write(os.urandom(32).hex().encode())
         self.nodes = {}
         self.stopped = []
 
@@ -140,7 +140,7 @@ def test_serve_refuses_unsafe_cluster_options(tmp_path):
     import subprocess
     import sys
     secret = tmp_path / "s"
-    secret.write_bytes(os.urandom(32))
+    secret.write_bytes(os.urandom(32).hex().encode())
     secret.chmod(0o600)
     cases = [
         (["--cluster-bind", "8.8.8.8:7600", "--cluster-secret-file", str(secret)], "not a private address"),
@@ -217,6 +217,9 @@ def test_reliable_topic_across_nodes(cluster):
 
 # --- member loss ---------------------------------------------------------------------------------
 
+GONE = ("subscription_lost", "topic_lost", "node_lost")   # whichever of them tells first
+
+
 def lost_within(cluster, observers, node, since, what):
     """Seconds from `since` until every observer has declared `node` lost."""
     wait_for(lambda: all(cluster.members(o)[node]["state"] == "lost" for o in observers),
@@ -255,10 +258,10 @@ def test_kill_9_of_a_node(cluster):
         killed = time.monotonic()
         cluster.kill("b")
         detected = lost_within(cluster, ["a", "c"], "b", killed, "kill -9")
-        assert detected < TIMEOUT_MS / 1000 + 2.0, detected
-        # their topic is gone: both consumers are told (lane EOF, or the loss itself)
-        assert closed_reason(on_a_consumer) in ("topic_lost", "node_lost")
-        assert closed_reason(on_c_consumer) in ("topic_lost", "node_lost")
+        assert detected < TIMEOUT_MS / 1000 + 0.5, detected   # + the test's own polling
+        # their topic is gone: both consumers are told (a lane's EOF, or the loss itself)
+        assert closed_reason(on_a_consumer) in GONE
+        assert closed_reason(on_c_consumer) in GONE
 
         owner = rehomed(cluster, volatile, "b")
         assert owner in ("a", "c")

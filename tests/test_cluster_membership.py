@@ -23,8 +23,8 @@ def test_a_member_is_lost_after_the_timeout_and_returns_only_as_a_new_incarnatio
     m = Membership("a", timeout_s=3)
     assert m.heard(beat("b"), now=0)[0] == "returned"
     assert m.heard(beat("b"), now=1)[0] == "live"
-    assert m.expire(now=3.5) == []
-    assert [x.node for x in m.expire(now=4.1)] == ["b"]
+    assert m.expire(now=2.9) == []                    # silent for 2/3 of the timeout: lost
+    assert [x.node for x in m.expire(now=3.1)] == ["b"]
     assert m.expire(now=5) == []                      # declared once
     assert m.lost_pairs() == (("b", "i1"),)
     assert m.heard(beat("b"), now=6)[0] == "fenced"  # stopped, not restarted: stays lost
@@ -47,9 +47,23 @@ def test_placement_keeps_existing_topics_and_refuses_what_it_cannot_reach():
     assert m.place("/mine/t", {"/mine/t": "non_reliable"}) == ("a", "non_reliable")
     node, dispatch = m.place("/new/t", {})
     assert node == rendezvous_owner("/new/t", ["a", "b", "c"]) and dispatch is None
-    m.heard(beat("c", seen=[("/x/r", "b"), ("/x/n", "b")]), now=3)
-    m.expire(now=3.5)                                  # b lost here, c still sees it live
+    m.heard(beat("c", seen=[("/x/r", "b"), ("/x/n", "b")]), now=2)
+    m.expire(now=2.5)                                  # b lost here, c still sees it live
     assert m.place("/x/n", {}) == (None, "b")
-    m.heard(beat("c"), now=4)                          # c lost it too
+    m.heard(beat("c"), now=3)                          # c lost it too
     assert m.place("/x/r", {}) == (None, "b")          # reliable: its log is on b
     assert m.place("/x/n", {})[0] == rendezvous_owner("/x/n", ["a", "c"])   # re-homed
+
+
+def test_a_node_that_did_not_run_declares_no_one_lost_for_it():
+    m = Membership("a", timeout_s=3)
+    m.heard(beat("b"), now=0)
+    m.stalled(now=10)
+    assert m.expire(now=12) == [] and m.live_names() == ["a", "b"]
+
+
+def test_an_owner_live_here_speaks_for_itself_over_what_others_saw():
+    m = Membership("a", timeout_s=3)
+    m.heard(beat("b", "i2"), now=0)                          # b fenced: no topic any more
+    m.heard(beat("c", seen=[("/x/n", "b")]), now=0)           # c's view is a heartbeat older
+    assert m.place("/x/n", {})[0] == rendezvous_owner("/x/n", ["a", "b", "c"])
