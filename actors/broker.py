@@ -147,13 +147,13 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             self._create_topic(name, dispatch)
         self.listener = self.createActor("actorbroker.actors.listener.ListenerActor")
         self.send(self.listener, listener.Listen(self.config, self.myAddress))
-        if self.clustered:
-            self.cluster_start()
 
     def on_Listening(self, msg, sender):
         if self.listen_port is None:
             self.listen_port = msg.port
             self.listen_host = msg.host
+            if self.config.node:   # join once clients can be served: heartbeats carry our address
+                self.cluster_start()
             self.send(self.starter, BrokerStarted(msg.host, msg.port, os.getppid()))
 
     def on_Ping(self, msg, sender):
@@ -178,8 +178,15 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
     def on_TopicRequest(self, msg, sender):
         self.handle_request(msg, placed=False)
 
+    def on_Lookup(self, msg, sender):
+        self.lookup(msg, placed=False)
+
     def handle_request(self, msg, placed):
-        """A TopicRequest or DeleteTopic: here if this node owns the topic, else to its owner."""
+        """A TopicRequest, DeleteTopic or Lookup: here if this node owns the topic, else to its
+        owner."""
+        if isinstance(msg, Lookup):
+            self.lookup(msg, placed)
+            return
         if isinstance(msg, DeleteTopic):
             if not self.route(msg.name, msg, msg, placed):
                 self._delete_topic(msg)

@@ -35,7 +35,8 @@ class ClusterRoot:
 
     @property
     def clustered(self):
-        return bool(self.config and self.config.node)
+        """A cluster node that has joined (from the moment its client port listens)."""
+        return self.membership is not None
 
     def own_topics(self):
         return {name: dispatch for name, (_, dispatch) in self.topics.items()}
@@ -154,9 +155,17 @@ class ClusterRoot:
     def on_Placed(self, msg, sender):
         self.handle_request(msg.request, placed=True)
 
-    def on_Lookup(self, msg, sender):
+    def lookup(self, msg, placed):
+        """Answer a Lookup; one for a topic of another live node is answered there: it knows
+        its own topics now, we only as of its last heartbeat."""
         node, held = self.membership.place(msg.topic, self.own_topics()) if self.clustered \
             else (self.config.node or "", self.own_topics().get(msg.topic))
+        if node not in (None, self.config.node) and not placed:
+            member = self.membership.members[node]
+            self.send_ordered(member.root, cluster.Placed(msg), ("node", node, member.incarnation))
+            return
+        if placed:   # the asking node placed it here: it is ours, or new here
+            node, held = self.config.node, self.own_topics().get(msg.topic)
         frame = {"op": "lookup", "rid": msg.rid, "topic": msg.topic}
         if node is None:
             frame.update(node=held, exists=True, available=False)

@@ -102,7 +102,8 @@ def _actors(config):
          broker.DeleteTopic((1, 9), "/no/such", CLIENT)),
         # a cluster node's root: its own topics, and routing to the others
         (make(broker.BrokerRootActor, broker.StartBroker(
-            dataclasses.replace(config, node="a", cluster_leader=True, lanes="tcp"), 0, 0)),
+            dataclasses.replace(config, node="a", cluster_leader=True, lanes="tcp"), 0, 0),
+              listener.Listening("127.0.0.1", 1)),
          broker.Lookup((1, 9), "/a/b", CLIENT)),
         (make(join_agent.JoinAgent), None),
         (make(listener.ListenerActor, listener.Listen(config, parent)), None),
