@@ -17,6 +17,8 @@ from actorbroker.actors.base import log
 from actorbroker.transport import errors as E
 
 JOIN_RETRY = timedelta(seconds=2)
+LOAD_EVERY_S = 2.0   # how often a node measures its topics' message rate
+LOAD_TOKEN = -1      # the NodeTopics of that measure (gather tokens are positive)
 ID_SALT_BITS = 24   # ids of a node: counter << 24 | a random salt: unique across the nodes
 
 
@@ -28,6 +30,9 @@ class ClusterRoot:
         self.next_id = 1 << ID_SALT_BITS | random.getrandbits(ID_SALT_BITS)
         self.last_lost_beat = 0.0
         self.last_tick = time.monotonic()
+        self.msgs_in = (0, time.monotonic())   # messages our topics received so far, and when
+        self.msgs_per_s = 0.0
+        self.last_load = 0.0
         self.joining = None       # the JoinAgent in flight
         log.info("cluster node %s (%s), member timeout %d ms", config.node,
                  "leader" if config.cluster_leader else "member", config.member_timeout_ms)
@@ -80,6 +85,9 @@ class ClusterRoot:
             if not member.lost or to_lost:
                 self.send(member.root, beat)
         self.send(self.listener, cluster.CountConnections())
+        if now - self.last_load >= LOAD_EVERY_S:   # our topics' message rate, for `cluster`
+            self.last_load = now
+            self.gather_local(LOAD_TOKEN, self.myAddress)
         if not self.membership.leader_live() and not self.config.cluster_leader:
             if now - getattr(self, "last_join", 0.0) >= JOIN_RETRY.total_seconds():
                 self.last_join = now
@@ -90,7 +98,8 @@ class ClusterRoot:
             self.config.node, self.incarnation, self.myAddress,
             f"{self.listen_host}:{self.listen_port}" if self.listen_port else "",
             self.config.cluster_leader, tuple(self.own_topics().items()),
-            (("connections", self.connections_open), ("topics", len(self.topics))),
+            (("connections", self.connections_open), ("topics", len(self.topics)),
+             ("msgs_per_s", round(self.msgs_per_s, 1))),
             tuple((m.node, m.root) for m in self.membership.live()),
             self.membership.lost_pairs(), self.membership.seen_topics())
 
@@ -184,12 +193,12 @@ class ClusterRoot:
         rows = [{"node": self.config.node or "", "role": self._role(self.config.cluster_leader),
                  "state": "live", "address": f"{self.listen_host}:{self.listen_port}",
                  "heartbeat_age_ms": 0, "connections": self.connections_open, "topics": len(self.topics),
-                 "self": True}]
+                 "msgs_per_s": round(getattr(self, "msgs_per_s", 0.0), 1), "self": True}]
         for m in (self.membership.members.values() if self.clustered else ()):
             rows.append({"node": m.node, "role": self._role(m.leader), "state": "lost" if m.lost else "live",
                          "address": m.client_address, "heartbeat_age_ms": int((now - m.last_seen) * 1000),
                          "connections": m.load.get("connections", 0), "topics": len(m.topics),
-                         "self": False})
+                         "msgs_per_s": m.load.get("msgs_per_s", 0.0), "self": False})
         rows.sort(key=lambda r: r["node"])
         self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "cluster", "rid": msg.rid,
                                                                   "members": rows}))
@@ -215,6 +224,9 @@ class ClusterRoot:
         self.gather_local(msg.token, sender)
 
     def on_NodeTopics(self, msg, sender):
+        if msg.token == LOAD_TOKEN:
+            self._measured(sum(s.get("msgs_in", 0) for s in msg.summaries))
+            return
         gather = self.node_gathers.get(msg.token)
         if gather is None:
             return
@@ -222,6 +234,13 @@ class ClusterRoot:
         gather[2] -= 1
         if gather[2] <= 0:
             self.answer_cluster_topics(msg.token)
+
+    def _measured(self, total):
+        before, then = self.msgs_in
+        now = time.monotonic()
+        self.msgs_in = (total, now)
+        if now > then:   # a deleted topic takes its count with it: never below 0
+            self.msgs_per_s = max(0.0, (total - before) / (now - then))
 
     def answer_cluster_topics(self, token):
         gather = self.node_gathers.pop(token, None)

@@ -511,8 +511,8 @@ class TopicActor(BrokerActor):
     def _summary(self):
         summary = {"name": self.name, "dispatch": self.dispatch, "subscriptions": len(self.subs),
                    "producers": len(self.producers)}
-        if self.config.node:   # in a cluster: the node that owns the topic
-            summary["node"] = self.config.node
+        if self.config.node:   # in a cluster: the node that owns the topic, and its load
+            summary.update(node=self.config.node, msgs_in=self.msgs_in)
         return summary
 
     def on_SummaryRequest(self, msg, sender):

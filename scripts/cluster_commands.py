@@ -36,9 +36,10 @@ def cluster(client, args):
 
 def print_members(members):
     from actorbroker.scripts.client_commands import print_table
-    rows = [("NODE", "ROLE", "STATE", "ADDRESS", "CONNECTIONS", "TOPICS", "HEARTBEAT AGE")] + [
+    rows = [("NODE", "ROLE", "STATE", "ADDRESS", "CONNECTIONS", "TOPICS", "MSG/S", "HEARTBEAT AGE")] + [
         (m["node"] + (" *" if m.get("self") else ""), m["role"], m["state"], m["address"],
-         str(m["connections"]), str(m["topics"]), f"{m['heartbeat_age_ms'] / 1000:.1f} s")
+         str(m["connections"]), str(m["topics"]), f"{m['msgs_per_s']:.0f}",
+         f"{m['heartbeat_age_ms'] / 1000:.1f} s")
         for m in members]
     print_table(rows)
     print(flush=True)

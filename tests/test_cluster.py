@@ -10,7 +10,7 @@ import pytest
 
 from actorbroker.scripts import proctree
 from actorbroker.scripts.local_broker import LocalBroker
-from actorbroker.transport.client.sync import Client
+from actorbroker.transport.client.sync import Client, connect
 from actorbroker.transport.errors import ConsumerClosed, TopicUnavailable
 from tests import netns
 
@@ -172,6 +172,22 @@ def test_members_and_listening_sockets(cluster):
                 assert host in (cluster.hosts.address(node),), (node, pid, host)
 
 
+def test_cluster_command_lists_the_members(cluster):
+    import subprocess
+    import sys
+    b = cluster.nodes["b"]
+    done = subprocess.run([sys.executable, "-m", "actorbroker.scripts.cli", "cluster", "--url",
+                           f"{b.host}:{b.port}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NODE", "ROLE", "STATE"]
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip()}
+    assert rows["a"][1:3] == ["leader", "live"] and rows["b"][1:4] == ["*", "member", "live"]
+    assert rows["c"][1:4] == ["member", "live", f"{cluster.hosts.address('c')}:{cluster.nodes['c'].port}"]
+    for row in cluster.members("a").values():
+        assert {"connections", "topics", "msgs_per_s", "heartbeat_age_ms"} <= set(row)
+
+
 def listening_hosts(pid):
     """IPv4 addresses the process listens on (from /proc/PID/net/tcp and its fds)."""
     try:
@@ -255,6 +271,7 @@ def test_kill_9_of_a_node(cluster):
         on_a_consumer = on_a.subscribe(volatile, "sa", "exclusive", "a1")
         on_c_consumer = on_c.subscribe(volatile, "sc", "exclusive", "c1")
 
+        seeds = ",".join(f"{n.host}:{n.port}" for n in (cluster.nodes["b"], cluster.nodes["c"]))
         killed = time.monotonic()
         cluster.kill("b")
         detected = lost_within(cluster, ["a", "c"], "b", killed, "kill -9")
@@ -272,6 +289,9 @@ def test_kill_9_of_a_node(cluster):
         assert receive_all(on_a_consumer, 50) == after
         assert receive_all(on_c_consumer, 50) == after
         assert time.monotonic() - killed < TIMEOUT_MS / 1000 + 5.0
+
+        with connect(seeds) as reconnected:   # a client of B goes on with the next seed
+            assert {m["node"]: m for m in reconnected.cluster()}["c"]["self"]
 
         for client in (on_a, on_c):
             with pytest.raises(TopicUnavailable):

@@ -17,7 +17,7 @@ from collections import deque
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HEARTBEAT_MS, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore,
     ConsumerCore, Message, ProducerCore, dispatch, hello_frame, open_consumer, open_producer,
-    parse_address, read_failure)
+    read_failure, seeds)
 from actorbroker.transport.client.tls import client_context, server_name
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
@@ -26,11 +26,15 @@ __all__ = ["AsyncClient", "connect", "AsyncProducer", "AsyncConsumer", "AsyncSen
 
 
 async def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
-    """An AsyncClient connected to "host:port" or "tls://host:port" (see sync.connect)."""
-    host, port, tls = parse_address(url)
-    if tls and not options.get("tls"):
-        options["tls"] = True
-    return await AsyncClient.connect(host, port, **options)
+    """An AsyncClient connected to "host:port" or "tls://host:port", or to the first that
+    answers of several (see sync.connect)."""
+    failure = None
+    for host, port, opts in seeds(url, options):
+        try:
+            return await AsyncClient.connect(host, port, **opts)
+        except (OSError, ConnectionLost) as exc:
+            failure = exc
+    raise failure
 
 
 class AsyncClient:

@@ -126,6 +126,17 @@ def parse_address(url, default_port=DEFAULT_PORT):
     return Address(host or DEFAULT_HOST, int(port), tls)
 
 
+def seeds(url, options):
+    """[(host, port, options)] to try in turn: `url` is one address, several separated by commas,
+    or a list of them (the seed addresses of a cluster: any node serves any topic)."""
+    urls = url.split(",") if isinstance(url, str) else list(url)
+    tried = []
+    for one in urls:
+        host, port, tls = parse_address(one.strip())
+        tried.append((host, port, dict(options, tls=options.get("tls") or True) if tls else options))
+    return tried
+
+
 def parse_url(url, default_port=DEFAULT_PORT):
     """"host:port" (or "host", or ":port", or "tcp://host:port") as (host, port). A tls:// address
     raises ValueError: a caller that only takes (host, port) would drop the TLS silently; use

@@ -21,7 +21,7 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore, ConsumerCore, Message,
-    ProducerCore, dispatch, hello_frame, open_consumer, open_producer, parse_address, read_failure)
+    ProducerCore, dispatch, hello_frame, open_consumer, open_producer, read_failure, seeds)
 from actorbroker.transport.client.tls import TlsSocket, client_context, server_name
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
 
@@ -30,11 +30,15 @@ __all__ = ["Client", "connect", "Producer", "Consumer", "Message", "SendFuture"]
 
 def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
     """A Client connected to "host:port" or "tls://host:port" (options: as Client's; `tls` is
-    then a TlsOptions, or the system's CAs by default)."""
-    host, port, tls = parse_address(url)
-    if tls and not options.get("tls"):
-        options["tls"] = True
-    return Client(host, port, **options)
+    then a TlsOptions, or the system's CAs by default). Several addresses ("a:6650,b:6650", or a
+    list): the first that answers, as with the seed nodes of a cluster."""
+    failure = None
+    for host, port, opts in seeds(url, options):
+        try:
+            return Client(host, port, **opts)
+        except (OSError, ConnectionLost) as exc:
+            failure = exc
+    raise failure
 
 
 class Client:
