@@ -167,7 +167,7 @@ def test_members_and_listening_sockets(cluster):
         f"{cluster.hosts.address('c')}:{cluster.nodes['c'].port}"
     # Thespian's sockets and the lanes are on the cluster address only: never 0.0.0.0
     for node, broker in cluster.nodes.items():
-        for pid in broker.processes()[1:]:
+        for pid in broker.processes():
             for host in listening_hosts(pid):
                 assert host in (cluster.hosts.address(node),), (node, pid, host)
 
@@ -186,6 +186,20 @@ def test_cluster_command_lists_the_members(cluster):
     assert rows["c"][1:4] == ["member", "live", f"{cluster.hosts.address('c')}:{cluster.nodes['c'].port}"]
     for row in cluster.members("a").values():
         assert {"connections", "topics", "msgs_per_s", "heartbeat_age_ms"} <= set(row)
+    # --watch refreshes the table until it is stopped
+    watch = subprocess.Popen([sys.executable, "-m", "actorbroker.scripts.cli", "cluster", "--url",
+                              f"{b.host}:{b.port}", "--watch", "0.1"], stdout=subprocess.PIPE, text=True)
+    try:
+        tables = 0
+        for line in watch.stdout:
+            tables += "HEARTBEAT AGE" in line
+            if tables == 3:
+                break
+        assert tables == 3
+    finally:
+        watch.kill()
+        watch.wait()
+        watch.stdout.close()
 
 
 def listening_hosts(pid):
