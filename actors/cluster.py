@@ -83,7 +83,7 @@ class NodeLost:
 
 
 @dataclass(frozen=True)
-class CountConnections:
+class NodeLoadRequest:
     """Root -> listener, with every heartbeat: the open client connections, for `cluster`."""
 
 

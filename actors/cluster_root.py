@@ -84,7 +84,7 @@ class ClusterRoot:
         for member in self.membership.members.values():
             if not member.lost or to_lost:
                 self.send(member.root, beat)
-        self.send(self.listener, cluster.CountConnections())
+        self.send(self.listener, cluster.NodeLoadRequest())
         if now - self.last_load >= LOAD_EVERY_S:   # our topics' message rate, for `cluster`
             self.last_load = now
             self.gather_local(LOAD_TOKEN, self.myAddress)

@@ -58,6 +58,14 @@ class ShardLoad:
     finished: dict = None
 
 
+@dataclass(frozen=True)
+class CountConnections:
+    """Complete a `broker_stats` answer with the connections and answer it (BrokerStatsRequest)."""
+    rid: Any
+    reply_to: Any
+    frame: dict
+
+
 class _Pair:
     """One ConnectionActor (and through it one shard) and our end of its handoff socket."""
     __slots__ = ("address", "handoff", "open", "ident", "seq", "handed", "handed_hosts", "hosts")
@@ -197,6 +205,11 @@ class ListenerActor(BrokerActor):
             pair.reported(msg)
 
     def on_CountConnections(self, msg, sender):
+        shards = [pair.open for pair in self.pairs if pair is not None]
+        frame = dict(msg.frame, connections=sum(shards), shards=shards)
+        self.send(msg.reply_to, connection.RequestDone(msg.rid, frame))
+
+    def on_NodeLoadRequest(self, msg, sender):
         self.send(sender, cluster.ConnectionCount(sum(p.load() for p in self.pairs if p is not None)))
 
     def on_NodeLost(self, msg, sender):

@@ -23,7 +23,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ThespianWatch
 
-from actorbroker.actors import broker, connection, dispatcher, log as log_actor, subscription
+from actorbroker.actors import broker, connection, dispatcher, log as log_actor, signing, subscription
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import record_blob, record_blobs
@@ -187,7 +187,8 @@ class TopicActor(BrokerActor):
         self.name, self.dispatch, self.config = msg.name, msg.dispatch, msg.config
         self.broker = sender
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
-                           kind=self.config.lanes, host=self.config.actor_host)
+                           kind=self.config.lanes, host=self.config.actor_host,
+                           secret=signing.lane_secret())
         self.lane_address = self.hub.listen()
         log.info("topic %s open (%s)", self.name, self.dispatch)
         if self.dispatch == "reliable":

@@ -104,6 +104,9 @@ def add_client_commands(subparsers):
     p.add_argument("topic", metavar="TOPIC")
     p.set_defaults(func=delete_topic)
 
+    from actorbroker.scripts.top import add_top_command
+    add_top_command(subparsers, common)
+
 
 # --- argument types ---------------------------------------------------------------------------
 

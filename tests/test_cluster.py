@@ -10,7 +10,8 @@ import pytest
 
 from actorbroker.scripts import proctree
 from actorbroker.scripts.local_broker import LocalBroker
-from actorbroker.transport.client.sync import Client, connect
+from actorbroker.transport.client.core import Reconnect
+from actorbroker.transport.client.sync import Client
 from actorbroker.transport.errors import ConsumerClosed, TopicUnavailable
 from tests import netns
 
@@ -279,13 +280,17 @@ def test_kill_9_of_a_node(cluster):
     TOPIC_UNAVAILABLE until B returns, then serves every receipted message."""
     volatile = cluster.topic_on("b")
     durable = cluster.topic_on("b", "reliable")
-    with cluster.client("a") as on_a, cluster.client("c") as on_c:
+    elsewhere = cluster.topic_on("c")
+    b, c = cluster.nodes["b"], cluster.nodes["c"]
+    # a client of B with the cluster's seed addresses: it goes on on C, its consumer subscribed again
+    of_b = Client(b.host, b.port, reconnect=Reconnect([(b.host, b.port), (c.host, c.port)], initial=0.05))
+    with of_b, cluster.client("a") as on_a, cluster.client("c") as on_c:
+        moved = of_b.subscribe(elsewhere, "m", "exclusive", "b1")
         on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable", start="earliest").close()
         produce(on_a, durable, [b"r%d" % i for i in range(100)], dispatch="reliable")   # all receipted
         on_a_consumer = on_a.subscribe(volatile, "sa", "exclusive", "a1")
         on_c_consumer = on_c.subscribe(volatile, "sc", "exclusive", "c1")
 
-        seeds = ",".join(f"{n.host}:{n.port}" for n in (cluster.nodes["b"], cluster.nodes["c"]))
         killed = time.monotonic()
         cluster.kill("b")
         detected = lost_within(cluster, ["a", "c"], "b", killed, "kill -9")
@@ -304,8 +309,9 @@ def test_kill_9_of_a_node(cluster):
         assert receive_all(on_c_consumer, 50) == after
         assert time.monotonic() - killed < TIMEOUT_MS / 1000 + 5.0
 
-        with connect(seeds) as reconnected:   # a client of B goes on with the next seed
-            assert {m["node"]: m for m in reconnected.cluster()}["c"]["self"]
+        produce(on_a, elsewhere, [b"moved"])
+        assert receive_all(moved, 1) == [b"moved"]
+        assert {m["node"]: m for m in of_b.cluster()}["c"]["self"]   # now a client of C
 
         for client in (on_a, on_c):
             with pytest.raises(TopicUnavailable):

@@ -197,6 +197,7 @@ _CONTROL = {
     "delete_topic": lambda f: {"topic": topic(f)},
     "lookup": lambda f: {"topic": topic(f)},
     "cluster": lambda f: {},
+    "broker_stats": lambda f: {},
 }
 CONTROL_OPS = frozenset(_CONTROL)
 
