@@ -290,6 +290,9 @@ def test_kill_9_of_a_node(cluster):
         produce(on_a, durable, [b"r%d" % i for i in range(100)], dispatch="reliable")   # all receipted
         on_a_consumer = on_a.subscribe(volatile, "sa", "exclusive", "a1")
         on_c_consumer = on_c.subscribe(volatile, "sc", "exclusive", "c1")
+        # created where they were placed (a member seen lost for a moment would have moved them)
+        owners = {t["name"]: t["node"] for t in on_a.topics()}
+        assert owners[volatile] == owners[durable] == "b" and owners[elsewhere] == "c", owners
 
         killed = time.monotonic()
         cluster.kill("b")
