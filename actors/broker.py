@@ -18,8 +18,9 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actorbroker.actors import connection, listener, topic
+from actorbroker.actors import cluster, connection, listener, topic
 from actorbroker.actors.base import BrokerActor, log
+from actorbroker.actors.cluster_root import ClusterRoot
 from actorbroker.actors.process import tree_memory
 from actorbroker.actors.system import stop_system_process
 from actorbroker.storage.topic_store import stored_topics
@@ -80,6 +81,21 @@ class DeleteTopic:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """Which node owns (or would own) this topic."""
+    rid: Any
+    topic: str
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """The members, their role, load and heartbeat age (one row on a single broker)."""
+    rid: Any
+    reply_to: Any
+
+
+@dataclass(frozen=True)
 class TopicLost:
     """A connection actor learnt over a lane that this topic actor is gone, maybe before we get its
     ChildActorExited: forget it now, so that the client's next request finds a live topic."""
@@ -103,7 +119,7 @@ class TopicSummary:
 
 
 
-class BrokerRootActor(BrokerActor):
+class BrokerRootActor(ClusterRoot, BrokerActor):
     process_name = "ab-root"
     init_message = StartBroker
 
@@ -116,10 +132,14 @@ class BrokerRootActor(BrokerActor):
         self.starter = None
         self.admin_port = None
         self.lifeline = None      # pidfd of the serve process
-        self.gathers = {}         # token -> [rid, reply_to, expected, summaries]
         self.next_token = 1
         self.stopping = False
         self.listen_port = None
+        self.listen_host = None
+        self.membership = None    # cluster only (actors/cluster_root.py)
+        self.node_gathers = {}    # token -> [rid, reply_to, nodes expected, summaries]
+        self.connections_open = 0   # as the listener last counted them
+        self.gathers = {}         # token -> [reply_to, expected, summaries]: this node's topics
 
     def watch(self):
         return ThespianWatch([self.lifeline]) if self.lifeline is not None else None
@@ -140,6 +160,9 @@ class BrokerRootActor(BrokerActor):
     def on_Listening(self, msg, sender):
         if self.listen_port is None:
             self.listen_port = msg.port
+            self.listen_host = msg.host
+            if self.config.node:   # join once clients can be served: heartbeats carry our address
+                self.cluster_start()
             self.send(self.starter, BrokerStarted(msg.host, msg.port, os.getppid()))
 
     def on_Ping(self, msg, sender):
@@ -162,10 +185,27 @@ class BrokerRootActor(BrokerActor):
 
     # --- topic registry -----------------------------------------------------------------------
     def on_TopicRequest(self, msg, sender):
+        self.handle_request(msg, placed=False)
+
+    def on_Lookup(self, msg, sender):
+        self.lookup(msg, placed=False)
+
+    def handle_request(self, msg, placed):
+        """A TopicRequest, DeleteTopic or Lookup: here if this node owns the topic, else to its
+        owner."""
+        if isinstance(msg, Lookup):
+            self.lookup(msg, placed)
+            return
+        if isinstance(msg, DeleteTopic):
+            if not self.route(msg.name, msg, msg, placed):
+                self._delete_topic(msg)
+            return
         request = msg.request
         if getattr(request, "new_id", None) == 0:
-            request = dataclasses.replace(request, new_id=self.next_id)
-            self.next_id += 1
+            request = dataclasses.replace(request, new_id=self.next_ident())
+            msg = dataclasses.replace(msg, request=request)
+        if self.route(msg.name, msg, request, placed):
+            return
         entry = self.topics.get(msg.name)
         if entry is None:
             if msg.create_dispatch is None:
@@ -189,6 +229,9 @@ class BrokerRootActor(BrokerActor):
         return entry
 
     def on_DeleteTopic(self, msg, sender):
+        self.handle_request(msg, placed=False)
+
+    def _delete_topic(self, msg):
         entry = self.topics.pop(msg.name, None)
         if entry is None:
             self.send(msg.reply_to, connection.RequestFailed(
@@ -197,15 +240,20 @@ class BrokerRootActor(BrokerActor):
         self.send_ordered(entry[0], topic.DeleteTopic(msg.rid, msg.reply_to), msg.name)
 
     def on_ListTopics(self, msg, sender):
+        # every node's topics (just ours on a single broker), gathered as NodeTopics
+        self.gather_cluster_topics(msg.rid, msg.reply_to)
+
+    def gather_local(self, token, reply_to):
+        """The summaries of this node's topics, sent to `reply_to` as one NodeTopics."""
         if not self.topics:
-            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "topics", "rid": msg.rid, "topics": []}))
+            self.send(reply_to, cluster.NodeTopics(token, ()))
             return
-        token = self.next_token
+        local = self.next_token
         self.next_token += 1
-        self.gathers[token] = [msg.rid, msg.reply_to, len(self.topics), []]
+        self.gathers[local] = [(token, reply_to), len(self.topics), []]
         for name, (address, _) in self.topics.items():
-            self.send_ordered(address, topic.SummaryRequest(token), name)
-        self.wakeupAfter(GATHER_TIMEOUT, payload=("gather", token))
+            self.send_ordered(address, topic.SummaryRequest(local), name)
+        self.wakeupAfter(GATHER_TIMEOUT, payload=("gather", local))
 
     def on_BrokerStatsRequest(self, msg, sender):
         processes, memory = tree_memory(os.getppid())   # the admin: every broker process descends from it
@@ -217,21 +265,23 @@ class BrokerRootActor(BrokerActor):
         gather = self.gathers.get(msg.token)
         if gather is None:
             return
-        gather[3].append(msg.summary)
-        if len(gather[3]) >= gather[2]:
-            self._answer_topics(msg.token)
+        gather[2].append(msg.summary)
+        if len(gather[2]) >= gather[1]:
+            self._answer_gather(msg.token)
 
     def on_WakeupMessage(self, msg, sender):
-        if isinstance(msg.payload, tuple) and msg.payload[0] == "gather":
-            self._answer_topics(msg.payload[1])
+        if msg.payload == "heartbeat":
+            self.cluster_tick()
+        elif isinstance(msg.payload, tuple) and msg.payload[0] == "gather":
+            self._answer_gather(msg.payload[1])
+        elif isinstance(msg.payload, tuple) and msg.payload[0] == "cluster-gather":
+            self.answer_cluster_topics(msg.payload[1])
 
-    def _answer_topics(self, token):
+    def _answer_gather(self, token):
         gather = self.gathers.pop(token, None)
-        if gather is None:
-            return
-        rid, reply_to, _, summaries = gather
-        summaries.sort(key=lambda s: s["name"])
-        self.send(reply_to, connection.RequestDone(rid, {"op": "topics", "rid": rid, "topics": summaries}))
+        if gather is not None:
+            (their_token, reply_to), _, summaries = gather
+            self.send(reply_to, cluster.NodeTopics(their_token, tuple(summaries)))
 
     def on_TopicLost(self, msg, sender):
         self._topic_exited(msg.address)

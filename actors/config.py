@@ -36,6 +36,10 @@ class BrokerConfig:
     tls_client_ca: str = ""
     # accept tokens over plain TCP on a listener bound to a non-loopback address
     allow_plain_tokens: bool = False
+    # cluster (docs/cluster.md): node is "" for a single broker
+    node: str = ""
+    cluster_leader: bool = False
+    member_timeout_ms: int = 3000
     # reliable topics
     fsync: str = "group"               # "always", "group" or "interval:MS"
     segment_bytes: int = 64 * 1024 * 1024

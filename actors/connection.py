@@ -81,6 +81,7 @@ class ProducerOpened:
     lane: Any           # the topic's LaneAddress
     dispatch: str
     name: str
+    node: str = ""      # the cluster node of the topic ("" on a single broker)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class ConsumerOpened:
     lane: Any           # the DispatcherActor's LaneAddress
     dispatch: str
     active: Any         # bool for failover subscriptions, else None
+    node: str = ""      # the cluster node of the topic ("" on a single broker)
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,7 @@ class ConnectionActor(BrokerActor):
         self.producer_conn = {}      # producer id -> connection id
         self.consumer_conn = {}      # consumer id -> connection id
         self.consumer_topic = {}     # consumer id -> topic address
+        self.node_of = {}            # producer or consumer id -> cluster node of its topic
         # str(address) -> the ordered stream to that actor. A topic or subscription created anew
         # may get the port, so the address, of one that died: its stream must start from zero,
         # so the key names the incarnation too (by its lane, unique to it).
@@ -228,6 +231,7 @@ class ConnectionActor(BrokerActor):
         conn.closed = True
         for producer_id, topic_address in conn.producers.items():
             self.producer_conn.pop(producer_id, None)
+            self.node_of.pop(producer_id, None)
             self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), self._stream(topic_address))
         for consumer_id, subscription_address in conn.consumers.items():
             self._forget_consumer(consumer_id)
@@ -332,6 +336,7 @@ class ConnectionActor(BrokerActor):
     def _forget_consumer(self, consumer_id):
         """Drop the consumer's indexes; returns the connection id it had."""
         self.consumer_topic.pop(consumer_id, None)
+        self.node_of.pop(consumer_id, None)
         return self.consumer_conn.pop(consumer_id, None)
 
     def _op_topics(self, conn, connection_id, frame, tag):
@@ -343,6 +348,13 @@ class ConnectionActor(BrokerActor):
         self.send_ordered(self.broker, broker.TopicRequest(
             frame["topic"], None, topic.StatsRequest(tag, self.myAddress)), "root")
 
+    def _op_lookup(self, conn, connection_id, frame, tag):
+        self._require_admin(conn)
+        self.send_ordered(self.broker, broker.Lookup(tag, frame["topic"], self.myAddress), "root")
+
+    def _op_cluster(self, conn, connection_id, frame, tag):
+        self._require_admin(conn)
+        self.send_ordered(self.broker, broker.ClusterStatus(tag, self.myAddress), "root")
     def _op_broker_stats(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
         self.send_ordered(self.broker, broker.BrokerStatsRequest(tag, self.myAddress), "root")
@@ -397,6 +409,8 @@ class ConnectionActor(BrokerActor):
             return
         conn.producers[msg.producer_id] = msg.topic_address
         self.producer_conn[msg.producer_id] = connection_id
+        if msg.node:
+            self.node_of[msg.producer_id] = msg.node
         self._new_stream(msg.topic_address, msg.lane)
         self._to_shard(shard.RouteProducer(
             connection_id, msg.producer_id, msg.lane, msg.name,
@@ -413,6 +427,8 @@ class ConnectionActor(BrokerActor):
         conn.consumers[msg.consumer_id] = msg.subscription
         self._new_stream(msg.subscription, msg.lane)
         self.consumer_conn[msg.consumer_id] = connection_id
+        if msg.node:
+            self.node_of[msg.consumer_id] = msg.node
         self.consumer_topic[msg.consumer_id] = msg.topic
         data = encode_frame({"op": "subscribed", "rid": msg.rid[1], "consumer": msg.consumer_id,
                              "dispatch": msg.dispatch})
@@ -448,7 +464,17 @@ class ConnectionActor(BrokerActor):
     def on_ConsumerEnded(self, msg, sender):
         self._end_consumer(msg.consumer_id, msg.reason, detach=False)
 
+    def on_NodeLost(self, msg, sender):
+        """A cluster member was declared lost: what is attached to its topics ends now, even if
+        no lane told us (a partition keeps sockets open); the client may open them again."""
+        for ident in [i for i, node in self.node_of.items() if node == msg.node]:
+            if ident in self.producer_conn:
+                self._end_producer(ident, "node_lost", close=False)
+            if ident in self.consumer_conn:
+                self._end_consumer(ident, "node_lost", detach=False)
+
     def _end_producer(self, producer_id, reason, close):
+        self.node_of.pop(producer_id, None)
         connection_id = self.producer_conn.pop(producer_id, None)
         conn = self.connections.get(connection_id)
         if conn is None:

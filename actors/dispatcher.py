@@ -142,6 +142,7 @@ class DispatcherActor(BrokerActor):
         self.topic = sender
         self.topic_name = msg.topic
         self.name, self.type, self.dispatch = msg.name, msg.type, msg.dispatch
+        self.node = msg.config.node
         self.policy = make_policy(msg.type, msg.config.max_backlog)
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
                            kind=msg.config.lanes, host=msg.config.actor_host,
@@ -439,7 +440,7 @@ class DispatcherActor(BrokerActor):
         # change of it.
         self.send_ordered(msg.reply_to, connection.ConsumerOpened(
             msg.rid, msg.consumer_id, sender, self.topic, self.hub.address, self.dispatch,
-            self.policy.is_active(msg.consumer_id)), ("owner", str(msg.reply_to)))
+            self.policy.is_active(msg.consumer_id), self.node), ("owner", str(msg.reply_to)))
         self._announce_active(before, skip=msg.consumer_id)
         self._pump()
 

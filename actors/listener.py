@@ -18,7 +18,7 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actorbroker.actors import connection
+from actorbroker.actors import cluster, connection
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.transport import errors as E
 from actorbroker.transport.session import error_frame
@@ -208,6 +208,14 @@ class ListenerActor(BrokerActor):
         shards = [pair.open for pair in self.pairs if pair is not None]
         frame = dict(msg.frame, connections=sum(shards), shards=shards)
         self.send(msg.reply_to, connection.RequestDone(msg.rid, frame))
+
+    def on_NodeLoadRequest(self, msg, sender):
+        self.send(sender, cluster.ConnectionCount(sum(p.load() for p in self.pairs if p is not None)))
+
+    def on_NodeLost(self, msg, sender):
+        for pair in self.pairs:
+            if pair is not None:
+                self.send(pair.address, msg)
 
     def on_ChildActorExited(self, msg, sender):
         # delivered once or twice: only a pair still registered under that address restarts

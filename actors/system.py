@@ -123,11 +123,22 @@ def close_starter_socket_in_children():
     transport_class.__init__ = __init__
 
 
-def capabilities(admin_port, convention_leader=None):
+def capabilities(admin_port, node="", join=None):
+    """A cluster node names itself; the leader says so; the others name the leader to join."""
     caps = {"Admin Port": admin_port}
-    if convention_leader:
-        caps["Convention Address.IPv4"] = convention_leader
+    if node:
+        from actorbroker.actors import cluster
+        caps[cluster.NODE_CAPABILITY] = node
+        caps[cluster.LEADER_CAPABILITY] = not join
+    if join:
+        caps["Convention Address.IPv4"] = join
     return caps
+
+
+def host_port(text):
+    """"host:port" -> (host, port)."""
+    host, _, port = text.rpartition(":")
+    return host, int(port)
 
 
 def log_defs(log_path, level="INFO"):
@@ -147,7 +158,7 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def start_system_process(admin_port, host, data_dir, secret, log_level="INFO"):
+def start_system_process(admin_port, host, data_dir, secret, log_level="INFO", node="", join=""):
     """Start the admin from a short-lived child whose only open files are the broker log.
 
     The admin daemonizes and inherits every fd of the process that starts it; starting it from
@@ -160,7 +171,8 @@ def start_system_process(admin_port, host, data_dir, secret, log_level="INFO"):
     with open(log_path, "ab") as log_file:
         subprocess.run(
             [sys.executable, "-m", "actorbroker.actors.system", "--admin-port", str(admin_port),
-             "--host", host, "--log", log_path, "--log-level", log_level],
+             "--host", host, "--log", log_path, "--log-level", log_level, "--node", node,
+             "--join", join],
             input=secret, stdout=log_file, stderr=log_file, env=env,
             cwd=os.getcwd(), check=True, timeout=60, close_fds=True)
 
@@ -202,6 +214,8 @@ def _start_main():
     parser.add_argument("--log")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--stop", action="store_true", help="shut the system down instead")
+    parser.add_argument("--node", default="", help="cluster: this node's name")
+    parser.add_argument("--join", default="", help="cluster: the leader's HOST:PORT (none: we lead)")
     args = parser.parse_args()
     if not args.stop:
         from actorbroker.actors.process import name_process
@@ -226,7 +240,8 @@ def _start_main():
         sys.exit(ADMIN_PORT_TAKEN)
     except OSError:
         pass
-    ActorSystem(SYSTEM_BASE, capabilities(args.admin_port), logDefs=log_defs(args.log, args.log_level))
+    caps = capabilities(args.admin_port, args.node, host_port(args.join) if args.join else None)
+    ActorSystem(SYSTEM_BASE, caps, logDefs=log_defs(args.log, args.log_level))
 
 
 if __name__ == "__main__":

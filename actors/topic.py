@@ -327,7 +327,8 @@ class TopicActor(BrokerActor):
         name = msg.name or f"producer-{msg.new_id}"
         self.producers[msg.new_id] = (name, msg.access, msg.reply_to, msg.shard)
         self.send(msg.reply_to, connection.ProducerOpened(
-            msg.rid, msg.new_id, self.name, self.myAddress, self.lane_address, self.dispatch, name))
+            msg.rid, msg.new_id, self.name, self.myAddress, self.lane_address, self.dispatch, name,
+            self.config.node))
 
     def on_CloseProducer(self, msg, sender):
         self.producers.pop(msg.producer_id, None)
@@ -509,8 +510,11 @@ class TopicActor(BrokerActor):
 
     # --- stats and listing ------------------------------------------------------------------------------
     def _summary(self):
-        return {"name": self.name, "dispatch": self.dispatch, "subscriptions": len(self.subs),
-                "producers": len(self.producers)}
+        summary = {"name": self.name, "dispatch": self.dispatch, "subscriptions": len(self.subs),
+                   "producers": len(self.producers)}
+        if self.config.node:   # in a cluster: the node that owns the topic, and its load
+            summary.update(node=self.config.node, msgs_in=self.msgs_in)
+        return summary
 
     def on_SummaryRequest(self, msg, sender):
         self.send(sender, broker.TopicSummary(msg.token, self._summary()))
@@ -521,6 +525,8 @@ class TopicActor(BrokerActor):
                  "producers": len(self.producers), "subscriptions": [],
                  "poison_messages": self.poison_messages, "gaps_skipped": self.gaps_skipped,
                  "handler_errors": self.handler_errors}
+        if self.config.node:
+            frame["node"] = self.config.node
         token = self.next_token
         self.next_token += 1
         self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame]
@@ -583,7 +589,8 @@ class TopicActor(BrokerActor):
         rid, reply_to, _ = self.deleting
         self.deleting = None
         log.info("topic %s deleted", self.name)
-        self.send(reply_to, connection.RequestDone(rid, {"op": "ok"}))
+        if reply_to is not None:   # None: a fenced cluster node ending its topics
+            self.send(reply_to, connection.RequestDone(rid, {"op": "ok"}))
         self.ending = True
         self.exit_self()  # Thespian stops the subscriptions and dispatchers with us
 

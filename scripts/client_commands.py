@@ -96,6 +96,9 @@ def add_client_commands(subparsers):
     p.add_argument("topic", metavar="TOPIC")
     p.set_defaults(func=stats)
 
+    from actorbroker.scripts.cluster_commands import add_cluster_commands
+    add_cluster_commands(subparsers, common, with_client)
+
     p = subparsers.add_parser("delete-topic", parents=[common], help="delete a topic",
                               description="Delete a topic; its producers and consumers are closed.")
     p.add_argument("topic", metavar="TOPIC")
@@ -264,10 +267,16 @@ def topics(client, args):
         return 0
     rows = [("NAME", "DISPATCH", "SUBSCRIPTIONS", "PRODUCERS")] + [
         (t["name"], t["dispatch"], str(t["subscriptions"]), str(t["producers"])) for t in listed]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    if any("node" in t for t in listed):   # a cluster: where each topic lives
+        rows = [row + (t,) for row, t in zip(rows, ["NODE"] + [t.get("node", "") for t in listed])]
+    print_table(rows)
+    return 0
+
+
+def print_table(rows):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return 0
 
 
 @with_client

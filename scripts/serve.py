@@ -1,4 +1,6 @@
 """`actorbroker serve`: start the actor system and the broker's actors, serve until a signal."""
+import dataclasses
+import ipaddress
 import json
 import os
 import resource
@@ -10,8 +12,10 @@ import threading
 import time
 
 from actorbroker.actors import signing
+from actorbroker.actors.cluster import ROOT_GLOBAL_NAME
 from actorbroker.actors.config import BrokerConfig
-from actorbroker.actors.system import ADMIN_PORT_TAKEN, connect_system, free_port, start_system_process
+from actorbroker.actors.system import (ADMIN_PORT_TAKEN, connect_system, free_port, host_port,
+                                      start_system_process)
 
 START_TIMEOUT_S = 30
 PING_EVERY_S = 2.0
@@ -73,6 +77,7 @@ def add_serve_command(subparsers):
                         "multi-host convention the same one (default: a new random secret per run, "
                         "kept in memory only)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_cluster_options(p)
     p.set_defaults(func=serve)
 
 
@@ -135,6 +140,10 @@ def tls_problem(args):
 
 
 def serve(args):
+    problem = cluster_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         secret = signing.read_secret_file(args.cluster_secret_file) if args.cluster_secret_file \
             else signing.new_secret()
@@ -161,6 +170,8 @@ def serve(args):
                           tls_client_ca=abspath_or_empty(args.tls_client_ca),
                           allow_plain_tokens=args.allow_plain_tokens)
     admin_port = args.admin_port
+    if args.cluster_bind:
+        config, admin_port = cluster_config(config, args)
     files = raise_open_files_limit()
 
     stop = threading.Event()
@@ -170,17 +181,20 @@ def serve(args):
     for attempt in range(5):   # a free port may be taken before the admin binds it: pick again
         port = admin_port or free_port(args.actor_host)
         try:
-            start_system_process(port, args.actor_host, data_dir, secret, args.log_level)
+            start_system_process(port, config.actor_host, data_dir, secret, args.log_level,
+                                 config.node, args.join or "")
             break
         except subprocess.CalledProcessError as exc:
             if exc.returncode != ADMIN_PORT_TAKEN or admin_port or attempt == 4:
                 print(f"error: cannot start the actor system on admin port {port}", file=sys.stderr)
                 return 1
     admin_port = port
-    system = connect_system(admin_port, args.actor_host, secret)
+    system = connect_system(admin_port, config.actor_host, secret)
     try:
         from actorbroker.actors.broker import BrokerFailed, BrokerStarted, StartBroker
-        root = system.createActor("actorbroker.actors.broker.BrokerRootActor")
+        # in a cluster, other nodes' JoinAgents find the root by this name
+        root = system.createActor("actorbroker.actors.broker.BrokerRootActor",
+                                  globalName=ROOT_GLOBAL_NAME if config.node else None)
         reply = system.ask(root, StartBroker(config, os.getpid(), admin_port), START_TIMEOUT_S)
         if not isinstance(reply, BrokerStarted):
             reason = reply.error if isinstance(reply, BrokerFailed) else "no answer from the broker"
@@ -188,6 +202,9 @@ def serve(args):
             return 1
         print(f"actorbroker listening on {reply.host}:{reply.port} "
               f"(admin port {admin_port}, admin pid {reply.admin_pid}, data {data_dir})", flush=True)
+        if config.node:
+            print(f"cluster node {config.node} ({'leader' if config.cluster_leader else 'joining ' + args.join}) "
+                  f"on {args.cluster_bind}", file=sys.stderr, flush=True)
         if config.tls_cert:
             print(f"client port on TLS{' (mutual: client certificates required)' if config.tls_client_ca else ''}",
                   file=sys.stderr, flush=True)
@@ -213,6 +230,57 @@ def serve(args):
     finally:
         if system is not None:
             system.shutdown()
+
+
+def add_cluster_options(p):
+    g = p.add_argument_group("cluster", "one broker over several hosts (docs/cluster.md)")
+    g.add_argument("--cluster-bind", metavar="ADDR:PORT",
+                   help="run as a cluster node: Thespian's sockets and the record lanes bind ADDR "
+                        "(a private address; never 0.0.0.0), its admin listens on PORT; needs "
+                        "--cluster-secret-file")
+    g.add_argument("--join", metavar="ADDR:PORT",
+                   help="the --cluster-bind of the cluster's leader (without it, this node leads)")
+    g.add_argument("--node", help="this node's name, unique in the cluster (default: ADDR:PORT of "
+                                  "--cluster-bind)")
+    g.add_argument("--member-timeout-ms", type=positive, default=3000,
+                   help="a member not heard from for this long is declared lost (default %(default)s)")
+    g.add_argument("--trust-cluster-network", action="store_true",
+                   help="allow a --cluster-bind address that is not private: Thespian's sockets "
+                        "unpickle what they receive (signed with the cluster secret), so whoever can "
+                        "reach them must be trusted")
+
+
+def cluster_problem(args):
+    """Why the cluster options cannot serve (None if they can)."""
+    if not args.cluster_bind:
+        return "--join, --node and --trust-cluster-network need --cluster-bind" \
+            if args.join or args.node or args.trust_cluster_network else None
+    try:
+        host, port = host_port(args.cluster_bind)
+        address = ipaddress.ip_address(host)
+        if args.join:
+            host_port(args.join)
+    except ValueError:
+        return "--cluster-bind and --join take ADDR:PORT, ADDR an IPv4 address"
+    if address.is_unspecified:
+        return "--cluster-bind must name one interface's address, not 0.0.0.0"
+    if not address.is_private and not args.trust_cluster_network:
+        return (f"--cluster-bind {host} is not a private address: Thespian's sockets there unpickle what "
+                f"they receive; use a private network, or give --trust-cluster-network")
+    if not args.cluster_secret_file:
+        return "a cluster node needs --cluster-secret-file: the same secret on every node"
+    if args.actor_host != "127.0.0.1":
+        return "--actor-host and --cluster-bind both set Thespian's interface: give one"
+    return None
+
+
+def cluster_config(config, args):
+    """(config, admin port) of a cluster node: Thespian and TCP lanes on --cluster-bind."""
+    host, port = host_port(args.cluster_bind)
+    config = dataclasses.replace(config, actor_host=host, lanes="tcp",
+                                 node=args.node or args.cluster_bind, cluster_leader=not args.join,
+                                 member_timeout_ms=args.member_timeout_ms)
+    return config, port
 
 
 def abspath_or_empty(path):

@@ -14,12 +14,13 @@ import socket
 import pytest
 from thespian.actors import ActorAddress, ActorExitRequest, ChildActorExited, WakeupMessage
 
-from actorbroker.actors import (broker, connection, dispatcher, listener, log as log_actor, shard,
+from actorbroker.actors import (broker, cluster, connection, dispatcher, listener, log as log_actor, shard,
                                 subscription, topic)
+from actorbroker.actors import join_agent
 from actorbroker.actors.config import BrokerConfig
 from actorbroker.transport.lanes import LaneAddress
 
-MODULES = [broker, connection, dispatcher, listener, log_actor, shard, subscription, topic]
+MODULES = [broker, cluster, connection, dispatcher, listener, log_actor, shard, subscription, topic]
 CLIENT = ActorAddress("client-connection")
 NOWHERE = LaneAddress("unix", "host", name="\0actorbroker-test-nothing-listens-here")
 # No small non-negative ints: an init message's fds would be the test process's own.
@@ -99,6 +100,12 @@ def _actors(config):
     made = [
         (make(broker.BrokerRootActor, broker.StartBroker(config, 0, 0)),
          broker.DeleteTopic((1, 9), "/no/such", CLIENT)),
+        # a cluster node's root: its own topics, and routing to the others
+        (make(broker.BrokerRootActor, broker.StartBroker(
+            dataclasses.replace(config, node="a", cluster_leader=True, lanes="tcp"), 0, 0),
+              listener.Listening("127.0.0.1", 1)),
+         broker.Lookup((1, 9), "/a/b", CLIENT)),
+        (make(join_agent.JoinAgent), None),
         (make(listener.ListenerActor, listener.Listen(config, parent)), None),
         (make(connection.ConnectionActor, connection.StartConnections(-1, (), 0, config, parent, parent),
               connection.ClientHello(7, "c", None)),

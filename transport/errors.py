@@ -16,6 +16,7 @@ UNKNOWN_PRODUCER = "UNKNOWN_PRODUCER"
 UNKNOWN_CONSUMER = "UNKNOWN_CONSUMER"
 TOPIC_NOT_FOUND = "TOPIC_NOT_FOUND"
 OVERLOADED = "OVERLOADED"
+TOPIC_UNAVAILABLE = "TOPIC_UNAVAILABLE"   # cluster: the topic's node is lost (docs/protocol.md)
 SLOW_CONSUMER = "SLOW_CONSUMER"
 INTERNAL = "INTERNAL"
 
@@ -61,6 +62,7 @@ class UnknownProducer(BrokerError): pass
 class UnknownConsumer(BrokerError): pass
 class TopicNotFound(BrokerError): pass
 class Overloaded(BrokerError): pass
+class TopicUnavailable(BrokerError): pass
 class SlowConsumer(BrokerError): pass
 class Internal(BrokerError): pass
 
@@ -72,6 +74,7 @@ _CLASS_OF_CODE = {
     CONSUMER_BUSY: ConsumerBusy, TYPE_MISMATCH: TypeMismatch, PRODUCER_BUSY: ProducerBusy,
     UNKNOWN_PRODUCER: UnknownProducer, UNKNOWN_CONSUMER: UnknownConsumer,
     TOPIC_NOT_FOUND: TopicNotFound, OVERLOADED: Overloaded, SLOW_CONSUMER: SlowConsumer,
+    TOPIC_UNAVAILABLE: TopicUnavailable,
     INTERNAL: Internal,
 }
 

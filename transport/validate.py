@@ -195,6 +195,8 @@ _CONTROL = {
     "topics": lambda f: {},
     "stats": lambda f: {"topic": topic(f)},
     "delete_topic": lambda f: {"topic": topic(f)},
+    "lookup": lambda f: {"topic": topic(f)},
+    "cluster": lambda f: {},
     "broker_stats": lambda f: {},
 }
 CONTROL_OPS = frozenset(_CONTROL)

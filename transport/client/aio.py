@@ -159,6 +159,12 @@ class AsyncClient:
     async def delete_topic(self, topic, timeout=10):
         await self._admin("delete_topic", timeout, topic)
 
+    async def lookup(self, topic, timeout=10):
+        return await self._admin("lookup", timeout, topic)
+
+    async def cluster(self, timeout=10):
+        return await self._admin("cluster", timeout)
+
     async def broker_stats(self, timeout=10):
         return await self._admin("broker_stats", timeout)
 

@@ -203,6 +203,8 @@ ADMIN = {
     "stats": (lambda topic: {"op": "stats", "topic": topic}, reply_fields),
     "delete_topic": (lambda topic: {"op": "delete_topic", "topic": topic}, lambda reply: None),
     "ping": (lambda: {"op": "ping"}, lambda reply: None),
+    "lookup": (lambda topic: {"op": "lookup", "topic": topic}, reply_fields),
+    "cluster": (lambda: {"op": "cluster"}, lambda reply: reply["members"]),
     "broker_stats": (lambda: {"op": "broker_stats"}, reply_fields),
 }
 

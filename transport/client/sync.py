@@ -180,6 +180,14 @@ class Client:
     def delete_topic(self, topic, timeout=10):
         self._admin("delete_topic", timeout, topic)
 
+    def lookup(self, topic, timeout=10):
+        """{topic, node, exists, available, address?, dispatch?}: the node that owns the topic."""
+        return self._admin("lookup", timeout, topic)
+
+    def cluster(self, timeout=10):
+        """[{node, role, state, address, heartbeat_age_ms, connections, topics, self}, ...]"""
+        return self._admin("cluster", timeout)
+
     def broker_stats(self, timeout=10):
         """{topics, connections, shards, processes, memory_bytes} (docs/protocol.md)"""
         return self._admin("broker_stats", timeout)

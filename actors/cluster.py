@@ -1,0 +1,209 @@
+"""One broker over many hosts: membership by heartbeats, topic placement, and the messages the
+root actors of the nodes exchange (docs/cluster.md).
+
+Thespian's convention joins the nodes' actor systems and lets a node create an actor on another
+by capabilities (the JoinAgent, which finds the leader's root); it notices a crashed member only
+after about 22 minutes, so the roots heartbeat each other and declare a member lost on their own
+(`--member-timeout-ms`). Everything here but the messages is plain logic with no I/O: the root
+actor feeds it what arrives and the time.
+
+Placement: a topic that exists stays where it is (every heartbeat lists the topics of its sender);
+a new one goes to the live member with the highest rendezvous hash of (member, topic). Rendezvous
+hashing needs no coordination: two nodes with the same view of the live members place a topic on
+the same member, and a member coming or going moves only the topics that hashed to it.
+"""
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+ROOT_GLOBAL_NAME = "actorbroker-root"   # the root actor of each node's system, found by the JoinAgent
+NODE_CAPABILITY = "actorbroker.node"
+LEADER_CAPABILITY = "actorbroker.leader"
+HEARTBEATS_PER_TIMEOUT = 6               # heartbeats sent to a live member per member timeout
+# A member silent for this share of the member timeout (four heartbeats missed) is declared lost
+# at the next check (every heartbeat): so within the member timeout of its last heartbeat.
+SILENCE_SHARE = 4 / HEARTBEATS_PER_TIMEOUT
+LOST_HEARTBEAT_EVERY_S = 2.0             # to a lost member: slower (a stopped peer queues them)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A root to the others, several times per member timeout."""
+    node: str
+    incarnation: str       # new each time the node's root starts, or after it fenced itself
+    root: Any              # the sender's root actor
+    client_address: str    # host:port clients connect to
+    leader: bool
+    topics: tuple          # ((name, dispatch), ...) the topics this node owns
+    load: tuple            # (("connections", n), ("topics", n), ("msgs_in", n)): for `cluster`
+    members: tuple         # ((node, root), ...) the live members the sender knows, to spread them
+    lost: tuple            # ((node, incarnation), ...) the members the sender declared lost
+    seen: tuple = ()       # ((topic, node), ...) topics of the members live in the sender's view
+
+
+@dataclass(frozen=True)
+class Introduce:
+    """To the leader's root, from a JoinAgent: this root wants to join."""
+    root: Any
+
+
+@dataclass(frozen=True)
+class Introduced:
+    """The leader's root to the JoinAgent: done, you may end."""
+
+
+@dataclass(frozen=True)
+class FindLeaderRoot:
+    """To a JoinAgent just created on the leader: introduce `root` to the leader's root."""
+    root: Any
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A TopicRequest (or DeleteTopic) another node's root placed here: handle it, never forward."""
+    request: Any
+
+
+@dataclass(frozen=True)
+class NodeTopicsRequest:
+    """`topics` across the cluster: the summaries of the topics this node owns, please."""
+    token: int
+
+
+@dataclass(frozen=True)
+class NodeTopics:
+    token: int
+    summaries: tuple
+
+
+@dataclass(frozen=True)
+class NodeLost:
+    """To the ConnectionActors: a member was declared lost; end what is attached to its topics."""
+    node: str
+
+
+@dataclass(frozen=True)
+class NodeLoadRequest:
+    """Root -> listener, with every heartbeat: the open client connections, for `cluster`."""
+
+
+@dataclass(frozen=True)
+class ConnectionCount:
+    count: int
+
+
+def rendezvous_owner(topic, members):
+    """The member with the highest hash of (member, topic); None if there is none."""
+    def weight(member):
+        return hashlib.sha256(f"{member}\0{topic}".encode()).digest()
+    return max(members, key=weight, default=None)
+
+
+class Member:
+    __slots__ = ("node", "incarnation", "root", "client_address", "leader", "topics", "load",
+                 "last_seen", "lost", "seen")
+
+    def __init__(self, node, root, now):
+        self.node = node
+        self.incarnation = ""
+        self.root = root
+        self.client_address = ""
+        self.leader = False
+        self.topics = {}       # name -> dispatch
+        self.seen = {}         # topic -> node: topics of the members it sees live
+        self.load = {}
+        self.last_seen = now
+        self.lost = False
+
+
+class Membership:
+    """What one node knows of the others: who is live, what each owns, where to place a topic."""
+
+    def __init__(self, node, timeout_s):
+        self.node = node
+        self.silence_s = timeout_s * SILENCE_SHARE
+        self.members = {}      # node name -> Member (never self)
+
+    def heard(self, hb, now):
+        """A heartbeat arrived. Returns (state, peers): state is "live", "returned" (a lost or
+        unknown member is live again) or "fenced" (a member we declared lost speaks as the same
+        incarnation: it must fence itself first, see ClusterRoot._fence); peers are members we
+        did not know that it knows (to heartbeat them too)."""
+        if hb.node == self.node:
+            return "live", []
+        member = self.members.get(hb.node)
+        if member is not None and member.lost and hb.incarnation == member.incarnation:
+            return "fenced", []   # stopped or cut off, not restarted: lost it stays, until it fences
+        returned = "returned" if member is None or member.lost else "live"
+        if member is None:
+            member = self.members[hb.node] = Member(hb.node, hb.root, now)
+        member.incarnation, member.root = hb.incarnation, hb.root
+        member.client_address, member.leader = hb.client_address, hb.leader
+        member.topics = dict(hb.topics)
+        member.seen = dict(hb.seen)
+        member.load = dict(hb.load)
+        member.last_seen = now
+        member.lost = False
+        peers = []
+        for node, root in hb.members:
+            if node != self.node and node not in self.members:
+                peer = self.members[node] = Member(node, root, now)
+                peers.append(peer)
+        return returned, peers
+
+    def expire(self, now):
+        """The members silent for too long: now lost (each returned once)."""
+        lost = []
+        for member in self.members.values():
+            if not member.lost and now - member.last_seen > self.silence_s:
+                member.lost = True
+                lost.append(member)
+        return lost
+
+    def stalled(self, now):
+        """This node itself did not run for a while (stopped, swapped out): what it did not hear
+        meanwhile says nothing of the others. Give every live member a new full timeout."""
+        for member in self.live():
+            member.last_seen = max(member.last_seen, now)
+
+    def live(self):
+        return [m for m in self.members.values() if not m.lost]
+
+    def live_names(self):
+        return [self.node] + [m.node for m in self.live()]
+
+    def leader_live(self):
+        return any(m.leader for m in self.live())
+
+    def lost_pairs(self):
+        return tuple((m.node, m.incarnation) for m in self.members.values() if m.lost)
+
+    def place(self, topic, own_topics):
+        """(node, dispatch) of an existing topic; (node, None) for a new one (its rendezvous
+        owner among the live members); (None, node) when only a lost member holds it, reliable:
+        unavailable until that member returns, or while another member still sees its owner
+        live."""
+        if topic in own_topics:
+            return self.node, own_topics[topic]
+        for member in self.live():
+            if topic in member.topics:
+                return member.node, member.topics[topic]
+        for member in self.live():
+            owner = member.seen.get(topic)
+            if owner is not None and owner != self.node and self._lost_here(owner):
+                # a member still sees its owner live, we do not: we cannot reach the owner, and
+                # nobody may open the topic a second time (a partition, or a loss not yet seen
+                # by all). (An owner live here speaks for itself: its own list is the truth.)
+                return None, owner
+        for member in self.members.values():
+            if member.lost and member.topics.get(topic) == "reliable":
+                return None, member.node   # its log is there: nobody else may open it
+        return rendezvous_owner(topic, self.live_names()), None
+
+    def _lost_here(self, node):
+        member = self.members.get(node)
+        return member is None or member.lost
+
+    def seen_topics(self):
+        """((topic, node), ...) of every topic a live member owns: part of our heartbeat."""
+        return tuple((name, m.node) for m in self.live() for name in m.topics)

@@ -1,0 +1,250 @@
+"""The cluster side of the root actor: joining, heartbeats, loss detection, fencing, and routing
+each topic request to the node that owns the topic (docs/cluster.md).
+
+A mixin of BrokerRootActor, active only when the node was started with cluster options
+(`config.node`). The root keeps the topics it owns itself; a request for a topic another node owns
+goes to that node's root as `Placed`, which handles it there, so that producers, consumers and
+admin ops on any node reach a topic on any node: the topic's answers and lanes go straight to the
+asking ConnectionActor and shard, wherever they are.
+"""
+import random
+import time
+import uuid
+from datetime import timedelta
+
+from actorbroker.actors import cluster, connection, topic
+from actorbroker.actors.base import log
+from actorbroker.transport import errors as E
+
+JOIN_RETRY = timedelta(seconds=2)
+LOAD_EVERY_S = 2.0   # how often a node measures its topics' message rate
+LOAD_TOKEN = -1      # the NodeTopics of that measure (gather tokens are positive)
+ID_SALT_BITS = 24   # ids of a node: counter << 24 | a random salt: unique across the nodes
+
+
+class ClusterRoot:
+    def cluster_start(self):
+        config = self.config
+        self.membership = cluster.Membership(config.node, config.member_timeout_ms / 1000)
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.next_id = 1 << ID_SALT_BITS | random.getrandbits(ID_SALT_BITS)
+        self.last_lost_beat = 0.0
+        self.last_tick = time.monotonic()
+        self.msgs_in = (0, time.monotonic())   # messages our topics received so far, and when
+        self.msgs_per_s = 0.0
+        self.last_load = 0.0
+        self.joining = None       # the JoinAgent in flight
+        log.info("cluster node %s (%s), member timeout %d ms", config.node,
+                 "leader" if config.cluster_leader else "member", config.member_timeout_ms)
+        self.wakeupAfter(timedelta(seconds=0), payload="heartbeat")
+
+    @property
+    def clustered(self):
+        """A cluster node that has joined (from the moment its client port listens)."""
+        return self.membership is not None
+
+    def own_topics(self):
+        return {name: dispatch for name, (_, dispatch) in self.topics.items()}
+
+    def next_ident(self):
+        ident = self.next_id
+        self.next_id += 1 << ID_SALT_BITS if self.clustered else 1
+        return ident
+
+    # --- joining: find the leader's root through a JoinAgent on the leader's system -------------------
+    def _join(self):
+        if self.config.cluster_leader or self.membership.leader_live() or self.stopping:
+            return
+        self.joining = self.createActor("actorbroker.actors.join_agent.JoinAgent",
+                                        targetActorRequirements={cluster.LEADER_CAPABILITY: True})
+        self.send(self.joining, cluster.FindLeaderRoot(self.myAddress))
+
+    def on_Introduce(self, msg, sender):
+        if msg.root != self.myAddress:
+            self.send(msg.root, self._heartbeat())
+        self.send(sender, cluster.Introduced())
+
+    # --- heartbeats and loss detection ------------------------------------------------------------
+    def cluster_tick(self):
+        every = self.config.member_timeout_ms / 1000 / cluster.HEARTBEATS_PER_TIMEOUT
+        self.wakeupAfter(timedelta(seconds=every), payload="heartbeat")   # first: whatever fails below
+        now = time.monotonic()
+        stall = now - self.last_tick
+        self.last_tick = now
+        if stall > self.membership.silence_s / 2:
+            log.warning("node %s did not run for %.1f s: no member is declared lost on that account",
+                        self.config.node, stall)
+            self.membership.stalled(now)
+        for member in self.membership.expire(now):
+            self._member_lost(member)
+        beat = self._heartbeat()
+        to_lost = now - self.last_lost_beat >= cluster.LOST_HEARTBEAT_EVERY_S
+        if to_lost:
+            self.last_lost_beat = now
+        for member in self.membership.members.values():
+            if not member.lost or to_lost:
+                self.send(member.root, beat)
+        self.send(self.listener, cluster.NodeLoadRequest())
+        if now - self.last_load >= LOAD_EVERY_S:   # our topics' message rate, for `cluster`
+            self.last_load = now
+            self.gather_local(LOAD_TOKEN, self.myAddress)
+        if not self.membership.leader_live() and not self.config.cluster_leader:
+            if now - getattr(self, "last_join", 0.0) >= JOIN_RETRY.total_seconds():
+                self.last_join = now
+                self._join()
+
+    def _heartbeat(self):
+        return cluster.Heartbeat(
+            self.config.node, self.incarnation, self.myAddress,
+            f"{self.listen_host}:{self.listen_port}" if self.listen_port else "",
+            self.config.cluster_leader, tuple(self.own_topics().items()),
+            (("connections", self.connections_open), ("topics", len(self.topics)),
+             ("msgs_per_s", round(self.msgs_per_s, 1))),
+            tuple((m.node, m.root) for m in self.membership.live()),
+            self.membership.lost_pairs(), self.membership.seen_topics())
+
+    def on_ConnectionCount(self, msg, sender):
+        self.connections_open = msg.count
+
+    def on_Heartbeat(self, msg, sender):
+        if not self.clustered:
+            return
+        if (self.config.node, self.incarnation) in msg.lost:
+            self._fence(msg.node)
+        state, peers = self.membership.heard(msg, time.monotonic())
+        if state == "fenced":   # our heartbeat lists it as lost: it fences, and comes back anew
+            self.send(msg.root, self._heartbeat())
+        elif state == "returned":
+            log.warning("member %s is live (%s)", msg.node, msg.client_address)
+            self.send(msg.root, self._heartbeat())   # answer at once: it learns of us sooner
+        for peer in peers:
+            self.send(peer.root, self._heartbeat())
+
+    def _member_lost(self, member):
+        log.error("member %s lost: no heartbeat for %d ms; its non_reliable topics go to the "
+                  "survivors, its reliable ones are unavailable until it returns",
+                  member.node, self.config.member_timeout_ms)
+        self.send(self.listener, cluster.NodeLost(member.node))
+
+    def _fence(self, by):
+        """A member declared this node lost (we were stopped, or cut off): our non_reliable
+        topics may have been re-created elsewhere meanwhile. End ours, so that no topic ever has
+        two owners, and come back as a new incarnation."""
+        dropped = [name for name, (_, dispatch) in self.topics.items() if dispatch != "reliable"]
+        log.error("node %s was declared lost by %s: fencing: ending its %d non_reliable topics, "
+                  "rejoining", self.config.node, by, len(dropped))
+        for name in dropped:
+            address, _ = self.topics.pop(name)
+            self.send_ordered(address, topic.DeleteTopic(None, None), name)
+        self.incarnation = uuid.uuid4().hex[:12]
+
+    # --- routing ----------------------------------------------------------------------------------
+    def route(self, name, forward, request, placed):
+        """True when `forward` was sent to another node or `request` refused; False: handle it
+        here."""
+        if not self.clustered:
+            return False
+        node, held = self.membership.place(name, self.own_topics())
+        if node == self.config.node or (placed and node is not None and held is None):
+            return False   # ours, or new and placed here by the asking node
+        if placed and node is not None:
+            # another node owns it in our view: never open it a second time here
+            node, held = None, node
+        rid, reply_to = getattr(request, "rid", None), getattr(request, "reply_to", None)
+        if node is None:
+            if reply_to is not None:
+                self.send(reply_to, connection.RequestFailed(rid, E.TOPIC_UNAVAILABLE, (
+                    f"topic {name} is on node {held}, which this node cannot reach (lost, or cut "
+                    f"off from here); it is available again when {held} is back")))
+            return True
+        member = self.membership.members[node]
+        self.send_ordered(member.root, cluster.Placed(forward), ("node", node, member.incarnation))
+        return True
+
+    def on_Placed(self, msg, sender):
+        self.handle_request(msg.request, placed=True)
+
+    def lookup(self, msg, placed):
+        """Answer a Lookup; one for a topic of another live node is answered there: it knows
+        its own topics now, we only as of its last heartbeat."""
+        node, held = self.membership.place(msg.topic, self.own_topics()) if self.clustered \
+            else (self.config.node or "", self.own_topics().get(msg.topic))
+        if node not in (None, self.config.node) and not placed:
+            member = self.membership.members[node]
+            self.send_ordered(member.root, cluster.Placed(msg), ("node", node, member.incarnation))
+            return
+        if placed:   # the asking node placed it here: it is ours, or new here
+            node, held = self.config.node, self.own_topics().get(msg.topic)
+        frame = {"op": "lookup", "rid": msg.rid, "topic": msg.topic}
+        if node is None:
+            frame.update(node=held, exists=True, available=False)
+        else:
+            member = self.membership.members.get(node) if self.clustered else None
+            dispatch = self.own_topics().get(msg.topic) if member is None else member.topics.get(msg.topic)
+            frame.update(node=node, exists=dispatch is not None, available=True,
+                         address=member.client_address if member else
+                         f"{self.listen_host}:{self.listen_port}")
+            if dispatch:
+                frame["dispatch"] = dispatch
+        self.send(msg.reply_to, connection.RequestDone(msg.rid, frame))
+
+    def on_ClusterStatus(self, msg, sender):
+        now = time.monotonic()
+        rows = [{"node": self.config.node or "", "role": self._role(self.config.cluster_leader),
+                 "state": "live", "address": f"{self.listen_host}:{self.listen_port}",
+                 "heartbeat_age_ms": 0, "connections": self.connections_open, "topics": len(self.topics),
+                 "msgs_per_s": round(getattr(self, "msgs_per_s", 0.0), 1), "self": True}]
+        for m in (self.membership.members.values() if self.clustered else ()):
+            rows.append({"node": m.node, "role": self._role(m.leader), "state": "lost" if m.lost else "live",
+                         "address": m.client_address, "heartbeat_age_ms": int((now - m.last_seen) * 1000),
+                         "connections": m.load.get("connections", 0), "topics": len(m.topics),
+                         "msgs_per_s": m.load.get("msgs_per_s", 0.0), "self": False})
+        rows.sort(key=lambda r: r["node"])
+        self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "cluster", "rid": msg.rid,
+                                                                  "members": rows}))
+
+    @staticmethod
+    def _role(leader):
+        return "leader" if leader else "member"
+
+    # --- `topics` across the nodes ------------------------------------------------------------------
+    def gather_cluster_topics(self, rid, reply_to):
+        """Ask every live member for its topics' summaries; ours are gathered as on one node."""
+        token = self.next_token
+        self.next_token += 1
+        live = self.membership.live() if self.clustered else []
+        self.node_gathers[token] = [rid, reply_to, len(live) + 1, []]
+        for member in live:
+            self.send(member.root, cluster.NodeTopicsRequest(token))
+        self.gather_local(token, self.myAddress)
+        if live:   # a member lost meanwhile must not hold the answer forever
+            self.wakeupAfter(timedelta(seconds=6), payload=("cluster-gather", token))
+
+    def on_NodeTopicsRequest(self, msg, sender):
+        self.gather_local(msg.token, sender)
+
+    def on_NodeTopics(self, msg, sender):
+        if msg.token == LOAD_TOKEN:
+            self._measured(sum(s.get("msgs_in", 0) for s in msg.summaries))
+            return
+        gather = self.node_gathers.get(msg.token)
+        if gather is None:
+            return
+        gather[3].extend(msg.summaries)
+        gather[2] -= 1
+        if gather[2] <= 0:
+            self.answer_cluster_topics(msg.token)
+
+    def _measured(self, total):
+        before, then = self.msgs_in
+        now = time.monotonic()
+        self.msgs_in = (total, now)
+        if now > then:   # a deleted topic takes its count with it: never below 0
+            self.msgs_per_s = max(0.0, (total - before) / (now - then))
+
+    def answer_cluster_topics(self, token):
+        gather = self.node_gathers.pop(token, None)
+        if gather is not None:
+            rid, reply_to, _, summaries = gather
+            summaries.sort(key=lambda s: s["name"])
+            self.send(reply_to, connection.RequestDone(rid, {"op": "topics", "rid": rid, "topics": summaries}))

@@ -1,0 +1,418 @@
+"""One broker over three hosts (docs/cluster.md): three network namespaces made by the test, a
+real `actorbroker serve` in each, joined in a Thespian convention; clients in the test's own
+namespace reach every node. Every namespace, link and process is removed by the test."""
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from actorbroker.scripts import proctree
+from actorbroker.scripts.local_broker import LocalBroker
+from actorbroker.transport.client.core import Reconnect
+from actorbroker.transport.client.sync import Client
+from actorbroker.transport.errors import ConsumerClosed, TopicUnavailable
+from tests import netns
+
+TIMEOUT_MS = 3000          # member timeout (the default): a loss is declared within it
+ADMIN_PORT = 7600
+
+pytestmark = pytest.mark.skipif(netns.unavailable() is not None,
+                                reason=f"cluster tests need network namespaces: {netns.unavailable()}")
+
+
+def wait_for(check, timeout, what):
+    """Poll `check` (a state the broker reaches on its own timers) until true; the deadline only
+    bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+class Cluster:
+    def __init__(self, tmp_path):
+        self.hosts = netns.Hosts()
+        self.dir = tmp_path
+        self.secret = tmp_path / "cluster.secret"
+        fd = os.open(self.secret, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32).hex().encode())
+        self.nodes = {}
+        self.stopped = []
+
+    def start(self, node, *extra):
+        address = self.hosts.address(node)
+        options = ["--host", address, "--cluster-bind", f"{address}:{ADMIN_PORT}", "--node", node,
+                   "--cluster-secret-file", str(self.secret), "--member-timeout-ms", str(TIMEOUT_MS),
+                   *extra]
+        if node != "a":
+            options += ["--join", f"{self.hosts.address('a')}:{ADMIN_PORT}"]
+        broker = LocalBroker(self.dir / node, *options, prefix=self.hosts.prefix(node))
+        self.nodes[node] = broker
+        return broker
+
+    def client(self, node):
+        return Client(*self.nodes[node].address, name=f"test-on-{node}")
+
+    def members(self, node):
+        with self.client(node) as c:
+            return {m["node"]: m for m in c.cluster()}
+
+    def live(self, node):
+        return sorted(n for n, m in self.members(node).items() if m["state"] == "live")
+
+    def wait_live(self, node, expected, timeout=20):
+        wait_for(lambda: self.live(node) == sorted(expected), timeout,
+                 f"node {node} seeing {expected} live")
+
+    def topic_on(self, node, dispatch="non_reliable"):
+        """A new topic name that the cluster places on `node`."""
+        with self.client("a") as c:
+            for _ in range(200):
+                name = f"/cl/{dispatch[:3]}-{uuid.uuid4().hex[:10]}"
+                if c.lookup(name)["node"] == node:
+                    return name
+        raise AssertionError(f"no topic name placed on {node}")
+
+    def kill(self, node):
+        """kill -9 of the node's whole process tree (serve, admin, every actor)."""
+        broker = self.nodes.pop(node)
+        left = broker.kill_all()
+        broker.stderr.close()
+        broker.proc.stdout.close()
+        assert not left
+
+    def stop_all(self):
+        left = []
+        for broker in self.nodes.values():
+            for pid in broker.processes():   # SIGSTOPped ones must run to stop
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except OSError:
+                    pass
+            left += broker.stop()
+        self.nodes.clear()
+        self.hosts.remove()
+        return left
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        for node in netns.NODES:
+            c.start(node)
+        c.wait_live("a", ["a", "b", "c"])
+        c.wait_live("c", ["a", "b", "c"])
+        yield c
+    finally:
+        left = c.stop_all()
+        assert not left, f"broker processes left behind: {left}"
+        assert not c.hosts.leftovers(), f"namespaces or links left behind: {c.hosts.leftovers()}"
+
+
+def produce(client, topic, payloads, dispatch="non_reliable"):
+    producer = client.producer(topic, dispatch=dispatch)
+    for p in payloads:
+        producer.send_sync(p)
+    return producer
+
+
+def receive_all(consumer, count, timeout=10):
+    got = []
+    while len(got) < count:
+        msg = consumer.receive(timeout=timeout)
+        consumer.ack(msg)
+        got.append(msg.payload)
+    return got
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+def test_serve_refuses_unsafe_cluster_options(tmp_path):
+    """No convention on a public address without --trust-cluster-network, none on 0.0.0.0, none
+    without a shared secret: serve exits 1 before starting anything."""
+    import subprocess
+    import sys
+    secret = tmp_path / "s"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    secret.chmod(0o600)
+    cases = [
+        (["--cluster-bind", "8.8.8.8:7600", "--cluster-secret-file", str(secret)], "not a private address"),
+        (["--cluster-bind", "0.0.0.0:7600", "--cluster-secret-file", str(secret)], "not 0.0.0.0"),
+        (["--cluster-bind", "10.1.2.3:7600"], "--cluster-secret-file"),
+        (["--join", "10.1.2.3:7600"], "need --cluster-bind"),
+    ]
+    for options, text in cases:
+        done = subprocess.run([sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+                               "--data-dir", str(tmp_path / "d"), *options],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, (options, done.stderr)
+        assert text in done.stderr, (options, done.stderr)
+
+
+# --- any node serves any client and any topic ------------------------------------------------------------
+
+def test_members_and_listening_sockets(cluster):
+    members = cluster.members("b")
+    assert sorted(members) == ["a", "b", "c"]
+    assert members["a"]["role"] == "leader" and members["b"]["role"] == "member"
+    assert all(m["state"] == "live" for m in members.values())
+    assert members["b"]["self"] and members["c"]["address"] == \
+        f"{cluster.hosts.address('c')}:{cluster.nodes['c'].port}"
+    # Thespian's sockets and the lanes are on the cluster address only: never 0.0.0.0
+    for node, broker in cluster.nodes.items():
+        for pid in broker.processes():
+            for host in listening_hosts(pid):
+                assert host in (cluster.hosts.address(node),), (node, pid, host)
+
+
+def test_cluster_command_lists_the_members(cluster):
+    import subprocess
+    import sys
+    b = cluster.nodes["b"]
+    done = subprocess.run([sys.executable, "-m", "actorbroker.scripts.cli", "cluster", "--url",
+                           f"{b.host}:{b.port}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NODE", "ROLE", "STATE"]
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip()}
+    assert rows["a"][1:3] == ["leader", "live"] and rows["b"][1:4] == ["*", "member", "live"]
+    assert rows["c"][1:4] == ["member", "live", f"{cluster.hosts.address('c')}:{cluster.nodes['c'].port}"]
+    for row in cluster.members("a").values():
+        assert {"connections", "topics", "msgs_per_s", "heartbeat_age_ms"} <= set(row)
+    # --watch refreshes the table until it is stopped
+    watch = subprocess.Popen([sys.executable, "-m", "actorbroker.scripts.cli", "cluster", "--url",
+                              f"{b.host}:{b.port}", "--watch", "0.1"], stdout=subprocess.PIPE, text=True)
+    try:
+        tables = 0
+        for line in watch.stdout:
+            tables += "HEARTBEAT AGE" in line
+            if tables == 3:
+                break
+        assert tables == 3
+    finally:
+        watch.kill()
+        watch.wait()
+        watch.stdout.close()
+
+
+def listening_hosts(pid):
+    """IPv4 addresses the process listens on (from /proc/PID/net/tcp and its fds)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+                  if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
+        lines = open(f"/proc/{pid}/net/tcp").read().splitlines()[1:]
+    except OSError:
+        return []
+    hosts = []
+    for line in lines:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:   # LISTEN
+            raw = fields[1].split(":")[0]
+            hosts.append(".".join(str(int(raw[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return hosts
+
+
+@pytest.mark.parametrize("sub_type", ["exclusive", "shared", "failover", "key_shared"])
+def test_produce_on_a_consume_on_c_topic_on_b(cluster, sub_type):
+    topic = cluster.topic_on("b")
+    with cluster.client("c") as on_c, cluster.client("a") as on_a:
+        consumer = on_c.subscribe(topic, "s", sub_type, "c1")
+        payloads = [f"m{i}".encode() for i in range(200)]
+        produce(on_a, topic, payloads)
+        got = receive_all(consumer, len(payloads))
+        assert sorted(got) == sorted(payloads)
+        if sub_type != "shared":
+            assert got == payloads
+        # every node names the owner
+        assert on_a.lookup(topic)["node"] == "b" and on_c.lookup(topic)["exists"]
+        assert on_c.stats(topic)["node"] == "b"
+        listed = [t for t in on_a.topics() if t["name"] == topic]
+        assert listed and listed[0]["node"] == "b" and listed[0]["subscriptions"] == 1
+
+
+def test_reliable_topic_across_nodes(cluster):
+    topic = cluster.topic_on("b", "reliable")
+    with cluster.client("a") as on_a, cluster.client("c") as on_c:
+        consumer = on_c.subscribe(topic, "durable", "exclusive", "c1", dispatch="reliable", start="earliest")
+        produce(on_a, topic, [b"r%d" % i for i in range(50)], dispatch="reliable")
+        assert receive_all(consumer, 50) == [b"r%d" % i for i in range(50)]
+
+
+# --- member loss ---------------------------------------------------------------------------------
+
+GONE = ("subscription_lost", "topic_lost", "node_lost")   # whichever of them tells first
+
+
+def lost_within(cluster, observers, node, since, what):
+    """Seconds from `since` until every observer has declared `node` lost."""
+    wait_for(lambda: all(cluster.members(o)[node]["state"] == "lost" for o in observers),
+             TIMEOUT_MS / 1000 + 10, f"{what}: {node} declared lost by {observers}")
+    return time.monotonic() - since
+
+
+def rehomed(cluster, topic, away_from, on="a"):
+    """Wait until the cluster places `topic` on a node other than `away_from`; that node."""
+    def placed():
+        with cluster.client(on) as c:
+            found = c.lookup(topic)
+        return found["node"] if found["available"] and found["node"] != away_from else None
+    return wait_for(placed, 10, f"{topic} re-homed away from {away_from}")
+
+
+def closed_reason(consumer, timeout=10):
+    with pytest.raises(ConsumerClosed) as ended:
+        while True:
+            consumer.receive(timeout=timeout)
+    return ended.value.reason
+
+
+def test_kill_9_of_a_node(cluster):
+    """B's whole process tree is killed: A and C declare it lost within the member timeout; its
+    non_reliable topic is re-homed and serves A and C; its reliable topic answers
+    TOPIC_UNAVAILABLE until B returns, then serves every receipted message."""
+    volatile = cluster.topic_on("b")
+    durable = cluster.topic_on("b", "reliable")
+    elsewhere = cluster.topic_on("c")
+    b, c = cluster.nodes["b"], cluster.nodes["c"]
+    # a client of B with the cluster's seed addresses: it goes on on C, its consumer subscribed again
+    of_b = Client(b.host, b.port, reconnect=Reconnect([(b.host, b.port), (c.host, c.port)], initial=0.05))
+    with of_b, cluster.client("a") as on_a, cluster.client("c") as on_c:
+        moved = of_b.subscribe(elsewhere, "m", "exclusive", "b1")
+        on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable", start="earliest").close()
+        produce(on_a, durable, [b"r%d" % i for i in range(100)], dispatch="reliable")   # all receipted
+        on_a_consumer = on_a.subscribe(volatile, "sa", "exclusive", "a1")
+        on_c_consumer = on_c.subscribe(volatile, "sc", "exclusive", "c1")
+        # created where they were placed (a member seen lost for a moment would have moved them)
+        owners = {t["name"]: t["node"] for t in on_a.topics()}
+        assert owners[volatile] == owners[durable] == "b" and owners[elsewhere] == "c", owners
+
+        killed = time.monotonic()
+        cluster.kill("b")
+        detected = lost_within(cluster, ["a", "c"], "b", killed, "kill -9")
+        assert detected < TIMEOUT_MS / 1000 + 0.5, detected   # + the test's own polling
+        # their topic is gone: both consumers are told (a lane's EOF, or the loss itself)
+        assert closed_reason(on_a_consumer) in GONE
+        assert closed_reason(on_c_consumer) in GONE
+
+        owner = rehomed(cluster, volatile, "b")
+        assert owner in ("a", "c")
+        on_a_consumer = on_a.subscribe(volatile, "sa", "exclusive", "a1")
+        on_c_consumer = on_c.subscribe(volatile, "sc", "exclusive", "c1")
+        after = [b"after-%d" % i for i in range(50)]
+        produce(on_a, volatile, after)
+        assert receive_all(on_a_consumer, 50) == after
+        assert receive_all(on_c_consumer, 50) == after
+        assert time.monotonic() - killed < TIMEOUT_MS / 1000 + 5.0
+
+        produce(on_a, elsewhere, [b"moved"])
+        assert receive_all(moved, 1) == [b"moved"]
+        assert {m["node"]: m for m in of_b.cluster()}["c"]["self"]   # now a client of C
+
+        for client in (on_a, on_c):
+            with pytest.raises(TopicUnavailable):
+                client.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable")
+            with pytest.raises(TopicUnavailable):
+                client.producer(durable, dispatch="reliable")
+
+    cluster.start("b")   # same node name, same data directory
+    cluster.wait_live("a", ["a", "b", "c"])
+    cluster.wait_live("c", ["a", "b", "c"])
+    with cluster.client("c") as on_c:
+        assert on_c.lookup(durable)["node"] == "b"
+        consumer = on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable")
+        assert receive_all(consumer, 100) == [b"r%d" % i for i in range(100)]
+
+
+def test_sigstop_of_a_node_then_it_fences_itself(cluster):
+    """A stopped node keeps its sockets open: the heartbeat finds it lost; its non_reliable topic
+    goes to a survivor; once continued it learns it was lost, ends its own copy, and comes back as
+    a new incarnation: the topic never has two owners."""
+    topic = cluster.topic_on("b")
+    with cluster.client("a") as on_a, cluster.client("c") as on_c:
+        consumer = on_c.subscribe(topic, "s", "shared", "c1")
+        b_pids = cluster.nodes["b"].processes()
+        stopped = time.monotonic()
+        for pid in b_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            lost_within(cluster, ["a", "c"], "b", stopped, "SIGSTOP")
+            assert closed_reason(consumer) == "node_lost"
+            owner = rehomed(cluster, topic, "b", on="c")
+            consumer = on_c.subscribe(topic, "s", "shared", "c1")
+            produce(on_a, topic, [b"x%d" % i for i in range(20)])
+            assert sorted(receive_all(consumer, 20)) == sorted(b"x%d" % i for i in range(20))
+        finally:
+            for pid in b_pids:
+                os.kill(pid, signal.SIGCONT)
+        cluster.wait_live("a", ["a", "b", "c"])
+        cluster.wait_live("b", ["a", "b", "c"])
+        # one owner, the survivor, in every node's view; B's own copy is gone
+        for node in ("a", "b", "c"):
+            with cluster.client(node) as c:
+                assert c.lookup(topic)["node"] == owner
+                assert [t["node"] for t in c.topics() if t["name"] == topic] == [owner]
+        with cluster.client("b") as on_b:
+            produce(on_b, topic, [b"from-b"])
+        assert receive_all(consumer, 1) == [b"from-b"]
+
+
+def test_link_cut_between_two_nodes(cluster):
+    """Only the A-B link goes down: A and B declare each other lost, C sees both; B's topic is
+    unavailable from A (never opened a second time) and keeps serving C; when the link is back,
+    A reaches it again."""
+    topic = cluster.topic_on("b")
+    with cluster.client("c") as on_c:
+        consumer = on_c.subscribe(topic, "s", "exclusive", "c1")
+        cut = time.monotonic()
+        cluster.hosts.cut("a", "b")
+        try:
+            lost_within(cluster, ["a"], "b", cut, "link cut")
+            lost_within(cluster, ["b"], "a", cut, "link cut")
+            assert cluster.live("c") == ["a", "b", "c"]
+            with cluster.client("a") as on_a:
+                with pytest.raises(TopicUnavailable):
+                    on_a.producer(topic)
+            produce(on_c, topic, [b"still"])
+            assert receive_all(consumer, 1) == [b"still"]
+        finally:
+            cluster.hosts.mend("a", "b")
+    cluster.wait_live("a", ["a", "b", "c"])
+    cluster.wait_live("b", ["a", "b", "c"])
+    # B was declared lost by A: it fenced its non_reliable topics; the next use re-creates it once
+    with cluster.client("a") as on_a, cluster.client("c") as on_c:
+        owner = on_a.lookup(topic)["node"]
+        consumer = on_c.subscribe(topic, "s2", "exclusive", "c1")
+        produce(on_a, topic, [b"healed"])
+        assert receive_all(consumer, 1) == [b"healed"]
+        assert [t["node"] for t in on_c.topics() if t["name"] == topic] == [on_a.lookup(topic)["node"]]
+        assert owner in ("a", "b", "c")
+
+
+def test_leader_killed(cluster):
+    """docs/cluster.md: the leader is needed to join, not to serve. Killed, it is declared lost;
+    topics on the other nodes keep working; when it returns, the members join it again."""
+    on_c_topic = cluster.topic_on("c")
+    with cluster.client("b") as on_b, cluster.client("c") as on_c:
+        consumer = on_c.subscribe(on_c_topic, "s", "exclusive", "c1")
+        killed = time.monotonic()
+        cluster.kill("a")
+        lost_within(cluster, ["b", "c"], "a", killed, "leader killed")
+        produce(on_b, on_c_topic, [b"m%d" % i for i in range(10)])
+        assert receive_all(consumer, 10) == [b"m%d" % i for i in range(10)]
+        fresh = f"/cl/new-{uuid.uuid4().hex[:8]}"   # a new topic is placed on a survivor
+        assert on_b.lookup(fresh)["node"] in ("b", "c")
+        fresh_consumer = on_c.subscribe(fresh, "s", "exclusive", "c1")
+        produce(on_b, fresh, [b"new"])
+        assert receive_all(fresh_consumer, 1) == [b"new"]
+    cluster.start("a")
+    cluster.wait_live("a", ["a", "b", "c"])
+    cluster.wait_live("b", ["a", "b", "c"])
+    cluster.wait_live("c", ["a", "b", "c"])

@@ -1,0 +1,69 @@
+"""The cluster's pure logic (actors/cluster.py): membership by heartbeats, loss, fencing, placement."""
+import collections
+
+from actorbroker.actors.cluster import Heartbeat, Membership, rendezvous_owner
+
+
+def beat(node, incarnation="i1", topics=(), members=(), lost=(), seen=(), leader=False):
+    return Heartbeat(node, incarnation, f"root-{node}", f"{node}:6650", leader, tuple(topics),
+                     (("connections", 0),), tuple(members), tuple(lost), tuple(seen))
+
+
+def test_rendezvous_spreads_topics_and_moves_only_those_of_a_lost_member():
+    names = [f"/t/{i}" for i in range(3000)]
+    three = {n: rendezvous_owner(n, ["a", "b", "c"]) for n in names}
+    counts = collections.Counter(three.values())
+    assert all(800 < counts[m] < 1200 for m in "abc"), counts
+    two = {n: rendezvous_owner(n, ["a", "c"]) for n in names}
+    assert all(two[n] == three[n] for n in names if three[n] != "b")   # only b's topics move
+    assert rendezvous_owner("/t/x", []) is None
+
+
+def test_a_member_is_lost_after_the_timeout_and_returns_only_as_a_new_incarnation():
+    m = Membership("a", timeout_s=3)
+    assert m.heard(beat("b"), now=0)[0] == "returned"
+    assert m.heard(beat("b"), now=1)[0] == "live"
+    assert m.expire(now=2.9) == []                    # silent for 2/3 of the timeout: lost
+    assert [x.node for x in m.expire(now=3.1)] == ["b"]
+    assert m.expire(now=5) == []                      # declared once
+    assert m.lost_pairs() == (("b", "i1"),)
+    assert m.heard(beat("b"), now=6)[0] == "fenced"  # stopped, not restarted: stays lost
+    assert m.live_names() == ["a"]
+    assert m.heard(beat("b", "i2"), now=7)[0] == "returned"
+    assert m.live_names() == ["a", "b"]
+
+
+def test_members_spread_through_heartbeats():
+    m = Membership("c", timeout_s=3)
+    state, peers = m.heard(beat("a", members=[("b", "root-b")], leader=True), now=0)
+    assert [p.node for p in peers] == ["b"] and m.leader_live()
+
+
+def test_placement_keeps_existing_topics_and_refuses_what_it_cannot_reach():
+    m = Membership("a", timeout_s=3)
+    m.heard(beat("b", topics=[("/x/r", "reliable"), ("/x/n", "non_reliable")]), now=0)
+    m.heard(beat("c", seen=[("/x/r", "b"), ("/x/n", "b")]), now=0)
+    assert m.place("/x/r", {}) == ("b", "reliable")
+    assert m.place("/mine/t", {"/mine/t": "non_reliable"}) == ("a", "non_reliable")
+    node, dispatch = m.place("/new/t", {})
+    assert node == rendezvous_owner("/new/t", ["a", "b", "c"]) and dispatch is None
+    m.heard(beat("c", seen=[("/x/r", "b"), ("/x/n", "b")]), now=2)
+    m.expire(now=2.5)                                  # b lost here, c still sees it live
+    assert m.place("/x/n", {}) == (None, "b")
+    m.heard(beat("c"), now=3)                          # c lost it too
+    assert m.place("/x/r", {}) == (None, "b")          # reliable: its log is on b
+    assert m.place("/x/n", {})[0] == rendezvous_owner("/x/n", ["a", "c"])   # re-homed
+
+
+def test_a_node_that_did_not_run_declares_no_one_lost_for_it():
+    m = Membership("a", timeout_s=3)
+    m.heard(beat("b"), now=0)
+    m.stalled(now=10)
+    assert m.expire(now=12) == [] and m.live_names() == ["a", "b"]
+
+
+def test_an_owner_live_here_speaks_for_itself_over_what_others_saw():
+    m = Membership("a", timeout_s=3)
+    m.heard(beat("b", "i2"), now=0)                          # b fenced: no topic any more
+    m.heard(beat("c", seen=[("/x/n", "b")]), now=0)           # c's view is a heartbeat older
+    assert m.place("/x/n", {})[0] == rendezvous_owner("/x/n", ["a", "b", "c"])
