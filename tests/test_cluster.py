@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 
-from actorbroker.scripts import proctree
 from actorbroker.scripts.local_broker import LocalBroker
 from actorbroker.transport.client.core import Reconnect
 from actorbroker.transport.client.sync import Client
