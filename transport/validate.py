@@ -195,6 +195,8 @@ _CONTROL = {
     "topics": lambda f: {},
     "stats": lambda f: {"topic": topic(f)},
     "delete_topic": lambda f: {"topic": topic(f)},
+    "watch": lambda f: {"topics": name(f, "topics", optional=True) or "*"},   # a shell-style pattern
+    "unwatch": lambda f: {},
 }
 CONTROL_OPS = frozenset(_CONTROL)
 
