@@ -136,7 +136,8 @@ class BrokerActor(Actor):
             log.exception("%s: a %s could not be handled", type(self).__name__, type(msg).__name__)
             self.handler_errors += 1
         finally:
-            self._flush_outbox()
+            # an exiting actor gets no wakeup: what waits to gather more must go now
+            self._flush_outbox(force=isinstance(msg, ActorExitRequest))
         return self.watch()
 
     def _ordered_deliver(self, released):
@@ -236,11 +237,11 @@ class BrokerActor(Actor):
         else:
             entry[1].append(msg)
 
-    def _flush_outbox(self, only=None):
+    def _flush_outbox(self, only=None, force=False):
         streams = list(self._outbox) if only is None else [only] if only in self._outbox else []
         now = time.monotonic()
         for stream in streams:
-            if only is None and now - self._sent_at.get(stream, 0.0) < COALESCE_S:
+            if only is None and not force and now - self._sent_at.get(stream, 0.0) < COALESCE_S:
                 if not self._flush_due:   # sent a moment ago: this one waits and gathers more
                     self._flush_due = True
                     self.wakeupAfter(timedelta(seconds=COALESCE_S), payload=_FLUSH)

@@ -463,6 +463,10 @@ class DispatcherActor(BrokerActor):
         self._announce_active(before)
         self._pump()
 
+    def on_SubscriptionIdle(self, msg, sender):
+        """From the SubscriptionActor, after the removals it sent before (see its _idle_check)."""
+        self.send(self.topic, msg)
+
     def _detached(self, consumer_id, detected):
         """Its connection ended: the shard says so over the lane, ahead of the ConnectionActor's
         detach (which then finds nothing to do). The SubscriptionActor is told at once too."""

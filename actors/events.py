@@ -69,9 +69,13 @@ class EventsActor(BrokerActor):
         self._write(watcher.shard, msg.connection_id, encode_frame({"op": "ok", "rid": msg.rid}))
 
     def on_Unwatch(self, msg, sender):
-        self.watchers.pop(msg.connection_id, None)
-        if msg.rid is not None:
-            self._write(msg.shard, msg.connection_id, encode_frame({"op": "ok", "rid": msg.rid}))
+        if msg.rid is None:   # the connection ended
+            self.watchers.pop(msg.connection_id, None)
+            return
+        watcher = self.watchers.get(msg.connection_id)
+        if watcher is not None:   # kept for its seq, which goes on if it watches again
+            watcher.pattern = None
+        self._write(msg.shard, msg.connection_id, encode_frame({"op": "ok", "rid": msg.rid}))
 
     def on_Event(self, msg, sender):
         if not self.watchers:
@@ -95,7 +99,7 @@ class EventsActor(BrokerActor):
     def _publish(self, event):
         topic = event.fields.get("topic")
         for connection_id, watcher in self.watchers.items():
-            if topic is not None and not fnmatchcase(topic, watcher.pattern):
+            if watcher.pattern is None or (topic is not None and not fnmatchcase(topic, watcher.pattern)):
                 continue
             watcher.seq += 1
             frame = {"op": "event", "seq": watcher.seq, "time_ms": int(event.time * 1000),

@@ -126,11 +126,16 @@ class MetricsActor(BrokerActor):
         self.reactor.poll()
 
     def on_MetricsReport(self, msg, sender):
+        if type(msg.source) is not str:
+            return
         source = self.sources.get(msg.source)
         if source is None:
             source = self.sources[msg.source] = _Source()
         source.seen = time.monotonic()
-        source.counters, source.gauges, source.histograms = msg.counters, msg.gauges, msg.histograms
+        # kept only in the shapes collect() reads: a scrape must never fail on one bad report
+        source.counters = {k: v for k, v in _items(msg.counters) if _is_number(v)}
+        source.gauges = {k: v for k, v in _items(msg.gauges) if _is_number(v)}
+        source.histograms = {k: v for k, v in _items(msg.histograms) if _is_histogram(v)}
 
     def on_ActorExitRequest(self, msg, sender):
         if self.server is not None:
@@ -179,6 +184,24 @@ class MetricsActor(BrokerActor):
                 counts, seconds = total.histograms.get((name, ()), ((0,) * (len(LATENCY_BUCKETS) + 1), 0.0))
                 family.add_metric((), _cumulative(counts), seconds)
             yield family
+
+
+def _items(table):
+    """The entries of a report's table keyed (known metric name, tuple of str label values)."""
+    if type(table) is not dict:
+        return []
+    return [(key, value) for key, value in table.items()
+            if type(key) is tuple and len(key) == 2 and key[0] in FAMILIES and type(key[1]) is tuple
+            and len(key[1]) == len(FAMILIES[key[0]][2]) and all(type(v) is str for v in key[1])]
+
+
+def _is_number(value):
+    return type(value) in (int, float, bool)
+
+
+def _is_histogram(value):
+    return (type(value) is tuple and len(value) == 2 and _is_number(value[1]) and type(value[0]) is tuple
+            and len(value[0]) == len(LATENCY_BUCKETS) + 1 and all(type(c) is int for c in value[0]))
 
 
 def _add_into(total, source):

@@ -116,4 +116,6 @@ class SubscriptionActor(BrokerActor):
 
     def _idle_check(self):
         if not self.consumers:
-            self.send(self.topic, topic.SubscriptionIdle(self.name, self.attaches))
+            # through the dispatcher, after the removals on the same channel: the topic may end
+            # the dispatcher as soon as it hears, and the removals must have been handled by then
+            self.send_ordered(self.dispatcher, topic.SubscriptionIdle(self.name, self.attaches), "members")

@@ -303,6 +303,8 @@ EVENT_HEAD = ("op", "seq", "time_ms", "kind")
 def events(client, args):
     """Print lifecycle events as they come (see docs/protocol.md, "Events")."""
     client.watch(args.pattern)
+    print(f"watching {args.pattern} on {args.url.host}:{args.url.port} (Ctrl-C to stop)", file=sys.stderr,
+          flush=True)
     expected, printed = 1, 0
     while args.count is None or printed < args.count:
         try:
