@@ -18,7 +18,6 @@ from typing import Any
 
 from actorbroker.actors import shard
 from actorbroker.actors.base import BrokerActor
-from actorbroker.actors.lifecycle import Event  # noqa: F401  (what on_Event receives)
 from actorbroker.transport.codec import encode_frame
 
 # How long an event waits for events of other actors decided before it. Thespian messages take

@@ -2,7 +2,6 @@
 to GET /metrics. It never blocks: requests are read and answers written as the epoll says the
 sockets are ready, so an actor serving it stays free for its messages (a scraper that stops
 reading holds one socket, nothing else)."""
-import socket
 
 from actorbroker.transport.lanes import IN, OUT
 

@@ -11,7 +11,7 @@ import threading
 from actorbroker.transport.client import Client
 from tests.test_limits import PingFlood, read_to_the_end
 from tests.test_protocol import assert_error
-from tests.util import ROOT, ClientProcess, consumers_of, wait_for
+from tests.util import ROOT, failover_holding
 from tests.wire import RawConnection
 
 
@@ -38,15 +38,8 @@ def test_attach_kill_promotion_redelivery_and_delete_come_in_the_order_decided(s
     b = start_broker()
     watcher = Client(*b.address, name="watcher")
     watcher.watch(topic)
-    a = ClientProcess(b, topic, "s", "failover", "a", hold=True)   # reliable, never acks
     with Client(*b.address) as client:
-        standby = client.subscribe(topic, "s", "failover", "b")
-        producer = client.producer(topic)
-        for i in range(5):
-            producer.send(b"m%d" % i)
-        producer.flush()
-        wait_for(lambda: consumers_of(client.stats(topic), "s"),
-                 lambda cs: [c["unacked"] for c in cs if c["name"] == "a"] == [5])
+        a, standby = failover_holding(b, client, topic, 5)
         events = events_until(watcher, lambda got: about(got, kind="consumer_attached", consumer_name="b"))
         attached_a = about(events, kind="consumer_attached", consumer_name="a")[0]
         assert attached_a == dict(attached_a, topic=topic, subscription="s", consumer=a.consumer_id)

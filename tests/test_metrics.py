@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from actorbroker.transport.client import Client
-from tests.util import ROOT, ClientProcess, consumers_of, wait_for
+from tests.util import ROOT, failover_holding, wait_for
 
 
 def scrape(broker):
@@ -86,15 +86,8 @@ def test_counts_match_what_was_sent_while_traffic_flows(start_broker, topic):
 
 def test_a_killed_failover_consumer_is_counted_cleaned_up_redelivered_and_promoted(start_broker, topic):
     b = start_broker("--metrics-port", "0")
-    held = ClientProcess(b, topic, "s", "failover", "a", hold=True)   # active, never acks
     with Client(*b.address) as client:
-        client.subscribe(topic, "s", "failover", "b")
-        producer = client.producer(topic)
-        for i in range(7):
-            producer.send(b"m%d" % i)
-        producer.flush()
-        wait_for(lambda: consumers_of(client.stats(topic), "s"),
-                 lambda cs: [c["unacked"] for c in cs if c["name"] == "a"] == [7])
+        held, _ = failover_holding(b, client, topic, 7)
         before = scrape(b)
         held.proc.send_signal(signal.SIGKILL)
         held.stop()
