@@ -11,7 +11,7 @@ from typing import Any
 from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage, PoisonMessage, WakeupMessage
 
 from actorbroker.actors.process import die_with_parent, name_process
-from actorbroker.actors.reporting import REPORT_EVERY, MetricsReport
+from actorbroker.actors.reporting import REPORT_EVERY, REPORT_UNCHANGED_EVERY, MetricsReport
 from actorbroker.transport.errors import INTERNAL
 
 log = logging.getLogger("actorbroker")
@@ -86,6 +86,7 @@ class BrokerActor(Actor):
         self._initialized = self.init_message is None
         self._held = []
         self._metrics_to = None   # the MetricsActor, once start_reports was called
+        self._last_report = (None, 0.0)   # (what was reported, when)
         # ACTORBROKER_PROFILE_DIR=dir: profile message handling, one .prof per actor, written at
         # exit (for finding the hot spots of the record path; off by default).
         self._profile = None
@@ -284,6 +285,12 @@ class BrokerActor(Actor):
         counters, gauges, histograms = {}, {}, {}
         try:
             self.metrics_snapshot(counters, gauges, histograms)
+            now = time.monotonic()
+            # an idle actor (most of them, most of the time) says so only now and then
+            if (counters, gauges, histograms) == self._last_report[0] and \
+                    now - self._last_report[1] < REPORT_UNCHANGED_EVERY:
+                return
+            self._last_report = ((counters, gauges, histograms), now)
             self.send(self._metrics_to, MetricsReport(self._uid, counters, gauges, histograms))
         except Exception:
             log.exception("%s: metrics report failed", type(self).__name__)

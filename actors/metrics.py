@@ -22,7 +22,7 @@ from actorbroker.actors.metrics_http import HttpServer
 from actorbroker.actors.reporting import LATENCY_BUCKETS
 from actorbroker.transport.lanes import Reactor
 
-SOURCE_EXPIRES_S = 5.0   # five missed reports: the actor is gone
+SOURCE_EXPIRES_S = 5.0   # no report for this long (an idle actor reports every 3 s): it is gone
 
 # name -> (type, help, label names); counters are named without their `_total`, which the
 # exposition adds. The reporting actors use these names (see their metrics_snapshot).
