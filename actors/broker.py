@@ -21,6 +21,7 @@ from thespian.actors import ThespianWatch
 from actorbroker.actors import connection, listener, metrics, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
+from actorbroker.actors.process import tree_memory
 from actorbroker.actors.system import stop_system_process
 from actorbroker.storage.topic_store import stored_topics
 from actorbroker.transport import errors as E
@@ -62,6 +63,14 @@ class TopicRequest:
 @dataclass(frozen=True)
 class ListTopics:
     rid: int
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class BrokerStatsRequest:
+    """The `broker_stats` admin op: the root adds its host's processes and memory, the listener
+    the connections, and answers the connection actor."""
+    rid: Any
     reply_to: Any
 
 
@@ -233,6 +242,12 @@ class BrokerRootActor(BrokerActor):
         for name, (address, _) in self.topics.items():
             self.send_ordered(address, topic.SummaryRequest(token), name)
         self.wakeupAfter(GATHER_TIMEOUT, payload=("gather", token))
+
+    def on_BrokerStatsRequest(self, msg, sender):
+        processes, memory = tree_memory(os.getppid())   # the admin: every broker process descends from it
+        frame = {"op": "broker_stats", "rid": msg.rid[1], "topics": len(self.topics),
+                 "processes": processes, "memory_bytes": memory}
+        self.send(self.listener, listener.CountConnections(msg.rid, msg.reply_to, frame))
 
     def on_TopicSummary(self, msg, sender):
         gather = self.gathers.get(msg.token)

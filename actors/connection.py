@@ -174,6 +174,10 @@ class ConnectionActor(BrokerActor):
         self.producer_conn = {}      # producer id -> connection id
         self.consumer_conn = {}      # consumer id -> connection id
         self.consumer_topic = {}     # consumer id -> topic address
+        # str(address) -> the ordered stream to that actor. A topic or subscription created anew
+        # may get the port, so the address, of one that died: its stream must start from zero,
+        # so the key names the incarnation too (by its lane, unique to it).
+        self.streams = {}
         self.exiting = False
         self.shards_lost = 0         # connections ended because their shard died
 
@@ -240,11 +244,11 @@ class ConnectionActor(BrokerActor):
             self.send_ordered(self.config.events, events.Unwatch(connection_id, None, self.shard), "events")
         for producer_id, topic_address in conn.producers.items():
             self.producer_conn.pop(producer_id, None)
-            self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), ("to", str(topic_address)))
+            self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), self._stream(topic_address))
         for consumer_id, subscription_address in conn.consumers.items():
             self._forget_consumer(consumer_id)
             self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
-                              ("to", str(subscription_address)))
+                              self._stream(subscription_address))
         log.debug("connection %s: cleaned up %d producers, %d consumers (%s)", connection_id,
                   len(conn.producers), len(conn.consumers), reason, extra={"connection": connection_id})
         conn.producers.clear()
@@ -331,6 +335,17 @@ class ConnectionActor(BrokerActor):
         self._forget_consumer(consumer_id)
         return consumer_id, conn.consumers.pop(consumer_id)
 
+    def _new_stream(self, address, lane):
+        key = ("to", str(address), repr(lane))
+        old = self.streams.get(str(address))
+        if old != key:
+            if old is not None:   # a new incarnation at that address: the old one is gone
+                self.forget_ordered(old)
+            self.streams[str(address)] = key
+
+    def _stream(self, address):
+        return self.streams.get(str(address), ("to", str(address)))
+
     def _forget_consumer(self, consumer_id):
         """Drop the consumer's indexes; returns the connection id it had."""
         self.consumer_topic.pop(consumer_id, None)
@@ -355,6 +370,9 @@ class ConnectionActor(BrokerActor):
         self._require_admin(conn)
         conn.watching = False
         self.send_ordered(self.config.events, events.Unwatch(connection_id, tag[1], self.shard), "events")
+    def _op_broker_stats(self, conn, connection_id, frame, tag):
+        self._require_admin(conn)
+        self.send_ordered(self.broker, broker.BrokerStatsRequest(tag, self.myAddress), "root")
 
     def _op_delete_topic(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
@@ -406,6 +424,7 @@ class ConnectionActor(BrokerActor):
             return
         conn.producers[msg.producer_id] = msg.topic_address
         self.producer_conn[msg.producer_id] = connection_id
+        self._new_stream(msg.topic_address, msg.lane)
         self._to_shard(shard.RouteProducer(
             connection_id, msg.producer_id, msg.lane, msg.name,
             encode_frame({"op": "producer_ok", "rid": msg.rid[1], "producer": msg.producer_id,
@@ -419,6 +438,7 @@ class ConnectionActor(BrokerActor):
                 self._forget_when_drained(connection_id)
             return
         conn.consumers[msg.consumer_id] = msg.subscription
+        self._new_stream(msg.subscription, msg.lane)
         self.consumer_conn[msg.consumer_id] = connection_id
         self.consumer_topic[msg.consumer_id] = msg.topic
         data = encode_frame({"op": "subscribed", "rid": msg.rid[1], "consumer": msg.consumer_id,
@@ -462,7 +482,7 @@ class ConnectionActor(BrokerActor):
             return
         topic_address = conn.producers.pop(producer_id, None)
         if close and topic_address is not None:   # the topic may live on: say so (idempotent)
-            self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), ("to", str(topic_address)))
+            self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), self._stream(topic_address))
         if not conn.closed:
             self._to_shard(shard.UnrouteProducer(connection_id, producer_id, encode_frame(
                 {"op": "closed", "producer": producer_id, "reason": reason})))
@@ -475,7 +495,7 @@ class ConnectionActor(BrokerActor):
         subscription_address = conn.consumers.pop(consumer_id, None)
         if detach and subscription_address is not None:
             self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
-                              ("to", str(subscription_address)))
+                              self._stream(subscription_address))
         if not conn.closed:
             self._to_shard(shard.UnrouteConsumer(connection_id, consumer_id, encode_frame(
                 {"op": "closed", "consumer": consumer_id, "reason": reason})))

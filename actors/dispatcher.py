@@ -24,7 +24,7 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actorbroker.actors import broker, connection, log as log_actor, subscription, topic
+from actorbroker.actors import broker, connection, log as log_actor, signing, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.cursor import Cursor
 from actorbroker.actors.lifecycle import emit
@@ -157,7 +157,8 @@ class DispatcherActor(BrokerActor):
         self.metrics_on = msg.config.metrics is not None
         self.start_reports(msg.config.metrics)
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
-                           kind=msg.config.lanes, host=msg.config.actor_host)
+                           kind=msg.config.lanes, host=msg.config.actor_host,
+                           secret=signing.lane_secret())
         self.send(self.topic, topic.DispatcherReady(self.name, msg.incarnation, self.hub.listen()))
         if msg.dispatch == "reliable":
             self.reliable = True
@@ -248,6 +249,11 @@ class DispatcherActor(BrokerActor):
     def on_ActorExitRequest(self, msg, sender):
         if os.getppid() != self.parent_pid:
             self._topic_lost()
+        # Acks still waiting for a cursor save are answered: every request with a rid gets one.
+        for lane, consumer_id, rid in self.acks_waiting + self.acks_waiting_next:
+            lane.send([LaneOp.REPLY, consumer_id, error_frame(
+                E.UNKNOWN_CONSUMER, "the subscription ended before this ack was saved", rid), rid])
+        self.acks_waiting, self.acks_waiting_next = [], []
         if self.hub is not None:
             self.hub.close()
             self.hub = None
@@ -375,7 +381,7 @@ class DispatcherActor(BrokerActor):
                 self._answer_ack(lane, consumer_id, rid)
             else:
                 lane.send([LaneOp.REPLY, consumer_id, error_frame(
-                    E.INTERNAL, f"the ack is not durable: cursor save failed ({msg.error}); ack again", rid)])
+                    E.INTERNAL, f"the ack is not durable: cursor save failed ({msg.error}); ack again", rid), rid])
         self.acks_waiting = []
         if msg.error is not None:
             self.cursor_dirty = True   # tried again with the next ack, or within CURSOR_SAVE_DELAY
@@ -554,7 +560,7 @@ class DispatcherActor(BrokerActor):
     @staticmethod
     def _answer_ack(lane, consumer_id, rid):
         if rid is not None:
-            lane.send([LaneOp.REPLY, consumer_id, encode_frame({"op": "ok", "rid": rid})])
+            lane.send([LaneOp.REPLY, consumer_id, encode_frame({"op": "ok", "rid": rid}), rid])
 
     def _nack(self, ids, delay_ms):
         if not self.reliable:

@@ -58,6 +58,14 @@ class ShardLoad:
     finished: dict = None
 
 
+@dataclass(frozen=True)
+class CountConnections:
+    """Complete a `broker_stats` answer with the connections and answer it (BrokerStatsRequest)."""
+    rid: Any
+    reply_to: Any
+    frame: dict
+
+
 class _Pair:
     """One ConnectionActor (and through it one shard) and our end of its handoff socket."""
     __slots__ = ("address", "handoff", "open", "ident", "seq", "handed", "handed_hosts", "hosts")
@@ -195,6 +203,11 @@ class ListenerActor(BrokerActor):
         pair = self.pairs[msg.index] if msg.index < len(self.pairs) else None
         if pair is not None:
             pair.reported(msg)
+
+    def on_CountConnections(self, msg, sender):
+        shards = [pair.open for pair in self.pairs if pair is not None]
+        frame = dict(msg.frame, connections=sum(shards), shards=shards)
+        self.send(msg.reply_to, connection.RequestDone(msg.rid, frame))
 
     def on_ChildActorExited(self, msg, sender):
         # delivered once or twice: only a pair still registered under that address restarts

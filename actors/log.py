@@ -14,6 +14,7 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
+from actorbroker.actors import signing
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.storage.topic_store import TopicStore
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
@@ -111,7 +112,8 @@ class LogActor(BrokerActor):
             log.warning("topic %s: recovered, %d torn bytes truncated", msg.topic, log_.truncated_bytes,
                         extra={"topic": msg.topic})
         self.hub = LaneHub(self.reactor, self._lane_frame, lambda lane, reason: None,
-                           kind=self.config.lanes, host=self.config.actor_host)
+                           kind=self.config.lanes, host=self.config.actor_host,
+                           secret=signing.lane_secret())
         self.send(sender, LogOpened(self.hub.listen(), log_.next_offset, log_.first_offset, cursors,
                                     log_.truncated_bytes,
                                     log_.size, len(log_.segments)))

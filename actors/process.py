@@ -36,3 +36,29 @@ def die_with_parent():
         return
     if os.getppid() == 1:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def tree_memory(root_pid):
+    """(processes, PSS bytes) of `root_pid` and every process below it on this host, from /proc.
+
+    PSS splits the pages that forked actors share, so the sum is what the tree really costs."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue   # ended meanwhile
+    count, pss_kb, todo = 0, 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, ()))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                pss_kb += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+            count += 1
+        except OSError:
+            continue
+    return count, pss_kb * 1024

@@ -31,7 +31,7 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actorbroker.actors import connection, listener
+from actorbroker.actors import connection, listener, signing
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
@@ -166,6 +166,9 @@ class ShardActor(BrokerActor):
         self.producers = {}      # producer id -> _Producer
         self.closing_producers = {}  # closed producers whose last sends await their receipts
         self.consumers = {}      # consumer id -> (connection id, lane)
+        # acks with a rid sent to a dispatcher and not answered yet: consumer id -> (connection id,
+        # rids); each is answered once, by the dispatcher or, if its lane ends first, here
+        self.acks_waiting = {}
         self.topic_lanes = {}    # LaneAddress -> Lane
         self.dispatcher_lanes = {}
         self.timers = []         # heap of (due, seq, kind, connection id)
@@ -201,7 +204,8 @@ class ShardActor(BrokerActor):
         self.ident, self.index = msg.ident, msg.index
         self.listener = msg.listener
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
-                           kind=msg.config.lanes, host=msg.config.actor_host)
+                           kind=msg.config.lanes, host=msg.config.actor_host,
+                           secret=signing.lane_secret())
         self.handoff = socket.socket(fileno=msg.handoff_fd)
         self.handoff.setblocking(False)
         self.reactor.add(self.handoff.fileno(), _Handoff(self))
@@ -339,7 +343,7 @@ class ShardActor(BrokerActor):
             elif kind == "flow":
                 self._to_dispatcher(event[1], [LaneOp.FLOW, event[1], event[2]])
             elif kind == "ack":
-                self._to_dispatcher(event[1], [LaneOp.ACK, event[1], event[2], event[3]])
+                self._ack(client, event[1], event[2], event[3])
             elif kind == "nack":
                 self._to_dispatcher(event[1], [LaneOp.NACK, event[1], event[2], event[3]])
             elif kind == "control":
@@ -359,6 +363,36 @@ class ShardActor(BrokerActor):
                 self._closed(client, event[1])
                 return
         self._send_publishes(client, publishes)
+
+    def _ack(self, client, consumer_id, ids, rid):
+        route = self.consumers.get(consumer_id)
+        if route is None:   # closing (close_consumer or unsubscribe sent before): no dispatcher to ask
+            if rid is not None:
+                self._write(client, error_frame(E.UNKNOWN_CONSUMER, f"consumer {consumer_id} is closing", rid))
+            return
+        if rid is not None:
+            self.acks_waiting.setdefault(consumer_id, (client.session.id, route[1], set()))[2].add(rid)
+        route[1].send([LaneOp.ACK, consumer_id, ids, rid])
+
+    def _ack_answered(self, consumer_id, data, rid):
+        waiting = self.acks_waiting.get(consumer_id)
+        if waiting is None or rid not in waiting[2]:
+            return   # answered here already: the dispatcher's lane had ended
+        waiting[2].discard(rid)
+        if not waiting[2]:
+            del self.acks_waiting[consumer_id]
+        client = self.clients.get(waiting[0])
+        if client is not None:
+            self._write(client, data)
+
+    def _acks_abandoned(self, lane):
+        """The dispatcher's lane ended: its unanswered acks may or may not have been saved."""
+        why = "the subscription was lost before this ack was answered; it may not have been saved"
+        for consumer_id in [c for c, (_, l, _) in self.acks_waiting.items() if l is lane]:
+            connection_id, _, rids = self.acks_waiting.pop(consumer_id)
+            client = self.clients.get(connection_id)
+            if client is not None and rids:
+                self._write(client, b"".join(error_frame(E.UNKNOWN_CONSUMER, why, rid) for rid in sorted(rids)))
 
     def _to_dispatcher(self, consumer_id, frame):
         route = self.consumers.get(consumer_id)
@@ -424,10 +458,7 @@ class ShardActor(BrokerActor):
         elif op == LaneOp.RECEIPTS:
             self._receipts(frame[1], frame[2], frame[3])
         elif op == LaneOp.REPLY:
-            route = self.consumers.get(frame[1])
-            client = self.clients.get(route[0]) if route else None
-            if client is not None:
-                self._write(client, frame[2])
+            self._ack_answered(frame[1], frame[2], frame[3])
         elif op == LaneOp.ENDED:
             self._consumers_lost([frame[1]], frame[2])
 
@@ -480,6 +511,7 @@ class ShardActor(BrokerActor):
                 del self.dispatcher_lanes[address]
             lost = [cid for cid, (_, l) in self.consumers.items() if l is lane]
             self._consumers_lost(lost, "subscription_lost")
+            self._acks_abandoned(lane)
 
     def _producers_lost(self, producer_ids, reason):
         lost = []
@@ -695,6 +727,7 @@ class ShardActor(BrokerActor):
         for producer_id in list(client.session.producers):
             self._drop_producer(producer_id)
         for consumer_id in client.session.consumers:
+            self.acks_waiting.pop(consumer_id, None)   # nobody left to answer
             route = self.consumers.pop(consumer_id, None)
             if route is not None:   # the dispatcher hears it first, over the lane: failover at once
                 route[1].send([LaneOp.DETACH, consumer_id, detected])

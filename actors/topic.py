@@ -23,7 +23,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ThespianWatch
 
-from actorbroker.actors import broker, connection, dispatcher, log as log_actor, subscription
+from actorbroker.actors import broker, connection, dispatcher, log as log_actor, signing, subscription
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E
@@ -188,7 +188,8 @@ class TopicActor(BrokerActor):
         self.name, self.dispatch, self.config = msg.name, msg.dispatch, msg.config
         self.broker = sender
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
-                           kind=self.config.lanes, host=self.config.actor_host)
+                           kind=self.config.lanes, host=self.config.actor_host,
+                           secret=signing.lane_secret())
         self.lane_address = self.hub.listen()
         self.start_reports(self.config.metrics)
         log.info("topic %s open (%s)", self.name, self.dispatch, extra={"topic": self.name})

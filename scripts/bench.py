@@ -12,6 +12,7 @@ import functools
 import os
 import platform
 import queue
+import shutil
 import signal
 import statistics
 import subprocess
@@ -51,6 +52,11 @@ def add_bench_command(subparsers):
                    help="also run 1->1, fan-out 1->4 and latency against these systems (of: "
                         + ",".join(bench_peers.PEERS) + "), on servers started here; needs "
                         "nats-server / redis-server on PATH and pip install 'actorbroker[bench]'")
+    p.add_argument("--client", default="python", metavar="CLIENTS",
+                   help="comma-separated client libraries for the client processes, of: "
+                        + ",".join(CLIENTS) + " (default %(default)s). python runs every scenario; node "
+                        "(clients/node: needs node 20+ and `npm ci` there) runs throughput non_reliable 1->1 "
+                        "and latency non_reliable, next to python when both are named; the other scenarios use python")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds): checks that everything works")
     p.add_argument("--json", default="bench-results.json", help="results file (default %(default)s)")
     p.add_argument("--plot", metavar="DIR", help="write PNG charts there (needs matplotlib)")
@@ -66,6 +72,9 @@ def _term_with_parent():
 
 
 WORKER = "actorbroker.scripts.bench_worker"
+CLIENTS = ["python", "node"]
+NODE_CLIENT = ROOT / "clients" / "node"
+NODE_WORKER = NODE_CLIENT / "bench" / "worker.js"   # the produce and consume roles, same options
 PEER_WORKER = "actorbroker.scripts.bench_peer_worker"
 CONNS_WORKER = "actorbroker.scripts.bench_conns"
 
@@ -74,7 +83,7 @@ class Worker:
     """One client process (bench_worker ROLE, or another `module`); its stdout JSON lines are
     collected by a thread."""
 
-    def __init__(self, bench, role, *options, module=WORKER):
+    def __init__(self, bench, role, *options, module=WORKER, client="python"):
         self.bench = bench
         self.role = role
         self.ready = str(bench.tmp / f"ready-{uuid.uuid4().hex[:10]}")
@@ -82,8 +91,9 @@ class Worker:
         self.err_path = err_path
         self._err = open(err_path, "wb")
         argv = [role, "--ready", self.ready] if module != CONNS_WORKER else []
+        program = ["node", str(NODE_WORKER)] if client == "node" else [sys.executable, "-m", module]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *argv, *map(str, options)],
+            [*program, *argv, *map(str, options)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL,
             preexec_fn=_term_with_parent())
         self.pid = self.proc.pid
@@ -207,6 +217,7 @@ class Bench:
         self.conns = ([int(c) for c in args.conns.split(",")] if args.conns
                       else ([5, 20] if quick else [10, 100, 1000, 10000]))
         self.compare = [p.strip() for p in (args.compare or "").split(",") if p.strip()]
+        self.clients = [c.strip() for c in args.client.split(",") if c.strip()]
         if self.compare and 4 not in self.fanout_k:   # the same shape as the peers' fan-out 1->4
             self.fanout_k = sorted(self.fanout_k + [4])
         self.tmpdir = tempfile.TemporaryDirectory(prefix="actorbroker-bench-")
@@ -288,19 +299,20 @@ class Bench:
 
     # one producer, consumers of one topic
 
-    def pubsub(self, url, topic, dispatch, n, consumers, producer_opts=(), consumer_opts=(), timeout=None):
+    def pubsub(self, url, topic, dispatch, n, consumers, producer_opts=(), consumer_opts=(), timeout=None,
+               client="python"):
         """Start `consumers` [(subscription, type)], wait until they are subscribed, run one producer
         of n messages; returns (producer result, [consumer results])."""
         timeout = timeout or max(60.0, n / 500)
         ack = ["--ack"] if dispatch == "reliable" else []
         cons = [Worker(self, "consume", "--url", url, "--topic", topic, "--subscription", sub, "--type", typ,
                        "--dispatch", dispatch, "--n", n, "--payload", self.payload, "--deadline", timeout,
-                       "--idle", 3, *ack, *consumer_opts) for sub, typ in consumers]
+                       "--idle", 3, *ack, *consumer_opts, client=client) for sub, typ in consumers]
         try:
             for c in cons:
                 c.wait_ready()
             prod = Worker(self, "produce", "--url", url, "--topic", topic, "--dispatch", dispatch, "--n", n,
-                          "--payload", self.payload, "--deadline", timeout, *producer_opts)
+                          "--payload", self.payload, "--deadline", timeout, *producer_opts, client=client)
             pres = prod.result(timeout + 10)
             # Stats now, while the consumers are attached: a non_reliable subscription is removed
             # (with its counters) once its last consumer has gone.
@@ -358,9 +370,11 @@ class Bench:
                      lost=max([r["lost"] for r in rs], default=None), messages=fwd_n)
 
     def sc_throughput(self):
-        variants = [("non_reliable", "group")] + [("reliable", m) for m in FSYNC_MODES]
-        for dispatch, fsync in variants:
-            variant = dispatch if dispatch == "non_reliable" else f"reliable fsync={fsync}"
+        # non_reliable 1->1 with each client, in the order given, then the reliable variants (python)
+        variants = [("non_reliable", "group", c) for c in self.clients]
+        variants += [("reliable", m, "python") for m in FSYNC_MODES if "python" in self.clients]
+        for dispatch, fsync, client in variants:
+            variant = (dispatch if dispatch == "non_reliable" else f"reliable fsync={fsync}") + client_label(client)
             try:
                 url = self.url_for(fsync)
             except Exception as exc:   # noqa: BLE001
@@ -370,7 +384,7 @@ class Bench:
 
             def once():
                 topic = self.topic("tp")
-                pres, (cres,) = self.pubsub(url, topic, dispatch, self.n, [("tp", "exclusive")])
+                pres, (cres,) = self.pubsub(url, topic, dispatch, self.n, [("tp", "exclusive")], client=client)
                 return {"msg_s": cres["msg_s"], "producer_msg_s": pres["msg_s"],
                         "lost": self.n - cres["received"], "dropped": self.dropped(url, topic)}
             rs = self.repeat(f"throughput {variant}", once)
@@ -378,22 +392,24 @@ class Bench:
                      lost=max([r["lost"] for r in rs], default=None),
                      dropped=max([r["dropped"] or 0 for r in rs], default=None),
                      producer=summary([r["producer_msg_s"] for r in rs])["median"], messages=self.n)
-            if fsync != "group" and not self.args.url:
+            if fsync != "group" and not self.args.url and client == "python":
                 self.stop_broker(fsync)
 
     def sc_latency(self):
         url = self.url_for("group")
         n = int(self.args.rate * self.latency_s)
-        for dispatch in ("non_reliable", "reliable"):
+        variants = [("non_reliable", c) for c in self.clients]
+        variants += [("reliable", "python")] if "python" in self.clients else []
+        for dispatch, client in variants:
             def once():
                 topic = self.topic("lat")
                 _, (cres,) = self.pubsub(url, topic, dispatch, n, [("lat", "exclusive")],
                                          producer_opts=["--rate", self.args.rate, "--max-batch", 1],
-                                         consumer_opts=["--latency"])
+                                         consumer_opts=["--latency"], client=client)
                 lat = cres.get("latency") or {}
                 return {"p50_us": lat.get("p50_us"), "p99_us": lat.get("p99_us"), "p999_us": lat.get("p999_us"),
                         "max_us": lat.get("max_us"), "lost": n - cres["received"]}
-            label = f"{dispatch} @{self.args.rate}/s"
+            label = f"{dispatch} @{self.args.rate}/s" + client_label(client)
             rs = self.repeat(f"latency {label}", once)
             for key in ("p50_us", "p99_us", "p999_us", "max_us"):
                 self.add("latency", label, key[:-3], "us", [r[key] for r in rs],
@@ -867,6 +883,24 @@ def client_for(url, name):
     return Client(host, port, name=name)
 
 
+def client_label(client):
+    """The suffix of a row's variant measured with another client library than Python's."""
+    return "" if client == "python" else f", {client} client"
+
+
+def check_clients(clients):
+    """An error text when a --client cannot run here, else None."""
+    unknown = [c for c in clients if c not in CLIENTS]
+    if unknown or not clients:
+        return f"--client {','.join(clients)!r}: choose from {','.join(CLIENTS)}"
+    if "node" in clients:
+        if not shutil.which("node"):
+            return "--client node: node is not on PATH"
+        if not (NODE_CLIENT / "node_modules" / "@msgpack" / "msgpack").is_dir():
+            return f"--client node: run `npm ci` in {NODE_CLIENT} first"
+    return None
+
+
 def aggregate(cres, expected):
     firsts = [c["first_ns"] for c in cres if c["first_ns"]]
     lasts = [c["last_ns"] for c in cres if c["last_ns"]]
@@ -1097,6 +1131,10 @@ def run_bench(args):
     if [p for p in peers if p not in bench_peers.PEERS]:
         print(f"error: --compare {args.compare!r}: choose from {','.join(bench_peers.PEERS)}", file=sys.stderr)
         return 2
+    problem = check_clients([c.strip() for c in args.client.split(",") if c.strip()])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     bench = Bench(args)
     bench.chosen = chosen
     started = time.monotonic()
@@ -1128,7 +1166,7 @@ def run_bench(args):
                             "rate": args.rate, "latency_seconds": bench.latency_s, "reps": bench.reps,
                             "fanout": bench.fanout_k, "shared": bench.shared_c, "conns": bench.conns,
                             "url": args.url, "quick": args.quick, "max_backlog": BIG_BACKLOG,
-                            "compare": peers},
+                            "compare": peers, "clients": bench.clients},
                "peers": bench.peer_versions,
                "scenarios": scenarios, "rows": bench.rows, "details": bench.details,
                "skipped": bench.skipped, "failures": bench.failures,

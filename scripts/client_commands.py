@@ -114,6 +114,8 @@ def add_client_commands(subparsers):
     p.add_argument("--json", action="store_true", help="print each event frame as one JSON line")
     p.add_argument("-n", "--count", type=positive_int, help="stop after this many events")
     p.set_defaults(func=events)
+    from actorbroker.scripts.top import add_top_command
+    add_top_command(subparsers, common)
 
 
 # --- argument types ---------------------------------------------------------------------------

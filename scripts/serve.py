@@ -16,6 +16,8 @@ from actorbroker.actors.system import ADMIN_PORT_TAKEN, connect_system, free_por
 START_TIMEOUT_S = 30
 PING_EVERY_S = 2.0
 PING_TIMEOUT_S = 3.0
+# After Thespian's shutdown, how long the actor processes get to end before serve kills them.
+SHUTDOWN_GRACE_S = 10.0
 
 
 def add_serve_command(subparsers):
@@ -210,6 +212,14 @@ def serve(args):
                   f"restarts the broker", file=sys.stderr, flush=True)
             return 3
         print("actorbroker stopping", flush=True)
+        tree = descendants(reply.admin_pid)
+        system.shutdown()
+        system = None
+        left = still_alive(tree, SHUTDOWN_GRACE_S)
+        if left:   # Thespian's shutdown gave up on part of the tree: no process may outlive serve
+            print(f"warning: {len(left)} broker processes did not stop within {SHUTDOWN_GRACE_S} s "
+                  f"of the shutdown; killing them", file=sys.stderr, flush=True)
+            kill_system(left)
         return 0
     finally:
         if system is not None:
@@ -283,6 +293,24 @@ def descendants(pid):
             pass
         i += 1
     return pids
+
+
+def still_alive(pids, timeout):
+    """Those of `pids` still running (not zombies) after waiting up to `timeout` for them to end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid in pids if _running(pid)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def kill_system(known):

@@ -391,3 +391,25 @@ def test_auth_walk_of_every_op_and_permission(start_broker, tmp_path):
         conn.send_frame({"op": "send", "rid": 5, "producer": other, "msgs": [{"payload": b"x"}]})
         assert_error(conn.recv_frame(), "UNKNOWN_PRODUCER", 5)
         conn.close()
+
+
+# --- found by the fuzz suite: an ack racing the end of its consumer is answered exactly once --------
+
+@pytest.mark.parametrize("closing_op", ["close_consumer", "unsubscribe"])
+def test_acks_pipelined_behind_the_close_of_their_consumer_are_answered_once(broker, topic, closing_op):
+    conn = connect(broker)
+    consumer = subscribe(conn, topic, "s", "shared", start="earliest")
+    send(conn, producer(conn, topic), [b"a", b"b", b"c"])
+    ids = [offset for offset, _, _ in receive(conn, 3)]
+    frames = [{"op": "ack", "rid": 201, "consumer": consumer, "ids": ids[:1]},
+              {"op": closing_op, "rid": 202, "consumer": consumer},
+              {"op": "ack", "rid": 203, "consumer": consumer, "ids": ids[1:2]},
+              {"op": "ack", "rid": 204, "consumer": consumer, "ids": []}]
+    conn.send_raw(b"".join(RawConnection.encode(f) for f in frames))   # one socket read
+    got = answers(conn, {201, 202, 203, 204})
+    assert got[202]["op"] == "ok"
+    if closing_op == "close_consumer":   # the subscription lives on: the ack before is saved
+        assert got[201]["op"] == "ok", got[201]
+    for rid in (201, 203, 204):   # an unsubscribe may end the cursor before the first is saved
+        assert got[rid]["op"] == "ok" or got[rid]["code"] == "UNKNOWN_CONSUMER", got[rid]
+    assert_alive(conn)

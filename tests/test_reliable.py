@@ -214,7 +214,8 @@ def test_dead_letter_after_max_redeliveries(broker, topic):
     dlq = topic + "-dlq"
     conn = connect(broker)
     consumer = subscribe(conn, topic, "s", "exclusive", max_redeliveries=1, dead_letter_topic=dlq)
-    send(conn, producer(conn, topic), [b"poison"])
+    pid = conn.request({"op": "producer", "topic": topic, "dispatch": "reliable", "name": "orders-app"})["producer"]
+    conn.request({"op": "send", "producer": pid, "msgs": [{"payload": b"poison", "key": "k1", "attrs": {"a": "b"}}]})
     (offset, _, _), = receive(conn, 1)
     conn.request({"op": "nack", "consumer": consumer, "ids": [offset]})
     (_, _, redeliveries), = receive(conn, 1)
@@ -224,7 +225,13 @@ def test_dead_letter_after_max_redeliveries(broker, topic):
     wait_for(lambda: [t["name"] for t in watcher.request({"op": "topics"})["topics"]],
              lambda names: dlq in names)
     subscribe(watcher, dlq, "audit", "exclusive", start="earliest")
-    assert [p for _, p, _ in receive(watcher, 1)] == [b"poison"]
+    frame = watcher.recv_frame()
+    while frame["op"] != "message":
+        frame = watcher.recv_frame()
+    [record] = frame["msgs"]
+    # the message as it was sent, by whom it was sent, counted afresh on the dead-letter topic
+    assert (record["payload"], record["key"], record["attrs"], record["producer"], record["redeliveries"]) == \
+        (b"poison", "k1", {"a": "b"}, "orders-app", 0)
     stats = conn.request({"op": "stats", "topic": topic})
     assert stats["dead_lettered"] == 1
     assert_nothing_more(conn)

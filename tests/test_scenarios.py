@@ -29,6 +29,8 @@ def test_library_scenario(path, tmp_path):
     runner = Runner(load(path), out=out, workdir=tmp_path / "work")
     ok = runner.run()
     assert ok, "\n" + out.getvalue()
+    if runner.skipped:
+        pytest.skip(runner.skipped)
     for agent in runner.all_agents:
         assert not proctree.alive(agent.pid), f"client agent {agent.pid} left behind"
 
@@ -114,3 +116,158 @@ seconds = 1
     case = ET.parse(junit).getroot().find("testsuite/testcase")
     assert case.get("name") == "fails"
     assert "step 5" in case.find("failure").get("message")
+
+
+# --- runner v2: concurrency, expect_error, per-consumer stats, events --------------------------
+
+def opens(*clients):
+    """The TOML steps that open these clients."""
+    return "".join(f'[[step]]\naction = "open"\nclient = "{c}"\n' for c in clients)
+
+
+def run_text(tmp_path, text):
+    path = tmp_path / "v2.toml"
+    path.write_text(text)
+    out = io.StringIO()
+    runner = Runner(load(path), out=out, workdir=tmp_path / "work")
+    return runner, runner.run(), out.getvalue()
+
+
+@pytest.mark.parametrize("text, field", [
+    ('[[step]]\naction = "wait"\nwithin = 1\n', "until"),
+    ('[[step]]\naction = "wait"\nuntil = "lost"\ntask = "t"\nclient = "a"\n', "until"),
+    ('[[step]]\naction = "open"\nclient = "a"\ntask = "t"\n', "task"),
+    ('[[step]]\naction = "kill9"\nbackground = true\n', "background"),
+    ('[[step]]\naction = "parallel"\n[[step.steps]]\naction = "open"\nclient = "a"\n', "steps"),
+    ('[[step]]\naction = "parallel"\n[[step.steps]]\naction = "open"\nclient = "a"\n'
+     '[[step.steps]]\naction = "wait"\ntask = "x"\n', "steps"),
+    ('[[step]]\naction = "parallel"\nrefused = 1\n[[step.steps]]\naction = "open"\nclient = "a"\n'
+     '[[step.steps]]\naction = "open"\nclient = "b"\n', "refused"),
+    ('[[step]]\naction = "producer"\nclient = "a"\nproducer = "p"\ntopic = "/a/b"\nexpect_error = "busy"\n',
+     "expect_error"),
+    ('[[step]]\naction = "expect_events"\nevents = [{ topic = "/a/b" }]\n', "events"),
+])
+def test_v2_fields_are_checked_before_anything_starts(tmp_path, text, field):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "x"\ndescription = "d"\n' + text)
+    with pytest.raises(ScenarioError) as info:
+        load(path)
+    assert (info.value.step, info.value.field) == (1, field)
+
+
+def test_expect_events_matches_a_subsequence_in_order():
+    from actorbroker.scripts.scenario.events import match_in_order
+    events = [{"kind": "connection_opened"}, {"kind": "consumer_attached", "consumer_name": "a"},
+              {"kind": "consumer_attached", "consumer_name": "b"}, {"kind": "promoted", "consumer_name": "b"}]
+    wanted = [{"kind": "consumer_attached", "consumer_name": "a"}, {"kind": "promoted"}]
+    assert match_in_order(events, wanted) == (2, 4)
+    assert match_in_order(events, list(reversed(wanted)))[0] == 1      # order matters
+    assert match_in_order(events, [{"kind": "promoted", "consumer_name": "a"}])[0] == 0
+
+
+def test_expect_error_on_each_kind_of_action_and_per_consumer_stats(tmp_path):
+    runner, ok, out = run_text(tmp_path, '''name = "errors"
+description = "each action refused as expected, and consumer fields in stats"
+''' + opens("a", "b") + '''[[step]]
+action = "producer"
+client = "a"
+producer = "only"
+topic = "/t/errors"
+access = "exclusive"
+[[step]]
+action = "producer"
+client = "b"
+producer = "second"
+topic = "/t/errors"
+expect_error = "PRODUCER_BUSY"
+[[step]]
+action = "subscribe"
+client = "a"
+consumer = "w"
+as = "old"
+topic = "/t/errors"
+subscription = "s"
+type = "exclusive"
+dispatch = "reliable"
+credits = 3
+[[step]]
+action = "expect_stats"
+client = "a"
+topic = "/t/errors"
+subscription = "s"
+consumer = "old"
+values = { credits = 3, unacked = 0, active = true }
+[[step]]
+action = "subscribe"
+client = "b"
+consumer = "w"
+as = "new"
+topic = "/t/errors"
+subscription = "s"
+type = "exclusive"
+[[step]]
+action = "expect_closed"
+consumer = "old"
+reason = "replaced"
+[[step]]
+action = "ack"
+consumer = "old"
+ids = [0]
+expect_error = "UNKNOWN_CONSUMER"
+[[step]]
+action = "flow"
+consumer = "old"
+credits = 5
+expect_error = "UNKNOWN_CONSUMER"
+[[step]]
+action = "subscribe"
+client = "b"
+consumer = "x"
+topic = "/t/errors"
+subscription = "s"
+type = "shared"
+expect_error = "TYPE_MISMATCH"
+[[step]]
+action = "produce"
+producer = "only"
+count = 2
+expect_error = "CONSUMER_BUSY"
+''')
+    assert not ok
+    assert "refused with PRODUCER_BUSY, as expected" in out
+    assert "credits=3, unacked=0, active=True" in out
+    assert out.count("refused with UNKNOWN_CONSUMER, as expected") == 2
+    assert "refused with TYPE_MISMATCH, as expected" in out
+    assert "FAILED at step 12: all 2 receipted, expected CONSUMER_BUSY" in out   # and the opposite
+
+
+def test_a_background_step_runs_while_the_next_ones_do_and_its_failure_is_reported(tmp_path):
+    runner, ok, out = run_text(tmp_path, '''name = "background"
+description = "a background expect that cannot pass, a step after it, the wait"
+''' + opens("a") + '''[[step]]
+action = "subscribe"
+client = "a"
+consumer = "c"
+topic = "/t/bg"
+subscription = "s"
+type = "shared"
+[[step]]
+action = "expect"
+consumer = "c"
+count = 1
+within = 1
+background = true
+task = "never"
+[[step]]
+action = "expect_stats"
+client = "a"
+topic = "/t/bg"
+values = { msgs_in = 0 }
+[[step]]
+action = "wait"
+task = "never"
+''')
+    assert not ok
+    assert "started in the background (task never)" in out
+    assert out.index("[ 4] expect_stats") < out.index("(background task never) ... FAILED")
+    assert "FAILED at step 3: timed out after 1s waiting for 1 messages" in out

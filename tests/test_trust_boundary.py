@@ -15,7 +15,7 @@ import pytest
 from actorbroker.actors import signing
 from tests import sockets
 from actorbroker.transport.client import Client
-from tests.util import ROOT, consumers_of, process_kind
+from tests.util import ROOT, consumers_of, process_kind, wait_for
 
 
 class TouchOnLoad:
@@ -240,3 +240,54 @@ def test_secret_shorter_than_32_bytes_is_refused():
     with pytest.raises(ValueError):
         signing.SignedPickle(b"x" * 31)
     assert len({signing.new_secret() for _ in range(10)}) == 10
+
+
+def _lane_challenge(port):
+    """Connect to a listening socket of the broker: a TCP lane sends its 16-byte challenge at
+    once; a Thespian socket sends nothing. Returns (socket, challenge) or (None, None)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=2)
+    try:
+        got = b""
+        while len(got) < 16:
+            chunk = s.recv(16 - len(got))
+            if not chunk:
+                break
+            got += chunk
+    except socket.timeout:
+        pass
+    if len(got) == 16:
+        return s, got
+    s.close()
+    return None, None
+
+
+def test_tcp_lanes_refuse_a_peer_without_the_broker_secret(start_broker, topic):
+    """--lanes tcp: a process that reaches a lane's port but does not know the broker's secret
+    is closed before any frame of it is read; the broker's own lanes still carry records."""
+    from actorbroker.transport.lanes import LaneOp, encode_lane_frame, lane_proof
+    b = start_broker("--lanes", "tcp")
+    with Client(*b.address) as client:
+        consumer = client.subscribe(topic, "s", "exclusive", "c")
+        producer = client.producer(topic)
+        producer.send(b"before").result(10)
+        assert consumer.receive(timeout=10).payload == b"before"
+        lanes = []
+        for _pid, _host, port in sockets.listening_sockets(b.processes()):
+            if port == b.port:
+                continue
+            s, challenge = _lane_challenge(port)
+            if s is not None:
+                lanes.append((s, challenge))
+        assert len(lanes) >= 2, "the topic and the dispatcher each listen for lanes"
+        forged = encode_lane_frame([LaneOp.HELLO, "intruder"]) + encode_lane_frame([LaneOp.ACK, 1, [0], 1])
+        wrong_secret = signing.new_secret()
+        for s, challenge in lanes:
+            with s:
+                s.sendall(lane_proof(wrong_secret, challenge) + forged)
+                s.settimeout(10)
+                assert s.recv(100) == b"", "a lane without the secret's proof must be closed"
+        # the log goes through Thespian's logger process: it is written a moment later
+        wait_for(lambda: (b.data_dir / "broker.log").read_text().count("refused a TCP lane without a valid proof"),
+                 lambda n: n == len(lanes))
+        producer.send(b"after").result(10)
+        assert consumer.receive(timeout=10).payload == b"after"

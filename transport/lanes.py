@@ -14,10 +14,15 @@ reports writability, which ThespianWatch does not.
 
 Unix lanes are abstract sockets: they have no file permissions, and their names are listed in
 /proc/net/unix for every local user. A lane accepted from a process of another user is closed
-before a byte of it is read (SO_PEERCRED). TCP lanes (several hosts) rely on the cluster network
-being private (docs/security.md).
+before a byte of it is read (SO_PEERCRED). TCP lanes (several hosts) are authenticated when the
+hub has the broker's secret: the accepting side sends a random challenge, the connecting side
+must answer it with an HMAC-SHA256 under the secret before its first frame, and a lane that does
+not is closed unread. That keeps strangers out; it does not hide the records from whoever can
+read the cluster network, which must stay private (docs/security.md).
 """
 import errno
+import hashlib
+import hmac
 import os
 import select
 import socket
@@ -40,6 +45,13 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP
+CHALLENGE_BYTES = 16
+PROOF_BYTES = 32
+_PROOF_CONTEXT = b"actorbroker lane v1:"
+
+
+def lane_proof(secret, challenge):
+    return hmac.new(secret, _PROOF_CONTEXT + challenge, hashlib.sha256).digest()
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,7 @@ def encode_lane_frame(obj):
 
 class Lane:
     """One end of a lane. `on_frame(lane, frame)` and `on_closed(lane, reason)` are the owner's."""
-    __slots__ = ("hub", "sock", "fd", "inbuf", "outbuf", "peer", "closed")
+    __slots__ = ("hub", "sock", "fd", "inbuf", "outbuf", "peer", "closed", "auth", "challenge")
 
     def __init__(self, hub, sock, peer=None):
         self.hub, self.sock, self.fd = hub, sock, sock.fileno()
@@ -156,6 +168,10 @@ class Lane:
         self.outbuf = bytearray()
         self.peer = peer          # whatever the owner wants to remember about the other end
         self.closed = False
+        # authenticated TCP lanes: "challenged" (connecting: wait for the challenge, send nothing),
+        # "proving" (accepted: wait for the proof, read nothing else); None once done or unneeded
+        self.auth = None
+        self.challenge = b""
 
     def send(self, obj):
         """Queue one frame and write what the socket takes now; the rest goes when writable."""
@@ -165,6 +181,9 @@ class Lane:
         self.flush()
 
     def flush(self):
+        if self.auth == "challenged":
+            self._update_mask()
+            return   # nothing goes before the answer to the challenge
         while self.outbuf and not self.closed:
             try:
                 sent = self.sock.send(self.outbuf)
@@ -243,11 +262,12 @@ class LaneHub:
         or closed it; called once per lane.
     """
 
-    def __init__(self, reactor, on_frame, on_closed, kind="unix", host="127.0.0.1"):
+    def __init__(self, reactor, on_frame, on_closed, kind="unix", host="127.0.0.1", secret=None):
         self.reactor = reactor
         self.on_frame, self.on_closed = on_frame, on_closed
         self.frame_errors = 0
-        self.refused_peers = 0   # unix lanes from processes of another user
+        self.refused_peers = 0   # unix lanes of another user's process, TCP lanes without the proof
+        self.secret = secret     # the broker's secret: TCP lanes prove they know it
         self.kind, self.host = kind, host
         self.listener = None
         self.address = None
@@ -282,13 +302,19 @@ class LaneHub:
                     return
                 raise
             if self.kind == "unix" and not same_user(conn):
-                self.refused_peers += 1
-                if self.refused_peers <= 20 or self.refused_peers % 1000 == 0:
-                    log.warning("refused a lane from another user's process (%d so far)",
-                                self.refused_peers)
+                self._refused("a lane from another user's process")
                 conn.close()
                 continue
-            self._adopt(conn)
+            lane = self._adopt(conn)
+            if self.secret is not None and self.kind == "tcp":
+                lane.auth, lane.challenge = "proving", os.urandom(CHALLENGE_BYTES)
+                lane.outbuf += lane.challenge
+                lane.flush()
+
+    def _refused(self, what):
+        self.refused_peers += 1
+        if self.refused_peers <= 20 or self.refused_peers % 1000 == 0:
+            log.warning("refused %s (%d so far)", what, self.refused_peers)
 
     # --- connecting -----------------------------------------------------------------------------
     def connect(self, address, peer=None):
@@ -308,7 +334,10 @@ class LaneHub:
         except OSError:
             sock.close()
             raise   # the caller treats it as the peer being gone
-        return self._adopt(sock, peer)
+        lane = self._adopt(sock, peer)
+        if self.secret is not None and address.kind == "tcp":
+            lane.auth = "challenged"
+        return lane
 
     def _adopt(self, sock, peer=None):
         sock.setblocking(False)
@@ -321,7 +350,7 @@ class LaneHub:
 
     # --- events ---------------------------------------------------------------------------------
     def _deliver(self, lane):
-        if lane.closed:
+        if lane.closed or (lane.auth is not None and not self._authenticate(lane)):
             return
         try:
             frames = lane.frames()
@@ -336,11 +365,36 @@ class LaneHub:
                 log.exception("a lane frame failed (op %r); going on with the next",
                               frame[0] if isinstance(frame, list) and frame else None)
 
+    def _authenticate(self, lane):
+        """The challenge and its answer, before any frame; False while it is not done."""
+        buf = lane.inbuf
+        if lane.auth == "challenged":
+            if len(buf) < CHALLENGE_BYTES:
+                return False
+            challenge = bytes(buf[:CHALLENGE_BYTES])
+            del buf[:CHALLENGE_BYTES]
+            lane.auth = None
+            lane.outbuf[:0] = lane_proof(self.secret, challenge)
+            lane.flush()
+            return not lane.closed
+        if len(buf) < PROOF_BYTES:
+            return False
+        proof = bytes(buf[:PROOF_BYTES])
+        del buf[:PROOF_BYTES]
+        if not hmac.compare_digest(proof, lane_proof(self.secret, lane.challenge)):
+            self._refused("a TCP lane without a valid proof of the broker's secret")
+            self.close_lane(lane)   # never identified: nothing for the owner to clean up
+            return False
+        lane.auth = None
+        return True
+
     def _lost(self, lane, reason):
         if not lane.closed:
+            unproven = lane.auth == "proving"
             self.close_lane(lane)
             lane.outbuf.clear()
-            self.on_closed(lane, reason)
+            if not unproven:   # a lane that never proved itself was never anyone's peer
+                self.on_closed(lane, reason)
 
     def close_lane(self, lane):
         """Close our end on purpose: the peer sees EOF. on_closed is not called for it."""

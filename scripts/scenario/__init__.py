@@ -63,9 +63,12 @@ def run_command(args):
         if args.junit:
             write_junit(args.junit, results, errors)
     failed = [r for r in results if r.failure]
+    skipped = [r for r in results if r.skipped and not r.failure]
     total = time.monotonic() - t0
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed, {len(errors)} invalid "
-          f"in {total:.1f}s")
+    print(f"{len(results) - len(failed) - len(skipped)} passed, {len(failed)} failed, {len(skipped)} skipped, "
+          f"{len(errors)} invalid in {total:.1f}s")
+    for r in skipped:
+        print(f"  SKIPPED {r.scenario.name}: {r.skipped}")
     for r in failed:
         number, message, _ = r.failure
         print(f"  FAILED {r.scenario.name} (step {number}): {message}")
@@ -85,6 +88,8 @@ def write_junit(path, runners, errors):
             number, message, detail = r.failure
             f = ET.SubElement(case, "failure", message=f"step {number}: {message}")
             f.text = detail
+        elif r.skipped:
+            ET.SubElement(case, "skipped", message=r.skipped)
         ET.SubElement(case, "system-out").text = "\n".join(r.log)
     for p, message in errors:
         case = ET.SubElement(suite, "testcase", classname="scenario", name=str(p), time="0")

@@ -1,22 +1,27 @@
 """The client agent: one actorbroker client in its own OS process, driven by the scenario runner.
 
-    python -m scripts.scenario.agent HOST PORT NAME [HEARTBEAT_MS]
+    python -m scripts.scenario.agent HOST PORT NAME [HEARTBEAT_MS [RECONNECT_WITHIN_S]]
 
 Commands arrive on stdin as JSON lines {"cmd", "rid", ...}; every command is answered on stdout
 by {"rid", "ok": true, ...} or {"rid", "ok": false, "error", "code"}. Events are written on
-stdout as they happen: {"event": "ready" | "message" | "active" | "closed" | "lost" | "fatal"}.
+stdout as they happen: {"event": "ready" | "message" | "active" | "closed" | "lost" | "fatal" |
+"reconnected" | "receipted"}.
 The agent uses the sync client (transport/client/) only, so killing or freezing it is killing or
 freezing a real client. It exits when stdin closes (the runner went away) or on the `close` command."""
 import ctypes
 import json
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
 
 from actorbroker.transport.client import Client
-from actorbroker.transport.errors import BrokerError, ConnectionLost, ConsumerClosed
+from actorbroker.transport.client.core import Reconnect
+from actorbroker.transport.codec import encode_frame
+from actorbroker.transport.errors import BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed
 
 _out_lock = threading.Lock()
 
@@ -90,17 +95,19 @@ class ConsumerAgent:
 
 
 class Agent:
-    def __init__(self, host, port, name, heartbeat_ms):
+    def __init__(self, host, port, name, heartbeat_ms, reconnect_within):
+        """reconnect_within: seconds the client tries to reconnect after a loss (None: it does not)."""
         self.name = name
-        self.client = Client(host, port, heartbeat_ms=heartbeat_ms, name=name)
+        reconnect = Reconnect([(host, port)], give_up_after=reconnect_within) if reconnect_within else None
+        self.client = Client(host, port, heartbeat_ms=heartbeat_ms, name=name, reconnect=reconnect,
+                             on_reconnect=lambda client: emit({"event": "reconnected"}))
         self.producers = {}
         self.consumers = {}
         self.watch = threading.Thread(target=self.watch_connection, daemon=True)
         self.watch.start()
 
     def watch_connection(self):
-        while self.client.connected:
-            time.sleep(0.02)
+        self.client.wait_closed()   # a reconnecting client is closed only once it gives up
         if not self.client._closing:
             emit({"event": "lost", "reason": str(self.client._lost)})
 
@@ -116,7 +123,8 @@ class Agent:
         p = self.producers[c["handle"]]
         keys, payload, attrs = c.get("keys"), c["payload"], c.get("attrs")
         rate, start = c.get("rate"), c.get("start", 0)
-        futures, error = [], None
+        futures, error, code = [], None, None
+        reporter = ReceiptReporter(c["handle"], futures, c.get("within", 30))
         t0 = time.monotonic()
         for j in range(c["count"]):
             i = start + j
@@ -127,23 +135,24 @@ class Agent:
             key = keys[i % len(keys)] if keys else None
             text = payload.replace("{i}", str(i)).replace("{key}", key or "")
             try:
-                futures.append((text, key, p.send(text, key=key, attrs=attrs)))
+                reporter.add((text, key, p.send(text, key=key, attrs=attrs)))
                 if rate:
                     p._send_current()
             except Exception as exc:   # connection lost or producer closed: report what got a receipt
-                error = f"{type(exc).__name__}: {exc}"
+                error, code = f"{type(exc).__name__}: {exc}", code_of(exc)
                 break
         try:
             p.flush(timeout=c.get("within", 30))
         except Exception as exc:
-            error = error or f"{type(exc).__name__}: {exc}"
+            error, code = error or f"{type(exc).__name__}: {exc}", code or code_of(exc)
+        reporter.finish()
         sent = []
         for text, key, f in futures:
             try:
                 sent.append([f.result(0), text, key])
             except Exception as exc:
-                error = error or f"{type(exc).__name__}: {exc}"
-        return {"sent": sent, "attempted": len(futures), "error": error}
+                error, code = error or f"{type(exc).__name__}: {exc}", code or code_of(exc)
+        return {"sent": sent, "attempted": len(futures), "error": error, "code": code}
 
     def cmd_subscribe(self, c):
         credits = c.get("credits", "auto")
@@ -187,7 +196,15 @@ class Agent:
         return {"ids": ids}
 
     def cmd_flow(self, c):
-        self.consumers[c["handle"]].consumer.flow(c["credits"])
+        """With a rid, so that a refusal (UNKNOWN_CONSUMER, ...) comes back as the step's outcome."""
+        ca = self.consumers[c["handle"]]
+        with ca.lock:
+            ca.granted += c["credits"]
+        self.client.request(ca.consumer._flow_frame(c["credits"]))
+        return {}
+
+    def cmd_close_producer(self, c):
+        self.producers[c["handle"]].close()
         return {}
 
     def cmd_close_consumer(self, c):
@@ -201,9 +218,92 @@ class Agent:
     def cmd_stats(self, c):
         return {"stats": self.client.stats(c["topic"])}
 
+    def cmd_flood(self, c):
+        """Act as a client that stops reading and keeps writing: `bytes` of pings, or until the
+        broker closes the connection or `within` seconds pass. Holding the client's lock stops its
+        reader after its current read; once released, it reads what the broker sent meanwhile (it
+        must stop writing in time for that: a broker that closes a socket with unread bytes in it
+        resets the connection, and the client never sees its last frames)."""
+        chunk = b"".join(encode_frame({"op": "ping", "rid": i}) for i in range(1000))
+        sock, sent, view, offset = self.client._sock, 0, memoryview(chunk), 0
+        deadline = time.monotonic() + c.get("within", 30)
+        with self.client._lock:
+            while sent < c["bytes"] and (left := deadline - time.monotonic()) > 0:
+                if not select.select([], [sock], [], min(left, 0.5))[1]:
+                    continue   # the broker does not read now: look at the deadline again
+                try:
+                    offset += sock.send(view[offset:], socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    break      # the broker closed the connection
+                if offset == len(chunk):
+                    sent, offset = sent + offset, 0
+        return {"sent_bytes": sent + offset}
+
     def cmd_close(self, c):
         self.client.close()
         return {}
+
+
+def code_of(exc):
+    """The error code a step's `expect_error` names: the broker's, or one for the client's end."""
+    if isinstance(exc, BrokerError):
+        return exc.code
+    if isinstance(exc, ConnectionLost):
+        return "CONNECTION_LOST"
+    if isinstance(exc, (ConsumerClosed, ProducerClosed)):
+        return "CLOSED"
+    return type(exc).__name__
+
+
+class ReceiptReporter:
+    """Emits the receipts of a produce command as they come ({"event": "receipted"}), in order,
+    so that the runner knows what was receipted even if this process is killed in the middle."""
+
+    def __init__(self, handle, futures, within):
+        self.handle, self.futures, self.within = handle, futures, within
+        self.more = threading.Condition()
+        self.done = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def add(self, entry):
+        with self.more:
+            self.futures.append(entry)
+            self.more.notify()
+
+    def finish(self):
+        with self.more:
+            self.done = True
+            self.more.notify()
+        self.thread.join()
+
+    def run(self):
+        i = 0
+        while True:
+            with self.more:
+                while i >= len(self.futures) and not self.done:
+                    self.more.wait()
+                if i >= len(self.futures):
+                    return
+                text, key, future = self.futures[i]
+            try:
+                failed = future.exception(self.within)   # waits for its batch's receipt
+            except TimeoutError:
+                failed = True
+            if failed is None:
+                ready = [[future.result(0), text, key]]
+                i += 1
+                with self.more:   # the rest of its batch, settled with it
+                    while i < len(self.futures) and self.futures[i][2].done():
+                        t, k, f = self.futures[i]
+                        if f.exception(0) is None:
+                            ready.append([f.result(0), t, k])
+                        i += 1
+                emit({"event": "receipted", "handle": self.handle, "sent": ready})
+            else:
+                i += 1
 
 
 def handle(agent, c):
@@ -211,10 +311,8 @@ def handle(agent, c):
     try:
         result = getattr(agent, "cmd_" + c["cmd"])(c)
         emit({"rid": rid, "ok": True, **result})
-    except BrokerError as exc:
-        emit({"rid": rid, "ok": False, "code": exc.code, "error": str(exc)})
     except Exception as exc:
-        emit({"rid": rid, "ok": False, "code": type(exc).__name__, "error": f"{type(exc).__name__}: {exc}"})
+        emit({"rid": rid, "ok": False, "code": code_of(exc), "error": f"{type(exc).__name__}: {exc}"})
     if c["cmd"] == "close":
         sys.stdout.flush()
         os._exit(0)
@@ -224,8 +322,9 @@ def main():
     die_with_parent()
     host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     heartbeat = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "0" else None
+    reconnect = float(sys.argv[5]) if len(sys.argv) > 5 and float(sys.argv[5]) > 0 else None
     try:
-        agent = Agent(host, port, name, heartbeat)
+        agent = Agent(host, port, name, heartbeat, reconnect)
     except Exception as exc:
         emit({"event": "fatal", "error": f"{type(exc).__name__}: {exc}"})
         return 1

@@ -38,7 +38,7 @@ class Step:
         return self.fields[name]
 
     def title(self):
-        shown = {k: v for k, v in self.fields.items() if k not in ("action", "comment")}
+        shown = {k: v for k, v in self.fields.items() if k not in ("action", "comment", "steps")}
         text = " ".join(f"{k}={_short(v)}" for k, v in shown.items())
         return f"{self.action} {text}".strip()
 
@@ -135,18 +135,31 @@ def t_any(v):
     return None
 
 
+def t_events(v):
+    ok = isinstance(v, list) and v and all(isinstance(e, dict) and isinstance(e.get("kind"), str) for e in v)
+    return None if ok else "must be a non-empty list of tables, each with a `kind`"
+
+
+def t_error_code(v):
+    return None if isinstance(v, str) and v.isupper() and v else "must be an error code such as CONSUMER_BUSY"
+
+
 # Per action: field -> (check, required). Every step also takes `comment` (free text).
+RESTART = {"options": (t_strs, False), "kill": (t_bool, False), "within": (t_pos_num, False)}
 BROKER = {
-    "start": {"options": (t_strs, False)},
-    "restart": {"options": (t_strs, False), "kill": (t_bool, False)},
-    "stop": {},
+    "start": {"options": (t_strs, False), "within": (t_pos_num, False)},
+    "restart": RESTART,
+    "restart_broker": RESTART,
+    "stop": {"within": (t_pos_num, False)},
     "kill9": {},
 }
 CLIENT = {
-    "open": {"client": (t_str, True), "heartbeat_ms": (t_pos_int, False)},
+    "open": {"client": (t_str, True), "heartbeat_ms": (t_pos_int, False), "reconnect": (t_bool, False),
+             "reconnect_within": (t_pos_num, False)},
     "close": {"client": (t_str, True)},
     "kill": {"client": (t_str, True)},
     "freeze": {"client": (t_str, True)},
+    "flood": {"client": (t_str, True), "bytes": (t_pos_int, False), "within": (t_pos_num, False)},
     "thaw": {"client": (t_str, True)},
 }
 MESSAGES = {  # how an expect/ack step names messages: one of these
@@ -157,10 +170,10 @@ ACTIONS = {
     **BROKER, **CLIENT,
     "producer": {"client": (t_str, True), "producer": (t_str, True), "topic": (t_topic, True),
                  "dispatch": (t_choice(*DISPATCH), False), "name": (t_str, False),
-                 "access": (t_choice("shared", "exclusive"), False)},
+                 "access": (t_choice("shared", "exclusive"), False), "expect_error": (t_error_code, False)},
     "produce": {"producer": (t_str, True), "count": (t_pos_int, True), "payload": (t_str, False),
                 "keys": (t_strs, False), "attrs": (t_str_table, False), "rate": (t_pos_num, False),
-                "as": (t_str, False), "within": (t_pos_num, False)},
+                "as": (t_str, False), "within": (t_pos_num, False), "expect_error": (t_error_code, False)},
     "subscribe": {"client": (t_str, True), "consumer": (t_str, True), "as": (t_str, False),
                   "topic": (t_topic, True), "subscription": (t_str, True),
                   "type": (t_choice(*SUB_TYPES), True), "dispatch": (t_choice(*DISPATCH), False),
@@ -168,23 +181,31 @@ ACTIONS = {
                   "receiver_queue": (t_pos_int, False), "ack": (t_choice("auto", "manual"), False),
                   "max_unacked": (t_pos_int, False), "ack_timeout_ms": (t_pos_int, False),
                   "max_redeliveries": (t_int, False), "dead_letter_topic": (t_topic, False),
-                  "expect_error": (t_str, False)},
-    "flow": {"consumer": (t_str, True), "credits": (t_pos_int, True)},
+                  "expect_error": (t_error_code, False)},
+    "flow": {"consumer": (t_str, True), "credits": (t_pos_int, True), "expect_error": (t_error_code, False)},
     "ack": {"consumer": (t_str, True), "messages": (t_str, False), "ids": (t_ints, False),
-            "all": (t_bool, False)},
+            "all": (t_bool, False), "expect_error": (t_error_code, False)},
     "nack": {"consumer": (t_str, True), "messages": (t_str, False), "ids": (t_ints, False),
-             "all": (t_bool, False), "delay_ms": (t_int, False)},
-    "close_consumer": {"consumer": (t_str, True)},
-    "unsubscribe": {"consumer": (t_str, True)},
+             "all": (t_bool, False), "delay_ms": (t_int, False), "expect_error": (t_error_code, False)},
+    "close_consumer": {"consumer": (t_str, True), "expect_error": (t_error_code, False)},
+    "close_producer": {"producer": (t_str, True), "expect_error": (t_error_code, False)},
+    "unsubscribe": {"consumer": (t_str, True), "expect_error": (t_error_code, False)},
     "expect": {"consumer": (t_str, False), "consumers": (t_strs, False), **MESSAGES,
                "order": (t_bool, False), "only": (t_bool, False), "redelivered": (t_bool, False),
-               "sticky_keys": (t_bool, False), "within": (t_pos_num, False)},
+               "sticky_keys": (t_bool, False), "keep": (t_bool, False), "within": (t_pos_num, False)},
     "expect_active": {"consumer": (t_str, True), "active": (t_bool, True), "within": (t_pos_num, False)},
-    "expect_closed": {"consumer": (t_str, True), "reason": (t_str, False), "within": (t_pos_num, False)},
-    "expect_lost": {"client": (t_str, True), "within": (t_pos_num, False)},
+    "expect_closed": {"consumer": (t_str, False), "consumers": (t_strs, False), "count": (t_pos_int, False),
+                      "reason": (t_str, False), "within": (t_pos_num, False)},
+    "expect_lost": {"client": (t_str, True), "code": (t_error_code, False), "within": (t_pos_num, False)},
+    "expect_reconnected": {"client": (t_str, True), "times": (t_pos_int, False), "within": (t_pos_num, False)},
     "expect_stats": {"client": (t_str, True), "topic": (t_topic, True), "subscription": (t_str, False),
-                     "values": (t_table, True), "within": (t_pos_num, False)},
-    "wait": {"until": (t_choice("active", "closed", "lost", "stats", "messages"), True)},  # + fields of the expect
+                     "consumer": (t_str, False), "values": (t_table, True), "within": (t_pos_num, False)},
+    "watch": {"topics": (t_str, False)},
+    "expect_events": {"events": (t_events, True), "within": (t_pos_num, False)},
+    # + fields of the expect it names, or `task` (a background step) with `within`
+    "wait": {"until": (t_choice("active", "closed", "lost", "stats", "messages"), False),
+             "task": (t_str, False), "within": (t_pos_num, False)},
+    "parallel": {"steps": (t_any, True), "refused": (t_int, False), "refused_with": (t_error_code, False)},
     "pause": {"seconds": (t_pos_num, True)},
     "churn": {"topic": (t_topic, True), "subscription": (t_str, True),
               "type": (t_choice("shared", "key_shared", "failover"), True),
@@ -195,6 +216,8 @@ ACTIONS = {
               "heartbeat_ms": (t_pos_int, False), "drain_within": (t_pos_num, False),
               "kill_share": (t_num, False)},
 }
+# Any step but these may run in the background (`background = true`, named by `task`).
+NOT_IN_BACKGROUND = ("parallel", "wait", "start", "stop", "restart", "restart_broker", "kill9", "churn")
 WAIT_AS = {"active": "expect_active", "closed": "expect_closed", "lost": "expect_lost",
            "stats": "expect_stats", "messages": "expect"}
 TOP = {"name": t_str, "description": t_str, "broker": t_table, "step": None, "slow": t_bool,
@@ -252,6 +275,13 @@ def validate_step(path, number, raw):
         until = raw.get("until")
         if until in WAIT_AS:
             schema.update(ACTIONS[WAIT_AS[until]])
+        if ("until" in raw) == ("task" in raw):
+            raise ScenarioError(path, "give exactly one of until, task", step=number, field_name="until")
+    if action not in NOT_IN_BACKGROUND:
+        schema.update({"background": (t_bool, False), "task": (t_str, False)})
+        if "task" in raw and not raw.get("background"):
+            raise ScenarioError(path, "`task` names a background step: add background = true",
+                                step=number, field_name="task")
     for key, value in raw.items():
         if key in ("action", "comment"):
             continue
@@ -281,7 +311,36 @@ def validate_step(path, number, raw):
         raise ScenarioError(path, "must not be empty", step=number, field_name="keys")
     if action == "churn" and raw.get("min_consumers", 1) > raw.get("max_consumers", 4):
         raise ScenarioError(path, "must not exceed max_consumers", step=number, field_name="min_consumers")
-    return Step(number=number, action=action, fields=dict(raw))
+    if action == "expect_closed" and ("consumer" in raw) == ("consumers" in raw):
+        raise ScenarioError(path, "give exactly one of consumer, consumers", step=number, field_name="consumer")
+    fields = dict(raw)
+    if action == "parallel":
+        fields["steps"] = parallel_steps(path, number, raw)
+    return Step(number=number, action=action, fields=fields)
+
+
+def parallel_steps(path, number, raw):
+    """The steps of a `parallel` group ([[step.steps]]), checked like steps; they cannot nest."""
+    inner = raw["steps"]
+    if not isinstance(inner, list) or len(inner) < 2:
+        raise ScenarioError(path, "a parallel group needs at least two [[step.steps]]", step=number,
+                            field_name="steps")
+    steps = []
+    for i, sub in enumerate(inner, 1):
+        try:
+            step = validate_step(path, number, sub)
+        except ScenarioError as exc:
+            raise ScenarioError(path, f"in [[step.steps]] {i}: {exc}".replace(f"{path}: ", "", 1),
+                                step=number, field_name="steps") from None
+        if step.action in NOT_IN_BACKGROUND or step.get("background"):
+            raise ScenarioError(path, f"in [[step.steps]] {i}: '{step.action}' cannot be in a parallel group",
+                                step=number, field_name="steps")
+        steps.append(step)
+    if raw.get("refused", 0) > len(steps):
+        raise ScenarioError(path, "more than the steps of the group", step=number, field_name="refused")
+    if ("refused" in raw) != ("refused_with" in raw):
+        raise ScenarioError(path, "give refused and refused_with together", step=number, field_name="refused")
+    return steps
 
 
 def library():

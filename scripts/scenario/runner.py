@@ -16,18 +16,14 @@ from pathlib import Path
 
 from actorbroker.scripts import proctree
 from actorbroker.scripts.local_broker import LocalBroker
+from actorbroker.scripts.scenario import events, tasks
+from actorbroker.scripts.scenario.outcome import CLIENT_GONE, ScenarioSkipped, StepFailed
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_WITHIN = 10.0
 REQUEST_TIMEOUT = 30.0
 
 
-class StepFailed(Exception):
-    """A step whose expectation did not hold; `detail` is the expected vs arrived text."""
-
-    def __init__(self, message, detail=""):
-        super().__init__(message)
-        self.detail = detail
 
 
 @dataclass
@@ -49,18 +45,22 @@ class ConsumerState:
 class AgentProcess:
     """One client agent (scripts/scenario/agent.py) and the reader of its stdout."""
 
-    def __init__(self, runner, name, heartbeat_ms=None):
+    def __init__(self, runner, name, heartbeat_ms=None, reconnect_within=None):
+        """reconnect_within: seconds the client keeps trying to reconnect (None: no reconnect)."""
         self.runner, self.name = runner, name
         host, port = runner.broker.address
+        self.reconnecting = reconnect_within is not None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actorbroker.scripts.scenario.agent", host, str(port), name, str(heartbeat_ms or 0)],
+            [sys.executable, "-m", "actorbroker.scripts.scenario.agent", host, str(port), name, str(heartbeat_ms or 0),
+             str(reconnect_within or 0)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=runner.agent_stderr,
             env=dict(os.environ, PYTHONPATH=str(ROOT)))
         self.pid = self.proc.pid
         self.replies = {}
         self.rids = 0
         self.ready = None            # the ready/fatal event
-        self.lost = None             # reason, once the client saw its connection end
+        self.lost = None             # reason, once the client saw its connection end (for good)
+        self.reconnects = 0          # times the client reconnected (reconnect = true)
         self.exited = False
         self.frozen = False
         self.reader = threading.Thread(target=self.read, daemon=True)
@@ -80,6 +80,10 @@ class AgentProcess:
                     self.ready = ev
                 elif ev.get("event") == "lost":
                     self.lost = ev.get("reason", "lost")
+                elif ev.get("event") == "reconnected":
+                    self.reconnects += 1
+                elif ev.get("event") == "receipted":
+                    self.runner.on_receipted(ev)
                 else:
                     self.runner.on_event(self, ev)
                 cond.notify_all()
@@ -103,14 +107,14 @@ class AgentProcess:
             self.proc.stdin.write(line.encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
-            raise StepFailed(f"client {self.name} is not running") from None
+            raise StepFailed(f"client {self.name} is not running", code=CLIENT_GONE) from None
         return rid
 
     def result(self, rid, timeout=REQUEST_TIMEOUT, what="reply"):
         self.runner.wait_until(lambda: rid in self.replies or self.exited, timeout,
                                f"client {self.name} to answer ({what})")
         if rid not in self.replies:
-            raise StepFailed(f"client {self.name} exited before answering ({what})")
+            raise StepFailed(f"client {self.name} exited before answering ({what})", code=CLIENT_GONE)
         return self.replies.pop(rid)
 
     def request(self, cmd, timeout=REQUEST_TIMEOUT, **fields):
@@ -152,6 +156,10 @@ class Runner:
         self.consumers = {}             # handle -> ConsumerState
         self.producers = {}             # handle -> (client, topic)
         self.labels = {}                # produce `as` -> [(offset, payload, key)]
+        self.producing = {}             # producer handle -> `as` of its produce step running now
+        self.tasks = {}                 # background step's task name -> tasks.Task
+        self.watcher = None             # events.Watcher of the `watch` step
+        self.skipped = None             # why the scenario cannot run on this broker
         self.produced = Counter()       # producer handle -> messages produced (payload index)
         self.seen = {}                  # (topic, subscription) -> {id: unflagged deliveries}
         self.key_owner = {}             # (topic, subscription) -> {key: consumer handle}
@@ -193,6 +201,13 @@ class Runner:
         elif kind == "closed":
             c.closed = ev.get("reason", "closed")
 
+    def on_receipted(self, ev):
+        """Receipts of a produce step as they come (under self.cond): its `as` names them at once,
+        so that a producer killed in the middle leaves the ids it had receipts for."""
+        label = self.producing.get(ev["handle"])
+        if label is not None:
+            self.labels.setdefault(label, []).extend(tuple(x) for x in ev["sent"])
+
     def wait_until(self, predicate, timeout, what):
         deadline = time.monotonic() + timeout
         with self.cond:
@@ -216,6 +231,21 @@ class Runner:
             raise StepFailed(f"no consumer {handle!r} (subscribe it first)")
         return c
 
+    @staticmethod
+    def refused(s, reply, what):
+        """A reply against the step's `expect_error`: None when it succeeded as it should (go on),
+        the step's message when it was refused as expected; raises otherwise."""
+        expected = s.get("expect_error")
+        if reply["ok"]:
+            if expected:
+                raise StepFailed(f"{what} succeeded, expected {expected}", f"expected: {expected}\narrived:  ok")
+            return None
+        code = reply.get("code")
+        if expected and code == expected:
+            return f"refused with {code}, as expected"
+        raise StepFailed(f"{what} refused: {reply.get('error')}",
+                         f"expected: {expected or 'success'}\narrived:  {code}", code=code)
+
     def need_broker(self):
         if self.broker is None:
             raise StepFailed("the broker is not running (start it first)")
@@ -228,8 +258,9 @@ class Runner:
             return [m[0] for m in self.labels[label]]
         return list(step.get("ids", []))
 
-    def start_broker(self, options):
-        opts = list(self.scenario.broker_options) + list(options or [])
+    def start_broker(self, options, port=None):
+        """port: the port of the broker before (a restart), so that reconnecting clients find it."""
+        opts = list(self.scenario.broker_options) + list(options or []) + (["--port", str(port)] if port else [])
         t = time.monotonic()
         self.broker = LocalBroker(self.data_dir, *opts)
         self.brokers.append(self.broker)
@@ -237,19 +268,35 @@ class Runner:
         return f"broker on {self.broker.host}:{self.broker.port} in {time.monotonic() - t:.2f}s"
 
     def broker_gone(self):
-        """Clients of a stopped broker lose their connection; their consumers are gone."""
+        """Clients of a stopped broker lose their connection; their consumers are gone, except
+        those of clients that reconnect (they subscribe again by themselves)."""
         self.broker = None
         for c in self.consumers.values():
-            c.gone = True
+            agent = self.agents.get(c.client)
+            if agent is None or not agent.reconnecting:
+                c.gone = True
 
     # --- steps ---------------------------------------------------------------------------------
 
     def step_start(self, s):
         if self.broker is not None:
             raise StepFailed("the broker is already running")
-        return self.start_broker(s.get("options"))
+        return self.within_limit(s, lambda: self.start_broker(s.get("options")))
+
+    @staticmethod
+    def within_limit(s, action):
+        """Run action(); the step fails if it took longer than its `within` (if given)."""
+        t = time.monotonic()
+        message = action()
+        took = time.monotonic() - t
+        if "within" in s.fields and took > s["within"]:
+            raise StepFailed(f"took {took:.2f}s, more than within = {s['within']:g}s", message)
+        return message
 
     def step_stop(self, s):
+        return self.within_limit(s, lambda: self._stop(s))
+
+    def _stop(self, s):
         self.need_broker()
         left = self.broker.stop()
         self.broker_gone()
@@ -268,8 +315,13 @@ class Runner:
         return "every broker process killed with SIGKILL"
 
     def step_restart(self, s):
-        self.step_kill9(s) if s.get("kill") else self.step_stop(s)
-        return self.start_broker(s.get("options"))
+        def restart():
+            port = self.broker.port if self.broker is not None else None
+            self.step_kill9(s) if s.get("kill") else self._stop(s)
+            return self.start_broker(s.get("options"), port)
+        return self.within_limit(s, restart)
+
+    step_restart_broker = step_restart
 
     def step_open(self, s):
         self.need_broker()
@@ -277,11 +329,13 @@ class Runner:
         old = self.agents.get(name)
         if old is not None and old.proc.poll() is None:
             raise StepFailed(f"client {name!r} is already open")
-        a = AgentProcess(self, name, s.get("heartbeat_ms"))
+        reconnect = s.get("reconnect_within", 30) if s.get("reconnect") else None
+        a = AgentProcess(self, name, s.get("heartbeat_ms"), reconnect)
         self.agents[name] = a
         self.all_agents.append(a)
         a.wait_ready()
-        return f"pid {a.pid}, heartbeat {a.ready.get('heartbeat_ms')} ms"
+        again = f", reconnects for {reconnect:g}s" if reconnect else ""
+        return f"pid {a.pid}, heartbeat {a.ready.get('heartbeat_ms')} ms{again}"
 
     def _client_gone(self, name):
         for c in self.consumers.values():
@@ -308,6 +362,14 @@ class Runner:
         del self.agents[s["client"]]
         return f"pid {a.pid} killed with SIGKILL"
 
+    def step_flood(self, s):
+        a = self.agent(s["client"])
+        within = s.get("within", DEFAULT_WITHIN)
+        reply = a.request("flood", timeout=within + 10, within=within, bytes=s.get("bytes", 32 * 1024 * 1024))
+        if not reply["ok"]:
+            raise StepFailed(f"flood failed: {reply['error']}")
+        return f"{reply['sent_bytes']:,} bytes of pings written without reading"
+
     def step_freeze(self, s):
         a = self.agent(s["client"])
         a._signal(signal.SIGSTOP)
@@ -324,8 +386,8 @@ class Runner:
         a = self.agent(s["client"])
         reply = a.request("producer", handle=s["producer"], topic=s["topic"], dispatch=s.get("dispatch"),
                           name=s.get("name"), access=s.get("access"))
-        if not reply["ok"]:
-            raise StepFailed(f"producer refused: {reply['error']}")
+        if (message := self.refused(s, reply, "producer")) is not None:
+            return message
         self.producers[s["producer"]] = (s["client"], s["topic"])
         return f"producer id {reply['producer']} ({reply['dispatch']})"
 
@@ -338,18 +400,38 @@ class Runner:
         count, rate = s["count"], s.get("rate")
         within = s.get("within", REQUEST_TIMEOUT + (count / rate if rate else 0))
         start = self.produced[handle]
-        reply = a.request("produce", timeout=within + 5, handle=handle, count=count,
-                          payload=s.get("payload", handle + "-{i}"), keys=s.get("keys"),
-                          attrs=s.get("attrs"), rate=rate, start=start, within=within)
-        if not reply["ok"]:
-            raise StepFailed(f"produce failed: {reply['error']}")
         self.produced[handle] += count
+        with self.cond:
+            if s.get("as"):
+                self.labels[s["as"]] = []
+                self.producing[handle] = s["as"]
+        try:
+            reply = a.request("produce", timeout=within + 5, handle=handle, count=count,
+                              payload=s.get("payload", handle + "-{i}"), keys=s.get("keys"),
+                              attrs=s.get("attrs"), rate=rate, start=start, within=within)
+        except StepFailed as exc:   # the client ended: the label keeps what was receipted before
+            return self._produce_refused(s, exc.code, str(exc), len(self.labels.get(s.get("as"), [])))
+        finally:
+            with self.cond:
+                self.producing.pop(handle, None)
+        if not reply["ok"]:
+            return self._produce_refused(s, reply.get("code"), reply.get("error"), 0)
         sent = [tuple(x) for x in reply["sent"]]
         if s.get("as"):
-            self.labels[s["as"]] = sent
+            with self.cond:
+                self.labels[s["as"]] = sent
         if reply.get("error") or len(sent) != count:
-            raise StepFailed(f"{len(sent)} of {count} messages got a receipt: {reply.get('error')}")
+            return self._produce_refused(s, reply.get("code"), reply.get("error"), len(sent))
+        if s.get("expect_error"):
+            raise StepFailed(f"all {count} receipted, expected {s['expect_error']}",
+                             f"expected: {s['expect_error']}\narrived:  ok")
         return f"{count} receipted, ids {sent[0][0]}..{sent[-1][0]}"
+
+    def _produce_refused(self, s, code, error, receipted):
+        if s.get("expect_error") and code == s["expect_error"]:
+            return f"{receipted} of {s['count']} receipted, then {code}, as expected"
+        raise StepFailed(f"{receipted} of {s['count']} messages got a receipt: {error}",
+                         f"expected: {s.get('expect_error') or 'every receipt'}\narrived:  {code}", code=code)
 
     def step_subscribe(self, s):
         a = self.agent(s["client"])
@@ -365,26 +447,21 @@ class Runner:
                                          "receiver_queue", "ack", "max_unacked", "ack_timeout_ms",
                                          "max_redeliveries", "dead_letter_topic") if k in s.fields}
         reply = a.request("subscribe", handle=handle, credits=s.get("credits", "auto"), **fields)
-        expected_error = s.get("expect_error")
         if not reply["ok"]:
             with self.cond:
                 del self.consumers[handle]
                 if old is not None:
                     self.consumers[handle] = old
-            if expected_error and reply.get("code") == expected_error:
-                return f"refused with {expected_error}, as expected"
-            raise StepFailed(f"subscribe refused: {reply['error']}",
-                             f"expected: {expected_error or 'subscribed'}\narrived: {reply.get('code')}")
-        if expected_error:
-            raise StepFailed(f"subscribe succeeded, expected {expected_error}")
+        if (message := self.refused(s, reply, "subscribe")) is not None:
+            return message
         state.id = reply["consumer"]
         return f"consumer id {state.id} ({reply['dispatch']})"
 
     def step_flow(self, s):
         c = self.consumer(s["consumer"])
         reply = self.agent(c.client).request("flow", handle=c.handle, credits=s["credits"])
-        if not reply["ok"]:
-            raise StepFailed(f"flow failed: {reply['error']}")
+        if (message := self.refused(s, reply, "flow")) is not None:
+            return message
         return f"+{s['credits']} credits"
 
     def _settle(self, s, op):
@@ -397,8 +474,8 @@ class Runner:
         if op == "nack" and "delay_ms" in s.fields:
             fields["delay_ms"] = s["delay_ms"]
         reply = self.agent(c.client).request(op, **fields)
-        if not reply["ok"]:
-            raise StepFailed(f"{op} failed: {reply['error']}")
+        if (message := self.refused(s, reply, op)) is not None:
+            return message
         return f"{op}ed {len(reply['ids'])} ids"
 
     def step_ack(self, s):
@@ -410,16 +487,25 @@ class Runner:
     def step_close_consumer(self, s):
         c = self.consumer(s["consumer"])
         reply = self.agent(c.client).request("close_consumer", handle=c.handle)
-        if not reply["ok"]:
-            raise StepFailed(f"close_consumer failed: {reply['error']}")
+        if (message := self.refused(s, reply, "close_consumer")) is not None:
+            return message
         c.gone = True
+        return "closed"
+
+    def step_close_producer(self, s):
+        handle = s["producer"]
+        if handle not in self.producers:
+            raise StepFailed(f"no producer {handle!r}")
+        reply = self.agent(self.producers[handle][0]).request("close_producer", handle=handle)
+        if (message := self.refused(s, reply, "close_producer")) is not None:
+            return message
         return "closed"
 
     def step_unsubscribe(self, s):
         c = self.consumer(s["consumer"])
         reply = self.agent(c.client).request("unsubscribe", handle=c.handle)
-        if not reply["ok"]:
-            raise StepFailed(f"unsubscribe failed: {reply['error']}")
+        if (message := self.refused(s, reply, "unsubscribe")) is not None:
+            return message
         c.gone = True
         with self.cond:
             self.seen.pop((c.topic, c.subscription), None)
@@ -484,7 +570,7 @@ class Runner:
                         left[m["payload"]] -= 1
                     else:
                         extra.append((h, m))
-            for h in handles:
+            for h in handles if not s.get("keep") else ():   # keep: the next expect sees them too
                 c = self.consumers[h]
                 c.cursor = len(c.received) if count is None or want_ids is not None or want_payloads is not None \
                     else c.cursor + sum(1 for hh, _ in window if hh == h)
@@ -530,20 +616,48 @@ class Runner:
         return f"active={want}"
 
     def step_expect_closed(self, s):
-        c = self.consumer(s["consumer"])
+        """`consumer` closed; or of `consumers`, `count` (default all) closed, the others not."""
+        handles = s.get("consumers") or [s["consumer"]]
+        states = [self.consumer(h) for h in handles]
+        count = s.get("count", len(states))
         reason = s.get("reason")
+
+        def closed():
+            return [c for c in states if c.closed is not None and (reason is None or c.closed == reason)]
+
+        def arrived():
+            return ", ".join(f"{c.handle}: {c.closed or 'not closed'}" for c in states)
         try:
-            self.wait_until(lambda: c.closed is not None and (reason is None or c.closed == reason),
-                            s.get("within", DEFAULT_WITHIN), f"closed {reason or ''}")
+            self.wait_until(lambda: len(closed()) >= count, s.get("within", DEFAULT_WITHIN),
+                            f"{count} of {', '.join(handles)} closed {reason or ''}")
         except StepFailed as exc:
-            raise StepFailed(str(exc), f"expected: closed {reason or '(any reason)'}\n"
-                                       f"arrived:  {c.closed or 'not closed'}") from None
-        return f"closed: {c.closed}"
+            raise StepFailed(str(exc), f"expected: {count} closed {reason or '(any reason)'}\n"
+                                       f"arrived:  {arrived()}") from None
+        with self.cond:
+            if len(closed()) != count or any(c.closed is not None for c in states if c not in closed()):
+                raise StepFailed(f"more than {count} closed", f"expected: {count} closed {reason or ''}\n"
+                                                             f"arrived:  {arrived()}")
+            return "closed: " + arrived()
+
+    def step_expect_reconnected(self, s):
+        a = self.agent(s["client"])
+        times = s.get("times", 1)
+        try:
+            self.wait_until(lambda: a.reconnects >= times or a.lost is not None, s.get("within", DEFAULT_WITHIN),
+                            f"client {a.name} to reconnect {times} time(s)")
+        except StepFailed as exc:
+            raise StepFailed(str(exc), f"expected: {times} reconnect(s)\narrived:  {a.reconnects}") from None
+        if a.reconnects < times:
+            raise StepFailed(f"client {a.name} gave up reconnecting: {a.lost}")
+        return f"reconnected {a.reconnects} time(s)"
 
     def step_expect_lost(self, s):
         a = self.agent(s["client"])
         self.wait_until(lambda: a.lost is not None, s.get("within", DEFAULT_WITHIN),
                         f"client {a.name} to see its connection end")
+        if s.get("code") and s["code"] not in a.lost:
+            raise StepFailed(f"the connection ended without {s['code']}",
+                             f"expected: {s['code']}\narrived:  {a.lost}")
         return f"lost: {a.lost}"
 
     def step_expect_stats(self, s):
@@ -553,7 +667,7 @@ class Runner:
         want = s["values"]
         while True:
             reply = a.request("stats", topic=s["topic"])
-            got = self._stat_values(reply, s.get("subscription"), want)
+            got = self._stat_values(reply, s.get("subscription"), want, self._consumer_name(s))
             if got == want:
                 return ", ".join(f"{k}={v}" for k, v in got.items())
             if time.monotonic() > deadline:
@@ -562,8 +676,15 @@ class Runner:
             with self.cond:
                 self.cond.wait(0.05)   # polling the broker: stats are only observable by query
 
+    def _consumer_name(self, s):
+        """The consumer an expect_stats looks at: a handle's broker name, or a name as given."""
+        if "consumer" not in s.fields:
+            return None
+        c = self.consumers.get(s["consumer"])
+        return c.name if c is not None else s["consumer"]
+
     @staticmethod
-    def _stat_values(reply, subscription, want):
+    def _stat_values(reply, subscription, want, consumer=None):
         if not reply["ok"]:
             return {"error": reply.get("code")}
         stats = reply["stats"]
@@ -571,6 +692,9 @@ class Runner:
         if subscription is not None:
             subs = [x for x in stats.get("subscriptions", []) if x["name"] == subscription]
             target = subs[0] if subs else None
+        if consumer is not None and target is not None:   # that consumer's entry (unacked, credits, active, ...)
+            entries = [c for c in target.get("consumers", []) if c["name"] == consumer]
+            target = entries[0] if entries else None
         got = {}
         for key in want:
             if key == "exists":
@@ -592,7 +716,18 @@ class Runner:
 
     def step_wait(self, s):
         from actorbroker.scripts.scenario.format import WAIT_AS
+        if "task" in s.fields:
+            return tasks.wait_task(self, s)
         return getattr(self, "step_" + WAIT_AS[s["until"]])(s)
+
+    def step_parallel(self, s):
+        return tasks.run_parallel(self, s)
+
+    def step_watch(self, s):
+        return events.start_watch(self, s)
+
+    def step_expect_events(self, s):
+        return events.expect_events(self, s)
 
     def step_pause(self, s):
         time.sleep(s["seconds"])
@@ -622,8 +757,10 @@ class Runner:
                     self.say(f"  [ 0] start broker ... FAILED: {exc}")
             if self.failure is None:
                 for step in sc.steps:
-                    if not self.run_step(step):
+                    if not self.run_step(step) or not tasks.all_well(self):
                         break
+                else:
+                    tasks.finish(self)
         except KeyboardInterrupt:
             self.failure = self.failure or (None, "interrupted", "")
             self.say("  interrupted")
@@ -633,7 +770,10 @@ class Runner:
             self.cleanup()
             elapsed = time.monotonic() - t_all
             passed = sum(1 for r in self.results if r[1])
-            if self.failure:
+            if self.skipped and not self.failure:
+                self.say(f"  scenario {sc.name}: SKIPPED: {self.skipped}")
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            elif self.failure:
                 number, message, detail = self.failure
                 self.say(f"  FAILED at step {number}: {message}")
                 for line in detail.splitlines():
@@ -651,8 +791,8 @@ class Runner:
             self.elapsed = elapsed
         return self.failure is None
 
-    def run_step(self, step):
-        t = time.monotonic()
+    def execute(self, step):
+        """Run one step: (message, None) or (None, StepFailed); never raises but ScenarioSkipped."""
         with self.cond:
             before = len(self.violations)
         try:
@@ -661,25 +801,44 @@ class Runner:
                 new = self.violations[before:]
             if new:
                 raise StepFailed(f"invariant violated: {new[0]}", "\n".join(new))
+            return message, None
         except StepFailed as exc:
-            dt = time.monotonic() - t
-            self.results.append((step, False, dt, str(exc)))
-            self.failure = (step.number, str(exc), exc.detail)
-            self.say(f"  [{step.number:2}] {step.title()} ... FAILED {dt:.2f}s")
-            return False
+            return None, exc
+        except ScenarioSkipped:
+            raise
         except Exception as exc:
-            dt = time.monotonic() - t
-            self.results.append((step, False, dt, str(exc)))
-            self.failure = (step.number, f"{type(exc).__name__}: {exc}", "")
-            self.say(f"  [{step.number:2}] {step.title()} ... ERROR {dt:.2f}s")
+            return None, StepFailed(f"{type(exc).__name__}: {exc}", code="ERROR")
+
+    def run_step(self, step):
+        if step.get("background"):
+            return tasks.start_background(self, step)
+        t = time.monotonic()
+        try:
+            message, failed = self.execute(step)
+        except ScenarioSkipped as exc:
+            self.skipped = str(exc)
+            self.say(f"  [{step.number:2}] {step.title()} ... skipped: {exc}")
             return False
-        dt = time.monotonic() - t
-        self.results.append((step, True, dt, message))
-        self.say(f"  [{step.number:2}] {step.title()} ... ok {dt:.2f}s  {message}")
-        return True
+        return self.record(step, time.monotonic() - t, message, failed)
+
+    def record(self, step, dt, message, failed, where=""):
+        """Print and keep a step's outcome; a failure is the scenario's (the first one wins)."""
+        with self.cond:
+            if failed is None:
+                self.results.append((step, True, dt, message))
+                self.say(f"  [{step.number:2}] {step.title()}{where} ... ok {dt:.2f}s  {message}")
+                return True
+            self.results.append((step, False, dt, str(failed)))
+            if self.failure is None:
+                self.failure = (step.number, str(failed), failed.detail)
+            word = "ERROR" if failed.code == "ERROR" else "FAILED"
+            self.say(f"  [{step.number:2}] {step.title()}{where} ... {word} {dt:.2f}s")
+            return False
 
     def cleanup(self):
-        """Stop every agent (by PID) and every broker this run started."""
+        """Stop every agent (by PID) and every broker this run started, and the watcher."""
+        if self.watcher is not None:
+            self.watcher.close()
         for a in self.all_agents:
             try:
                 a.kill()
@@ -701,6 +860,7 @@ class Runner:
                     pass
         self.brokers.clear()
         self.broker = None
+        tasks.join_all(self)   # their clients and broker are gone: they end now
         self.agent_stderr.close()
 
 

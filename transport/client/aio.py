@@ -16,7 +16,7 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HEARTBEAT_MS, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore,
-    ConsumerCore, Message, ProducerCore, dispatch, hello_frame, open_consumer, open_producer,
+    ConsumerCore, Message, ProducerCore, Reconnect, dispatch, hello_frame, open_consumer, open_producer,
     parse_address, read_failure)
 from actorbroker.transport.client.tls import client_context, server_name
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME
@@ -43,15 +43,21 @@ class AsyncClient:
         self._tasks = []
         self.welcome, self.max_frame, self.heartbeat_ms = None, DEFAULT_MAX_FRAME, DEFAULT_HEARTBEAT_MS
         self._events = asyncio.Queue()   # event frames of a watch
+        self._reconnect = self._on_reconnect = self._hello = None
+        self._finished = asyncio.Event()   # closed for good (not reconnecting)
 
     @classmethod
     async def connect(cls, host=DEFAULT_HOST, port=DEFAULT_PORT, *, token=None, heartbeat_ms=None,
-                      name="actorbroker-py-async", connect_timeout=5.0, tls=None):
+                      name="actorbroker-py-async", connect_timeout=5.0, tls=None, reconnect=None,
+                      on_reconnect=None):
         """tls: None (plain TCP), True (TLS, the system's CAs), a TlsOptions or an ssl.SSLContext;
-        asyncio's own TLS (memory BIOs under its transport) carries it."""
-        secure = dict(ssl=client_context(tls), server_hostname=server_name(tls, host)) if tls else {}
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **secure), connect_timeout)
+        asyncio's own TLS (memory BIOs under its transport) carries it. reconnect, on_reconnect:
+        as Client's (on_reconnect is called in the reader task)."""
+        reader, writer = await _open(host, port, tls, connect_timeout)
         self = cls(reader, writer, name)
+        self._reconnect = Reconnect([(host, port)]) if reconnect is True else reconnect
+        self._on_reconnect = on_reconnect
+        self._hello = (token, heartbeat_ms, tls, connect_timeout)
         self._tasks.append(asyncio.create_task(self._read_loop()))
         try:
             self.welcome = await self.request(hello_frame(name, token, heartbeat_ms), connect_timeout)
@@ -154,6 +160,9 @@ class AsyncClient:
     async def delete_topic(self, topic, timeout=10):
         await self._admin("delete_topic", timeout, topic)
 
+    async def broker_stats(self, timeout=10):
+        return await self._admin("broker_stats", timeout)
+
     async def ping(self, timeout=10):
         """Round trip time in seconds."""
         start = time.monotonic()
@@ -182,18 +191,24 @@ class AsyncClient:
     # --- reading and heartbeat -----------------------------------------------------------------
 
     async def _read_loop(self):
-        reason = "connection closed by the broker"
         try:
-            while data := await self._reader.read(READ_SIZE):
-                dispatch(self._core.receive_data(data, time.monotonic()), self)
-        except asyncio.CancelledError:
-            reason = "client closed"
-        except Exception as exc:
-            reason = read_failure(exc)
-        self._connection_lost(ConnectionLost(self._core.end_reason(reason)))
+            while True:
+                reason = "connection closed by the broker"
+                try:
+                    while data := await self._reader.read(READ_SIZE):
+                        dispatch(self._core.receive_data(data, time.monotonic()), self)
+                except asyncio.CancelledError:
+                    reason = "client closed"
+                except Exception as exc:
+                    reason = read_failure(exc)
+                self._connection_lost(ConnectionLost(self._core.end_reason(reason)))
+                if self._reconnect is None or self._core.closing or not await self._connect_again():
+                    break
+        finally:   # also when close() cancels a reconnect in progress
+            self._give_up()
 
     async def _heartbeat_loop(self):
-        while self._core.lost is None:
+        while not self._finished.is_set() and (self._core.lost is None or self._reconnect is not None):
             await asyncio.sleep(self.heartbeat_ms / 4000)
             ping, dead = self._core.heartbeat(time.monotonic())
             if dead is not None:
@@ -201,16 +216,94 @@ class AsyncClient:
             elif ping is not None:
                 self._writer.write(ping)
 
+    # --- reconnecting (the reader task's) -------------------------------------------------------
+
+    async def _connect_again(self):
+        """As Client._connect_again, with the event loop's primitives."""
+        token, heartbeat_ms, tls, timeout = self._hello
+        for (host, port), delay in self._reconnect.attempts(time.monotonic, lambda: self._core.closing):
+            try:
+                await asyncio.wait_for(self._finished.wait(), delay)
+                return False
+            except asyncio.TimeoutError:
+                pass
+            try:
+                self._reader, self._writer = await _open(host, port, tls, timeout)
+            except (OSError, asyncio.TimeoutError):
+                continue
+            self._core.restart(time.monotonic())
+            try:
+                await asyncio.wait_for(self._handshake(hello_frame(self.name, token, heartbeat_ms)), timeout)
+            except Exception:
+                self._connection_lost(ConnectionLost("reconnect: hello failed"))
+                continue
+            self._tasks.append(asyncio.create_task(self._reopen_all()))
+            return True
+        return False
+
+    async def _handshake(self, frame):
+        _, waiter = self._call(frame)
+        try:
+            while not waiter.done():
+                data = await self._reader.read(READ_SIZE)
+                if not data:
+                    raise ConnectionLost("closed during hello")
+                dispatch(self._core.receive_data(data, time.monotonic()), self)
+        finally:
+            if not waiter.done():
+                waiter.cancel()   # nobody will read it: the failed attempt is retried
+        self._core.welcomed(waiter.result())
+
+    async def _reopen_all(self):
+        """Open every kept producer and consumer again, resume them, then tell on_reconnect."""
+        waiters = []
+        for obj in self._core.take_detached():
+            waiter = asyncio.get_running_loop().create_future()
+            try:
+                _, data = self._core.reopen_request(obj, waiter)
+                self._writer.write(data)
+            except ConnectionLost as exc:
+                waiter.set_exception(exc)
+            waiters.append((obj, waiter))
+        for obj, waiter in waiters:
+            try:
+                await asyncio.wait_for(waiter, self._hello[3] * 2)
+                obj._resume()
+                continue
+            except asyncio.TimeoutError:
+                error = ConnectionLost("reopening it after a reconnect: no answer")
+            except Exception as exc:
+                error = exc
+            if self._core.reopen_failed(obj, error):
+                obj._lost(error, False)
+        if self._on_reconnect is not None and self.connected:
+            self._on_reconnect(self)
+
+    def _give_up(self):
+        """Closed for good: what was kept for a reconnect ends as lost."""
+        for obj in self._core.take_detached():
+            obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
+        self._finished.set()
+
+    async def wait_closed(self):
+        """Wait until the client is closed for good (see Client.wait_closed)."""
+        await self._finished.wait()
+
     # --- the end -------------------------------------------------------------------------------
 
     def _connection_lost(self, error):
-        events = self._core.connection_lost(error)
+        keep = self._reconnect is not None and not self._core.closing
+        events = self._core.connection_lost(error, keep)
         if events is None:
             return
         self._writer.close()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
+        if keep:   # the reader task reconnects; the heartbeat goes on
+            for obj in self._core.detached:
+                obj._pause()
+        else:
+            for task in self._tasks:
+                if task is not asyncio.current_task():
+                    task.cancel()
         dispatch(events, self)
 
     @property
@@ -227,7 +320,11 @@ class AsyncClient:
             except asyncio.TimeoutError:
                 pass   # closing anyway; the futures tell what became of each send
         core.closing = True
+        self._finished.set()
         self._connection_lost(ConnectionLost("client closed"))
+        for task in self._tasks:   # also a reader that was reconnecting when the loss was kept
+            if task is not asyncio.current_task():
+                task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await self._writer.wait_closed()
@@ -239,6 +336,12 @@ class AsyncClient:
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+async def _open(host, port, tls, timeout):
+    """(reader, writer) of a new connection, with TLS when `tls` is set."""
+    secure = dict(ssl=client_context(tls), server_hostname=server_name(tls, host)) if tls else {}
+    return await asyncio.wait_for(asyncio.open_connection(host, port, **secure), timeout)
 
 
 # --- producing --------------------------------------------------------------------------------
@@ -269,6 +372,7 @@ class AsyncProducer(ProducerCore):
         super().__init__(reply, name, linger_ms, max_batch, max_pending, client.max_frame, _new_batch)
         self._client = client
         self._changed = asyncio.Event()   # set whenever _outstanding drops or the producer ends
+        self._held = None                 # reconnecting: the batches that wait to be sent
 
     async def send(self, payload, key=None, attrs=None):
         """Queue one message; returns an AsyncSendFuture of its offset."""
@@ -329,10 +433,24 @@ class AsyncProducer(ProducerCore):
             self._write(batch)
 
     def _write(self, batch):
+        if self._held is not None:
+            self._held.append(batch)
+            return
         try:
             self._client._send_batch(self, batch)
         except ConnectionLost as exc:
             self._receipt(batch, None, exc)
+
+    def _pause(self):
+        """The connection is lost and the client reconnects: keep what is sent meanwhile."""
+        if self._held is None:
+            self._held = []
+
+    def _resume(self):
+        """Opened again (new id): send what waited."""
+        held, self._held = self._held or [], None
+        for batch in held:
+            self._write(batch)
 
     async def _wait_until(self, condition):
         # Event.set wakes every waiter at once, so a waiter clearing it cannot make another miss it.
@@ -397,6 +515,15 @@ class AsyncConsumer(ConsumerCore):
 
     def flow(self, credits):
         self._client._send(self._flow_frame(credits))
+
+    def _pause(self):
+        """Lost, reconnecting: what is queued came from the old attachment (delivered again)."""
+        self._ready.clear()
+
+    def _resume(self):
+        """Subscribed again: credits afresh, as at subscribe."""
+        if self._credits is not None:
+            self.flow(self._credits.initial())
 
     async def ack(self, msg_or_ids, sync=False, timeout=10):
         await self._send_ack(self._ack_frame("ack", msg_or_ids), sync, timeout)

@@ -169,7 +169,13 @@ def subscribe_frame(topic, subscription, sub_type, consumer, *, start=None, disp
 def open_producer(client, cls, topic, name, dispatch, access, linger_ms, max_batch, max_pending):
     """(frame, make) of a `producer` request: make(reply) builds the client's producer class."""
     frame = producer_frame(topic, name, dispatch, access)
-    return frame, lambda reply: cls(client, reply, name, linger_ms, max_batch, max_pending)
+
+    def make(reply):
+        producer = cls(client, reply, name, linger_ms, max_batch, max_pending)
+        # after a reconnect: the same topic, name and mode (the broker named it if we did not)
+        producer._reopen_frame = dict(frame, name=producer.name, dispatch=producer.dispatch)
+        return producer
+    return frame, make
 
 
 def open_consumer(client, cls, topic, subscription, sub_type, consumer, receiver_queue, auto_credit,
@@ -180,7 +186,9 @@ def open_consumer(client, cls, topic, subscription, sub_type, consumer, receiver
     credits = receiver_queue if auto_credit else None
 
     def make(reply):
-        return cls(client, reply, topic, subscription, sub_type, name, credits, on_active)
+        consumer = cls(client, reply, topic, subscription, sub_type, name, credits, on_active)
+        consumer._reopen_frame = frame     # after a reconnect: subscribe again, the same way
+        return consumer
     return frame, make
 
 
@@ -197,6 +205,7 @@ ADMIN = {
     "watch": (lambda topics: {"op": "watch", "topics": topics}, lambda reply: None),
     "unwatch": (lambda: {"op": "unwatch"}, lambda reply: None),
     "ping": (lambda: {"op": "ping"}, lambda reply: None),
+    "broker_stats": (lambda: {"op": "broker_stats"}, reply_fields),
 }
 
 
@@ -205,6 +214,54 @@ def read_failure(exc):
     if isinstance(exc, OSError):
         return f"connection failed: {exc}"
     return f"connection abandoned: {type(exc).__name__}: {exc}"   # a bad frame, or a bug in a handler
+
+
+# --- reconnecting -----------------------------------------------------------------------------
+
+class Reconnect:
+    """When and where a client whose connection was lost tries again (Pulsar's and NATS's clients
+    do the same): the seed addresses in turn, the first attempt at once, then waits that start at
+    `initial` seconds and double after each round of the addresses, up to `maximum`; it gives up
+    `give_up_after` seconds after the loss (None: never). Addresses are (host, port) pairs.
+
+    A reconnected client opens its producers again and subscribes its consumers again (same
+    names, same options), and they keep their objects: only their ids change. Sends that were
+    waiting for their receipt when the connection was lost fail with ConnectionLost (they may or
+    may not have been published: send them again, at least once); messages in a consumer's
+    receiver queue are dropped (the broker delivers them again)."""
+
+    def __init__(self, addresses, initial=0.1, maximum=5.0, give_up_after=60.0):
+        if not addresses:
+            raise ValueError("reconnect needs at least one address")
+        self.addresses = [tuple(a) for a in addresses]
+        self.initial, self.maximum, self.give_up_after = initial, maximum, give_up_after
+        self.lost_at = 0.0
+        self.attempt = 0
+
+    def start(self, now):
+        """The connection was lost at `now`: the attempts start afresh."""
+        self.lost_at, self.attempt = now, 0
+
+    def attempts(self, clock, stopped):
+        """(address, seconds to wait first) of each attempt after a loss now, until it gives up or
+        stopped(); clock() is the I/O layer's monotonic time."""
+        self.start(clock())
+        while not stopped():
+            attempt = self.next_attempt(clock())
+            if attempt is None:
+                return
+            yield attempt
+
+    def next_attempt(self, now):
+        """(address, seconds to wait before trying it), or None: give up."""
+        if self.give_up_after is not None and now - self.lost_at >= self.give_up_after:
+            return None
+        n, self.attempt = self.attempt, self.attempt + 1
+        rounds = (n - 1) // len(self.addresses)
+        delay = 0.0 if n == 0 else min(self.maximum, self.initial * 2 ** min(rounds, 32))
+        if self.give_up_after is not None:
+            delay = min(delay, max(0.0, self.lost_at + self.give_up_after - now))
+        return self.addresses[n % len(self.addresses)], delay
 
 
 # --- batching ---------------------------------------------------------------------------------
@@ -414,6 +471,11 @@ class ProducerCore:
         self._outstanding = 0     # messages buffered or waiting for their receipt
         self._end = None          # (exception class, argument) sends fail with once closed
 
+    def _rebind(self, reply):
+        """Opened again after a reconnect: the broker's new id for this producer."""
+        self.id = reply["producer"]
+        return self
+
     def _record(self, payload, key, attrs):
         """The record of one message and its size bound; too large for the broker: raises."""
         if key is None and not attrs and type(payload) is bytes:    # the common case, inline
@@ -498,6 +560,14 @@ class ConsumerCore:
         cls, arg = self._end
         return cls(arg)
 
+    def _rebind(self, reply):
+        """Subscribed again after a reconnect: the broker's new id; credits start afresh."""
+        self.id = reply["consumer"]
+        self.active = None
+        if self._credits is not None:
+            self._credits = CreditWindow(self._credits.size)
+        return self
+
     def _grant(self):
         """One message taken by the application: the credits to grant back now (0: none)."""
         credits = self._credits
@@ -564,6 +634,33 @@ class ClientCore:
         self._attachments = Attachments()
         self._rids = itertools.count(1)
         self._decoder = FrameDecoder(max_frame=DEFAULT_MAX_FRAME)
+        self.detached = []        # producers and consumers kept across a loss, to open again
+
+    def restart(self, now):
+        """A new connection of a reconnecting client, opened at `now`: nothing of the old one's
+        bytes, errors or heartbeat clock."""
+        self.lost = None
+        self.last_error = None
+        self.last_received = now
+        self._last_ping = 0.0
+        self._decoder = FrameDecoder(max_frame=DEFAULT_MAX_FRAME)
+
+    def reopen_request(self, obj, waiter):
+        """(rid, bytes) of the request that opens a kept producer or consumer again; its reply
+        rebinds it (new id) and settles waiter with it."""
+        return self.request(obj._reopen_frame, waiter, obj._rebind, obj.kind)
+
+    def take_detached(self):
+        kept, self.detached = self.detached, []
+        return kept
+
+    def reopen_failed(self, obj, error):
+        """A reopen that failed with error: True if obj must end with it (the broker refused, e.g.
+        CONSUMER_BUSY); False if it is kept for the next reconnect (the connection was lost again)."""
+        if isinstance(error, ConnectionLost):
+            self.detached.append(obj)
+            return False
+        return True
 
     # --- session -------------------------------------------------------------------------------
 
@@ -736,11 +833,15 @@ class ClientCore:
 
     # --- the end -------------------------------------------------------------------------------
 
-    def connection_lost(self, error):
-        """The connection is gone: the events that tell everyone (None if it was already gone)."""
+    def connection_lost(self, error, keep=False):
+        """The connection is gone: the events that tell everyone (None if it was already gone).
+        keep: a client that reconnects keeps its producers and consumers (in `detached`, no LOST
+        event for them); what waited for a reply or a receipt fails all the same."""
         if self.lost is not None:
             return None
         self.lost = error
+        if keep:
+            self.detached += self._attachments.take_all()
         pending, self._pending = self._pending, {}
         events = []
         for entry in pending.values():

@@ -21,7 +21,7 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore, ConsumerCore, Message,
-    ProducerCore, dispatch, hello_frame, open_consumer, open_producer, parse_address, read_failure)
+    ProducerCore, Reconnect, dispatch, hello_frame, open_consumer, open_producer, parse_address, read_failure)
 from actorbroker.transport.client.tls import TlsSocket, client_context, server_name
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
 
@@ -39,10 +39,19 @@ def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
 
 class Client:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, *, token=None, heartbeat_ms=None,
-                 name="actorbroker-py", connect_timeout=5.0, tls=None):
-        """tls: None (plain TCP), True (TLS, the system's CAs), a TlsOptions or an ssl.SSLContext."""
+                 name="actorbroker-py", connect_timeout=5.0, tls=None, reconnect=None, on_reconnect=None):
+        """tls: None (plain TCP), True (TLS, the system's CAs), a TlsOptions or an ssl.SSLContext.
+        reconnect: None (a lost connection ends the client), True (reconnect to host:port with
+        the defaults) or a core.Reconnect (seed addresses, backoff, when to give up): the client
+        then connects again by itself and reopens its producers and consumers (see Reconnect);
+        on_reconnect(client) is called, from a thread of the client, once they are back."""
         self.name = name
         self._core = core = ClientCore(name)
+        if reconnect is True:
+            reconnect = Reconnect([(host, port)])
+        self._reconnect, self._on_reconnect = reconnect, on_reconnect
+        self._hello = (token, heartbeat_ms, tls, connect_timeout)
+        self._finished = threading.Event()     # closed for good (not reconnecting)
         self._sock = open_socket(host, port, tls, connect_timeout)
         self._sock.settimeout(None)
         self._write_lock = threading.Lock()
@@ -173,6 +182,10 @@ class Client:
     def delete_topic(self, topic, timeout=10):
         self._admin("delete_topic", timeout, topic)
 
+    def broker_stats(self, timeout=10):
+        """{topics, connections, shards, processes, memory_bytes} (docs/protocol.md)"""
+        return self._admin("broker_stats", timeout)
+
     def ping(self, timeout=10):
         """Round trip time in seconds."""
         start = time.monotonic()
@@ -211,15 +224,105 @@ class Client:
     # --- reading, linger and heartbeat ---------------------------------------------------------
 
     def _read_loop(self):
-        reason = "connection closed by the broker"
-        try:
-            while data := self._sock.recv(READ_SIZE):
-                with self._lock:
-                    events = self._core.receive_data(data, time.monotonic())
-                dispatch(events, self)
-        except Exception as exc:
-            reason = read_failure(exc)
-        self._connection_lost(ConnectionLost(self._core.end_reason(reason)))
+        while True:
+            reason = "connection closed by the broker"
+            try:
+                while data := self._sock.recv(READ_SIZE):
+                    with self._lock:
+                        events = self._core.receive_data(data, time.monotonic())
+                    dispatch(events, self)
+            except Exception as exc:
+                reason = read_failure(exc)
+            self._connection_lost(ConnectionLost(self._core.end_reason(reason)))
+            if self._reconnect is None or self._core.closing or not self._connect_again():
+                break
+        self._give_up()
+
+    # --- reconnecting (the reader thread's) --------------------------------------------------
+
+    def _connect_again(self):
+        """Connect to a seed address (Reconnect), hello, then reopen the kept producers and
+        consumers; False once the client gives up or is closed."""
+        token, heartbeat_ms, tls, timeout = self._hello
+        for (host, port), delay in self._reconnect.attempts(time.monotonic, lambda: self._core.closing):
+            if self._finished.wait(delay):
+                return False
+            try:
+                sock = open_socket(host, port, tls, timeout)
+            except OSError:
+                continue
+            with self._lock:
+                self._core.restart(time.monotonic())
+                self._sock = sock
+            try:
+                self._handshake(hello_frame(self.name, token, heartbeat_ms), timeout)
+            except Exception:
+                self._connection_lost(ConnectionLost("reconnect: hello failed"))
+                continue
+            threading.Thread(target=self._reopen_all, name=f"{self.name}-reopen", daemon=True).start()
+            return True
+        return False
+
+    def _handshake(self, frame, timeout):
+        """hello on the new socket, read here (the reader thread is the caller)."""
+        rid, waiter = self._call(frame)
+        self._sock.settimeout(timeout)
+        while not waiter.done():
+            data = self._sock.recv(READ_SIZE)
+            if not data:
+                raise ConnectionLost("closed during hello")
+            with self._lock:
+                events = self._core.receive_data(data, time.monotonic())
+            dispatch(events, self)
+        self._sock.settimeout(None)
+        self._core.welcomed(waiter.result(0))
+
+    def _reopen_all(self):
+        """Open every kept producer and consumer again, resume them, then tell on_reconnect."""
+        with self._lock:
+            kept = self._core.take_detached()
+        opened = []
+        for obj in kept:
+            try:
+                opened.append((obj, *self._call_reopen(obj)))
+            except ConnectionLost as exc:
+                opened.append((obj, None, exc))
+        for obj, waiter, error in opened:
+            try:
+                if waiter is not None:
+                    waiter.result(self._hello[3] * 2)
+                    obj._resume()
+                    continue
+            except concurrent.futures.TimeoutError:
+                error = ConnectionLost("reopening it after a reconnect: no answer")
+            except Exception as exc:
+                error = exc
+            with self._lock:
+                ends = self._core.reopen_failed(obj, error)
+            if ends:
+                obj._lost(error, False)
+        if self._on_reconnect is not None and self.connected:
+            self._on_reconnect(self)
+
+    def _call_reopen(self, obj):
+        waiter = concurrent.futures.Future()
+        with self._lock:
+            rid, data = self._core.reopen_request(obj, waiter)
+        self._write(data)
+        return waiter, None
+
+    def _give_up(self):
+        """Closed for good: what was kept for a reconnect ends as lost."""
+        with self._lock:
+            kept = self._core.take_detached()
+        for obj in kept:
+            obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
+        self._finished.set()
+
+    def wait_closed(self, timeout=None):
+        """Wait until the client is closed for good (close(), or a loss it does not reconnect
+        from); returns whether it is."""
+        return self._finished.wait(timeout)
 
     def _schedule_linger(self, producer, delay_s):
         with self._timer:
@@ -229,7 +332,7 @@ class Client:
 
     def _tick_loop(self):
         beat = self.heartbeat_ms / 1000
-        while self._core.lost is None:
+        while not self._finished.is_set() and (self._core.lost is None or self._reconnect is not None):
             with self._timer:
                 now = time.monotonic()
                 due = [p for p, at in self._linger.items() if at <= now]
@@ -249,10 +352,14 @@ class Client:
     # --- the end -------------------------------------------------------------------------------
 
     def _connection_lost(self, error):
+        keep = self._reconnect is not None and not self._core.closing
         with self._lock:
-            events = self._core.connection_lost(error)
+            events = self._core.connection_lost(error, keep)
+            paused = list(self._core.detached) if keep else []
         if events is None:
             return
+        for obj in paused:
+            obj._pause()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)   # wakes the reader if it is not the caller
         except OSError:
@@ -288,6 +395,7 @@ class Client:
                 except Exception:   # closing anyway; the futures tell what became of each send
                     pass
         core.closing = True
+        self._finished.set()      # also ends a reconnect's wait
         self._connection_lost(ConnectionLost("client closed"))
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout)
@@ -347,6 +455,7 @@ class Producer(ProducerCore):
         self._room = threading.Condition(self._lock)
         self._outbox = deque()                   # complete batches to write, in order
         self._write_order = threading.Lock()     # held while the outbox is written: batches stay in order
+        self._paused = False                     # reconnecting: batches wait in the outbox
 
     def send(self, payload, key=None, attrs=None):
         """Queue one message (bytes, or str sent as UTF-8); returns its SendFuture."""
@@ -412,7 +521,7 @@ class Producer(ProducerCore):
     def _write_outbox(self):
         """Write the complete batches, in order, or fail them if the producer ended meanwhile."""
         with self._write_order:
-            while self._outbox:
+            while self._outbox and not self._paused:
                 batch = self._outbox.popleft()
                 try:
                     if self._end is not None:
@@ -420,6 +529,17 @@ class Producer(ProducerCore):
                     self._client._send_batch(self, batch)
                 except (ConnectionLost, ProducerClosed) as exc:
                     self._receipt(batch, None, exc)
+
+    # --- reconnecting ---------------------------------------------------------------------------
+
+    def _pause(self):
+        """The connection is lost and the client reconnects: keep what is sent meanwhile."""
+        self._paused = True
+
+    def _resume(self):
+        """Opened again (new id): send what waited."""
+        self._paused = False
+        self._write_outbox()
 
     # --- events (core.dispatch), from the reader thread ------------------------------------------
 
@@ -531,6 +651,18 @@ class Consumer(ConsumerCore):
 
     def __exit__(self, *exc):
         self.close()
+
+    # --- reconnecting ---------------------------------------------------------------------------
+
+    def _pause(self):
+        """Lost, reconnecting: what is queued came from the old attachment; the broker delivers
+        it again (reliable) to the new one."""
+        self._ready.clear()
+
+    def _resume(self):
+        """Subscribed again: credits afresh, as at subscribe."""
+        if self._credits is not None:
+            self.flow(self._credits.initial())
 
     # --- events (core.dispatch), from the reader thread ------------------------------------------
 

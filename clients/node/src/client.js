@@ -1,0 +1,346 @@
+// One connection to a broker: the socket, requests and their replies, heartbeats, and the
+// routing of broker pushes to the producers and consumers opened on it.
+import { EventEmitter } from "node:events";
+import net from "node:net";
+import tls from "node:tls";
+
+import { DEFAULT_HOST, DEFAULT_PORT, parseAddress } from "./address.js";
+import { encodeFrame, FrameDecoder } from "./codec.js";
+import { Consumer, subscribeFrame } from "./consumer.js";
+import { ActorbrokerError, BrokerError, ConnectionError } from "./errors.js";
+import { Producer } from "./producer.js";
+import { noop, waitFor } from "./waiting.js";
+
+export const PROTOCOL_VERSION = 1;
+// Nothing at all received for this many heartbeats: the broker is gone.
+const DEAD_AFTER_HEARTBEATS = 3;
+// Handlers of a request whose answer nobody waits for.
+const QUIET = { reply: noop, fail: noop };
+// Error codes after which the broker closes the connection (PROTOCOL.md, docs/protocol.md).
+const FATAL_CODES = new Set(["BAD_FRAME", "FRAME_TOO_LARGE", "NOT_CONNECTED", "UNSUPPORTED_VERSION",
+  "AUTH_FAILED", "SLOW_CONSUMER"]);
+
+/**
+ * Connects and says hello: resolves with a ready Client.
+ * options: token, heartbeatMs, name (the client name sent in hello), tls (node:tls options for
+ * tls:// addresses), signal, timeoutMs (connect + hello, default 10000).
+ */
+export async function connect(address = `${DEFAULT_HOST}:${DEFAULT_PORT}`, options = {}) {
+  const { host, port, tls: secure } = parseAddress(address);
+  const timeoutMs = options.timeoutMs ?? 10000;
+  const what = `connect to ${address}`;
+  const socket = await openSocket(host, port, secure ? { ...options.tls } : null, options.signal, timeoutMs, what);
+  const client = new Client(socket, address);
+  try {
+    await client.hello(options, { signal: options.signal, timeoutMs, what });
+  } catch (err) {
+    client.destroy(err);
+    throw err;
+  }
+  return client;
+}
+
+function openSocket(host, port, tlsOptions, signal, timeoutMs, what) {
+  let socket;
+  return waitFor((resolve, reject) => {
+    const ready = tlsOptions ? "secureConnect" : "connect";
+    socket = tlsOptions
+      ? tls.connect({ host, port, servername: net.isIP(host) ? undefined : host, ...tlsOptions })
+      : net.connect({ host, port });
+    socket.once(ready, () => {
+      socket.removeAllListeners("error");
+      resolve(socket);
+    });
+    socket.once("error", (err) => reject(new ConnectionError("CONNECT_FAILED", `${what}: ${err.message}`, { cause: err })));
+  }, { signal, timeoutMs, what }, () => socket?.destroy());
+}
+
+export class Client extends EventEmitter {
+  constructor(socket, address) {
+    super();
+    this.address = address;
+    this.socket = socket;
+    this.decoder = new FrameDecoder();
+    this.nextRid = 1;
+    this.pending = new Map(); // rid -> {reply(frame), fail(error)}
+    this.producers = new Map(); // id -> Producer
+    this.consumers = new Map(); // id -> Consumer
+    this.held = new Map(); // consumer id -> pushes that came before its `subscribed` reply
+    this.subscribing = 0; // subscribes in flight: pushes for unknown ids are held meanwhile
+    this.maxFrame = undefined;
+    this.heartbeatMs = undefined;
+    this.broker = undefined;
+    this.lastReceived = Date.now();
+    this.lastCheck = 0;
+    this.pingInFlight = false;
+    this.heartbeat = null;
+    this.fatal = null; // the fatal error frame the broker sent before closing, if any
+    this.closedWith = null; // set once: the connection is over
+    socket.setNoDelay(true);
+    socket.on("data", (chunk) => this.received(chunk));
+    socket.on("error", (err) => this.destroy(new ConnectionError("CONNECTION_LOST", `connection to ${address} failed: ${err.message}`, { cause: err })));
+    socket.on("close", () => this.destroy(this.fatal ?? new ConnectionError("CONNECTION_LOST", `connection to ${address} closed by the broker`)));
+  }
+
+  /** True until the connection ends (close(), a lost socket, a fatal error). */
+  get connected() {
+    return this.closedWith === null;
+  }
+
+  async hello({ token, heartbeatMs, name = "actorbroker-node" }, wait) {
+    const welcome = await this.request({ op: "hello", version: PROTOCOL_VERSION, client: name, token,
+      heartbeat_ms: heartbeatMs }, wait);
+    this.broker = welcome.broker;
+    this.maxFrame = welcome.max_frame;
+    this.heartbeatMs = welcome.heartbeat_ms;
+    this.lastCheck = Date.now();
+    this.heartbeat = setInterval(() => this.checkAlive(), Math.max(50, this.heartbeatMs / 4));
+    this.heartbeat.unref();
+  }
+
+  // --- requests -------------------------------------------------------------------------------
+
+  /** Sends `frame` with a new rid; `handlers.reply(frame)` / `handlers.fail(error)` settle it. */
+  call(frame, handlers) {
+    this.callEncoded((rid) => {
+      frame.rid = rid;
+      return encodeFrame(frame);
+    }, handlers);
+  }
+
+  /** call() for a frame that encode(rid) gives as bytes (the producer's `send` frames). */
+  callEncoded(encode, handlers) {
+    if (this.closedWith) {
+      handlers.fail(this.closedWith);
+      return;
+    }
+    const rid = this.nextRid++;
+    this.pending.set(rid, handlers);
+    this.socket.write(encode(rid));
+  }
+
+  /** Sends `frame` and resolves with its reply; an `error` reply rejects with a BrokerError. */
+  request(frame, { signal, timeoutMs, what = frame.op } = {}) {
+    return waitFor((resolve, reject) => {
+      this.call(frame, { reply: resolve, fail: reject });
+    }, { signal, timeoutMs, what });
+  }
+
+  write(frame) {
+    if (this.closedWith) return;
+    this.socket.write(encodeFrame(frame));
+  }
+
+  // --- producers and consumers ----------------------------------------------------------------
+
+  /**
+   * Opens a producer. options: name, dispatch ("non_reliable"|"reliable"), access
+   * ("shared"|"exclusive"), maxBatch, lingerMs, maxPending, signal, timeoutMs.
+   */
+  producer(topic, options = {}) {
+    const frame = { op: "producer", topic, name: options.name, dispatch: options.dispatch, access: options.access };
+    return this.open(frame, options, `producer on ${topic}`,
+      (reply) => {
+        const producer = new Producer(this, reply, options);
+        this.producers.set(producer.id, producer);
+        return producer;
+      },
+      (reply) => this.call({ op: "close_producer", producer: reply.producer }, QUIET));
+  }
+
+  /**
+   * Subscribes. options: topic, subscription, type, consumer, start, dispatch, maxUnacked,
+   * ackTimeoutMs, maxRedeliveries, deadLetterTopic, receiverQueue, signal, timeoutMs.
+   */
+  subscribe(options) {
+    if (options.signal?.aborted) return Promise.reject(options.signal.reason);
+    const frame = subscribeFrame(options);
+    this.subscribing++;
+    const settled = () => {
+      this.subscribing--;
+      if (this.subscribing === 0) this.held.clear();
+    };
+    return this.open(frame, options, `subscribe to ${options.topic}`,
+      (reply) => {
+        const consumer = new Consumer(this, reply, options);
+        this.consumers.set(consumer.id, consumer);
+        this.replayHeld(consumer.id);
+        consumer.start();
+        settled();
+        return consumer;
+      },
+      (reply) => {
+        settled();
+        this.call({ op: "close_consumer", consumer: reply.consumer }, QUIET);
+      },
+      settled);
+  }
+
+  /**
+   * A request that opens something: make(reply) builds it while the reply is handled (so that
+   * pushes right behind the reply find it); undo(reply) closes it again when the caller has
+   * given up waiting (signal, timeout) before the reply came.
+   */
+  open(frame, { signal, timeoutMs }, what, make, undo, failed = noop) {
+    let abandoned = false;
+    return waitFor((resolve, reject) => {
+      this.call(frame, {
+        reply: (reply) => (abandoned ? undo(reply) : resolve(make(reply))),
+        fail: (err) => {
+          failed();
+          reject(err);
+        },
+      });
+    }, { signal, timeoutMs, what }, () => {
+      abandoned = true;
+    });
+  }
+
+  // --- admin and liveness -----------------------------------------------------------------------
+
+  /** Every topic: [{name, dispatch, subscriptions, producers}]. */
+  async topics(wait) {
+    return (await this.request({ op: "topics" }, wait)).topics;
+  }
+
+  /** The stats of one topic, as the broker sends them (snake_case fields). */
+  async stats(topic, wait) {
+    const { op, rid, ...stats } = await this.request({ op: "stats", topic }, wait);
+    return stats;
+  }
+
+  async deleteTopic(topic, wait) {
+    await this.request({ op: "delete_topic", topic }, wait);
+  }
+
+  /** Round trip to the broker, in milliseconds. */
+  async ping(wait) {
+    const start = performance.now();
+    await this.request({ op: "ping" }, wait);
+    return performance.now() - start;
+  }
+
+  /**
+   * Ends everything: flushes the producers (waiting for their receipts up to `timeoutMs`,
+   * default 5000), then closes the connection. Consumers' iterators end.
+   */
+  async close({ signal, timeoutMs = 5000 } = {}) {
+    if (this.closedWith) return;
+    const flushes = [...this.producers.values()].map((p) => p.flush().catch(noop));
+    await waitFor((resolve) => Promise.all(flushes).then(resolve), { signal, timeoutMs, what: "close" }).catch(noop);
+    if (this.closedWith) return;
+    const socket = this.socket;
+    const closing = new Promise((resolve) => socket.once("close", resolve));
+    this.destroy(new ConnectionError("CLIENT_CLOSED", "the client was closed"), { graceful: true });
+    // The broker closes its side on our EOF; a broker that does not is cut off after a while.
+    await waitFor((resolve) => closing.then(resolve), { timeoutMs: 2000 }).catch(() => socket.destroy());
+  }
+
+  // --- incoming ---------------------------------------------------------------------------------
+
+  received(chunk) {
+    this.lastReceived = Date.now();
+    this.decoder.feed(chunk);
+    try {
+      for (let frame = this.decoder.next(); frame !== undefined; frame = this.decoder.next()) {
+        this.dispatch(frame);
+        if (this.closedWith) return;
+      }
+    } catch (err) {
+      this.destroy(err instanceof ActorbrokerError ? err
+        : new ConnectionError("INTERNAL", `client failed handling a frame: ${err.message}`, { cause: err }));
+    }
+  }
+
+  dispatch(frame) {
+    switch (frame.op) {
+      case "message":
+      case "active":
+        return this.push(frame, frame.consumer);
+      case "closed":
+        return frame.producer !== undefined ? this.producers.get(frame.producer)?.ended(frame.reason)
+          : this.push(frame, frame.consumer);
+      case "ping":
+        return this.write({ op: "pong", rid: frame.rid });
+      case "error":
+        return this.brokerError(frame);
+      default:
+        return this.answer(frame);
+    }
+  }
+
+  answer(frame) {
+    const handlers = this.pending.get(frame.rid);
+    if (!handlers) return; // not a request of ours (or one already failed by the connection)
+    this.pending.delete(frame.rid);
+    handlers.reply(frame);
+  }
+
+  brokerError(frame) {
+    const error = new BrokerError(frame.code, frame.message, frame.rid);
+    if (FATAL_CODES.has(frame.code)) this.fatal = error; // the close follows; it is the cause
+    const handlers = frame.rid !== undefined && this.pending.get(frame.rid);
+    if (handlers) {
+      this.pending.delete(frame.rid);
+      handlers.fail(error);
+    } else {
+      this.emit("warning", error);
+    }
+  }
+
+  push(frame, consumerId) {
+    const consumer = this.consumers.get(consumerId);
+    if (consumer) return consumer.pushed(frame);
+    if (this.subscribing === 0) return; // a push for a consumer already closed here
+    const list = this.held.get(consumerId);
+    if (list) list.push(frame);
+    else this.held.set(consumerId, [frame]);
+  }
+
+  replayHeld(consumerId) {
+    const frames = this.held.get(consumerId);
+    if (!frames) return;
+    this.held.delete(consumerId);
+    const consumer = this.consumers.get(consumerId);
+    for (const frame of frames) consumer.pushed(frame);
+  }
+
+  checkAlive() {
+    const now = Date.now();
+    const stalled = now - this.lastCheck > this.heartbeatMs; // the event loop was blocked: data may be waiting unread
+    this.lastCheck = now;
+    if (stalled) return;
+    const silent = now - this.lastReceived;
+    if (silent >= DEAD_AFTER_HEARTBEATS * this.heartbeatMs) {
+      this.destroy(new ConnectionError("CONNECTION_LOST", `nothing received from the broker for ${silent} ms`));
+    } else if (silent >= 2 * this.heartbeatMs && !this.pingInFlight) {
+      // The broker pings a silent client after heartbeatMs; pinging it ourselves only after
+      // twice that finds a broker that went away while this client kept talking.
+      this.pingInFlight = true;
+      const done = () => {
+        this.pingInFlight = false;
+      };
+      this.call({ op: "ping" }, { reply: done, fail: done });
+    }
+  }
+
+  // --- the end ----------------------------------------------------------------------------------
+
+  /** Ends the connection with `error` as the reason given to everything still waiting. */
+  destroy(error, { graceful = false } = {}) {
+    if (this.closedWith) return;
+    this.closedWith = error;
+    clearInterval(this.heartbeat);
+    if (graceful) this.socket.end();
+    else this.socket.destroy();
+    const pending = [...this.pending.values()];
+    this.pending.clear();
+    for (const handlers of pending) handlers.fail(error);
+    for (const producer of this.producers.values()) producer.lost(error);
+    for (const consumer of this.consumers.values()) consumer.lost(error);
+    this.producers.clear();
+    this.consumers.clear();
+    this.held.clear();
+    this.emit("close", error);
+  }
+}

@@ -1,0 +1,192 @@
+// A producer: send() queues a message and resolves with its topic offset once receipted.
+// Messages sent in one turn of the event loop travel in one `send` frame (up to maxBatch, and
+// never a frame over the broker's max_frame); up to maxPending messages are in flight unreceipted.
+import { ActorbrokerError, ClosedError } from "./errors.js";
+import { encodeSendFrame } from "./send_frame.js";
+import { deferred, noop, waitFor } from "./waiting.js";
+
+// Bytes of a `send` frame around its messages (header, op, rid, producer id, list header), and
+// an upper bound of the msgpack bytes around one message's fields.
+const SEND_OVERHEAD = 64;
+const MESSAGE_OVERHEAD = 48;
+const ATTR_OVERHEAD = 10;
+
+export class Producer {
+  constructor(client, reply, { maxBatch = 1000, lingerMs = 0, maxPending = 20000 } = {}) {
+    this.client = client;
+    this.id = reply.producer;
+    this.topic = reply.topic;
+    this.dispatch = reply.dispatch;
+    this.maxBatch = maxBatch;
+    this.lingerMs = lingerMs;
+    this.maxPending = maxPending;
+    this.frameBudget = client.maxFrame - SEND_OVERHEAD;
+    this.batch = newBatch();
+    this.ready = []; // full batches waiting for room in flight
+    this.inFlight = 0; // messages sent and not yet answered
+    this.timer = null;
+    this.idle = []; // flush() waiters: settled when nothing is queued or in flight
+    this.failure = null; // the first send error since the last flush()
+    this.closedWith = null;
+  }
+
+  /**
+   * Queues one message; resolves with its id (the topic offset). payload: Buffer, Uint8Array or
+   * string (UTF-8); key: string; attrs: {string: string}. The promise never goes unhandled:
+   * flush() reports a failed send too.
+   */
+  send(payload, { key, attrs } = {}) {
+    const wait = deferred();
+    if (this.closedWith) {
+      wait.reject(this.closedWith);
+      return wait.promise;
+    }
+    const msg = { payload: asBytes(payload), key: key ?? undefined, attrs: attrs ?? undefined };
+    const size = messageSize(msg);
+    if (size > this.frameBudget) {
+      wait.reject(new ActorbrokerError("MESSAGE_TOO_LARGE",
+        `a message of ${size} bytes does not fit the broker's max_frame of ${this.client.maxFrame}`));
+      return wait.promise;
+    }
+    if (this.batch.bytes + size > this.frameBudget) this.seal();
+    this.batch.msgs.push(msg);
+    this.batch.waits.push(wait);
+    this.batch.bytes += size;
+    if (this.batch.msgs.length >= this.maxBatch) this.seal();
+    else this.schedule();
+    return wait.promise;
+  }
+
+  /** Sends what is queued now and resolves once every message sent so far is answered;
+   * rejects with the first send error since the previous flush(). */
+  flush({ signal, timeoutMs } = {}) {
+    this.seal();
+    return waitFor((resolve, reject) => {
+      this.idle.push({ resolve, reject });
+      this.checkIdle();
+    }, { signal, timeoutMs, what: "flush" });
+  }
+
+  /** Flushes, then closes the producer on the broker. */
+  async close(wait = {}) {
+    if (this.closedWith) return;
+    await this.flush(wait).catch(noop);
+    this.closedWith = new ActorbrokerError("PRODUCER_CLOSED", "the producer was closed");
+    this.client.producers.delete(this.id);
+    await this.client.request({ op: "close_producer", producer: this.id }, wait);
+  }
+
+  // --- batching ---------------------------------------------------------------------------------
+
+  schedule() {
+    if (this.timer) return;
+    const fire = () => {
+      this.timer = null;
+      this.seal();
+    };
+    this.timer = this.lingerMs > 0 ? setTimeout(fire, this.lingerMs) : setImmediate(fire);
+  }
+
+  cancelTimer() {
+    if (!this.timer) return;
+    if (this.lingerMs > 0) clearTimeout(this.timer);
+    else clearImmediate(this.timer);
+    this.timer = null;
+  }
+
+  // The current batch is complete: it goes out as soon as there is room in flight.
+  seal() {
+    this.cancelTimer();
+    if (this.batch.msgs.length) {
+      this.ready.push(this.batch);
+      this.batch = newBatch();
+    }
+    this.pump();
+  }
+
+  pump() {
+    while (this.ready.length && (this.inFlight === 0 || this.inFlight + this.ready[0].msgs.length <= this.maxPending)) {
+      const batch = this.ready.shift();
+      this.inFlight += batch.msgs.length;
+      this.client.callEncoded((rid) => encodeSendFrame(rid, this.id, batch.msgs), {
+        reply: (receipt) => this.answered(batch, receipt, null),
+        fail: (error) => this.answered(batch, null, error),
+      });
+    }
+  }
+
+  answered(batch, receipt, error) {
+    this.inFlight -= batch.msgs.length;
+    if (error) {
+      if (!this.failure) this.failure = error;
+      for (const wait of batch.waits) wait.reject(error);
+    } else {
+      for (let i = 0; i < batch.waits.length; i++) batch.waits[i].resolve(receipt.first + i);
+    }
+    this.pump();
+    this.checkIdle();
+  }
+
+  checkIdle() {
+    if (this.inFlight || this.ready.length || this.batch.msgs.length || !this.idle.length) return;
+    const waiters = this.idle;
+    const failure = this.failure;
+    this.idle = [];
+    this.failure = null;
+    for (const w of waiters) failure ? w.reject(failure) : w.resolve();
+  }
+
+  // --- ends ---------------------------------------------------------------------------------------
+
+  /** The broker ended this producer (`closed` push): queued messages fail; sent ones get answers. */
+  ended(reason) {
+    this.client.producers.delete(this.id);
+    this.failQueued(new ClosedError(reason, `producer ${this.id}`));
+  }
+
+  /** The connection is gone: everything not answered fails. */
+  lost(error) {
+    this.failQueued(error);
+  }
+
+  failQueued(error) {
+    if (!this.closedWith) this.closedWith = error;
+    this.cancelTimer();
+    if (this.batch.msgs.length) this.ready.push(this.batch);
+    this.batch = newBatch();
+    const batches = this.ready;
+    this.ready = [];
+    for (const batch of batches) {
+      for (const wait of batch.waits) wait.reject(error);
+    }
+    if (batches.length && !this.failure) this.failure = error;
+    this.checkIdle();
+  }
+}
+
+function newBatch() {
+  return { msgs: [], waits: [], bytes: 0 };
+}
+
+function asBytes(payload) {
+  if (Buffer.isBuffer(payload)) return payload;
+  if (payload instanceof Uint8Array) return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength);
+  if (typeof payload === "string") return Buffer.from(payload, "utf8");
+  throw new TypeError("payload must be a Buffer, a Uint8Array or a string");
+}
+
+// An upper bound of the message's msgpack size.
+function messageSize(msg) {
+  let size = MESSAGE_OVERHEAD + msg.payload.length;
+  if (msg.key !== undefined) {
+    if (typeof msg.key !== "string") throw new TypeError("key must be a string");
+    size += Buffer.byteLength(msg.key);
+  }
+  if (msg.attrs !== undefined) {
+    for (const [name, value] of Object.entries(msg.attrs)) {
+      if (typeof value !== "string") throw new TypeError(`attrs.${name} must be a string`);
+      size += ATTR_OVERHEAD + Buffer.byteLength(name) + Buffer.byteLength(value);
+    }
+  }
+  return size;
+}

@@ -1,0 +1,127 @@
+// The frame codec on its own (no socket): any split of the byte stream gives the same frames.
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+
+import { encodeFrame, FrameDecoder } from "../src/index.js";
+import { encodeSendFrame } from "../src/send_frame.js";
+
+const FRAMES = [
+  { op: "welcome", rid: 1, version: 1, broker: "actorbroker", heartbeat_ms: 5000, max_frame: 4194304 },
+  { op: "message", consumer: 7, msgs: [
+    { id: 0, payload: Buffer.alloc(0), key: null, attrs: {}, time: 1764662400000, producer: "p", redeliveries: 0 },
+    { id: 1, payload: Buffer.alloc(300, 7), key: "k\u00e9y", attrs: { a: "\u{1F600}", b: "" },
+      time: 1764662400001, producer: "p", redeliveries: 200 },
+  ] },
+  { op: "receipt", rid: 2 ** 40, first: 2 ** 33, count: 500 },
+  { op: "error", rid: 3, code: "BAD_REQUEST", message: "x".repeat(200) },
+  { op: "ping", rid: 0 },
+];
+
+function stream() {
+  return Buffer.concat(FRAMES.map(encodeFrame));
+}
+
+function decodeAll(chunks) {
+  const decoder = new FrameDecoder();
+  const frames = [];
+  for (const chunk of chunks) {
+    decoder.feed(chunk);
+    frames.push(...decoder);
+  }
+  assert.equal(decoder.buffered, 0);
+  return frames;
+}
+
+// A small seeded generator: the same "random" splits on every run.
+function prng(seed) {
+  let x = seed >>> 0;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 2 ** 32;
+  };
+}
+
+describe("frame codec", () => {
+  it("round-trips frames fed whole", () => {
+    assert.deepEqual(decodeAll([stream()]), FRAMES);
+  });
+
+  it("round-trips frames fed byte by byte", () => {
+    const bytes = stream();
+    const chunks = [];
+    for (let i = 0; i < bytes.length; i++) chunks.push(bytes.subarray(i, i + 1));
+    assert.deepEqual(decodeAll(chunks), FRAMES);
+  });
+
+  it("round-trips frames fed in random splits", () => {
+    const bytes = stream();
+    for (let seed = 1; seed <= 200; seed++) {
+      const random = prng(seed);
+      const chunks = [];
+      for (let at = 0; at < bytes.length;) {
+        const size = Math.min(bytes.length - at, 1 + Math.floor(random() * 64));
+        chunks.push(bytes.subarray(at, at + size));
+        at += size;
+      }
+      assert.deepEqual(decodeAll(chunks), FRAMES, `seed ${seed}`);
+    }
+  });
+
+  it("keeps a frame's length in a 4-byte big-endian header", () => {
+    const frame = encodeFrame({ op: "ping", rid: 1 });
+    assert.equal(frame.readUInt32BE(0), frame.length - 4);
+  });
+
+  it("leaves out fields that are undefined", () => {
+    const [frame] = decodeAll([encodeFrame({ op: "producer", rid: 1, topic: "/a/b", name: undefined })]);
+    assert.deepEqual(frame, { op: "producer", rid: 1, topic: "/a/b" });
+  });
+
+  it("refuses a frame over max_frame from its header alone", () => {
+    const decoder = new FrameDecoder({ maxFrame: 100 });
+    const header = Buffer.alloc(4);
+    header.writeUInt32BE(101);
+    decoder.feed(header);
+    assert.throws(() => decoder.next(), { code: "FRAME_TOO_LARGE" });
+  });
+
+  for (const [what, body] of [
+    ["not msgpack", Buffer.from([0xc1])],
+    ["not a map", Buffer.from([0x93, 1, 2, 3])],
+    ["trailing bytes", Buffer.concat([encodeFrame({ op: "ping" }).subarray(4), Buffer.from([0])])],
+    ["no op", encodeFrame({ rid: 1 }).subarray(4)],
+  ]) {
+    it(`refuses a frame that is ${what} with BAD_FRAME`, () => {
+      const header = Buffer.alloc(4);
+      header.writeUInt32BE(body.length);
+      const decoder = new FrameDecoder();
+      decoder.feed(Buffer.concat([header, body]));
+      assert.throws(() => decoder.next(), { code: "BAD_FRAME" });
+    });
+  }
+});
+
+describe("send frame encoder", () => {
+  // The producer's hand-written `send` frames must be the bytes the generic encoder gives.
+  const cases = [
+    [],
+    [{ payload: Buffer.alloc(0) }],
+    [{ payload: Buffer.alloc(100, 1), key: "k", attrs: { a: "b" } }],
+    [{ payload: Buffer.alloc(300, 2), key: "\u00e9".repeat(20), attrs: {} },
+      { payload: Buffer.alloc(70000, 3), key: "x".repeat(40000),
+        attrs: Object.fromEntries(Array.from({ length: 20 }, (_, i) => [`n${i}`, "\u{1F680}".repeat(i * 5)])) }],
+    Array.from({ length: 20 }, (_, i) => ({ payload: Buffer.alloc(i), key: i % 2 ? "k" : undefined })),
+    Array.from({ length: 70000 }, () => ({ payload: Buffer.alloc(1) })),
+  ];
+  it("gives the generic encoder's bytes for every size class", () => {
+    for (const [i, msgs] of cases.entries()) {
+      for (const id of [0, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32, 2 ** 53 - 1]) {
+        const fast = encodeSendFrame(id, id, msgs);
+        const generic = encodeFrame({ op: "send", rid: id, producer: id, msgs });
+        assert.ok(fast.equals(generic), `case ${i}, rid ${id}`);
+      }
+    }
+  });
+});

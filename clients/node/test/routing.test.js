@@ -1,0 +1,79 @@
+// The client's routing of broker pushes, fed frames without a socket or broker: the orders that a
+// real broker produces only in races (docs/protocol.md, "Consuming").
+import assert from "node:assert/strict";
+import { EventEmitter, once } from "node:events";
+import { describe, it } from "node:test";
+
+import { Client, encodeFrame, FrameDecoder } from "../src/index.js";
+
+// Stands in for the socket: keeps what the client writes, and lets the test play the broker's bytes.
+class Wire extends EventEmitter {
+  constructor() {
+    super();
+    this.sent = new FrameDecoder();
+  }
+  setNoDelay() {}
+  write(bytes) {
+    this.sent.feed(bytes);
+  }
+  end() {
+    this.emit("close");
+  }
+  destroy() {
+    this.emit("close");
+  }
+  next() {
+    return this.sent.next();
+  }
+  receive(...frames) {
+    this.emit("data", Buffer.concat(frames.map(encodeFrame)));
+  }
+}
+
+async function ready() {
+  const wire = new Wire();
+  const client = new Client(wire, "test");
+  const hello = client.hello({}, {});
+  const { rid } = wire.next();
+  wire.receive({ op: "welcome", rid, version: 1, broker: "b", heartbeat_ms: 5000, max_frame: 1 << 20 });
+  await hello;
+  return { wire, client };
+}
+
+describe("push routing", () => {
+  it("holds an `active` push that overtakes its consumer's `subscribed` reply", async () => {
+    const { wire, client } = await ready();
+    const subscribing = client.subscribe({ topic: "/a/b", subscription: "s", type: "failover", consumer: "b" });
+    const { rid } = wire.next();
+    wire.receive({ op: "active", consumer: 7, active: false }, { op: "subscribed", rid, consumer: 7, dispatch: "non_reliable" });
+    const consumer = await subscribing;
+    assert.equal(consumer.active, false);
+    assert.deepEqual(await once(consumer, "active"), [false]);
+    assert.deepEqual(wire.next(), { op: "flow", consumer: 7, credits: 1000 });
+    await client.close();
+  });
+
+  it("drops pushes for a consumer it does not know when no subscribe is in flight", async () => {
+    const { wire, client } = await ready();
+    wire.receive({ op: "message", consumer: 9, msgs: [] }, { op: "active", consumer: 9, active: true });
+    assert.equal(client.held.size, 0);
+    await client.close();
+  });
+
+  it("answers the broker's ping with a pong carrying its rid", async () => {
+    const { wire, client } = await ready();
+    wire.receive({ op: "ping", rid: 41 });
+    assert.deepEqual(wire.next(), { op: "pong", rid: 41 });
+    await client.close();
+  });
+
+  it("fails a request with the error frame that answers it, and keeps the connection", async () => {
+    const { wire, client } = await ready();
+    const asking = client.topics();
+    const { rid } = wire.next();
+    wire.receive({ op: "error", rid, code: "NOT_AUTHORIZED", message: "no" });
+    await assert.rejects(asking, { name: "BrokerError", code: "NOT_AUTHORIZED", rid });
+    assert.equal(client.connected, true);
+    await client.close();
+  });
+});

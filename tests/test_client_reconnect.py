@@ -1,0 +1,126 @@
+"""The Python clients' automatic reconnect: seed addresses, backoff, producers reopened and
+consumers subscribed again under their names, against real brokers killed and restarted."""
+import asyncio
+import threading
+
+import pytest
+
+from actorbroker.transport.client import AsyncClient, Client
+from actorbroker.transport.client.core import Reconnect
+from actorbroker.transport.errors import ConnectionLost
+
+
+def restart(start_broker, broker, data_dir):
+    """kill -9 of every broker process, then a broker on the same data and port."""
+    broker.kill_all()
+    broker.stderr.close()
+    broker.proc.stdout.close()
+    return start_broker("--default-dispatch", "reliable", "--port", str(broker.port), data_dir=data_dir)
+
+
+# --- the schedule (sans-IO) --------------------------------------------------------------------
+
+def test_reconnect_tries_the_seeds_in_turn_with_doubling_waits_then_gives_up():
+    plan = Reconnect([("a", 1), ("b", 2)], initial=0.1, maximum=0.3, give_up_after=10)
+    plan.start(100.0)
+    steps = [plan.next_attempt(100.0) for _ in range(7)]
+    assert [address for address, _ in steps] == [("a", 1), ("b", 2)] * 3 + [("a", 1)]
+    assert [delay for _, delay in steps] == [0.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3]
+    assert plan.next_attempt(109.9)[1] == pytest.approx(0.1)   # never waits past the give-up time
+    assert plan.next_attempt(110.0) is None
+    plan.start(200.0)                                          # a new loss starts afresh
+    assert plan.next_attempt(200.0) == (("a", 1), 0.0)
+
+
+# --- the threaded client -----------------------------------------------------------------------
+
+def test_sync_client_reconnects_across_a_broker_restart_and_loses_nothing_reliable(start_broker, topic, tmp_path):
+    data = tmp_path / "data"
+    broker = start_broker("--default-dispatch", "reliable", data_dir=data)
+    reconnected = threading.Event()
+    client = Client(broker.host, broker.port, reconnect=Reconnect([broker.address], give_up_after=30),
+                    on_reconnect=lambda c: reconnected.set())
+    with client:
+        consumer = client.subscribe(topic, "durable", "shared", "worker")
+        producer = client.producer(topic)
+        for i in range(6):
+            producer.send(f"m{i}")
+        producer.flush()
+        got = [consumer.receive(10) for _ in range(6)]
+        consumer.ack(got[:3], sync=True)
+        broker = restart(start_broker, broker, data)
+        assert reconnected.wait(30)
+        again = [consumer.receive(10) for _ in range(3)]
+        assert [m.payload for m in again] == [b"m3", b"m4", b"m5"]     # the unacknowledged only
+        producer.send("after")
+        producer.flush(10)
+        assert consumer.receive(10).payload == b"after"                # the same producer and consumer
+        assert client.connected
+        stats = client.stats(topic)
+        assert [c["name"] for c in stats["subscriptions"][0]["consumers"]] == ["worker"]
+
+
+def test_sync_client_reconnects_to_the_next_seed_address(start_broker, topic):
+    first, second = start_broker(), start_broker()
+    reconnected = threading.Event()
+    seeds = Reconnect([first.address, second.address], initial=0.05, give_up_after=30)
+    with Client(first.host, first.port, reconnect=seeds, on_reconnect=lambda c: reconnected.set()) as client:
+        consumer = client.subscribe(topic, "s", "failover", "only")
+        producer = client.producer(topic)
+        first.stop()
+        assert reconnected.wait(30)
+        producer.send("on the second broker")
+        producer.flush(10)
+        assert consumer.receive(10).payload == b"on the second broker"
+    with Client(*second.address) as admin:
+        assert admin.topics()[0]["name"] == topic
+
+
+def test_sync_client_gives_up_and_ends_its_consumers(start_broker, topic):
+    broker = start_broker()
+    client = Client(broker.host, broker.port, reconnect=Reconnect([broker.address], give_up_after=0.5))
+    consumer = client.subscribe(topic, "s", "shared", "c")
+    broker.stop()
+    assert client.wait_closed(30)
+    with pytest.raises(ConnectionLost):
+        consumer.receive(10)
+    client.close()
+
+
+# --- the asyncio client ------------------------------------------------------------------------
+
+def test_async_client_reconnects_across_a_broker_restart(start_broker, topic, tmp_path):
+    data = tmp_path / "data"
+    broker = start_broker("--default-dispatch", "reliable", data_dir=data)
+
+    async def scenario():
+        reconnected = asyncio.Event()
+        client = await AsyncClient.connect(broker.host, broker.port, on_reconnect=lambda c: reconnected.set(),
+                                           reconnect=Reconnect([broker.address], give_up_after=30))
+        async with client:
+            consumer = await client.subscribe(topic, "durable", "shared", "worker")
+            producer = await client.producer(topic)
+            for i in range(4):
+                await producer.send(f"m{i}")
+            await producer.flush()
+            got = [await consumer.receive(10) for _ in range(4)]
+            await consumer.ack(got[:2], sync=True)
+            await asyncio.to_thread(restart, start_broker, broker, data)
+            await asyncio.wait_for(reconnected.wait(), 30)
+            again = [await consumer.receive(10) for _ in range(2)]
+            assert [m.payload for m in again] == [b"m2", b"m3"]
+            await producer.send("after")
+            await producer.flush(10)
+            assert (await consumer.receive(10)).payload == b"after"
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_a_new_connection_starts_its_heartbeat_clock_afresh():
+    from actorbroker.transport.client.core import ClientCore
+    core = ClientCore("c")
+    core.heartbeat_ms = 1000
+    core.last_received = 0.0
+    core.connection_lost(ConnectionLost("gone"), keep=True)
+    core.restart(100.0)                       # reconnected long after the last frame of the old one
+    ping, dead = core.heartbeat(100.5)
+    assert dead is None and ping is None
