@@ -11,6 +11,7 @@ from typing import Any
 from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage, PoisonMessage, WakeupMessage
 
 from actorbroker.actors.process import die_with_parent, name_process
+from actorbroker.actors.reporting import REPORT_EVERY, REPORT_UNCHANGED_EVERY, MetricsReport
 from actorbroker.transport.errors import INTERNAL
 
 log = logging.getLogger("actorbroker")
@@ -46,6 +47,7 @@ _FLUSH = "actorbroker-flush"
 # sender died, or Thespian dropped it): go on without it rather than hold the channel forever.
 GAP_TIMEOUT_S = 5.0
 _GAP = "actorbroker-gap"
+_REPORT = "actorbroker-report"
 
 
 class BrokerActor(Actor):
@@ -83,6 +85,8 @@ class BrokerActor(Actor):
         self.handler_errors = 0
         self._initialized = self.init_message is None
         self._held = []
+        self._metrics_to = None   # the MetricsActor, once start_reports was called
+        self._last_report = (None, 0.0)   # (what was reported, when)
         # ACTORBROKER_PROFILE_DIR=dir: profile message handling, one .prof per actor, written at
         # exit (for finding the hot spots of the record path; off by default).
         self._profile = None
@@ -108,6 +112,12 @@ class BrokerActor(Actor):
             self._flush_due = False
             self._flush_outbox()
             return self.watch()
+        if isinstance(msg, WakeupMessage) and msg.payload == _REPORT:
+            self._report_metrics()
+            self.wakeupAfter(REPORT_EVERY, payload=_REPORT)
+            return self.watch()
+        if isinstance(msg, ActorExitRequest) and self._metrics_to is not None:
+            self._report_metrics()   # what was counted since the last report
         try:
             if isinstance(msg, WakeupMessage) and msg.payload == _GAP:
                 self._gap_check_due = False
@@ -127,7 +137,8 @@ class BrokerActor(Actor):
             log.exception("%s: a %s could not be handled", type(self).__name__, type(msg).__name__)
             self.handler_errors += 1
         finally:
-            self._flush_outbox()
+            # an exiting actor gets no wakeup: what waits to gather more must go now
+            self._flush_outbox(force=isinstance(msg, ActorExitRequest))
         return self.watch()
 
     def _ordered_deliver(self, released):
@@ -227,11 +238,11 @@ class BrokerActor(Actor):
         else:
             entry[1].append(msg)
 
-    def _flush_outbox(self, only=None):
+    def _flush_outbox(self, only=None, force=False):
         streams = list(self._outbox) if only is None else [only] if only in self._outbox else []
         now = time.monotonic()
         for stream in streams:
-            if only is None and now - self._sent_at.get(stream, 0.0) < COALESCE_S:
+            if only is None and not force and now - self._sent_at.get(stream, 0.0) < COALESCE_S:
                 if not self._flush_due:   # sent a moment ago: this one waits and gathers more
                     self._flush_due = True
                     self.wakeupAfter(timedelta(seconds=COALESCE_S), payload=_FLUSH)
@@ -259,6 +270,30 @@ class BrokerActor(Actor):
 
     def watch(self):
         return None
+
+    # --- metrics (actors/reporting.py) ----------------------------------------------------------
+    def start_reports(self, metrics_address):
+        """Report `metrics_snapshot` to the MetricsActor every REPORT_EVERY (None: metrics off)."""
+        if metrics_address is not None and self._metrics_to is None:
+            self._metrics_to = metrics_address
+            self.wakeupAfter(REPORT_EVERY, payload=_REPORT)
+
+    def metrics_snapshot(self, counters, gauges, histograms):
+        """Fill the three dicts, {(metric name, label values): number}; see actors/metrics.py."""
+
+    def _report_metrics(self):
+        counters, gauges, histograms = {}, {}, {}
+        try:
+            self.metrics_snapshot(counters, gauges, histograms)
+            now = time.monotonic()
+            # an idle actor (most of them, most of the time) says so only now and then
+            if (counters, gauges, histograms) == self._last_report[0] and \
+                    now - self._last_report[1] < REPORT_UNCHANGED_EVERY:
+                return
+            self._last_report = ((counters, gauges, histograms), now)
+            self.send(self._metrics_to, MetricsReport(self._uid, counters, gauges, histograms))
+        except Exception:
+            log.exception("%s: metrics report failed", type(self).__name__)
 
     def exit_self(self):
         self.send(self.myAddress, ActorExitRequest())

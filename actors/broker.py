@@ -18,9 +18,10 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actorbroker.actors import cluster, connection, listener, topic
+from actorbroker.actors import cluster, connection, listener, metrics, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.cluster_root import ClusterRoot
+from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.process import tree_memory
 from actorbroker.actors.system import stop_system_process
 from actorbroker.storage.topic_store import stored_topics
@@ -41,6 +42,7 @@ class BrokerStarted:
     host: str
     port: int
     admin_pid: int
+    metrics_port: Any = None    # where Prometheus scrapes (None: metrics are off)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.node_gathers = {}    # token -> [rid, reply_to, nodes expected, summaries]
         self.connections_open = 0   # as the listener last counted them
         self.gathers = {}         # token -> [reply_to, expected, summaries]: this node's topics
+        self.metrics_port = None  # None until the MetricsActor listens (when metrics are on)
 
     def watch(self):
         return ThespianWatch([self.lifeline]) if self.lifeline is not None else None
@@ -152,10 +155,20 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             self.lifeline = os.pidfd_open(msg.serve_pid)
         except (OSError, AttributeError) as exc:
             log.warning("cannot watch serve process %s: %s", msg.serve_pid, exc)
+        self._start_operability()
         for name, dispatch in stored_topics(self.config.data_dir):   # durable topics come back
             self._create_topic(name, dispatch)
         self.listener = self.createActor("actorbroker.actors.listener.ListenerActor")
         self.send(self.listener, listener.Listen(self.config, self.myAddress))
+
+    def _start_operability(self):
+        """The EventsActor, and the MetricsActor when metrics are on: every actor started after
+        this finds their addresses in its config."""
+        changes = {"events": self.createActor("actorbroker.actors.events.EventsActor")}
+        if self.config.metrics_port is not None:
+            changes["metrics"] = self.createActor("actorbroker.actors.metrics.MetricsActor")
+            self.send(changes["metrics"], metrics.StartMetrics(self.config, os.getppid()))
+        self.config = dataclasses.replace(self.config, **changes)
 
     def on_Listening(self, msg, sender):
         if self.listen_port is None:
@@ -163,14 +176,35 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             self.listen_host = msg.host
             if self.config.node:   # join once clients can be served: heartbeats carry our address
                 self.cluster_start()
-            self.send(self.starter, BrokerStarted(msg.host, msg.port, os.getppid()))
+            self._started()
+
+    def on_MetricsListening(self, msg, sender):
+        if self.metrics_port is None:
+            self.metrics_port = msg.port
+            self._started()
+
+    def on_MetricsFailed(self, msg, sender):
+        if self.metrics_port is None and self.starter is not None:
+            self.send(self.starter, BrokerFailed(msg.error))
+            self.starter = None
+
+    def _started(self):
+        """serve hears of the start once clients can connect and, if on, metrics be scraped."""
+        if self.listen_port is None or self.starter is None:
+            return
+        if self.config.metrics is not None and self.metrics_port is None:
+            return
+        self.send(self.starter, BrokerStarted(self.listen_host, self.listen_port, os.getppid(),
+                                              self.metrics_port))
+        self.starter = None
 
     def on_Ping(self, msg, sender):
         self.send(sender, Pong())
 
     def on_ListenFailed(self, msg, sender):
-        if self.listen_port is None:
+        if self.listen_port is None and self.starter is not None:
             self.send(self.starter, BrokerFailed(msg.error))
+            self.starter = None
         else:   # a restarted listener could not bind again: nothing can serve clients any more
             log.critical("listener restart failed: %s", msg.error)
 
@@ -219,6 +253,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
                     f"the broker has {len(self.topics)} topics (max_topics {self.config.max_topics})")))
                 return
             entry = self._create_topic(msg.name, msg.create_dispatch)
+            emit(self, self.config.events, "topic_created", topic=msg.name, dispatch=msg.create_dispatch)
         self.send_ordered(entry[0], request, msg.name)
 
     def _create_topic(self, name, dispatch):
@@ -301,7 +336,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             if address == dead:
                 del self.topics[name]   # deleted, or crashed
                 if dispatch == "reliable" and not self.stopping:   # (a deleted one left the registry first)
-                    log.error("topic %s exited; reopening it from its log", name)
+                    log.error("topic %s exited; reopening it from its log", name, extra={"topic": name})
                     self._create_topic(name, dispatch)
 
     def on_ActorExitRequest(self, msg, sender):

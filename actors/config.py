@@ -1,5 +1,6 @@
 """Broker configuration, passed to the actors as plain picklable data."""
 from dataclasses import dataclass, field
+from typing import Any
 
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME
 
@@ -45,3 +46,10 @@ class BrokerConfig:
     segment_bytes: int = 64 * 1024 * 1024
     retention_bytes: int = 0           # 0: no size limit
     retention_ms: int = 0              # 0: no age limit
+    # operability (docs/operations.md): Prometheus metrics on metrics_host:metrics_port (None: off,
+    # 0: a free port)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Any = None
+    # set by the root actor once it has started them: where events and metric reports go
+    events: Any = None                 # the EventsActor
+    metrics: Any = None                # the MetricsActor (None: metrics are off, nothing is counted)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from actorbroker.actors import broker, shard, subscription, topic
+from actorbroker.actors import broker, events, shard, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
+from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E, validate
 from actorbroker.transport.codec import encode_frame
 from actorbroker.transport.session import error_frame
@@ -147,7 +148,7 @@ def allowed(permissions, action, topic_name):
 
 class _Connection:
     """What this actor knows of one client connection."""
-    __slots__ = ("permissions", "producers", "consumers", "pending", "closed")
+    __slots__ = ("permissions", "producers", "consumers", "pending", "closed", "watching")
 
     def __init__(self, permissions=None):
         self.permissions = permissions
@@ -155,6 +156,7 @@ class _Connection:
         self.consumers = {}    # consumer id -> subscription address
         self.pending = {}      # tags of open/subscribe requests not answered yet -> "producers"/"consumers"
         self.closed = False
+        self.watching = False  # it asked for the event stream (the EventsActor has it)
 
 
 class ConnectionActor(BrokerActor):
@@ -180,6 +182,7 @@ class ConnectionActor(BrokerActor):
         # so the key names the incarnation too (by its lane, unique to it).
         self.streams = {}
         self.exiting = False
+        self.shards_lost = 0         # connections ended because their shard died
 
     # --- set-up and the shard's supervision -------------------------------------------------------
     def on_StartConnections(self, msg, sender):
@@ -192,6 +195,10 @@ class ConnectionActor(BrokerActor):
                 pass
         self.handoff_fd = msg.handoff_fd   # kept open: a restarted shard inherits it again
         self._start_shard()
+        self.start_reports(self.config.metrics)
+
+    def metrics_snapshot(self, counters, gauges, histograms):
+        counters[("actorbroker_disconnects", ("shard_lost",))] = self.shards_lost
 
     def _start_shard(self):
         self.shard_ident = f"shard-{self.index}-{uuid.uuid4().hex[:12]}"
@@ -208,6 +215,10 @@ class ConnectionActor(BrokerActor):
             "shard %d exited; its %d connections are cleaned up%s", self.index, len(self.connections),
             "" if self.exiting else ", a new shard starts")
         for connection_id in list(self.connections):
+            if not self.connections[connection_id].closed:
+                self.shards_lost += not self.exiting
+                emit(self, self.config.events, "connection_closed", connection=connection_id,
+                            cause="shutdown" if self.exiting else "shard_lost")
             self._cleanup(connection_id, "shard lost")
         if not self.exiting:
             self._start_shard()
@@ -215,6 +226,9 @@ class ConnectionActor(BrokerActor):
     def on_ActorExitRequest(self, msg, sender):
         self.exiting = True
         for connection_id in list(self.connections):
+            if not self.connections[connection_id].closed:
+                emit(self, self.config.events, "connection_closed", connection=connection_id,
+                            cause="shutdown")
             self._cleanup(connection_id, "broker stopping")
 
     # --- the end of a connection is the cleanup signal --------------------------------------------
@@ -229,6 +243,8 @@ class ConnectionActor(BrokerActor):
         if conn is None or conn.closed:
             return
         conn.closed = True
+        if conn.watching:
+            self.send_ordered(self.config.events, events.Unwatch(connection_id, None, self.shard), "events")
         for producer_id, topic_address in conn.producers.items():
             self.producer_conn.pop(producer_id, None)
             self.node_of.pop(producer_id, None)
@@ -238,7 +254,7 @@ class ConnectionActor(BrokerActor):
             self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
                               self._stream(subscription_address))
         log.debug("connection %s: cleaned up %d producers, %d consumers (%s)", connection_id,
-                 len(conn.producers), len(conn.consumers), reason)
+                  len(conn.producers), len(conn.consumers), reason, extra={"connection": connection_id})
         conn.producers.clear()
         conn.consumers.clear()
         self._forget_when_drained(connection_id)
@@ -276,7 +292,8 @@ class ConnectionActor(BrokerActor):
         except (BadRequest, validate.Invalid) as exc:
             self._write(msg.connection_id, error_frame(exc.code, exc.message, rid))
         except Exception:
-            log.exception("connection %s: op %r failed", msg.connection_id, msg.frame.get("op"))
+            log.exception("connection %s: op %r failed", msg.connection_id, msg.frame.get("op"),
+                          extra={"connection": msg.connection_id})
             self._write(msg.connection_id, error_frame(E.INTERNAL, "internal error (logged on the broker)", rid))
 
     def _op_producer(self, conn, connection_id, frame, tag):
@@ -355,6 +372,17 @@ class ConnectionActor(BrokerActor):
     def _op_cluster(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
         self.send_ordered(self.broker, broker.ClusterStatus(tag, self.myAddress), "root")
+
+    def _op_watch(self, conn, connection_id, frame, tag):
+        self._require_admin(conn)
+        conn.watching = True   # the EventsActor answers `ok`, ahead of the events, in order
+        self.send_ordered(self.config.events, events.Watch(connection_id, tag[1], frame["topics"], self.shard),
+                          "events")
+
+    def _op_unwatch(self, conn, connection_id, frame, tag):
+        self._require_admin(conn)
+        conn.watching = False
+        self.send_ordered(self.config.events, events.Unwatch(connection_id, tag[1], self.shard), "events")
     def _op_broker_stats(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
         self.send_ordered(self.broker, broker.BrokerStatsRequest(tag, self.myAddress), "root")

@@ -27,6 +27,8 @@ from thespian.actors import ThespianWatch
 from actorbroker.actors import broker, connection, log as log_actor, signing, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.cursor import Cursor
+from actorbroker.actors.lifecycle import emit
+from actorbroker.actors.reporting import Histogram
 from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import encode_frame, record_blob, record_tail, with_redeliveries
@@ -71,6 +73,7 @@ class AddConsumer:
 @dataclass(frozen=True)
 class RemoveConsumer:
     consumer_id: int
+    cause: str = "closed"     # of its consumer_detached event (docs/protocol.md, "Events")
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,13 @@ class DispatcherActor(BrokerActor):
         self.acks_waiting_next = []  # ... and of acks for the next save
         self.timeout_tick = False
         self.save_scheduled = False
+        # operability: events, and what metrics count beyond the stats
+        self.events = None
+        self.metrics_on = False
+        self.bytes_out = 0
+        self.promotions = 0
+        self.replaced = 0
+        self.cleanup_time = Histogram()
 
     def watch(self):
         return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
@@ -144,6 +154,9 @@ class DispatcherActor(BrokerActor):
         self.name, self.type, self.dispatch = msg.name, msg.type, msg.dispatch
         self.node = msg.config.node
         self.policy = make_policy(msg.type, msg.config.max_backlog)
+        self.events = msg.config.events
+        self.metrics_on = msg.config.metrics is not None
+        self.start_reports(msg.config.metrics)
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
                            kind=msg.config.lanes, host=msg.config.actor_host,
                            secret=signing.lane_secret())
@@ -181,7 +194,7 @@ class DispatcherActor(BrokerActor):
         elif op == LaneOp.NACK:
             self._nack(frame[2], frame[3])
         elif op == LaneOp.DETACH:
-            self._detached(frame[1])
+            self._detached(frame[1], frame[2] if len(frame) > 2 else None)
         elif op == LaneOp.RECORDS:
             if lane is self.log_lane:
                 self._log_records(frame[1], frame[2], frame[3])
@@ -212,10 +225,10 @@ class DispatcherActor(BrokerActor):
         gone = [c.id for c in self.policy.consumers.values() if c.transport == ident]
         if gone:
             log.info("%s/%s: shard %s gone; removing its %d consumers", self.topic_name, self.name, ident,
-                     len(gone))
+                     len(gone), extra={"topic": self.topic_name, "subscription": self.name, "consumer": gone})
             before = self._active_flags()
             for consumer_id in gone:
-                self._forget(consumer_id)
+                self._forget(consumer_id, "connection_closed")
             self._announce_active(before)
             self._members_lost(gone)
             self._pump()
@@ -335,6 +348,9 @@ class DispatcherActor(BrokerActor):
             self.redelivered += 1
             again.append((offset, key, with_redeliveries(blob, count)))
         self.policy.requeue(again)
+        if again:
+            emit(self, self.events, "redelivered", topic=self.topic_name, subscription=self.name,
+                 count=len(again))
 
     def _dead_letter(self, offset, key, blob):
         tail = record_tail(with_redeliveries(blob, 0))
@@ -429,12 +445,16 @@ class DispatcherActor(BrokerActor):
             return
         before = self._active_flags()
         if msg.replaces is not None:
+            self.replaced += msg.replaces in self.policy.consumers
             self._close(msg.replaces, "replaced")
         consumer = ConsumerState(msg.consumer_id, msg.name, msg.transport, msg.reply_to)
         if self.reliable:
             consumer.tracks_acks = True
             consumer.max_unacked = msg.max_unacked or DEFAULT_MAX_UNACKED
         self.policy.add(consumer)
+        emit(self, self.events, "consumer_attached", topic=self.topic_name, subscription=self.name,
+             consumer=msg.consumer_id, consumer_name=msg.name,
+             connection=msg.rid[0] if isinstance(msg.rid, tuple) else None)
         # Opened and every later ActiveChanged of a consumer share one ordered channel (one per
         # ConnectionActor), so the client sees `subscribed` and the initial `active` before any
         # change of it.
@@ -446,16 +466,22 @@ class DispatcherActor(BrokerActor):
 
     def on_RemoveConsumer(self, msg, sender):
         before = self._active_flags()
-        self._forget(msg.consumer_id)
+        self._forget(msg.consumer_id, msg.cause)
         self._announce_active(before)
         self._pump()
 
-    def _detached(self, consumer_id):
+    def on_SubscriptionIdle(self, msg, sender):
+        """From the SubscriptionActor, after the removals it sent before (see its _idle_check)."""
+        self.send(self.topic, msg)
+
+    def _detached(self, consumer_id, detected):
         """Its connection ended: the shard says so over the lane, ahead of the ConnectionActor's
         detach (which then finds nothing to do). The SubscriptionActor is told at once too."""
         if consumer_id in self.policy.consumers:
-            self.on_RemoveConsumer(RemoveConsumer(consumer_id), None)
+            self.on_RemoveConsumer(RemoveConsumer(consumer_id, "connection_closed"), None)
             self._members_lost([consumer_id])
+            if detected is not None:   # detection (in the shard) to cleanup (here, done now)
+                self.cleanup_time.observe(max(0.0, time.time() - detected))
 
     def on_CloseAll(self, msg, sender):
         for consumer_id in list(self.policy.consumers):
@@ -468,10 +494,13 @@ class DispatcherActor(BrokerActor):
         if consumer is not None:
             self.send_ordered(consumer.owner, connection.ConsumerEnded(consumer_id, reason),
                               ("owner", str(consumer.owner)))
-            self._forget(consumer_id)
+            self._forget(consumer_id, reason)
 
-    def _forget(self, consumer_id):
+    def _forget(self, consumer_id, cause):
         consumer = self.policy.remove(consumer_id)
+        if consumer is not None:
+            emit(self, self.events, "consumer_detached", topic=self.topic_name, subscription=self.name,
+                 consumer=consumer_id, consumer_name=consumer.name, cause=cause)
         if consumer is not None and self.reliable:
             # its unacknowledged messages go back to the subscription, counted as redelivered
             self._return_unacked([o for o, entry in self.unacked.items() if entry[0] == consumer_id])
@@ -490,6 +519,10 @@ class DispatcherActor(BrokerActor):
         now = self._active_flags()
         if now == before:
             return
+        if before is not None and now is not None:   # the active one changed to another
+            self.promotions += 1
+            emit(self, self.events, "promoted", topic=self.topic_name, subscription=self.name,
+                 consumer=now, consumer_name=self.policy.consumers[now].name)
         for consumer_id, flag in ((before, False), (now, True)):
             consumer = self.policy.consumers.get(consumer_id)
             if consumer is not None and consumer_id != skip:
@@ -566,7 +599,10 @@ class DispatcherActor(BrokerActor):
             consumer.in_flight += 1
             consumer.msgs_out += len(records)
             self.msgs_out += len(records)
-            lane.send([LaneOp.DELIVER, consumer.id, [record[2] for record in records]])
+            blobs = [record[2] for record in records]
+            if self.metrics_on:
+                self.bytes_out += sum(map(len, blobs))
+            lane.send([LaneOp.DELIVER, consumer.id, blobs])
         if self.reliable:
             self._schedule_timeouts()
             self._refill()
@@ -578,11 +614,7 @@ class DispatcherActor(BrokerActor):
                       "credits": c.credits, "unacked": c.unacked if self.reliable else 0,
                       "msgs_out": c.msgs_out}
                      for c in self.policy.consumers.values()]
-        if self.reliable:  # everything not acknowledged and not out with a consumer
-            backlog = max(0, self.end - self.cursor.floor - len(self.cursor.acked) - len(self.unacked))
-        else:
-            backlog = self.policy.backlog_size() + msg.topic_pending
-        stats = {"name": self.name, "type": self.type, "backlog": backlog,
+        stats = {"name": self.name, "type": self.type, "backlog": self._backlog(msg.topic_pending),
                  "msgs_out": self.msgs_out, "dropped": self.dropped, "redelivered": self.redelivered,
                  "consumers": consumers, "poison_messages": self.poison_messages,
                  "gaps_skipped": self.gaps_skipped, "handler_errors": self.handler_errors}
@@ -590,3 +622,22 @@ class DispatcherActor(BrokerActor):
             stats["dead_lettered"] = self.dead_lettered
             stats["cursor"] = self.cursor.floor
         self.send(sender, topic.DispatcherStats(msg.token, stats))
+
+    def _backlog(self, topic_pending=0):
+        if self.reliable:  # everything not acknowledged and not out with a consumer
+            return max(0, self.end - self.cursor.floor - len(self.cursor.acked) - len(self.unacked))
+        return self.policy.backlog_size() + topic_pending
+
+    def metrics_snapshot(self, counters, gauges, histograms):
+        topic_labels, labels = (self.topic_name,), (self.topic_name, self.name)
+        counters[("actorbroker_topic_messages_out", topic_labels)] = self.msgs_out
+        counters[("actorbroker_topic_bytes_out", topic_labels)] = self.bytes_out
+        for name, value in (("messages_out", self.msgs_out), ("redelivered", self.redelivered),
+                            ("dropped", self.dropped), ("dead_lettered", self.dead_lettered),
+                            ("promotions", self.promotions)):
+            counters[("actorbroker_subscription_" + name, labels)] = value
+        counters[("actorbroker_disconnects", ("replaced",))] = self.replaced
+        gauges[("actorbroker_subscription_backlog_messages", labels)] = self._backlog()
+        gauges[("actorbroker_subscription_unacked_messages", labels)] = len(self.unacked)
+        gauges[("actorbroker_subscription_consumers", labels)] = len(self.policy.consumers)
+        histograms[("actorbroker_consumer_cleanup_seconds", ())] = self.cleanup_time.snapshot()

@@ -109,7 +109,8 @@ class LogActor(BrokerActor):
         self.floors = {name: state.get("floor", 0) for name, state in cursors.items()}
         log_ = self.store.log
         if log_.truncated_bytes:
-            log.warning("topic %s: recovered, %d torn bytes truncated", msg.topic, log_.truncated_bytes)
+            log.warning("topic %s: recovered, %d torn bytes truncated", msg.topic, log_.truncated_bytes,
+                        extra={"topic": msg.topic})
         self.hub = LaneHub(self.reactor, self._lane_frame, lambda lane, reason: None,
                            kind=self.config.lanes, host=self.config.actor_host,
                            secret=signing.lane_secret())
@@ -150,7 +151,8 @@ class LogActor(BrokerActor):
         try:
             self.store.save_cursor(msg.subscription, msg.state)
         except Exception as exc:   # disk full, log destroyed, ...: the dispatcher waits for an answer
-            log.error("cursor of %s not saved: %s", msg.subscription, exc)
+            log.error("cursor of %s not saved: %s", msg.subscription, exc,
+                      extra={"subscription": msg.subscription})
             self.send(sender, CursorSaved(msg.subscription, str(exc)))
             return
         self.floors[msg.subscription] = msg.state.get("floor", 0)

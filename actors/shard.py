@@ -33,8 +33,10 @@ from thespian.actors import ThespianWatch
 
 from actorbroker.actors import connection, listener, signing
 from actorbroker.actors.base import BrokerActor, log
+from actorbroker.actors.lifecycle import emit
+from actorbroker.actors.reporting import Histogram
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import encode_frame, encode_message_frames
+from actorbroker.transport.codec import encode_frame, encode_message_frames, record_time_ms
 from actorbroker.transport.lanes import IN, OUT, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import Session, SessionConfig, error_frame
 from actorbroker.transport.tls import TlsConnection, server_context
@@ -176,6 +178,10 @@ class ShardActor(BrokerActor):
         self.reported_load = -1   # a new shard reports at once: the listener may count stale ones
         self.load_report_due = False
         self.exiting = False
+        self.events = None       # the EventsActor (config.events)
+        self.metrics_on = False
+        self.disconnects = collections.Counter()   # cause -> connections ended
+        self.deliver_latency = Histogram()
 
     def watch(self):
         return None if self.exiting else ThespianWatch([self.reactor.fileno()])
@@ -204,6 +210,19 @@ class ShardActor(BrokerActor):
         self.handoff.setblocking(False)
         self.reactor.add(self.handoff.fileno(), _Handoff(self))
         self._load_changed()
+        self.events = msg.config.events
+        self.metrics_on = msg.config.metrics is not None
+        self.start_reports(msg.config.metrics)
+
+    def metrics_snapshot(self, counters, gauges, histograms):
+        states = collections.Counter(
+            "closing" if c.state != "open" else "open" if c.session.hello_done else "handshake"
+            for c in self.clients.values())
+        for state in ("handshake", "open", "closing"):
+            gauges[("actorbroker_connections", (state,))] = states[state]
+        for cause, count in self.disconnects.items():
+            counters[("actorbroker_disconnects", (cause,))] = count
+        histograms[("actorbroker_publish_to_deliver_seconds", ())] = self.deliver_latency.snapshot()
 
     def on_WatchMessage(self, msg, sender):
         self.reactor.poll()
@@ -238,9 +257,12 @@ class ShardActor(BrokerActor):
         tls = TlsConnection(self.tls_context, server_side=True) if self.tls_context else None
         client = _Client(self, sock, Session(connection_id, self.session_config, now), tls)
         try:
-            client.address = sock.getpeername()[0]
+            peer = sock.getpeername()
+            client.address = peer[0]
         except OSError:
-            client.address = ""
+            client.address, peer = "", ("", 0)
+        emit(self, self.events, "connection_opened", connection=connection_id,
+             address=f"{peer[0]}:{peer[1]}" if ":" not in peer[0] else f"[{peer[0]}]:{peer[1]}")
         self.opened[client.address] += 1
         self.clients[connection_id] = client
         self.reactor.add(client.fd, client, IN)
@@ -464,6 +486,8 @@ class ShardActor(BrokerActor):
             lane.send([LaneOp.DELIVER_ACK, consumer_id])   # dropped: the consumer is gone
             return
         client.session.write(b"".join(encode_message_frames(consumer_id, blobs, self.config.max_frame)))
+        if self.metrics_on:   # once per delivery: its oldest record
+            self.deliver_latency.observe(max(0.0, time.time() - record_time_ms(blobs[0]) / 1000.0))
         self._flush(client)
         # Ack at once unless the client is slow to read; then when its outbox drains.
         if client.state != "open" or len(client.session.outbox) < self.high_water:
@@ -691,7 +715,14 @@ class ShardActor(BrokerActor):
         client.session.open = False
         # Every log record is a Thespian message to the logger process: a burst of 10,000 ordinary
         # closes must not cost 10,000 of them. Closes for a reason other than EOF stay visible.
-        (log.debug if reason == "eof" else log.info)("connection %s closed: %s", connection_id, reason)
+        (log.debug if reason == "eof" else log.info)("connection %s closed: %s", connection_id, reason,
+                                                     extra={"connection": connection_id})
+        cause = close_cause(reason)
+        self.disconnects[cause] += 1
+        if cause == "slow_consumer":
+            emit(self, self.events, "slow_consumer", connection=connection_id)
+        emit(self, self.events, "connection_closed", connection=connection_id, cause=cause)
+        detected = time.time()
         self.send_ordered(self.supervisor, connection.ConnectionClosed(connection_id, reason), "shard")
         for producer_id in list(client.session.producers):
             self._drop_producer(producer_id)
@@ -699,7 +730,7 @@ class ShardActor(BrokerActor):
             self.acks_waiting.pop(consumer_id, None)   # nobody left to answer
             route = self.consumers.pop(consumer_id, None)
             if route is not None:   # the dispatcher hears it first, over the lane: failover at once
-                route[1].send([LaneOp.DETACH, consumer_id])
+                route[1].send([LaneOp.DETACH, consumer_id, detected])
         for lane, consumer_id in client.deferred_acks:
             lane.send([LaneOp.DELIVER_ACK, consumer_id])
         client.deferred_acks.clear()
@@ -788,3 +819,14 @@ class ShardActor(BrokerActor):
         if self.hub is not None:
             self.hub.close()
         self.reactor.close()
+
+
+def close_cause(reason):
+    """The `cause` of a connection_closed event (docs/protocol.md, "Events") for a close reason."""
+    if reason == "eof":
+        return "eof"
+    if reason.startswith("heartbeat"):
+        return "heartbeat"
+    if reason.startswith(E.SLOW_CONSUMER):
+        return "slow_consumer"
+    return "error"

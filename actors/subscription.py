@@ -75,7 +75,8 @@ class SubscriptionActor(BrokerActor):
             # Same name again: a reconnect before we noticed the old connection die. Take over;
             # the dispatcher tells the old attachment (after its own `subscribed`, in order).
             self.consumers.pop(replaced)
-            log.info("%s/%s: consumer %s replaces %s", self.topic_name, self.name, msg.new_id, replaced)
+            log.info("%s/%s: consumer %s replaces %s", self.topic_name, self.name, msg.new_id, replaced,
+                     extra={"topic": self.topic_name, "subscription": self.name, "consumer": msg.new_id})
         self.consumers[msg.new_id] = (msg.consumer_name, msg.reply_to)
         self.by_name[msg.consumer_name] = msg.new_id
         self.send_ordered(self.dispatcher, dispatcher.AddConsumer(
@@ -83,18 +84,18 @@ class SubscriptionActor(BrokerActor):
             msg.options.get("max_unacked")), "members")
 
     def on_DetachConsumer(self, msg, sender):
-        self._remove(msg.consumer_id)
+        self._remove(msg.consumer_id, "connection_closed" if msg.rid is None else "closed")
         if msg.rid is not None:
             self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
         self._idle_check()
 
     def on_MembersLost(self, msg, sender):
         for consumer_id in msg.consumer_ids:
-            self._remove(consumer_id)   # the dispatcher has dropped them already; idempotent there
+            self._remove(consumer_id, "connection_closed")   # the dispatcher has dropped them already
         self._idle_check()
 
     def on_Unsubscribe(self, msg, sender):
-        self._remove(msg.consumer_id)
+        self._remove(msg.consumer_id, "unsubscribed")
         self._end_all("unsubscribed", topic.RemoveSubscription(self.name))
         self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
 
@@ -106,13 +107,15 @@ class SubscriptionActor(BrokerActor):
         self.by_name.clear()
         self.send_ordered(self.dispatcher, dispatcher.CloseAll(reason, then_tell_topic), "members")
 
-    def _remove(self, consumer_id):
+    def _remove(self, consumer_id, cause):
         entry = self.consumers.pop(consumer_id, None)
         if entry is not None:
             if self.by_name.get(entry[0]) == consumer_id:
                 del self.by_name[entry[0]]
-            self.send_ordered(self.dispatcher, dispatcher.RemoveConsumer(consumer_id), "members")
+            self.send_ordered(self.dispatcher, dispatcher.RemoveConsumer(consumer_id, cause), "members")
 
     def _idle_check(self):
         if not self.consumers:
-            self.send(self.topic, topic.SubscriptionIdle(self.name, self.attaches))
+            # through the dispatcher, after the removals on the same channel: the topic may end
+            # the dispatcher as soon as it hears, and the removals must have been handled by then
+            self.send_ordered(self.dispatcher, topic.SubscriptionIdle(self.name, self.attaches), "members")

@@ -141,13 +141,15 @@ def host_port(text):
     return host, int(port)
 
 
-def log_defs(log_path, level="INFO"):
-    """Thespian applies these in its logger process: actors' `logging` calls land in log_path."""
+def log_defs(log_path, level="INFO", log_format="text"):
+    """Thespian applies these in its logger process: actors' `logging` calls land in log_path,
+    as text lines or JSON objects (actors/logformat.py)."""
     return {
         "version": 1,
-        "formatters": {"plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"}},
+        "formatters": {"text": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"},
+                       "json": {"()": "actorbroker.actors.logformat.JsonFormatter"}},
         "handlers": {"file": {"class": "logging.FileHandler", "filename": log_path,
-                              "formatter": "plain", "level": level}},
+                              "formatter": log_format, "level": level}},
         "root": {"handlers": ["file"], "level": level},
     }
 
@@ -158,7 +160,8 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def start_system_process(admin_port, host, data_dir, secret, log_level="INFO", node="", join=""):
+def start_system_process(admin_port, host, data_dir, secret, log_level="INFO", node="", join="",
+                         log_format="text"):
     """Start the admin from a short-lived child whose only open files are the broker log.
 
     The admin daemonizes and inherits every fd of the process that starts it; starting it from
@@ -172,7 +175,7 @@ def start_system_process(admin_port, host, data_dir, secret, log_level="INFO", n
         subprocess.run(
             [sys.executable, "-m", "actorbroker.actors.system", "--admin-port", str(admin_port),
              "--host", host, "--log", log_path, "--log-level", log_level, "--node", node,
-             "--join", join],
+             "--join", join, "--log-format", log_format],
             input=secret, stdout=log_file, stderr=log_file, env=env,
             cwd=os.getcwd(), check=True, timeout=60, close_fds=True)
 
@@ -213,6 +216,7 @@ def _start_main():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--log")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     parser.add_argument("--stop", action="store_true", help="shut the system down instead")
     parser.add_argument("--node", default="", help="cluster: this node's name")
     parser.add_argument("--join", default="", help="cluster: the leader's HOST:PORT (none: we lead)")
@@ -241,7 +245,7 @@ def _start_main():
     except OSError:
         pass
     caps = capabilities(args.admin_port, args.node, host_port(args.join) if args.join else None)
-    ActorSystem(SYSTEM_BASE, caps, logDefs=log_defs(args.log, args.log_level))
+    ActorSystem(SYSTEM_BASE, caps, logDefs=log_defs(args.log, args.log_level, args.log_format))
 
 
 if __name__ == "__main__":

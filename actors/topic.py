@@ -25,6 +25,7 @@ from thespian.actors import ActorExitRequest, ThespianWatch
 
 from actorbroker.actors import broker, connection, dispatcher, log as log_actor, signing, subscription
 from actorbroker.actors.base import BrokerActor, log
+from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import record_blob, record_blobs
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
@@ -190,7 +191,8 @@ class TopicActor(BrokerActor):
                            kind=self.config.lanes, host=self.config.actor_host,
                            secret=signing.lane_secret())
         self.lane_address = self.hub.listen()
-        log.info("topic %s open (%s)", self.name, self.dispatch)
+        self.start_reports(self.config.metrics)
+        log.info("topic %s open (%s)", self.name, self.dispatch, extra={"topic": self.name})
         if self.dispatch == "reliable":
             self._start_log()
             self.hold_until(log_actor.LogOpened)
@@ -217,13 +219,14 @@ class TopicActor(BrokerActor):
             for name, sub in self.subs.items():
                 self.send_ordered(sub.dispatcher, dispatcher.LogMoved(self.log, self.log_address, self.next_offset),
                                   ("dispatcher", name))
-            log.warning("topic %s: log restarted, ends at offset %d", self.name, self.next_offset)
+            log.warning("topic %s: log restarted, ends at offset %d", self.name, self.next_offset,
+                        extra={"topic": self.name})
             return
         for name, state in msg.cursors.items():   # durable subscriptions outlive restarts
             self._create_subscription(name, state.get("type", "exclusive"), state, "latest",
                                       state.get("options") or {})
         log.info("topic %s: log ends at offset %d, %d subscriptions restored",
-                 self.name, self.next_offset, len(msg.cursors))
+                 self.name, self.next_offset, len(msg.cursors), extra={"topic": self.name})
 
     def on_WatchMessage(self, msg, sender):
         self.reactor.poll()
@@ -242,7 +245,7 @@ class TopicActor(BrokerActor):
 
     def _log_lost(self):
         """Restart the LogActor; what it had not made durable is refused, never receipted."""
-        log.error("topic %s: log actor died; restarting it", self.name)
+        log.error("topic %s: log actor died; restarting it", self.name, extra={"topic": self.name})
         refused = [entry for entry, _, _ in self.appending.values()]
         self.appending = {}
         for batch in refused + [self.unsynced]:
@@ -259,7 +262,8 @@ class TopicActor(BrokerActor):
         if self.subs.get(name) is not sub:
             return
         log.error("topic %s: subscription %s lost its actor; %s", self.name, name,
-                  "restarting it from its cursor" if self.log is not None else "ending it")
+                  "restarting it from its cursor" if self.log is not None else "ending it",
+                  extra={"topic": self.name, "subscription": name})
         self.subs.pop(name)
         self.send_ordered(sub.dispatcher, dispatcher.CloseAll("subscription_lost", None), ("dispatcher", name))
         self.send(sub.subscription, ActorExitRequest())
@@ -559,6 +563,10 @@ class TopicActor(BrokerActor):
                              dead_lettered=sum(s.get("dead_lettered", 0) for s in frame["subscriptions"]))
             self.send(reply_to, connection.RequestDone(rid, frame))
 
+    def metrics_snapshot(self, counters, gauges, histograms):
+        counters[("actorbroker_topic_messages_in", (self.name,))] = self.msgs_in
+        counters[("actorbroker_topic_bytes_in", (self.name,))] = self.bytes_in
+
     # --- deletion ----------------------------------------------------------------------------------
     def on_DeleteTopic(self, msg, sender):
         for producer_id, (_, _, owner, _) in self.producers.items():
@@ -588,7 +596,8 @@ class TopicActor(BrokerActor):
             return
         rid, reply_to, _ = self.deleting
         self.deleting = None
-        log.info("topic %s deleted", self.name)
+        log.info("topic %s deleted", self.name, extra={"topic": self.name})
+        emit(self, self.config.events, "topic_deleted", topic=self.name)
         if reply_to is not None:   # None: a fenced cluster node ending its topics
             self.send(reply_to, connection.RequestDone(rid, {"op": "ok"}))
         self.ending = True

@@ -24,12 +24,12 @@ import time
 import uuid
 from pathlib import Path
 
-from actorbroker.scripts import bench_peers, proctree
+from actorbroker.scripts import bench_operability, bench_peers, proctree
 from actorbroker.scripts.bench_common import term_with_parent
 from actorbroker.transport.client import parse_url
 from actorbroker.scripts.local_broker import ROOT, LocalBroker
 
-ALL_SCENARIOS = ["baseline", "throughput", "latency", "fanout", "shared", "disconnect", "scale"]
+ALL_SCENARIOS = ["baseline", "throughput", "latency", "fanout", "shared", "disconnect", "scale", "operability"]
 FSYNC_MODES = ["group", "always", "interval:5"]
 BIG_BACKLOG = 1_000_000
 
@@ -533,6 +533,10 @@ class Bench:
             note(f"compare {peer}: consumers got {received} of {n} (stopped: {[c['stopped'] for c in cres]})")
         return pres, cres
 
+    def sc_operability(self):
+        """Metrics and a watcher on vs off, same run (scripts/bench_operability.py)."""
+        bench_operability.run(self, BIG_BACKLOG)
+
     def sc_disconnect(self):
         url = self.url_for("group")
         try:
@@ -1014,7 +1018,7 @@ def add_ratios(rows):
 
 
 NOTE_KEYS = ("lost", "dropped", "processes", "per_conn_mib", "per_conn_processes", "opened", "failed",
-             "stats_clean_s", "processes_back_s", "left", "samples")
+             "stats_clean_s", "processes_back_s", "left", "samples", "cost_pct", "events", "scrapes")
 
 
 def table(rows):

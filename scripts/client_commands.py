@@ -1,4 +1,5 @@
-"""Client subcommands of the `actorbroker` command: produce, consume, topics, stats, delete-topic.
+"""Client subcommands of the `actorbroker` command: produce, consume, topics, stats, delete-topic,
+events.
 
 Each command returns an exit code: 0 on success, 1 on an error (printed as one line
 `error: CODE: message` on stderr), 130 on Ctrl-C.
@@ -104,6 +105,18 @@ def add_client_commands(subparsers):
     p.add_argument("topic", metavar="TOPIC")
     p.set_defaults(func=delete_topic)
 
+    p = subparsers.add_parser(
+        "events", parents=[common], help="print the broker's lifecycle events live",
+        description="Watch the broker's lifecycle events (connections opened and closed, consumers "
+                    "attached and detached, failover promotions, redeliveries, slow consumers, "
+                    "topics created and deleted) and print them as they happen, one line each, "
+                    "until Ctrl-C. Needs the admin permission when auth is on.")
+    p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*",
+                   help="shell-style pattern over topic names; events of connections always show "
+                        "(default: every topic)")
+    p.add_argument("--json", action="store_true", help="print each event frame as one JSON line")
+    p.add_argument("-n", "--count", type=positive_int, help="stop after this many events")
+    p.set_defaults(func=events)
     from actorbroker.scripts.top import add_top_command
     add_top_command(subparsers, common)
 
@@ -292,3 +305,32 @@ def delete_topic(client, args):
     client.delete_topic(args.topic)
     print(f"deleted {args.topic}")
     return 0
+
+
+EVENT_HEAD = ("op", "seq", "time_ms", "kind")
+
+
+@with_client
+def events(client, args):
+    """Print lifecycle events as they come (see docs/protocol.md, "Events")."""
+    client.watch(args.pattern)
+    print(f"watching {args.pattern} on {args.url.host}:{args.url.port} (Ctrl-C to stop)", file=sys.stderr,
+          flush=True)
+    expected, printed = 1, 0
+    while args.count is None or printed < args.count:
+        try:
+            event = client.next_event()
+        except ConnectionLost as exc:
+            return fail(f"CONNECTION_LOST: {exc}")
+        if event["seq"] != expected:   # the broker dropped some for us: say so, never hide it
+            print(f"({event['seq'] - expected} events missed)", file=sys.stderr, flush=True)
+        expected = event["seq"] + 1
+        print(json.dumps(event) if args.json else event_line(event), flush=True)
+        printed += 1
+    return 0
+
+
+def event_line(event):
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["time_ms"] / 1000))
+    fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in EVENT_HEAD)
+    return f"{stamp}.{event['time_ms'] % 1000:03d} {event['kind']:<18} {fields}"

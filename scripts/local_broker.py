@@ -14,6 +14,7 @@ from actorbroker.scripts import proctree
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on ([\d.]+):(\d+) \(admin port (\d+), admin pid (\d+)")
+METRICS = re.compile(r"metrics on (http://\S+)")
 
 
 def _term_with_parent():
@@ -44,6 +45,8 @@ class LocalBroker:
             raise RuntimeError(f"broker did not start: {line!r}\n{self.log_tail()}")
         self.host, self.port = match.group(1), int(match.group(2))
         self.admin_port, self.admin_pid = int(match.group(3)), int(match.group(4))
+        metrics = METRICS.search(line)
+        self.metrics_url = metrics.group(1) if metrics else None   # with serve --metrics-port
 
     def _read_line(self, timeout):
         deadline = time.monotonic() + timeout

@@ -78,6 +78,14 @@ def add_serve_command(subparsers):
                         "kept in memory only)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_cluster_options(p)
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="broker.log as text lines, or one JSON object per line with the connection, "
+                        "consumer and topic ids of the lines about them (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0: a free "
+                        "port; default: no metrics, nothing counted for them)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="interface of the metrics endpoint (default %(default)s)")
     p.set_defaults(func=serve)
 
 
@@ -168,7 +176,8 @@ def serve(args):
                           lanes=args.lanes, actor_host=args.actor_host,
                           tls_cert=abspath_or_empty(args.tls_cert), tls_key=abspath_or_empty(args.tls_key),
                           tls_client_ca=abspath_or_empty(args.tls_client_ca),
-                          allow_plain_tokens=args.allow_plain_tokens)
+                          allow_plain_tokens=args.allow_plain_tokens,
+                          metrics_host=args.metrics_host, metrics_port=args.metrics_port)
     admin_port = args.admin_port
     if args.cluster_bind:
         config, admin_port = cluster_config(config, args)
@@ -182,7 +191,7 @@ def serve(args):
         port = admin_port or free_port(args.actor_host)
         try:
             start_system_process(port, config.actor_host, data_dir, secret, args.log_level,
-                                 config.node, args.join or "")
+                                 config.node, args.join or "", args.log_format)
             break
         except subprocess.CalledProcessError as exc:
             if exc.returncode != ADMIN_PORT_TAKEN or admin_port or attempt == 4:
@@ -200,8 +209,10 @@ def serve(args):
             reason = reply.error if isinstance(reply, BrokerFailed) else "no answer from the broker"
             print(f"error: {reason}", file=sys.stderr)
             return 1
+        metrics = f"; metrics on http://{config.metrics_host}:{reply.metrics_port}/metrics" \
+            if reply.metrics_port is not None else ""
         print(f"actorbroker listening on {reply.host}:{reply.port} "
-              f"(admin port {admin_port}, admin pid {reply.admin_pid}, data {data_dir})", flush=True)
+              f"(admin port {admin_port}, admin pid {reply.admin_pid}, data {data_dir}){metrics}", flush=True)
         if config.node:
             print(f"cluster node {config.node} ({'leader' if config.cluster_leader else 'joining ' + args.join}) "
                   f"on {args.cluster_bind}", file=sys.stderr, flush=True)

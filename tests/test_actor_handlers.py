@@ -14,13 +14,14 @@ import socket
 import pytest
 from thespian.actors import ActorAddress, ActorExitRequest, ChildActorExited, WakeupMessage
 
-from actorbroker.actors import (broker, cluster, connection, dispatcher, listener, log as log_actor, shard,
-                                subscription, topic)
+from actorbroker.actors import (broker, cluster, connection, dispatcher, events, lifecycle, listener,
+                                log as log_actor, metrics, reporting, shard, subscription, topic)
 from actorbroker.actors import join_agent
 from actorbroker.actors.config import BrokerConfig
 from actorbroker.transport.lanes import LaneAddress
 
-MODULES = [broker, cluster, connection, dispatcher, listener, log_actor, shard, subscription, topic]
+MODULES = [broker, cluster, connection, dispatcher, events, lifecycle, listener, log_actor, metrics, reporting,
+           shard, subscription, topic]
 CLIENT = ActorAddress("client-connection")
 NOWHERE = LaneAddress("unix", "host", name="\0actorbroker-test-nothing-listens-here")
 # No small non-negative ints: an init message's fds would be the test process's own.
@@ -127,6 +128,8 @@ def _actors(config):
          dispatcher.AddConsumer(5, "c", "shard-x", CLIENT, (1, 9), None)),
         (make(log_actor.LogActor, log_actor.OpenLog("/a/r", "reliable", config)),
          log_actor.SaveCursor("s", {"floor": 0, "acked": []})),
+        (make(events.EventsActor), None),
+        (make(metrics.MetricsActor, metrics.StartMetrics(dataclasses.replace(config, metrics_port=0), 0)), None),
     ]
     return made, (ours, theirs)
 

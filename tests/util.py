@@ -56,6 +56,21 @@ class ClientProcess:
         self.proc.stdout.close()
 
 
+def failover_holding(broker, client, topic, count):
+    """Failover subscription "s" of a reliable `topic`: consumer "a" in a process of its own,
+    active, holding `count` messages it never acknowledges, and consumer "b" of `client` on
+    standby. Returns (a's ClientProcess, b)."""
+    held = ClientProcess(broker, topic, "s", "failover", "a", hold=True)
+    standby = client.subscribe(topic, "s", "failover", "b")
+    producer = client.producer(topic)
+    for i in range(count):
+        producer.send(b"m%d" % i)
+    producer.flush()
+    wait_for(lambda: consumers_of(client.stats(topic), "s"),
+             lambda cs: [c["unacked"] for c in cs if c["name"] == "a"] == [count])
+    return held, standby
+
+
 # --- broker processes by kind, and which process holds which TCP connection ---------------------
 
 def process_kind(pid):

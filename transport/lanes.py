@@ -441,7 +441,7 @@ class LaneOp:
     APPEND = 12       # topic -> log: [APPEND, seq, first offset, [[key, tail]...], time_ms]
     APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments]: durable (per --fsync)
     APPEND_FAILED = 14  # log -> topic: [APPEND_FAILED, seq, error, next offset]: nothing of it kept
-    DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id]: its connection ended
+    DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id, time.time() the end was detected]
     READ = 16         # dispatcher -> log: [READ, token, offset, max records]
     RECORDS = 17      # log -> dispatcher: [RECORDS, token, [[offset, key, time_ms, tail]...], first retained offset]
 

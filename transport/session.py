@@ -25,7 +25,7 @@ from actorbroker.transport.validate import Invalid, is_uint
 # Ops answered by a frame of their own: they must carry a valid rid.
 REPLY_OPS = frozenset({"hello", "ping", "producer", "send", "close_producer", "subscribe",
                        "close_consumer", "unsubscribe", "topics", "stats", "delete_topic",
-                       "broker_stats", "lookup", "cluster"})
+                       "broker_stats", "lookup", "cluster", "watch", "unwatch"})
 ONE_WAY_OPS = frozenset({"flow", "ack", "nack", "pong"})
 HELLO_MAX_FRAME = 64 * 1024   # before hello: a connection costs a socket and a small buffer only
 MAX_ERROR_TEXT = 200          # characters of an error message: a request is never echoed back whole

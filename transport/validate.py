@@ -197,6 +197,8 @@ _CONTROL = {
     "delete_topic": lambda f: {"topic": topic(f)},
     "lookup": lambda f: {"topic": topic(f)},
     "cluster": lambda f: {},
+    "watch": lambda f: {"topics": name(f, "topics", optional=True) or "*"},   # a shell-style pattern
+    "unwatch": lambda f: {},
     "broker_stats": lambda f: {},
 }
 CONTROL_OPS = frozenset(_CONTROL)

@@ -42,6 +42,7 @@ class AsyncClient:
         self._core.last_received = time.monotonic()
         self._tasks = []
         self.welcome, self.max_frame, self.heartbeat_ms = None, DEFAULT_MAX_FRAME, DEFAULT_HEARTBEAT_MS
+        self._events = asyncio.Queue()   # event frames of a watch
         self._reconnect = self._on_reconnect = self._hello = None
         self._finished = asyncio.Event()   # closed for good (not reconnecting)
 
@@ -173,6 +174,25 @@ class AsyncClient:
         start = time.monotonic()
         await self._admin("ping", timeout)
         return time.monotonic() - start
+
+    # --- the lifecycle event stream (docs/protocol.md, "Events") ---------------------------------
+
+    async def watch(self, topics="*", timeout=10):
+        """As Client.watch; read the events with `await next_event()`."""
+        await self._admin("watch", timeout, topics)
+
+    async def unwatch(self, timeout=10):
+        await self._admin("unwatch", timeout)
+
+    async def next_event(self, timeout=None):
+        """The next event frame; TimeoutError if none comes in time."""
+        try:
+            return await asyncio.wait_for(self._events.get(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no event within {timeout}s") from None
+
+    def _event(self, frame):
+        self._events.put_nowait(frame)
 
     # --- reading and heartbeat -----------------------------------------------------------------
 

@@ -44,8 +44,8 @@ SEND_OVERHEAD = 64
 PUSH_MARGIN = 128
 
 # Event kinds (see the module docstring).
-REPLY, RECEIPT, MESSAGES, ACTIVE, CLOSED, LOST, WRITE, BROKEN = (
-    "reply", "receipt", "messages", "active", "closed", "lost", "write", "broken")
+REPLY, RECEIPT, MESSAGES, ACTIVE, CLOSED, LOST, WRITE, BROKEN, EVENT = (
+    "reply", "receipt", "messages", "active", "closed", "lost", "write", "broken", "event")
 _IGNORED = ("ignored",)     # pending entry of a request whose reply nobody waits for (our pings)
 _CLOSING = "closing"        # pending entry kind of a close_producer/close_consumer (close_request)
 
@@ -202,6 +202,8 @@ ADMIN = {
     "topics": (lambda: {"op": "topics"}, lambda reply: reply["topics"]),
     "stats": (lambda topic: {"op": "stats", "topic": topic}, reply_fields),
     "delete_topic": (lambda topic: {"op": "delete_topic", "topic": topic}, lambda reply: None),
+    "watch": (lambda topics: {"op": "watch", "topics": topics}, lambda reply: None),
+    "unwatch": (lambda: {"op": "unwatch"}, lambda reply: None),
     "ping": (lambda: {"op": "ping"}, lambda reply: None),
     "lookup": (lambda topic: {"op": "lookup", "topic": topic}, reply_fields),
     "cluster": (lambda: {"op": "cluster"}, lambda reply: reply["members"]),
@@ -782,6 +784,8 @@ class ClientCore:
                 self._push(target, frame, events)
         elif op == "ping":
             events.append((WRITE, encode_frame({"op": "pong", "rid": frame.get("rid", 0)})))
+        elif op == "event":   # the lifecycle event stream of a `watch` (docs/protocol.md, "Events")
+            events.append((EVENT, frame))
         elif "rid" in frame:
             entry = self._pending.pop(frame["rid"], None)
             if entry is not None:
@@ -874,5 +878,7 @@ def dispatch(events, client):
             event[1]._lost(event[2], event[3])
         elif kind is WRITE:
             client._write_quietly(event[1])
+        elif kind is EVENT:
+            client._event(event[1])
         elif kind is BROKEN:
             raise event[1]

@@ -58,6 +58,8 @@ class Client:
         self._lock = threading.Lock()          # guards the core; never held during I/O
         self._timer = threading.Condition()    # guards _linger; wakes the ticker
         self._linger = {}                      # producer -> monotonic time its batch is due
+        self._events = deque()                 # event frames of a watch, oldest first
+        self._events_ready = threading.Condition()
         core.last_received = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
         self._reader.start()
@@ -197,6 +199,35 @@ class Client:
         start = time.monotonic()
         self._admin("ping", timeout)
         return time.monotonic() - start
+
+    # --- the lifecycle event stream (docs/protocol.md, "Events") ---------------------------------
+
+    def watch(self, topics="*", timeout=10):
+        """Receive the broker's lifecycle events about topics matching `topics` (a shell-style
+        pattern; connection events always): read them with next_event()."""
+        self._admin("watch", timeout, topics)
+
+    def unwatch(self, timeout=10):
+        self._admin("unwatch", timeout)
+
+    def next_event(self, timeout=None):
+        """The next event frame ({"op": "event", "seq", "time_ms", "kind", ...}); TimeoutError if
+        none comes in time, ConnectionLost once the connection is gone and all were read."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._events_ready:
+            while not self._events:
+                if self._core.lost is not None:
+                    raise ConnectionLost(str(self._core.lost))
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no event within {timeout}s")
+                self._events_ready.wait(left)
+            return self._events.popleft()
+
+    def _event(self, frame):
+        with self._events_ready:
+            self._events.append(frame)
+            self._events_ready.notify_all()
 
     # --- reading, linger and heartbeat ---------------------------------------------------------
 
@@ -343,6 +374,8 @@ class Client:
             pass
         with self._timer:
             self._timer.notify()
+        with self._events_ready:
+            self._events_ready.notify_all()
         dispatch(events, self)
 
     @property

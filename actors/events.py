@@ -1,0 +1,111 @@
+"""EventsActor: the broker's lifecycle event stream (the `watch` op, docs/protocol.md "Events").
+
+Actors that decide something a watcher may see (a shard closing a connection, a dispatcher
+promoting a consumer, a topic being deleted, ...) send it here as an `Event` with the wall-clock
+time they decided it (actors/lifecycle.py). Events of different actors arrive in no promised order, so they
+are held HOLD_S and released sorted by that time: the order in which the broker decided them.
+Each watching connection gets the events its topic pattern matches, numbered by `seq`, written
+through its shard like any other frame: a watcher that does not read fills its own outbox and is
+closed with SLOW_CONSUMER by its shard; nothing here waits for it.
+"""
+import heapq
+import itertools
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from fnmatch import fnmatchcase
+from typing import Any
+
+from actorbroker.actors import shard
+from actorbroker.actors.base import BrokerActor
+from actorbroker.transport.codec import encode_frame
+
+# How long an event waits for events of other actors decided before it. Thespian messages take
+# about a millisecond, ordered channels gather for 4 ms: 50 ms leaves room for a busy machine.
+HOLD_S = 0.05
+_RELEASE = "events-release"
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A connection watches (again: the pattern is replaced); answered `ok` by us, in order with
+    the events that follow."""
+    connection_id: int
+    rid: int
+    pattern: str
+    shard: Any
+
+
+@dataclass(frozen=True)
+class Unwatch:
+    connection_id: int
+    rid: Any             # None when the connection ended: no answer
+    shard: Any
+
+
+class _Watcher:
+    __slots__ = ("pattern", "shard", "seq")
+
+    def __init__(self, pattern, shard_address):
+        self.pattern, self.shard, self.seq = pattern, shard_address, 0
+
+
+class EventsActor(BrokerActor):
+    process_name = "ab-events"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watchers = {}            # connection id -> _Watcher
+        self.held = []                # heap of (time, arrival, Event)
+        self.arrival = itertools.count()
+        self.release_due = False
+
+    def on_Watch(self, msg, sender):
+        watcher = self.watchers.get(msg.connection_id)
+        if watcher is None:
+            watcher = self.watchers[msg.connection_id] = _Watcher(msg.pattern, msg.shard)
+        watcher.pattern = msg.pattern
+        self._write(watcher.shard, msg.connection_id, encode_frame({"op": "ok", "rid": msg.rid}))
+
+    def on_Unwatch(self, msg, sender):
+        if msg.rid is None:   # the connection ended
+            self.watchers.pop(msg.connection_id, None)
+            return
+        watcher = self.watchers.get(msg.connection_id)
+        if watcher is not None:   # kept for its seq, which goes on if it watches again
+            watcher.pattern = None
+        self._write(msg.shard, msg.connection_id, encode_frame({"op": "ok", "rid": msg.rid}))
+
+    def on_Event(self, msg, sender):
+        if not self.watchers:
+            return   # nobody to tell: nothing is kept
+        heapq.heappush(self.held, (msg.time, next(self.arrival), msg))
+        if not self.release_due:
+            self.release_due = True
+            self.wakeupAfter(timedelta(seconds=HOLD_S), payload=_RELEASE)
+
+    def on_WakeupMessage(self, msg, sender):
+        if msg.payload != _RELEASE:
+            return
+        self.release_due = False
+        until = time.time() - HOLD_S
+        while self.held and self.held[0][0] <= until:
+            self._publish(heapq.heappop(self.held)[2])
+        if self.held:
+            self.release_due = True
+            self.wakeupAfter(timedelta(seconds=max(0.005, self.held[0][0] - until)), payload=_RELEASE)
+
+    def _publish(self, event):
+        topic = event.fields.get("topic")
+        for connection_id, watcher in self.watchers.items():
+            if watcher.pattern is None or (topic is not None and not fnmatchcase(topic, watcher.pattern)):
+                continue
+            watcher.seq += 1
+            frame = {"op": "event", "seq": watcher.seq, "time_ms": int(event.time * 1000),
+                     "kind": event.kind}
+            frame.update(event.fields)
+            self._write(watcher.shard, connection_id, encode_frame(frame))
+
+    def _write(self, shard_address, connection_id, data):
+        # one ordered channel per shard: the `ok` and the events reach the client in order
+        self.send_ordered(shard_address, shard.Outbound(connection_id, data), ("shard", str(shard_address)))

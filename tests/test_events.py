@@ -1,0 +1,200 @@
+"""The lifecycle event stream (`watch`, docs/protocol.md "Events") over real TCP against a real
+broker: which events come, in which order, to whom, and what a watcher that does not read costs."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+from actorbroker.transport.client import Client
+from tests.test_limits import PingFlood, read_to_the_end
+from tests.test_protocol import assert_error
+from tests.util import ROOT, failover_holding
+from tests.wire import RawConnection
+
+
+def events_until(client, done, first_seq=1, timeout=20):
+    """Events of `client`'s watch until done(events) holds; checks that seq has no gap."""
+    got = []
+    while not done(got):
+        event = client.next_event(timeout=timeout)
+        assert event["seq"] == first_seq + len(got), (event, got[-3:])
+        got.append(event)
+    return got
+
+
+def about(events, **fields):
+    """The events whose fields include `fields`."""
+    return [e for e in events if all(e.get(k) == v for k, v in fields.items())]
+
+
+def kinds(events):
+    return [e["kind"] for e in events]
+
+
+def test_attach_kill_promotion_redelivery_and_delete_come_in_the_order_decided(start_broker, topic):
+    b = start_broker()
+    watcher = Client(*b.address, name="watcher")
+    watcher.watch(topic)
+    with Client(*b.address) as client:
+        a, standby = failover_holding(b, client, topic, 5)
+        events = events_until(watcher, lambda got: about(got, kind="consumer_attached", consumer_name="b"))
+        attached_a = about(events, kind="consumer_attached", consumer_name="a")[0]
+        assert attached_a == dict(attached_a, topic=topic, subscription="s", consumer=a.consumer_id)
+        connection_a = attached_a["connection"]
+        opened = about(events, kind="connection_opened", connection=connection_a)
+        assert opened and opened[0]["address"].startswith("127.0.0.1:")
+        assert kinds(about(events, topic=topic)) == ["topic_created", "consumer_attached", "consumer_attached"]
+        assert events.index(opened[0]) < events.index(attached_a)
+
+        a.proc.send_signal(signal.SIGKILL)   # kill -9 of the active consumer's client
+        a.stop()
+        events += events_until(watcher, lambda got: about(got, kind="promoted"), len(events) + 1)
+        after_kill = events[events.index(about(events, kind="consumer_attached", consumer_name="b")[0]) + 1:]
+        lost = [e for e in after_kill if e.get("connection") == connection_a or e.get("topic") == topic]
+        assert kinds(lost) == ["connection_closed", "consumer_detached", "redelivered", "promoted"], lost
+        assert lost[0]["cause"] == "eof"
+        assert lost[1] == dict(lost[1], consumer=a.consumer_id, consumer_name="a", cause="connection_closed")
+        assert lost[2] == dict(lost[2], subscription="s", count=5)
+        assert lost[3] == dict(lost[3], consumer=standby.id, consumer_name="b", subscription="s")
+        assert [e["time_ms"] for e in lost] == sorted(e["time_ms"] for e in lost)
+
+        client.delete_topic(topic)
+        events += events_until(watcher, lambda got: about(got, kind="topic_deleted"), len(events) + 1)
+        deleted = about(events[events.index(lost[-1]) + 1:], topic=topic)
+        # b held the 5 messages unacked: they are put back as it goes, then the topic goes
+        assert kinds(deleted) == ["consumer_detached", "redelivered", "topic_deleted"]
+        assert deleted[0] == dict(deleted[0], consumer=standby.id, cause="topic_deleted")
+    watcher.close()
+
+
+def test_a_pattern_selects_topics_connection_events_always_pass(start_broker, topic):
+    b = start_broker()
+    watcher = Client(*b.address, name="watcher")
+    watcher.watch("/other/*")
+    with Client(*b.address) as client:
+        client.subscribe(topic, "s", "shared", "c").close()
+        client.producer("/other/x").close()
+    events = events_until(watcher, lambda got: about(got, kind="topic_created"))
+    assert about(events, kind="topic_created") == [dict(events[-1], topic="/other/x", dispatch="non_reliable")]
+    assert not about(events, topic=topic)
+    assert about(events, kind="connection_opened")   # the client's connection: no topic, passes
+    watcher.watch(topic)                              # a second watch replaces the pattern
+    with Client(*b.address) as client:
+        client.subscribe(topic, "s", "shared", "c2").close()
+        client.producer("/other/y").close()
+    more = events_until(watcher, lambda got: about(got, kind="consumer_detached"), len(events) + 1)
+    assert kinds(about(more, topic=topic)) == ["consumer_attached", "consumer_detached"], more   # it existed
+    assert about(more, cause="closed")
+    assert not about(more, topic="/other/y")
+    watcher.unwatch()
+    with Client(*b.address) as client:
+        client.producer(topic + "z").close()
+    watcher.watch("/nothing/*")   # answered in order after anything the unwatch let through
+    with Client(*b.address):
+        pass
+    seen = len(events) + len(more)
+    last = events_until(watcher, lambda got: about(got, kind="connection_closed"), seen + 1)   # seq goes on
+    assert not about(last, topic=topic + "z")
+    watcher.close()
+
+
+def test_watch_needs_admin_when_auth_is_on_and_a_pattern_must_be_a_name(start_broker, tmp_path):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"root": ["admin"], "reader": ["consume:/test/*"]}))
+    b = start_broker("--auth-file", str(tokens))
+    conn = RawConnection(*b.address)
+    conn.hello(token="reader")
+    assert_error(conn.request({"op": "watch", "topics": "/test/*"}, expect_error=True), "NOT_AUTHORIZED",
+                 conn.last_rid)
+    root = RawConnection(*b.address)
+    root.hello(token="root")
+    assert_error(root.request({"op": "watch", "topics": 7}, expect_error=True), "BAD_REQUEST", root.last_rid)
+    assert root.request({"op": "watch"}) == {"op": "ok", "rid": root.last_rid}
+    conn.sock.close()   # the reader's connection ends: the admin watcher sees it
+    while True:
+        event = root.recv_frame(timeout=10)
+        if event["op"] == "event" and event["kind"] == "connection_closed":
+            break
+    assert event["cause"] == "eof" and event["seq"] >= 1
+    assert root.request({"op": "unwatch"}) == {"op": "ok", "rid": root.last_rid}
+
+
+def test_a_watcher_that_does_not_read_is_cut_off_and_slows_no_one(start_broker, topic):
+    """A watcher that never reads what it is sent (events, and the pongs of the pings it keeps
+    writing, which fill the kernel's buffers in seconds rather than minutes) is closed with
+    SLOW_CONSUMER: another watcher sees slow_consumer then connection_closed with that cause, what
+    it got ends with the error and has no gap in seq, and a producer and a consumer of the broker
+    lose nothing meanwhile."""
+    b = start_broker("--max-pending-bytes", str(256 * 1024))
+    slow = RawConnection(*b.address)
+    slow.hello(heartbeat_ms=60000)
+    assert slow.request({"op": "watch"})["op"] == "ok"
+    watcher = Client(*b.address, name="watcher")
+    watcher.watch(topic)
+    churn_stop = threading.Event()
+
+    def churn():   # connections opened and closed: two events each for every watcher
+        while not churn_stop.is_set():
+            socket.create_connection(b.address).close()
+
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    flood = PingFlood(slow)
+    slow_id = None
+    try:
+        with Client(*b.address) as client:
+            consumer = client.subscribe(topic, "s", "shared", "c")
+            producer = client.producer(topic)
+            for round_ in range(10):
+                futures = [producer.send(b"%d-%d" % (round_, i)) for i in range(100)]
+                producer.flush()
+                assert [f.result(10) for f in futures] == list(range(round_ * 100, round_ * 100 + 100))
+                assert [consumer.receive(timeout=10).payload for _ in range(100)] == \
+                    [b"%d-%d" % (round_, i) for i in range(100)]
+            while slow_id is None:
+                event = watcher.next_event(timeout=60)
+                if event["kind"] == "slow_consumer":
+                    slow_id = event["connection"]
+            closed = watcher.next_event(timeout=10)
+            while closed.get("connection") != slow_id:   # the churn's events come in between
+                closed = watcher.next_event(timeout=10)
+            assert closed["kind"] == "connection_closed" and closed["cause"] == "slow_consumer"
+    finally:
+        churn_stop.set()
+        churner.join()
+        flood.join()
+    frames = list(read_to_the_end(slow))
+    assert frames[-1]["op"] == "error" and frames[-1]["code"] == "SLOW_CONSUMER", frames[-3:]
+    seqs = [f["seq"] for f in frames if f["op"] == "event"]
+    assert seqs and seqs == list(range(1, len(seqs) + 1))   # what it got before the cut: no gap
+    watcher.close()
+
+
+def test_events_command_prints_one_line_or_one_json_object_per_event(start_broker, topic):
+    b = start_broker()
+    url = f"{b.host}:{b.port}"
+    commands = [subprocess.Popen([sys.executable, "-m", "actorbroker.scripts.cli", "events", topic, *extra,
+                                  "--url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+                for extra in (["--json"], [])]
+    for command in commands:   # each says so once its watch is answered
+        assert command.stderr.readline().decode().startswith(f"watching {topic} on ")
+    with Client(*b.address) as client:
+        client.subscribe(topic, "s", "exclusive", "c").close()
+    outputs = []
+    for command in commands:   # connection events pass any pattern: those of the topic are read
+        lines = []
+        while "consumer_detached" not in "".join(lines):
+            lines.append(command.stdout.readline().decode())
+        command.send_signal(signal.SIGINT)
+        assert command.wait(timeout=30) == 130
+        outputs.append([line for line in lines if topic in line])
+    as_json = [json.loads(line) for line in outputs[0]]
+    assert kinds(as_json) == ["topic_created", "consumer_attached", "consumer_detached"]
+    assert as_json[1] == dict(as_json[1], op="event", topic=topic, subscription="s", consumer_name="c")
+    assert as_json[2]["cause"] == "closed" and as_json[1]["seq"] < as_json[2]["seq"]
+    assert [line.split()[1] for line in outputs[1]] == kinds(as_json)
+    assert f"topic={topic}" in outputs[1][0] and "consumer_name=c" in outputs[1][1]
