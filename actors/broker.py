@@ -48,6 +48,7 @@ class BrokerStarted:
 @dataclass(frozen=True)
 class BrokerFailed:
     error: str
+    admin_pid: int = 0   # so that serve can make sure the whole tree is gone
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
 
     def on_MetricsFailed(self, msg, sender):
         if self.metrics_port is None and self.starter is not None:
-            self.send(self.starter, BrokerFailed(msg.error))
+            self.send(self.starter, BrokerFailed(msg.error, os.getppid()))
             self.starter = None
 
     def _started(self):
@@ -203,7 +204,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
 
     def on_ListenFailed(self, msg, sender):
         if self.listen_port is None and self.starter is not None:
-            self.send(self.starter, BrokerFailed(msg.error))
+            self.send(self.starter, BrokerFailed(msg.error, os.getppid()))
             self.starter = None
         else:   # a restarted listener could not bind again: nothing can serve clients any more
             log.critical("listener restart failed: %s", msg.error)

@@ -245,7 +245,13 @@ def _start_main():
     except OSError:
         pass
     caps = capabilities(args.admin_port, args.node, host_port(args.join) if args.join else None)
-    ActorSystem(SYSTEM_BASE, caps, logDefs=log_defs(args.log, args.log_level, args.log_format))
+    from thespian.actors import InvalidActorAddress
+    try:
+        ActorSystem(SYSTEM_BASE, caps, logDefs=log_defs(args.log, args.log_level, args.log_format))
+    except InvalidActorAddress:
+        # Taken between that check and Thespian's bind, by a socket that refused our signed
+        # hello (another process's): Thespian then starts no admin. serve picks another port.
+        sys.exit(ADMIN_PORT_TAKEN)
 
 
 if __name__ == "__main__":

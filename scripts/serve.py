@@ -208,6 +208,9 @@ def serve(args):
         if not isinstance(reply, BrokerStarted):
             reason = reply.error if isinstance(reply, BrokerFailed) else "no answer from the broker"
             print(f"error: {reason}", file=sys.stderr)
+            if isinstance(reply, BrokerFailed) and reply.admin_pid:
+                stop_system(system, reply.admin_pid)
+                system = None
             return 1
         metrics = f"; metrics on http://{config.metrics_host}:{reply.metrics_port}/metrics" \
             if reply.metrics_port is not None else ""
@@ -229,14 +232,8 @@ def serve(args):
                   f"restarts the broker", file=sys.stderr, flush=True)
             return 3
         print("actorbroker stopping", flush=True)
-        tree = descendants(reply.admin_pid)
-        system.shutdown()
+        stop_system(system, reply.admin_pid)
         system = None
-        left = still_alive(tree, SHUTDOWN_GRACE_S)
-        if left:   # Thespian's shutdown gave up on part of the tree: no process may outlive serve
-            print(f"warning: {len(left)} broker processes did not stop within {SHUTDOWN_GRACE_S} s "
-                  f"of the shutdown; killing them", file=sys.stderr, flush=True)
-            kill_system(left)
         return 0
     finally:
         if system is not None:
@@ -361,6 +358,17 @@ def descendants(pid):
             pass
         i += 1
     return pids
+
+
+def stop_system(system, admin_pid):
+    """Thespian's shutdown, then by PID whatever of the admin's tree outlives it."""
+    tree = descendants(admin_pid)
+    system.shutdown()
+    left = still_alive(tree, SHUTDOWN_GRACE_S)
+    if left:   # Thespian's shutdown gave up on part of the tree: no process may outlive serve
+        print(f"warning: {len(left)} broker processes did not stop within {SHUTDOWN_GRACE_S} s "
+              f"of the shutdown; killing them", file=sys.stderr, flush=True)
+        kill_system(left)
 
 
 def still_alive(pids, timeout):
