@@ -101,7 +101,7 @@ def rendezvous_owner(topic, members):
 
 class Member:
     __slots__ = ("node", "incarnation", "root", "client_address", "leader", "topics", "load",
-                 "last_seen", "lost", "seen")
+                 "last_seen", "lost", "seen", "placed")
 
     def __init__(self, node, root, now):
         self.node = node
@@ -110,6 +110,9 @@ class Member:
         self.client_address = ""
         self.leader = False
         self.topics = {}       # name -> dispatch
+        # topics this node placed there that its heartbeats do not list yet: name -> dispatch
+        # (so that a loss right after a creation still finds the reliable log's owner)
+        self.placed = {}
         self.seen = {}         # topic -> node: topics of the members it sees live
         self.load = {}
         self.last_seen = now
@@ -140,6 +143,8 @@ class Membership:
         member.incarnation, member.root = hb.incarnation, hb.root
         member.client_address, member.leader = hb.client_address, hb.leader
         member.topics = dict(hb.topics)
+        for name in [n for n in member.placed if n in member.topics]:
+            del member.placed[name]
         member.seen = dict(hb.seen)
         member.load = dict(hb.load)
         member.last_seen = now
@@ -196,9 +201,16 @@ class Membership:
                 # by all). (An owner live here speaks for itself: its own list is the truth.)
                 return None, owner
         for member in self.members.values():
-            if member.lost and member.topics.get(topic) == "reliable":
+            if member.lost and "reliable" in (member.topics.get(topic), member.placed.get(topic)):
                 return None, member.node   # its log is there: nobody else may open it
         return rendezvous_owner(topic, self.live_names()), None
+
+    def placed_on(self, node, topic, dispatch):
+        """We sent the request that creates `topic` on `node`: remember it until its heartbeat
+        lists it."""
+        member = self.members.get(node)
+        if member is not None and dispatch and topic not in member.topics:
+            member.placed.setdefault(topic, dispatch)
 
     def _lost_here(self, node):
         member = self.members.get(node)

@@ -158,6 +158,8 @@ class ClusterRoot:
                     f"off from here); it is available again when {held} is back")))
             return True
         member = self.membership.members[node]
+        if held is None:   # a new topic: its owner's heartbeat will list it a moment later
+            self.membership.placed_on(node, name, getattr(forward, "create_dispatch", None))
         self.send_ordered(member.root, cluster.Placed(forward), ("node", node, member.incarnation))
         return True
 
