@@ -436,7 +436,7 @@ class LaneOp:
     NACK = 7          # shard -> dispatcher: [NACK, consumer_id, ids, delay_ms]
     DELIVER = 8       # dispatcher -> shard: [DELIVER, consumer_id, [blob...]]
     DELIVER_ACK = 9   # shard -> dispatcher: [DELIVER_ACK, consumer_id]: buffered, send more
-    REPLY = 10        # dispatcher -> shard: [REPLY, consumer_id, frame bytes] (an ack's `ok`)
+    REPLY = 10        # dispatcher -> shard: [REPLY, consumer_id, frame bytes, rid] (the answer to an ack)
     ENDED = 11        # dispatcher -> shard: [ENDED, consumer_id, reason]: the consumer is gone
     APPEND = 12       # topic -> log: [APPEND, seq, first offset, [[key, tail]...], time_ms]
     APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments]: durable (per --fsync)
