@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from thespian.actors import ActorExitRequest, ThespianWatch
+from thespian.actors import ActorExitRequest, ActorSystemMessage, ThespianWatch
 
 from actorbroker.actors import broker, connection, dispatcher, log as log_actor, signing, subscription
 from actorbroker.actors.base import BrokerActor, log
@@ -40,6 +40,18 @@ class InitTopic:
     name: str
     dispatch: str
     config: Any
+    # a reliable topic in a shared folder: the nodes the root sees live, or None (open the log
+    # only if this node holds it); see storage/fencing.py
+    live: Any = None
+    incarnation: str = ""
+
+
+@dataclass(frozen=True)
+class TopicMoved:
+    """To the root: another node holds this reliable topic's log (`owner`); this actor refuses
+    every request and waits to be stopped."""
+    name: str
+    owner: str
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,9 @@ class TopicActor(BrokerActor):
         self.truncated_bytes = 0
         self.restoring = {}        # subscription name -> type, while its cursor is being loaded
         self.ending = False        # deleted or stopping: children that exit are not restarted
+        self.moved_to = None       # the node holding the log, when another does (TopicMoved)
+        self.claim_live = None
+        self.incarnation = ""
         self.incarnations = 0      # subscription pairs created so far
 
     def watch(self):
@@ -186,6 +201,7 @@ class TopicActor(BrokerActor):
 
     def on_InitTopic(self, msg, sender):
         self.name, self.dispatch, self.config = msg.name, msg.dispatch, msg.config
+        self.claim_live, self.incarnation = msg.live, msg.incarnation
         self.broker = sender
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
                            kind=self.config.lanes, host=self.config.actor_host,
@@ -195,14 +211,44 @@ class TopicActor(BrokerActor):
         log.info("topic %s open (%s)", self.name, self.dispatch, extra={"topic": self.name})
         if self.dispatch == "reliable":
             self._start_log()
-            self.hold_until(log_actor.LogOpened)
+            self.hold_until((log_actor.LogOpened, log_actor.LogFenced))
 
-    def _start_log(self):
+    def _start_log(self, restart=False):
         self.log_ready = False
         self.log_lane = None
         self.log = self.createActor("actorbroker.actors.log.LogActor")
         self.forget_ordered("log")
-        self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config), "log")
+        claim = None
+        if self.config.shared_data:   # a restarted log reopens only what this node still holds
+            claim = (self.config.node, self.incarnation, None if restart else self.claim_live)
+        self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config, claim), "log")
+
+    def on_LogFenced(self, msg, sender):
+        """Another node holds the log: refuse everything from now on (storage/fencing.py)."""
+        if self.moved_to is not None:
+            return
+        self.moved_to = msg.owner
+        log.warning("topic %s: its log is held by node %s: not served here", self.name, msg.owner,
+                    extra={"topic": self.name})
+        for entry, _, _ in self.appending.values():
+            for lane, producer_id, receipts, _ in entry:
+                self._refuse(lane, producer_id, receipts, self._moved_text(), E.TOPIC_UNAVAILABLE)
+        for lane, producer_id, receipts, _ in self.unsynced:
+            self._refuse(lane, producer_id, receipts, self._moved_text(), E.TOPIC_UNAVAILABLE)
+        self.appending, self.unsynced = {}, []
+        self.log_ready = False
+        self.send(self.broker, TopicMoved(self.name, msg.owner))
+
+    def _moved_text(self):
+        return f"topic {self.name} is held by node {self.moved_to or '?'}; send it again"
+
+    def _base_handle(self, msg, sender):
+        if self.moved_to is None or isinstance(msg, ActorSystemMessage):
+            super()._base_handle(msg, sender)
+            return
+        rid, reply_to = getattr(msg, "rid", None), getattr(msg, "reply_to", None)
+        if rid is not None and reply_to is not None:   # a request that reached a moved topic
+            self.send(reply_to, connection.RequestFailed(rid, E.TOPIC_UNAVAILABLE, self._moved_text()))
 
     def on_LogOpened(self, msg, sender):
         self.next_offset, self.first_offset = msg.next_offset, msg.first_offset
@@ -245,6 +291,8 @@ class TopicActor(BrokerActor):
 
     def _log_lost(self):
         """Restart the LogActor; what it had not made durable is refused, never receipted."""
+        if self.moved_to is not None:
+            return   # fenced: another node holds the log, nothing is restarted here
         log.error("topic %s: log actor died; restarting it", self.name, extra={"topic": self.name})
         refused = [entry for entry, _, _ in self.appending.values()]
         self.appending = {}
@@ -254,7 +302,7 @@ class TopicActor(BrokerActor):
                              "was durable; send it again")
                 self.msgs_in -= len(entries)
         self.unsynced = []
-        self._start_log()
+        self._start_log(restart=True)
         self.log_ready = None   # restarting: LogOpened tells the dispatchers
 
     def _subscription_lost(self, name, sub):
@@ -367,9 +415,9 @@ class TopicActor(BrokerActor):
             sub.pending.extend(records)
             self._feed(name, sub)
 
-    def _refuse(self, lane, producer_id, receipts, text):
+    def _refuse(self, lane, producer_id, receipts, text, code=E.INTERNAL):
         if lane is not None and not lane.closed:
-            lane.send([LaneOp.RECEIPTS, producer_id, [], [(rid, E.INTERNAL, text) for rid, _, _ in receipts]])
+            lane.send([LaneOp.RECEIPTS, producer_id, [], [(rid, code, text) for rid, _, _ in receipts]])
 
     def _publish_reliable(self, lane, producer_id, sends):
         entries, receipts = [], []
@@ -382,7 +430,10 @@ class TopicActor(BrokerActor):
                 offset += 1
             receipts.append((rid, first, offset - first))
         if not self.log_ready:
-            self._refuse(lane, producer_id, receipts, "the topic's log is restarting; send it again")
+            if self.moved_to is not None:
+                self._refuse(lane, producer_id, receipts, self._moved_text(), E.TOPIC_UNAVAILABLE)
+            else:
+                self._refuse(lane, producer_id, receipts, "the topic's log is restarting; send it again")
             return
         self.msgs_in += offset - self.next_offset
         self.next_offset = offset

@@ -11,7 +11,7 @@ import pytest
 from actorbroker.scripts.local_broker import LocalBroker
 from actorbroker.transport.client.core import Reconnect
 from actorbroker.transport.client.sync import Client
-from actorbroker.transport.errors import ConsumerClosed, TopicUnavailable
+from actorbroker.transport.errors import BrokerError, ConsumerClosed, ProducerClosed, TopicUnavailable
 from tests import netns
 
 TIMEOUT_MS = 3000          # member timeout (the default): a loss is declared within it
@@ -43,9 +43,11 @@ class Cluster:
         with os.fdopen(fd, "wb") as f:
             f.write(os.urandom(32).hex().encode())
         self.nodes = {}
+        self.options = {}
         self.stopped = []
 
     def start(self, node, *extra):
+        self.options[node] = extra = extra or self.options.get(node, ())   # a restart keeps them
         address = self.hosts.address(node)
         options = ["--host", address, "--cluster-bind", f"{address}:{ADMIN_PORT}", "--node", node,
                    "--cluster-secret-file", str(self.secret), "--member-timeout-ms", str(TIMEOUT_MS),
@@ -103,10 +105,20 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path):
+    yield from three_nodes(tmp_path)
+
+
+@pytest.fixture
+def shared_cluster(tmp_path):
+    """Three nodes whose reliable topics live in one folder they all see (`--shared-data`)."""
+    yield from three_nodes(tmp_path, "--shared-data", str(tmp_path / "shared"))
+
+
+def three_nodes(tmp_path, *options):
     c = Cluster(tmp_path)
     try:
         for node in netns.NODES:
-            c.start(node)
+            c.start(node, *options)
         c.wait_live("a", ["a", "b", "c"])
         c.wait_live("c", ["a", "b", "c"])
         yield c
@@ -418,3 +430,73 @@ def test_leader_killed(cluster):
     cluster.wait_live("a", ["a", "b", "c"])
     cluster.wait_live("b", ["a", "b", "c"])
     cluster.wait_live("c", ["a", "b", "c"])
+
+
+# --- reliable topics in a shared folder (--shared-data) ----------------------------------------------
+
+def test_shared_data_a_survivor_takes_a_reliable_topic_over(shared_cluster):
+    """B, holding a reliable topic's log in the shared folder, is killed: the topic's next use
+    opens it on a survivor, from the log, with every receipted message; when B returns it does
+    not open it again: one owner."""
+    cluster = shared_cluster
+    durable = cluster.topic_on("b", "reliable")
+    sent = [b"r%d" % i for i in range(100)]
+    with cluster.client("a") as on_a, cluster.client("c") as on_c:
+        on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable", start="earliest").close()
+        produce(on_a, durable, sent, dispatch="reliable")   # all receipted
+        killed = time.monotonic()
+        cluster.kill("b")
+        lost_within(cluster, ["a", "c"], "b", killed, "kill -9")
+        consumer = on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable")
+        assert receive_all(consumer, 100) == sent
+        owner = on_a.lookup(durable)["node"]
+        assert owner in ("a", "c") and on_c.lookup(durable)["node"] == owner
+        after = [b"after-%d" % i for i in range(20)]
+        produce(on_a, durable, after, dispatch="reliable")
+        assert receive_all(consumer, 20) == after
+    cluster.start("b")
+    for node in ("a", "b", "c"):
+        cluster.wait_live(node, ["a", "b", "c"])
+    with cluster.client("b") as on_b:
+        assert on_b.lookup(durable)["node"] == owner
+        assert [t["node"] for t in on_b.topics() if t["name"] == durable] == [owner]
+        produce(on_b, durable, [b"from-b"], dispatch="reliable")
+    with cluster.client("c") as on_c:
+        consumer = on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable")
+        assert receive_all(consumer, 1) == [b"from-b"]
+
+
+def test_shared_data_a_stopped_owner_is_fenced(shared_cluster):
+    """B holds a reliable topic and is stopped (its sockets stay open): a survivor takes the topic
+    over. When B runs again, a send that B's own producer makes is refused, never receipted, and
+    nothing B writes reaches the log: the log has one writer."""
+    cluster = shared_cluster
+    durable = cluster.topic_on("b", "reliable")
+    with cluster.client("b") as on_b, cluster.client("a") as on_a, cluster.client("c") as on_c:
+        stale = on_b.producer(durable, dispatch="reliable")
+        for i in range(10):
+            stale.send_sync(b"b%d" % i)
+        b_pids = cluster.nodes["b"].processes()
+        stopped = time.monotonic()
+        for pid in b_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            lost_within(cluster, ["a", "c"], "b", stopped, "SIGSTOP")
+            consumer = on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable", start="earliest")
+            produce(on_a, durable, [b"a%d" % i for i in range(10)], dispatch="reliable")
+            expected = [b"b%d" % i for i in range(10)] + [b"a%d" % i for i in range(10)]
+            assert receive_all(consumer, 20) == expected
+            owner = on_a.lookup(durable)["node"]
+            assert owner in ("a", "c")
+        finally:
+            for pid in b_pids:
+                os.kill(pid, signal.SIGCONT)
+        with pytest.raises((BrokerError, ProducerClosed)):
+            stale.send_sync(b"stale", timeout=10)
+        cluster.wait_live("a", ["a", "b", "c"])
+        cluster.wait_live("b", ["a", "b", "c"])
+        produce(on_a, durable, [b"marker"], dispatch="reliable")
+        assert receive_all(consumer, 1) == [b"marker"]   # "stale" never reached the log
+        for node in ("a", "b", "c"):
+            with cluster.client(node) as c:
+                assert [t["node"] for t in c.topics() if t["name"] == durable] == [owner]
