@@ -171,6 +171,8 @@ class ClusterRoot:
         if held is None:   # a new topic: its owner's heartbeat will list it a moment later
             self.membership.placed_on(node, name, getattr(forward, "create_dispatch", None))
         self.send_ordered(member.root, cluster.Placed(forward), ("node", node, member.incarnation))
+        if reply_to is not None and rid is not None:   # answered there; here if that node is lost first
+            self.send(reply_to, connection.RequestForwarded(rid, node))
         return True
 
     def on_Placed(self, msg, sender):
@@ -185,6 +187,7 @@ class ClusterRoot:
         if node not in (None, self.config.node) and not placed:
             member = self.membership.members[node]
             self.send_ordered(member.root, cluster.Placed(msg), ("node", node, member.incarnation))
+            self.send(msg.reply_to, connection.RequestForwarded(msg.rid, node))
             return
         if placed:   # the asking node placed it here: it is ours, or new here
             node, held = self.config.node, self.own_topics().get(msg.topic)

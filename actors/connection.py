@@ -10,6 +10,7 @@ shard. No flag, no lock, no second packet.
 Requests it sends on carry `rid` as a tag (connection id, rid): the answers find their connection.
 """
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -21,6 +22,8 @@ from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E, validate
 from actorbroker.transport.codec import encode_frame
 from actorbroker.transport.session import error_frame
+
+GIVE_UP_MEMORY_S = 600   # how long a late answer to a request given up on is recognised and dropped
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,14 @@ class RequestFailed:
 
 
 @dataclass(frozen=True)
+class RequestForwarded:
+    """The root sent the request `rid` to the cluster member `node`, which answers it directly:
+    if that member is lost first, the request is answered here (TOPIC_UNAVAILABLE)."""
+    rid: Any
+    node: str
+
+
+@dataclass(frozen=True)
 class ProducerEnded:
     producer_id: int
     reason: str
@@ -183,6 +194,8 @@ class ConnectionActor(BrokerActor):
         self.streams = {}
         self.exiting = False
         self.shards_lost = 0         # connections ended because their shard died
+        self.forwarded = {}          # tag of a request another node answers -> that node
+        self.given_up = {}           # tag answered here when its node was lost -> when: late answers dropped
 
     # --- set-up and the shard's supervision -------------------------------------------------------
     def on_StartConnections(self, msg, sender):
@@ -362,11 +375,13 @@ class ConnectionActor(BrokerActor):
 
     def _op_stats(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
+        conn.pending[tag] = "request"   # it may go to another node (RequestForwarded)
         self.send_ordered(self.broker, broker.TopicRequest(
             frame["topic"], None, topic.StatsRequest(tag, self.myAddress)), "root")
 
     def _op_lookup(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
+        conn.pending[tag] = "request"   # it may go to another node (RequestForwarded)
         self.send_ordered(self.broker, broker.Lookup(tag, frame["topic"], self.myAddress), "root")
 
     def _op_cluster(self, conn, connection_id, frame, tag):
@@ -389,6 +404,7 @@ class ConnectionActor(BrokerActor):
 
     def _op_delete_topic(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
+        conn.pending[tag] = "request"   # it may go to another node (RequestForwarded)
         self.send_ordered(self.broker, broker.DeleteTopic(tag, frame["topic"], self.myAddress), "root")
 
     # --- permissions and ids (the shapes were checked by transport/validate.py) --------------------
@@ -420,7 +436,11 @@ class ConnectionActor(BrokerActor):
 
     # --- answers from the broker's actors ---------------------------------------------------------
     def _answered(self, tag):
-        """The connection a request came from, if it is still open; forgets the request."""
+        """The connection a request came from, if it is still open; forgets the request. None
+        too for an answer that comes after the request was given up (its node was lost)."""
+        self.forwarded.pop(tag, None)
+        if self.given_up and self.given_up.pop(tag, None) is not None:
+            return None, None
         connection_id, _ = tag
         conn = self.connections.get(connection_id)
         if conn is None:
@@ -428,9 +448,30 @@ class ConnectionActor(BrokerActor):
         conn.pending.pop(tag, None)
         return connection_id, conn
 
+    def on_RequestForwarded(self, msg, sender):
+        conn = self.connections.get(msg.rid[0])
+        if conn is not None and msg.rid in conn.pending:   # (not if its answer came first)
+            self.forwarded[msg.rid] = msg.node
+
+    def _give_up_on(self, node):
+        """Answer the requests that the lost member `node` was to answer: it never will."""
+        now = time.monotonic()
+        for tag, when in list(self.given_up.items()):
+            if now - when > GIVE_UP_MEMORY_S:
+                del self.given_up[tag]
+        for tag in [t for t, n in self.forwarded.items() if n == node]:
+            connection_id, conn = self._answered(tag)
+            self.given_up[tag] = now
+            if conn is None:
+                continue
+            if not conn.closed:
+                self._write(connection_id, error_frame(E.TOPIC_UNAVAILABLE, (
+                    f"node {node} was lost before it answered this request; send it again"), tag[1]))
+            self._forget_when_drained(connection_id)
+
     def on_ProducerOpened(self, msg, sender):
         connection_id, conn = self._answered(msg.rid)
-        if conn is None or conn.closed:   # the client left while this was in flight
+        if conn is None or conn.closed:   # the client left while this was in flight, or gave up
             self.send(msg.topic_address, topic.CloseProducer(msg.producer_id, None, None))
             if conn is not None:
                 self._forget_when_drained(connection_id)
@@ -495,6 +536,7 @@ class ConnectionActor(BrokerActor):
     def on_NodeLost(self, msg, sender):
         """A cluster member was declared lost: what is attached to its topics ends now, even if
         no lane told us (a partition keeps sockets open); the client may open them again."""
+        self._give_up_on(msg.node)
         for ident in [i for i, node in self.node_of.items() if node == msg.node]:
             if ident in self.producer_conn:
                 self._end_producer(ident, "node_lost", close=False)

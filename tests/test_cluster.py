@@ -500,3 +500,25 @@ def test_shared_data_a_stopped_owner_is_fenced(shared_cluster):
         for node in ("a", "b", "c"):
             with cluster.client(node) as c:
                 assert [t["node"] for t in c.topics() if t["name"] == durable] == [owner]
+
+
+def test_a_request_to_a_node_that_stops_is_answered_when_it_is_lost(cluster):
+    """A request A forwards to B just as B stops is not left without an answer: when A declares
+    B lost, the client gets TOPIC_UNAVAILABLE, and may send it again."""
+    topic = cluster.topic_on("b")
+    with cluster.client("a") as on_a:
+        on_a.producer(topic).close()   # the topic lives on B
+        b_pids = cluster.nodes["b"].processes()
+        stopped = time.monotonic()
+        for pid in b_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TopicUnavailable) as refused:
+                on_a.producer(topic)   # forwarded to B, which cannot answer
+            assert "was lost before it answered" in str(refused.value)
+            assert time.monotonic() - stopped < TIMEOUT_MS / 1000 + 5
+            lost_within(cluster, ["a", "c"], "b", stopped, "SIGSTOP")   # (until C sees it too: unavailable)
+            on_a.producer(topic).send_sync(b"again")   # re-homed on a survivor
+        finally:
+            for pid in b_pids:
+                os.kill(pid, signal.SIGCONT)
