@@ -492,7 +492,7 @@ class DispatcherActor(BrokerActor):
     def _close(self, consumer_id, reason):
         consumer = self.policy.consumers.get(consumer_id)
         if consumer is not None:
-            self.send_ordered(consumer.owner, connection.ConsumerEnded(consumer_id, reason),
+            self.send_ordered(consumer.owner, connection.ConsumerEnded(consumer_id, reason, self.node),
                               ("owner", str(consumer.owner)))
             self._forget(consumer_id, reason)
 
@@ -526,7 +526,7 @@ class DispatcherActor(BrokerActor):
         for consumer_id, flag in ((before, False), (now, True)):
             consumer = self.policy.consumers.get(consumer_id)
             if consumer is not None and consumer_id != skip:
-                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag),
+                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag, self.node),
                                   ("owner", str(consumer.owner)))
 
     # --- from the consumers' transports ---------------------------------------------------------

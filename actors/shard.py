@@ -83,6 +83,10 @@ class UnrouteProducer:
     connection_id: int
     producer_id: int
     data: bytes = b""
+    # being re-attached to a re-homed topic (cluster): the client keeps it; its sends meanwhile
+    # get TOPIC_UNAVAILABLE
+    reattaching: bool = False
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class RouteConsumer:
     consumer_id: int
     lane: Any           # LaneAddress of the dispatcher
     data: bytes
+    regrant: bool = False   # re-attached: give the new dispatcher the credits the client has left
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,8 @@ class UnrouteConsumer:
     connection_id: int
     consumer_id: int
     data: bytes = b""
+    # being re-attached to a re-homed topic (cluster): the client keeps it, and its credits
+    reattaching: bool = False
 
 
 class _Client:
@@ -166,6 +173,8 @@ class ShardActor(BrokerActor):
         self.producers = {}      # producer id -> _Producer
         self.closing_producers = {}  # closed producers whose last sends await their receipts
         self.consumers = {}      # consumer id -> (connection id, lane)
+        self.credits = {}        # consumer id -> credits its client gave and no delivery used yet
+        self.reattaching = set()  # producer ids being re-attached to a re-homed topic
         # acks with a rid sent to a dispatcher and not answered yet: consumer id -> (connection id,
         # rids); each is answered once, by the dispatcher or, if its lane ends first, here
         self.acks_waiting = {}
@@ -341,6 +350,7 @@ class ShardActor(BrokerActor):
             if kind == "publish":
                 publishes.setdefault(event[1], []).append((event[2], event[3]))
             elif kind == "flow":
+                self.credits[event[1]] = self.credits.get(event[1], 0) + event[2]
                 self._to_dispatcher(event[1], [LaneOp.FLOW, event[1], event[2]])
             elif kind == "ack":
                 self._ack(client, event[1], event[2], event[3])
@@ -353,6 +363,7 @@ class ShardActor(BrokerActor):
                     self._drop_producer(frame["producer"])
                 elif frame["op"] in ("close_consumer", "unsubscribe"):
                     self.consumers.pop(frame.get("consumer"), None)
+                    self.credits.pop(frame.get("consumer"), None)
                 self.send_ordered(self.supervisor, connection.ClientRequest(connection_id, frame), "shard")
             elif kind == "hello":
                 self.send_ordered(self.supervisor, connection.ClientHello(connection_id, event[1], event[2]),
@@ -406,6 +417,11 @@ class ShardActor(BrokerActor):
         for producer_id, sends in publishes.items():
             producer = self.producers.get(producer_id)
             if producer is None:   # ended since the session accepted them: say so, never drop
+                if producer_id in self.reattaching:
+                    client.session.write(b"".join(error_frame(
+                        E.TOPIC_UNAVAILABLE, "the topic is moving to another node; send it again", rid)
+                        for rid, _ in sends))
+                    continue
                 client.session.write(b"".join(error_frame(
                     E.UNKNOWN_PRODUCER, f"producer {producer_id} is not open on this connection", rid)
                     for rid, _ in sends))
@@ -437,6 +453,7 @@ class ShardActor(BrokerActor):
 
     def _drop_producer(self, producer_id):
         """Closed: what it sent before goes to the topic now; receipts still find the client."""
+        self.reattaching.discard(producer_id)
         producer = self.producers.pop(producer_id, None)
         if producer is not None:
             self._publish(producer_id, producer, force=True)
@@ -481,11 +498,13 @@ class ShardActor(BrokerActor):
 
     def _deliver(self, lane, consumer_id, blobs):
         route = self.consumers.get(consumer_id)
-        client = self.clients.get(route[0]) if route else None
+        # (a consumer re-attached elsewhere has a new lane: what its old dispatcher sends is stale)
+        client = self.clients.get(route[0]) if route and route[1] is lane else None
         if client is None or client.state != "open":
             lane.send([LaneOp.DELIVER_ACK, consumer_id])   # dropped: the consumer is gone
             return
         client.session.write(b"".join(encode_message_frames(consumer_id, blobs, self.config.max_frame)))
+        self.credits[consumer_id] = self.credits.get(consumer_id, 0) - len(blobs)
         if self.metrics_on:   # once per delivery: its oldest record
             self.deliver_latency.observe(max(0.0, time.time() - record_time_ms(blobs[0]) / 1000.0))
         self._flush(client)
@@ -566,6 +585,7 @@ class ShardActor(BrokerActor):
             self.send_ordered(self.supervisor, connection.ProducersLost([msg.producer_id], "topic_lost"),
                               "shard")
             return
+        self.reattaching.discard(msg.producer_id)
         self.producers[msg.producer_id] = _Producer(msg.connection_id, lane, msg.name)
         client.session.producers[msg.producer_id] = msg.name
         self._write(client, msg.data)
@@ -573,6 +593,11 @@ class ShardActor(BrokerActor):
     def on_UnrouteProducer(self, msg, sender):
         client = self.clients.get(msg.connection_id)
         self._drop_producer(msg.producer_id)
+        if msg.reattaching:
+            if client is not None and client.state == "open":
+                self.reattaching.add(msg.producer_id)
+                client.session.producers[msg.producer_id] = msg.name
+            return
         if client is not None:
             client.session.producers.pop(msg.producer_id, None)
             self._write(client, msg.data)
@@ -591,10 +616,17 @@ class ShardActor(BrokerActor):
         self.consumers[msg.consumer_id] = (msg.connection_id, lane)
         client.session.consumers.add(msg.consumer_id)
         self._write(client, msg.data)
+        if msg.regrant and self.credits.get(msg.consumer_id, 0) > 0:
+            lane.send([LaneOp.FLOW, msg.consumer_id, self.credits[msg.consumer_id]])
 
     def on_UnrouteConsumer(self, msg, sender):
         self.consumers.pop(msg.consumer_id, None)
         client = self.clients.get(msg.connection_id)
+        if msg.reattaching:   # its flow frames count (credits) and go nowhere until re-routed
+            if client is not None and client.state == "open":
+                client.session.consumers.add(msg.consumer_id)
+            return
+        self.credits.pop(msg.consumer_id, None)
         if client is not None:
             client.session.consumers.discard(msg.consumer_id)
             self._write(client, msg.data)
@@ -728,6 +760,7 @@ class ShardActor(BrokerActor):
             self._drop_producer(producer_id)
         for consumer_id in client.session.consumers:
             self.acks_waiting.pop(consumer_id, None)   # nobody left to answer
+            self.credits.pop(consumer_id, None)
             route = self.consumers.pop(consumer_id, None)
             if route is not None:   # the dispatcher hears it first, over the lane: failover at once
                 route[1].send([LaneOp.DETACH, consumer_id, detected])

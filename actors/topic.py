@@ -621,7 +621,7 @@ class TopicActor(BrokerActor):
     # --- deletion ----------------------------------------------------------------------------------
     def on_DeleteTopic(self, msg, sender):
         for producer_id, (_, _, owner, _) in self.producers.items():
-            self.send(owner, connection.ProducerEnded(producer_id, "topic_deleted"))
+            self.send(owner, connection.ProducerEnded(producer_id, "topic_deleted", self.config.node))
         self.producers.clear()
         self.deleting = (msg.rid, msg.reply_to, set(self.subs))
         if self.log is not None:
