@@ -27,6 +27,8 @@ from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, Produce
 
 __all__ = ["Client", "connect", "Producer", "Consumer", "Message", "SendFuture"]
 
+READER_VERDICT_S = 0.5   # a failed write waits this long for the reader to say why the peer closed
+
 
 def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
     """A Client connected to "host:port" or "tls://host:port" (options: as Client's; `tls` is
@@ -52,6 +54,7 @@ class Client:
         self._reconnect, self._on_reconnect = reconnect, on_reconnect
         self._hello = (token, heartbeat_ms, tls, connect_timeout)
         self._finished = threading.Event()     # closed for good (not reconnecting)
+        self._lost_seen = threading.Event()    # the connection was found lost (since the last connect)
         self._sock = open_socket(host, port, tls, connect_timeout)
         self._sock.settimeout(None)
         self._write_lock = threading.Lock()
@@ -115,12 +118,21 @@ class Client:
         self._write(data)
 
     def _write(self, data):
+        sock = self._sock
         try:
             with self._write_lock:
-                self._sock.sendall(data)
+                sock.sendall(data)
         except OSError as exc:
-            self._connection_lost(ConnectionLost(f"write failed: {exc}"))
-            raise ConnectionLost(str(exc)) from exc
+            # The peer closed: what it said last (a fatal error frame, a TLS alert such as
+            # UNKNOWN_CA) is in the read buffer, and the reader is about to read it. Give it a
+            # moment to tell why, rather than reporting the broken pipe the write saw.
+            if threading.current_thread() is not self._reader:
+                self._lost_seen.wait(READER_VERDICT_S)
+            with self._lock:
+                lost = self._core.lost
+            if lost is None and sock is self._sock:
+                self._connection_lost(ConnectionLost(f"write failed: {exc}"))
+            raise ConnectionLost(str(lost or exc)) from exc
 
     def _write_quietly(self, data):
         try:
@@ -262,6 +274,7 @@ class Client:
             with self._lock:
                 self._core.restart(time.monotonic())
                 self._sock = sock
+                self._lost_seen.clear()
             try:
                 self._handshake(hello_frame(self.name, token, heartbeat_ms), timeout)
             except Exception:
@@ -360,6 +373,7 @@ class Client:
     # --- the end -------------------------------------------------------------------------------
 
     def _connection_lost(self, error):
+        self._lost_seen.set()
         keep = self._reconnect is not None and not self._core.closing
         with self._lock:
             events = self._core.connection_lost(error, keep)
