@@ -31,7 +31,8 @@ from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
 from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import encode_frame, record_blob, record_tail, with_redeliveries
+from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, coalesce_runs, encode_frame,
+                                         explode_run, run_from_tail, with_run_redeliveries)
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import error_frame
 from actorbroker.transport.validate import MAX_DELAY_MS, MAX_TOTAL_CREDITS
@@ -294,6 +295,7 @@ class DispatcherActor(BrokerActor):
         otherwise they stay in the log until we read them back."""
         if not records:
             return
+        records = [one for run in records for one in explode_run(run)]   # tracked one by one
         self.end = max(self.end, records[-1][0] + 1)
         room = RELIABLE_BUFFER - self.policy.backlog_size()
         if records[0][0] == self.read_pos and room > 0 and not self.reading:
@@ -320,9 +322,9 @@ class DispatcherActor(BrokerActor):
         for offset, key, stamp, tail in records:
             if offset < self.read_pos or self.cursor.is_acked(offset) or offset in self.unacked:
                 continue
-            blob = record_blob(offset, stamp, tail)
+            run = run_from_tail(offset, key, stamp, tail)
             count = self.redelivery_count.get(offset, 0)
-            keep.append((offset, key, with_redeliveries(blob, count) if count else blob))
+            keep.append(with_run_redeliveries(run, count) if count else run)
         self.policy.enqueue(keep)
         if records:
             self.read_pos = max(self.read_pos, records[-1][0] + 1)
@@ -337,26 +339,28 @@ class DispatcherActor(BrokerActor):
         """Put records back for delivery, counted; dead-letter those past max_redeliveries."""
         again = []
         limit = self.options.get("max_redeliveries")
-        for offset, key, blob in sorted(records, key=lambda r: r[0]):
+        for record in sorted(records, key=lambda r: r[0]):
+            offset = record[0]
             if self.cursor.is_acked(offset):
                 continue
             count = self.redelivery_count.get(offset, 0) + 1
             self.redelivery_count[offset] = count
             if limit is not None and count > limit and self.options.get("dead_letter_topic"):
-                self._dead_letter(offset, key, blob)
+                self._dead_letter(offset, record)
                 continue
             self.redelivered += 1
-            again.append((offset, key, with_redeliveries(blob, count)))
+            again.append(with_run_redeliveries(record, count))
         self.policy.requeue(again)
         if again:
             emit(self, self.events, "redelivered", topic=self.topic_name, subscription=self.name,
                  count=len(again))
 
-    def _dead_letter(self, offset, key, blob):
-        tail = record_tail(with_redeliveries(blob, 0))
+    def _dead_letter(self, offset, record):
+        """A one-record run, published again with its payload, key, attrs and producer."""
+        payloads, keys, attrs = record[RUN_PAYLOADS], record[6], record[7]
         self.send(self.broker, broker.TopicRequest(
             self.options["dead_letter_topic"], "reliable",
-            topic.Publish(0, f"{self.name}-dlq", [(None, [(key, tail, len(tail))])])))
+            topic.Publish(0, record[RUN_PRODUCER], [[None, 1, payloads, keys, attrs, len(payloads)]])))
         self.dead_lettered += 1
         self._acknowledge(offset)
 
@@ -584,7 +588,7 @@ class DispatcherActor(BrokerActor):
         if self.reliable and self.options.get("ack_timeout_ms"):
             deadline = time.monotonic() + self.options["ack_timeout_ms"] / 1000.0
         for consumer, records in self.policy.take():
-            if self.reliable:
+            if self.reliable:   # one-record runs, each tracked until acked
                 fresh = [r for r in records if not self.cursor.is_acked(r[0])]
                 consumer.credits += len(records) - len(fresh)   # acked while waiting: not sent
                 consumer.unacked -= len(records) - len(fresh)
@@ -593,16 +597,19 @@ class DispatcherActor(BrokerActor):
                     self.unacked[record[0]] = (consumer.id, record, deadline)
                 if not records:
                     continue
+                count = len(records)
+                records = coalesce_runs(records)
+            else:
+                count = sum(run[RUN_COUNT] for run in records)
             lane = self.shard_lanes.get(consumer.transport)
             if lane is None:   # credits only come over that lane: it was there a moment ago
                 continue
             consumer.in_flight += 1
-            consumer.msgs_out += len(records)
-            self.msgs_out += len(records)
-            blobs = [record[2] for record in records]
+            consumer.msgs_out += count
+            self.msgs_out += count
             if self.metrics_on:
-                self.bytes_out += sum(map(len, blobs))
-            lane.send([LaneOp.DELIVER, consumer.id, blobs])
+                self.bytes_out += sum(len(run[RUN_PAYLOADS]) for run in records)
+            lane.send([LaneOp.DELIVER, consumer.id, records])
         if self.reliable:
             self._schedule_timeouts()
             self._refill()

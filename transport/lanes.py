@@ -427,14 +427,14 @@ class LaneHub:
 class LaneOp:
     """The first element of every lane frame."""
     HELLO = 0         # [HELLO, ident]: first frame from the connecting side (a shard's ident)
-    PUBLISH = 1       # shard -> topic: [PUBLISH, producer_id, producer_name, [[rid, [[key, tail, size]...]]...]]
+    PUBLISH = 1       # shard -> topic: [PUBLISH, producer_id, producer_name, [[rid, count, payloads, keys, attrs, size]...]]
     RECEIPTS = 2      # topic -> shard: [RECEIPTS, producer_id, [[rid, first, count]...], [[rid, code, text]...]]
-    DISPATCH = 3      # topic -> dispatcher: [DISPATCH, [[offset, key, blob]...]]
+    DISPATCH = 3      # topic -> dispatcher: [DISPATCH, [run...]] (runs: transport/codec.py)
     DISPATCH_ACK = 4  # dispatcher -> topic: [DISPATCH_ACK]: the topic's window opens by one
     FLOW = 5          # shard -> dispatcher: [FLOW, consumer_id, credits]
     ACK = 6           # shard -> dispatcher: [ACK, consumer_id, ids, rid or None]
     NACK = 7          # shard -> dispatcher: [NACK, consumer_id, ids, delay_ms]
-    DELIVER = 8       # dispatcher -> shard: [DELIVER, consumer_id, [blob...]]
+    DELIVER = 8       # dispatcher -> shard: [DELIVER, consumer_id, [run...]]
     DELIVER_ACK = 9   # shard -> dispatcher: [DELIVER_ACK, consumer_id]: buffered, send more
     REPLY = 10        # dispatcher -> shard: [REPLY, consumer_id, frame bytes, rid] (the answer to an ack)
     ENDED = 11        # dispatcher -> shard: [ENDED, consumer_id, reason]: the consumer is gone
