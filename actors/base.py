@@ -88,11 +88,13 @@ class BrokerActor(Actor):
         self._metrics_to = None   # the MetricsActor, once start_reports was called
         self._last_report = (None, 0.0)   # (what was reported, when)
         # ACTORBROKER_PROFILE_DIR=dir: profile message handling, one .prof per actor, written at
-        # exit (for finding the hot spots of the record path; off by default).
+        # exit (for finding the hot spots of the record path; off by default). CPU time, not wall
+        # time: on a busy machine a socket call that wakes another process often loses the core.
         self._profile = None
         if os.environ.get("ACTORBROKER_PROFILE_DIR"):
             import cProfile
-            self._profile = cProfile.Profile()
+            import time
+            self._profile = cProfile.Profile(time.process_time)
 
     def receiveMessage(self, msg, sender):
         if self._profile is not None:
