@@ -520,6 +520,13 @@ class ProducerCore:
         """Count the message and batch it: (batch, index, ready batches, starts a linger wait)."""
         self._outstanding += 1
         batcher = self._batcher
+        batch = batcher.current
+        if batch is not None:   # the common case, inline: room in the batch being filled
+            records = batch.records
+            if batch.size + size <= batcher.max_frame and len(records) + 1 < batcher.max_batch:
+                records.append(record)
+                batch.size += size
+                return batch, len(records) - 1, (), False
         batch, index, ready = batcher.add(record, size)
         return batch, index, ready, index == 0 and batch is batcher.current
 
