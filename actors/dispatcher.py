@@ -33,7 +33,7 @@ from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_poli
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, coalesce_runs, encode_frame,
                                          explode_run, run_from_tail, with_run_redeliveries)
-from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
+from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import error_frame
 from actorbroker.transport.validate import MAX_DELAY_MS, MAX_TOTAL_CREDITS
 
@@ -112,7 +112,7 @@ class DispatcherActor(BrokerActor):
         self.msgs_out = 0
         self.dropped = 0
         self.reliable = False
-        self.reactor = Reactor()
+        self.reactor = Reactor(linger=RECORD_PATH_LINGER_S)
         self.hub = None
         self.shard_lanes = {}      # shard ident -> Lane
         self.lost_shards = set()   # idents of shards whose lane ended (a shard is never reused)

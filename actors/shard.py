@@ -37,7 +37,7 @@ from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import RUN_TIME, encode_frame, encode_run_frames, encode_runs_v1
-from actorbroker.transport.lanes import IN, OUT, LaneHub, LaneOp, Reactor
+from actorbroker.transport.lanes import IN, OUT, RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import Session, SessionConfig, error_frame
 from actorbroker.transport.tls import TlsConnection, server_context
 
@@ -148,7 +148,7 @@ class ShardActor(BrokerActor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reactor = Reactor(relay=True)   # thousands of sockets: see Reactor
+        self.reactor = Reactor(relay=True, linger=RECORD_PATH_LINGER_S)   # thousands of sockets: see Reactor
         self.hub = None
         self.supervisor = None
         self.config = None

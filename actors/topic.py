@@ -28,7 +28,7 @@ from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import RUN_TIME, run_tails
-from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
+from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 
 DISPATCH_WINDOW = 1
 PRODUCER_NAME_MAX_BYTES = 255   # the name is copied into every record: it must not amplify a send
@@ -162,7 +162,7 @@ class TopicActor(BrokerActor):
         self.next_token = 1
         self.deleting = None       # (rid, reply_to, subscriptions still ending)
         self.broker = None
-        self.reactor = Reactor()
+        self.reactor = Reactor(linger=RECORD_PATH_LINGER_S)
         self.hub = None
         self.lane_address = None
         # reliable topics
