@@ -32,7 +32,7 @@ from actorbroker.actors.reporting import Histogram
 from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, coalesce_runs, encode_frame,
-                                         explode_run, run_from_tail, with_run_redeliveries)
+                                         explode_run, runs_from_tails, split_run, with_run_redeliveries)
 from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import error_frame
 from actorbroker.transport.validate import MAX_DELAY_MS, MAX_TOTAL_CREDITS
@@ -295,14 +295,41 @@ class DispatcherActor(BrokerActor):
         otherwise they stay in the log until we read them back."""
         if not records:
             return
-        records = [one for run in records for one in explode_run(run)]   # tracked one by one
-        self.end = max(self.end, records[-1][0] + 1)
+        last = records[-1]
+        self.end = max(self.end, last[0] + last[RUN_COUNT])
         room = RELIABLE_BUFFER - self.policy.backlog_size()
         if records[0][0] == self.read_pos and room > 0 and not self.reading:
-            keep = [r for r in records[:room] if not self.cursor.is_acked(r[0])]
+            keep, taken = [], 0
+            for run in records:
+                if taken >= room:
+                    break
+                if run[RUN_COUNT] > room - taken:
+                    run = split_run(run, room - taken)[0]
+                keep += self._not_acked(run)
+                taken += run[RUN_COUNT]
+                self.read_pos = run[0] + run[RUN_COUNT]
             self.policy.enqueue(keep)
-            self.read_pos = records[min(room, len(records)) - 1][0] + 1
         self._refill()
+
+    def _not_acked(self, run):
+        """The run, or the parts of it not acknowledged yet (one-record runs) when some are."""
+        first, count = run[0], run[RUN_COUNT]
+        cursor = self.cursor
+        if first >= cursor.floor and not any(first <= o < first + count for o in cursor.acked):
+            return [run]
+        return [one for one in explode_run(run) if not cursor.is_acked(one[0])]
+
+    def _singles(self, entries):
+        """One-record runs for (offset, run) pairs of delivered runs (redelivery): each run is
+        split once, whatever number of its records come back."""
+        split = {}
+        out = []
+        for offset, run in entries:
+            ones = split.get(id(run))
+            if ones is None:
+                ones = split[id(run)] = (run, {one[0]: one for one in explode_run(run)})
+            out.append(ones[1][offset])
+        return out
 
     def _refill(self):
         if self.reading or self.read_pos >= self.end or self.log_lane is None:
@@ -318,13 +345,14 @@ class DispatcherActor(BrokerActor):
             return
         if first_offset > self.cursor.floor:   # retention removed what we had not acked
             self.cursor.skip_to(first_offset)
-        keep = []
-        for offset, key, stamp, tail in records:
-            if offset < self.read_pos or self.cursor.is_acked(offset) or offset in self.unacked:
-                continue
-            run = run_from_tail(offset, key, stamp, tail)
-            count = self.redelivery_count.get(offset, 0)
-            keep.append(with_run_redeliveries(run, count) if count else run)
+        fresh = [r for r in records if not (r[0] < self.read_pos or self.cursor.is_acked(r[0])
+                                            or r[0] in self.unacked or r[0] in self.redelivery_count)]
+        keep = runs_from_tails(fresh)
+        counted = [r for r in records if r[0] in self.redelivery_count and r[0] >= self.read_pos
+                   and not self.cursor.is_acked(r[0]) and r[0] not in self.unacked]
+        for run in runs_from_tails(counted):   # redelivered before a restart of ours: one by one
+            keep += [with_run_redeliveries(one, self.redelivery_count[one[0]]) for one in explode_run(run)]
+        keep.sort(key=lambda r: r[0])
         self.policy.enqueue(keep)
         if records:
             self.read_pos = max(self.read_pos, records[-1][0] + 1)
@@ -430,7 +458,7 @@ class DispatcherActor(BrokerActor):
             self._pump()
 
     def _return_unacked(self, offsets):
-        records = []
+        entries = []
         for offset in offsets:
             entry = self.unacked.pop(offset, None)
             if entry is None:
@@ -438,8 +466,8 @@ class DispatcherActor(BrokerActor):
             consumer = self.policy.consumers.get(entry[0])
             if consumer is not None:
                 consumer.unacked -= 1
-            records.append(entry[1])
-        self._redeliver(records)
+            entries.append((offset, entry[1]))
+        self._redeliver(self._singles(entries))
 
     # --- membership, told by the SubscriptionActor -----------------------------------------------
     def on_AddConsumer(self, msg, sender):
@@ -574,12 +602,15 @@ class DispatcherActor(BrokerActor):
         if not delay_ms:
             self._return_unacked(offsets)
         else:
+            entries = []
             for offset in offsets:
-                consumer_id, record, _ = self.unacked.pop(offset)
+                consumer_id, run, _ = self.unacked.pop(offset)
                 consumer = self.policy.consumers.get(consumer_id)
                 if consumer is not None:
                     consumer.unacked -= 1
-                self.delayed[offset] = record
+                entries.append((offset, run))
+            for record in self._singles(entries):
+                self.delayed[record[0]] = record
             self.wakeupAfter(timedelta(milliseconds=min(delay_ms, MAX_DELAY_MS)), payload=("nack", tuple(offsets)))
         self._pump()
 
@@ -588,19 +619,22 @@ class DispatcherActor(BrokerActor):
         if self.reliable and self.options.get("ack_timeout_ms"):
             deadline = time.monotonic() + self.options["ack_timeout_ms"] / 1000.0
         for consumer, records in self.policy.take():
-            if self.reliable:   # one-record runs, each tracked until acked
-                fresh = [r for r in records if not self.cursor.is_acked(r[0])]
-                consumer.credits += len(records) - len(fresh)   # acked while waiting: not sent
-                consumer.unacked -= len(records) - len(fresh)
-                records = fresh
-                for record in records:
-                    self.unacked[record[0]] = (consumer.id, record, deadline)
+            taken = sum(run[RUN_COUNT] for run in records)
+            if self.reliable:   # every record tracked until acked (by offset, with its run)
+                records = [part for run in records for part in self._not_acked(run)]
+                count = sum(run[RUN_COUNT] for run in records)
+                consumer.credits += taken - count   # acked while waiting: not sent
+                consumer.unacked -= taken - count
+                unacked, cid = self.unacked, consumer.id
+                for run in records:
+                    entry = (cid, run, deadline)
+                    for offset in range(run[0], run[0] + run[RUN_COUNT]):
+                        unacked[offset] = entry
                 if not records:
                     continue
-                count = len(records)
                 records = coalesce_runs(records)
             else:
-                count = sum(run[RUN_COUNT] for run in records)
+                count = taken
             lane = self.shard_lanes.get(consumer.transport)
             if lane is None:   # credits only come over that lane: it was there a moment ago
                 continue

@@ -352,3 +352,19 @@ def test_a_run_larger_than_max_frame_reaches_the_consumer_in_several_pushes(star
         producer.flush()
         got = [consumer.receive(timeout=10).payload for _ in payloads]
         assert got == payloads
+
+
+def test_log_records_come_back_as_runs_whatever_their_fields():
+    plain = [encode_record_tail(b"p%d" % i, None, {}, "prod") for i in range(4)]
+    records = [(0, None, TIME, plain[0]), (1, None, TIME, plain[1]), (2, None, TIME + 1, plain[2]),
+               (3, "k", TIME + 1, encode_record_tail(b"q", "k", {}, "prod")),
+               (4, None, TIME + 1, encode_record_tail(b"r", None, {"a": "b"}, "other")),
+               (5, None, TIME + 1, plain[3]), (6, None, TIME + 1, encode_record_tail(b"x" * 300, None, {}, "prod")),
+               (8, None, TIME + 1, encode_record_tail(b"y", None, {}, "prod"))]
+    runs = codec.runs_from_tails(records)
+    assert [(r[0], r[1]) for r in runs] == [(0, 2), (2, 1), (3, 1), (4, 1), (5, 2), (8, 1)]
+    got = [(m, r[2], r[3]) for r in runs for m in codec.run_records(r)]
+    assert got == [((0, b"p0", None, {}), TIME, "prod"), ((1, b"p1", None, {}), TIME, "prod"),
+                   ((2, b"p2", None, {}), TIME + 1, "prod"), ((3, b"q", "k", {}), TIME + 1, "prod"),
+                   ((4, b"r", None, {"a": "b"}), TIME + 1, "other"), ((5, b"p3", None, {}), TIME + 1, "prod"),
+                   ((6, b"x" * 300, None, {}), TIME + 1, "prod"), ((8, b"y", None, {}), TIME + 1, "prod")]

@@ -322,6 +322,52 @@ def run_from_tail(offset, key, time_ms, tail):
             None if attrs is None else [attrs]]
 
 
+_BIN_LEN = {0xc4: (1, 2), 0xc5: (2, 3), 0xc6: (4, 5)}   # bin header: (length bytes, header size)
+
+
+def runs_from_tails(records):
+    """Runs of the log's records [(offset, key, time_ms, v1 tail)]: consecutive plain records (no
+    key, no attrs, not redelivered) of one producer and time become one run, their payloads cut
+    out of the tails as they are (a bin is the same bytes in both); the others one run each."""
+    runs = []
+    suffixes = {}     # record suffix after the payload -> producer, for the plain ones
+    group = None      # [first, time, producer, suffix, [payload elements]]
+    for offset, key, time_ms, tail in records:
+        producer = None
+        if key is None and tail.startswith(_PAYLOAD_KEY):
+            start = len(_PAYLOAD_KEY)
+            size, head = _BIN_LEN.get(tail[start], (0, 0))
+            if size:
+                end = start + head + int.from_bytes(tail[start + 1:start + 1 + size], "big")
+                suffix = tail[end:]
+                producer = suffixes.get(suffix)
+                if producer is None:
+                    rest = msgpack.unpackb(b"\x84" + suffix, raw=False, strict_map_key=False)
+                    if rest.get("key") is None and not rest.get("attrs") and not rest.get("redeliveries") \
+                            and len(rest) == 4:
+                        producer = suffixes[suffix] = rest["producer"]
+        if producer is not None and group is not None and group[1] == time_ms and group[3] == suffix \
+                and group[0] + len(group[4]) == offset:
+            group[4].append(tail[start:end])
+            continue
+        if group is not None:
+            runs.append(_group_run(group))
+            group = None
+        if producer is not None:
+            group = [offset, time_ms, producer, suffix, [tail[start:end]]]
+        else:
+            runs.append(run_from_tail(offset, key, time_ms, tail))
+    if group is not None:
+        runs.append(_group_run(group))
+    return runs
+
+
+def _group_run(group):
+    first, time_ms, producer, _, elements = group
+    return [first, len(elements), time_ms, producer, 0, _array_header(len(elements)) + b"".join(elements),
+            None, None]
+
+
 def run_tails(run):
     """The v1 record tails of a run's records (what the reliable log stores)."""
     producer = run[RUN_PRODUCER]
