@@ -176,7 +176,7 @@ class DispatcherActor(BrokerActor):
             self._refill()
 
     def on_WatchMessage(self, msg, sender):
-        self.reactor.poll()
+        self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends))
 
     # --- lanes --------------------------------------------------------------------------------------
     def _lane_frame(self, lane, frame):

@@ -225,7 +225,7 @@ class ShardActor(BrokerActor):
         histograms[("actorbroker_publish_to_deliver_seconds", ())] = self.deliver_latency.snapshot()
 
     def on_WatchMessage(self, msg, sender):
-        self.reactor.poll()
+        self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends))
 
     def _adopt_sockets(self):
         for _ in range(64):

@@ -229,7 +229,7 @@ class TopicActor(BrokerActor):
                  self.name, self.next_offset, len(msg.cursors), extra={"topic": self.name})
 
     def on_WatchMessage(self, msg, sender):
-        self.reactor.poll()
+        self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends))
 
     # --- supervision --------------------------------------------------------------------------------
     def on_ChildActorExited(self, msg, sender):

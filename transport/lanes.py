@@ -81,7 +81,8 @@ class Reactor:
     for more, as long as something arrives within a millisecond, up to `linger` in all, before it
     returns to Thespian. A pass through Thespian's loop (selector rebuilt, timers, its own
     sockets) costs far more CPU than an epoll wait, and a stream of lane frames would otherwise
-    pay one pass per frame; Thespian messages to the actor wait at most `linger` meanwhile.
+    pay one pass per frame; Thespian messages to the actor wait at most `linger` meanwhile, and
+    messages from it not at all (an actor that sent one stops lingering: `quiet`).
     """
 
     def __init__(self, relay=False, linger=0.0):
@@ -140,8 +141,9 @@ class Reactor:
             except (OSError, ValueError):
                 pass
 
-    def poll(self, max_events=1024):
-        """Handle what is ready now (never blocks: Thespian told us the epoll is readable)."""
+    def poll(self, max_events=1024, quiet=None):
+        """Handle what is ready now; then linger (see the class) while quiet() says that the actor
+        has nothing for Thespian to send."""
         if self.relay is not None:
             try:
                 os.read(self.relay_r, 64)
@@ -155,7 +157,7 @@ class Reactor:
                     handler = self.handlers.get(fd)
                     if handler is not None:
                         handler.on_event(fd, events)
-                if not self.linger:
+                if not self.linger or (quiet is not None and not quiet()):
                     break
                 now = time.monotonic()
                 if deadline is None:
