@@ -36,8 +36,8 @@ from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import encode_frame, encode_message_frames, record_time_ms
-from actorbroker.transport.lanes import IN, OUT, LaneHub, LaneOp, Reactor
+from actorbroker.transport.codec import RUN_COUNT, RUN_TIME, encode_frame, encode_run_frames, encode_runs_v1
+from actorbroker.transport.lanes import IN, OUT, RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import Session, SessionConfig, error_frame
 from actorbroker.transport.tls import TlsConnection, server_context
 
@@ -155,7 +155,7 @@ class ShardActor(BrokerActor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reactor = Reactor(relay=True)   # thousands of sockets: see Reactor
+        self.reactor = Reactor(relay=True, linger=RECORD_PATH_LINGER_S)   # thousands of sockets: see Reactor
         self.hub = None
         self.supervisor = None
         self.config = None
@@ -234,7 +234,7 @@ class ShardActor(BrokerActor):
         histograms[("actorbroker_publish_to_deliver_seconds", ())] = self.deliver_latency.snapshot()
 
     def on_WatchMessage(self, msg, sender):
-        self.reactor.poll()
+        self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends))
 
     def _adopt_sockets(self):
         for _ in range(64):
@@ -347,8 +347,10 @@ class ShardActor(BrokerActor):
         connection_id = client.session.id
         for event in events:
             kind = event[0]
-            if kind == "publish":
-                publishes.setdefault(event[1], []).append((event[2], event[3]))
+            if kind == "publish":   # [rid, count, payloads, keys, attrs, payload bytes]
+                send = event[3]
+                send.insert(0, event[2])
+                publishes.setdefault(event[1], []).append(send)
             elif kind == "flow":
                 self.credits[event[1]] = self.credits.get(event[1], 0) + event[2]
                 self._to_dispatcher(event[1], [LaneOp.FLOW, event[1], event[2]])
@@ -424,10 +426,10 @@ class ShardActor(BrokerActor):
                     continue
                 client.session.write(b"".join(error_frame(
                     E.UNKNOWN_PRODUCER, f"producer {producer_id} is not open on this connection", rid)
-                    for rid, _ in sends))
+                    for rid, *_ in sends))
                 continue
             producer.sends.extend(sends)
-            count = sum(len(records) for _, records in sends)
+            count = sum(send[1] for send in sends)
             producer.records += count
             client.pending_records += count
             self._publish(producer_id, producer)
@@ -440,7 +442,7 @@ class ShardActor(BrokerActor):
     def _publish(self, producer_id, producer, force=False):
         if producer.sends and (force or len(producer.in_flight) < PUBLISH_WINDOW):
             producer.lane.send([LaneOp.PUBLISH, producer_id, producer.name, producer.sends])
-            producer.in_flight.append([rid for rid, _ in producer.sends])
+            producer.in_flight.append([send[0] for send in producer.sends])
             client = self.clients.get(producer.connection_id)
             if client is not None:
                 client.pending_records -= producer.records
@@ -496,17 +498,18 @@ class ShardActor(BrokerActor):
         if producer_id in self.producers:
             self._publish(producer_id, producer)
 
-    def _deliver(self, lane, consumer_id, blobs):
+    def _deliver(self, lane, consumer_id, runs):
         route = self.consumers.get(consumer_id)
         # (a consumer re-attached elsewhere has a new lane: what its old dispatcher sends is stale)
         client = self.clients.get(route[0]) if route and route[1] is lane else None
         if client is None or client.state != "open":
             lane.send([LaneOp.DELIVER_ACK, consumer_id])   # dropped: the consumer is gone
             return
-        client.session.write(b"".join(encode_message_frames(consumer_id, blobs, self.config.max_frame)))
-        self.credits[consumer_id] = self.credits.get(consumer_id, 0) - len(blobs)
+        encode = encode_run_frames if client.session.version >= 2 else encode_runs_v1
+        client.session.write(b"".join(encode(consumer_id, runs, self.config.max_frame)))
+        self.credits[consumer_id] = self.credits.get(consumer_id, 0) - sum(run[RUN_COUNT] for run in runs)
         if self.metrics_on:   # once per delivery: its oldest record
-            self.deliver_latency.observe(max(0.0, time.time() - record_time_ms(blobs[0]) / 1000.0))
+            self.deliver_latency.observe(max(0.0, time.time() - runs[0][RUN_TIME] / 1000.0))
         self._flush(client)
         # Ack at once unless the client is slow to read; then when its outbox drains.
         if client.state != "open" or len(client.session.outbox) < self.high_water:
@@ -548,7 +551,7 @@ class ShardActor(BrokerActor):
     def _refuse_in_flight(self, producer_id, producer):
         """Sends the topic never receipted: their client hears it now, instead of never."""
         client = self.clients.get(producer.connection_id)
-        rids = [rid for batch in producer.in_flight for rid in batch] + [rid for rid, _ in producer.sends]
+        rids = [rid for batch in producer.in_flight for rid in batch] + [send[0] for send in producer.sends]
         producer.in_flight, producer.sends = [], []
         if client is not None and client.pending_records:
             client.pending_records = max(0, client.pending_records - producer.records)
