@@ -572,16 +572,28 @@ class DispatcherActor(BrokerActor):
         if not self.reliable:  # non_reliable: nothing is kept for redelivery, nothing to release
             self._answer_ack(lane, consumer_id, rid)
             return
+        # One ack frame names many offsets, mostly in order and of one consumer: count per
+        # consumer, and move the cursor's floor without its set when the next offset is acked.
+        unacked, cursor, counts = self.unacked, self.cursor, {}
         for offset in ids:
-            entry = self.unacked.pop(offset, None)
+            entry = unacked.pop(offset, None)
             if entry is not None:
-                consumer = self.policy.consumers.get(entry[0])
-                if consumer is not None:
-                    consumer.unacked -= 1
-                self._acknowledge(offset)
+                counts[entry[0]] = counts.get(entry[0], 0) + 1
             elif offset in self.redelivery_count or offset in self.delayed:
-                self.delayed.pop(offset, None)
-                self._acknowledge(offset)   # waiting for redelivery: acked by anyone, for all
+                self.delayed.pop(offset, None)   # waiting for redelivery: acked by anyone, for all
+            else:
+                continue
+            if self.redelivery_count:
+                self.redelivery_count.pop(offset, None)
+            if offset == cursor.floor and not cursor.acked:
+                cursor.floor += 1
+                self.cursor_dirty = True
+            elif cursor.ack(offset):
+                self.cursor_dirty = True
+        for consumer_id, count in counts.items():
+            consumer = self.policy.consumers.get(consumer_id)
+            if consumer is not None:
+                consumer.unacked -= count
         if self.cursor_dirty:
             if rid is not None:
                 self.acks_waiting_next.append((lane, consumer_id, rid))
