@@ -142,6 +142,7 @@ class DispatcherActor(BrokerActor):
         self.metrics_on = False
         self.bytes_out = 0
         self.promotions = 0
+        self.promoted = None     # (consumer id, stream): lazily announced active, not delivered to yet
         self.replaced = 0
         self.cleanup_time = Histogram()
 
@@ -476,10 +477,17 @@ class DispatcherActor(BrokerActor):
 
     def _detached(self, consumer_id, detected):
         """Its connection ended: the shard says so over the lane, ahead of the ConnectionActor's
-        detach (which then finds nothing to do). The SubscriptionActor is told at once too."""
+        detach (which then finds nothing to do). The records go to the consumer that takes over
+        first; the Thespian messages about it (the SubscriptionActor's MembersLost, `active`,
+        events) are lazy: they go with the new active consumer's first delivery, or soon after."""
         if consumer_id in self.policy.consumers:
-            self.on_RemoveConsumer(RemoveConsumer(consumer_id, "connection_closed"), None)
-            self._members_lost([consumer_id])
+            before = self._active_flags()
+            self._forget(consumer_id, "connection_closed")
+            self._announce_active(before, lazy=True)
+            if self.subscription is not None:
+                self.send_ordered(self.subscription, subscription.MembersLost([consumer_id]), "members-lost",
+                                  lazy=True)
+            self._pump()
             if detected is not None:   # detection (in the shard) to cleanup (here, done now)
                 self.cleanup_time.observe(max(0.0, time.time() - detected))
 
@@ -512,8 +520,9 @@ class DispatcherActor(BrokerActor):
         active = self.policy.active()
         return active.id if active is not None else None
 
-    def _announce_active(self, before, skip=None):
-        """Failover: push `active` to the consumers whose state changed (at most two)."""
+    def _announce_active(self, before, skip=None, lazy=False):
+        """Failover: push `active` to the consumers whose state changed (at most two); lazy: when
+        the new active consumer's first delivery goes (see _pump), or LAZY_S later."""
         if not isinstance(self.policy, FailoverPolicy):
             return
         now = self._active_flags()
@@ -526,8 +535,10 @@ class DispatcherActor(BrokerActor):
         for consumer_id, flag in ((before, False), (now, True)):
             consumer = self.policy.consumers.get(consumer_id)
             if consumer is not None and consumer_id != skip:
-                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag),
-                                  ("owner", str(consumer.owner)))
+                stream = ("owner", str(consumer.owner))
+                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag), stream, lazy=lazy)
+                if lazy and flag:
+                    self.promoted = (consumer_id, stream)
 
     # --- from the consumers' transports ---------------------------------------------------------
     def _flow(self, consumer_id, credits):
@@ -603,6 +614,10 @@ class DispatcherActor(BrokerActor):
             if self.metrics_on:
                 self.bytes_out += sum(map(len, blobs))
             lane.send([LaneOp.DELIVER, consumer.id, blobs])
+            if self.promoted is not None and self.promoted[0] == consumer.id:
+                self.expedite(self.promoted[1])   # its records are on their way: now the paperwork
+                self.expedite("members-lost")
+                self.promoted = None
         if self.reliable:
             self._schedule_timeouts()
             self._refill()
