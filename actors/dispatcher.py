@@ -143,6 +143,8 @@ class DispatcherActor(BrokerActor):
         self.bytes_out = 0
         self.promotions = 0
         self.promoted = None     # (consumer id, stream): lazily announced active, not delivered to yet
+        self.polling = False     # reading the lanes: _pump waits until they have all been read
+        self.pump_due = False
         self.replaced = 0
         self.cleanup_time = Histogram()
 
@@ -176,7 +178,15 @@ class DispatcherActor(BrokerActor):
             self._refill()
 
     def on_WatchMessage(self, msg, sender):
-        self.reactor.poll()
+        # Every ready lane first, then one pump: records read in the same wakeup as a DETACH go
+        # to the consumer that takes over, not to the one that is gone.
+        self.polling = True
+        try:
+            self.reactor.poll()
+        finally:
+            self.polling = False
+        if self.pump_due:
+            self._pump()
 
     # --- lanes --------------------------------------------------------------------------------------
     def _lane_frame(self, lane, frame):
@@ -267,8 +277,6 @@ class DispatcherActor(BrokerActor):
         else:
             self.policy.enqueue(records)
         self._pump()
-        if not self.reliable:
-            self.dropped += self.policy.trim()  # non_reliable: what no credit can take, within bounds
 
     def _connect_log(self, address):
         self.log_lane = None
@@ -591,6 +599,10 @@ class DispatcherActor(BrokerActor):
         self._pump()
 
     def _pump(self):
+        if self.polling:   # once the lanes ready now have been read (on_WatchMessage)
+            self.pump_due = True
+            return
+        self.pump_due = False
         deadline = None
         if self.reliable and self.options.get("ack_timeout_ms"):
             deadline = time.monotonic() + self.options["ack_timeout_ms"] / 1000.0
@@ -621,6 +633,8 @@ class DispatcherActor(BrokerActor):
         if self.reliable:
             self._schedule_timeouts()
             self._refill()
+        else:
+            self.dropped += self.policy.trim()  # non_reliable: what no credit can take, within bounds
 
     # --- stats ----------------------------------------------------------------------------------
     def on_DispatcherStatsRequest(self, msg, sender):
