@@ -316,5 +316,8 @@ class BrokerActor(Actor):
             log.exception("%s: metrics report failed", type(self).__name__)
 
     def exit_self(self):
+        # what waits lazily goes with this message's sends: sent while the exit is handled, it
+        # cost the reply sent just before (seen: a delete_topic never answered)
+        self._lazy_due.clear()
         self.send(self.myAddress, ActorExitRequest())
 
