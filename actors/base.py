@@ -43,6 +43,10 @@ class Batch:
 # than one batch (10,000 subscribes: 111/s as messages, see docs/benchmarks.md).
 COALESCE_S = 0.004
 _FLUSH = "actorbroker-flush"
+# A lazy message (send_ordered(lazy=True): nobody waits for it now) waits this long before it
+# goes, unless its channel is expedited: a Thespian send costs its sender about a millisecond
+# of CPU, and the takeover after a disconnect must not queue behind the paperwork about it.
+LAZY_S = 0.01
 # A message of an ordered channel that has not come this long after a later one never will (its
 # sender died, or Thespian dropped it): go on without it rather than hold the channel forever.
 GAP_TIMEOUT_S = 5.0
@@ -79,7 +83,8 @@ class BrokerActor(Actor):
         self._in_seq = {}      # channel -> [expected seq, {seq: (msg, sender)}]
         self._outbox = {}      # stream -> (address, [msgs]) sent when the current message is handled
         self._sent_at = {}     # stream -> when its last message went
-        self._flush_due = False
+        self._lazy_due = {}    # lazy stream -> when what waits in it goes
+        self._flush_wakeups = set()   # due times of the flush wakeups scheduled
         self._gaps = {}        # channel -> when it started waiting for a missing message
         self._gap_check_due = False
         self.gaps_skipped = 0
@@ -112,8 +117,8 @@ class BrokerActor(Actor):
         return self._receive(msg, sender)
 
     def _receive(self, msg, sender):
-        if isinstance(msg, WakeupMessage) and msg.payload == _FLUSH:
-            self._flush_due = False
+        if isinstance(msg, WakeupMessage) and isinstance(msg.payload, tuple) and msg.payload[0] == _FLUSH:
+            self._flush_wakeups.discard(msg.payload[1])
             self._flush_outbox()
             return self.watch()
         if isinstance(msg, WakeupMessage) and msg.payload == _REPORT:
@@ -242,26 +247,32 @@ class BrokerActor(Actor):
         Thespian's loop as soon as it has something for it to carry."""
         return self.thespian_sends == sends
 
-    def send_ordered(self, address, msg, stream):
+    def send_ordered(self, address, msg, stream, lazy=False):
         """Send on the ordered channel `stream`: a key naming one receiver, stable for its life
         (not the address itself: a new actor's address changes form once it has started). What
         is sent on one channel while one message is handled goes as one Batch."""
-        self.thespian_sends += 1
+        if not lazy:   # (a lazy one may wait: it does not cut a linger short)
+            self.thespian_sends += 1
         entry = self._outbox.get(stream)
         if entry is None:
             self._outbox[stream] = (address, [msg])
+            if lazy:
+                self._lazy_due[stream] = time.monotonic() + LAZY_S
         else:
             entry[1].append(msg)
+        if not lazy:
+            self._lazy_due.pop(stream, None)   # someone waits for this one: the batch goes as usual
 
     def _flush_outbox(self, only=None, force=False):
         streams = list(self._outbox) if only is None else [only] if only in self._outbox else []
         now = time.monotonic()
         for stream in streams:
-            if only is None and not force and now - self._sent_at.get(stream, 0.0) < COALESCE_S:
-                if not self._flush_due:   # sent a moment ago: this one waits and gathers more
-                    self._flush_due = True
-                    self.wakeupAfter(timedelta(seconds=COALESCE_S), payload=_FLUSH)
-                continue
+            if only is None and not force:
+                due = max(self._lazy_due.get(stream, 0.0), self._sent_at.get(stream, -1.0) + COALESCE_S)
+                if now < due:   # sent a moment ago, or lazy: this one waits and gathers more
+                    self._flush_at(due, now)
+                    continue
+            self._lazy_due.pop(stream, None)
             self._sent_at[stream] = now
             address, msgs = self._outbox.pop(stream)
             seq = self._out_seq.get(stream, 0)
@@ -272,6 +283,16 @@ class BrokerActor(Actor):
             except Exception:   # not an address (a handler's bug): the other channels still go
                 log.exception("%s: ordered channel %r: cannot send to %r", type(self).__name__, stream, address)
                 self.handler_errors += 1
+
+    def expedite(self, stream):
+        """What waits lazily on `stream` goes with this message's sends after all."""
+        self._lazy_due.pop(stream, None)
+
+    def _flush_at(self, due, now):
+        # one wakeup serves every stream due by then (within a millisecond)
+        if not any(t <= due + 0.001 for t in self._flush_wakeups):
+            self._flush_wakeups.add(due)
+            self.wakeupAfter(timedelta(seconds=max(0.0, due - now)), payload=(_FLUSH, due))
 
     def forget_ordered(self, stream):
         """The receiver is gone: a new receiver under the same key starts from zero."""
@@ -311,5 +332,8 @@ class BrokerActor(Actor):
             log.exception("%s: metrics report failed", type(self).__name__)
 
     def exit_self(self):
+        # what waits lazily goes with this message's sends: sent while the exit is handled, it
+        # cost the reply sent just before (seen: a delete_topic never answered)
+        self._lazy_due.clear()
         self.send(self.myAddress, ActorExitRequest())
 

@@ -143,6 +143,9 @@ class DispatcherActor(BrokerActor):
         self.metrics_on = False
         self.bytes_out = 0
         self.promotions = 0
+        self.promoted = None     # (consumer id, stream): lazily announced active, not delivered to yet
+        self.polling = False     # reading the lanes: _pump waits until they have all been read
+        self.pump_due = False
         self.replaced = 0
         self.cleanup_time = Histogram()
 
@@ -176,7 +179,25 @@ class DispatcherActor(BrokerActor):
             self._refill()
 
     def on_WatchMessage(self, msg, sender):
-        self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends))
+        # Every ready lane first, then one pump: records read in the same wakeup as a DETACH go
+        # to the consumer that takes over, not to the one that is gone.
+        self.polling = True
+        try:
+            self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends),
+                              after=self._lanes_read)
+        finally:
+            self.polling = False
+        if self.pump_due:
+            self._pump()
+
+    def _lanes_read(self):
+        """The lanes ready together have been read: pump now, even if the poll lingers on."""
+        if self.pump_due:
+            self.polling = False
+            try:
+                self._pump()
+            finally:
+                self.polling = True
 
     # --- lanes --------------------------------------------------------------------------------------
     def _lane_frame(self, lane, frame):
@@ -267,8 +288,6 @@ class DispatcherActor(BrokerActor):
         else:
             self.policy.enqueue(records)
         self._pump()
-        if not self.reliable:
-            self.dropped += self.policy.trim()  # non_reliable: what no credit can take, within bounds
 
     def _connect_log(self, address):
         self.log_lane = None
@@ -508,10 +527,17 @@ class DispatcherActor(BrokerActor):
 
     def _detached(self, consumer_id, detected):
         """Its connection ended: the shard says so over the lane, ahead of the ConnectionActor's
-        detach (which then finds nothing to do). The SubscriptionActor is told at once too."""
+        detach (which then finds nothing to do). The records go to the consumer that takes over
+        first; the Thespian messages about it (the SubscriptionActor's MembersLost, `active`,
+        events) are lazy: they go with the new active consumer's first delivery, or soon after."""
         if consumer_id in self.policy.consumers:
-            self.on_RemoveConsumer(RemoveConsumer(consumer_id, "connection_closed"), None)
-            self._members_lost([consumer_id])
+            before = self._active_flags()
+            self._forget(consumer_id, "connection_closed")
+            self._announce_active(before, lazy=True)
+            if self.subscription is not None:
+                self.send_ordered(self.subscription, subscription.MembersLost([consumer_id]), "members-lost",
+                                  lazy=True)
+            self._pump()
             if detected is not None:   # detection (in the shard) to cleanup (here, done now)
                 self.cleanup_time.observe(max(0.0, time.time() - detected))
 
@@ -544,8 +570,9 @@ class DispatcherActor(BrokerActor):
         active = self.policy.active()
         return active.id if active is not None else None
 
-    def _announce_active(self, before, skip=None):
-        """Failover: push `active` to the consumers whose state changed (at most two)."""
+    def _announce_active(self, before, skip=None, lazy=False):
+        """Failover: push `active` to the consumers whose state changed (at most two); lazy: when
+        the new active consumer's first delivery goes (see _pump), or LAZY_S later."""
         if not isinstance(self.policy, FailoverPolicy):
             return
         now = self._active_flags()
@@ -558,8 +585,11 @@ class DispatcherActor(BrokerActor):
         for consumer_id, flag in ((before, False), (now, True)):
             consumer = self.policy.consumers.get(consumer_id)
             if consumer is not None and consumer_id != skip:
-                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag, self.node),
-                                  ("owner", str(consumer.owner)))
+                stream = ("owner", str(consumer.owner))
+                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag, self.node), stream,
+                                  lazy=lazy)
+                if lazy and flag:
+                    self.promoted = (consumer_id, stream)
 
     # --- from the consumers' transports ---------------------------------------------------------
     def _flow(self, consumer_id, credits):
@@ -627,6 +657,10 @@ class DispatcherActor(BrokerActor):
         self._pump()
 
     def _pump(self):
+        if self.polling:   # once the lanes ready now have been read (on_WatchMessage)
+            self.pump_due = True
+            return
+        self.pump_due = False
         deadline = None
         if self.reliable and self.options.get("ack_timeout_ms"):
             deadline = time.monotonic() + self.options["ack_timeout_ms"] / 1000.0
@@ -656,9 +690,15 @@ class DispatcherActor(BrokerActor):
             if self.metrics_on:
                 self.bytes_out += sum(len(run[RUN_PAYLOADS]) for run in records)
             lane.send([LaneOp.DELIVER, consumer.id, records])
+            if self.promoted is not None and self.promoted[0] == consumer.id:
+                self.expedite(self.promoted[1])   # its records are on their way: now the paperwork
+                self.expedite("members-lost")
+                self.promoted = None
         if self.reliable:
             self._schedule_timeouts()
             self._refill()
+        else:
+            self.dropped += self.policy.trim()  # non_reliable: what no credit can take, within bounds
 
     # --- stats ----------------------------------------------------------------------------------
     def on_DispatcherStatsRequest(self, msg, sender):

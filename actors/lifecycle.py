@@ -17,4 +17,4 @@ def emit(actor, events_address, kind, **fields):
     """Send an event, decided now, to the EventsActor (when the broker has one). One ordered
     channel per sender: its events arrive in the order it decided them, batched."""
     if events_address is not None:
-        actor.send_ordered(events_address, Event(kind, time.time(), fields), "events")
+        actor.send_ordered(events_address, Event(kind, time.time(), fields), "events", lazy=True)

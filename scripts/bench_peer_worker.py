@@ -22,7 +22,7 @@ import asyncio
 import sys
 import time
 
-from actorbroker.scripts.bench_common import STAMP, emit, make_payload, percentiles, touch
+from actorbroker.scripts.bench_common import STAMP, emit, make_payload, percentiles, settle, touch
 from actorbroker.transport.client import parse_url
 
 
@@ -121,6 +121,7 @@ async def _nats_consume(args):
 
 async def _nats_produce(args):
     nc, errors = await _nats_connect(args, "bench-producer")
+    settle()
     start = time.monotonic()
     sent = 0
     for step in paced(args):
@@ -190,6 +191,7 @@ def redis_consume(args):
 
 def redis_produce(args):
     r = _redis(args)
+    settle()
     start = time.monotonic()
     sent = 0
     error = None

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 
-from actorbroker.scripts.bench_common import STAMP, emit, make_payload, percentiles, touch
+from actorbroker.scripts.bench_common import STAMP, emit, make_payload, percentiles, settle, touch
 from actorbroker.transport.client import Client, parse_url
 from actorbroker.transport.codec import FrameDecoder, encode_frame, encode_message_frames, encode_record
 
@@ -32,6 +32,7 @@ def produce(args):
     client = Client(host, port, name="bench-producer")
     producer = client.producer(args.topic, dispatch=args.dispatch, linger_ms=args.linger_ms,
                                max_batch=args.max_batch)
+    settle()
     deadline = time.monotonic() + args.deadline
     start = time.monotonic()
     interval = 1.0 / args.rate if args.rate else 0.0

@@ -1,0 +1,102 @@
+"""A failover takeover inside the DispatcherActor, over its real lanes (Unix sockets): the records
+read in the same wakeup as the active consumer's DETACH go to the consumer that takes over, and
+the Thespian messages about the takeover go with that first delivery.
+
+The actor is the broker's real class; what it would send through Thespian is recorded by the
+stand-in of tests/test_actor_handlers.py. Both lanes' frames are written before the actor polls,
+so that one wakeup reads them both, as happens on a busy machine.
+"""
+import select
+import socket
+import struct
+
+import msgpack
+from thespian.actors import ActorAddress, WatchMessage
+
+from actorbroker.actors import base, connection, dispatcher, subscription
+from actorbroker.actors.config import BrokerConfig
+from actorbroker.transport.lanes import LaneOp, encode_lane_frame
+from tests.test_actor_handlers import make
+
+SUBSCRIPTION = ActorAddress("the-subscription")
+OWNER = ActorAddress("the-connection-actor")
+
+
+class PeerLane:
+    """The topic's or a shard's end of a lane to the dispatcher."""
+
+    def __init__(self, address, ident):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(address.name)
+        self.buf = b""
+        self.send([LaneOp.HELLO, ident])
+
+    def send(self, frame):
+        self.sock.sendall(encode_lane_frame(frame))
+
+    def frames(self, timeout=5):
+        """What the dispatcher has written so far (at least one frame)."""
+        out = []
+        while not out:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            assert ready, "the dispatcher wrote nothing on this lane"
+            self.buf += self.sock.recv(1 << 16)
+            while len(self.buf) >= 4:
+                (n,) = struct.unpack_from(">I", self.buf)
+                if len(self.buf) < 4 + n:
+                    break
+                out.append(msgpack.unpackb(self.buf[4:4 + n], raw=False))
+                self.buf = self.buf[4 + n:]
+        return out
+
+
+def wake(actor):
+    """One Thespian wakeup of the actor's watched epoll, once something is ready in it."""
+    ready, _, _ = select.select([actor.reactor.fileno()], [], [], 5)
+    assert ready
+    actor.receiveMessage(WatchMessage([actor.reactor.fileno()]), None)
+
+
+def sent_messages(actor):
+    out = []
+    for _, msg in actor._myRef.sent:
+        inner = msg.msg if isinstance(msg, base.Ordered) else msg
+        out += list(inner.msgs) if isinstance(inner, base.Batch) else [inner]
+    return out
+
+
+def test_records_read_with_a_detach_go_to_the_standby_with_the_active_push(tmp_path, monkeypatch):
+    monkeypatch.setattr(base, "COALESCE_S", 0)   # the subscribe's answer just went on the same channel
+    config = BrokerConfig(data_dir=str(tmp_path), port=0, io_shards=1)
+    d = make(dispatcher.DispatcherActor,
+             dispatcher.InitDispatcher("/t/fo", "s", "failover", "non_reliable", config))
+    topic_lane, shard_lane = PeerLane(d.hub.address, "/t/fo"), PeerLane(d.hub.address, "shard-x")
+    while "shard-x" not in d.shard_lanes:   # accepted, then their HELLOs read
+        wake(d)
+    for consumer_id, name in ((1, "a"), (2, "b")):   # "a" is active: the first by name
+        d.receiveMessage(dispatcher.AddConsumer(consumer_id, name, "shard-x", OWNER, (7, consumer_id), None),
+                         SUBSCRIPTION)
+        shard_lane.send([LaneOp.FLOW, consumer_id, 100])
+    topic_lane.send([LaneOp.DISPATCH, [[0, None, b"record-0"]]])
+    delivered = []
+    while not delivered:
+        wake(d)
+        delivered = [f for f in shard_lane.frames() if f[0] == LaneOp.DELIVER]
+    assert delivered == [[LaneOp.DELIVER, 1, [b"record-0"]]]
+    shard_lane.send([LaneOp.DELIVER_ACK, 1])
+    wake(d)
+    # epoll reports a level-triggered fd it reported last time first, if ready: make that the
+    # topic's lane, so that the DISPATCH below is read before the DETACH
+    topic_lane.send([LaneOp.DISPATCH, []])
+    wake(d)
+    d._myRef.sent.clear()
+
+    # the next record, then the active consumer's connection ends: one wakeup reads both
+    topic_lane.send([LaneOp.DISPATCH, [[1, None, b"record-1"]]])
+    shard_lane.send([LaneOp.DETACH, 1, None])
+    wake(d)
+    assert [f for f in shard_lane.frames() if f[0] == LaneOp.DELIVER] == [[LaneOp.DELIVER, 2, [b"record-1"]]]
+    # the lazy paperwork went with that delivery, not a timer later
+    sent = sent_messages(d)
+    assert connection.ActiveChanged(2, True) in sent
+    assert subscription.MembersLost([1]) in sent
