@@ -341,9 +341,11 @@ class ClusterScenario:
         self.details["shared_data"] = sd = {"topic": topic, "cycles": []}
         with cluster.client("a") as c:   # a durable subscription from the start: nothing is trimmed
             c.subscribe(topic, "audit", "exclusive", "audit", dispatch="reliable", start="earliest").close()
-        urls = ",".join(cluster.url(n) for n in ("a", "c", "b"))
+        urls = ",".join(f"{n}={cluster.url(n)}" for n in ("a", "c", "b"))
+        avoid = self.bench.tmp / "cluster-avoid"
+        avoid.write_text("")
         prod = self.b.Worker(self.bench, "reliable-producing", "--url", urls, "--topic", topic, "--payload",
-                             self.bench.payload, "--interval-ms", 2, module=CLUSTER_WORKER)
+                             self.bench.payload, "--interval-ms", 2, "--avoid", avoid, module=CLUSTER_WORKER)
         takeover = []
         result = None
         try:
@@ -355,12 +357,14 @@ class ClusterScenario:
                 sd["cycles"].append(cycle)
                 owner = wait_for(lambda: self.owner(cluster, topic), 30, f"{topic}: an owner")
                 cycle["owner"] = owner
+                avoid.write_text(owner)            # the producer moves to a node that survives
+                progress.connected_away_from(owner, 30)
                 progress(progress.count + 1, 30)   # receipts are flowing before the kill
                 killed_ns, _, left = cluster.kill(owner)
                 if left:
                     self.bench.fail_note(f"cluster shared-data kill {i + 1}: processes alive after SIGKILL: {left}")
                 try:
-                    ev = progress.resumed_after(killed_ns, 60)
+                    ev = progress.receipt_sent_after(killed_ns, 60)
                     if ev is None:
                         self.bench.fail_note(f"cluster shared-data kill {i + 1}: no receipt within 60 s of the kill")
                     else:
@@ -387,7 +391,7 @@ class ClusterScenario:
         self.b.note(f"cluster shared-data: {len(receipted)} receipted of {result['sent']} sent, {len(found)} found "
                     f"reading from earliest, lost {lost}")
         for q in (50, 99):
-            self.bench.add("cluster", "--shared-data: reliable receipts again after kill -9 of the topic's owner",
+            self.bench.add("cluster", "--shared-data: first receipt of a message sent after kill -9 of the topic's owner",
                            f"p{q}", "s", [self.b.pct(takeover, q)] if takeover else [], samples=len(takeover))
         self.bench.add("cluster", f"--shared-data: receipted reliable messages lost over {self.kills} kill/return "
                                   f"cycles (target 0)", "lost", "msgs", [lost], lost=lost, receipted=len(receipted),
@@ -398,9 +402,10 @@ class ClusterScenario:
 
     def progress_waiter(self, prod):
         """Reads the reliable producer's event lines: progress(count, timeout) waits until its
-        receipted count has grown `count` times; resumed_after(ns, timeout) for its first `resumed`
-        event after that time."""
-        state = {"receipted": 0, "resumed": []}
+        receipted count has grown `count` times; receipt_sent_after(ns, timeout) for the first
+        receipt of a message it sent after that time; connected_away_from(node, timeout) until it
+        is connected to another node."""
+        state = {"receipted": 0, "receipts": [], "node": None}
 
         def take(timeout):
             line = prod.next_line(timeout)
@@ -411,8 +416,10 @@ class ClusterScenario:
             if line.get("event") == "progress" and line["receipted"] > state["receipted"]:
                 state["receipted"] = line["receipted"]
                 progress.count += 1
-            elif line.get("event") == "resumed":
-                state["resumed"].append(line)
+            elif line.get("event") == "receipt":
+                state["receipts"].append(line)
+            elif line.get("event") == "connected":
+                state["node"] = line["node"]
 
         def progress(count, timeout):
             deadline = time.monotonic() + timeout
@@ -421,18 +428,25 @@ class ClusterScenario:
                     raise RuntimeError(f"the reliable producer got no receipts within {timeout} s")
                 take(deadline - time.monotonic())
 
-        def resumed_after(ns, timeout):
+        def receipt_sent_after(ns, timeout):
             deadline = time.monotonic() + timeout
             while True:
-                for ev in state["resumed"]:
-                    if ev["t_ns"] > ns:
-                        state["resumed"] = [e for e in state["resumed"] if e["t_ns"] > ev["t_ns"]]
+                for ev in state["receipts"]:
+                    if ev["sent_ns"] > ns:
+                        state["receipts"] = [e for e in state["receipts"] if e["t_ns"] > ev["t_ns"]]
                         return ev
                 if time.monotonic() > deadline:
                     return None
                 take(deadline - time.monotonic())
+        def connected_away_from(node, timeout):
+            deadline = time.monotonic() + timeout
+            while state["node"] in (None, node):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the reliable producer did not leave node {node} within {timeout} s")
+                take(deadline - time.monotonic())
         progress.count = 0
-        progress.resumed_after = resumed_after
+        progress.connected_away_from = connected_away_from
+        progress.receipt_sent_after = receipt_sent_after
         return progress
 
     @staticmethod

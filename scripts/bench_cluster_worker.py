@@ -11,10 +11,13 @@ event on stdout (times are time.time_ns(), comparable with the bench's own clock
   the first message after each subscribe and {"event": "closed", "reason", "t_ns"} when closed.
 - `keep-producing`: a producer sending one message every --interval-ms, opened again whenever it
   is closed; prints {"event": "opened"/"closed", ...}.
-- `reliable-producing`: a reliable producer with receipts, connected to the --url addresses in
-  turn (the next one when its connection is lost); counts every message whose receipt arrived;
-  prints {"event": "resumed", "t_ns", "gap_ms"} at the first receipt after a gap of over
-  --gap-ms without any, a {"event": "progress", "receipted"} line a second, and at SIGTERM (after
+- `reliable-producing`: a reliable producer with receipts, connected to the --url addresses
+  (NODE=HOST:PORT,...) in turn: the next one when its connection is lost, or when the file
+  --avoid names its node (the bench writes there the node it is about to kill; the producer then
+  flushes, moves and prints {"event": "connected", "node"}); counts every message whose receipt arrived;
+  prints {"event": "receipt", "sent_ns", "t_ns"} for the first receipt of every 20 ms (when the
+  message was sent, when its receipt arrived), a {"event": "progress", "receipted"} line a
+  second, and at SIGTERM (after
   waiting for outstanding receipts) {"role": ..., "receipted": [[first, last], ...] (ranges of
   sequence numbers), "count", "sent", "failed", "unsettled"}.
 
@@ -124,23 +127,30 @@ def ranges(seqs):
     return out
 
 
+def read_avoid(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def reliable_producing(args):
-    urls = args.url.split(",")
+    urls = [u.split("=", 1) if "=" in u else [u, u] for u in args.url.split(",")]
     deadline = time.monotonic() + args.deadline
     interval = args.interval_ms / 1000
-    gap_s = args.gap_ms / 1000
     state = {"client": None, "producer": None, "at": 0}
-    pending = collections.deque()          # (seq, future), in send order
+    pending = collections.deque()          # (seq, time sent, future), in send order
     receipted, failed = [], 0
-    last_receipt = time.monotonic()
+    last_told = 0.0
     last_progress = 0.0
 
     def settle(wait=0.0):
         """Count what has its receipt (or its failure), oldest first."""
-        nonlocal failed, last_receipt
+        nonlocal failed, last_told
         end = time.monotonic() + wait
         while pending:
-            seq, future = pending[0]
+            seq, sent_ns, future = pending[0]
             try:
                 error = future.exception(max(0.0, end - time.monotonic()))
             except TimeoutError:
@@ -148,10 +158,9 @@ def reliable_producing(args):
             pending.popleft()
             if error is None:
                 now = time.monotonic()
-                if now - last_receipt > gap_s:
-                    emit({"event": "resumed", "t_ns": time.time_ns(), "gap_ms": (now - last_receipt) * 1000,
-                          "seq": seq})
-                last_receipt = now
+                if now - last_told >= 0.02:
+                    last_told = now
+                    emit({"event": "receipt", "sent_ns": sent_ns, "t_ns": time.time_ns(), "seq": seq})
                 receipted.append(seq)
             else:
                 failed += 1
@@ -162,17 +171,38 @@ def reliable_producing(args):
                 state["client"].close(timeout=1)
                 state["client"] = None
                 state["at"] += 1
-            url = urls[state["at"] % len(urls)]
+            avoid = read_avoid(args.avoid) if args.avoid else None
+            if urls[state["at"] % len(urls)][0] == avoid:
+                state["at"] += 1
+            node, url = urls[state["at"] % len(urls)]
             state["client"] = connect(url, "bench-reliable-producer")
-            emit({"event": "connected", "url": url, "t_ns": time.time_ns()})
+            emit({"event": "connected", "node": node, "url": url, "t_ns": time.time_ns()})
         state["producer"] = state["client"].producer(args.topic, dispatch="reliable",
                                                      timeout=args.request_timeout, max_batch=50)
         emit({"event": "opened", "t_ns": time.time_ns()})
 
+    def move_if_avoided():
+        """The bench is about to kill the node this producer is connected to: flush, go to the next."""
+        if not args.avoid or state["client"] is None or read_avoid(args.avoid) != urls[state["at"] % len(urls)][0]:
+            return
+        if state["producer"] is not None:
+            try:
+                state["producer"].flush(timeout=10)
+            except Exception:   # noqa: BLE001 - what has no receipt stays unsettled or failed
+                pass
+        settle()
+        state["client"].close(timeout=2)
+        state["client"], state["producer"] = None, None
+        state["at"] += 1
+
     seq = 0
     ready = False
+    last_avoid_check = 0.0
     while not stopping(deadline):
         settle()
+        if time.monotonic() - last_avoid_check >= 0.05:
+            last_avoid_check = time.monotonic()
+            move_if_avoided()
         if time.monotonic() - last_progress >= 1.0:
             last_progress = time.monotonic()
             emit({"event": "progress", "receipted": len(receipted), "failed": failed, "sent": seq,
@@ -194,7 +224,8 @@ def reliable_producing(args):
                 touch(args.ready)
                 ready = True
         try:
-            pending.append((seq, state["producer"].send(make_payload(seq, args.payload))))
+            sent_ns = time.time_ns()
+            pending.append((seq, sent_ns, state["producer"].send(make_payload(seq, args.payload))))
             seq += 1
         except (ProducerClosed, ConnectionLost) as exc:
             emit({"event": "closed", "reason": getattr(exc, "reason", type(exc).__name__), "t_ns": time.time_ns()})
@@ -222,7 +253,8 @@ ROLES = {"keep-consuming": keep_consuming, "keep-producing": keep_producing,
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m actorbroker.scripts.bench_cluster_worker")
     p.add_argument("role", choices=sorted(ROLES))
-    p.add_argument("--url", required=True, help="HOST:PORT (reliable-producing: a comma-separated list)")
+    p.add_argument("--url", required=True, help="HOST:PORT (reliable-producing: NODE=HOST:PORT,...)")
+    p.add_argument("--avoid", default=None, help="reliable-producing: a file naming a node not to be connected to")
     p.add_argument("--topic", required=True)
     p.add_argument("--subscription", default="bench")
     p.add_argument("--payload", type=int, default=100)
@@ -230,7 +262,6 @@ def parse(argv):
     p.add_argument("--request-timeout", type=float, default=1.0,
                    help="seconds to wait for a subscribe/producer answer before trying again")
     p.add_argument("--retry-ms", type=float, default=20.0)
-    p.add_argument("--gap-ms", type=float, default=300.0)
     p.add_argument("--final-wait", type=float, default=15.0)
     p.add_argument("--ready", default=None)
     p.add_argument("--deadline", type=float, default=600.0)
