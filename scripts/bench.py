@@ -53,7 +53,7 @@ def add_bench_command(subparsers):
     p.add_argument("--reps", type=int, default=None, help="disconnect: repetitions per kind (default 20)")
     p.add_argument("--conns", default=None, help="scale: idle connection counts (default 10,100,1000,10000)")
     p.add_argument("--kills", type=int, default=None,
-                   help="cluster: kill -9 / return cycles of a node (default 10, --quick 2)")
+                   help="cluster: kill -9 / return cycles of a node (default 10, --quick 2; 0: throughput only)")
     p.add_argument("--compare", default="", metavar="PEERS",
                    help="also run 1->1, fan-out 1->4 and latency against these systems (of: "
                         + ",".join(bench_peers.PEERS) + "), on servers started here; needs "

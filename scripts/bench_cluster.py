@@ -80,7 +80,7 @@ def run(bench, big_backlog):
         bench.skipped.append(f"cluster: needs network namespaces: {why}")
         note(bench.skipped[-1])
         return
-    kills = bench.args.kills or (2 if bench.args.quick else 10)
+    kills = bench.args.kills if bench.args.kills is not None else (2 if bench.args.quick else 10)
     options = ("--fsync", "group", "--max-backlog", str(big_backlog))
     details = bench.details.setdefault("cluster", {"kills": kills})
     with terminate_as_interrupt():
@@ -113,11 +113,14 @@ class ClusterScenario:
             self.b.note("cluster: starting nodes a (leader), b, c")
             cluster.start_all()
             self.throughput(cluster)
-            self.kill_cycles(cluster)
+            if self.kills:
+                self.kill_cycles(cluster)
         finally:
             with uninterrupted():
                 self.stop(cluster, "cluster")
-        if serve_has_shared_data():
+        if not self.kills:
+            self.b.note("cluster: --kills 0: throughput only")
+        elif serve_has_shared_data():
             shared = LocalCluster(self.bench.tmp / "cluster-shared", *self.options, "--shared-data",
                                   str(self.bench.tmp / "cluster-shared" / "shared"), hosts=self.hosts)
             try:
