@@ -7,12 +7,13 @@ made by the bench and removed by it.
    connected to c; in the same runs, alternately, the same 1 -> 1 on a single `serve` (no cluster
    options, same broker options) in a's namespace, and on one node of the cluster (topic, producer
    and consumer all on a). Row `cross-node / single node`: each run's ratio.
-2. --kills times: a non_reliable topic placed on b, a consumer on c that subscribes again when it
-   is closed and a producer on a that opens again when it is closed (scripts/bench_cluster_worker.py);
-   once messages flow, SIGKILL of b's whole process tree (by PID); detection = the kill until both
-   a and c report b `lost` in the `cluster` op (polled from the bench, every POLL_S plus the
-   requests' time: the figure is late by up to one poll period, reported as poll_ms); re-homed =
-   the kill until the consumer's first message after it subscribed again; then b is started again
+2. --kills times: a non_reliable topic placed on b, a consumer on c and a producer on a sending
+   every 2 ms, both of which open again if they are closed (scripts/bench_cluster_worker.py; the
+   broker re-attaches them, so they see only a gap); once messages flow, SIGKILL of b's whole
+   process tree (by PID); detection = the kill until both a and c report b `lost` in the `cluster`
+   op (polled from the bench, every POLL_S plus the requests' time: the figure is late by up to
+   one poll period, reported as poll_ms); re-homed = the kill until the consumer receives the
+   first message that was sent after the kill; then b is started again
    (same --node, same data directory) and the bench waits until every node sees every node live.
 3. With `serve --shared-data DIR` (all three nodes given the same DIR): a reliable topic, a
    producer process connected to a node that does not own it (the next node when its connection is
@@ -260,7 +261,7 @@ class ClusterScenario:
                                  "--payload", self.bench.payload, "--interval-ms", 2, module=CLUSTER_WORKER,
                                  prefix=self.hosts.prefix("a"))
             prod.wait_ready(60)
-            if self.b.wait_event(cons, "first", 30) is None:
+            if self.b.wait_event(cons, "got", 30) is None:
                 raise RuntimeError(f"nothing delivered on {topic} before the kill: {cons.stderr_tail()}")
             for node in OBSERVERS:   # the bench's own connections, opened before the kill
                 if node not in observers or not observers[node].connected:
@@ -287,11 +288,18 @@ class ClusterScenario:
             for w in (prod, cons):
                 if w is not None:
                     w.stop()
+            if prod is not None:   # its last line: sends made, and refused while the topic moved
+                line = prod.next_line(0)
+                while line is not None:
+                    if "role" in line:
+                        cycle["producer"] = {k: line[k] for k in ("sent", "failed", "unsettled")}
+                    line = prod.next_line(0)
 
     @staticmethod
     def first_after(worker, ns, timeout, events):
-        """The worker's first `first` event after time `ns`; every event after `ns` until then goes
-        to `events` (times relative to `ns`, in s): closed, the retries of its subscribe."""
+        """The consumer's first message sent after time `ns` (its `got` event); its other events
+        after `ns` until then go to `events` (times relative to `ns`, in s): a closed, the retries
+        of a subscribe (none since the broker re-attaches consumers of a re-homed topic)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = worker.next_line(deadline - time.monotonic())
@@ -299,10 +307,11 @@ class ClusterScenario:
                 if worker.proc.poll() is not None:
                     return None
                 continue
-            if line.get("t_ns", 0) > ns:
-                events.append({k: (round((v - ns) / 1e9, 4) if k == "t_ns" else v) for k, v in line.items()})
-                if line.get("event") == "first":
-                    return line
+            found = line.get("event") == "got" and line["sent_ns"] > ns
+            if line.get("t_ns", 0) > ns and (line.get("event") != "got" or found):
+                events.append({k: (round((v - ns) / 1e9, 4) if k.endswith("_ns") else v) for k, v in line.items()})
+            if found:
+                return line
         return None
 
     def poll_lost(self, cluster, observers, killed, limit_s=30):

@@ -7,10 +7,13 @@ They keep going across the loss of the node that owns their topic, and print one
 event on stdout (times are time.time_ns(), comparable with the bench's own clock):
 
 - `keep-consuming`: a consumer that subscribes again whenever its consumer is closed (a lost
-  topic, a lost node) or a request is not answered; prints {"event": "first", "t_ns", "seq"} at
-  the first message after each subscribe and {"event": "closed", "reason", "t_ns"} when closed.
+  topic, a lost node) or a request fails; prints {"event": "got", "sent_ns", "t_ns", "seq"} for the
+  first message received in every 20 ms (when it was sent, when it arrived), at the first after
+  each subscribe and after every silence of 0.1 s, and {"event": "closed", "reason", "t_ns"} when closed. (Since the broker
+  re-attaches the consumers of a re-homed non_reliable topic, they see a gap, not `closed`.)
 - `keep-producing`: a producer sending one message every --interval-ms, opened again whenever it
-  is closed; prints {"event": "opened"/"closed", ...}.
+  is closed; prints {"event": "opened"/"closed", ...} and, at the end, how many sends failed
+  (TOPIC_UNAVAILABLE while the topic is being moved).
 - `reliable-producing`: a reliable producer with receipts, connected to the --url addresses
   (NODE=HOST:PORT,...) in turn: the next one when its connection is lost, or when the file
   --avoid names its node (the bench writes there the node it is about to kill; the producer then
@@ -69,7 +72,7 @@ def keep_consuming(args):
         if not ready:
             touch(args.ready)
             ready = True
-        first = True
+        told = last = 0.0
         while not stopping(deadline):
             try:
                 msg = consumer.receive(timeout=0.2)
@@ -78,10 +81,13 @@ def keep_consuming(args):
             except ConsumerClosed as exc:
                 emit({"event": "closed", "reason": exc.reason, "t_ns": time.time_ns()})
                 break
-            if first:
-                first = False
-                emit({"event": "first", "t_ns": time.time_ns(), "seq": STAMP.unpack_from(msg.payload)[1],
-                      "attempt": attempt})
+            now = time.monotonic()
+            if now - told >= 0.02 or now - last > 0.1:   # and always the first after a silence
+                sent_ns, seq = STAMP.unpack_from(msg.payload)
+                emit({"event": "got", "sent_ns": sent_ns, "t_ns": time.time_ns(), "seq": seq,
+                      "attempt": attempt, **({"first": True} if not told else {})})
+                told = now
+            last = now
     client.close(timeout=2)
     return 0
 
@@ -90,9 +96,22 @@ def keep_producing(args):
     client = connect(args.url, "bench-keep-producer")
     deadline = time.monotonic() + args.deadline
     interval = args.interval_ms / 1000
-    seq = 0
+    seq, failed = 0, 0
     producer = None
+    futures = collections.deque()
+
+    def settle():
+        nonlocal failed
+        while futures:
+            try:
+                error = futures[0].exception(0)
+            except TimeoutError:
+                return
+            futures.popleft()
+            failed += error is not None
+
     while not stopping(deadline):
+        settle()
         if producer is None:
             try:
                 producer = client.producer(args.topic, timeout=args.request_timeout, max_batch=1)
@@ -105,15 +124,16 @@ def keep_producing(args):
             emit({"event": "opened", "t_ns": time.time_ns()})
             touch(args.ready)
         try:
-            producer.send(make_payload(seq, args.payload))
+            futures.append(producer.send(make_payload(seq, args.payload)))
         except ProducerClosed as exc:
             emit({"event": "closed", "reason": exc.reason, "t_ns": time.time_ns()})
             producer = None
             continue
         seq += 1
         time.sleep(interval)
+    settle()
     client.close(timeout=2)
-    emit({"role": "keep-producing", "sent": seq})
+    emit({"role": "keep-producing", "sent": seq, "failed": failed, "unsettled": len(futures)})
     return 0
 
 
