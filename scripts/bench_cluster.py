@@ -82,6 +82,8 @@ def run(bench, big_backlog):
         note(bench.skipped[-1])
         return
     kills = bench.args.kills if bench.args.kills is not None else (2 if bench.args.quick else 10)
+    if bench.args.url:
+        note(f"cluster: starts its own three nodes; --url {bench.args.url} is not used here")
     options = ("--fsync", "group", "--max-backlog", str(big_backlog))
     details = bench.details.setdefault("cluster", {"kills": kills})
     with terminate_as_interrupt():
