@@ -13,7 +13,8 @@ made by the bench and removed by it.
    process tree (by PID); detection = the kill until both a and c report b `lost` in the `cluster`
    op (polled from the bench, every POLL_S plus the requests' time: the figure is late by up to
    one poll period, reported as poll_ms); re-homed = the kill until the consumer receives the
-   first message that was sent after the kill; then b is started again
+   first message that was sent after all of b's processes were gone (one sent while the SIGKILLs
+   were landing may still have gone through b); then b is started again
    (same --node, same data directory) and the bench waits until every node sees every node live.
 3. With `serve --shared-data DIR` (all three nodes given the same DIR): a reliable topic, a
    producer process connected to a node that does not own it (the next node when its connection is
@@ -268,7 +269,8 @@ class ClusterScenario:
             for node in OBSERVERS:   # the bench's own connections, opened before the kill
                 if node not in observers or not observers[node].connected:
                     observers[node] = cluster.client(node, name=f"bench-cluster-watch-{node}")
-            killed_ns, killed, left = cluster.kill(KILLED)
+            killed_ns, killed, gone_ns, left = cluster.kill(KILLED)
+            cycle["all_gone_s"] = round((gone_ns - killed_ns) / 1e9, 4)
             if left:
                 self.bench.fail_note(f"cluster kill {cycle['kill']}: b's processes alive after SIGKILL: {left}")
             seen, rounds = self.poll_lost(cluster, observers, killed)
@@ -278,7 +280,9 @@ class ClusterScenario:
             if len(seen) < len(OBSERVERS):
                 raise RuntimeError(f"b not declared lost by {[n for n in OBSERVERS if n not in seen]} within 30 s")
             cycle["detect_s"] = round(max(seen.values()) - killed, 4)
-            ev = self.first_after(cons, killed_ns, 30, cycle.setdefault("consumer_events", []))
+            # a message sent after b's processes were all gone can only come through the re-homed
+            # topic (one sent while the SIGKILLs were landing may still have gone through b)
+            ev = self.first_after(cons, gone_ns, killed_ns, 30, cycle.setdefault("consumer_events", []))
             if ev is None:
                 raise RuntimeError(f"{topic}: no message after the kill within 30 s: {cons.stderr_tail()}")
             cycle["rehome_s"] = round((ev["t_ns"] - killed_ns) / 1e9, 4)
@@ -298,10 +302,10 @@ class ClusterScenario:
                     line = prod.next_line(0)
 
     @staticmethod
-    def first_after(worker, ns, timeout, events):
-        """The consumer's first message sent after time `ns` (its `got` event); its other events
-        after `ns` until then go to `events` (times relative to `ns`, in s): a closed, the retries
-        of a subscribe (none since the broker re-attaches consumers of a re-homed topic)."""
+    def first_after(worker, sent_after, ns, timeout, events):
+        """The consumer's first message sent after time `sent_after` (its `got` event); its other
+        events after `ns` until then go to `events` (times relative to `ns`, in s): a closed, the
+        retries of a subscribe (none since the broker re-attaches consumers of a re-homed topic)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = worker.next_line(deadline - time.monotonic())
@@ -309,7 +313,7 @@ class ClusterScenario:
                 if worker.proc.poll() is not None:
                     return None
                 continue
-            found = line.get("event") == "got" and line["sent_ns"] > ns
+            found = line.get("event") == "got" and line["sent_ns"] > sent_after
             if line.get("t_ns", 0) > ns and (line.get("event") != "got" or found):
                 events.append({k: (round((v - ns) / 1e9, 4) if k.endswith("_ns") else v) for k, v in line.items()})
             if found:
@@ -374,11 +378,11 @@ class ClusterScenario:
                 avoid.write_text(owner)            # the producer moves to a node that survives
                 progress.connected_away_from(owner, 30)
                 progress(progress.count + 1, 30)   # receipts are flowing before the kill
-                killed_ns, _, left = cluster.kill(owner)
+                killed_ns, _, gone_ns, left = cluster.kill(owner)
                 if left:
                     self.bench.fail_note(f"cluster shared-data kill {i + 1}: processes alive after SIGKILL: {left}")
                 try:
-                    ev = progress.receipt_sent_after(killed_ns, 60)
+                    ev = progress.receipt_sent_after(gone_ns, 60)
                     if ev is None:
                         self.bench.fail_note(f"cluster shared-data kill {i + 1}: no receipt within 60 s of the kill")
                     else:

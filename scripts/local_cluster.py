@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from actorbroker.scripts import netns
+from actorbroker.scripts import netns, proctree
 from actorbroker.scripts.local_broker import LocalBroker
 from actorbroker.transport.client.sync import Client
 
@@ -104,9 +104,10 @@ class LocalCluster:
         raise RuntimeError(f"no topic name placed on {node}")
 
     def kill(self, node):
-        """kill -9 of the node's whole process tree (serve, admin, every actor), by PID: returns
-        (time.time_ns(), time.monotonic()) taken just before the first SIGKILL, and the PIDs
-        still alive after the wait (none, normally)."""
+        """kill -9 of the node's whole process tree (serve, admin, every actor), by PID. Returns
+        (time.time_ns() and time.monotonic() taken just before the first SIGKILL, time.time_ns()
+        once every one of them is seen gone (polled every 5 ms; up to 30 s), the PIDs still alive
+        then (none, normally))."""
         broker = self.nodes.pop(node)
         try:
             pids = broker.processes()
@@ -116,8 +117,15 @@ class LocalCluster:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
+            deadline = time.monotonic() + 30
+            left = pids
+            while left and time.monotonic() < deadline:
+                left = [p for p in left if proctree.alive(p)]
+                if left:
+                    time.sleep(0.005)
+            gone_ns = time.time_ns()
             broker.proc.wait()
-            return (*at, broker.wait_gone(pids))
+            return (*at, gone_ns, left)
         finally:
             broker.stderr.close()
             broker.proc.stdout.close()
