@@ -87,7 +87,7 @@ def test_bench_cluster_scenario(tmp_path):
     rows = {(r["variant"], r["metric"]): r for r in results["rows"] if r["scenario"] == "cluster"}
     variants = {v for v, _ in rows}
     for start in ("1->1 single node", "1->1 on one cluster node", "1->1 cross-node", "cross-node / single node",
-                  "member loss detected", "non_reliable topic of b re-homed"):
+                  "member loss declared", "member loss seen", "non_reliable topic of b re-homed"):
         assert any(v.startswith(start) for v in variants), (start, variants)
     for (variant, metric), r in rows.items():
         assert r["median"] is not None, (variant, metric)
