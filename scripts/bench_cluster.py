@@ -10,9 +10,10 @@ made by the bench and removed by it.
 2. --kills times: a non_reliable topic placed on b, a consumer on c and a producer on a sending
    every 2 ms, both of which open again if they are closed (scripts/bench_cluster_worker.py; the
    broker re-attaches them, so they see only a gap); once messages flow, SIGKILL of b's whole
-   process tree (by PID); detection = the kill until both a and c report b `lost` in the `cluster`
-   op (polled from the bench, every POLL_S plus the requests' time: the figure is late by up to
-   one poll period, reported as poll_ms); re-homed = the kill until the consumer receives the
+   process tree (by PID); declared = the kill until both a and c have written their `member b
+   lost` log record (their broker.log, ms resolution); seen = the kill until both report b `lost`
+   in the `cluster` op (polled from the bench, every POLL_S plus the requests' time: the figure is
+   late by up to one poll round, reported as poll_ms); re-homed = the kill until the consumer receives the
    first message that was sent after all of b's processes were gone (one sent while the SIGKILLs
    were landing may still have gone through b); then b is started again
    (same --node, same data directory) and the bench waits until every node sees every node live.
