@@ -24,12 +24,14 @@ import time
 import uuid
 from pathlib import Path
 
-from actorbroker.scripts import bench_operability, bench_peers, proctree
+from actorbroker.scripts import bench_cluster, bench_operability, bench_peers, proctree
 from actorbroker.scripts.bench_common import term_with_parent
 from actorbroker.transport.client import parse_url
 from actorbroker.scripts.local_broker import ROOT, LocalBroker
 
 ALL_SCENARIOS = ["baseline", "throughput", "latency", "fanout", "shared", "disconnect", "scale", "operability"]
+# run only when named in --scenarios: `cluster` needs root (network namespaces) and takes minutes
+EXTRA_SCENARIOS = ["cluster"]
 FSYNC_MODES = ["group", "always", "interval:5"]
 BIG_BACKLOG = 1_000_000
 
@@ -40,7 +42,9 @@ def add_bench_command(subparsers):
     p.add_argument("--url", help="HOST:PORT of a running broker (default: start brokers on free ports); "
                                  "then every fsync variant runs against that one broker")
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
-                   help="comma-separated subset of: " + ",".join(ALL_SCENARIOS))
+                   help="comma-separated subset of: " + ",".join(ALL_SCENARIOS) + " (the default), and "
+                        + ",".join(EXTRA_SCENARIOS) + " (three nodes in network namespaces: needs root and "
+                        "ip netns; only when named)")
     p.add_argument("--messages", type=int, default=None, help="messages per throughput run (default 20000)")
     p.add_argument("--payload", type=int, default=100, help="payload bytes (default %(default)s, at least 16)")
     p.add_argument("--runs", type=int, default=None, help="runs per figure; median with min-max (default 3)")
@@ -48,6 +52,8 @@ def add_bench_command(subparsers):
     p.add_argument("--latency-seconds", type=float, default=None, help="latency scenario duration (default 3)")
     p.add_argument("--reps", type=int, default=None, help="disconnect: repetitions per kind (default 20)")
     p.add_argument("--conns", default=None, help="scale: idle connection counts (default 10,100,1000,10000)")
+    p.add_argument("--kills", type=int, default=None,
+                   help="cluster: kill -9 / return cycles of a node (default 10, --quick 2; 0: throughput only)")
     p.add_argument("--compare", default="", metavar="PEERS",
                    help="also run 1->1, fan-out 1->4 and latency against these systems (of: "
                         + ",".join(bench_peers.PEERS) + "), on servers started here; needs "
@@ -83,7 +89,8 @@ class Worker:
     """One client process (bench_worker ROLE, or another `module`); its stdout JSON lines are
     collected by a thread."""
 
-    def __init__(self, bench, role, *options, module=WORKER, client="python"):
+    def __init__(self, bench, role, *options, module=WORKER, client="python", prefix=()):
+        """prefix: a command that execs the worker in place (`ip netns exec NAME`: the pid stays)."""
         self.bench = bench
         self.role = role
         self.ready = str(bench.tmp / f"ready-{uuid.uuid4().hex[:10]}")
@@ -93,7 +100,7 @@ class Worker:
         argv = [role, "--ready", self.ready] if module != CONNS_WORKER else []
         program = ["node", str(NODE_WORKER)] if client == "node" else [sys.executable, "-m", module]
         self.proc = subprocess.Popen(
-            [*program, *argv, *map(str, options)],
+            [*prefix, *program, *argv, *map(str, options)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL,
             preexec_fn=_term_with_parent())
         self.pid = self.proc.pid
@@ -536,6 +543,10 @@ class Bench:
     def sc_operability(self):
         """Metrics and a watcher on vs off, same run (scripts/bench_operability.py)."""
         bench_operability.run(self, BIG_BACKLOG)
+
+    def sc_cluster(self):
+        """Three nodes in network namespaces (scripts/bench_cluster.py)."""
+        bench_cluster.run(self, BIG_BACKLOG)
 
     def sc_disconnect(self):
         url = self.url_for("group")
@@ -1018,7 +1029,8 @@ def add_ratios(rows):
 
 
 NOTE_KEYS = ("lost", "dropped", "processes", "per_conn_mib", "per_conn_processes", "opened", "failed",
-             "stats_clean_s", "processes_back_s", "left", "samples", "cost_pct", "events", "scrapes")
+             "stats_clean_s", "processes_back_s", "left", "samples", "cost_pct", "events", "scrapes",
+             "poll_ms", "receipted", "kills")
 
 
 def table(rows):
@@ -1123,9 +1135,9 @@ def plot(results, outdir):
 
 def run_bench(args):
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in ALL_SCENARIOS]
+    unknown = [s for s in chosen if s not in ALL_SCENARIOS + EXTRA_SCENARIOS]
     if unknown:
-        print(f"error: unknown scenarios {unknown}; choose from {ALL_SCENARIOS}", file=sys.stderr)
+        print(f"error: unknown scenarios {unknown}; choose from {ALL_SCENARIOS + EXTRA_SCENARIOS}", file=sys.stderr)
         return 2
     peers = [p.strip() for p in (args.compare or "").split(",") if p.strip()]
     if [p for p in peers if p not in bench_peers.PEERS]:
@@ -1144,7 +1156,7 @@ def run_bench(args):
          f"producer is not counted as drops" + (" (self-started brokers only)" if not args.url else ""))
     scenarios = {}
     try:
-        for name in ALL_SCENARIOS + ["compare"]:
+        for name in ALL_SCENARIOS + EXTRA_SCENARIOS + ["compare"]:
             if name not in chosen and not (name == "compare" and peers):
                 continue
             note(f"== {name}")
@@ -1165,7 +1177,7 @@ def run_bench(args):
                "settings": {"messages": bench.n, "payload": bench.payload, "runs": bench.runs,
                             "rate": args.rate, "latency_seconds": bench.latency_s, "reps": bench.reps,
                             "fanout": bench.fanout_k, "shared": bench.shared_c, "conns": bench.conns,
-                            "url": args.url, "quick": args.quick, "max_backlog": BIG_BACKLOG,
+                            "url": args.url, "quick": args.quick, "max_backlog": BIG_BACKLOG, "kills": args.kills,
                             "compare": peers, "clients": bench.clients},
                "peers": bench.peer_versions,
                "scenarios": scenarios, "rows": bench.rows, "details": bench.details,

@@ -65,3 +65,40 @@ def test_bench_quick_compare_nats_redis(tmp_path):
     # The servers it started are gone.
     for peer in ("nats", "redis"):
         assert not proctree.alive(results["peers"][peer]["pid"]), results["peers"][peer]
+
+
+@pytest.mark.timeout(400)
+def test_bench_cluster_scenario(tmp_path):
+    """`bench --scenarios cluster` on three namespaces, small: every row is there, nothing was lost
+    (1->1 runs; receipted reliable messages with --shared-data), and every namespace it made is
+    gone (its processes too: a broker left after stop is a failure, exit status 1). No timings."""
+    from actorbroker.scripts import netns
+    why = netns.unavailable()
+    if why:
+        pytest.skip(f"the cluster scenario needs network namespaces: {why}")
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "actorbroker.scripts.cli", "bench", "--scenarios", "cluster", "--messages", "2000",
+         "--runs", "1", "--kills", "2", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=380)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["scenarios"]["cluster"]["ok"], results["scenarios"]
+    rows = {(r["variant"], r["metric"]): r for r in results["rows"] if r["scenario"] == "cluster"}
+    variants = {v for v, _ in rows}
+    for start in ("1->1 single node", "1->1 on one cluster node", "1->1 cross-node", "cross-node / single node",
+                  "member loss declared", "member loss seen", "non_reliable topic of b re-homed"):
+        assert any(v.startswith(start) for v in variants), (start, variants)
+    for (variant, metric), r in rows.items():
+        assert r["median"] is not None, (variant, metric)
+        if variant.startswith("1->1"):
+            assert r["lost"] == 0, r
+        if metric in ("p50", "p99") and not variant.startswith("--shared-data"):
+            assert r["samples"] == 2, r          # both kills measured
+    shared = [r for (v, m), r in rows.items() if m == "lost"]
+    if shared:
+        assert shared[0]["median"] == 0 and shared[0]["receipted"] > 0, shared
+    else:
+        assert "cluster: shared-data cycles skipped: serve has no --shared-data" in results["skipped"]
+    existing = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not existing & set(results["details"]["cluster"]["namespaces"].values())

@@ -13,7 +13,7 @@ from actorbroker.transport.client.core import Reconnect
 from actorbroker.transport.client.sync import Client
 from actorbroker.transport.errors import (BrokerError, ConsumerClosed, ProducerClosed, TopicNotFound,
                                          TopicUnavailable)
-from tests import netns
+from actorbroker.scripts import netns
 
 TIMEOUT_MS = 3000          # member timeout (the default): a loss is declared within it
 ADMIN_PORT = 7600

@@ -1,10 +1,13 @@
-"""Three hosts on one machine: network namespaces the test makes itself, and removes.
+"""Three hosts on one machine: network namespaces made by whoever runs them (the cluster tests,
+`actorbroker bench --scenarios cluster`), and removed by it. Needs root and `ip` (iproute2).
 
 Each node namespace has one address of its own (10.S.0.N on its loopback) and a veth pair to
 each other node (a full mesh, so that one link can be cut with `ip link set ... down` while the
-others stay up), plus a veth pair to the test's own namespace, through which the test's clients
-reach every node. No namespace forwards packets: a cut link is a cut path. S is chosen per run,
-and every name carries a tag of the run, so that two suites at once do not collide.
+others stay up), plus a veth pair to the caller's own namespace (address 10.S.255.254 there),
+through which the caller's clients reach every node. No namespace forwards packets: a cut link
+is a cut path. S is chosen per run among the 10.S.0.0/16 that no address or route of the
+caller's namespace uses, and every name carries a tag of the run (checked unused), so that a
+test suite and a bench at once do not collide. Nothing outside these namespaces is addressed.
 """
 import os
 import random
@@ -32,13 +35,26 @@ def unavailable():
     return None
 
 
+def _free_subnet():
+    """S in 64..249 such that no address or route here is in 10.S.0.0/16."""
+    used = _ip("-o", "addr").stdout + _ip("route").stdout
+    free = [s for s in range(64, 250) if f" 10.{s}." not in used and f"\n10.{s}." not in "\n" + used]
+    if not free:
+        raise RuntimeError("no free 10.S.0.0/16 for the namespaces")
+    return random.choice(free)
+
+
 class Hosts:
     """Namespaces a, b, c with addresses; `address(n)`, `prefix(n)` for `ip netns exec`."""
 
     def __init__(self):
-        self.tag = f"{os.getpid() % 100000:05d}{random.randrange(36 ** 2):02x}"[-6:]
-        self.subnet = random.randrange(64, 250)
-        self.namespaces = {n: f"ab{self.tag}{n}" for n in NODES}
+        existing = set(_ip("netns", "list").stdout.split())
+        while True:
+            self.tag = f"{os.getpid() % 1000:03d}{random.randrange(16 ** 3):03x}"
+            self.namespaces = {n: f"ab{self.tag}{n}" for n in NODES}
+            if not existing & set(self.namespaces.values()):
+                break
+        self.subnet = _free_subnet()
         self.host_links = []
         try:
             self._build()
