@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from thespian.actors import ThespianWatch
+from thespian.actors import ActorExitRequest, ThespianWatch
 
 from actorbroker.actors import cluster, connection, listener, metrics, topic
 from actorbroker.actors.base import BrokerActor, log
@@ -157,7 +157,11 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         except (OSError, AttributeError) as exc:
             log.warning("cannot watch serve process %s: %s", msg.serve_pid, exc)
         self._start_operability()
-        for name, dispatch in stored_topics(self.config.data_dir):   # durable topics come back
+        if self.config.shared_data:   # the reliable topics whose latest epoch this node holds
+            stored = stored_topics(self.config.shared_data, owner=self.config.node)
+        else:
+            stored = stored_topics(self.config.data_dir)
+        for name, dispatch in stored:   # durable topics come back
             self._create_topic(name, dispatch)
         self.listener = self.createActor("actorbroker.actors.listener.ListenerActor")
         self.send(self.listener, listener.Listen(self.config, self.myAddress))
@@ -253,14 +257,17 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
                 self.send(request.reply_to, connection.RequestFailed(request.rid, E.OVERLOADED, (
                     f"the broker has {len(self.topics)} topics (max_topics {self.config.max_topics})")))
                 return
-            entry = self._create_topic(msg.name, msg.create_dispatch)
+            # in a shared folder, a topic whose log a lost node held is taken over (fenced)
+            live = tuple(self.membership.live_names()) if self.clustered else None
+            entry = self._create_topic(msg.name, msg.create_dispatch, live)
             emit(self, self.config.events, "topic_created", topic=msg.name, dispatch=msg.create_dispatch)
         self.send_ordered(entry[0], request, msg.name)
 
-    def _create_topic(self, name, dispatch):
+    def _create_topic(self, name, dispatch, live=None):
         address = self.createActor("actorbroker.actors.topic.TopicActor")
         self.forget_ordered(name)
-        self.send_ordered(address, topic.InitTopic(name, dispatch, self.config), name)
+        self.send_ordered(address, topic.InitTopic(name, dispatch, self.config, live,
+                                                   getattr(self, "incarnation", "")), name)
         entry = self.topics[name] = (address, dispatch)
         return entry
 
@@ -318,6 +325,16 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         if gather is not None:
             (their_token, reply_to), _, summaries = gather
             self.send(reply_to, cluster.NodeTopics(their_token, tuple(summaries)))
+
+    def on_TopicMoved(self, msg, sender):
+        """A reliable topic opened here found its log held by another node (shared folder):
+        forget ours, and send the next requests for it to that node."""
+        entry = self.topics.get(msg.name)
+        if entry is not None and entry[0] == sender:
+            del self.topics[msg.name]
+        if self.clustered:
+            self.membership.placed_on(msg.owner, msg.name, "reliable")
+        self.send(sender, ActorExitRequest())
 
     def on_TopicLost(self, msg, sender):
         self._topic_exited(msg.address)

@@ -183,16 +183,20 @@ class Membership:
     def lost_pairs(self):
         return tuple((m.node, m.incarnation) for m in self.members.values() if m.lost)
 
-    def place(self, topic, own_topics):
+    def place(self, topic, own_topics, takeover=False):
         """(node, dispatch) of an existing topic; (node, None) for a new one (its rendezvous
         owner among the live members); (None, node) when only a lost member holds it, reliable:
         unavailable until that member returns, or while another member still sees its owner
-        live."""
+        live. With `takeover` (the reliable logs are in a shared folder), a lost member's
+        reliable topic is placed anew like a new one: its new node takes the log over, fenced."""
         if topic in own_topics:
             return self.node, own_topics[topic]
         for member in self.live():
             if topic in member.topics:
                 return member.node, member.topics[topic]
+        for member in self.live():
+            if topic in member.placed:   # created there, or its log is held there (TopicMoved)
+                return member.node, member.placed[topic]
         for member in self.live():
             owner = member.seen.get(topic)
             if owner is not None and owner != self.node and self._lost_here(owner):
@@ -201,7 +205,8 @@ class Membership:
                 # by all). (An owner live here speaks for itself: its own list is the truth.)
                 return None, owner
         for member in self.members.values():
-            if member.lost and "reliable" in (member.topics.get(topic), member.placed.get(topic)):
+            if member.lost and "reliable" in (member.topics.get(topic), member.placed.get(topic)) \
+                    and not takeover:
                 return None, member.node   # its log is there: nobody else may open it
         return rendezvous_owner(topic, self.live_names()), None
 

@@ -12,6 +12,8 @@ import time
 import uuid
 from datetime import timedelta
 
+from thespian.actors import ActorExitRequest
+
 from actorbroker.actors import cluster, connection, topic
 from actorbroker.actors.base import log
 from actorbroker.transport import errors as E
@@ -131,11 +133,19 @@ class ClusterRoot:
         topics may have been re-created elsewhere meanwhile. End ours, so that no topic ever has
         two owners, and come back as a new incarnation."""
         dropped = [name for name, (_, dispatch) in self.topics.items() if dispatch != "reliable"]
-        log.error("node %s was declared lost by %s: fencing: ending its %d non_reliable topics, "
-                  "rejoining", self.config.node, by, len(dropped))
+        # in a shared folder a survivor may have taken our reliable topics over: end ours, and
+        # keep their logs (the next request reopens each where its latest epoch says)
+        shared = [name for name, (_, dispatch) in self.topics.items()
+                  if dispatch == "reliable" and self.config.shared_data]
+        log.error("node %s was declared lost by %s: fencing: ending its %d non_reliable topics%s, "
+                  "rejoining", self.config.node, by, len(dropped),
+                  f" and its {len(shared)} reliable ones (shared folder)" if shared else "")
         for name in dropped:
             address, _ = self.topics.pop(name)
             self.send_ordered(address, topic.DeleteTopic(None, None), name)
+        for name in shared:
+            address, _ = self.topics.pop(name)
+            self.send(address, ActorExitRequest())
         self.incarnation = uuid.uuid4().hex[:12]
 
     # --- routing ----------------------------------------------------------------------------------
@@ -144,7 +154,7 @@ class ClusterRoot:
         here."""
         if not self.clustered:
             return False
-        node, held = self.membership.place(name, self.own_topics())
+        node, held = self.membership.place(name, self.own_topics(), bool(self.config.shared_data))
         if node == self.config.node or (placed and node is not None and held is None):
             return False   # ours, or new and placed here by the asking node
         if placed and node is not None:
@@ -161,6 +171,8 @@ class ClusterRoot:
         if held is None:   # a new topic: its owner's heartbeat will list it a moment later
             self.membership.placed_on(node, name, getattr(forward, "create_dispatch", None))
         self.send_ordered(member.root, cluster.Placed(forward), ("node", node, member.incarnation))
+        if reply_to is not None and rid is not None:   # answered there; here if that node is lost first
+            self.send(reply_to, connection.RequestForwarded(rid, node))
         return True
 
     def on_Placed(self, msg, sender):
@@ -169,11 +181,13 @@ class ClusterRoot:
     def lookup(self, msg, placed):
         """Answer a Lookup; one for a topic of another live node is answered there: it knows
         its own topics now, we only as of its last heartbeat."""
-        node, held = self.membership.place(msg.topic, self.own_topics()) if self.clustered \
+        node, held = self.membership.place(msg.topic, self.own_topics(), bool(self.config.shared_data)) \
+            if self.clustered \
             else (self.config.node or "", self.own_topics().get(msg.topic))
         if node not in (None, self.config.node) and not placed:
             member = self.membership.members[node]
             self.send_ordered(member.root, cluster.Placed(msg), ("node", node, member.incarnation))
+            self.send(msg.reply_to, connection.RequestForwarded(msg.rid, node))
             return
         if placed:   # the asking node placed it here: it is ours, or new here
             node, held = self.config.node, self.own_topics().get(msg.topic)

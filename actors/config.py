@@ -41,6 +41,9 @@ class BrokerConfig:
     node: str = ""
     cluster_leader: bool = False
     member_timeout_ms: int = 3000
+    # a folder every node sees (same path on each): reliable topics live there, and a survivor
+    # takes a lost node's reliable topic over from it, fenced (storage/fencing.py); "": off
+    shared_data: str = ""
     # reliable topics
     fsync: str = "group"               # "always", "group" or "interval:MS"
     segment_bytes: int = 64 * 1024 * 1024

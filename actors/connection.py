@@ -9,9 +9,12 @@ shard. No flag, no lock, no second packet.
 
 Requests it sends on carry `rid` as a tag (connection id, rid): the answers find their connection.
 """
+import dataclasses
 import os
+import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -21,6 +24,12 @@ from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E, validate
 from actorbroker.transport.codec import encode_frame
 from actorbroker.transport.session import error_frame
+
+GIVE_UP_MEMORY_S = 600   # how long a late answer to a request given up on is recognised and dropped
+# Cluster: a producer or consumer of a non_reliable topic whose node was lost is opened again on
+# the topic's new node, silently, retried this often for this long; then it ends with `closed`.
+REATTACH_RETRY_S = 0.25
+REATTACH_FOR_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class ActiveChanged:
     """Failover: this consumer became the active one, or stopped being it."""
     consumer_id: int
     active: bool
+    node: str = ""      # the sender's cluster node: see _stale
 
 
 @dataclass(frozen=True)
@@ -118,15 +128,25 @@ class RequestFailed:
 
 
 @dataclass(frozen=True)
+class RequestForwarded:
+    """The root sent the request `rid` to the cluster member `node`, which answers it directly:
+    if that member is lost first, the request is answered here (TOPIC_UNAVAILABLE)."""
+    rid: Any
+    node: str
+
+
+@dataclass(frozen=True)
 class ProducerEnded:
     producer_id: int
     reason: str
+    node: str = ""
 
 
 @dataclass(frozen=True)
 class ConsumerEnded:
     consumer_id: int
     reason: str
+    node: str = ""
 
 
 class BadRequest(Exception):
@@ -183,6 +203,14 @@ class ConnectionActor(BrokerActor):
         self.streams = {}
         self.exiting = False
         self.shards_lost = 0         # connections ended because their shard died
+        self.forwarded = {}          # tag of a request another node answers -> that node
+        self.given_up = {}           # tag answered here when its node was lost -> when: late answers dropped
+        self.opening = {}            # cluster: tag of a producer/subscribe request -> (topic, request)
+        # cluster, non_reliable topics on another node: id -> [kind, connection id, topic, request,
+        # name, re-attaching until (None: attached)]; re-opened there if that node is lost
+        self.rejoin = {}
+        self.reattaches = 0
+        self._last_opening = None    # what _answered found in self.opening for the tag it was given
 
     # --- set-up and the shard's supervision -------------------------------------------------------
     def on_StartConnections(self, msg, sender):
@@ -243,6 +271,9 @@ class ConnectionActor(BrokerActor):
         if conn is None or conn.closed:
             return
         conn.closed = True
+        if self.rejoin:
+            for ident in [i for i, entry in self.rejoin.items() if entry[1] == connection_id]:
+                del self.rejoin[ident]
         if conn.watching:
             self.send_ordered(self.config.events, events.Unwatch(connection_id, None, self.shard), "events")
         for producer_id, topic_address in conn.producers.items():
@@ -269,7 +300,10 @@ class ConnectionActor(BrokerActor):
         for consumer_id in msg.consumer_ids:
             if msg.reason == "topic_lost" and consumer_id in self.consumer_topic:
                 self.send_ordered(self.broker, broker.TopicLost(self.consumer_topic[consumer_id]), "root")
-            self._end_consumer(consumer_id, msg.reason, detach=True)
+            if consumer_id in self.rejoin and msg.reason in ("topic_lost", "subscription_lost"):
+                self._reattach(consumer_id)
+            else:
+                self._end_consumer(consumer_id, msg.reason, detach=True)
 
     def on_ProducersLost(self, msg, sender):
         for producer_id in msg.producer_ids:
@@ -277,7 +311,55 @@ class ConnectionActor(BrokerActor):
                 conn = self.connections.get(self.producer_conn.get(producer_id))
                 if conn is not None and producer_id in conn.producers:
                     self.send_ordered(self.broker, broker.TopicLost(conn.producers[producer_id]), "root")
-            self._end_producer(producer_id, msg.reason, close=True)
+            if producer_id in self.rejoin and msg.reason == "topic_lost":
+                self._reattach(producer_id)
+            else:
+                self._end_producer(producer_id, msg.reason, close=True)
+
+    # --- cluster: re-attaching to a re-homed non_reliable topic -----------------------------------
+    def _reattach(self, ident):
+        """Its topic's node is gone (lane EOF, or declared lost): open it again by the same id
+        wherever the topic is placed now. The client sees a gap, nothing else."""
+        entry = self.rejoin.get(ident)
+        conn = self.connections.get(entry[1]) if entry else None
+        if conn is None or conn.closed:
+            self.rejoin.pop(ident, None)
+            return
+        kind, connection_id, name, request = entry[:4]
+        if entry[5] is None:   # attached until now: detach here, keep it for the client
+            entry[5] = time.monotonic() + REATTACH_FOR_S
+            self.node_of.pop(ident, None)
+            if kind == "consumer":
+                conn.consumers.pop(ident, None)
+                self.consumer_topic.pop(ident, None)
+                self._to_shard(shard.UnrouteConsumer(connection_id, ident, reattaching=True))
+            else:
+                conn.producers.pop(ident, None)
+                self._to_shard(shard.UnrouteProducer(connection_id, ident, reattaching=True, name=entry[4]))
+        if any(_reattach_tag(t) and t[1][1] == ident for t in conn.pending):
+            return   # asked already
+        self.reattaches += 1   # a tag per attempt: an attempt given up on must not shadow the next
+        tag = (connection_id, ("reattach", ident, self.reattaches))
+        conn.pending[tag] = kind + "s"
+        self.send_ordered(self.broker, broker.TopicRequest(
+            name, "non_reliable", dataclasses.replace(request, rid=tag, new_id=ident)), "root")
+
+    def _reattach_failed(self, ident):
+        entry = self.rejoin.get(ident)
+        if entry is None or entry[5] is None:
+            return
+        if time.monotonic() < entry[5]:   # its new node may not be known everywhere yet
+            self.wakeupAfter(timedelta(seconds=REATTACH_RETRY_S), payload=("reattach", ident))
+            return
+        log.warning("%s %s could not be re-attached within %.0f s; ending it", entry[0], ident, REATTACH_FOR_S)
+        if entry[0] == "consumer":
+            self._end_consumer(ident, "node_lost", detach=False)
+        else:
+            self._end_producer(ident, "node_lost", close=False)
+
+    def on_WakeupMessage(self, msg, sender):
+        if isinstance(msg.payload, tuple) and msg.payload[0] == "reattach":
+            self._reattach(msg.payload[1])
 
     # --- control and admin requests ---------------------------------------------------------------
     def on_ClientRequest(self, msg, sender):
@@ -300,15 +382,17 @@ class ConnectionActor(BrokerActor):
         name = self._authorized(conn, frame["topic"], "produce")
         self._within_limit(conn, "producers", self.config.max_producers_per_connection)
         conn.pending[tag] = "producers"
+        request = topic.OpenProducer(tag, self.myAddress, 0, frame["name"], frame["access"], self.shard_ident)
+        if self.config.node:
+            self.opening[tag] = (name, request)
         self.send_ordered(self.broker, broker.TopicRequest(
-            name, frame["dispatch"] or self.config.default_dispatch,
-            topic.OpenProducer(tag, self.myAddress, 0, frame["name"], frame["access"], self.shard_ident)),
-            "root")
+            name, frame["dispatch"] or self.config.default_dispatch, request), "root")
 
     def _op_close_producer(self, conn, connection_id, frame, tag):
         producer_id = self._known(frame, "producer", conn.producers, E.UNKNOWN_PRODUCER)
         topic_address = conn.producers.pop(producer_id)
         self.producer_conn.pop(producer_id, None)
+        self.rejoin.pop(producer_id, None)
         self.send(topic_address, topic.CloseProducer(producer_id, tag, self.myAddress))
 
     def _op_subscribe(self, conn, connection_id, frame, tag):
@@ -320,10 +404,12 @@ class ConnectionActor(BrokerActor):
                                                      "dead_letter_topic")}
         self._within_limit(conn, "consumers", self.config.max_consumers_per_connection)
         conn.pending[tag] = "consumers"
+        request = topic.Subscribe(tag, self.myAddress, self.shard_ident, 0, frame["subscription"], frame["type"],
+                                  frame["consumer"], frame["start"], options)
+        if self.config.node:
+            self.opening[tag] = (name, request)
         self.send_ordered(self.broker, broker.TopicRequest(
-            name, frame["dispatch"] or self.config.default_dispatch,
-            topic.Subscribe(tag, self.myAddress, self.shard_ident, 0, frame["subscription"], frame["type"],
-                            frame["consumer"], frame["start"], options)), "root")
+            name, frame["dispatch"] or self.config.default_dispatch, request), "root")
 
     def _op_close_consumer(self, conn, connection_id, frame, tag):
         consumer_id, subscription_address = self._release_consumer(conn, frame)
@@ -352,6 +438,7 @@ class ConnectionActor(BrokerActor):
 
     def _forget_consumer(self, consumer_id):
         """Drop the consumer's indexes; returns the connection id it had."""
+        self.rejoin.pop(consumer_id, None)
         self.consumer_topic.pop(consumer_id, None)
         self.node_of.pop(consumer_id, None)
         return self.consumer_conn.pop(consumer_id, None)
@@ -362,11 +449,13 @@ class ConnectionActor(BrokerActor):
 
     def _op_stats(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
+        conn.pending[tag] = "request"   # it may go to another node (RequestForwarded)
         self.send_ordered(self.broker, broker.TopicRequest(
             frame["topic"], None, topic.StatsRequest(tag, self.myAddress)), "root")
 
     def _op_lookup(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
+        conn.pending[tag] = "request"   # it may go to another node (RequestForwarded)
         self.send_ordered(self.broker, broker.Lookup(tag, frame["topic"], self.myAddress), "root")
 
     def _op_cluster(self, conn, connection_id, frame, tag):
@@ -389,6 +478,7 @@ class ConnectionActor(BrokerActor):
 
     def _op_delete_topic(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
+        conn.pending[tag] = "request"   # it may go to another node (RequestForwarded)
         self.send_ordered(self.broker, broker.DeleteTopic(tag, frame["topic"], self.myAddress), "root")
 
     # --- permissions and ids (the shapes were checked by transport/validate.py) --------------------
@@ -420,7 +510,12 @@ class ConnectionActor(BrokerActor):
 
     # --- answers from the broker's actors ---------------------------------------------------------
     def _answered(self, tag):
-        """The connection a request came from, if it is still open; forgets the request."""
+        """The connection a request came from, if it is still open; forgets the request. None
+        too for an answer that comes after the request was given up (its node was lost)."""
+        self.forwarded.pop(tag, None)
+        self._last_opening = opening = self.opening.pop(tag, None) if self.opening else None
+        if self.given_up and self.given_up.pop(tag, None) is not None:
+            return None, None
         connection_id, _ = tag
         conn = self.connections.get(connection_id)
         if conn is None:
@@ -428,9 +523,35 @@ class ConnectionActor(BrokerActor):
         conn.pending.pop(tag, None)
         return connection_id, conn
 
+    def on_RequestForwarded(self, msg, sender):
+        conn = self.connections.get(msg.rid[0])
+        if conn is not None and msg.rid in conn.pending:   # (not if its answer came first)
+            self.forwarded[msg.rid] = msg.node
+
+    def _give_up_on(self, node):
+        """Answer the requests that the lost member `node` was to answer: it never will."""
+        now = time.monotonic()
+        for tag, when in list(self.given_up.items()):
+            if now - when > GIVE_UP_MEMORY_S:
+                del self.given_up[tag]
+        for tag in [t for t, n in self.forwarded.items() if n == node]:
+            connection_id, conn = self._answered(tag)
+            self.given_up[tag] = now
+            if _reattach_tag(tag):
+                self._reattach_failed(tag[1][1])
+                continue
+            if conn is None:
+                continue
+            if not conn.closed:
+                self._write(connection_id, error_frame(E.TOPIC_UNAVAILABLE, (
+                    f"node {node} was lost before it answered this request; send it again"), tag[1]))
+            self._forget_when_drained(connection_id)
+
     def on_ProducerOpened(self, msg, sender):
         connection_id, conn = self._answered(msg.rid)
-        if conn is None or conn.closed:   # the client left while this was in flight
+        opening, again = self._last_opening, _reattach_tag(msg.rid)
+        if conn is None or conn.closed or (again and msg.producer_id not in self.rejoin):
+            # the client left while this was in flight, or it was given up
             self.send(msg.topic_address, topic.CloseProducer(msg.producer_id, None, None))
             if conn is not None:
                 self._forget_when_drained(connection_id)
@@ -440,6 +561,13 @@ class ConnectionActor(BrokerActor):
         if msg.node:
             self.node_of[msg.producer_id] = msg.node
         self._new_stream(msg.topic_address, msg.lane)
+        if again:   # re-attached after its node was lost: the client sees nothing of it
+            self.rejoin[msg.producer_id][5] = None
+            log.info("producer %s re-attached to topic %s on node %s", msg.producer_id, msg.topic, msg.node)
+            self._to_shard(shard.RouteProducer(connection_id, msg.producer_id, msg.lane, msg.name, b""))
+            return
+        if opening is not None and msg.node and msg.dispatch == "non_reliable":
+            self.rejoin[msg.producer_id] = ["producer", connection_id, opening[0], opening[1], msg.name, None]
         self._to_shard(shard.RouteProducer(
             connection_id, msg.producer_id, msg.lane, msg.name,
             encode_frame({"op": "producer_ok", "rid": msg.rid[1], "producer": msg.producer_id,
@@ -447,7 +575,8 @@ class ConnectionActor(BrokerActor):
 
     def on_ConsumerOpened(self, msg, sender):
         connection_id, conn = self._answered(msg.rid)
-        if conn is None or conn.closed:
+        opening, again = self._last_opening, _reattach_tag(msg.rid)
+        if conn is None or conn.closed or (again and msg.consumer_id not in self.rejoin):
             self.send(msg.subscription, subscription.DetachConsumer(msg.consumer_id, None, None))
             if conn is not None:
                 self._forget_when_drained(connection_id)
@@ -458,13 +587,28 @@ class ConnectionActor(BrokerActor):
         if msg.node:
             self.node_of[msg.consumer_id] = msg.node
         self.consumer_topic[msg.consumer_id] = msg.topic
-        data = encode_frame({"op": "subscribed", "rid": msg.rid[1], "consumer": msg.consumer_id,
-                             "dispatch": msg.dispatch})
+        data = b""
+        if again:   # re-attached after its node was lost: the client sees nothing of it
+            self.rejoin[msg.consumer_id][5] = None
+            log.info("consumer %s re-attached on node %s", msg.consumer_id, msg.node)
+        else:
+            if opening is not None and msg.node and msg.dispatch == "non_reliable":
+                self.rejoin[msg.consumer_id] = ["consumer", connection_id, opening[0], opening[1], "", None]
+            data = encode_frame({"op": "subscribed", "rid": msg.rid[1], "consumer": msg.consumer_id,
+                                 "dispatch": msg.dispatch})
         if msg.active is not None:
             data += encode_frame({"op": "active", "consumer": msg.consumer_id, "active": msg.active})
-        self._to_shard(shard.RouteConsumer(connection_id, msg.consumer_id, msg.lane, data))
+        self._to_shard(shard.RouteConsumer(connection_id, msg.consumer_id, msg.lane, data, regrant=again))
+
+    def _stale(self, ident, node):
+        """From the node that held the topic before the producer or consumer was re-attached
+        elsewhere (a stopped node, back and ending its copy): not about the one attached now."""
+        entry = self.rejoin.get(ident) if node else None
+        return entry is not None and (entry[5] is not None or self.node_of.get(ident) != node)
 
     def on_ActiveChanged(self, msg, sender):
+        if self._stale(msg.consumer_id, msg.node):
+            return
         connection_id = self.consumer_conn.get(msg.consumer_id)
         if connection_id is not None:
             self._write(connection_id, encode_frame(
@@ -480,6 +624,9 @@ class ConnectionActor(BrokerActor):
 
     def on_RequestFailed(self, msg, sender):
         connection_id, conn = self._answered(msg.rid)
+        if _reattach_tag(msg.rid):
+            self._reattach_failed(msg.rid[1][1])
+            return
         if conn is None:
             return
         if not conn.closed:
@@ -487,15 +634,23 @@ class ConnectionActor(BrokerActor):
         self._forget_when_drained(connection_id)
 
     def on_ProducerEnded(self, msg, sender):
+        if self._stale(msg.producer_id, msg.node):
+            return
         self._end_producer(msg.producer_id, msg.reason, close=False)
 
     def on_ConsumerEnded(self, msg, sender):
+        if self._stale(msg.consumer_id, msg.node):
+            return
         self._end_consumer(msg.consumer_id, msg.reason, detach=False)
 
     def on_NodeLost(self, msg, sender):
         """A cluster member was declared lost: what is attached to its topics ends now, even if
         no lane told us (a partition keeps sockets open); the client may open them again."""
+        self._give_up_on(msg.node)
         for ident in [i for i, node in self.node_of.items() if node == msg.node]:
+            if ident in self.rejoin:
+                self._reattach(ident)
+                continue
             if ident in self.producer_conn:
                 self._end_producer(ident, "node_lost", close=False)
             if ident in self.consumer_conn:
@@ -503,6 +658,7 @@ class ConnectionActor(BrokerActor):
 
     def _end_producer(self, producer_id, reason, close):
         self.node_of.pop(producer_id, None)
+        self.rejoin.pop(producer_id, None)
         connection_id = self.producer_conn.pop(producer_id, None)
         conn = self.connections.get(connection_id)
         if conn is None:
@@ -533,3 +689,8 @@ class ConnectionActor(BrokerActor):
     def _to_shard(self, msg):
         # one ordered channel: replies, routes and pushes reach the client in the order sent
         self.send_ordered(self.shard, msg, "shard")
+
+
+def _reattach_tag(tag):
+    """The tag of a request this actor made itself to re-attach a producer or consumer."""
+    return isinstance(tag, tuple) and len(tag) == 2 and isinstance(tag[1], tuple)

@@ -31,8 +31,9 @@ from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
 from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import encode_frame, record_blob, record_tail, with_redeliveries
-from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
+from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, coalesce_runs, encode_frame,
+                                         explode_run, runs_from_tails, split_run, with_run_redeliveries)
+from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import error_frame
 from actorbroker.transport.validate import MAX_DELAY_MS, MAX_TOTAL_CREDITS
 
@@ -111,7 +112,7 @@ class DispatcherActor(BrokerActor):
         self.msgs_out = 0
         self.dropped = 0
         self.reliable = False
-        self.reactor = Reactor()
+        self.reactor = Reactor(linger=RECORD_PATH_LINGER_S)
         self.hub = None
         self.shard_lanes = {}      # shard ident -> Lane
         self.lost_shards = set()   # idents of shards whose lane ended (a shard is never reused)
@@ -145,6 +146,7 @@ class DispatcherActor(BrokerActor):
         self.promoted = None     # (consumer id, stream): lazily announced active, not delivered to yet
         self.polling = False     # reading the lanes: _pump waits until they have all been read
         self.pump_due = False
+        self.paperwork_due = False
         self.replaced = 0
         self.cleanup_time = Histogram()
 
@@ -178,11 +180,21 @@ class DispatcherActor(BrokerActor):
             self._refill()
 
     def on_WatchMessage(self, msg, sender):
-        # Every ready lane first, then one pump: records read in the same wakeup as a DETACH go
-        # to the consumer that takes over, not to the one that is gone.
+        # Every lane ready in one epoll batch first, then one pump: records read in the same
+        # wakeup as a DETACH go to the consumer that takes over, not to the one that is gone.
+        sends = self.thespian_sends
+
+        def batch_done():   # after each batch, also while the reactor lingers
+            self.polling = False
+            if self.pump_due:
+                self._pump()
+            self.polling = True
+            quiet = self.quiet_since(sends) and not self.paperwork_due
+            self.paperwork_due = False   # an expedited takeover's messages end the lingering too
+            return quiet
         self.polling = True
         try:
-            self.reactor.poll()
+            self.reactor.poll(quiet=batch_done)
         finally:
             self.polling = False
         if self.pump_due:
@@ -303,13 +315,41 @@ class DispatcherActor(BrokerActor):
         otherwise they stay in the log until we read them back."""
         if not records:
             return
-        self.end = max(self.end, records[-1][0] + 1)
+        last = records[-1]
+        self.end = max(self.end, last[0] + last[RUN_COUNT])
         room = RELIABLE_BUFFER - self.policy.backlog_size()
         if records[0][0] == self.read_pos and room > 0 and not self.reading:
-            keep = [r for r in records[:room] if not self.cursor.is_acked(r[0])]
+            keep, taken = [], 0
+            for run in records:
+                if taken >= room:
+                    break
+                if run[RUN_COUNT] > room - taken:
+                    run = split_run(run, room - taken)[0]
+                keep += self._not_acked(run)
+                taken += run[RUN_COUNT]
+                self.read_pos = run[0] + run[RUN_COUNT]
             self.policy.enqueue(keep)
-            self.read_pos = records[min(room, len(records)) - 1][0] + 1
         self._refill()
+
+    def _not_acked(self, run):
+        """The run, or the parts of it not acknowledged yet (one-record runs) when some are."""
+        first, count = run[0], run[RUN_COUNT]
+        cursor = self.cursor
+        if first >= cursor.floor and not any(first <= o < first + count for o in cursor.acked):
+            return [run]
+        return [one for one in explode_run(run) if not cursor.is_acked(one[0])]
+
+    def _singles(self, entries):
+        """One-record runs for (offset, run) pairs of delivered runs (redelivery): each run is
+        split once, whatever number of its records come back."""
+        split = {}
+        out = []
+        for offset, run in entries:
+            ones = split.get(id(run))
+            if ones is None:
+                ones = split[id(run)] = (run, {one[0]: one for one in explode_run(run)})
+            out.append(ones[1][offset])
+        return out
 
     def _refill(self):
         if self.reading or self.read_pos >= self.end or self.log_lane is None:
@@ -325,13 +365,14 @@ class DispatcherActor(BrokerActor):
             return
         if first_offset > self.cursor.floor:   # retention removed what we had not acked
             self.cursor.skip_to(first_offset)
-        keep = []
-        for offset, key, stamp, tail in records:
-            if offset < self.read_pos or self.cursor.is_acked(offset) or offset in self.unacked:
-                continue
-            blob = record_blob(offset, stamp, tail)
-            count = self.redelivery_count.get(offset, 0)
-            keep.append((offset, key, with_redeliveries(blob, count) if count else blob))
+        fresh = [r for r in records if not (r[0] < self.read_pos or self.cursor.is_acked(r[0])
+                                            or r[0] in self.unacked or r[0] in self.redelivery_count)]
+        keep = runs_from_tails(fresh)
+        counted = [r for r in records if r[0] in self.redelivery_count and r[0] >= self.read_pos
+                   and not self.cursor.is_acked(r[0]) and r[0] not in self.unacked]
+        for run in runs_from_tails(counted):   # redelivered before a restart of ours: one by one
+            keep += [with_run_redeliveries(one, self.redelivery_count[one[0]]) for one in explode_run(run)]
+        keep.sort(key=lambda r: r[0])
         self.policy.enqueue(keep)
         if records:
             self.read_pos = max(self.read_pos, records[-1][0] + 1)
@@ -346,26 +387,28 @@ class DispatcherActor(BrokerActor):
         """Put records back for delivery, counted; dead-letter those past max_redeliveries."""
         again = []
         limit = self.options.get("max_redeliveries")
-        for offset, key, blob in sorted(records, key=lambda r: r[0]):
+        for record in sorted(records, key=lambda r: r[0]):
+            offset = record[0]
             if self.cursor.is_acked(offset):
                 continue
             count = self.redelivery_count.get(offset, 0) + 1
             self.redelivery_count[offset] = count
             if limit is not None and count > limit and self.options.get("dead_letter_topic"):
-                self._dead_letter(offset, key, blob)
+                self._dead_letter(offset, record)
                 continue
             self.redelivered += 1
-            again.append((offset, key, with_redeliveries(blob, count)))
+            again.append(with_run_redeliveries(record, count))
         self.policy.requeue(again)
         if again:
             emit(self, self.events, "redelivered", topic=self.topic_name, subscription=self.name,
                  count=len(again))
 
-    def _dead_letter(self, offset, key, blob):
-        tail = record_tail(with_redeliveries(blob, 0))
+    def _dead_letter(self, offset, record):
+        """A one-record run, published again with its payload, key, attrs and producer."""
+        payloads, keys, attrs = record[RUN_PAYLOADS], record[6], record[7]
         self.send(self.broker, broker.TopicRequest(
             self.options["dead_letter_topic"], "reliable",
-            topic.Publish(0, f"{self.name}-dlq", [(None, [(key, tail, len(tail))])])))
+            topic.Publish(0, record[RUN_PRODUCER], [[None, 1, payloads, keys, attrs, len(payloads)]])))
         self.dead_lettered += 1
         self._acknowledge(offset)
 
@@ -435,7 +478,7 @@ class DispatcherActor(BrokerActor):
             self._pump()
 
     def _return_unacked(self, offsets):
-        records = []
+        entries = []
         for offset in offsets:
             entry = self.unacked.pop(offset, None)
             if entry is None:
@@ -443,8 +486,8 @@ class DispatcherActor(BrokerActor):
             consumer = self.policy.consumers.get(entry[0])
             if consumer is not None:
                 consumer.unacked -= 1
-            records.append(entry[1])
-        self._redeliver(records)
+            entries.append((offset, entry[1]))
+        self._redeliver(self._singles(entries))
 
     # --- membership, told by the SubscriptionActor -----------------------------------------------
     def on_AddConsumer(self, msg, sender):
@@ -508,7 +551,7 @@ class DispatcherActor(BrokerActor):
     def _close(self, consumer_id, reason):
         consumer = self.policy.consumers.get(consumer_id)
         if consumer is not None:
-            self.send_ordered(consumer.owner, connection.ConsumerEnded(consumer_id, reason),
+            self.send_ordered(consumer.owner, connection.ConsumerEnded(consumer_id, reason, self.node),
                               ("owner", str(consumer.owner)))
             self._forget(consumer_id, reason)
 
@@ -544,7 +587,8 @@ class DispatcherActor(BrokerActor):
             consumer = self.policy.consumers.get(consumer_id)
             if consumer is not None and consumer_id != skip:
                 stream = ("owner", str(consumer.owner))
-                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag), stream, lazy=lazy)
+                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag, self.node), stream,
+                                  lazy=lazy)
                 if lazy and flag:
                     self.promoted = (consumer_id, stream)
 
@@ -559,16 +603,28 @@ class DispatcherActor(BrokerActor):
         if not self.reliable:  # non_reliable: nothing is kept for redelivery, nothing to release
             self._answer_ack(lane, consumer_id, rid)
             return
+        # One ack frame names many offsets, mostly in order and of one consumer: count per
+        # consumer, and move the cursor's floor without its set when the next offset is acked.
+        unacked, cursor, counts = self.unacked, self.cursor, {}
         for offset in ids:
-            entry = self.unacked.pop(offset, None)
+            entry = unacked.pop(offset, None)
             if entry is not None:
-                consumer = self.policy.consumers.get(entry[0])
-                if consumer is not None:
-                    consumer.unacked -= 1
-                self._acknowledge(offset)
+                counts[entry[0]] = counts.get(entry[0], 0) + 1
             elif offset in self.redelivery_count or offset in self.delayed:
-                self.delayed.pop(offset, None)
-                self._acknowledge(offset)   # waiting for redelivery: acked by anyone, for all
+                self.delayed.pop(offset, None)   # waiting for redelivery: acked by anyone, for all
+            else:
+                continue
+            if self.redelivery_count:
+                self.redelivery_count.pop(offset, None)
+            if offset == cursor.floor and not cursor.acked:
+                cursor.floor += 1
+                self.cursor_dirty = True
+            elif cursor.ack(offset):
+                self.cursor_dirty = True
+        for consumer_id, count in counts.items():
+            consumer = self.policy.consumers.get(consumer_id)
+            if consumer is not None:
+                consumer.unacked -= count
         if self.cursor_dirty:
             if rid is not None:
                 self.acks_waiting_next.append((lane, consumer_id, rid))
@@ -589,12 +645,15 @@ class DispatcherActor(BrokerActor):
         if not delay_ms:
             self._return_unacked(offsets)
         else:
+            entries = []
             for offset in offsets:
-                consumer_id, record, _ = self.unacked.pop(offset)
+                consumer_id, run, _ = self.unacked.pop(offset)
                 consumer = self.policy.consumers.get(consumer_id)
                 if consumer is not None:
                     consumer.unacked -= 1
-                self.delayed[offset] = record
+                entries.append((offset, run))
+            for record in self._singles(entries):
+                self.delayed[record[0]] = record
             self.wakeupAfter(timedelta(milliseconds=min(delay_ms, MAX_DELAY_MS)), payload=("nack", tuple(offsets)))
         self._pump()
 
@@ -607,29 +666,36 @@ class DispatcherActor(BrokerActor):
         if self.reliable and self.options.get("ack_timeout_ms"):
             deadline = time.monotonic() + self.options["ack_timeout_ms"] / 1000.0
         for consumer, records in self.policy.take():
-            if self.reliable:
-                fresh = [r for r in records if not self.cursor.is_acked(r[0])]
-                consumer.credits += len(records) - len(fresh)   # acked while waiting: not sent
-                consumer.unacked -= len(records) - len(fresh)
-                records = fresh
-                for record in records:
-                    self.unacked[record[0]] = (consumer.id, record, deadline)
+            taken = sum(run[RUN_COUNT] for run in records)
+            if self.reliable:   # every record tracked until acked (by offset, with its run)
+                records = [part for run in records for part in self._not_acked(run)]
+                count = sum(run[RUN_COUNT] for run in records)
+                consumer.credits += taken - count   # acked while waiting: not sent
+                consumer.unacked -= taken - count
+                unacked, cid = self.unacked, consumer.id
+                for run in records:
+                    entry = (cid, run, deadline)
+                    for offset in range(run[0], run[0] + run[RUN_COUNT]):
+                        unacked[offset] = entry
                 if not records:
                     continue
+                records = coalesce_runs(records)
+            else:
+                count = taken
             lane = self.shard_lanes.get(consumer.transport)
             if lane is None:   # credits only come over that lane: it was there a moment ago
                 continue
             consumer.in_flight += 1
-            consumer.msgs_out += len(records)
-            self.msgs_out += len(records)
-            blobs = [record[2] for record in records]
+            consumer.msgs_out += count
+            self.msgs_out += count
             if self.metrics_on:
-                self.bytes_out += sum(map(len, blobs))
-            lane.send([LaneOp.DELIVER, consumer.id, blobs])
+                self.bytes_out += sum(len(run[RUN_PAYLOADS]) for run in records)
+            lane.send([LaneOp.DELIVER, consumer.id, records])
             if self.promoted is not None and self.promoted[0] == consumer.id:
                 self.expedite(self.promoted[1])   # its records are on their way: now the paperwork
                 self.expedite("members-lost")
                 self.promoted = None
+                self.paperwork_due = True
         if self.reliable:
             self._schedule_timeouts()
             self._refill()

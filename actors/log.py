@@ -16,6 +16,7 @@ from thespian.actors import ThespianWatch
 
 from actorbroker.actors import signing
 from actorbroker.actors.base import BrokerActor, log
+from actorbroker.storage.fencing import Fenced
 from actorbroker.storage.topic_store import TopicStore
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 
@@ -25,6 +26,16 @@ class OpenLog:
     topic: str
     dispatch: str
     config: Any
+    # in a shared folder (config.shared_data): (node, incarnation, live nodes or None), the
+    # claim on the log's next epoch (storage/fencing.py); None: a node's own data folder
+    claim: Any = None
+
+
+@dataclass(frozen=True)
+class LogFenced:
+    """To the topic: another node holds the log (`owner`): at the open, or it took the log over
+    since. Nothing more is written or receipted here."""
+    owner: str
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,8 @@ class LogActor(BrokerActor):
         self.forced_deletions = 0
         self.reactor = Reactor()
         self.hub = None
+        self.topic = None
+        self.fenced = None         # the node that took the log over
 
     def watch(self):
         return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
@@ -104,7 +117,15 @@ class LogActor(BrokerActor):
         mode = self.config.fsync
         if mode.startswith("interval:"):
             self.interval_s = int(mode.split(":", 1)[1]) / 1000.0
-        self.store = TopicStore(self.config.data_dir, msg.topic, msg.dispatch, self.config.segment_bytes)
+        self.topic = sender
+        try:
+            self.store = TopicStore(self.config.shared_data or self.config.data_dir, msg.topic, msg.dispatch,
+                                    self.config.segment_bytes, msg.claim)
+        except Fenced as exc:
+            log.warning("topic %s: not opened here: %s", msg.topic, exc, extra={"topic": msg.topic})
+            self.fenced = exc.owner
+            self.send(sender, LogFenced(exc.owner))
+            return
         cursors = self.store.cursors()
         self.floors = {name: state.get("floor", 0) for name, state in cursors.items()}
         log_ = self.store.log
@@ -126,6 +147,9 @@ class LogActor(BrokerActor):
             lane.send([LaneOp.RECORDS, frame[1], log_.read(frame[2], frame[3]), log_.first_offset])
 
     def _append(self, seq, first, entries, time_ms):
+        if self.fenced is not None:
+            return [LaneOp.APPEND_FAILED, seq, f"node {self.fenced} took this topic over; send it there",
+                    first]
         log_ = self.store.log
         if first != log_.next_offset:  # after a failed append: refuse rather than renumber
             return [LaneOp.APPEND_FAILED, seq, "log position moved", log_.next_offset]
@@ -136,11 +160,24 @@ class LogActor(BrokerActor):
         except OSError as exc:   # disk full, I/O error: refuse, never receipt
             log.error("topic log append failed: %s", exc)
             return [LaneOp.APPEND_FAILED, seq, str(exc), log_.next_offset]
+        if self._fenced():   # after the fsync, before the receipt: storage/fencing.py says why
+            return [LaneOp.APPEND_FAILED, seq, f"node {self.fenced} took this topic over; send it there",
+                    log_.next_offset]
         if self.interval_s is not None and not self.sync_scheduled:
             self.sync_scheduled = True
             self.wakeupAfter(timedelta(seconds=self.interval_s), payload="sync")
         self._retain()
         return [LaneOp.APPENDED, seq, log_.size, len(log_.segments)]
+
+    def _fenced(self):
+        """Did another node claim the log since we opened it? Then tell the topic, once."""
+        if self.fenced is None and self.store is not None:
+            owner = self.store.fenced_by()
+            if owner is not None:
+                self.fenced = owner
+                log.error("topic log taken over by node %s: fenced, nothing more is written here", owner)
+                self.send(self.topic, LogFenced(owner))
+        return self.fenced is not None
 
     def on_WakeupMessage(self, msg, sender):
         if msg.payload == "sync":
@@ -148,6 +185,9 @@ class LogActor(BrokerActor):
             self.store.log.sync()
 
     def on_SaveCursor(self, msg, sender):
+        if self._fenced():
+            self.send(sender, CursorSaved(msg.subscription, f"node {self.fenced} took this topic over"))
+            return
         try:
             self.store.save_cursor(msg.subscription, msg.state)
         except Exception as exc:   # disk full, log destroyed, ...: the dispatcher waits for an answer
@@ -170,7 +210,8 @@ class LogActor(BrokerActor):
         self.floors.pop(msg.subscription, None)
 
     def on_DestroyLog(self, msg, sender):
-        self.store.destroy()
+        if self.store is not None and self.fenced is None:   # a fenced owner deletes nothing
+            self.store.destroy()
         self.store = None
         self.send(sender, LogDestroyed())
 

@@ -1,13 +1,18 @@
 """Who gets which message: one pure policy per subscription type, no actors, no I/O.
 
 A policy holds the subscription's backlog and its consumers' credits; `take()` says which records
-go to which consumer now. Records are (offset, key, encoded_blob) tuples.
+go to which consumer now. Records come as runs (transport/codec.py: consecutive offsets of one
+send, as one list). exclusive and failover hand runs out whole, split only where a consumer's
+credits end; shared and key_shared hand out records one by one, so they split runs into runs of
+one record as they arrive.
 """
 import bisect
 import hashlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
+
+from actorbroker.transport.codec import RUN_COUNT, explode_run, run_key, split_run
 
 DELIVER_WINDOW = 1      # Deliver messages in flight to one consumer's transport
 VIRTUAL_NODES = 64      # points per consumer on the key_shared hash ring
@@ -84,19 +89,62 @@ class Policy:
 
 
 class SingleActivePolicy(Policy):
-    """exclusive and failover: everything goes to one consumer, the first by name."""
+    """exclusive and failover: everything goes to one consumer, the first by name. The backlog
+    holds whole runs; `size` counts their records."""
+
+    def __init__(self, max_backlog):
+        super().__init__(max_backlog)
+        self.size = 0
 
     def active(self):
         return min(self.consumers.values(), key=lambda c: c.name, default=None)
+
+    def backlog_size(self):
+        return self.size
+
+    def enqueue(self, records):
+        self.backlog.extend(records)
+        self.size += sum(run[RUN_COUNT] for run in records)
+
+    def requeue(self, records):
+        self.backlog.extendleft(reversed(records))
+        self.size += sum(run[RUN_COUNT] for run in records)
 
     def take(self):
         consumer = self.active()
         if consumer is None or not consumer.can_take() or not self.backlog:
             return []
-        n = min(consumer.room(), len(self.backlog))
-        batch = [self.backlog.popleft() for _ in range(n)]
+        room = consumer.room()
+        backlog, batch, n = self.backlog, [], 0
+        while backlog and n < room:
+            count = backlog[0][RUN_COUNT]
+            if n + count <= room:
+                batch.append(backlog.popleft())
+                n += count
+            else:   # the consumer's credits end inside this run
+                head, backlog[0] = split_run(backlog[0], room - n)
+                batch.append(head)
+                n = room
+        self.size -= n
         consumer.took(n)
         return [(consumer, batch)]
+
+    def trim(self):
+        excess = self.size - self.max_backlog
+        if excess <= 0:
+            return 0
+        backlog = self.backlog
+        dropped = 0
+        while dropped < excess:
+            count = backlog[-1][RUN_COUNT]
+            if count <= excess - dropped:
+                backlog.pop()
+                dropped += count
+            else:   # keep the older part of the newest run
+                backlog[-1], _ = split_run(backlog[-1], count - (excess - dropped))
+                dropped = excess
+        self.size -= dropped
+        return dropped
 
 
 class FailoverPolicy(SingleActivePolicy):
@@ -111,6 +159,12 @@ class SharedPolicy(Policy):
     def __init__(self, max_backlog):
         super().__init__(max_backlog)
         self.turn = 0  # index in attach order of the consumer whose turn is next
+
+    def enqueue(self, records):
+        super().enqueue(one for run in records for one in explode_run(run))
+
+    def requeue(self, records):
+        super().requeue([one for run in records for one in explode_run(run)])
 
     def take(self):
         if not self.backlog or not self.consumers:
@@ -174,9 +228,9 @@ class KeySharedPolicy(SharedPolicy):
                 continue
             stay = deque()
             for record in queue:
-                (moved if self.owner(record[1]) == consumer.id else stay).append(record)
+                (moved if self.owner(run_key(record)) == consumer.id else stay).append(record)
             self.queues[consumer_id] = stay
-        for record in sorted(moved):
+        for record in sorted(moved, key=lambda r: r[0]):
             self._queue_keyed(record)
 
     def remove(self, consumer_id):
@@ -191,18 +245,19 @@ class KeySharedPolicy(SharedPolicy):
         return len(self.backlog) + len(self.unowned) + sum(len(q) for q in self.queues.values())
 
     def enqueue(self, records):
-        for record in records:
-            if record[1] is None:
+        for record in (one for run in records for one in explode_run(run)):
+            if run_key(record) is None:
                 self.backlog.append(record)
             else:
                 self._queue_keyed(record)
 
     def requeue(self, records):
-        for record in reversed(records):
-            if record[1] is None:
+        for record in reversed([one for run in records for one in explode_run(run)]):
+            key = run_key(record)
+            if key is None:
                 self.backlog.appendleft(record)
             else:
-                owner = self.owner(record[1])
+                owner = self.owner(key)
                 (self.unowned if owner is None else self.queues[owner]).appendleft(record)
 
     def _drop_newest(self):
@@ -210,7 +265,7 @@ class KeySharedPolicy(SharedPolicy):
         max(queues, key=lambda q: q[-1][0]).pop()
 
     def _queue_keyed(self, record):
-        owner = self.owner(record[1])
+        owner = self.owner(run_key(record))
         (self.unowned if owner is None else self.queues[owner]).append(record)
 
     def take(self):

@@ -36,8 +36,8 @@ from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import encode_frame, encode_message_frames, record_time_ms
-from actorbroker.transport.lanes import IN, OUT, LaneHub, LaneOp, Reactor
+from actorbroker.transport.codec import RUN_COUNT, RUN_TIME, encode_frame, encode_run_frames, encode_runs_v1
+from actorbroker.transport.lanes import IN, OUT, RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import Session, SessionConfig, error_frame
 from actorbroker.transport.tls import TlsConnection, server_context
 
@@ -83,6 +83,10 @@ class UnrouteProducer:
     connection_id: int
     producer_id: int
     data: bytes = b""
+    # being re-attached to a re-homed topic (cluster): the client keeps it; its sends meanwhile
+    # get TOPIC_UNAVAILABLE
+    reattaching: bool = False
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class RouteConsumer:
     consumer_id: int
     lane: Any           # LaneAddress of the dispatcher
     data: bytes
+    regrant: bool = False   # re-attached: give the new dispatcher the credits the client has left
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,8 @@ class UnrouteConsumer:
     connection_id: int
     consumer_id: int
     data: bytes = b""
+    # being re-attached to a re-homed topic (cluster): the client keeps it, and its credits
+    reattaching: bool = False
 
 
 class _Client:
@@ -148,7 +155,7 @@ class ShardActor(BrokerActor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reactor = Reactor(relay=True)   # thousands of sockets: see Reactor
+        self.reactor = Reactor(relay=True, linger=RECORD_PATH_LINGER_S)   # thousands of sockets: see Reactor
         self.hub = None
         self.supervisor = None
         self.config = None
@@ -166,6 +173,8 @@ class ShardActor(BrokerActor):
         self.producers = {}      # producer id -> _Producer
         self.closing_producers = {}  # closed producers whose last sends await their receipts
         self.consumers = {}      # consumer id -> (connection id, lane)
+        self.credits = {}        # consumer id -> credits its client gave and no delivery used yet
+        self.reattaching = set()  # producer ids being re-attached to a re-homed topic
         # acks with a rid sent to a dispatcher and not answered yet: consumer id -> (connection id,
         # rids); each is answered once, by the dispatcher or, if its lane ends first, here
         self.acks_waiting = {}
@@ -225,7 +234,7 @@ class ShardActor(BrokerActor):
         histograms[("actorbroker_publish_to_deliver_seconds", ())] = self.deliver_latency.snapshot()
 
     def on_WatchMessage(self, msg, sender):
-        self.reactor.poll()
+        self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends))
 
     def _adopt_sockets(self):
         for _ in range(64):
@@ -338,9 +347,12 @@ class ShardActor(BrokerActor):
         connection_id = client.session.id
         for event in events:
             kind = event[0]
-            if kind == "publish":
-                publishes.setdefault(event[1], []).append((event[2], event[3]))
+            if kind == "publish":   # [rid, count, payloads, keys, attrs, payload bytes]
+                send = event[3]
+                send.insert(0, event[2])
+                publishes.setdefault(event[1], []).append(send)
             elif kind == "flow":
+                self.credits[event[1]] = self.credits.get(event[1], 0) + event[2]
                 self._to_dispatcher(event[1], [LaneOp.FLOW, event[1], event[2]])
             elif kind == "ack":
                 self._ack(client, event[1], event[2], event[3])
@@ -353,6 +365,7 @@ class ShardActor(BrokerActor):
                     self._drop_producer(frame["producer"])
                 elif frame["op"] in ("close_consumer", "unsubscribe"):
                     self.consumers.pop(frame.get("consumer"), None)
+                    self.credits.pop(frame.get("consumer"), None)
                 self.send_ordered(self.supervisor, connection.ClientRequest(connection_id, frame), "shard")
             elif kind == "hello":
                 self.send_ordered(self.supervisor, connection.ClientHello(connection_id, event[1], event[2]),
@@ -406,12 +419,17 @@ class ShardActor(BrokerActor):
         for producer_id, sends in publishes.items():
             producer = self.producers.get(producer_id)
             if producer is None:   # ended since the session accepted them: say so, never drop
+                if producer_id in self.reattaching:
+                    client.session.write(b"".join(error_frame(
+                        E.TOPIC_UNAVAILABLE, "the topic is moving to another node; send it again", rid)
+                        for rid, _ in sends))
+                    continue
                 client.session.write(b"".join(error_frame(
                     E.UNKNOWN_PRODUCER, f"producer {producer_id} is not open on this connection", rid)
-                    for rid, _ in sends))
+                    for rid, *_ in sends))
                 continue
             producer.sends.extend(sends)
-            count = sum(len(records) for _, records in sends)
+            count = sum(send[1] for send in sends)
             producer.records += count
             client.pending_records += count
             self._publish(producer_id, producer)
@@ -424,7 +442,7 @@ class ShardActor(BrokerActor):
     def _publish(self, producer_id, producer, force=False):
         if producer.sends and (force or len(producer.in_flight) < PUBLISH_WINDOW):
             producer.lane.send([LaneOp.PUBLISH, producer_id, producer.name, producer.sends])
-            producer.in_flight.append([rid for rid, _ in producer.sends])
+            producer.in_flight.append([send[0] for send in producer.sends])
             client = self.clients.get(producer.connection_id)
             if client is not None:
                 client.pending_records -= producer.records
@@ -437,6 +455,7 @@ class ShardActor(BrokerActor):
 
     def _drop_producer(self, producer_id):
         """Closed: what it sent before goes to the topic now; receipts still find the client."""
+        self.reattaching.discard(producer_id)
         producer = self.producers.pop(producer_id, None)
         if producer is not None:
             self._publish(producer_id, producer, force=True)
@@ -479,15 +498,18 @@ class ShardActor(BrokerActor):
         if producer_id in self.producers:
             self._publish(producer_id, producer)
 
-    def _deliver(self, lane, consumer_id, blobs):
+    def _deliver(self, lane, consumer_id, runs):
         route = self.consumers.get(consumer_id)
-        client = self.clients.get(route[0]) if route else None
+        # (a consumer re-attached elsewhere has a new lane: what its old dispatcher sends is stale)
+        client = self.clients.get(route[0]) if route and route[1] is lane else None
         if client is None or client.state != "open":
             lane.send([LaneOp.DELIVER_ACK, consumer_id])   # dropped: the consumer is gone
             return
-        client.session.write(b"".join(encode_message_frames(consumer_id, blobs, self.config.max_frame)))
+        encode = encode_run_frames if client.session.version >= 2 else encode_runs_v1
+        client.session.write(b"".join(encode(consumer_id, runs, self.config.max_frame)))
+        self.credits[consumer_id] = self.credits.get(consumer_id, 0) - sum(run[RUN_COUNT] for run in runs)
         if self.metrics_on:   # once per delivery: its oldest record
-            self.deliver_latency.observe(max(0.0, time.time() - record_time_ms(blobs[0]) / 1000.0))
+            self.deliver_latency.observe(max(0.0, time.time() - runs[0][RUN_TIME] / 1000.0))
         self._flush(client)
         # Ack at once unless the client is slow to read; then when its outbox drains.
         if client.state != "open" or len(client.session.outbox) < self.high_water:
@@ -529,7 +551,7 @@ class ShardActor(BrokerActor):
     def _refuse_in_flight(self, producer_id, producer):
         """Sends the topic never receipted: their client hears it now, instead of never."""
         client = self.clients.get(producer.connection_id)
-        rids = [rid for batch in producer.in_flight for rid in batch] + [rid for rid, _ in producer.sends]
+        rids = [rid for batch in producer.in_flight for rid in batch] + [send[0] for send in producer.sends]
         producer.in_flight, producer.sends = [], []
         if client is not None and client.pending_records:
             client.pending_records = max(0, client.pending_records - producer.records)
@@ -566,6 +588,7 @@ class ShardActor(BrokerActor):
             self.send_ordered(self.supervisor, connection.ProducersLost([msg.producer_id], "topic_lost"),
                               "shard")
             return
+        self.reattaching.discard(msg.producer_id)
         self.producers[msg.producer_id] = _Producer(msg.connection_id, lane, msg.name)
         client.session.producers[msg.producer_id] = msg.name
         self._write(client, msg.data)
@@ -573,6 +596,11 @@ class ShardActor(BrokerActor):
     def on_UnrouteProducer(self, msg, sender):
         client = self.clients.get(msg.connection_id)
         self._drop_producer(msg.producer_id)
+        if msg.reattaching:
+            if client is not None and client.state == "open":
+                self.reattaching.add(msg.producer_id)
+                client.session.producers[msg.producer_id] = msg.name
+            return
         if client is not None:
             client.session.producers.pop(msg.producer_id, None)
             self._write(client, msg.data)
@@ -591,10 +619,17 @@ class ShardActor(BrokerActor):
         self.consumers[msg.consumer_id] = (msg.connection_id, lane)
         client.session.consumers.add(msg.consumer_id)
         self._write(client, msg.data)
+        if msg.regrant and self.credits.get(msg.consumer_id, 0) > 0:
+            lane.send([LaneOp.FLOW, msg.consumer_id, self.credits[msg.consumer_id]])
 
     def on_UnrouteConsumer(self, msg, sender):
         self.consumers.pop(msg.consumer_id, None)
         client = self.clients.get(msg.connection_id)
+        if msg.reattaching:   # its flow frames count (credits) and go nowhere until re-routed
+            if client is not None and client.state == "open":
+                client.session.consumers.add(msg.consumer_id)
+            return
+        self.credits.pop(msg.consumer_id, None)
         if client is not None:
             client.session.consumers.discard(msg.consumer_id)
             self._write(client, msg.data)
@@ -728,6 +763,7 @@ class ShardActor(BrokerActor):
             self._drop_producer(producer_id)
         for consumer_id in client.session.consumers:
             self.acks_waiting.pop(consumer_id, None)   # nobody left to answer
+            self.credits.pop(consumer_id, None)
             route = self.consumers.pop(consumer_id, None)
             if route is not None:   # the dispatcher hears it first, over the lane: failover at once
                 route[1].send([LaneOp.DETACH, consumer_id, detected])

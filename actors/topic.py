@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from thespian.actors import ActorExitRequest, ThespianWatch
+from thespian.actors import ActorExitRequest, ActorSystemMessage, ThespianWatch
 
 from actorbroker.actors import broker, connection, dispatcher, log as log_actor, signing, subscription
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import record_blob, record_blobs
-from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
+from actorbroker.transport.codec import RUN_TIME, run_tails
+from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 
 DISPATCH_WINDOW = 1
 PRODUCER_NAME_MAX_BYTES = 255   # the name is copied into every record: it must not amplify a send
@@ -40,6 +40,18 @@ class InitTopic:
     name: str
     dispatch: str
     config: Any
+    # a reliable topic in a shared folder: the nodes the root sees live, or None (open the log
+    # only if this node holds it); see storage/fencing.py
+    live: Any = None
+    incarnation: str = ""
+
+
+@dataclass(frozen=True)
+class TopicMoved:
+    """To the root: another node holds this reliable topic's log (`owner`); this actor refuses
+    every request and waits to be stopped."""
+    name: str
+    owner: str
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,8 @@ class CloseProducer:
 
 @dataclass(frozen=True)
 class Publish:
-    """Sends not from a client (dead letters): [(rid, [(key, record tail, payload size), ...])].
-    Clients' sends come over lanes."""
+    """Sends not from a client (dead letters): [[rid, count, payloads, keys, attrs, payload bytes]]
+    (the fields of a run: transport/codec.py). Clients' sends come over lanes."""
     producer_id: int
     producer_name: str
     sends: list
@@ -162,7 +174,7 @@ class TopicActor(BrokerActor):
         self.next_token = 1
         self.deleting = None       # (rid, reply_to, subscriptions still ending)
         self.broker = None
-        self.reactor = Reactor()
+        self.reactor = Reactor(linger=RECORD_PATH_LINGER_S)
         self.hub = None
         self.lane_address = None
         # reliable topics
@@ -171,7 +183,7 @@ class TopicActor(BrokerActor):
         self.log_address = None    # where it accepts lanes (the dispatchers read through it)
         self.log_ready = False
         self.first_offset = 0
-        self.unsynced = []         # [(lane, producer id, receipts, entries)] not appended yet
+        self.unsynced = []         # [(lane, producer id, receipts, runs)] not appended yet
         self.appending = {}        # seq -> (those same tuples, first offset, time)
         self.append_seq = 0
         self.log_bytes = 0
@@ -179,6 +191,9 @@ class TopicActor(BrokerActor):
         self.truncated_bytes = 0
         self.restoring = {}        # subscription name -> type, while its cursor is being loaded
         self.ending = False        # deleted or stopping: children that exit are not restarted
+        self.moved_to = None       # the node holding the log, when another does (TopicMoved)
+        self.claim_live = None
+        self.incarnation = ""
         self.incarnations = 0      # subscription pairs created so far
 
     def watch(self):
@@ -186,6 +201,7 @@ class TopicActor(BrokerActor):
 
     def on_InitTopic(self, msg, sender):
         self.name, self.dispatch, self.config = msg.name, msg.dispatch, msg.config
+        self.claim_live, self.incarnation = msg.live, msg.incarnation
         self.broker = sender
         self.hub = LaneHub(self.reactor, self._lane_frame, self._lane_closed,
                            kind=self.config.lanes, host=self.config.actor_host,
@@ -195,14 +211,44 @@ class TopicActor(BrokerActor):
         log.info("topic %s open (%s)", self.name, self.dispatch, extra={"topic": self.name})
         if self.dispatch == "reliable":
             self._start_log()
-            self.hold_until(log_actor.LogOpened)
+            self.hold_until((log_actor.LogOpened, log_actor.LogFenced))
 
-    def _start_log(self):
+    def _start_log(self, restart=False):
         self.log_ready = False
         self.log_lane = None
         self.log = self.createActor("actorbroker.actors.log.LogActor")
         self.forget_ordered("log")
-        self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config), "log")
+        claim = None
+        if self.config.shared_data:   # a restarted log reopens only what this node still holds
+            claim = (self.config.node, self.incarnation, None if restart else self.claim_live)
+        self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config, claim), "log")
+
+    def on_LogFenced(self, msg, sender):
+        """Another node holds the log: refuse everything from now on (storage/fencing.py)."""
+        if self.moved_to is not None:
+            return
+        self.moved_to = msg.owner
+        log.warning("topic %s: its log is held by node %s: not served here", self.name, msg.owner,
+                    extra={"topic": self.name})
+        for entry, _, _ in self.appending.values():
+            for lane, producer_id, receipts, _ in entry:
+                self._refuse(lane, producer_id, receipts, self._moved_text(), E.TOPIC_UNAVAILABLE)
+        for lane, producer_id, receipts, _ in self.unsynced:
+            self._refuse(lane, producer_id, receipts, self._moved_text(), E.TOPIC_UNAVAILABLE)
+        self.appending, self.unsynced = {}, []
+        self.log_ready = False
+        self.send(self.broker, TopicMoved(self.name, msg.owner))
+
+    def _moved_text(self):
+        return f"topic {self.name} is held by node {self.moved_to or '?'}; send it again"
+
+    def _base_handle(self, msg, sender):
+        if self.moved_to is None or isinstance(msg, ActorSystemMessage):
+            super()._base_handle(msg, sender)
+            return
+        rid, reply_to = getattr(msg, "rid", None), getattr(msg, "reply_to", None)
+        if rid is not None and reply_to is not None:   # a request that reached a moved topic
+            self.send(reply_to, connection.RequestFailed(rid, E.TOPIC_UNAVAILABLE, self._moved_text()))
 
     def on_LogOpened(self, msg, sender):
         self.next_offset, self.first_offset = msg.next_offset, msg.first_offset
@@ -229,7 +275,7 @@ class TopicActor(BrokerActor):
                  self.name, self.next_offset, len(msg.cursors), extra={"topic": self.name})
 
     def on_WatchMessage(self, msg, sender):
-        self.reactor.poll()
+        self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends))
 
     # --- supervision --------------------------------------------------------------------------------
     def on_ChildActorExited(self, msg, sender):
@@ -245,16 +291,18 @@ class TopicActor(BrokerActor):
 
     def _log_lost(self):
         """Restart the LogActor; what it had not made durable is refused, never receipted."""
+        if self.moved_to is not None:
+            return   # fenced: another node holds the log, nothing is restarted here
         log.error("topic %s: log actor died; restarting it", self.name, extra={"topic": self.name})
         refused = [entry for entry, _, _ in self.appending.values()]
         self.appending = {}
         for batch in refused + [self.unsynced]:
-            for lane, producer_id, receipts, entries in batch:
+            for lane, producer_id, receipts, runs in batch:
                 self._refuse(lane, producer_id, receipts, "the topic's log restarted before this send "
                              "was durable; send it again")
-                self.msgs_in -= len(entries)
+                self.msgs_in -= sum(run[1] for run in runs)
         self.unsynced = []
-        self._start_log()
+        self._start_log(restart=True)
         self.log_ready = None   # restarting: LogOpened tells the dispatchers
 
     def _subscription_lost(self, name, sub):
@@ -285,7 +333,7 @@ class TopicActor(BrokerActor):
     def _lane_frame(self, lane, frame):
         op = frame[0]
         if op == LaneOp.PUBLISH:
-            self._publish(lane, frame[1], frame[3])
+            self._publish(lane, frame[1], frame[2], frame[3])
         elif op == LaneOp.DISPATCH_ACK:
             name = lane.peer[1]
             sub = self.subs.get(name)
@@ -341,52 +389,52 @@ class TopicActor(BrokerActor):
 
     # --- the record path ----------------------------------------------------------------------------
     def on_Publish(self, msg, sender):
-        self._publish(None, msg.producer_id, msg.sends)
+        self._publish(None, msg.producer_id, msg.producer_name, msg.sends)
 
-    def _publish(self, lane, producer_id, sends):
-        # Accepted whatever the producer's state: the shard routed it while it was open.
-        if self.log is not None:
-            self._publish_reliable(lane, producer_id, sends)
-            return
-        now = int(time.time() * 1000)
-        records, receipts = [], []
+    def _runs(self, producer_name, sends, now):
+        """Number the sends: (runs, receipts); a run per send, nothing per record."""
+        runs, receipts = [], []
         offset = self.next_offset
-        for rid, msgs in sends:
-            blobs = record_blobs(offset, now, [tail for _, tail, _ in msgs])
-            records += [(offset + i, m[0], blob) for i, (m, blob) in enumerate(zip(msgs, blobs))]
-            self.bytes_in += sum(m[2] for m in msgs)
-            receipts.append((rid, offset, len(msgs)))
-            offset += len(msgs)
+        for rid, count, payloads, keys, attrs, size in sends:
+            runs.append([offset, count, now, producer_name, 0, payloads, keys, attrs])
+            receipts.append((rid, offset, count))
+            self.bytes_in += size
+            offset += count
         self.msgs_in += offset - self.next_offset
         self.next_offset = offset
+        return runs, receipts
+
+    def _publish(self, lane, producer_id, producer_name, sends):
+        # Accepted whatever the producer's state: the shard routed it while it was open.
+        if self.log is not None:
+            self._publish_reliable(lane, producer_id, producer_name, sends)
+            return
+        runs, receipts = self._runs(producer_name, sends, int(time.time() * 1000))
         if lane is not None:
             lane.send([LaneOp.RECEIPTS, producer_id, receipts, []])
         # The pending lists stay bounded because each shard has at most a few PUBLISH in flight
         # per producer (it stops reading its client beyond that); dispatchers bound their backlogs.
         for name, sub in self.subs.items():
-            sub.pending.extend(records)
+            sub.pending.extend(runs)
             self._feed(name, sub)
 
-    def _refuse(self, lane, producer_id, receipts, text):
+    def _refuse(self, lane, producer_id, receipts, text, code=E.INTERNAL):
         if lane is not None and not lane.closed:
-            lane.send([LaneOp.RECEIPTS, producer_id, [], [(rid, E.INTERNAL, text) for rid, _, _ in receipts]])
+            lane.send([LaneOp.RECEIPTS, producer_id, [], [(rid, code, text) for rid, _, _ in receipts]])
 
-    def _publish_reliable(self, lane, producer_id, sends):
-        entries, receipts = [], []
-        offset = self.next_offset
-        for rid, msgs in sends:
-            first = offset
-            for key, tail, size in msgs:
-                entries.append((key, tail))
-                self.bytes_in += size
-                offset += 1
-            receipts.append((rid, first, offset - first))
+    def _publish_reliable(self, lane, producer_id, producer_name, sends):
         if not self.log_ready:
-            self._refuse(lane, producer_id, receipts, "the topic's log is restarting; send it again")
+            offset, receipts = self.next_offset, []
+            for send in sends:
+                receipts.append((send[0], offset, send[1]))
+                offset += send[1]
+            if self.moved_to is not None:
+                self._refuse(lane, producer_id, receipts, self._moved_text(), E.TOPIC_UNAVAILABLE)
+            else:
+                self._refuse(lane, producer_id, receipts, "the topic's log is restarting; send it again")
             return
-        self.msgs_in += offset - self.next_offset
-        self.next_offset = offset
-        self.unsynced.append((lane, producer_id, receipts, entries))
+        runs, receipts = self._runs(producer_name, sends, 0)   # timed when appended
+        self.unsynced.append((lane, producer_id, receipts, runs))
         self._append()
 
     def _append(self):
@@ -397,8 +445,13 @@ class TopicActor(BrokerActor):
         batch = self.unsynced if self.config.fsync != "always" else self.unsynced[:1]
         self.unsynced = self.unsynced[len(batch):]
         first = batch[0][2][0][1]
-        entries = [entry for _, _, _, part in batch for entry in part]
         now = int(time.time() * 1000)
+        entries = []
+        for _, _, _, runs in batch:   # the log keeps v1 record tails (its format on disk)
+            for run in runs:
+                run[RUN_TIME] = now
+                keys = run[6] or [None] * run[1]
+                entries += zip(keys, run_tails(run))
         self.append_seq += 1
         self.appending[self.append_seq] = (batch, first, now)
         self.log_lane.send([LaneOp.APPEND, self.append_seq, first, entries, now])
@@ -411,16 +464,13 @@ class TopicActor(BrokerActor):
             return   # from a log that has been restarted since: those sends were refused
         batch, first, now = entry
         self.log_bytes, self.segments = log_bytes, segments
-        records = []
-        offset = first
-        for lane, producer_id, receipts, entries in batch:
+        runs = []
+        for lane, producer_id, receipts, part in batch:
             if lane is not None and not lane.closed:
                 lane.send([LaneOp.RECEIPTS, producer_id, receipts, []])
-            for key, tail in entries:
-                records.append((offset, key, record_blob(offset, now, tail)))
-                offset += 1
+            runs += part
         for name, sub in self.subs.items():   # durable now: consumers may see it
-            sub.pending.extend(records)
+            sub.pending.extend(runs)
             self._feed(name, sub)
         self._append()
 
@@ -428,9 +478,9 @@ class TopicActor(BrokerActor):
         """Nothing of this append, nor of what was queued behind it, was receipted: refuse them
         all (the producers may retry) and number again from where the log really ends."""
         failed, _, _ = self.appending.pop(seq, ([], None, None))
-        for lane, producer_id, receipts, entries in failed + self.unsynced:
+        for lane, producer_id, receipts, runs in failed + self.unsynced:
             self._refuse(lane, producer_id, receipts, f"log write failed: {error}")
-            self.msgs_in -= len(entries)
+            self.msgs_in -= sum(run[1] for run in runs)
         self.unsynced = []
         self.next_offset = next_offset
         self._append()
@@ -538,7 +588,7 @@ class TopicActor(BrokerActor):
             self._answer_stats(token)
             return
         for name, sub in self.subs.items():
-            self.send_ordered(sub.dispatcher, dispatcher.DispatcherStatsRequest(token, len(sub.pending)),
+            self.send_ordered(sub.dispatcher, dispatcher.DispatcherStatsRequest(token, sum(run[1] for run in sub.pending)),
                               ("dispatcher", name))
         self.wakeupAfter(GATHER_TIMEOUT, payload=("stats", token))
 
@@ -570,7 +620,7 @@ class TopicActor(BrokerActor):
     # --- deletion ----------------------------------------------------------------------------------
     def on_DeleteTopic(self, msg, sender):
         for producer_id, (_, _, owner, _) in self.producers.items():
-            self.send(owner, connection.ProducerEnded(producer_id, "topic_deleted"))
+            self.send(owner, connection.ProducerEnded(producer_id, "topic_deleted", self.config.node))
         self.producers.clear()
         self.deleting = (msg.rid, msg.reply_to, set(self.subs))
         if self.log is not None:

@@ -5,13 +5,15 @@
 - pack: a producer's per-message work up to the bytes of its `send` frames (record, batching,
   rid and pending entry, frame encoding) and the handling of their receipts, through the
   sans-IO core;
-- decode: a consumer's work from the bytes of `message` pushes (made with codec.encode_record and
-  encode_message_frames, 100 records a push) to Message objects, through the sans-IO core;
+- decode: a consumer's work from the bytes of `message` pushes (100 records a push: v1 maps made
+  with codec.encode_record and encode_message_frames, v2 runs with encode_run_frames) to Message
+  objects, through the sans-IO core;
 - e2e produce / e2e consume: the threaded Client's public API (producer.send + flush,
   consumer.receive) against a fake broker in another process that answers with pre-encoded
   frames, so that nearly all the CPU measured is the client's.
 
 Prints microseconds per message (best of --repeat runs; for e2e also the client process's CPU).
+`--version 1` makes the client and the fake broker speak protocol v1 (default: v2).
 """
 import argparse
 import multiprocessing
@@ -20,7 +22,8 @@ import time
 
 from actorbroker.transport.client import Client
 from actorbroker.transport.client.core import Batch, ClientCore, ConsumerCore, ProducerCore, dispatch
-from actorbroker.transport.codec import FrameDecoder, encode_frame, encode_message_frames, encode_record
+from actorbroker.transport.codec import (FrameDecoder, encode_frame, encode_message_frames, encode_record,
+                                         encode_run_frames, make_run)
 
 MAX_FRAME = 4 * 1024 * 1024
 TIME_MS = 1_700_000_000_000
@@ -62,8 +65,9 @@ def receipts(n, max_batch=500):
             for rid, i in enumerate(range(0, n, max_batch), 1)]
 
 
-def pack(payloads, receipts, max_batch=500):
+def pack(payloads, receipts, version, max_batch=500):
     core = ClientCore("bench")
+    core.version = version
     sink = _Sink()
     producer = _Producer({"producer": 1}, None, 2, max_batch, len(payloads) + 1, MAX_FRAME, Batch)
     receipts = iter(receipts)
@@ -86,21 +90,29 @@ def decode(chunks):
     return sink.delivered
 
 
-def push_chunks(n, payload, per_push=100, read_size=256 * 1024):
+def pushes(consumer, first, payloads, version, producer="producer-1"):
+    """The frames of one delivery of these payloads, in protocol `version`."""
+    if version >= 2:
+        return encode_run_frames(consumer, [make_run(first, TIME_MS, producer, payloads)])
+    return encode_message_frames(consumer, [encode_record(first + i, p, None, {}, TIME_MS, producer)
+                                            for i, p in enumerate(payloads)])
+
+
+def push_chunks(n, payload, version, per_push=100, read_size=256 * 1024):
     """The bytes a consumer reads: n messages in pushes of per_push, cut in read_size pieces."""
-    blobs = [encode_record(i, payload, None, {}, TIME_MS, "producer-1") for i in range(n)]
-    pushes = (encode_message_frames(7, blobs[i:i + per_push]) for i in range(0, n, per_push))
-    data = b"".join(frame for frames in pushes for frame in frames)
+    data = b"".join(frame for i in range(0, n, per_push)
+                    for frame in pushes(7, i, [payload] * min(per_push, n - i), version))
     return [data[i:i + read_size] for i in range(0, len(data), read_size)]
 
 
 # --- the threaded client against a fake broker ------------------------------------------------
 
 def fake_broker(listener, n, payload):
-    """Answers hello, producer, send (receipts), subscribe; pushes n messages against credits."""
+    """Answers hello (in the version asked), producer, send (receipts), subscribe; pushes n
+    messages against credits."""
     conn, _ = listener.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    blobs = [encode_record(i, payload, None, {}, TIME_MS, "p") for i in range(n)]
+    version = 1
     decoder = FrameDecoder(MAX_FRAME)
     offset, pushed, credits, consumer = 0, 0, 0, None
     while data := conn.recv(1 << 20):
@@ -109,14 +121,16 @@ def fake_broker(listener, n, payload):
         for f in decoder:
             op, rid = f["op"], f.get("rid")
             if op == "hello":
-                reply = {"op": "welcome", "version": 1, "broker": "fake", "heartbeat_ms": 5000,
+                version = f["version"]
+                reply = {"op": "welcome", "version": version, "broker": "fake", "heartbeat_ms": 5000,
                          "max_frame": MAX_FRAME}
             elif op == "producer":
                 reply = {"op": "producer_ok", "producer": 1, "topic": f["topic"],
                          "dispatch": "non_reliable"}
             elif op == "send":
-                reply = {"op": "receipt", "first": offset, "count": len(f["msgs"])}
-                offset += len(f["msgs"])
+                count = len(f["payloads"] if "payloads" in f else f["msgs"])
+                reply = {"op": "receipt", "first": offset, "count": count}
+                offset += count
             elif op == "subscribe":
                 consumer = 7
                 reply = {"op": "subscribed", "consumer": consumer, "dispatch": "non_reliable"}
@@ -129,13 +143,13 @@ def fake_broker(listener, n, payload):
                 out.append(encode_frame(dict(reply, rid=rid)))
         if consumer is not None and credits and pushed < n:
             k = min(credits, n - pushed)
-            out.extend(encode_message_frames(consumer, blobs[pushed:pushed + k]))
+            out.extend(pushes(consumer, pushed, [payload] * k, version, "p"))
             pushed, credits = pushed + k, credits - k
         if out:
             conn.sendall(b"".join(out))
 
 
-def with_fake_broker(n, payload, run):
+def with_fake_broker(n, payload, run, version):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -145,7 +159,7 @@ def with_fake_broker(n, payload, run):
     port = listener.getsockname()[1]
     listener.close()
     try:
-        with Client("127.0.0.1", port, name="microbench") as client:
+        with Client("127.0.0.1", port, name="microbench", protocol_version=version) as client:
             cpu, wall = time.process_time(), time.perf_counter()
             run(client)
             return (time.perf_counter() - wall) / n * 1e6, (time.process_time() - cpu) / n * 1e6
@@ -156,22 +170,22 @@ def with_fake_broker(n, payload, run):
             proc.join()
 
 
-def e2e_produce(n, payload):
+def e2e_produce(n, payload, version):
     def run(client):
         producer = client.producer("/b/p", max_batch=500, max_pending=10000)
         send = producer.send
         for _ in range(n):
             send(payload)
         producer.flush(60)
-    return with_fake_broker(n, payload, run)
+    return with_fake_broker(n, payload, run, version)
 
 
-def e2e_consume(n, payload):
+def e2e_consume(n, payload, version):
     def run(client):
         receive = client.subscribe("/b/p", "s", "exclusive", "c", receiver_queue=1000).receive
         for _ in range(n):
             receive(10)
-    return with_fake_broker(n, payload, run)
+    return with_fake_broker(n, payload, run, version)
 
 
 def best_of(repeat, fn, *args):
@@ -190,16 +204,17 @@ def main(argv=None):
     parser.add_argument("-n", type=int, default=200_000, help="messages per run")
     parser.add_argument("--payload", type=int, default=100, help="payload bytes")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--version", type=int, default=2, choices=(1, 2), help="protocol version")
     args = parser.parse_args(argv)
-    n, payload = args.n, bytes(args.payload)
-    (t,) = best_of(args.repeat, pack, [payload] * n, receipts(n))
+    n, payload, version = args.n, bytes(args.payload), args.version
+    (t,) = best_of(args.repeat, pack, [payload] * n, receipts(n), version)
     print(f"pack send frames (core)       {t / n * 1e6:7.3f} us/msg")
-    chunks = push_chunks(n, payload)
+    chunks = push_chunks(n, payload, version)
     (t,) = best_of(args.repeat, decode, chunks)
     print(f"decode message pushes (core)  {t / n * 1e6:7.3f} us/msg")
-    wall, cpu = best_of(args.repeat, e2e_produce, n, payload)
+    wall, cpu = best_of(args.repeat, e2e_produce, n, payload, version)
     print(f"e2e produce (Client)          {wall:7.3f} us/msg wall, {cpu:.3f} us/msg client CPU")
-    wall, cpu = best_of(args.repeat, e2e_consume, n, payload)
+    wall, cpu = best_of(args.repeat, e2e_consume, n, payload, version)
     print(f"e2e consume (Client)          {wall:7.3f} us/msg wall, {cpu:.3f} us/msg client CPU")
 
 

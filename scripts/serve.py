@@ -177,7 +177,10 @@ def serve(args):
                           tls_cert=abspath_or_empty(args.tls_cert), tls_key=abspath_or_empty(args.tls_key),
                           tls_client_ca=abspath_or_empty(args.tls_client_ca),
                           allow_plain_tokens=args.allow_plain_tokens,
-                          metrics_host=args.metrics_host, metrics_port=args.metrics_port)
+                          metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+                          shared_data=os.path.abspath(args.shared_data) if args.shared_data else "")
+    if config.shared_data:
+        os.makedirs(config.shared_data, mode=0o700, exist_ok=True)
     admin_port = args.admin_port
     if args.cluster_bind:
         config, admin_port = cluster_config(config, args)
@@ -252,6 +255,10 @@ def add_cluster_options(p):
                                   "--cluster-bind)")
     g.add_argument("--member-timeout-ms", type=positive, default=3000,
                    help="a member not heard from for this long is declared lost (default %(default)s)")
+    g.add_argument("--shared-data", metavar="DIR",
+                   help="a folder every node mounts at the same path: reliable topics live there, "
+                        "and when their node is lost a survivor takes them over from their logs, "
+                        "fenced so that two nodes never write one log (docs/cluster.md)")
     g.add_argument("--trust-cluster-network", action="store_true",
                    help="allow a --cluster-bind address that is not private: Thespian's sockets "
                         "unpickle what they receive (signed with the cluster secret), so whoever can "

@@ -3,6 +3,9 @@
 Layout of a topic directory:
     00000000000000000000.log   records from offset 0 ...
     00000000000000052311.log   ... the next segment, named by its first offset
+    00000000000000060000-000000000003.log   in a shared folder (storage/fencing.py): a segment
+                               written in epoch 3; an epoch's segments are read only below the
+                               start of the next epoch that began writing (its `limit`)
 
 A segment is a sequence of batches. A batch is a 28-byte header
     body length (u32) | crc32 of body (u32) | first offset (u64) | record count (u32) | time ms (u64)
@@ -32,8 +35,20 @@ class CorruptBatch(Exception):
     pass
 
 
-def _segment_name(first_offset):
+def _segment_name(first_offset, epoch=0):
+    if epoch:
+        return f"{first_offset:020d}-{epoch:012d}{SEGMENT_SUFFIX}"
     return f"{first_offset:020d}{SEGMENT_SUFFIX}"
+
+
+def _parse_segment_name(name):
+    """(first offset, epoch) of a segment file name, or None."""
+    if not name.endswith(SEGMENT_SUFFIX):
+        return None
+    first, _, epoch = name[:-len(SEGMENT_SUFFIX)].partition("-")
+    if not first.isdigit() or (epoch and not epoch.isdigit()):
+        return None
+    return int(first), int(epoch or 0)
 
 
 def _read_batches(path, start=0, verify=True):
@@ -68,9 +83,11 @@ def _read_batches(path, start=0, verify=True):
 
 
 class Segment:
-    def __init__(self, directory, first_offset):
-        self.path = os.path.join(directory, _segment_name(first_offset))
+    def __init__(self, directory, first_offset, epoch=0, limit=None):
+        self.path = os.path.join(directory, _segment_name(first_offset, epoch))
         self.first_offset = first_offset
+        self.epoch = epoch
+        self.limit = limit        # records from this offset on are another epoch's: ignored
         self.next_offset = first_offset
         self.size = 0
         self.index_offsets = []   # first offset of each batch
@@ -93,6 +110,8 @@ class Segment:
                             self.path, truncated, item[1])
                 break
             pos, (length, _, first, count, stamp), _ = item
+            if self.limit is not None and first + count > self.limit:
+                break   # written by a fenced owner after the next epoch began: not part of the log
             self._index(first, pos)
             self.next_offset = first + count
             self.size = pos + HEADER.size + length
@@ -111,9 +130,13 @@ class Segment:
 class SegmentLog:
     """One topic's log. Not thread-safe; owned by one actor."""
 
-    def __init__(self, directory, segment_bytes=64 * 1024 * 1024):
+    def __init__(self, directory, segment_bytes=64 * 1024 * 1024, epoch=0, limits=None):
+        """`epoch` and `limits` ({epoch: end offset}) only in a shared folder (storage/fencing.py):
+        the log then starts a segment of its own epoch and never writes another's."""
         self.directory = directory
         self.segment_bytes = segment_bytes
+        self.epoch = epoch
+        self.limits = limits or {}
         os.makedirs(directory, exist_ok=True)
         self.segments = []
         self.truncated_bytes = 0
@@ -123,20 +146,24 @@ class SegmentLog:
 
     # --- opening and recovery ---------------------------------------------------------------------
     def _open(self):
-        names = sorted(n for n in os.listdir(self.directory) if n.endswith(SEGMENT_SUFFIX))
-        for name in names:
-            segment = Segment(self.directory, int(name[:-len(SEGMENT_SUFFIX)]))
-            self.segments.append(segment)
+        found = sorted(filter(None, map(_parse_segment_name, os.listdir(self.directory))))
+        for first, epoch in found:
+            limit = self.limits.get(epoch)
+            if limit is not None and first >= limit:
+                continue   # begun by a fenced owner after the next epoch began
+            self.segments.append(Segment(self.directory, first, epoch, limit))
         # Sealed segments were fsynced when the log rolled past them: that is the checkpoint.
         # Their headers are walked to rebuild the index; only the active (last) segment, which a
-        # crash may have torn, is read and checked batch by batch.
-        for segment in self.segments[:-1]:
-            self.truncated_bytes += segment.load(verify=False)
-        for segment in self.segments[-1:]:
-            self.truncated_bytes += segment.load(verify=True)
-        if not self.segments:
-            self.segments.append(Segment(self.directory, 0))
-            open(self.segments[0].path, "ab").close()
+        # crash may have torn, is read and checked batch by batch. In a shared folder the last
+        # segment of every epoch is such a tail.
+        for i, segment in enumerate(self.segments):
+            tail = i == len(self.segments) - 1 or self.segments[i + 1].epoch != segment.epoch
+            self.truncated_bytes += segment.load(verify=tail)
+        if not self.segments or self.segments[-1].epoch != self.epoch:
+            # a new log, or a new epoch: this owner writes only segments of its own
+            first = self.segments[-1].next_offset if self.segments else 0
+            self.segments.append(Segment(self.directory, first, self.epoch))
+            open(self.segments[-1].path, "ab").close()
             self._fsync_dir()
         self._file = open(self.active.path, "ab")
 
@@ -199,7 +226,7 @@ class SegmentLog:
     def _roll(self):
         self.sync()
         self._file.close()
-        segment = Segment(self.directory, self.active.next_offset)
+        segment = Segment(self.directory, self.active.next_offset, self.epoch)
         self.segments.append(segment)
         self._file = open(segment.path, "ab")
         self._fsync_dir()
@@ -225,6 +252,8 @@ class SegmentLog:
                 if item[0] == "torn":
                     break
                 _, (_, _, first, count, stamp), body = item
+                if first >= segment.next_offset:
+                    break   # past a fenced owner's limit
                 if first + count <= offset:
                     continue
                 for n, (key, tail) in enumerate(msgpack.unpackb(body, raw=False)):

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 
+from actorbroker.storage import fencing
 from actorbroker.storage.segment_log import SegmentLog
 
 log = logging.getLogger("actorbroker.storage")
@@ -40,13 +41,16 @@ def _legacy_topic_dir(data_dir, name):
     return os.path.join(topics_root(data_dir), name.encode().hex())
 
 
-def stored_topics(data_dir):
-    """[(name, dispatch)] of the topics kept on disk."""
+def stored_topics(data_dir, owner=None):
+    """[(name, dispatch)] of the topics kept on disk; with `owner` (a shared folder), only those
+    whose latest epoch that node holds (storage/fencing.py)."""
     found = {}
     root = topics_root(data_dir)
     if not os.path.isdir(root):
         return []
     for entry in sorted(os.listdir(root)):
+        if owner is not None and fencing.latest_owner(os.path.join(root, entry)) not in (owner, None):
+            continue
         try:
             with open(os.path.join(root, entry, "topic.json")) as f:
                 meta = json.load(f)
@@ -80,16 +84,32 @@ def _migrate_topic_dir(data_dir, name):
 
 
 class TopicStore:
-    def __init__(self, data_dir, name, dispatch, segment_bytes):
+    def __init__(self, data_dir, name, dispatch, segment_bytes, claim=None):
+        """`claim` (node, incarnation, live nodes or None) only in a folder several nodes share:
+        the next epoch of the log is claimed before it is read (storage/fencing.py); raises
+        fencing.Fenced when another node holds it."""
         _migrate_topic_dir(data_dir, name)
         self.directory = topic_dir(data_dir, name)
+        self.epoch = None
+        os.makedirs(self.directory, exist_ok=True)
+        if claim is not None:
+            self.epoch = fencing.claim(self.directory, *claim)
         self.cursor_dir = os.path.join(self.directory, "cursors")
         os.makedirs(self.cursor_dir, exist_ok=True)
         self._migrate_cursors()
         meta = os.path.join(self.directory, "topic.json")
         if not os.path.exists(meta):
             _write_atomic(meta, json.dumps({"name": name, "dispatch": dispatch}))
-        self.log = SegmentLog(os.path.join(self.directory, "log"), segment_bytes)
+        if self.epoch is None:
+            self.log = SegmentLog(os.path.join(self.directory, "log"), segment_bytes)
+        else:
+            self.log = SegmentLog(os.path.join(self.directory, "log"), segment_bytes,
+                                  self.epoch.number, fencing.limits(self.directory))
+            self.epoch.begin(self.log.next_offset)
+
+    def fenced_by(self):
+        """The node that took this log over since we opened it (write nothing more), or None."""
+        return self.epoch.taken() if self.epoch is not None else None
 
     def _cursor_path(self, subscription):
         return os.path.join(self.cursor_dir, digest(subscription) + ".json")

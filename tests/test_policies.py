@@ -1,9 +1,11 @@
 """Dispatch policies: which consumer gets which message. Pure logic, no actors."""
 from actorbroker.actors.policies import ConsumerState, make_policy
+from actorbroker.transport.codec import make_run
 
 
 def rec(offset, key=None):
-    return (offset, key, b"")
+    """A one-record run (transport/codec.py)."""
+    return make_run(offset, 0, "p", [b""], keys=None if key is None else [key])
 
 
 def consumer(cid, name=None, credits=0):

@@ -69,7 +69,7 @@ def test_no_hello_within_10s_is_not_connected_and_closed(broker):
 
 def test_unsupported_version_closes(broker):
     conn = connect(broker, hello=False)
-    conn.send_frame({"op": "hello", "rid": 1, "version": 2, "client": "future"})
+    conn.send_frame({"op": "hello", "rid": 1, "version": 3, "client": "future"})
     assert_error(conn.recv_frame(), "UNSUPPORTED_VERSION", 1)
     assert conn.expect_closed()
 

@@ -1,4 +1,4 @@
-"""Sans-IO frame codec of protocol v1: fed bytes, yields frames; no sockets here.
+"""Sans-IO frame codec of protocols v1 and v2: fed bytes, yields frames; no sockets here.
 
 A frame is a 4-byte big-endian length N, then N bytes holding one msgpack map with a str "op".
 """
@@ -8,7 +8,8 @@ import msgpack
 
 from actorbroker.transport.errors import BAD_FRAME, FRAME_TOO_LARGE, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2            # the newest version, which the Python clients ask for
+SUPPORTED_VERSIONS = (1, 2)     # what the broker serves (docs/protocol.md, "Protocol version 2")
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
@@ -203,3 +204,226 @@ def _push(head, blobs):
 def fits_in_push(blob_len, max_frame=DEFAULT_MAX_FRAME):
     """Whether one record of this encoded size can be delivered in a single push frame."""
     return blob_len + PUSH_OVERHEAD <= max_frame
+
+
+# --- protocol v2: runs ---------------------------------------------------------------------------
+#
+# Inside the broker (lanes) and in v2 `message` pushes, records travel as runs: consecutive offsets
+# of one send, sharing a publish time, a producer and a redelivery count. The payloads stay one
+# msgpack array (bytes) from the producer's shard to the consumer's socket, so the topic and the
+# dispatcher handle a run, not its records. A run on a lane is a list:
+#   [first offset, count, time_ms, producer, redeliveries, payloads (msgpack array of bin),
+#    keys (None: no keys, or a list of str|None), attrs (None: all empty, or a list of maps)]
+# In a v2 push it is the array [first, time, producer, redeliveries, payloads, keys, attrs].
+RUN_FIRST, RUN_COUNT, RUN_TIME, RUN_PRODUCER, RUN_REDELIVERIES, RUN_PAYLOADS, RUN_KEYS, RUN_ATTRS = range(8)
+
+
+def pack_payloads(payloads):
+    return _pack(payloads)
+
+
+def unpack_payloads(blob):
+    return msgpack.unpackb(blob, raw=False, use_list=True)
+
+
+def make_run(first, time_ms, producer, payloads, keys=None, attrs=None, redeliveries=0):
+    """A run from a list of payloads (keys and attrs: lists of the same length, or None)."""
+    return [first, len(payloads), time_ms, producer, redeliveries, _pack(payloads), keys, attrs]
+
+
+def run_key(run):
+    """The key of a run's first record (the only one, for the runs of shared/key_shared)."""
+    keys = run[RUN_KEYS]
+    return keys[0] if keys else None
+
+
+def split_run(run, n):
+    """(the first n records, the rest) of a run of more than n records."""
+    payloads = unpack_payloads(run[RUN_PAYLOADS])
+    keys, attrs = run[RUN_KEYS], run[RUN_ATTRS]
+    first, time_ms, producer, redeliveries = run[RUN_FIRST], run[RUN_TIME], run[RUN_PRODUCER], run[RUN_REDELIVERIES]
+    head = [first, n, time_ms, producer, redeliveries, _pack(payloads[:n]),
+            keys[:n] if keys else None, attrs[:n] if attrs else None]
+    tail = [first + n, len(payloads) - n, time_ms, producer, redeliveries, _pack(payloads[n:]),
+            keys[n:] if keys else None, attrs[n:] if attrs else None]
+    return head, tail
+
+
+def explode_run(run):
+    """Runs of one record each (shared and key_shared hand out records one by one; reliable
+    subscriptions track each record)."""
+    if run[RUN_COUNT] == 1:
+        return [run]
+    first, time_ms, producer, redeliveries = run[RUN_FIRST], run[RUN_TIME], run[RUN_PRODUCER], run[RUN_REDELIVERIES]
+    keys, attrs = run[RUN_KEYS], run[RUN_ATTRS]
+    return [[first + i, 1, time_ms, producer, redeliveries, b"\x91" + _pack(payload),
+             [keys[i]] if keys else None, [attrs[i]] if attrs else None]
+            for i, payload in enumerate(unpack_payloads(run[RUN_PAYLOADS]))]
+
+
+def coalesce_runs(runs):
+    """Adjacent runs that continue each other (next offset, same time, producer, redeliveries)
+    merged into one: single-record runs of a reliable subscription go out as few runs."""
+    if len(runs) < 2:
+        return runs
+    out = []
+    group = [runs[0]]
+    for run in runs[1:]:
+        last = group[-1]
+        if run[RUN_FIRST] == last[RUN_FIRST] + last[RUN_COUNT] and run[RUN_TIME] == last[RUN_TIME] \
+                and run[RUN_PRODUCER] == last[RUN_PRODUCER] and run[RUN_REDELIVERIES] == last[RUN_REDELIVERIES]:
+            group.append(run)
+        else:
+            out.append(_merge(group))
+            group = [run]
+    out.append(_merge(group))
+    return out
+
+
+def _array_body(blob):
+    """The elements of a msgpack array, without its header."""
+    tag = blob[0]
+    return blob[1:] if tag < 0xdc else blob[3:] if tag == 0xdc else blob[5:]
+
+
+def _merge(group):
+    if len(group) == 1:
+        return group[0]
+    count = sum(run[RUN_COUNT] for run in group)
+    keyed = any(run[RUN_KEYS] for run in group)
+    with_attrs = any(run[RUN_ATTRS] for run in group)
+    head = group[0]
+    return [head[RUN_FIRST], count, head[RUN_TIME], head[RUN_PRODUCER], head[RUN_REDELIVERIES],
+            _array_header(count) + b"".join(_array_body(run[RUN_PAYLOADS]) for run in group),
+            [k for run in group for k in (run[RUN_KEYS] or [None] * run[RUN_COUNT])] if keyed else None,
+            [a for run in group for a in (run[RUN_ATTRS] or [{}] * run[RUN_COUNT])] if with_attrs else None]
+
+
+def with_run_redeliveries(run, count):
+    again = list(run)
+    again[RUN_REDELIVERIES] = count
+    return again
+
+
+def run_records(run):
+    """(offset, payload, key, attrs) of each record of a run."""
+    payloads = unpack_payloads(run[RUN_PAYLOADS])
+    n = len(payloads)
+    keys, attrs = run[RUN_KEYS] or [None] * n, run[RUN_ATTRS] or [{}] * n
+    return [(run[RUN_FIRST] + i, payloads[i], keys[i], attrs[i] or {}) for i in range(n)]
+
+
+def run_from_tail(offset, key, time_ms, tail):
+    """The one-record run of a record stored as a v1 tail (the reliable log's format)."""
+    fields = msgpack.unpackb(b"\x85" + tail, raw=False, strict_map_key=False)
+    attrs = fields.get("attrs") or None
+    return [offset, 1, time_ms, fields["producer"], fields.get("redeliveries", 0),
+            b"\x91" + _pack(fields["payload"]), None if key is None else [key],
+            None if attrs is None else [attrs]]
+
+
+_BIN_LEN = {0xc4: (1, 2), 0xc5: (2, 3), 0xc6: (4, 5)}   # bin header: (length bytes, header size)
+
+
+def runs_from_tails(records):
+    """Runs of the log's records [(offset, key, time_ms, v1 tail)]: consecutive plain records (no
+    key, no attrs, not redelivered) of one producer and time become one run, their payloads cut
+    out of the tails as they are (a bin is the same bytes in both); the others one run each."""
+    runs = []
+    suffixes = {}     # record suffix after the payload -> producer, for the plain ones
+    group = None      # [first, time, producer, suffix, [payload elements]]
+    for offset, key, time_ms, tail in records:
+        producer = None
+        if key is None and tail.startswith(_PAYLOAD_KEY):
+            start = len(_PAYLOAD_KEY)
+            size, head = _BIN_LEN.get(tail[start], (0, 0))
+            if size:
+                end = start + head + int.from_bytes(tail[start + 1:start + 1 + size], "big")
+                suffix = tail[end:]
+                producer = suffixes.get(suffix)
+                if producer is None:
+                    rest = msgpack.unpackb(b"\x84" + suffix, raw=False, strict_map_key=False)
+                    if rest.get("key") is None and not rest.get("attrs") and not rest.get("redeliveries") \
+                            and len(rest) == 4:
+                        producer = suffixes[suffix] = rest["producer"]
+        if producer is not None and group is not None and group[1] == time_ms and group[3] == suffix \
+                and group[0] + len(group[4]) == offset:
+            group[4].append(tail[start:end])
+            continue
+        if group is not None:
+            runs.append(_group_run(group))
+            group = None
+        if producer is not None:
+            group = [offset, time_ms, producer, suffix, [tail[start:end]]]
+        else:
+            runs.append(run_from_tail(offset, key, time_ms, tail))
+    if group is not None:
+        runs.append(_group_run(group))
+    return runs
+
+
+def _group_run(group):
+    first, time_ms, producer, _, elements = group
+    return [first, len(elements), time_ms, producer, 0, _array_header(len(elements)) + b"".join(elements),
+            None, None]
+
+
+def run_tails(run):
+    """The v1 record tails of a run's records (what the reliable log stores)."""
+    producer = run[RUN_PRODUCER]
+    payloads = unpack_payloads(run[RUN_PAYLOADS])
+    if run[RUN_KEYS] is None and run[RUN_ATTRS] is None and not run[RUN_REDELIVERIES]:
+        plain = plain_tail_encoder(producer)
+        return [plain(p) for p in payloads]
+    return [encode_record_tail(payload, key, attrs or {}, producer, run[RUN_REDELIVERIES])
+            for _, payload, key, attrs in run_records(run)]
+
+
+_RUN_PUSH_PREFIX = b"\x83" + msgpack.packb("op") + msgpack.packb("message") + msgpack.packb("consumer")
+_RUNS_KEY = msgpack.packb("runs")
+
+
+def encode_run(run):
+    """A run as the 7-element array of a v2 push."""
+    return b"".join((b"\x97", _pack(run[RUN_FIRST]), _pack(run[RUN_TIME]), _pack(run[RUN_PRODUCER]),
+                     _pack(run[RUN_REDELIVERIES]), run[RUN_PAYLOADS], _pack(run[RUN_KEYS]),
+                     _pack(run[RUN_ATTRS])))
+
+
+def encode_run_frames(consumer_id, runs, max_frame=DEFAULT_MAX_FRAME):
+    """v2 `message` push frames carrying `runs`, none larger than max_frame (a run too large for
+    one frame is split; a single record always fits, as the session checked at send)."""
+    head = _RUN_PUSH_PREFIX + _pack(consumer_id) + _RUNS_KEY
+    limit = max_frame - PUSH_OVERHEAD
+    frames, part, size = [], [], 0
+    pending = list(reversed(runs))
+    while pending:
+        run = pending.pop()
+        blob = encode_run(run)
+        if len(blob) > limit and run[RUN_COUNT] > 1:
+            head_run, tail_run = split_run(run, run[RUN_COUNT] // 2)
+            pending += [tail_run, head_run]
+            continue
+        if part and size + len(blob) > limit:
+            frames.append(_push(head, part))
+            part, size = [], 0
+        part.append(blob)
+        size += len(blob)
+    if part:
+        frames.append(_push(head, part))
+    return frames
+
+
+def encode_runs_v1(consumer_id, runs, max_frame=DEFAULT_MAX_FRAME):
+    """v1 `message` push frames (a map per record) carrying `runs`: for v1 clients."""
+    blobs = []
+    for run in runs:
+        time_ms = run[RUN_TIME]
+        if run[RUN_KEYS] is None and run[RUN_ATTRS] is None and not run[RUN_REDELIVERIES]:
+            plain = plain_tail_encoder(run[RUN_PRODUCER])
+            blobs += record_blobs(run[RUN_FIRST], time_ms, [plain(p) for p in unpack_payloads(run[RUN_PAYLOADS])])
+        else:
+            producer, redeliveries = run[RUN_PRODUCER], run[RUN_REDELIVERIES]
+            blobs += [encode_record(offset, payload, key, attrs, time_ms, producer, redeliveries)
+                      for offset, payload, key, attrs in run_records(run)]
+    return encode_message_frames(consumer_id, blobs, max_frame)

@@ -28,6 +28,7 @@ import select
 import socket
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ READ_SIZE = 256 * 1024
 MAX_LANE_FRAME = 64 * 1024 * 1024   # lanes carry whole batches: bounded, but well above max_frame
 _HEADER = struct.Struct(">I")
 RELAY_ABOVE = 256   # fds in a Reactor beyond which Thespian watches a relay pipe, not the epoll
+IDLE_WAIT_S = 0.001  # a lingering poll returns to Thespian after this long without an event
+RECORD_PATH_LINGER_S = 0.005   # the linger of the actors on the record path (see Reactor)
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
@@ -73,9 +76,17 @@ class Reactor:
     that much on every loop. With `relay=True` (the shards), once the reactor holds RELAY_ABOVE
     fds, a thread of its own waits on the epoll instead and signals a pipe, which is what Thespian
     watches; the actor calls `poll()` and then, when done, the thread waits again.
+
+    `linger` (seconds): after handling what is ready, `poll()` keeps waiting on the epoll itself
+    for more, as long as something arrives within a millisecond, up to `linger` in all, before it
+    returns to Thespian. A pass through Thespian's loop (selector rebuilt, timers, its own
+    sockets) costs far more CPU than an epoll wait, and a stream of lane frames would otherwise
+    pay one pass per frame; Thespian messages to the actor wait at most `linger` meanwhile, and
+    messages from it not at all (an actor that sent one stops lingering: `quiet`).
     """
 
-    def __init__(self, relay=False):
+    def __init__(self, relay=False, linger=0.0):
+        self.linger = linger
         self.epoll = select.epoll()
         self.handlers = {}
         self.masks = {}
@@ -130,18 +141,30 @@ class Reactor:
             except (OSError, ValueError):
                 pass
 
-    def poll(self, max_events=1024):
-        """Handle what is ready now (never blocks: Thespian told us the epoll is readable)."""
+    def poll(self, max_events=1024, quiet=None):
+        """Handle what is ready now; then linger (see the class) while quiet() says that the actor
+        has nothing for Thespian to send."""
         if self.relay is not None:
             try:
                 os.read(self.relay_r, 64)
             except BlockingIOError:
                 pass
         try:
-            for fd, events in self.epoll.poll(0, max_events):
-                handler = self.handlers.get(fd)
-                if handler is not None:
-                    handler.on_event(fd, events)
+            ready = self.epoll.poll(0, max_events)
+            deadline = None
+            while ready:
+                for fd, events in ready:
+                    handler = self.handlers.get(fd)
+                    if handler is not None:
+                        handler.on_event(fd, events)
+                if not self.linger or (quiet is not None and not quiet()):
+                    break
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.linger
+                elif now >= deadline:
+                    break
+                ready = self.epoll.poll(min(IDLE_WAIT_S, deadline - now), max_events)
         finally:
             if self.relaying:
                 self.armed.set()   # the relay may wait for the next readiness now
@@ -427,14 +450,14 @@ class LaneHub:
 class LaneOp:
     """The first element of every lane frame."""
     HELLO = 0         # [HELLO, ident]: first frame from the connecting side (a shard's ident)
-    PUBLISH = 1       # shard -> topic: [PUBLISH, producer_id, producer_name, [[rid, [[key, tail, size]...]]...]]
+    PUBLISH = 1       # shard -> topic: [PUBLISH, producer_id, producer_name, [[rid, count, payloads, keys, attrs, size]...]]
     RECEIPTS = 2      # topic -> shard: [RECEIPTS, producer_id, [[rid, first, count]...], [[rid, code, text]...]]
-    DISPATCH = 3      # topic -> dispatcher: [DISPATCH, [[offset, key, blob]...]]
+    DISPATCH = 3      # topic -> dispatcher: [DISPATCH, [run...]] (runs: transport/codec.py)
     DISPATCH_ACK = 4  # dispatcher -> topic: [DISPATCH_ACK]: the topic's window opens by one
     FLOW = 5          # shard -> dispatcher: [FLOW, consumer_id, credits]
     ACK = 6           # shard -> dispatcher: [ACK, consumer_id, ids, rid or None]
     NACK = 7          # shard -> dispatcher: [NACK, consumer_id, ids, delay_ms]
-    DELIVER = 8       # dispatcher -> shard: [DELIVER, consumer_id, [blob...]]
+    DELIVER = 8       # dispatcher -> shard: [DELIVER, consumer_id, [run...]]
     DELIVER_ACK = 9   # shard -> dispatcher: [DELIVER_ACK, consumer_id]: buffered, send more
     REPLY = 10        # dispatcher -> shard: [REPLY, consumer_id, frame bytes, rid] (the answer to an ack)
     ENDED = 11        # dispatcher -> shard: [ENDED, consumer_id, reason]: the consumer is gone

@@ -8,7 +8,9 @@ No sockets, no actors, no clock of its own (the caller passes `now`).
 
 Events (tuples, first element the kind):
   ("hello", client, permissions)              hello accepted (permissions None: auth is off)
-  ("publish", producer_id, rid, records)      records: [(key, record tail, payload size)]
+  ("publish", producer_id, rid, send)         send: [count, payloads (msgpack array bytes), keys,
+                                              attrs, payload bytes] (codec's run fields; the topic
+                                              adds offset, time and producer)
   ("flow", consumer_id, credits)
   ("ack", consumer_id, ids, rid)              answered by whoever owns the subscription
   ("nack", consumer_id, ids, delay_ms)
@@ -18,8 +20,8 @@ Events (tuples, first element the kind):
 import ipaddress
 
 from actorbroker.transport import errors as E, validate
-from actorbroker.transport.codec import (FrameDecoder, PROTOCOL_VERSION, PUSH_OVERHEAD, encode_frame,
-                                         encode_record_tail, plain_tail_encoder)
+from actorbroker.transport.codec import (FrameDecoder, PUSH_OVERHEAD, SUPPORTED_VERSIONS, encode_frame,
+                                         pack_payloads)
 from actorbroker.transport.validate import Invalid, is_uint
 
 # Ops answered by a frame of their own: they must carry a valid rid.
@@ -69,7 +71,7 @@ def is_loopback(host):
 class Session:
     __slots__ = ("id", "config", "decoder", "outbox", "hello_done", "heartbeat_s", "last_recv",
                  "ping_sent", "ping_rid", "producers", "consumers", "open", "opened_at",
-                 "frame_started", "frame_start")
+                 "frame_started", "frame_start", "version")
 
     def __init__(self, connection_id, config, now):
         self.id = connection_id
@@ -79,6 +81,7 @@ class Session:
         self.frame_start = 0      # offset in outbox of its first frame not yet begun on the wire
         self.frame_started = None  # when the first byte of the frame being received arrived
         self.hello_done = False
+        self.version = 1          # the protocol version hello chose: the shape of `message` pushes
         self.heartbeat_s = config.heartbeat_ms / 1000.0
         self.last_recv = now
         self.opened_at = now
@@ -243,9 +246,9 @@ class Session:
         if type(version) is not int:
             self.error(E.BAD_REQUEST, "'version' must be an int", rid)
             return
-        if version != PROTOCOL_VERSION:
-            self._fail(E.UNSUPPORTED_VERSION, f"version {version} is not served (only {PROTOCOL_VERSION})",
-                       rid, events)
+        if version not in SUPPORTED_VERSIONS:
+            self._fail(E.UNSUPPORTED_VERSION, f"version {version} is not served (only "
+                       f"{', '.join(map(str, SUPPORTED_VERSIONS))})", rid, events)
             return
         try:
             client, token, wish = validate.hello(frame)
@@ -266,9 +269,10 @@ class Session:
         heartbeat_ms = self.config.heartbeat_ms if wish is None else min(max(wish, 200), 60000)
         self.heartbeat_s = heartbeat_ms / 1000.0
         self.hello_done = True
+        self.version = version
         self.decoder.max_frame = self.config.max_frame
         events.append(("hello", client, permissions))
-        self.write(encode_frame({"op": "welcome", "rid": rid, "version": PROTOCOL_VERSION,
+        self.write(encode_frame({"op": "welcome", "rid": rid, "version": version,
                                  "broker": self.config.broker_name, "heartbeat_ms": heartbeat_ms,
                                  "max_frame": self.config.max_frame}))
 
@@ -281,28 +285,72 @@ class Session:
         if name is None:
             self.error(E.UNKNOWN_PRODUCER, f"producer {producer_id} is not open on this connection", rid)
             return
-        msgs = frame.get("msgs")
+        limit = self.config.max_frame - PUSH_OVERHEAD - 64 - len(name.encode())
+        payloads = frame.get("payloads")
+        if payloads is not None and self.version >= 2:
+            send = self._columns(frame, payloads, limit, rid)
+        else:
+            send = self._msgs(frame.get("msgs"), limit, rid)
+        if send is not None:
+            events.append(("publish", producer_id, rid, send))
+
+    def _columns(self, frame, payloads, limit, rid):
+        """A v2 send: `payloads`, and `keys` / `attrs` of the same length when given."""
+        if type(payloads) is not list or not payloads:
+            self.error(E.BAD_REQUEST, "'payloads' must be a non-empty list", rid)
+            return None
+        n = len(payloads)
+        keys, attrs = frame.get("keys"), frame.get("attrs")
+        for field, column in (("keys", keys), ("attrs", attrs)):
+            if column is not None and (type(column) is not list or len(column) != n):
+                self.error(E.BAD_REQUEST, f"'{field}' must be a list as long as 'payloads'", rid)
+                return None
+        if keys is not None and keys.count(None) == n:
+            keys = None
+        if attrs is not None and not any(attrs):
+            attrs = None
+        # the hot case, checked in C: every payload bytes and small enough, no keys, no attrs
+        if keys is None and attrs is None and set(map(type, payloads)) == {bytes} \
+                and max(map(len, payloads)) <= limit:
+            return [n, pack_payloads(payloads), None, None, sum(map(len, payloads))]
+        for i, payload in enumerate(payloads):
+            problem = validate.message_problem(payload, None if keys is None else keys[i],
+                                               None if attrs is None else attrs[i], limit)
+            if problem:
+                self.error(E.BAD_REQUEST, f"message {i}: {problem}", rid)
+                return None
+        if attrs is not None:
+            attrs = [a or {} for a in attrs]
+        return [n, pack_payloads(payloads), keys, attrs, sum(map(len, payloads))]
+
+    def _msgs(self, msgs, limit, rid):
+        """A v1 send: `msgs`, a map per message."""
         if type(msgs) is not list or not msgs:
             self.error(E.BAD_REQUEST, "'msgs' must be a non-empty list", rid)
-            return
-        records = []
-        limit = self.config.max_frame - PUSH_OVERHEAD - 64 - len(name.encode())
-        plain = plain_tail_encoder(name)
-        for i, m in enumerate(msgs):   # the hot loop of the record path: checks are kept cheap
+            return None
+        payloads, keys, attrs = [], [], []
+        for i, m in enumerate(msgs):   # the hot loop of a v1 send: checks are kept cheap
             if type(m) is not dict:
                 problem = "must be a map"
             else:
-                payload, key, attrs = m.get("payload"), m.get("key"), m.get("attrs")
-                if key is None and (attrs is None or attrs == {}) and type(payload) is bytes \
+                payload, key, attr = m.get("payload"), m.get("key"), m.get("attrs")
+                if key is None and (attr is None or attr == {}) and type(payload) is bytes \
                         and len(payload) <= limit:   # the common record: nothing more to check
-                    records.append((None, plain(payload), len(payload)))
+                    payloads.append(payload)
+                    keys.append(None)
+                    attrs.append(None)
                     continue
-                problem = validate.message_problem(payload, key, attrs, limit)
+                problem = validate.message_problem(payload, key, attr, limit)
             if problem:
                 self.error(E.BAD_REQUEST, f"msgs[{i}]: {problem}", rid)
-                return
-            records.append((key, encode_record_tail(payload, key, attrs or {}, name), len(payload)))
-        events.append(("publish", producer_id, rid, records))
+                return None
+            payloads.append(payload)
+            keys.append(key)
+            attrs.append(attr or None)
+        n = len(payloads)
+        keys = None if keys.count(None) == n else keys
+        attrs = None if attrs.count(None) == n else [a or {} for a in attrs]
+        return [n, pack_payloads(payloads), keys, attrs, sum(map(len, payloads))]
 
     def _consumer_op(self, op, frame, rid, events):
         """flow, ack, nack: checked here, then straight to the consumer's dispatcher."""

@@ -19,7 +19,7 @@ from actorbroker.transport.client.core import (
     ConsumerCore, Message, ProducerCore, Reconnect, dispatch, hello_frame, open_consumer, open_producer,
     parse_address, read_failure)
 from actorbroker.transport.client.tls import client_context, server_name
-from actorbroker.transport.codec import DEFAULT_MAX_FRAME
+from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
 
 __all__ = ["AsyncClient", "connect", "AsyncProducer", "AsyncConsumer", "AsyncSendFuture", "Message"]
@@ -49,18 +49,19 @@ class AsyncClient:
     @classmethod
     async def connect(cls, host=DEFAULT_HOST, port=DEFAULT_PORT, *, token=None, heartbeat_ms=None,
                       name="actorbroker-py-async", connect_timeout=5.0, tls=None, reconnect=None,
-                      on_reconnect=None):
+                      on_reconnect=None, protocol_version=PROTOCOL_VERSION):
         """tls: None (plain TCP), True (TLS, the system's CAs), a TlsOptions or an ssl.SSLContext;
-        asyncio's own TLS (memory BIOs under its transport) carries it. reconnect, on_reconnect:
-        as Client's (on_reconnect is called in the reader task)."""
+        asyncio's own TLS (memory BIOs under its transport) carries it. reconnect, on_reconnect,
+        protocol_version: as Client's (on_reconnect is called in the reader task)."""
         reader, writer = await _open(host, port, tls, connect_timeout)
         self = cls(reader, writer, name)
         self._reconnect = Reconnect([(host, port)]) if reconnect is True else reconnect
         self._on_reconnect = on_reconnect
-        self._hello = (token, heartbeat_ms, tls, connect_timeout)
+        self._hello = (token, heartbeat_ms, tls, connect_timeout, protocol_version)
         self._tasks.append(asyncio.create_task(self._read_loop()))
         try:
-            self.welcome = await self.request(hello_frame(name, token, heartbeat_ms), connect_timeout)
+            self.welcome = await self.request(hello_frame(name, token, heartbeat_ms, protocol_version),
+                                              connect_timeout)
         except BaseException as exc:
             await self.close()
             raise self._core.hello_error(exc) from None
@@ -226,7 +227,7 @@ class AsyncClient:
 
     async def _connect_again(self):
         """As Client._connect_again, with the event loop's primitives."""
-        token, heartbeat_ms, tls, timeout = self._hello
+        token, heartbeat_ms, tls, timeout, version = self._hello
         for (host, port), delay in self._reconnect.attempts(time.monotonic, lambda: self._core.closing):
             try:
                 await asyncio.wait_for(self._finished.wait(), delay)
@@ -239,7 +240,8 @@ class AsyncClient:
                 continue
             self._core.restart(time.monotonic())
             try:
-                await asyncio.wait_for(self._handshake(hello_frame(self.name, token, heartbeat_ms)), timeout)
+                await asyncio.wait_for(self._handshake(hello_frame(self.name, token, heartbeat_ms, version)),
+                                       timeout)
             except Exception:
                 self._connection_lost(ConnectionLost("reconnect: hello failed"))
                 continue

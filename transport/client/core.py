@@ -1,4 +1,5 @@
-"""Sans-IO core of the Python clients (protocol v1, PROTOCOL.md), in the style of h11/wsproto.
+"""Sans-IO core of the Python clients (protocol v2 by default, v1 on request: PROTOCOL.md and
+docs/protocol.md), in the style of h11/wsproto.
 
 Everything a client connection knows and decides, with no sockets, threads, clocks or event loop:
 `ClientCore` is handed the bytes the broker sent (`receive_data`) and the time (`heartbeat`), and
@@ -23,6 +24,7 @@ import itertools
 import logging
 import uuid
 from collections import namedtuple
+from itertools import repeat
 
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, encode_frame
 from actorbroker.transport.errors import (
@@ -91,6 +93,28 @@ def messages_of(records, consumer_id):
                 for r in records]
 
 
+def messages_of_runs(runs, consumer_id):
+    """The Messages of a v2 `message` push's `runs`: each run is [first id, time, producer,
+    redeliveries, [payload, ...], keys or nil, attrs or nil]. Built with C iterators (zip, map):
+    no Python code runs per message."""
+    out = []
+    for first, time, producer, redeliveries, payloads, keys, attrs in runs:
+        n = len(payloads)
+        out += map(_new_tuple, repeat(Message, n), zip(
+            range(first, first + n), payloads, repeat(None, n) if keys is None else keys,
+            map(dict, repeat((), n)) if attrs is None else [a or {} for a in attrs],
+            repeat(time, n), repeat(producer, n), repeat(redeliveries, n), repeat(consumer_id, n)))
+    return out
+
+
+def messages_of_push(frame, consumer_id):
+    """The Messages of a `message` push of either version."""
+    runs = frame.get("runs")
+    if runs is not None:
+        return messages_of_runs(runs, consumer_id)
+    return messages_of(frame["msgs"], consumer_id)
+
+
 def message_from_record(record, consumer_id):
     return messages_of((record,), consumer_id)[0]
 
@@ -148,8 +172,8 @@ def _with_optional(frame, **optional):
     return frame
 
 
-def hello_frame(client_name, token=None, heartbeat_ms=None):
-    return _with_optional({"op": "hello", "version": PROTOCOL_VERSION, "client": client_name},
+def hello_frame(client_name, token=None, heartbeat_ms=None, version=PROTOCOL_VERSION):
+    return _with_optional({"op": "hello", "version": version, "client": client_name},
                           token=token, heartbeat_ms=heartbeat_ms)
 
 
@@ -479,9 +503,13 @@ class ProducerCore:
         return self
 
     def _record(self, payload, key, attrs):
-        """The record of one message and its size bound; too large for the broker: raises."""
-        if key is None and not attrs and type(payload) is bytes:    # the common case, inline
-            record, size = {"payload": payload}, 14 + len(payload)
+        """The record of one message and its size bound; too large for the broker: raises. The
+        record of a message with neither key nor attrs is its payload (bytes) alone; the others
+        are maps as in a v1 `msgs` array."""
+        if key is None and not attrs:    # the common case
+            if type(payload) is not bytes:
+                payload = _as_bytes(payload)
+            record, size = payload, 14 + len(payload)
         else:
             record, size = record_for(payload, key, attrs)
         if size > self._max_message:
@@ -492,11 +520,34 @@ class ProducerCore:
         """Count the message and batch it: (batch, index, ready batches, starts a linger wait)."""
         self._outstanding += 1
         batcher = self._batcher
+        batch = batcher.current
+        if batch is not None:   # the common case, inline: room in the batch being filled
+            records = batch.records
+            if batch.size + size <= batcher.max_frame and len(records) + 1 < batcher.max_batch:
+                records.append(record)
+                batch.size += size
+                return batch, len(records) - 1, (), False
         batch, index, ready = batcher.add(record, size)
         return batch, index, ready, index == 0 and batch is batcher.current
 
-    def _send_frame(self, batch):
-        return {"op": "send", "producer": self.id, "msgs": batch.records}
+    def _send_frame(self, batch, version=1):
+        """The `send` of a batch: columns (`payloads`, and `keys` / `attrs` if any message has
+        them) in v2, a map per message in v1."""
+        records = batch.records
+        if version < 2:
+            return {"op": "send", "producer": self.id,
+                    "msgs": [{"payload": r} if type(r) is bytes else r for r in records]}
+        if dict not in set(map(type, records)):   # payloads alone: the list is the column
+            return {"op": "send", "producer": self.id, "payloads": records}
+        frame = {"op": "send", "producer": self.id,
+                 "payloads": [r if type(r) is bytes else r["payload"] for r in records]}
+        keys = [None if type(r) is bytes else r.get("key") for r in records]
+        if keys.count(None) != len(keys):
+            frame["keys"] = keys
+        attrs = [None if type(r) is bytes else r.get("attrs") for r in records]
+        if any(attrs):
+            frame["attrs"] = [a or {} for a in attrs]
+        return frame
 
     def _settle(self, batch, reply=None, error=None):
         """Record a batch's receipt (or error), once; returns whether it was settled now."""
@@ -626,6 +677,7 @@ class ClientCore:
         self.name = name
         self.max_frame = DEFAULT_MAX_FRAME
         self.heartbeat_ms = DEFAULT_HEARTBEAT_MS
+        self.version = 1          # the protocol version of the connection, once welcomed
         self.lost = None          # the ConnectionLost once the connection is gone
         self.closing = False      # the application is closing the client
         self.last_error = None    # a fatal error without rid: why the broker closes
@@ -670,6 +722,7 @@ class ClientCore:
         """Take the broker's `welcome`: its max_frame and the heartbeat both sides use."""
         self.max_frame = welcome.get("max_frame", DEFAULT_MAX_FRAME)
         self.heartbeat_ms = welcome.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS)
+        self.version = welcome.get("version", 1)
         self._decoder.max_frame = max(self.max_frame, DEFAULT_MAX_FRAME)
 
     def hello_error(self, exc):
@@ -710,7 +763,7 @@ class ClientCore:
         self.check()
         rid = next(self._rids)
         self._pending[rid] = (RECEIPT, producer, batch)
-        frame = producer._send_frame(batch)
+        frame = producer._send_frame(batch, self.version)
         frame["rid"] = rid
         return encode_frame(frame)
 
@@ -777,7 +830,7 @@ class ClientCore:
         if op == "message":
             target = self._attachments.route(frame)
             if target is not None and target._end is None:
-                events.append((MESSAGES, target, messages_of(frame["msgs"], target.id)))
+                events.append((MESSAGES, target, messages_of_push(frame, target.id)))
         elif op == "active" or op == "closed":
             target = self._attachments.route(frame)
             if target is not None:
@@ -800,7 +853,7 @@ class ClientCore:
     def _push(self, target, frame, events):
         if frame["op"] == "message":
             if target._end is None:
-                events.append((MESSAGES, target, messages_of(frame["msgs"], target.id)))
+                events.append((MESSAGES, target, messages_of_push(frame, target.id)))
         elif frame["op"] == "active":
             events.append((ACTIVE, target, bool(frame.get("active"))))
         else:

@@ -23,9 +23,12 @@ from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore, ConsumerCore, Message,
     ProducerCore, Reconnect, dispatch, hello_frame, open_consumer, open_producer, parse_address, read_failure)
 from actorbroker.transport.client.tls import TlsSocket, client_context, server_name
+from actorbroker.transport.codec import PROTOCOL_VERSION
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
 
 __all__ = ["Client", "connect", "Producer", "Consumer", "Message", "SendFuture"]
+
+READER_VERDICT_S = 0.5   # a failed write waits this long for the reader to say why the peer closed
 
 
 def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
@@ -39,19 +42,22 @@ def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
 
 class Client:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, *, token=None, heartbeat_ms=None,
-                 name="actorbroker-py", connect_timeout=5.0, tls=None, reconnect=None, on_reconnect=None):
+                 name="actorbroker-py", connect_timeout=5.0, tls=None, reconnect=None, on_reconnect=None,
+                 protocol_version=PROTOCOL_VERSION):
         """tls: None (plain TCP), True (TLS, the system's CAs), a TlsOptions or an ssl.SSLContext.
         reconnect: None (a lost connection ends the client), True (reconnect to host:port with
         the defaults) or a core.Reconnect (seed addresses, backoff, when to give up): the client
         then connects again by itself and reopens its producers and consumers (see Reconnect);
-        on_reconnect(client) is called, from a thread of the client, once they are back."""
+        on_reconnect(client) is called, from a thread of the client, once they are back.
+        protocol_version: 2 (batched pushes, docs/protocol.md) or 1 (PROTOCOL.md as written)."""
         self.name = name
         self._core = core = ClientCore(name)
         if reconnect is True:
             reconnect = Reconnect([(host, port)])
         self._reconnect, self._on_reconnect = reconnect, on_reconnect
-        self._hello = (token, heartbeat_ms, tls, connect_timeout)
+        self._hello = (token, heartbeat_ms, tls, connect_timeout, protocol_version)
         self._finished = threading.Event()     # closed for good (not reconnecting)
+        self._lost_seen = threading.Event()    # the connection was found lost (since the last connect)
         self._sock = open_socket(host, port, tls, connect_timeout)
         self._sock.settimeout(None)
         self._write_lock = threading.Lock()
@@ -64,7 +70,8 @@ class Client:
         self._reader = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
         self._reader.start()
         try:
-            self.welcome = self.request(hello_frame(name, token, heartbeat_ms), timeout=connect_timeout)
+            self.welcome = self.request(hello_frame(name, token, heartbeat_ms, protocol_version),
+                                        timeout=connect_timeout)
         except BaseException as exc:
             self.close()
             raise core.hello_error(exc) from None
@@ -115,12 +122,21 @@ class Client:
         self._write(data)
 
     def _write(self, data):
+        sock = self._sock
         try:
             with self._write_lock:
-                self._sock.sendall(data)
+                sock.sendall(data)
         except OSError as exc:
-            self._connection_lost(ConnectionLost(f"write failed: {exc}"))
-            raise ConnectionLost(str(exc)) from exc
+            # The peer closed: what it said last (a fatal error frame, a TLS alert such as
+            # UNKNOWN_CA) is in the read buffer, and the reader is about to read it. Give it a
+            # moment to tell why, rather than reporting the broken pipe the write saw.
+            if threading.current_thread() is not self._reader:
+                self._lost_seen.wait(READER_VERDICT_S)
+            with self._lock:
+                lost = self._core.lost
+            if lost is None and sock is self._sock:
+                self._connection_lost(ConnectionLost(f"write failed: {exc}"))
+            raise ConnectionLost(str(lost or exc)) from exc
 
     def _write_quietly(self, data):
         try:
@@ -251,7 +267,7 @@ class Client:
     def _connect_again(self):
         """Connect to a seed address (Reconnect), hello, then reopen the kept producers and
         consumers; False once the client gives up or is closed."""
-        token, heartbeat_ms, tls, timeout = self._hello
+        token, heartbeat_ms, tls, timeout, version = self._hello
         for (host, port), delay in self._reconnect.attempts(time.monotonic, lambda: self._core.closing):
             if self._finished.wait(delay):
                 return False
@@ -262,8 +278,9 @@ class Client:
             with self._lock:
                 self._core.restart(time.monotonic())
                 self._sock = sock
+                self._lost_seen.clear()
             try:
-                self._handshake(hello_frame(self.name, token, heartbeat_ms), timeout)
+                self._handshake(hello_frame(self.name, token, heartbeat_ms, version), timeout)
             except Exception:
                 self._connection_lost(ConnectionLost("reconnect: hello failed"))
                 continue
@@ -360,6 +377,7 @@ class Client:
     # --- the end -------------------------------------------------------------------------------
 
     def _connection_lost(self, error):
+        self._lost_seen.set()
         keep = self._reconnect is not None and not self._core.closing
         with self._lock:
             events = self._core.connection_lost(error, keep)
