@@ -146,6 +146,7 @@ class DispatcherActor(BrokerActor):
         self.promoted = None     # (consumer id, stream): lazily announced active, not delivered to yet
         self.polling = False     # reading the lanes: _pump waits until they have all been read
         self.pump_due = False
+        self.paperwork_due = False
         self.replaced = 0
         self.cleanup_time = Histogram()
 
@@ -179,25 +180,25 @@ class DispatcherActor(BrokerActor):
             self._refill()
 
     def on_WatchMessage(self, msg, sender):
-        # Every ready lane first, then one pump: records read in the same wakeup as a DETACH go
-        # to the consumer that takes over, not to the one that is gone.
+        # Every lane ready in one epoll batch first, then one pump: records read in the same
+        # wakeup as a DETACH go to the consumer that takes over, not to the one that is gone.
+        sends = self.thespian_sends
+
+        def batch_done():   # after each batch, also while the reactor lingers
+            self.polling = False
+            if self.pump_due:
+                self._pump()
+            self.polling = True
+            quiet = self.quiet_since(sends) and not self.paperwork_due
+            self.paperwork_due = False   # an expedited takeover's messages end the lingering too
+            return quiet
         self.polling = True
         try:
-            self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends),
-                              after=self._lanes_read)
+            self.reactor.poll(quiet=batch_done)
         finally:
             self.polling = False
         if self.pump_due:
             self._pump()
-
-    def _lanes_read(self):
-        """The lanes ready together have been read: pump now, even if the poll lingers on."""
-        if self.pump_due:
-            self.polling = False
-            try:
-                self._pump()
-            finally:
-                self.polling = True
 
     # --- lanes --------------------------------------------------------------------------------------
     def _lane_frame(self, lane, frame):
@@ -694,6 +695,7 @@ class DispatcherActor(BrokerActor):
                 self.expedite(self.promoted[1])   # its records are on their way: now the paperwork
                 self.expedite("members-lost")
                 self.promoted = None
+                self.paperwork_due = True
         if self.reliable:
             self._schedule_timeouts()
             self._refill()

@@ -15,10 +15,12 @@ from thespian.actors import ActorAddress, WatchMessage
 
 from actorbroker.actors import base, connection, dispatcher, subscription
 from actorbroker.actors.config import BrokerConfig
+from actorbroker.transport.codec import make_run
 from actorbroker.transport.lanes import LaneOp, encode_lane_frame
 from tests.test_actor_handlers import make
 
 SUBSCRIPTION = ActorAddress("the-subscription")
+RUN0, RUN1 = (make_run(offset, 1, "p", [b"record-%d" % offset]) for offset in (0, 1))
 OWNER = ActorAddress("the-connection-actor")
 
 
@@ -57,11 +59,6 @@ def wake(actor):
     actor.receiveMessage(WatchMessage([actor.reactor.fileno()]), None)
 
 
-def run(offset, payload):
-    """A one-record run, as the topic sends it (transport/codec.py, RUN_*)."""
-    return [offset, 1, 0, "producer-1", 0, msgpack.packb([payload]), None, None]
-
-
 def sent_messages(actor):
     out = []
     for _, msg in actor._myRef.sent:
@@ -82,12 +79,12 @@ def test_records_read_with_a_detach_go_to_the_standby_with_the_active_push(tmp_p
         d.receiveMessage(dispatcher.AddConsumer(consumer_id, name, "shard-x", OWNER, (7, consumer_id), None),
                          SUBSCRIPTION)
         shard_lane.send([LaneOp.FLOW, consumer_id, 100])
-    topic_lane.send([LaneOp.DISPATCH, [run(0, b"record-0")]])
+    topic_lane.send([LaneOp.DISPATCH, [RUN0]])
     delivered = []
     while not delivered:
         wake(d)
         delivered = [f for f in shard_lane.frames() if f[0] == LaneOp.DELIVER]
-    assert delivered == [[LaneOp.DELIVER, 1, [run(0, b"record-0")]]]
+    assert delivered == [[LaneOp.DELIVER, 1, [RUN0]]]
     shard_lane.send([LaneOp.DELIVER_ACK, 1])
     wake(d)
     # epoll reports a level-triggered fd it reported last time first, if ready: make that the
@@ -97,10 +94,10 @@ def test_records_read_with_a_detach_go_to_the_standby_with_the_active_push(tmp_p
     d._myRef.sent.clear()
 
     # the next record, then the active consumer's connection ends: one wakeup reads both
-    topic_lane.send([LaneOp.DISPATCH, [run(1, b"record-1")]])
+    topic_lane.send([LaneOp.DISPATCH, [RUN1]])
     shard_lane.send([LaneOp.DETACH, 1, None])
     wake(d)
-    assert [f for f in shard_lane.frames() if f[0] == LaneOp.DELIVER] == [[LaneOp.DELIVER, 2, [run(1, b"record-1")]]]
+    assert [f for f in shard_lane.frames() if f[0] == LaneOp.DELIVER] == [[LaneOp.DELIVER, 2, [RUN1]]]
     # the lazy paperwork went with that delivery, not a timer later
     sent = sent_messages(d)
     assert connection.ActiveChanged(2, True) in sent

@@ -141,10 +141,9 @@ class Reactor:
             except (OSError, ValueError):
                 pass
 
-    def poll(self, max_events=1024, quiet=None, after=None):
+    def poll(self, max_events=1024, quiet=None):
         """Handle what is ready now; then linger (see the class) while quiet() says that the actor
-        has nothing for Thespian to send. after(), if given, is called once the events ready
-        together have all been handled (each time, lingering too)."""
+        has nothing for Thespian to send."""
         if self.relay is not None:
             try:
                 os.read(self.relay_r, 64)
@@ -158,8 +157,6 @@ class Reactor:
                     handler = self.handlers.get(fd)
                     if handler is not None:
                         handler.on_event(fd, events)
-                if after is not None:
-                    after()
                 if not self.linger or (quiet is not None and not quiet()):
                     break
                 now = time.monotonic()
