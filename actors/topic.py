@@ -190,6 +190,7 @@ class TopicActor(BrokerActor):
         self.segments = 0
         self.truncated_bytes = 0
         self.restoring = {}        # subscription name -> type, while its cursor is being loaded
+        self.waiting_restore = {}  # subscription name -> [(Subscribe, sender)] that came meanwhile
         self.ending = False        # deleted or stopping: children that exit are not restarted
         self.moved_to = None       # the node holding the log, when another does (TopicMoved)
         self.claim_live = None
@@ -304,6 +305,8 @@ class TopicActor(BrokerActor):
         self.unsynced = []
         self._start_log(restart=True)
         self.log_ready = None   # restarting: LogOpened tells the dispatchers
+        for name in self.restoring:   # the old log took these requests with it
+            self.send_ordered(self.log, log_actor.LoadCursor(name), "log")
 
     def _subscription_lost(self, name, sub):
         """One of the pair died: end the other, close the consumers, restart a durable one."""
@@ -324,10 +327,12 @@ class TopicActor(BrokerActor):
 
     def on_CursorLoaded(self, msg, sender):
         sub_type = self.restoring.pop(msg.subscription, None)
-        if sub_type is None or msg.subscription in self.subs or msg.state is None:
-            return
-        self._create_subscription(msg.subscription, msg.state.get("type", sub_type), msg.state, "latest",
-                                  msg.state.get("options") or {})
+        waiting = self.waiting_restore.pop(msg.subscription, [])
+        if sub_type is not None and msg.subscription not in self.subs and msg.state is not None:
+            self._create_subscription(msg.subscription, msg.state.get("type", sub_type), msg.state, "latest",
+                                      msg.state.get("options") or {})
+        for subscribe, subscriber in waiting:   # now they attach to the restored subscription
+            self.on_Subscribe(subscribe, subscriber)
 
     # --- lanes --------------------------------------------------------------------------------------
     def _lane_frame(self, lane, frame):
@@ -528,6 +533,11 @@ class TopicActor(BrokerActor):
         self._feed(msg.subscription, sub)
 
     def on_Subscribe(self, msg, sender):
+        if msg.subscription in self.restoring:
+            # its durable cursor is being loaded: a subscription created now would start from
+            # the end and lose every unacknowledged message; attach once it is restored
+            self.waiting_restore.setdefault(msg.subscription, []).append((msg, sender))
+            return
         sub = self.subs.get(msg.subscription)
         if sub is None and len(self.subs) >= self.config.max_subscriptions_per_topic:
             self.send(msg.reply_to, connection.RequestFailed(msg.rid, E.OVERLOADED, (
