@@ -10,7 +10,7 @@ Layout of a topic directory:
 A segment is a sequence of batches. A batch is a 28-byte header
     body length (u32) | crc32 of body (u32) | first offset (u64) | record count (u32) | time ms (u64)
 followed by the body, a msgpack array in one of two formats, told apart by its first element:
-  - runs (written since protocol v2's record path): [RUNS_FORMAT (an int), run, run, ...], each
+  - runs (what this version writes): [RUNS_FORMAT (an int), run, run, ...], each
     run [count, producer, redeliveries, payloads, keys, attrs] (transport/codec.py's run without
     its first offset and time: the runs follow each other from the batch's first offset, and
     their time is the batch's); payloads is the run's msgpack array of payloads, kept as the
