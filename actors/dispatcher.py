@@ -16,6 +16,7 @@ LogActor), the delivered-but-unacknowledged messages of each consumer, and redel
 their consumer goes, on nack, and on ack timeout. It holds at most RELIABLE_BUFFER records in
 memory; beyond that it reads them back from the log when there is room (catch-up).
 """
+import bisect
 import os
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from actorbroker.actors.reporting import Histogram
 from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, coalesce_runs, encode_frame,
-                                         explode_run, runs_from_tails, split_run, with_run_redeliveries)
+                                         explode_run, split_run, with_run_redeliveries)
 from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import error_frame
 from actorbroker.transport.validate import MAX_DELAY_MS, MAX_TOTAL_CREDITS
@@ -359,23 +360,44 @@ class DispatcherActor(BrokerActor):
             self.reading = True
             self.log_lane.send([LaneOp.READ, self.read_pos, self.read_pos, room])
 
-    def _log_records(self, token, records, first_offset):
+    def _log_records(self, token, runs, first_offset):
+        """Runs read back from the log, from read_pos. A run none of whose records this
+        subscription has seen (acked, delivered, or counted as redelivered before a restart of
+        ours) is kept whole; the others are cut into their records and sorted out one by one."""
         self.reading = False
         if token != self.read_pos:
             return
         if first_offset > self.cursor.floor:   # retention removed what we had not acked
             self.cursor.skip_to(first_offset)
-        fresh = [r for r in records if not (r[0] < self.read_pos or self.cursor.is_acked(r[0])
-                                            or r[0] in self.unacked or r[0] in self.redelivery_count)]
-        keep = runs_from_tails(fresh)
-        counted = [r for r in records if r[0] in self.redelivery_count and r[0] >= self.read_pos
-                   and not self.cursor.is_acked(r[0]) and r[0] not in self.unacked]
-        for run in runs_from_tails(counted):   # redelivered before a restart of ours: one by one
-            keep += [with_run_redeliveries(one, self.redelivery_count[one[0]]) for one in explode_run(run)]
+        read_pos, cursor, unacked, counts = self.read_pos, self.cursor, self.unacked, self.redelivery_count
+        seen = []
+        if runs:
+            end = runs[-1][0] + runs[-1][RUN_COUNT]
+            seen = sorted(o for offsets in (cursor.acked, unacked, counts) for o in offsets if read_pos <= o < end)
+        low = max(read_pos, cursor.floor)
+        keep = []
+        for run in runs:
+            first = run[0]
+            after = first + run[RUN_COUNT]
+            if first >= low:
+                i = bisect.bisect_left(seen, first)
+                if i == len(seen) or seen[i] >= after:
+                    keep.append(run)
+                    continue
+            fresh = []
+            for one in explode_run(run):
+                offset = one[0]
+                if offset < read_pos or cursor.is_acked(offset) or offset in unacked:
+                    continue
+                if offset in counts:   # redelivered before a restart of ours: one by one
+                    keep.append(with_run_redeliveries(one, counts[offset]))
+                else:
+                    fresh.append(one)
+            keep += coalesce_runs(fresh)
         keep.sort(key=lambda r: r[0])
         self.policy.enqueue(keep)
-        if records:
-            self.read_pos = max(self.read_pos, records[-1][0] + 1)
+        if runs:
+            self.read_pos = max(self.read_pos, runs[-1][0] + runs[-1][RUN_COUNT])
         else:   # nothing on disk from read_pos: we are at the log's end, stop reading
             self.read_pos = max(self.read_pos, first_offset)
             self.end = self.read_pos

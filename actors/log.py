@@ -1,6 +1,6 @@
 """LogActor: one per reliable topic; the only owner of the topic's files.
 
-Appends batches to the segment log and makes them durable per the broker's fsync setting
+Appends batches of runs to the segment log and makes them durable per the broker's fsync setting
 before answering (appends come over a lane from the topic: APPEND frames in, APPENDED or
 APPEND_FAILED frames back; its EOF tells the topic that this actor died), serves reads over
 the dispatchers' lanes (catch-up, redelivery after restart), and keeps the subscriptions' cursors. Blocking file I/O (fsync) is this actor's whole job, so it stalls no
@@ -144,9 +144,9 @@ class LogActor(BrokerActor):
             lane.send(self._append(*frame[1:]))
         elif frame[0] == LaneOp.READ:   # a dispatcher catching up
             log_ = self.store.log
-            lane.send([LaneOp.RECORDS, frame[1], log_.read(frame[2], frame[3]), log_.first_offset])
+            lane.send([LaneOp.RECORDS, frame[1], log_.read_runs(frame[2], frame[3]), log_.first_offset])
 
-    def _append(self, seq, first, entries, time_ms):
+    def _append(self, seq, first, runs, time_ms):
         if self.fenced is not None:
             return [LaneOp.APPEND_FAILED, seq, f"node {self.fenced} took this topic over; send it there",
                     first]
@@ -154,7 +154,7 @@ class LogActor(BrokerActor):
         if first != log_.next_offset:  # after a failed append: refuse rather than renumber
             return [LaneOp.APPEND_FAILED, seq, "log position moved", log_.next_offset]
         try:
-            log_.append(entries, time_ms)
+            log_.append_runs(runs, time_ms)
             if self.interval_s is None:
                 log_.sync()
         except OSError as exc:   # disk full, I/O error: refuse, never receipt

@@ -27,7 +27,7 @@ from actorbroker.actors import broker, connection, dispatcher, log as log_actor,
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import RUN_TIME, run_tails
+from actorbroker.transport.codec import RUN_TIME
 from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 
 DISPATCH_WINDOW = 1
@@ -451,15 +451,14 @@ class TopicActor(BrokerActor):
         self.unsynced = self.unsynced[len(batch):]
         first = batch[0][2][0][1]
         now = int(time.time() * 1000)
-        entries = []
-        for _, _, _, runs in batch:   # the log keeps v1 record tails (its format on disk)
-            for run in runs:
+        runs = []
+        for _, _, _, part in batch:   # the log stores the runs as they are (storage/segment_log.py)
+            for run in part:
                 run[RUN_TIME] = now
-                keys = run[6] or [None] * run[1]
-                entries += zip(keys, run_tails(run))
+            runs += part
         self.append_seq += 1
         self.appending[self.append_seq] = (batch, first, now)
-        self.log_lane.send([LaneOp.APPEND, self.append_seq, first, entries, now])
+        self.log_lane.send([LaneOp.APPEND, self.append_seq, first, runs, now])
         if self.config.fsync == "always":
             self._append()
 

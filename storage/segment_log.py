@@ -9,9 +9,17 @@ Layout of a topic directory:
 
 A segment is a sequence of batches. A batch is a 28-byte header
     body length (u32) | crc32 of body (u32) | first offset (u64) | record count (u32) | time ms (u64)
-followed by the body: a msgpack array of [key, tail] pairs, where `tail` is the pre-encoded
-rest of the record (payload, key, attrs, producer, redeliveries) and the record's time is the
-batch's. Recovery scans the last segment and truncates it at the first torn or corrupt batch.
+followed by the body, a msgpack array in one of two formats, told apart by its first element:
+  - runs (what this version writes): [RUNS_FORMAT (an int), run, run, ...], each
+    run [count, producer, redeliveries, payloads, keys, attrs] (transport/codec.py's run without
+    its first offset and time: the runs follow each other from the batch's first offset, and
+    their time is the batch's); payloads is the run's msgpack array of payloads, kept as the
+    bytes it arrived as (a bin), so neither writing nor reading a batch touches a record;
+  - records (written by earlier versions, still read): [[key, tail], ...], where `tail` is the
+    pre-encoded rest of a v1 record (payload, key, attrs, producer, redeliveries); its first
+    element is an array, never an int. Read back as runs with codec.runs_from_tails.
+The record count of the header counts records either way. Recovery scans the last segment and
+truncates it at the first torn or corrupt batch.
 
 The sparse index (offset -> file position, one entry per batch, in memory) is rebuilt when a
 segment is opened; reading from an offset bisects it instead of scanning the segment.
@@ -25,10 +33,15 @@ import zlib
 
 import msgpack
 
+from actorbroker.transport.codec import (RUN_ATTRS, RUN_COUNT, RUN_KEYS, RUN_PAYLOADS, RUN_PRODUCER,
+                                         RUN_REDELIVERIES, run_tails, runs_from_tails, split_run)
+
 log = logging.getLogger("actorbroker.storage")
 
 HEADER = struct.Struct(">IIQIQ")   # body length, crc32, first offset, count, time ms
 SEGMENT_SUFFIX = ".log"
+RUNS_FORMAT = 1                    # first element of a body of runs (see above)
+_pack = msgpack.Packer(use_bin_type=True).pack
 
 
 class CorruptBatch(Exception):
@@ -185,14 +198,28 @@ class SegmentLog:
 
     # --- writing -------------------------------------------------------------------------------------
     def append(self, entries, time_ms=None):
-        """Append records [(key, tail), ...] as one batch; returns its first offset. Written to
-        the OS, durable only after sync()."""
+        """Append records [(key, tail), ...] as one batch of the earlier format (records); returns
+        its first offset. Written to the OS, durable only after sync()."""
+        return self._write(msgpack.packb(entries, use_bin_type=True), len(entries), time_ms)
+
+    def append_runs(self, runs, time_ms=None):
+        """Append runs (transport/codec.py's lists; their first offsets and times are not kept:
+        they are numbered from the log's end and get the batch's time) as one batch; returns
+        its first offset. Nothing per record: each run's payloads are stored as they are."""
+        body = [RUNS_FORMAT]
+        count = 0
+        for run in runs:
+            body.append((run[RUN_COUNT], run[RUN_PRODUCER], run[RUN_REDELIVERIES], run[RUN_PAYLOADS],
+                         run[RUN_KEYS], run[RUN_ATTRS]))
+            count += run[RUN_COUNT]
+        return self._write(_pack(body), count, time_ms)
+
+    def _write(self, body, count, time_ms):
         if self.active.size >= self.segment_bytes:
             self._roll()
         stamp = int(time.time() * 1000) if time_ms is None else time_ms
-        body = msgpack.packb(entries, use_bin_type=True)
         first = self.active.next_offset
-        data = HEADER.pack(len(body), zlib.crc32(body), first, len(entries), stamp) + body
+        data = HEADER.pack(len(body), zlib.crc32(body), first, count, stamp) + body
         segment = self.active
         try:
             self._file.write(data)
@@ -203,7 +230,7 @@ class SegmentLog:
             raise
         segment._index(first, segment.size)
         segment.size += len(data)
-        segment.next_offset = first + len(entries)
+        segment.next_offset = first + count
         segment.last_time = stamp
         self._dirty = True
         return first
@@ -239,11 +266,12 @@ class SegmentLog:
             os.close(fd)
 
     # --- reading ------------------------------------------------------------------------------------
-    def read(self, offset, max_records=1000):
-        """Records from `offset`: [(offset, key, time_ms, tail)], at most about max_records."""
+    def _batches(self, offset, max_records):
+        """(first offset, count, time ms, decoded body) of the batches holding records from
+        `offset` on, until about max_records records (whole batches) or the log's end."""
         self._file.flush()
         offset = max(offset, self.first_offset)
-        out = []
+        taken = 0
         i = max(0, bisect.bisect_right([s.first_offset for s in self.segments], offset) - 1)
         for segment in self.segments[i:]:
             if segment.next_offset <= offset:
@@ -256,11 +284,54 @@ class SegmentLog:
                     break   # past a fenced owner's limit
                 if first + count <= offset:
                     continue
-                for n, (key, tail) in enumerate(msgpack.unpackb(body, raw=False)):
-                    if first + n >= offset:
-                        out.append((first + n, key, stamp, tail))
-                if len(out) >= max_records:
-                    return out
+                # a batch runs past the segment's end only if a limit cut it (never, as epochs
+                # start at batch boundaries): cut it there all the same
+                yield first, min(count, segment.next_offset - first), stamp, msgpack.unpackb(body, raw=False)
+                taken += first + count - max(first, offset)
+                if taken >= max_records:
+                    return
+
+    def read_runs(self, offset, max_records=1000):
+        """Runs of the records from `offset` (transport/codec.py's layout), at most about
+        max_records records: batches of runs as stored, earlier batches of records converted
+        (codec.runs_from_tails); a run holding `offset`, or the end of a fenced owner's
+        segment, is cut there."""
+        offset = max(offset, self.first_offset)
+        out = []
+        for first, count, stamp, body in self._batches(offset, max_records):
+            end = first + count
+            if body and isinstance(body[0], int):   # runs
+                at = first
+                for n, producer, redeliveries, payloads, keys, attrs in body[1:]:
+                    if at + n > offset and at < end:
+                        run = [at, n, stamp, producer, redeliveries, payloads, keys, attrs]
+                        if at < offset:
+                            run = split_run(run, offset - at)[1]
+                        if at + n > end:
+                            run = split_run(run, end - run[0])[0]
+                        out.append(run)
+                    at += n
+            else:   # records, of an earlier version
+                out += runs_from_tails([(first + n, key, stamp, tail) for n, (key, tail) in enumerate(body)
+                                        if offset <= first + n < end])
+        return out
+
+    def read(self, offset, max_records=1000):
+        """Records from `offset`: [(offset, key, time_ms, tail)] (v1 tails), at most about
+        max_records. The record-by-record view of the log (tools, tests); the broker reads runs."""
+        offset = max(offset, self.first_offset)
+        out = []
+        for first, count, stamp, body in self._batches(offset, max_records):
+            if body and isinstance(body[0], int):
+                records, at = [], first
+                for n, producer, redeliveries, payloads, keys, attrs in body[1:]:
+                    run = [at, n, stamp, producer, redeliveries, payloads, keys, attrs]
+                    records += [(at + i, keys[i] if keys else None, stamp, tail)
+                                for i, tail in enumerate(run_tails(run))]
+                    at += n
+            else:
+                records = [(first + n, key, stamp, tail) for n, (key, tail) in enumerate(body)]
+            out += [r for r in records if offset <= r[0] < first + count]
         return out
 
     # --- retention ------------------------------------------------------------------------------------

@@ -276,9 +276,9 @@ def test_retention_keeps_what_a_cursor_needs_and_deletes_the_rest(start_broker, 
     conn = connect(b)
     consumer = subscribe(conn, topic, "s", "exclusive")
     pid = producer(conn, topic)
-    for i in range(40):
+    for i in range(60):   # about 150 bytes on disk each (a batch of one run): 6 segments
         send(conn, pid, [bytes(100)])
-    got = receive(conn, 40)
+    got = receive(conn, 60)
     stats = conn.request({"op": "stats", "topic": topic})
     assert stats["segments"] > 4           # nothing acked: every segment is still needed
     conn.request({"op": "ack", "consumer": consumer, "ids": [o for o, _, _ in got]})

@@ -461,12 +461,12 @@ class LaneOp:
     DELIVER_ACK = 9   # shard -> dispatcher: [DELIVER_ACK, consumer_id]: buffered, send more
     REPLY = 10        # dispatcher -> shard: [REPLY, consumer_id, frame bytes, rid] (the answer to an ack)
     ENDED = 11        # dispatcher -> shard: [ENDED, consumer_id, reason]: the consumer is gone
-    APPEND = 12       # topic -> log: [APPEND, seq, first offset, [[key, tail]...], time_ms]
+    APPEND = 12       # topic -> log: [APPEND, seq, first offset, [run...], time_ms]
     APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments]: durable (per --fsync)
     APPEND_FAILED = 14  # log -> topic: [APPEND_FAILED, seq, error, next offset]: nothing of it kept
     DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id, time.time() the end was detected]
     READ = 16         # dispatcher -> log: [READ, token, offset, max records]
-    RECORDS = 17      # log -> dispatcher: [RECORDS, token, [[offset, key, time_ms, tail]...], first retained offset]
+    RECORDS = 17      # log -> dispatcher: [RECORDS, token, [run...] from the offset asked, first retained offset]
 
 
 __all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame"]
