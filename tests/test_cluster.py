@@ -9,9 +9,10 @@ import uuid
 import pytest
 
 from actorbroker.scripts.local_broker import LocalBroker
+from actorbroker.scripts.local_cluster import wait_for
 from actorbroker.transport.client.core import Reconnect
 from actorbroker.transport.client.sync import Client
-from actorbroker.transport.errors import (BrokerError, ConsumerClosed, ProducerClosed, TopicNotFound,
+from actorbroker.transport.errors import (BrokerError, ProducerClosed, TopicNotFound,
                                          TopicUnavailable)
 from actorbroker.scripts import netns
 
@@ -20,19 +21,6 @@ ADMIN_PORT = 7600
 
 pytestmark = pytest.mark.skipif(netns.unavailable() is not None,
                                 reason=f"cluster tests need network namespaces: {netns.unavailable()}")
-
-
-def wait_for(check, timeout, what):
-    """Poll `check` (a state the broker reaches on its own timers) until true; the deadline only
-    bounds a failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 class Cluster:
