@@ -921,6 +921,12 @@ def aggregate(cres, expected):
 
 
 def wait_event(worker, event, timeout):
+    return next_line_where(worker, lambda line: line.get("event") == event, timeout)
+
+
+def next_line_where(worker, match, timeout):
+    """The worker's next JSON line for which match(line) is true; None if it ended first or the
+    timeout passed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = worker.next_line(deadline - time.monotonic())
@@ -928,7 +934,7 @@ def wait_event(worker, event, timeout):
             if worker.proc.poll() is not None and worker.lines.empty():
                 return None
             continue
-        if line.get("event") == event:
+        if match(line):
             return line
     return None
 

@@ -516,15 +516,8 @@ class ClusterScenario:
 
     @staticmethod
     def final_line(worker, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = worker.next_line(deadline - time.monotonic())
-            if line is None:
-                if worker.proc.poll() is not None and worker.lines.empty():
-                    return None
-                continue
-            if "role" in line:
-                return line
+        from actorbroker.scripts.bench import next_line_where   # bench imports this module
+        return next_line_where(worker, lambda line: "role" in line, timeout)
         return None
 
     def read_all(self, cluster, topic, expected, idle_s=5.0, limit_s=300.0):

@@ -30,8 +30,8 @@ def producer(conn, topic):
     return conn.request({"op": "producer", "topic": topic, "dispatch": "reliable"})["producer"]
 
 
-def receive(conn, count, timeout=10):
-    """The next `count` messages pushed on this connection, as (id, payload, redeliveries)."""
+def receive(conn, count, timeout=10, fields=("id", "payload", "redeliveries")):
+    """The next `count` messages pushed on this connection, as tuples of `fields`."""
     got = []
     deadline = time.monotonic() + timeout
     while len(got) < count:
@@ -40,7 +40,7 @@ def receive(conn, count, timeout=10):
         if frame["op"] == "ping":
             conn.send_frame({"op": "pong", "rid": frame["rid"]})
         if frame["op"] == "message":
-            got.extend((m["id"], m["payload"], m["redeliveries"]) for m in frame["msgs"])
+            got.extend(tuple(m[f] for f in fields) for m in frame["msgs"])
     return got
 
 

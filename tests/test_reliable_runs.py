@@ -1,26 +1,15 @@
 """A real broker on a reliable log holding both batch formats (storage/segment_log.py): a data
 directory written by an earlier version (batches of records) is served and appended to (batches
 of runs), and a catch-up read keeps runs whole or cuts them around what was acknowledged."""
-import time
 
 from actorbroker.storage.topic_store import TopicStore
 from actorbroker.transport.codec import encode_record_tail
-from tests.test_reliable import assert_nothing_more, connect, producer, send, subscribe
+from tests.test_reliable import assert_nothing_more, connect, producer, receive, send, subscribe
 
 
 def receive_full(conn, count, timeout=10):
     """The next `count` messages: (id, payload, key, attrs, producer, redeliveries)."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        frame = conn.recv_frame(timeout=max(0.01, deadline - time.monotonic()))
-        assert frame is not None, f"connection closed after {len(got)} of {count} messages"
-        if frame["op"] == "ping":
-            conn.send_frame({"op": "pong", "rid": frame["rid"]})
-        if frame["op"] == "message":
-            got += [(m["id"], m["payload"], m["key"], m["attrs"], m["producer"], m["redeliveries"])
-                    for m in frame["msgs"]]
-    return got
+    return receive(conn, count, timeout, ("id", "payload", "key", "attrs", "producer", "redeliveries"))
 
 
 def test_a_log_of_the_earlier_format_is_served_and_appended_to(start_broker, tmp_path, topic):
