@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from thespian.actors import Actor, ActorExitRequest, ActorSystemMessage, PoisonMessage, WakeupMessage
+from thespian.system.transport import TransmitIntent
 
 from actorbroker.actors.process import die_with_parent, name_process
 from actorbroker.actors.reporting import REPORT_EVERY, REPORT_UNCHANGED_EVERY, MetricsReport
@@ -28,6 +29,11 @@ class Ordered:
     seq: int
     msg: Any
 
+    def __repr__(self):
+        # Thespian formats every message it sends or receives (for a debug log it then drops):
+        # keep that O(1), whatever the size of the batch inside
+        return f"Ordered({self.channel!r}, {self.seq}, {type(self.msg).__name__})"
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -36,12 +42,16 @@ class Batch:
     while it handles one message goes together (a burst of closes, of subscribes, ...)."""
     msgs: tuple
 
+    def __repr__(self):
+        return f"Batch({len(self.msgs)} messages, first {type(self.msgs[0]).__name__ if self.msgs else None})"
 
-# At most one Thespian message per ordered channel per this many seconds: a message sent sooner
-# waits, and what else is sent meanwhile joins it. Thespian keeps one message in flight per pair
-# of actors and walks its whole queue on every loop, so a burst of small messages costs far more
-# than one batch (10,000 subscribes: 111/s as messages, see docs/benchmarks.md).
-COALESCE_S = 0.004
+
+# An ordered channel has at most one Thespian message in flight: what is sent on it before that
+# one has reached its receiver's transport waits in the outbox and goes as the next Batch. Thespian
+# keeps one message in flight per pair of actors and walks every waiting transmit on every pass
+# of its loop: a burst of small messages to one receiver made each pass cost milliseconds, and
+# 2,000 concurrent subscribes collapsed to ~100/s (docs/benchmarks.md). Batches grow with the
+# load instead, and a lone message goes at once.
 _FLUSH = "actorbroker-flush"
 # A lazy message (send_ordered(lazy=True): nobody waits for it now) waits this long before it
 # goes, unless its channel is expedited: a Thespian send costs its sender about a millisecond
@@ -82,7 +92,7 @@ class BrokerActor(Actor):
         self._out_seq = {}     # stream -> next seq
         self._in_seq = {}      # channel -> [expected seq, {seq: (msg, sender)}]
         self._outbox = {}      # stream -> (address, [msgs]) sent when the current message is handled
-        self._sent_at = {}     # stream -> when its last message went
+        self._in_flight = set()   # streams whose last Thespian message has not arrived yet
         self._lazy_due = {}    # lazy stream -> when what waits in it goes
         self._flush_wakeups = set()   # due times of the flush wakeups scheduled
         self._gaps = {}        # channel -> when it started waiting for a missing message
@@ -262,26 +272,62 @@ class BrokerActor(Actor):
         if not lazy:
             self._lazy_due.pop(stream, None)   # someone waits for this one: the batch goes as usual
 
-    def _flush_outbox(self, only=None, force=False):
-        streams = list(self._outbox) if only is None else [only] if only in self._outbox else []
+    def _flush_outbox(self, streams=None, force=False):
+        """Send what waits in the outbox (of every stream, or of `streams`). A stream with a
+        message in flight waits for it (see _sent), a lazy one for its due time; `force` sends
+        now whatever waits (the actor is exiting, or the receiver is being forgotten)."""
+        streams = list(self._outbox) if streams is None else streams
         now = time.monotonic()
         for stream in streams:
-            if only is None and not force:
-                due = max(self._lazy_due.get(stream, 0.0), self._sent_at.get(stream, -1.0) + COALESCE_S)
-                if now < due:   # sent a moment ago, or lazy: this one waits and gathers more
+            if stream not in self._outbox:   # sent meanwhile (a transmit completed during a send)
+                continue
+            if not force:
+                if stream in self._in_flight:   # goes when the one in flight has arrived
+                    continue
+                due = self._lazy_due.get(stream, 0.0)
+                if now < due:   # lazy: waits and gathers more
                     self._flush_at(due, now)
                     continue
             self._lazy_due.pop(stream, None)
-            self._sent_at[stream] = now
             address, msgs = self._outbox.pop(stream)
             seq = self._out_seq.get(stream, 0)
             self._out_seq[stream] = seq + 1
             try:
-                self.send(address, Ordered((self._uid, stream), seq,
-                                           msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))))
+                self._send_stream(stream, address, Ordered((self._uid, stream), seq,
+                                                           msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))))
             except Exception:   # not an address (a handler's bug): the other channels still go
+                self._in_flight.discard(stream)
                 log.exception("%s: ordered channel %r: cannot send to %r", type(self).__name__, stream, address)
                 self.handler_errors += 1
+
+    def _send_stream(self, stream, address, msg):
+        self._in_flight.add(stream)
+        self._send_tracked(address, msg, lambda: self._sent(stream))
+
+    def _send_tracked(self, address, msg, done):
+        """Actor.send, then `done()` once the message has reached its receiver's transport or
+        failed. Actor.send does not tell: this builds the TransmitIntent it would, with callbacks."""
+        manager = getattr(self, "_myRef", None)
+        if not hasattr(manager, "_send_intent"):   # not a multiproc actor system: no gate
+            self.send(address, msg)
+            done()
+            return
+        self.thespian_sends += 1
+
+        def arrived(_result, _intent):
+            done()
+
+        def failed(result, intent):
+            done()
+            manager.actor_send_fail(result, intent)   # dead letters, as Actor.send has them
+
+        manager._send_intent(TransmitIntent(address, msg, onSuccess=arrived, onError=failed))
+
+    def _sent(self, stream):
+        """The message in flight on `stream` arrived or failed: what gathered meanwhile goes."""
+        self._in_flight.discard(stream)
+        if stream in self._outbox:
+            self._flush_outbox([stream])
 
     def expedite(self, stream):
         """What waits lazily on `stream` goes with this message's sends after all."""
@@ -295,7 +341,7 @@ class BrokerActor(Actor):
 
     def forget_ordered(self, stream):
         """The receiver is gone: a new receiver under the same key starts from zero."""
-        self._flush_outbox(only=stream)   # what was sent before still goes to the old one
+        self._flush_outbox([stream], force=True)   # what was sent before still goes to the old one
         self._out_seq.pop(stream, None)
 
     def hold_until(self, message_type):

@@ -84,15 +84,20 @@ class SubscriptionActor(BrokerActor):
             msg.options.get("max_unacked")), "members")
 
     def on_DetachConsumer(self, msg, sender):
-        self._remove(msg.consumer_id, "connection_closed" if msg.rid is None else "closed")
+        # A connection's end reaches us twice: from the dispatcher (MembersLost, its lane's EOF)
+        # and from the ConnectionActor (this): only the first removal can make us idle.
+        removed = self._remove(msg.consumer_id, "connection_closed" if msg.rid is None else "closed")
         if msg.rid is not None:
             self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
-        self._idle_check()
+        if removed:
+            self._idle_check()
 
     def on_MembersLost(self, msg, sender):
-        for consumer_id in msg.consumer_ids:
-            self._remove(consumer_id, "connection_closed")   # the dispatcher has dropped them already
-        self._idle_check()
+        removed = False
+        for consumer_id in msg.consumer_ids:   # the dispatcher has dropped them already
+            removed = self._remove(consumer_id, "connection_closed", tell_dispatcher=False) or removed
+        if removed:
+            self._idle_check()
 
     def on_Unsubscribe(self, msg, sender):
         self._remove(msg.consumer_id, "unsubscribed")
@@ -107,12 +112,17 @@ class SubscriptionActor(BrokerActor):
         self.by_name.clear()
         self.send_ordered(self.dispatcher, dispatcher.CloseAll(reason, then_tell_topic), "members")
 
-    def _remove(self, consumer_id, cause):
+    def _remove(self, consumer_id, cause, tell_dispatcher=True):
+        """Forget a consumer (and tell the dispatcher, unless it told us); whether it was still
+        attached."""
         entry = self.consumers.pop(consumer_id, None)
-        if entry is not None:
-            if self.by_name.get(entry[0]) == consumer_id:
-                del self.by_name[entry[0]]
+        if entry is None:
+            return False
+        if self.by_name.get(entry[0]) == consumer_id:
+            del self.by_name[entry[0]]
+        if tell_dispatcher:
             self.send_ordered(self.dispatcher, dispatcher.RemoveConsumer(consumer_id, cause), "members")
+        return True
 
     def _idle_check(self):
         if not self.consumers:

@@ -694,7 +694,11 @@ class Bench:
             note("scale: --url given, broker memory and processes cannot be measured; set-up rate and "
                  "stats-clean time only")
         else:
-            broker = LocalBroker(self.tmp / "broker-scale")
+            # room for the largest step and the bench's own admin connection (the default limit
+            # is 10,000 connections: the 10,000th idle one would get OVERLOADED)
+            room = max(self.conns, default=0) + 100
+            broker = LocalBroker(self.tmp / "broker-scale", "--max-connections", str(max(room, 10_000)),
+                                 "--max-connections-per-address", str(max(room, 10_000)))
             url = "%s:%d" % broker.address
         admin = ScaleAdmin(url)
         steps_done = self.details.setdefault("scale", [])

@@ -55,6 +55,63 @@ def test_what_one_message_sends_on_a_channel_goes_as_one_batch():
     assert address == "target" and sent.msg == base.Batch(("m0", "m1", "m2")) and sent.seq == 0
 
 
+class GatedProbe(Probe):
+    """Sends are tracked: `arrive()` is what Thespian's transmit callback would do."""
+    def __init__(self):
+        super().__init__()
+        self.in_transit = []
+
+    def _send_tracked(self, address, msg, done):
+        self.sent.append((address, msg))
+        self.in_transit.append(done)
+
+    def arrive(self):
+        self.in_transit.pop(0)()
+
+
+def test_a_channel_has_one_message_in_flight_and_what_waits_goes_as_the_next_batch():
+    a = GatedProbe()
+
+    def send(msg, sender):
+        a.send_ordered("target", msg, "out")
+    a.on_str = send
+    a.receiveMessage("m0", None)
+    assert [m.msg for _, m in a.sent] == ["m0"]        # a lone message goes at once
+    a.receiveMessage("m1", None)
+    a.receiveMessage("m2", None)
+    assert len(a.sent) == 1                             # m0 has not arrived yet: these wait
+    a.arrive()
+    assert [(m.seq, m.msg) for _, m in a.sent[1:]] == [(1, base.Batch(("m1", "m2")))]
+    a.arrive()
+    a.receiveMessage("m3", None)                        # nothing in flight: goes at once
+    assert [(m.seq, m.msg) for _, m in a.sent[2:]] == [(2, "m3")]
+
+
+def test_other_channels_do_not_wait_for_a_message_in_flight():
+    a = GatedProbe()
+
+    def send(msg, sender):
+        a.send_ordered("target", msg, msg[0])
+    a.on_str = send
+    a.receiveMessage("a0", None)
+    a.receiveMessage("b0", None)
+    a.receiveMessage("a1", None)
+    assert [m.msg for _, m in a.sent] == ["a0", "b0"]
+
+
+def test_an_exiting_actor_sends_what_waits_behind_a_message_in_flight():
+    from thespian.actors import ActorExitRequest
+    a = GatedProbe()
+
+    def send(msg, sender):
+        a.send_ordered("target", msg, "out")
+    a.on_str = send
+    a.receiveMessage("m0", None)
+    a.receiveMessage("m1", None)
+    a.receiveMessage(ActorExitRequest(), None)
+    assert [m.msg for _, m in a.sent] == ["m0", "m1"]
+
+
 def test_a_gap_that_never_fills_is_skipped_and_the_straggler_dropped(monkeypatch):
     a = Probe()
     a.receiveMessage(ordered(1, "b"), None)

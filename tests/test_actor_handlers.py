@@ -88,9 +88,7 @@ def hostile_messages(actor_class):
 
 
 @pytest.fixture
-def config(tmp_path, monkeypatch):
-    from actorbroker.actors import base
-    monkeypatch.setattr(base, "COALESCE_S", 0)   # what goes on an ordered channel is sent at once
+def config(tmp_path):
     return BrokerConfig(data_dir=str(tmp_path), port=0, io_shards=1)
 
 

@@ -67,8 +67,7 @@ def sent_messages(actor):
     return out
 
 
-def test_records_read_with_a_detach_go_to_the_standby_with_the_active_push(tmp_path, monkeypatch):
-    monkeypatch.setattr(base, "COALESCE_S", 0)   # the subscribe's answer just went on the same channel
+def test_records_read_with_a_detach_go_to_the_standby_with_the_active_push(tmp_path):
     config = BrokerConfig(data_dir=str(tmp_path), port=0, io_shards=1)
     d = make(dispatcher.DispatcherActor,
              dispatcher.InitDispatcher("/t/fo", "s", "failover", "non_reliable", config))

@@ -1,12 +1,14 @@
 """What actorbroker relies on in Thespian's internals (pinned in setup.cfg): the work-around for
 Thespian 4.0.1 losing a message that arrives right behind another on a reused actor socket
-(actors/system.py, keep_trailing_messages), and the names the packet signing replaces
-(actors/signing.py). These fail when upstream changes them: then re-check both patches."""
+(actors/system.py, keep_trailing_messages), the names the packet signing replaces
+(actors/signing.py), and the other work-arounds of actors/system.py and actors/base.py. These
+fail when upstream changes them: then re-check the patches."""
 import importlib.metadata
 import json
 import pickle
 import subprocess
 import sys
+from datetime import timedelta
 
 from actorbroker.actors.system import keep_trailing_messages
 from tests.util import ROOT
@@ -136,3 +138,47 @@ def test_an_exiting_actor_no_longer_watches_its_fds():
 
     ActorManager._actorExit(Manager(), ActorExitRequest())
     assert steps == [("watch", []), ("shutdown", True)]
+
+
+def test_queued_transmits_are_checked_for_expiry_rarely_and_still_expire():
+    """asyncTransportBase walks its queue of waiting transmits for expired ones on every send
+    (actors/system.py, scan_for_expired_transmits_rarely): patched, at most every EXPIRY_SCAN_S,
+    and an expired transmit still fails."""
+    import time
+    from thespian.system.transport import SendStatus, TransmitIntent
+    from thespian.system.transport.asyncTransportBase import asyncTransportBase
+    from actorbroker.actors import system
+    system.scan_for_expired_transmits_rarely()
+    transport = asyncTransportBase()
+    results = []
+    expired = TransmitIntent("target", "old", onError=lambda r, i: results.append(r),
+                             maxPeriod=timedelta(microseconds=1))
+    transport._aTB_queuedPendingTransmits.append(expired)
+    assert transport._complete_expired_intents() == (0, True) and results == [SendStatus.Failed]
+    transport._aTB_queuedPendingTransmits.append(
+        TransmitIntent("target", "new", onError=lambda r, i: results.append(r), maxPeriod=timedelta(microseconds=1)))
+    assert transport._complete_expired_intents() == (1, False)   # within EXPIRY_SCAN_S: not walked
+    transport._actorbroker_next_expiry_scan = time.monotonic()
+    assert transport._complete_expired_intents() == (0, True) and len(results) == 2
+
+
+def test_messages_are_described_by_type_not_by_contents():
+    """Thespian formats every message it sends or receives for its debug log (actors/system.py,
+    describe_messages_briefly): patched, a large message costs no more to describe than a small."""
+    from thespian.system.transport import ReceiveEnvelope, TransmitIntent
+    from actorbroker.actors import system
+    system.describe_messages_briefly()
+    big = list(range(100_000))
+    assert "list" in TransmitIntent("target", big).identify()
+    assert len(TransmitIntent("target", big).identify()) < 200
+    assert len(ReceiveEnvelope("sender", big).identify()) < 200
+
+
+def test_what_the_tracked_send_builds_on_exists():
+    """BrokerActor._send_tracked builds Actor.send's TransmitIntent itself, with callbacks."""
+    import inspect
+    from thespian.system.actorManager import ActorManager
+    from thespian.system.transport import TransmitIntent
+    assert {"onSuccess", "onError"} <= set(inspect.signature(TransmitIntent).parameters)
+    assert callable(getattr(ActorManager, "_send_intent", None))
+    assert callable(getattr(ActorManager, "actor_send_fail", None))
