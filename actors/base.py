@@ -254,14 +254,15 @@ class BrokerActor(Actor):
     def quiet_since(self, sends):
         """Whether nothing was sent through Thespian since thespian_sends was `sends`: a
         record-path actor lingering in its own epoll (transport.lanes.Reactor) returns to
-        Thespian's loop as soon as it has something for it to carry."""
+        Thespian's loop as soon as it has something for it to carry now (a lazy message waits)."""
         return self.thespian_sends == sends
 
     def send_ordered(self, address, msg, stream, lazy=False):
         """Send on the ordered channel `stream`: a key naming one receiver, stable for its life
         (not the address itself: a new actor's address changes form once it has started). What
         is sent on one channel while one message is handled goes as one Batch."""
-        self.thespian_sends += 1
+        if not lazy:   # a lazy one does not end a record-path actor's lingering (see quiet_since)
+            self.thespian_sends += 1
         entry = self._outbox.get(stream)
         if entry is None:
             self._outbox[stream] = (address, [msg])

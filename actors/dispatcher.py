@@ -558,8 +558,11 @@ class DispatcherActor(BrokerActor):
             self._forget(consumer_id, "connection_closed")
             self._announce_active(before, lazy=True)
             if self.subscription is not None:
+                # exclusive: nobody takes over, and a newcomer's subscribe must not be refused
+                # CONSUMER_BUSY by a SubscriptionActor that has not heard yet (stats, here, no
+                # longer show the holder): tell it now
                 self.send_ordered(self.subscription, subscription.MembersLost([consumer_id]), "members-lost",
-                                  lazy=True)
+                                  lazy=self.type != "exclusive")
             self._pump()
             if detected is not None:   # detection (in the shard) to cleanup (here, done now)
                 self.cleanup_time.observe(max(0.0, time.time() - detected))

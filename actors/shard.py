@@ -758,7 +758,9 @@ class ShardActor(BrokerActor):
             emit(self, self.events, "slow_consumer", connection=connection_id)
         emit(self, self.events, "connection_closed", connection=connection_id, cause=cause)
         detected = time.time()
-        self.send_ordered(self.supervisor, connection.ConnectionClosed(connection_id, reason), "shard")
+        # lazy: the dispatchers hear it first over their lanes (DETACH, below) and hand over at
+        # once; this paperwork must not take the CPU the takeover needs (it goes within LAZY_S)
+        self.send_ordered(self.supervisor, connection.ConnectionClosed(connection_id, reason), "shard", lazy=True)
         for producer_id in list(client.session.producers):
             self._drop_producer(producer_id)
         for consumer_id in client.session.consumers:
