@@ -5,10 +5,12 @@ import os
 import pathlib
 import pickle
 import secrets
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -242,23 +244,34 @@ def test_secret_shorter_than_32_bytes_is_refused():
     assert len({signing.new_secret() for _ in range(10)}) == 10
 
 
-def _lane_challenge(port):
-    """Connect to a listening socket of the broker: a TCP lane sends its 16-byte challenge at
-    once; a Thespian socket sends nothing. Returns (socket, challenge) or (None, None)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=2)
-    try:
-        got = b""
-        while len(got) < 16:
-            chunk = s.recv(16 - len(got))
-            if not chunk:
-                break
-            got += chunk
-    except socket.timeout:
-        pass
-    if len(got) == 16:
-        return s, got
-    s.close()
-    return None, None
+def _lane_challenges(ports, wait_s=2.0):
+    """Connect to listening sockets of the broker, all at once: a TCP lane sends its 16-byte
+    challenge at once; a Thespian socket sends nothing. Returns [(socket, challenge)] of the
+    lanes; the others are closed once `wait_s` has passed with nothing from them."""
+    pending = {}
+    for port in ports:
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        s.setblocking(False)
+        pending[s] = b""
+    lanes = []
+    deadline = time.monotonic() + wait_s
+    while pending and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(pending), [], [], max(0.0, deadline - time.monotonic()))
+        for s in ready:
+            chunk = s.recv(16 - len(pending[s]))
+            got = pending[s] + chunk
+            if not chunk or len(got) == 16:
+                del pending[s]
+                if len(got) == 16:
+                    s.setblocking(True)
+                    lanes.append((s, got))
+                else:
+                    s.close()
+            else:
+                pending[s] = got
+    for s in pending:
+        s.close()
+    return lanes
 
 
 def test_tcp_lanes_refuse_a_peer_without_the_broker_secret(start_broker, topic):
@@ -271,13 +284,8 @@ def test_tcp_lanes_refuse_a_peer_without_the_broker_secret(start_broker, topic):
         producer = client.producer(topic)
         producer.send(b"before").result(10)
         assert consumer.receive(timeout=10).payload == b"before"
-        lanes = []
-        for _pid, _host, port in sockets.listening_sockets(b.processes()):
-            if port == b.port:
-                continue
-            s, challenge = _lane_challenge(port)
-            if s is not None:
-                lanes.append((s, challenge))
+        lanes = _lane_challenges([port for _pid, _host, port in sockets.listening_sockets(b.processes())
+                                  if port != b.port])
         assert len(lanes) >= 2, "the topic and the dispatcher each listen for lanes"
         forged = encode_lane_frame([LaneOp.HELLO, "intruder"]) + encode_lane_frame([LaneOp.ACK, 1, [0], 1])
         wrong_secret = signing.new_secret()
