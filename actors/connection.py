@@ -179,6 +179,18 @@ class _Connection:
         self.watching = False  # it asked for the event stream (the EventsActor has it)
 
 
+@dataclass
+class Rejoin:
+    """A producer or consumer of a non_reliable topic on another node, kept so that it can be
+    opened again, under the same id, wherever the topic is placed once that node is lost."""
+    kind: str              # "producer" or "consumer"
+    connection_id: Any
+    topic: str
+    request: Any           # the producer/subscribe request it was opened with
+    name: str = ""         # a producer's name
+    until: Any = None      # re-attaching until this monotonic time; None: attached
+
+
 class ConnectionActor(BrokerActor):
     process_name = "ab-conn"
     init_message = StartConnections
@@ -206,8 +218,8 @@ class ConnectionActor(BrokerActor):
         self.forwarded = {}          # tag of a request another node answers -> that node
         self.given_up = {}           # tag answered here when its node was lost -> when: late answers dropped
         self.opening = {}            # cluster: tag of a producer/subscribe request -> (topic, request)
-        # cluster, non_reliable topics on another node: id -> [kind, connection id, topic, request,
-        # name, re-attaching until (None: attached)]; re-opened there if that node is lost
+        # cluster, non_reliable topics on another node: producer/consumer id -> Rejoin; re-opened
+        # wherever the topic is placed next if that node is lost
         self.rejoin = {}
         self.reattaches = 0
         self._last_opening = None    # what _answered found in self.opening for the tag it was given
@@ -272,7 +284,7 @@ class ConnectionActor(BrokerActor):
             return
         conn.closed = True
         if self.rejoin:
-            for ident in [i for i, entry in self.rejoin.items() if entry[1] == connection_id]:
+            for ident in [i for i, entry in self.rejoin.items() if entry.connection_id == connection_id]:
                 del self.rejoin[ident]
         if conn.watching:
             self.send_ordered(self.config.events, events.Unwatch(connection_id, None, self.shard), "events")
@@ -321,13 +333,13 @@ class ConnectionActor(BrokerActor):
         """Its topic's node is gone (lane EOF, or declared lost): open it again by the same id
         wherever the topic is placed now. The client sees a gap, nothing else."""
         entry = self.rejoin.get(ident)
-        conn = self.connections.get(entry[1]) if entry else None
+        conn = self.connections.get(entry.connection_id) if entry else None
         if conn is None or conn.closed:
             self.rejoin.pop(ident, None)
             return
-        kind, connection_id, name, request = entry[:4]
-        if entry[5] is None:   # attached until now: detach here, keep it for the client
-            entry[5] = time.monotonic() + REATTACH_FOR_S
+        kind, connection_id = entry.kind, entry.connection_id
+        if entry.until is None:   # attached until now: detach here, keep it for the client
+            entry.until = time.monotonic() + REATTACH_FOR_S
             self.node_of.pop(ident, None)
             if kind == "consumer":
                 conn.consumers.pop(ident, None)
@@ -335,24 +347,24 @@ class ConnectionActor(BrokerActor):
                 self._to_shard(shard.UnrouteConsumer(connection_id, ident, reattaching=True))
             else:
                 conn.producers.pop(ident, None)
-                self._to_shard(shard.UnrouteProducer(connection_id, ident, reattaching=True, name=entry[4]))
+                self._to_shard(shard.UnrouteProducer(connection_id, ident, reattaching=True, name=entry.name))
         if any(_reattach_tag(t) and t[1][1] == ident for t in conn.pending):
             return   # asked already
         self.reattaches += 1   # a tag per attempt: an attempt given up on must not shadow the next
         tag = (connection_id, ("reattach", ident, self.reattaches))
         conn.pending[tag] = kind + "s"
         self.send_ordered(self.broker, broker.TopicRequest(
-            name, "non_reliable", dataclasses.replace(request, rid=tag, new_id=ident)), "root")
+            entry.topic, "non_reliable", dataclasses.replace(entry.request, rid=tag, new_id=ident)), "root")
 
     def _reattach_failed(self, ident):
         entry = self.rejoin.get(ident)
-        if entry is None or entry[5] is None:
+        if entry is None or entry.until is None:
             return
-        if time.monotonic() < entry[5]:   # its new node may not be known everywhere yet
+        if time.monotonic() < entry.until:   # its new node may not be known everywhere yet
             self.wakeupAfter(timedelta(seconds=REATTACH_RETRY_S), payload=("reattach", ident))
             return
-        log.warning("%s %s could not be re-attached within %.0f s; ending it", entry[0], ident, REATTACH_FOR_S)
-        if entry[0] == "consumer":
+        log.warning("%s %s could not be re-attached within %.0f s; ending it", entry.kind, ident, REATTACH_FOR_S)
+        if entry.kind == "consumer":
             self._end_consumer(ident, "node_lost", detach=False)
         else:
             self._end_producer(ident, "node_lost", close=False)
@@ -562,12 +574,12 @@ class ConnectionActor(BrokerActor):
             self.node_of[msg.producer_id] = msg.node
         self._new_stream(msg.topic_address, msg.lane)
         if again:   # re-attached after its node was lost: the client sees nothing of it
-            self.rejoin[msg.producer_id][5] = None
+            self.rejoin[msg.producer_id].until = None
             log.info("producer %s re-attached to topic %s on node %s", msg.producer_id, msg.topic, msg.node)
             self._to_shard(shard.RouteProducer(connection_id, msg.producer_id, msg.lane, msg.name, b""))
             return
         if opening is not None and msg.node and msg.dispatch == "non_reliable":
-            self.rejoin[msg.producer_id] = ["producer", connection_id, opening[0], opening[1], msg.name, None]
+            self.rejoin[msg.producer_id] = Rejoin("producer", connection_id, opening[0], opening[1], msg.name)
         self._to_shard(shard.RouteProducer(
             connection_id, msg.producer_id, msg.lane, msg.name,
             encode_frame({"op": "producer_ok", "rid": msg.rid[1], "producer": msg.producer_id,
@@ -589,11 +601,11 @@ class ConnectionActor(BrokerActor):
         self.consumer_topic[msg.consumer_id] = msg.topic
         data = b""
         if again:   # re-attached after its node was lost: the client sees nothing of it
-            self.rejoin[msg.consumer_id][5] = None
+            self.rejoin[msg.consumer_id].until = None
             log.info("consumer %s re-attached on node %s", msg.consumer_id, msg.node)
         else:
             if opening is not None and msg.node and msg.dispatch == "non_reliable":
-                self.rejoin[msg.consumer_id] = ["consumer", connection_id, opening[0], opening[1], "", None]
+                self.rejoin[msg.consumer_id] = Rejoin("consumer", connection_id, opening[0], opening[1])
             data = encode_frame({"op": "subscribed", "rid": msg.rid[1], "consumer": msg.consumer_id,
                                  "dispatch": msg.dispatch})
         if msg.active is not None:
@@ -604,7 +616,7 @@ class ConnectionActor(BrokerActor):
         """From the node that held the topic before the producer or consumer was re-attached
         elsewhere (a stopped node, back and ending its copy): not about the one attached now."""
         entry = self.rejoin.get(ident) if node else None
-        return entry is not None and (entry[5] is not None or self.node_of.get(ident) != node)
+        return entry is not None and (entry.until is not None or self.node_of.get(ident) != node)
 
     def on_ActiveChanged(self, msg, sender):
         if self._stale(msg.consumer_id, msg.node):

@@ -56,10 +56,15 @@ def test_what_one_message_sends_on_a_channel_goes_as_one_batch():
 
 
 class GatedProbe(Probe):
-    """Sends are tracked: `arrive()` is what Thespian's transmit callback would do."""
-    def __init__(self):
+    """Sends are tracked: `arrive()` is what Thespian's transmit callback would do. Each string
+    it receives it sends to "target" on the channel `channel(msg)`."""
+    def __init__(self, channel=lambda msg: "out"):
         super().__init__()
         self.in_transit = []
+        self.channel = channel
+
+    def on_str(self, msg, sender):
+        self.send_ordered("target", msg, self.channel(msg))
 
     def _send_tracked(self, address, msg, done):
         self.sent.append((address, msg))
@@ -71,10 +76,6 @@ class GatedProbe(Probe):
 
 def test_a_channel_has_one_message_in_flight_and_what_waits_goes_as_the_next_batch():
     a = GatedProbe()
-
-    def send(msg, sender):
-        a.send_ordered("target", msg, "out")
-    a.on_str = send
     a.receiveMessage("m0", None)
     assert [m.msg for _, m in a.sent] == ["m0"]        # a lone message goes at once
     a.receiveMessage("m1", None)
@@ -88,11 +89,7 @@ def test_a_channel_has_one_message_in_flight_and_what_waits_goes_as_the_next_bat
 
 
 def test_other_channels_do_not_wait_for_a_message_in_flight():
-    a = GatedProbe()
-
-    def send(msg, sender):
-        a.send_ordered("target", msg, msg[0])
-    a.on_str = send
+    a = GatedProbe(channel=lambda msg: msg[0])
     a.receiveMessage("a0", None)
     a.receiveMessage("b0", None)
     a.receiveMessage("a1", None)
@@ -102,10 +99,6 @@ def test_other_channels_do_not_wait_for_a_message_in_flight():
 def test_an_exiting_actor_sends_what_waits_behind_a_message_in_flight():
     from thespian.actors import ActorExitRequest
     a = GatedProbe()
-
-    def send(msg, sender):
-        a.send_ordered("target", msg, "out")
-    a.on_str = send
     a.receiveMessage("m0", None)
     a.receiveMessage("m1", None)
     a.receiveMessage(ActorExitRequest(), None)
