@@ -132,6 +132,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.topics = {}          # name -> (address, dispatch)
         self.next_id = 1
         self.listener = None
+        self.stop_asker = None   # serve, while the client connections are being closed
         self.starter = None
         self.admin_port = None
         self.lifeline = None      # pidfd of the serve process
@@ -356,6 +357,20 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
                 if dispatch == "reliable" and not self.stopping:   # (a deleted one left the registry first)
                     log.error("topic %s exited; reopening it from its log", name, extra={"topic": name})
                     self._create_topic(name, dispatch)
+
+    def on_StopClients(self, msg, sender):
+        """From serve, before it shuts the actor system down (listener.StopClients)."""
+        self.stopping = True
+        self.stop_asker = sender
+        if self.listener is None:
+            self.send(sender, listener.ClientsStopped())
+        else:
+            self.send(self.listener, msg)
+
+    def on_ClientsStopped(self, msg, sender):
+        if self.stop_asker is not None:
+            self.send(self.stop_asker, msg)
+            self.stop_asker = None
 
     def on_ActorExitRequest(self, msg, sender):
         self.stopping = True

@@ -222,6 +222,7 @@ class ConnectionActor(BrokerActor):
         # wherever the topic is placed next if that node is lost
         self.rejoin = {}
         self.reattaches = 0
+        self.stop_asker = None       # the listener, while our shard closes its clients (StopClients)
         self._last_opening = None    # what _answered found in self.opening for the tag it was given
 
     # --- set-up and the shard's supervision -------------------------------------------------------
@@ -262,6 +263,15 @@ class ConnectionActor(BrokerActor):
             self._cleanup(connection_id, "shard lost")
         if not self.exiting:
             self._start_shard()
+
+    def on_StopClients(self, msg, sender):
+        self.stop_asker = sender
+        self._to_shard(msg)
+
+    def on_ClientsStopped(self, msg, sender):
+        if self.stop_asker is not None:
+            self.send(self.stop_asker, msg)
+            self.stop_asker = None
 
     def on_ActorExitRequest(self, msg, sender):
         self.exiting = True

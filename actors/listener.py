@@ -66,6 +66,20 @@ class CountConnections:
     frame: dict
 
 
+@dataclass(frozen=True)
+class StopClients:
+    """serve is stopping the broker: close every client connection now, before the topics end.
+    From serve to the root, the root to the listener, the listener to each ConnectionActor, and
+    on to its shard; each answers ClientsStopped once its part is done. A client then sees its
+    connection end (and reconnects elsewhere), not its producers and consumers closed one by one
+    with `topic_lost` by topics that happened to stop before its shard."""
+
+
+@dataclass(frozen=True)
+class ClientsStopped:
+    pass
+
+
 class _Pair:
     """One ConnectionActor (and through it one shard) and our end of its handoff socket."""
     __slots__ = ("address", "handoff", "open", "ident", "seq", "handed", "handed_hosts", "hosts")
@@ -118,6 +132,8 @@ class ListenerActor(BrokerActor):
         self.pairs = []            # index -> _Pair or None while restarting
         self.turn = 0
         self.exiting = False
+        self.stop_asker = None     # who asked StopClients, until every pair has answered
+        self.stops_waited = 0
 
     def watch(self):
         return ThespianWatch([self.sock.fileno()]) if self.sock is not None else None
@@ -226,6 +242,24 @@ class ListenerActor(BrokerActor):
                 if not self.exiting:
                     log.warning("connection actor %d exited; restarting it with a new shard", index)
                     self._start_pair(index)
+
+    def on_StopClients(self, msg, sender):
+        if self.sock is not None:   # no new connection from now on
+            self.sock.close()
+            self.sock = None
+        self.stop_asker = sender
+        pairs = [p for p in self.pairs if p is not None]
+        self.stops_waited = len(pairs)
+        for pair in pairs:
+            self.send(pair.address, msg)
+        if not pairs:
+            self.send(sender, ClientsStopped())
+
+    def on_ClientsStopped(self, msg, sender):
+        self.stops_waited -= 1
+        if self.stops_waited == 0 and self.stop_asker is not None:
+            self.send(self.stop_asker, msg)
+            self.stop_asker = None
 
     def on_ActorExitRequest(self, msg, sender):
         self.exiting = True

@@ -48,6 +48,7 @@ HIGH_WATER = 1024 * 1024             # unsent bytes above which deliveries to a 
 PUBLISH_WINDOW = 2                   # PUBLISH frames in flight per producer; the rest is merged
 MAX_PENDING_RECORDS = 20_000         # per connection: then stop reading it (TCP pushes back)
 LINGER_S = 1.0
+STOPPING = "broker stopping"   # the close reason when serve stops the broker (StopClients)
 TLS_CHUNK = 64 * 1024                # plaintext encrypted at a time: the rest waits in the outbox
 LOAD_REPORT_S = 0.1
 
@@ -750,7 +751,7 @@ class ShardActor(BrokerActor):
         client.session.open = False
         # Every log record is a Thespian message to the logger process: a burst of 10,000 ordinary
         # closes must not cost 10,000 of them. Closes for a reason other than EOF stay visible.
-        (log.debug if reason == "eof" else log.info)("connection %s closed: %s", connection_id, reason,
+        (log.debug if reason in ("eof", STOPPING) else log.info)("connection %s closed: %s", connection_id, reason,
                                                      extra={"connection": connection_id})
         cause = close_cause(reason)
         self.disconnects[cause] += 1
@@ -847,6 +848,17 @@ class ShardActor(BrokerActor):
             pass
         self._load_changed()
 
+    def on_StopClients(self, msg, sender):
+        """The broker is stopping: every client connection ends now, on the usual path (its
+        last frames flushed, then EOF), while the topics are still there (listener.StopClients)."""
+        closed = 0
+        for client in list(self.clients.values()):
+            if client.state == "open":
+                self._closed(client, STOPPING)
+                closed += 1
+        log.info("shard %s: %d client connections closed: %s", self.index, closed, STOPPING)
+        self.send(self.supervisor, listener.ClientsStopped())
+
     def on_ActorExitRequest(self, msg, sender):
         self.exiting = True
         for client in list(self.clients.values()):
@@ -867,4 +879,6 @@ def close_cause(reason):
         return "heartbeat"
     if reason.startswith(E.SLOW_CONSUMER):
         return "slow_consumer"
+    if reason == STOPPING:
+        return "shutdown"
     return "error"

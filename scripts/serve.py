@@ -22,6 +22,8 @@ PING_EVERY_S = 2.0
 PING_TIMEOUT_S = 3.0
 # After Thespian's shutdown, how long the actor processes get to end before serve kills them.
 SHUTDOWN_GRACE_S = 10.0
+# How long serve waits for every shard to have closed its client connections before the shutdown.
+STOP_CLIENTS_TIMEOUT_S = 3.0
 
 
 def add_serve_command(subparsers):
@@ -235,6 +237,7 @@ def serve(args):
                   f"restarts the broker", file=sys.stderr, flush=True)
             return 3
         print("actorbroker stopping", flush=True)
+        stop_clients(system, root)
         stop_system(system, reply.admin_pid)
         system = None
         return 0
@@ -365,6 +368,16 @@ def descendants(pid):
             pass
         i += 1
     return pids
+
+
+def stop_clients(system, root):
+    """Client connections end first, while the topics are still there (listener.StopClients);
+    bounded: the shutdown goes on regardless."""
+    from actorbroker.actors.listener import StopClients
+    try:
+        system.ask(root, StopClients(), STOP_CLIENTS_TIMEOUT_S)
+    except Exception as exc:   # noqa: BLE001 - a broken system is shut down all the same
+        print(f"warning: client connections not closed before the shutdown: {exc}", file=sys.stderr, flush=True)
 
 
 def stop_system(system, admin_pid):

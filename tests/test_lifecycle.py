@@ -1,5 +1,6 @@
 """The broker's processes: loopback-only sockets, and nothing left behind however serve ends."""
 import os
+import re
 import signal
 
 import pytest
@@ -28,6 +29,38 @@ def test_sigterm_stops_every_process(start_broker):
     RawConnection(*b.address).hello()
     assert b.stop(signal.SIGTERM) == []
     assert b.proc.returncode == 0
+
+
+@pytest.mark.parametrize("dispatch", ["non_reliable", "reliable"])
+def test_sigterm_ends_client_connections_before_their_topics(start_broker, topic, dispatch):
+    """A stopping broker closes its client connections first: a client sees its connection end
+    (and may reconnect elsewhere), never its producers and consumers closed one by one with
+    `topic_lost` or `subscription_lost` by topics that happened to stop before its shard."""
+    b = start_broker()
+    conns = []
+    for i in range(4):   # on both shards
+        conn = RawConnection(*b.address)
+        conn.hello()
+        conn.request({"op": "producer", "topic": topic, "dispatch": dispatch})
+        conn.request({"op": "subscribe", "topic": topic, "subscription": f"s{i}", "type": "failover",
+                      "consumer": f"c{i}", "dispatch": dispatch})
+        conns.append(conn)
+    b.proc.send_signal(signal.SIGTERM)
+    for conn in conns:
+        frames = []
+        while True:
+            frame = conn.recv_frame(timeout=30)
+            if frame is None:
+                break
+            frames.append(frame)
+        assert not [f for f in frames if f.get("op") == "closed"], frames
+        conn.close()
+    assert b.stop() == []
+    assert b.proc.returncode == 0
+    # each was closed on purpose, by its shard, before the actor system's shutdown began
+    closed = re.findall(r"shard \S+: (\d+) client connections closed: broker stopping",
+                        (b.data_dir / "broker.log").read_text())
+    assert sum(int(n) for n in closed) == len(conns)
 
 
 def test_sigkill_of_serve_still_stops_every_process(start_broker):
