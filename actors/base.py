@@ -53,6 +53,10 @@ class Batch:
 # 2,000 concurrent subscribes collapsed to ~100/s (docs/benchmarks.md). Batches grow with the
 # load instead, and a lone message goes at once.
 _FLUSH = "actorbroker-flush"
+# A transmit that broke (the connection reset under it) is tried again after this, then twice
+# this, ...: Thespian's default waits 35 s, so a message sent as its receiver exited held its
+# sender's shutdown for the whole 7 s drain (a second try finds the port closed: DeadTarget).
+RETRY_AFTER = timedelta(milliseconds=200)
 # A lazy message (send_ordered(lazy=True): nobody waits for it now) waits this long before it
 # goes, unless its channel is expedited: a Thespian send costs its sender about a millisecond
 # of CPU, and the takeover after a disconnect must not queue behind the paperwork about it.
@@ -322,7 +326,8 @@ class BrokerActor(Actor):
             done()
             manager.actor_send_fail(result, intent)   # dead letters, as Actor.send has them
 
-        manager._send_intent(TransmitIntent(address, msg, onSuccess=arrived, onError=failed))
+        manager._send_intent(TransmitIntent(address, msg, onSuccess=arrived, onError=failed,
+                                            retryPeriod=RETRY_AFTER))
 
     def _sent(self, stream):
         """The message in flight on `stream` arrived or failed: what gathered meanwhile goes."""

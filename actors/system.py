@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
 
 from actorbroker.actors import signing
 
@@ -43,7 +42,6 @@ def bind_actor_sockets_to(host):
     forget_watch_on_exit()
     scan_for_expired_transmits_rarely()
     describe_messages_briefly()
-    retry_broken_transmits_soon()
 
 
 class _PacketWithTrailer(tuple):
@@ -161,30 +159,6 @@ def describe_messages_briefly():
     transport.TransmitIntent.identify = intent_identify
     transport.ReceiveEnvelope.identify = envelope_identify
     transport.TransmitIntent._actorbroker_patched = True
-
-
-RETRY_AFTER = timedelta(milliseconds=200)
-
-
-def retry_broken_transmits_soon():
-    """Work around Thespian 4.0.1 waiting 35 s before it tries a broken transmit again.
-
-    A transmit whose connection is reset under it (its receiver exiting, or an idle socket the
-    receiver closed) is retried after TRANSMIT_RETRY_PERIOD, 35 s, then 70 s, ...: a message sent
-    to an actor that stopped at that moment held its sender's shutdown for the whole 7 s drain
-    (brokers stopped in 7 s about one time in ten). Every transmit now retries after 200 ms,
-    then 400 ms, ...: a second try finds a dead receiver's port closed (DeadTarget) at once."""
-    from thespian.system import transport
-    intent_class = transport.TransmitIntent
-    if getattr(intent_class.__init__, "_actorbroker_patched", False):
-        return
-    original_init = intent_class.__init__
-
-    def __init__(self, targetAddr, msg, onSuccess=None, onError=None, maxPeriod=None, retryPeriod=None):
-        original_init(self, targetAddr, msg, onSuccess, onError, maxPeriod, retryPeriod or RETRY_AFTER)
-
-    __init__._actorbroker_patched = True
-    intent_class.__init__ = __init__
 
 
 def close_starter_socket_in_children():

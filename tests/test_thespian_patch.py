@@ -182,16 +182,3 @@ def test_what_the_tracked_send_builds_on_exists():
     assert {"onSuccess", "onError"} <= set(inspect.signature(TransmitIntent).parameters)
     assert callable(getattr(ActorManager, "_send_intent", None))
     assert callable(getattr(ActorManager, "actor_send_fail", None))
-
-
-def test_a_broken_transmit_is_retried_after_200_ms_not_35_s():
-    """Thespian's TransmitIntent waits TRANSMIT_RETRY_PERIOD (35 s) before a retry (actors/system.py,
-    retry_broken_transmits_soon): patched, 200 ms, unless a caller names its own period."""
-    from thespian.system.transport import TRANSMIT_RETRY_PERIOD, TransmitIntent
-    from actorbroker.actors import system
-    assert TRANSMIT_RETRY_PERIOD == timedelta(seconds=35)
-    system.retry_broken_transmits_soon()
-    intent = TransmitIntent("target", "message")
-    assert intent.transmit_retry_period == timedelta(milliseconds=200)
-    assert intent.retry() and intent._retryTime.view().remaining() <= timedelta(milliseconds=200)
-    assert TransmitIntent("target", "m", retryPeriod=timedelta(seconds=3)).transmit_retry_period == timedelta(seconds=3)
