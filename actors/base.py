@@ -53,6 +53,9 @@ class Batch:
 # 2,000 concurrent subscribes collapsed to ~100/s (docs/benchmarks.md). Batches grow with the
 # load instead, and a lone message goes at once.
 _FLUSH = "actorbroker-flush"
+# Thespian tells of every transmit's end (arrived, failed, or expired after 5 minutes); should
+# that word never come, the channel's next message goes after this long all the same.
+IN_FLIGHT_WAIT_S = 2.0
 # A transmit that broke (the connection reset under it) is tried again after this, then twice
 # this, ...: Thespian's default waits 35 s, so a message sent as its receiver exited held its
 # sender's shutdown for the whole 7 s drain (a second try finds the port closed: DeadTarget).
@@ -96,7 +99,7 @@ class BrokerActor(Actor):
         self._out_seq = {}     # stream -> next seq
         self._in_seq = {}      # channel -> [expected seq, {seq: (msg, sender)}]
         self._outbox = {}      # stream -> (address, [msgs]) sent when the current message is handled
-        self._in_flight = set()   # streams whose last Thespian message has not arrived yet
+        self._in_flight = {}   # stream -> (when, token) of its last Thespian message, until it arrived
         self._lazy_due = {}    # lazy stream -> when what waits in it goes
         self._flush_wakeups = set()   # due times of the flush wakeups scheduled
         self._gaps = {}        # channel -> when it started waiting for a missing message
@@ -287,8 +290,15 @@ class BrokerActor(Actor):
             if stream not in self._outbox:   # sent meanwhile (a transmit completed during a send)
                 continue
             if not force:
-                if stream in self._in_flight:   # goes when the one in flight has arrived
-                    continue
+                in_flight = self._in_flight.get(stream)
+                if in_flight is not None:   # goes when the one in flight has arrived...
+                    if now < in_flight[0] + IN_FLIGHT_WAIT_S:
+                        self._flush_at(in_flight[0] + IN_FLIGHT_WAIT_S, now)
+                        continue
+                    # ... or, should Thespian never tell, after IN_FLIGHT_WAIT_S: a channel
+                    # must not stop for good on a lost callback
+                    log.warning("%s: ordered channel %r: no word of the message in flight for %.0f s; "
+                                "sending the next one", type(self).__name__, stream, now - in_flight[0])
                 due = self._lazy_due.get(stream, 0.0)
                 if now < due:   # lazy: waits and gathers more
                     self._flush_at(due, now)
@@ -301,13 +311,14 @@ class BrokerActor(Actor):
                 self._send_stream(stream, address, Ordered((self._uid, stream), seq,
                                                            msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))))
             except Exception:   # not an address (a handler's bug): the other channels still go
-                self._in_flight.discard(stream)
+                self._in_flight.pop(stream, None)
                 log.exception("%s: ordered channel %r: cannot send to %r", type(self).__name__, stream, address)
                 self.handler_errors += 1
 
     def _send_stream(self, stream, address, msg):
-        self._in_flight.add(stream)
-        self._send_tracked(address, msg, lambda: self._sent(stream))
+        token = object()
+        self._in_flight[stream] = (time.monotonic(), token)
+        self._send_tracked(address, msg, lambda: self._sent(stream, token))
 
     def _send_tracked(self, address, msg, done):
         """Actor.send, then `done()` once the message has reached its receiver's transport or
@@ -329,9 +340,11 @@ class BrokerActor(Actor):
         manager._send_intent(TransmitIntent(address, msg, onSuccess=arrived, onError=failed,
                                             retryPeriod=RETRY_AFTER))
 
-    def _sent(self, stream):
+    def _sent(self, stream, token):
         """The message in flight on `stream` arrived or failed: what gathered meanwhile goes."""
-        self._in_flight.discard(stream)
+        if self._in_flight.get(stream, (None, None))[1] is not token:
+            return   # an older one, given up on (IN_FLIGHT_WAIT_S)
+        del self._in_flight[stream]
         if stream in self._outbox:
             self._flush_outbox([stream])
 

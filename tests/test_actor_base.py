@@ -88,6 +88,21 @@ def test_a_channel_has_one_message_in_flight_and_what_waits_goes_as_the_next_bat
     assert [(m.seq, m.msg) for _, m in a.sent[2:]] == [(2, "m3")]
 
 
+def test_a_message_in_flight_that_is_never_heard_of_holds_its_channel_for_a_bounded_time(monkeypatch):
+    a = GatedProbe()
+    a.receiveMessage("m0", None)
+    a.receiveMessage("m1", None)
+    assert len(a.sent) == 1 and a.wakeups          # m1 waits, with a wakeup to look again
+    monkeypatch.setattr(base.time, "monotonic", lambda real=base.time.monotonic: real() + base.IN_FLIGHT_WAIT_S)
+    a.receiveMessage(WakeupMessage(None, a.wakeups[-1]), None)
+    assert [(m.seq, m.msg) for _, m in a.sent] == [(0, "m0"), (1, "m1")]
+    a.arrive()                                      # word of m0 at last: m1 is still the one in flight
+    a.receiveMessage("m2", None)
+    assert len(a.sent) == 2
+    a.arrive()
+    assert [(m.seq, m.msg) for _, m in a.sent[2:]] == [(2, "m2")]
+
+
 def test_other_channels_do_not_wait_for_a_message_in_flight():
     a = GatedProbe(channel=lambda msg: msg[0])
     a.receiveMessage("a0", None)
