@@ -8,8 +8,7 @@ import uuid
 
 import pytest
 
-from actorbroker.scripts.local_broker import LocalBroker
-from actorbroker.scripts.local_cluster import wait_for
+from actorbroker.scripts.local_cluster import LocalCluster, wait_for
 from actorbroker.transport.client.core import Reconnect
 from actorbroker.transport.client.sync import Client
 from actorbroker.transport.errors import (BrokerError, ProducerClosed, TopicNotFound,
@@ -17,79 +16,24 @@ from actorbroker.transport.errors import (BrokerError, ProducerClosed, TopicNotF
 from actorbroker.scripts import netns
 
 TIMEOUT_MS = 3000          # member timeout (the default): a loss is declared within it
-ADMIN_PORT = 7600
 
 pytestmark = pytest.mark.skipif(netns.unavailable() is not None,
                                 reason=f"cluster tests need network namespaces: {netns.unavailable()}")
 
 
-class Cluster:
-    def __init__(self, tmp_path):
-        self.hosts = netns.Hosts()
-        self.dir = tmp_path
-        self.secret = tmp_path / "cluster.secret"
-        fd = os.open(self.secret, os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32).hex().encode())
-        self.nodes = {}
-        self.options = {}
-        self.stopped = []
+class Cluster(LocalCluster):
+    """scripts/local_cluster.py's cluster, with the checks a test wants: a kill leaves nothing
+    behind, and every namespace and link is gone at the end (three_nodes)."""
 
-    def start(self, node, *extra):
-        self.options[node] = extra = extra or self.options.get(node, ())   # a restart keeps them
-        address = self.hosts.address(node)
-        options = ["--host", address, "--cluster-bind", f"{address}:{ADMIN_PORT}", "--node", node,
-                   "--cluster-secret-file", str(self.secret), "--member-timeout-ms", str(TIMEOUT_MS),
-                   *extra]
-        if node != "a":
-            options += ["--join", f"{self.hosts.address('a')}:{ADMIN_PORT}"]
-        broker = LocalBroker(self.dir / node, *options, prefix=self.hosts.prefix(node))
-        self.nodes[node] = broker
-        return broker
-
-    def client(self, node):
-        return Client(*self.nodes[node].address, name=f"test-on-{node}")
-
-    def members(self, node):
-        with self.client(node) as c:
-            return {m["node"]: m for m in c.cluster()}
-
-    def live(self, node):
-        return sorted(n for n, m in self.members(node).items() if m["state"] == "live")
-
-    def wait_live(self, node, expected, timeout=20):
-        wait_for(lambda: self.live(node) == sorted(expected), timeout,
-                 f"node {node} seeing {expected} live")
+    def __init__(self, tmp_path, *options):
+        super().__init__(tmp_path, *options, member_timeout_ms=TIMEOUT_MS)
 
     def topic_on(self, node, dispatch="non_reliable"):
-        """A new topic name that the cluster places on `node`."""
-        with self.client("a") as c:
-            for _ in range(200):
-                name = f"/cl/{dispatch[:3]}-{uuid.uuid4().hex[:10]}"
-                if c.lookup(name)["node"] == node:
-                    return name
-        raise AssertionError(f"no topic name placed on {node}")
+        return super().topic_on(node, dispatch, via="a")
 
     def kill(self, node):
-        """kill -9 of the node's whole process tree (serve, admin, every actor)."""
-        broker = self.nodes.pop(node)
-        left = broker.kill_all()
-        broker.stderr.close()
-        broker.proc.stdout.close()
-        assert not left
-
-    def stop_all(self):
-        left = []
-        for broker in self.nodes.values():
-            for pid in broker.processes():   # SIGSTOPped ones must run to stop
-                try:
-                    os.kill(pid, signal.SIGCONT)
-                except OSError:
-                    pass
-            left += broker.stop()
-        self.nodes.clear()
-        self.hosts.remove()
-        return left
+        *_, left = super().kill(node)
+        assert not left, f"processes of node {node} left after kill -9: {left}"
 
 
 @pytest.fixture
@@ -104,10 +48,10 @@ def shared_cluster(tmp_path):
 
 
 def three_nodes(tmp_path, *options):
-    c = Cluster(tmp_path)
+    c = Cluster(tmp_path, *options)
     try:
         for node in netns.NODES:
-            c.start(node, *options)
+            c.start(node)
         c.wait_live("a", ["a", "b", "c"])
         c.wait_live("c", ["a", "b", "c"])
         yield c
