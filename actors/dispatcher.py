@@ -30,6 +30,7 @@ from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.cursor import Cursor
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
+from actorbroker.actors.system import thespian_waits
 from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, coalesce_runs, encode_frame,
@@ -184,6 +185,8 @@ class DispatcherActor(BrokerActor):
         # Every lane ready in one epoll batch first, then one pump: records read in the same
         # wakeup as a DETACH go to the consumer that takes over, not to the one that is gone.
         sends = self.thespian_sends
+        if self.reactor.outside is None:   # idle in our epoll, Thespian's sockets included
+            self.reactor.outside = thespian_waits(self)
 
         def batch_done():   # after each batch, also while the reactor lingers
             self.polling = False

@@ -35,6 +35,7 @@ from actorbroker.actors import connection, listener, signing
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
+from actorbroker.actors.system import thespian_waits
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import RUN_COUNT, RUN_TIME, encode_frame, encode_run_frames, encode_runs_v1
 from actorbroker.transport.lanes import IN, OUT, RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
@@ -235,6 +236,8 @@ class ShardActor(BrokerActor):
         histograms[("actorbroker_publish_to_deliver_seconds", ())] = self.deliver_latency.snapshot()
 
     def on_WatchMessage(self, msg, sender):
+        if self.reactor.outside is None:   # idle in our epoll, Thespian's sockets included
+            self.reactor.outside = thespian_waits(self)
         self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends))
 
     def _adopt_sockets(self):

@@ -161,6 +161,51 @@ def describe_messages_briefly():
     transport.TransmitIntent._actorbroker_patched = True
 
 
+def thespian_waits(actor):
+    """For a record-path actor's Reactor (`Reactor.outside`): a callable telling what this
+    process's Thespian loop (multiprocTCPBase's TCPTransport) would wait on, so that the actor can
+    idle in its own epoll, woken directly by its lanes, and still return to Thespian the moment
+    that loop has work: None when it has some now (messages received but not yet handled,
+    transmits in progress or queued, completions to run, expired timers, the actor exiting); else
+    (its sockets, seconds until its next timer). Its listening socket is among those sockets, and
+    a signal handler wakes that loop by connecting to it, so a ChildActorExited is not delayed
+    either; nor is what the actor itself has waiting in its ordered channels (a lazy event). Returns
+    None for another system base (then the Reactor lingers as before)."""
+    transport = getattr(getattr(actor, "_myRef", None), "transport", None)
+    if transport is None or not hasattr(transport, "_incomingSockets") or not hasattr(transport, "run_time"):
+        return None
+    from thespian.system.timing import currentTime, timePeriodSeconds
+
+    def waits():
+        t = transport
+        if (t._incomingEnvelopes or t._transmitIntents or t._waitingTransmits or t._finished_intents
+                or t._activeWakeups or getattr(t, "_aTB_queuedPendingTransmits", None)
+                or hasattr(t, "_aborting_run")):
+            return None
+        now = currentTime()
+        due = t.run_time._time_to_quit   # the earliest wakeup (wakeupAfter), or None
+        seconds = float("inf") if due is None else due - now
+        if t._pendingWakeups and t._pendingWakeups[0][0]._time_to_quit is not None:
+            seconds = min(seconds, t._pendingWakeups[0][0]._time_to_quit - now)
+        outbox = getattr(actor, "_outbox", None)
+        if outbox:   # ordered sends waiting to go when this handler ends (BrokerActor): their due time
+            lazy_due, clock = actor._lazy_due, time.monotonic()
+            seconds = min(seconds, min(lazy_due.get(stream, clock) for stream in outbox) - clock)
+        if seconds <= 0:
+            return None
+        fds = [t.socket.fileno()]
+        for fd, incoming in t._incomingSockets.items():
+            fds.append(fd)
+            seconds = min(seconds, timePeriodSeconds(incoming.delay(now)))
+        for open_socket in getattr(t, "_openSockets", {}).values():
+            fd = open_socket.socket.fileno()
+            if fd >= 0:
+                fds.append(fd)
+        return fds, seconds
+
+    return waits
+
+
 def close_starter_socket_in_children():
     """Keep the starting process's own Thespian socket out of the admin and every actor.
 

@@ -26,6 +26,7 @@ from thespian.actors import ActorExitRequest, ActorSystemMessage, ThespianWatch
 from actorbroker.actors import broker, connection, dispatcher, log as log_actor, signing, subscription
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
+from actorbroker.actors.system import thespian_waits
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import RUN_TIME
 from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
@@ -276,6 +277,8 @@ class TopicActor(BrokerActor):
                  self.name, self.next_offset, len(msg.cursors), extra={"topic": self.name})
 
     def on_WatchMessage(self, msg, sender):
+        if self.reactor.outside is None:   # idle in our epoll, Thespian's sockets included
+            self.reactor.outside = thespian_waits(self)
         self.reactor.poll(quiet=lambda sends=self.thespian_sends: self.quiet_since(sends))
 
     # --- supervision --------------------------------------------------------------------------------

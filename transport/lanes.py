@@ -44,6 +44,7 @@ _HEADER = struct.Struct(">I")
 RELAY_ABOVE = 256   # fds in a Reactor beyond which Thespian watches a relay pipe, not the epoll
 IDLE_WAIT_S = 0.001  # a lingering poll returns to Thespian after this long without an event
 RECORD_PATH_LINGER_S = 0.005   # the linger of the actors on the record path (see Reactor)
+MAX_IDLE_S = 0.5     # the longest a lingering poll waits with `outside` before passing through Thespian
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
@@ -83,6 +84,14 @@ class Reactor:
     sockets) costs far more CPU than an epoll wait, and a stream of lane frames would otherwise
     pay one pass per frame; Thespian messages to the actor wait at most `linger` meanwhile, and
     messages from it not at all (an actor that sent one stops lingering: `quiet`).
+
+    `outside` (set by the owner, optional) makes the linger an idle wait: a callable returning
+    None when the owner's other loop (Thespian's) has work now, else `(fds, seconds)`: the fds
+    that loop waits on and how long until its next timer. Then the poll waits for a lane or a
+    socket of its own *or* one of those fds, up to that long: a frame arriving at an idle actor
+    wakes it here directly (one epoll wait) instead of through a pass of Thespian's loop
+    (measured here: 0.14 ms against 0.42 ms from a write to the handler), and the moment
+    Thespian has something to do (a message, a signal's wakeup, a timer), it returns.
     """
 
     def __init__(self, relay=False, linger=0.0):
@@ -92,6 +101,9 @@ class Reactor:
         self.masks = {}
         self.relay = None
         self.relaying = False
+        self.outside = None
+        self._outer = None        # an epoll of the outside fds, in ours only during an idle wait
+        self._outer_fds = set()
         if relay:
             self.relay_r, self.relay_w = os.pipe()
             os.set_blocking(self.relay_r, False)
@@ -152,13 +164,18 @@ class Reactor:
         try:
             ready = self.epoll.poll(0, max_events)
             deadline = None
+            outside_ready = False
             while ready:
                 for fd, events in ready:
                     handler = self.handlers.get(fd)
                     if handler is not None:
                         handler.on_event(fd, events)
-                if not self.linger or (quiet is not None and not quiet()):
+                if not self.linger or (quiet is not None and not quiet()) or outside_ready:
                     break
+                waits = self.outside() if self.outside is not None else None
+                if waits is not None:
+                    ready, outside_ready = self._idle_wait(waits[0], min(waits[1], MAX_IDLE_S), max_events)
+                    continue
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.linger
@@ -169,7 +186,41 @@ class Reactor:
             if self.relaying:
                 self.armed.set()   # the relay may wait for the next readiness now
 
+    def _idle_wait(self, fds, timeout, max_events):
+        """Wait for our fds or the outside ones: (what is ready of ours, whether an outside fd is
+        ready). Nothing ready of ours: return to the outside loop (its fd is ready, or its timer
+        is due)."""
+        if timeout <= 0:
+            return [], False
+        if self._outer is None:
+            self._outer = select.epoll()
+        outer = self._outer
+        fds = set(fds)
+        for fd in self._outer_fds - fds:
+            try:
+                outer.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        for fd in fds:   # every time: a closed fd left the epoll by itself, and its number returns
+            try:
+                outer.register(fd, IN)
+            except FileExistsError:
+                pass
+            except (OSError, ValueError):   # closed meanwhile: the outside loop will see to it
+                return [], True
+        self._outer_fds = fds
+        outer_fd = outer.fileno()
+        self.epoll.register(outer_fd, IN)
+        try:
+            ready = self.epoll.poll(timeout, max_events)
+        finally:
+            self.epoll.unregister(outer_fd)
+        ours = [(fd, events) for fd, events in ready if fd != outer_fd]
+        return ours, len(ours) != len(ready)
+
     def close(self):
+        if self._outer is not None:
+            self._outer.close()
         self.epoll.close()
         if self.relay is not None:
             self.armed.set()
