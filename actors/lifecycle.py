@@ -13,8 +13,10 @@ class Event:
     fields: dict         # the frame's fields of this kind (`topic` among them when it has one)
 
 
-def emit(actor, events_address, kind, **fields):
-    """Send an event, decided now, to the EventsActor (when the broker has one). One ordered
-    channel per sender: its events arrive in the order it decided them, batched."""
+def emit(actor, events_address, kind, decided=None, **fields):
+    """Send an event, decided now (or at `decided`, a time.time() taken earlier), to the
+    EventsActor (when the broker has one). One ordered channel per sender: its events arrive in
+    the order it decided them, batched."""
     if events_address is not None:
-        actor.send_ordered(events_address, Event(kind, time.time(), fields), "events", lazy=True)
+        event = Event(kind, time.time() if decided is None else decided, fields)
+        actor.send_ordered(events_address, event, "events", lazy=True)

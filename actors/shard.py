@@ -314,7 +314,7 @@ class ShardActor(BrokerActor):
                 break
             except OSError as exc:
                 self._handle_events(client, events, publishes)
-                self._closed(client, f"socket error: {exc}")
+                self._closed(client, socket_end_reason(exc))
                 return
             if not data:
                 self._handle_events(client, events, publishes)
@@ -659,7 +659,7 @@ class ShardActor(BrokerActor):
             except OSError as exc:
                 outbox.clear()
                 if client.state == "open":
-                    self._closed(client, f"socket error: {exc}")
+                    self._closed(client, socket_end_reason(exc))
                 else:
                     self._finish(client)
                 return
@@ -699,7 +699,7 @@ class ShardActor(BrokerActor):
                 outbox.clear()
                 tls.outgoing.clear()
                 if client.state == "open":
-                    self._closed(client, f"socket error: {exc}")
+                    self._closed(client, socket_end_reason(exc))
                 else:
                     self._finish(client)
                 return
@@ -752,27 +752,29 @@ class ShardActor(BrokerActor):
             return
         connection_id = client.session.id
         client.session.open = False
+        # The dispatchers hear it first, over their lanes, and hand over at once (failover); the
+        # paperwork comes after, and must not take the CPU the takeover needs.
+        detected = time.time()
+        for consumer_id in client.session.consumers:
+            self.acks_waiting.pop(consumer_id, None)   # nobody left to answer
+            self.credits.pop(consumer_id, None)
+            route = self.consumers.pop(consumer_id, None)
+            if route is not None:
+                route[1].send([LaneOp.DETACH, consumer_id, detected])
         # Every log record is a Thespian message to the logger process: a burst of 10,000 ordinary
         # closes must not cost 10,000 of them. Closes for a reason other than EOF stay visible.
         (log.debug if reason in ("eof", STOPPING) else log.info)("connection %s closed: %s", connection_id, reason,
                                                      extra={"connection": connection_id})
         cause = close_cause(reason)
         self.disconnects[cause] += 1
+        # decided before the DETACHes went: watchers see the close before what it caused
         if cause == "slow_consumer":
-            emit(self, self.events, "slow_consumer", connection=connection_id)
-        emit(self, self.events, "connection_closed", connection=connection_id, cause=cause)
-        detected = time.time()
-        # lazy: the dispatchers hear it first over their lanes (DETACH, below) and hand over at
-        # once; this paperwork must not take the CPU the takeover needs (it goes within LAZY_S)
+            emit(self, self.events, "slow_consumer", detected, connection=connection_id)
+        emit(self, self.events, "connection_closed", detected, connection=connection_id, cause=cause)
+        # lazy: it goes within LAZY_S, after the takeover
         self.send_ordered(self.supervisor, connection.ConnectionClosed(connection_id, reason), "shard", lazy=True)
         for producer_id in list(client.session.producers):
             self._drop_producer(producer_id)
-        for consumer_id in client.session.consumers:
-            self.acks_waiting.pop(consumer_id, None)   # nobody left to answer
-            self.credits.pop(consumer_id, None)
-            route = self.consumers.pop(consumer_id, None)
-            if route is not None:   # the dispatcher hears it first, over the lane: failover at once
-                route[1].send([LaneOp.DETACH, consumer_id, detected])
         for lane, consumer_id in client.deferred_acks:
             lane.send([LaneOp.DELIVER_ACK, consumer_id])
         client.deferred_acks.clear()
@@ -872,6 +874,14 @@ class ShardActor(BrokerActor):
         if self.hub is not None:
             self.hub.close()
         self.reactor.close()
+
+
+def socket_end_reason(exc):
+    """The close reason for a socket call that failed with `exc`. A peer that reset the connection
+    (a client killed with unread data on its socket, or closed it so) ended it like an EOF."""
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return "eof"
+    return f"socket error: {exc}"
 
 
 def close_cause(reason):
