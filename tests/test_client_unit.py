@@ -141,3 +141,23 @@ def test_cli_arguments():
     assert (args.url, args.tls_ca, args.tls_no_check_hostname) == (("h", 6651, True), "ca.pem", False)
     with pytest.raises(SystemExit):
         parser.parse_args(["consume", "/a/b"])                 # -s is required
+
+
+def test_the_sync_client_loads_neither_ssl_nor_asyncio_until_asked():
+    """A process that only produces and consumes pays for what it uses: ssl and asyncio (several MB
+    of a process's memory, which also lengthens its exit, and so a failover takeover after its
+    kill -9) come in only with TLS or the asyncio client."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "from actorbroker.transport.client import Client, TlsOptions\n"
+            "TlsOptions(ca_file=None, check_hostname=False)\n"
+            "print(' '.join(m for m in ('ssl', 'asyncio', 'logging', 'uuid') if m in sys.modules))\n"
+            "from actorbroker.transport.client.tls import client_context\n"
+            "client_context(TlsOptions())\n"
+            "print('ssl' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loaded, ssl_after = out.stdout.splitlines()
+    assert "ssl" not in loaded.split() and "asyncio" not in loaded.split(), loaded
+    assert ssl_after == "True"

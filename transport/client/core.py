@@ -21,8 +21,7 @@ control counts, receiver-queue credits, end state); the I/O classes derive from 
 only how to wait and wake.
 """
 import itertools
-import logging
-import uuid
+import os
 from collections import namedtuple
 from itertools import repeat
 
@@ -31,7 +30,6 @@ from actorbroker.transport.errors import (
     BAD_REQUEST, FATAL_CODES, INTERNAL, OVERLOADED, UNKNOWN_CONSUMER, UNKNOWN_PRODUCER, BrokerError,
     ConnectionLost, ConsumerClosed, ProducerClosed, error_for, error_from_frame)
 
-log = logging.getLogger("actorbroker.client")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6650
@@ -161,7 +159,7 @@ def parse_url(url, default_port=DEFAULT_PORT):
 
 
 def default_consumer_name(client_name):
-    return f"{client_name}-{uuid.uuid4().hex[:12]}"
+    return f"{client_name}-{os.urandom(6).hex()}"
 
 
 # --- frames -----------------------------------------------------------------------------------
@@ -848,7 +846,8 @@ class ClientCore:
             if error.code in FATAL_CODES or error.code == OVERLOADED:
                 self.last_error = error
             else:
-                log.warning("broker error on a one-way op: %s", error)
+                import logging   # only here: the client imports no more than it needs
+                logging.getLogger("actorbroker.client").warning("broker error on a one-way op: %s", error)
 
     def _push(self, target, frame, events):
         if frame["op"] == "message":

@@ -7,25 +7,26 @@ the threaded client.
 The certificate is verified against the CAs given (default: the system's) and its names
 against the host connected to (or `server_name`), unless `check_hostname=False`.
 """
-import ssl
 import threading
-from dataclasses import dataclass
-from typing import Optional
+from collections import namedtuple
 
-from actorbroker.transport.tls import TlsConnection
+# ssl is imported only when a connection uses TLS: it is the heaviest import of the client (about
+# 5 MB of a process that only speaks plain TCP, and memory a killed process must give back before
+# its sockets close, which delays the broker's notice of its end).
 
-
-@dataclass(frozen=True)
-class TlsOptions:
-    ca_file: Optional[str] = None      # CAs to trust (PEM); default: the system's
-    cert_file: Optional[str] = None    # our certificate chain, for mutual TLS
-    key_file: Optional[str] = None     # its key (default: in cert_file)
-    server_name: Optional[str] = None  # the name the broker's certificate must carry (default: host)
-    check_hostname: bool = True        # False: any name in a certificate of a trusted CA
+TlsOptions = namedtuple("TlsOptions", ["ca_file", "cert_file", "key_file", "server_name", "check_hostname"],
+                        defaults=[None, None, None, None, True])
+TlsOptions.__doc__ = """TLS options of a client connection (immutable):
+    ca_file: CAs to trust (PEM); default: the system's
+    cert_file: our certificate chain, for mutual TLS
+    key_file: its key (default: in cert_file)
+    server_name: the name the broker's certificate must carry (default: the host connected to)
+    check_hostname: False: any name in a certificate of a trusted CA"""
 
 
 def client_context(tls):
     """An SSLContext from `tls`: a TlsOptions, True (system defaults) or an SSLContext."""
+    import ssl
     if isinstance(tls, ssl.SSLContext):
         return tls
     options = tls if isinstance(tls, TlsOptions) else TlsOptions()
@@ -50,6 +51,7 @@ class TlsSocket:
     every TLS call is made under one lock, and the socket I/O outside it."""
 
     def __init__(self, sock, context, hostname, timeout):
+        from actorbroker.transport.tls import TlsConnection
         self._sock = sock
         self._tls = TlsConnection(context, server_side=False, server_hostname=hostname)
         self._tls_lock = threading.Lock()    # every call on self._tls
@@ -78,7 +80,7 @@ class TlsSocket:
             with self._tls_lock:
                 try:
                     plain = self._tls.receive(data)
-                except ssl.SSLError as exc:
+                except OSError as exc:   # ssl.SSLError is one
                     self._failure = exc
                     raise
                 answer = bool(self._tls.outgoing)
