@@ -87,6 +87,9 @@ class SubscriptionActor(BrokerActor):
         # A connection's end reaches us twice: from the dispatcher (MembersLost, its lane's EOF)
         # and from the ConnectionActor (this): only the first removal can make us idle.
         removed = self._remove(msg.consumer_id, "connection_closed" if msg.rid is None else "closed")
+        if removed and not self.consumers and msg.rid is not None and self.dispatch == "non_reliable":
+            self._idle_check(msg.rid, msg.reply_to)   # the topic answers, once it has dropped us
+            return
         if msg.rid is not None:
             self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
         if removed:
@@ -101,8 +104,8 @@ class SubscriptionActor(BrokerActor):
 
     def on_Unsubscribe(self, msg, sender):
         self._remove(msg.consumer_id, "unsubscribed")
-        self._end_all("unsubscribed", topic.RemoveSubscription(self.name))
-        self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
+        # answered by the topic once the subscription (and its cursor) is gone
+        self._end_all("unsubscribed", topic.RemoveSubscription(self.name, msg.rid, msg.reply_to))
 
     def on_EndAll(self, msg, sender):
         self._end_all(msg.reason, topic.SubscriptionEnded(self.name))
@@ -124,8 +127,9 @@ class SubscriptionActor(BrokerActor):
             self.send_ordered(self.dispatcher, dispatcher.RemoveConsumer(consumer_id, cause), "members")
         return True
 
-    def _idle_check(self):
+    def _idle_check(self, rid=None, reply_to=None):
         if not self.consumers:
             # through the dispatcher, after the removals on the same channel: the topic may end
             # the dispatcher as soon as it hears, and the removals must have been handled by then
-            self.send_ordered(self.dispatcher, topic.SubscriptionIdle(self.name, self.attaches), "members")
+            self.send_ordered(self.dispatcher, topic.SubscriptionIdle(self.name, self.attaches, rid, reply_to),
+                              "members")

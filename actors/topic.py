@@ -96,14 +96,21 @@ class Subscribe:
 
 @dataclass(frozen=True)
 class SubscriptionIdle:
-    """The subscription's last consumer left after it had seen `attaches` subscribes."""
+    """The subscription's last consumer left after it had seen `attaches` subscribes. When that
+    was a close_consumer (`rid`), its `ok` is ours to send, once the subscription is dropped: a
+    client that closed the last consumer of a non_reliable subscription then finds it gone."""
     name: str
     attaches: int
+    rid: Any = None
+    reply_to: Any = None
 
 
 @dataclass(frozen=True)
 class RemoveSubscription:
+    """Unsubscribed: drop it, then answer the unsubscribe (`rid`), if any."""
     name: str
+    rid: Any = None
+    reply_to: Any = None
 
 
 @dataclass(frozen=True)
@@ -560,9 +567,15 @@ class TopicActor(BrokerActor):
         # Only if no subscribe was forwarded after the subscription found itself empty.
         if sub is not None and sub.attaches == msg.attaches and self.dispatch == "non_reliable":
             self._drop_subscription(msg.name)
+        self._answer_ok(msg)
 
     def on_RemoveSubscription(self, msg, sender):
         self._drop_subscription(msg.name)
+        self._answer_ok(msg)
+
+    def _answer_ok(self, msg):
+        if msg.rid is not None:
+            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
 
     def _drop_subscription(self, name):
         sub = self.subs.pop(name, None)

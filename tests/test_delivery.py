@@ -142,6 +142,36 @@ def test_unsubscribe_closes_the_other_consumers(broker, client, topic):
     other.close()
 
 
+@pytest.mark.parametrize("dispatch", ["non_reliable", "reliable"])
+def test_a_subscription_is_gone_when_unsubscribe_is_answered(client, topic, dispatch):
+    """`ok` to unsubscribe means deleted: stats asked right after it do not list the subscription
+    (the race this guards against showed in a few of 20 tries)."""
+    producer = client.producer(topic, dispatch=dispatch)
+    for i in range(15):
+        consumer = client.subscribe(topic, f"s{i}", "shared", "c", dispatch=dispatch)
+        producer.send_sync(b"x")
+        consumer.unsubscribe()
+        assert [s["name"] for s in client.stats(topic)["subscriptions"]] == [], i
+
+
+def test_closing_the_last_consumer_of_a_non_reliable_subscription_removes_it_before_the_ok(client, topic):
+    """PROTOCOL.md: a non_reliable subscription with no consumer left is removed with its backlog.
+    Once close_consumer is answered, stats do not list it, and what is published next is not kept
+    for it: the next subscriber of that name starts afresh."""
+    producer = client.producer(topic)
+    for i in range(15):
+        consumer = client.subscribe(topic, "s", "shared", "a")
+        producer.send_sync(b"before")
+        assert consumer.receive(timeout=10).payload == b"before"
+        consumer.close()
+        assert client.stats(topic)["subscriptions"] == [], i
+        producer.send_sync(b"unseen")
+        again = client.subscribe(topic, "s", "exclusive", "b")   # another type: a new subscription
+        producer.send_sync(b"after")
+        assert again.receive(timeout=10).payload == b"after", i
+        again.close()
+
+
 def test_delete_topic_closes_producers_and_consumers(client, topic):
     consumer = client.subscribe(topic, "s", "shared", "c")
     producer = client.producer(topic)
