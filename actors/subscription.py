@@ -4,6 +4,8 @@ The data path does not pass through it: it tells its Dispatcher who to deliver t
 from dataclasses import dataclass
 from typing import Any
 
+from thespian.actors import ActorAddress
+
 from actorbroker.actors import connection, dispatcher, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.transport import errors as E
@@ -87,7 +89,8 @@ class SubscriptionActor(BrokerActor):
         # A connection's end reaches us twice: from the dispatcher (MembersLost, its lane's EOF)
         # and from the ConnectionActor (this): only the first removal can make us idle.
         removed = self._remove(msg.consumer_id, "connection_closed" if msg.rid is None else "closed")
-        if removed and not self.consumers and msg.rid is not None and self.dispatch == "non_reliable":
+        if (removed and not self.consumers and msg.rid is not None and self.dispatch == "non_reliable"
+                and isinstance(self.dispatcher, ActorAddress)):
             self._idle_check(msg.rid, msg.reply_to)   # the topic answers, once it has dropped us
             return
         if msg.rid is not None:
@@ -104,6 +107,9 @@ class SubscriptionActor(BrokerActor):
 
     def on_Unsubscribe(self, msg, sender):
         self._remove(msg.consumer_id, "unsubscribed")
+        if not isinstance(self.dispatcher, ActorAddress):   # nothing to pass it on through
+            self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
+            return
         # answered by the topic once the subscription (and its cursor) is gone
         self._end_all("unsubscribed", topic.RemoveSubscription(self.name, msg.rid, msg.reply_to))
 
