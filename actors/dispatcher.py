@@ -222,6 +222,8 @@ class DispatcherActor(BrokerActor):
             self._nack(frame[2], frame[3])
         elif op == LaneOp.DETACH:
             self._detached(frame[1], frame[2] if len(frame) > 2 else None)
+        elif op == LaneOp.UNDELIVERED:
+            self._undelivered(frame[1], frame[2])
         elif op == LaneOp.RECORDS:
             if lane is self.log_lane:
                 self._log_records(frame[1], frame[2], frame[3])
@@ -570,6 +572,25 @@ class DispatcherActor(BrokerActor):
             if detected is not None:   # detection (in the shard) to cleanup (here, done now)
                 self.cleanup_time.observe(max(0.0, time.time() - detected))
 
+    def _undelivered(self, consumer_id, runs):
+        """Records sent to a consumer whose connection had already ended: no socket took them. A
+        non_reliable subscription gives them to the consumers it has now, ahead of the rest (at
+        most once still holds: nobody had them), unless one of those has had a newer record
+        meanwhile (then they would arrive out of order: dropped, as before). A reliable one
+        counted them unacked by the gone consumer, and redelivered them when it detached."""
+        consumer = self.policy.consumers.get(consumer_id)
+        if consumer is not None:   # still ours (a stale lane): only the DELIVER_ACK it stands for
+            consumer.in_flight -= 1
+        elif not self.reliable:
+            count = sum(run[RUN_COUNT] for run in runs)
+            self.msgs_out -= count
+            newest = max((c.last_offset for c in self.policy.consumers.values()), default=-1)
+            if runs and newest < min(run[0] for run in runs):
+                self.policy.requeue(runs)
+            else:   # a consumer has had newer ones since: these would come out of order
+                self.dropped += count
+        self._pump()
+
     def on_CloseAll(self, msg, sender):
         for consumer_id in list(self.policy.consumers):
             self._close(consumer_id, msg.reason)
@@ -714,6 +735,8 @@ class DispatcherActor(BrokerActor):
             if lane is None:   # credits only come over that lane: it was there a moment ago
                 continue
             consumer.in_flight += 1
+            if not self.reliable:
+                consumer.last_offset = max(run[0] + run[RUN_COUNT] for run in records) - 1
             consumer.msgs_out += count
             self.msgs_out += count
             if self.metrics_on:

@@ -30,6 +30,7 @@ class ConsumerState:
     unacked: int = 0       # reliable: delivered, not acknowledged yet
     max_unacked: int = 1 << 62
     tracks_acks: bool = False
+    last_offset: int = -1  # the newest record delivered to it (non_reliable: see UNDELIVERED)
 
     def room(self):
         """How many records it may be given now."""

@@ -506,8 +506,8 @@ class ShardActor(BrokerActor):
         route = self.consumers.get(consumer_id)
         # (a consumer re-attached elsewhere has a new lane: what its old dispatcher sends is stale)
         client = self.clients.get(route[0]) if route and route[1] is lane else None
-        if client is None or client.state != "open":
-            lane.send([LaneOp.DELIVER_ACK, consumer_id])   # dropped: the consumer is gone
+        if client is None or client.state != "open":   # the consumer is gone: back to its dispatcher
+            lane.send([LaneOp.UNDELIVERED, consumer_id, runs])
             return
         encode = encode_run_frames if client.session.version >= 2 else encode_runs_v1
         client.session.write(b"".join(encode(consumer_id, runs, self.config.max_frame)))

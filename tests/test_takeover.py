@@ -101,3 +101,35 @@ def test_records_read_with_a_detach_go_to_the_standby_with_the_active_push(tmp_p
     sent = sent_messages(d)
     assert connection.ActiveChanged(2, True) in sent
     assert subscription.MembersLost([1]) in sent
+
+
+def test_records_the_shard_could_not_write_go_to_the_standby(tmp_path):
+    """A DELIVER that reached the shard after the active consumer's connection had ended (its
+    DETACH already on the way) comes back UNDELIVERED: on a non_reliable subscription nobody had
+    those records, so the consumer that takes over gets them, in order, before anything newer."""
+    config = BrokerConfig(data_dir=str(tmp_path), port=0, io_shards=1)
+    d = make(dispatcher.DispatcherActor,
+             dispatcher.InitDispatcher("/t/fo", "s", "failover", "non_reliable", config))
+    topic_lane, shard_lane = PeerLane(d.hub.address, "/t/fo"), PeerLane(d.hub.address, "shard-x")
+    while "shard-x" not in d.shard_lanes:
+        wake(d)
+    for consumer_id, name in ((1, "a"), (2, "b")):
+        d.receiveMessage(dispatcher.AddConsumer(consumer_id, name, "shard-x", OWNER, (7, consumer_id), None),
+                         SUBSCRIPTION)
+        shard_lane.send([LaneOp.FLOW, consumer_id, 100])
+    topic_lane.send([LaneOp.DISPATCH, [RUN0]])
+    delivered = []
+    while not delivered:
+        wake(d)
+        delivered = [f for f in shard_lane.frames() if f[0] == LaneOp.DELIVER]
+    assert delivered == [[LaneOp.DELIVER, 1, [RUN0]]]
+
+    shard_lane.send([LaneOp.DETACH, 1, None])
+    shard_lane.send([LaneOp.UNDELIVERED, 1, [RUN0]])
+    topic_lane.send([LaneOp.DISPATCH, [RUN1]])
+    got = []
+    while sum(len(f[2]) for f in got) < 2:
+        wake(d)
+        got += [f for f in shard_lane.frames() if f[0] == LaneOp.DELIVER]
+    assert [run[0] for f in got for run in f[2]] == [0, 1]
+    assert {f[1] for f in got} == {2}

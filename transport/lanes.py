@@ -518,6 +518,8 @@ class LaneOp:
     DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id, time.time() the end was detected]
     READ = 16         # dispatcher -> log: [READ, token, offset, max records]
     RECORDS = 17      # log -> dispatcher: [RECORDS, token, [run...] from the offset asked, first retained offset]
+    UNDELIVERED = 18  # shard -> dispatcher: [UNDELIVERED, consumer_id, [run...]]: a DELIVER for a consumer
+                      # whose connection had ended (its DETACH went first): written nowhere
 
 
 __all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame"]
