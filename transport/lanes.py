@@ -85,13 +85,16 @@ class Reactor:
     pay one pass per frame; Thespian messages to the actor wait at most `linger` meanwhile, and
     messages from it not at all (an actor that sent one stops lingering: `quiet`).
 
-    `outside` (set by the owner, optional) makes the linger an idle wait: a callable returning
-    None when the owner's other loop (Thespian's) has work now, else `(fds, seconds)`: the fds
-    that loop waits on and how long until its next timer. Then the poll waits for a lane or a
-    socket of its own *or* one of those fds, up to that long: a frame arriving at an idle actor
-    wakes it here directly (one epoll wait) instead of through a pass of Thespian's loop
-    (measured here: 0.14 ms against 0.42 ms from a write to the handler), and the moment
-    Thespian has something to do (a message, a signal's wakeup, a timer), it returns.
+    `outside` (set by the owner, optional) makes the end of the linger an idle wait: a callable
+    returning None when the owner's other loop (Thespian's) has work now, else `(fds, seconds)`:
+    the fds that loop waits on and how long until its next timer. When no frame came within a
+    millisecond (or the linger is over), the poll waits for a lane or a socket of its own *or*
+    one of those fds, up to that long: a frame arriving at an idle actor wakes it here directly
+    (one epoll wait) instead of through a pass of Thespian's loop (measured here: 0.14 ms against
+    0.42 ms from a write to the handler), and the moment Thespian has something to do (a
+    message, a signal's wakeup, a timer), it returns. The millisecond of plain waiting first
+    keeps the idle wait's set-up (Thespian's fds added to an epoll) off a steady stream: with
+    the idle wait right after every frame, latency at 1,000 msg/s was 0.1 ms worse at p50.
     """
 
     def __init__(self, relay=False, linger=0.0):
@@ -172,16 +175,18 @@ class Reactor:
                         handler.on_event(fd, events)
                 if not self.linger or (quiet is not None and not quiet()) or outside_ready:
                     break
-                waits = self.outside() if self.outside is not None else None
-                if waits is not None:
-                    ready, outside_ready = self._idle_wait(waits[0], min(waits[1], MAX_IDLE_S), max_events)
-                    continue
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.linger
-                elif now >= deadline:
+                if now < deadline:   # a stream of frames: the next one comes within a millisecond
+                    ready = self.epoll.poll(min(IDLE_WAIT_S, deadline - now), max_events)
+                    if ready:
+                        continue
+                waits = self.outside() if self.outside is not None else None
+                if waits is None:
                     break
-                ready = self.epoll.poll(min(IDLE_WAIT_S, deadline - now), max_events)
+                ready, outside_ready = self._idle_wait(waits[0], min(waits[1], MAX_IDLE_S), max_events)
+                deadline = None
         finally:
             if self.relaying:
                 self.armed.set()   # the relay may wait for the next readiness now
