@@ -67,14 +67,16 @@ def sent_messages(actor):
     return out
 
 
-def test_records_read_with_a_detach_go_to_the_standby_with_the_active_push(tmp_path):
+def failover_with_one_delivery(tmp_path):
+    """A non_reliable failover dispatcher with its topic's lane and a shard's lane, consumers 1
+    ("a", active: the first by name) and 2 ("b") on that shard, RUN0 delivered to 1."""
     config = BrokerConfig(data_dir=str(tmp_path), port=0, io_shards=1)
     d = make(dispatcher.DispatcherActor,
              dispatcher.InitDispatcher("/t/fo", "s", "failover", "non_reliable", config))
     topic_lane, shard_lane = PeerLane(d.hub.address, "/t/fo"), PeerLane(d.hub.address, "shard-x")
     while "shard-x" not in d.shard_lanes:   # accepted, then their HELLOs read
         wake(d)
-    for consumer_id, name in ((1, "a"), (2, "b")):   # "a" is active: the first by name
+    for consumer_id, name in ((1, "a"), (2, "b")):
         d.receiveMessage(dispatcher.AddConsumer(consumer_id, name, "shard-x", OWNER, (7, consumer_id), None),
                          SUBSCRIPTION)
         shard_lane.send([LaneOp.FLOW, consumer_id, 100])
@@ -84,6 +86,11 @@ def test_records_read_with_a_detach_go_to_the_standby_with_the_active_push(tmp_p
         wake(d)
         delivered = [f for f in shard_lane.frames() if f[0] == LaneOp.DELIVER]
     assert delivered == [[LaneOp.DELIVER, 1, [RUN0]]]
+    return d, topic_lane, shard_lane
+
+
+def test_records_read_with_a_detach_go_to_the_standby_with_the_active_push(tmp_path):
+    d, topic_lane, shard_lane = failover_with_one_delivery(tmp_path)
     shard_lane.send([LaneOp.DELIVER_ACK, 1])
     wake(d)
     # epoll reports a level-triggered fd it reported last time first, if ready: make that the
@@ -107,22 +114,7 @@ def test_records_the_shard_could_not_write_go_to_the_standby(tmp_path):
     """A DELIVER that reached the shard after the active consumer's connection had ended (its
     DETACH already on the way) comes back UNDELIVERED: on a non_reliable subscription nobody had
     those records, so the consumer that takes over gets them, in order, before anything newer."""
-    config = BrokerConfig(data_dir=str(tmp_path), port=0, io_shards=1)
-    d = make(dispatcher.DispatcherActor,
-             dispatcher.InitDispatcher("/t/fo", "s", "failover", "non_reliable", config))
-    topic_lane, shard_lane = PeerLane(d.hub.address, "/t/fo"), PeerLane(d.hub.address, "shard-x")
-    while "shard-x" not in d.shard_lanes:
-        wake(d)
-    for consumer_id, name in ((1, "a"), (2, "b")):
-        d.receiveMessage(dispatcher.AddConsumer(consumer_id, name, "shard-x", OWNER, (7, consumer_id), None),
-                         SUBSCRIPTION)
-        shard_lane.send([LaneOp.FLOW, consumer_id, 100])
-    topic_lane.send([LaneOp.DISPATCH, [RUN0]])
-    delivered = []
-    while not delivered:
-        wake(d)
-        delivered = [f for f in shard_lane.frames() if f[0] == LaneOp.DELIVER]
-    assert delivered == [[LaneOp.DELIVER, 1, [RUN0]]]
+    d, topic_lane, shard_lane = failover_with_one_delivery(tmp_path)
 
     shard_lane.send([LaneOp.DETACH, 1, None])
     shard_lane.send([LaneOp.UNDELIVERED, 1, [RUN0]])
