@@ -551,6 +551,14 @@ class DispatcherActor(BrokerActor):
 
     def on_SubscriptionIdle(self, msg, sender):
         """From the SubscriptionActor, after the removals it sent before (see its _idle_check)."""
+        self._tell_topic_before_the_end(msg)
+
+    def _tell_topic_before_the_end(self, msg):
+        """The topic may end us when it hears `msg`: our lazy events (the consumer_detached just
+        decided) go now, with it. Sent while the ActorExitRequest is handled, they were lost now
+        and then (a watcher never saw that consumer_detached; the same Thespian hazard as in
+        BrokerActor.exit_self)."""
+        self.expedite("events")
         self.send(self.topic, msg)
 
     def _detached(self, consumer_id, detected):
@@ -595,7 +603,7 @@ class DispatcherActor(BrokerActor):
         for consumer_id in list(self.policy.consumers):
             self._close(consumer_id, msg.reason)
         if msg.then_tell_topic is not None:
-            self.send(self.topic, msg.then_tell_topic)
+            self._tell_topic_before_the_end(msg.then_tell_topic)
 
     def _close(self, consumer_id, reason):
         consumer = self.policy.consumers.get(consumer_id)

@@ -19,7 +19,10 @@ def events_until(client, done, first_seq=1, timeout=20):
     """Events of `client`'s watch until done(events) holds; checks that seq has no gap."""
     got = []
     while not done(got):
-        event = client.next_event(timeout=timeout)
+        try:
+            event = client.next_event(timeout=timeout)
+        except TimeoutError:
+            raise AssertionError(f"no more events within {timeout} s; got {got}") from None
         assert event["seq"] == first_seq + len(got), (event, got[-3:])
         got.append(event)
     return got
