@@ -144,9 +144,8 @@ def test_cli_arguments():
 
 
 def test_the_sync_client_loads_neither_ssl_nor_asyncio_until_asked():
-    """A process that only produces and consumes pays for what it uses: ssl and asyncio (several MB
-    of a process's memory, which also lengthens its exit, and so a failover takeover after its
-    kill -9) come in only with TLS or the asyncio client."""
+    """A process that only produces and consumes pays for what it uses: ssl and asyncio (MBs of a
+    process's memory, and start-up time) come in only with TLS or the asyncio client."""
     import subprocess
     import sys
     code = ("import sys\n"

@@ -11,8 +11,7 @@ import threading
 from collections import namedtuple
 
 # ssl is imported only when a connection uses TLS: it is the heaviest import of the client (about
-# 5 MB of a process that only speaks plain TCP, and memory a killed process must give back before
-# its sockets close, which delays the broker's notice of its end).
+# 2 MB of the memory of a process that only speaks plain TCP, and time at its start).
 
 TlsOptions = namedtuple("TlsOptions", ["ca_file", "cert_file", "key_file", "server_name", "check_hostname"],
                         defaults=[None, None, None, None, True])
