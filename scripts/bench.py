@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 from actorbroker.scripts import bench_cluster, bench_operability, bench_peers, proctree
-from actorbroker.scripts.bench_common import term_with_parent
+from actorbroker.scripts.bench_common import make_payload, term_with_parent
 from actorbroker.transport.client import parse_url
 from actorbroker.scripts.local_broker import ROOT, LocalBroker
 
@@ -590,13 +590,14 @@ class Bench:
             seq = 0
             while not stop.is_set():
                 try:
-                    producer.send(b"%d" % seq)
+                    producer.send(make_payload(seq, 16))   # stamped with its send time
                 except Exception:   # noqa: BLE001
                     return
                 seq += 1
                 time.sleep(0.001)
         threading.Thread(target=pump, daemon=True).start()
         results = {"close": [], "kill": []}
+        waited = {"close": [], "kill": []}
         try:
             first = wait_event(active, "first", 15)
             if first is None:
@@ -617,10 +618,17 @@ class Bench:
                     note(f"failover rep {rep} ({kind}): no takeover within 15s")
                 else:
                     results[kind].append((ev["t_ns"] - t0) / 1e6)
+                    # the part spent waiting for the producer: the standby's first record was sent
+                    # this long after the kill/close (the ones before went to the gone consumer)
+                    waited[kind].append(max(0, ev["sent_ns"] - t0) / 1e6)
                 active.stop()
                 active, waiting = waiting, standby()
             note("failover takeover: " + ", ".join(
                 f"{k} p50 {_fmt(pct(v, 50))} ms p99 {_fmt(pct(v, 99))} ms (n={len(v)})" for k, v in results.items()))
+            note("  of it, waiting for the producer's next record: " + ", ".join(
+                f"{k} p50 {_fmt(pct(v, 50))} ms" for k, v in waited.items()) + "; the rest: " + ", ".join(
+                f"{k} p50 {_fmt(pct([t - w for t, w in zip(results[k], v)], 50))} ms" for k, v in waited.items()))
+            self.details["failover_waited_ms"] = waited
         finally:
             stop.set()
             active.stop()

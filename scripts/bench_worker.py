@@ -132,7 +132,7 @@ def consume(args):
 
 
 def failover(args):
-    """A failover consumer: prints {"event": "first", "t_ns"} at its first message; on SIGUSR1
+    """A failover consumer: prints {"event": "first", "t_ns", "sent_ns"} at its first message; on SIGUSR1
     closes its socket (prints {"event": "closed", "t_ns"} just before) and exits."""
     host, port = parse_url(args.url)
     client = Client(host, port, name=f"bench-{args.name}")
@@ -153,7 +153,7 @@ def failover(args):
             emit({"event": "closed", "t_ns": t})
             os._exit(0)
         try:
-            consumer.receive(timeout=0.05)
+            msg = consumer.receive(timeout=0.05)
         except TimeoutError:
             continue
         except Exception as exc:   # noqa: BLE001
@@ -161,7 +161,7 @@ def failover(args):
             return 1
         if not got_first:
             got_first = True
-            emit({"event": "first", "t_ns": time.time_ns()})
+            emit({"event": "first", "t_ns": time.time_ns(), "sent_ns": STAMP.unpack_from(msg.payload)[0]})
     return 0
 
 
