@@ -10,7 +10,10 @@
   objects, through the sans-IO core;
 - e2e produce / e2e consume: the threaded Client's public API (producer.send + flush,
   consumer.receive) against a fake broker in another process that answers with pre-encoded
-  frames, so that nearly all the CPU measured is the client's.
+  frames, so that nearly all the CPU measured is the client's;
+- wake-up: the fake broker pushes one message every --interval-ms, stamped with its send time;
+  the time from that write to consumer.receive returning it (p50 and p99 of --wakes messages,
+  all runs together): what an idle consumer adds to a message's latency.
 
 Prints microseconds per message (best of --repeat runs; for e2e also the client process's CPU).
 `--version 1` makes the client and the fake broker speak protocol v1 (default: v2).
@@ -18,6 +21,7 @@ Prints microseconds per message (best of --repeat runs; for e2e also the client 
 import argparse
 import multiprocessing
 import socket
+import struct
 import time
 
 from actorbroker.transport.client import Client
@@ -149,6 +153,66 @@ def fake_broker(listener, n, payload):
             conn.sendall(b"".join(out))
 
 
+STAMPED = struct.Struct(">Q")   # a paced push's payload: time.time_ns() just before its write
+
+
+def paced_broker(listener, n, interval_s, version):
+    """Answers hello and subscribe, then pushes n one-message deliveries, interval_s apart."""
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    decoder = FrameDecoder(MAX_FRAME)
+    consumer = None
+    while consumer is None and (data := conn.recv(1 << 16)):
+        decoder.feed(data)
+        for f in decoder:
+            if f["op"] == "hello":
+                reply = {"op": "welcome", "version": f["version"], "broker": "fake", "heartbeat_ms": 5000,
+                         "max_frame": MAX_FRAME}
+            elif f["op"] == "subscribe":
+                consumer = 7
+                reply = {"op": "subscribed", "consumer": consumer, "dispatch": "non_reliable"}
+            else:
+                continue
+            conn.sendall(encode_frame(dict(reply, rid=f["rid"])))
+    conn.setblocking(False)
+    for i in range(n):
+        time.sleep(interval_s)
+        try:
+            while conn.recv(1 << 16):   # flows and the like: not needed here
+                pass
+        except BlockingIOError:
+            pass
+        conn.sendall(b"".join(pushes(consumer, i, [STAMPED.pack(time.time_ns())], version)))
+    conn.setblocking(True)
+    while conn.recv(1 << 16):
+        pass
+
+
+def wake_up(n, interval_s, version):
+    """Microseconds from each paced push's write to receive() returning it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    proc = multiprocessing.get_context("fork").Process(target=paced_broker, args=(listener, n, interval_s, version),
+                                                       daemon=True)
+    proc.start()
+    port = listener.getsockname()[1]
+    listener.close()
+    waits = []
+    try:
+        with Client("127.0.0.1", port, name="microbench", protocol_version=version) as client:
+            consumer = client.subscribe("/b/p", "s", "exclusive", "c")
+            for _ in range(n):
+                msg = consumer.receive(10)
+                waits.append((time.time_ns() - STAMPED.unpack(msg.payload)[0]) / 1000)
+        return waits
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 def with_fake_broker(n, payload, run, version):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -205,7 +269,18 @@ def main(argv=None):
     parser.add_argument("--payload", type=int, default=100, help="payload bytes")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--version", type=int, default=2, choices=(1, 2), help="protocol version")
+    parser.add_argument("--wakes", type=int, default=500, help="paced messages per wake-up run")
+    parser.add_argument("--interval-ms", type=float, default=2.0, help="wake-up: time between pushes")
+    parser.add_argument("--only", choices=("wake",), help="run only this measurement")
     args = parser.parse_args(argv)
+    if args.only != "wake":
+        throughput(args)
+    waits = sorted(w for _ in range(args.repeat) for w in wake_up(args.wakes, args.interval_ms / 1000, args.version))
+    print(f"wake-up (Client), idle -> receive  p50 {waits[len(waits) // 2]:7.1f} us, "
+          f"p99 {waits[int(len(waits) * 0.99)]:7.1f} us ({len(waits)} messages)")
+
+
+def throughput(args):
     n, payload, version = args.n, bytes(args.payload), args.version
     (t,) = best_of(args.repeat, pack, [payload] * n, receipts(n), version)
     print(f"pack send frames (core)       {t / n * 1e6:7.3f} us/msg")
