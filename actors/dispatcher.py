@@ -145,8 +145,10 @@ class DispatcherActor(BrokerActor):
         self.metrics_on = False
         self.bytes_out = 0
         self.promotions = 0
+        self.promoted = None     # (consumer id, stream): lazily announced active, records not yet written
         self.polling = False     # reading the lanes: _pump waits until they have all been read
         self.pump_due = False
+        self.paperwork_due = False
         self.replaced = 0
         self.cleanup_time = Histogram()
 
@@ -191,7 +193,9 @@ class DispatcherActor(BrokerActor):
             if self.pump_due:
                 self._pump()
             self.polling = True
-            return self.quiet_since(sends)
+            quiet = self.quiet_since(sends) and not self.paperwork_due
+            self.paperwork_due = False   # an expedited takeover's messages end the lingering too
+            return quiet
         self.polling = True
         try:
             self.reactor.poll(quiet=batch_done)
@@ -211,6 +215,12 @@ class DispatcherActor(BrokerActor):
             consumer = self.policy.consumers.get(frame[1])
             if consumer is not None:
                 consumer.in_flight -= 1
+                if self.promoted is not None and self.promoted[0] == consumer.id:
+                    # its first records are written: now the paperwork
+                    self.expedite(self.promoted[1])
+                    self.expedite("members-lost")
+                    self.promoted = None
+                    self.paperwork_due = True
                 self._pump()
         elif op == LaneOp.ACK:
             self._ack(lane, frame[1], frame[2], frame[3])
@@ -561,9 +571,9 @@ class DispatcherActor(BrokerActor):
         """Its connection ended: the shard says so over the lane, ahead of the ConnectionActor's
         detach (which then finds nothing to do). The records go to the consumer that takes over
         first; the Thespian messages about it (the SubscriptionActor's MembersLost, `active`,
-        events) are lazy: they go LAZY_S later, when the records the new active consumer takes
-        over with have reached it (sent with its first delivery, they took the CPU that delivery
-        needed on its way through the shard and the client: 0.4-1 ms of a takeover)."""
+        events) are lazy: they go once the shard has written the new active consumer's first
+        records (its DELIVER_ACK), or LAZY_S later. Sent with that delivery, they took the CPU it
+        needed on its way through the shard: 0.4-1 ms of a takeover."""
         if consumer_id in self.policy.consumers:
             before = self._active_flags()
             self._forget(consumer_id, "connection_closed")
@@ -627,8 +637,8 @@ class DispatcherActor(BrokerActor):
         return active.id if active is not None else None
 
     def _announce_active(self, before, skip=None, lazy=False):
-        """Failover: push `active` to the consumers whose state changed (at most two); lazy: within
-        LAZY_S (see _detached)."""
+        """Failover: push `active` to the consumers whose state changed (at most two); lazy: once
+        the new active consumer's first records are written, or LAZY_S later (see _detached)."""
         if not isinstance(self.policy, FailoverPolicy):
             return
         now = self._active_flags()
@@ -644,6 +654,8 @@ class DispatcherActor(BrokerActor):
                 stream = ("owner", str(consumer.owner))
                 self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag, self.node), stream,
                                   lazy=lazy)
+                if lazy and flag:
+                    self.promoted = (consumer_id, stream)
 
     # --- from the consumers' transports ---------------------------------------------------------
     def _flow(self, consumer_id, credits):

@@ -1,6 +1,6 @@
 """A failover takeover inside the DispatcherActor, over its real lanes (Unix sockets): the records
 read in the same wakeup as the active consumer's DETACH go to the consumer that takes over, and
-the Thespian messages about the takeover go after it, lazily.
+the Thespian messages about the takeover go once the shard has written it.
 
 The actor is the broker's real class; what it would send through Thespian is recorded by the
 stand-in of tests/test_actor_handlers.py. Both lanes' frames are written before the actor polls,
@@ -9,10 +9,9 @@ so that one wakeup reads them both, as happens on a busy machine.
 import select
 import socket
 import struct
-import time
 
 import msgpack
-from thespian.actors import ActorAddress, WakeupMessage, WatchMessage
+from thespian.actors import ActorAddress, WatchMessage
 
 from actorbroker.actors import base, connection, dispatcher, subscription
 from actorbroker.actors.config import BrokerConfig
@@ -90,7 +89,7 @@ def failover_with_one_delivery(tmp_path):
     return d, topic_lane, shard_lane
 
 
-def test_records_read_with_a_detach_go_to_the_standby_then_the_active_push(tmp_path):
+def test_records_read_with_a_detach_go_to_the_standby_before_the_active_push(tmp_path):
     d, topic_lane, shard_lane = failover_with_one_delivery(tmp_path)
     shard_lane.send([LaneOp.DELIVER_ACK, 1])
     wake(d)
@@ -109,12 +108,9 @@ def test_records_read_with_a_detach_go_to_the_standby_then_the_active_push(tmp_p
     sent = sent_messages(d)
     assert connection.ActiveChanged(2, True) not in sent
     assert subscription.MembersLost([1]) not in sent
-    # ... and goes at the lazy flush (the timer Thespian would fire, LAZY_S later)
-    due = max(d._lazy_due.values())
-    assert due - time.monotonic() <= base.LAZY_S
-    while time.monotonic() < due:
-        time.sleep(due - time.monotonic())
-    d.receiveMessage(WakeupMessage(0, payload=(base._FLUSH, due)), d.myAddress)
+    # ... until the shard has written those records
+    shard_lane.send([LaneOp.DELIVER_ACK, 2])
+    wake(d)
     sent = sent_messages(d)
     assert connection.ActiveChanged(2, True) in sent
     assert subscription.MembersLost([1]) in sent
