@@ -686,10 +686,10 @@ class DispatcherActor(BrokerActor):
                 self.cursor_dirty = True
             elif cursor.ack(offset):
                 self.cursor_dirty = True
-        for consumer_id, count in counts.items():
-            consumer = self.policy.consumers.get(consumer_id)
-            if consumer is not None:
-                consumer.unacked -= count
+        for holder_id, count in counts.items():   # not consumer_id: that one gets the answer
+            holder = self.policy.consumers.get(holder_id)
+            if holder is not None:
+                holder.unacked -= count
         if self.cursor_dirty:
             if rid is not None:
                 self.acks_waiting_next.append((lane, consumer_id, rid))

@@ -144,6 +144,21 @@ def test_acks_survive_a_restart(start_broker, tmp_path, topic):
     assert_nothing_more(again)
 
 
+def test_an_ack_of_ids_another_consumer_holds_is_answered_to_the_acker(broker, topic):
+    """An ack acknowledges for the whole subscription, whichever consumer holds the ids; the
+    answer goes to whoever asked, on its connection (it once went to the holder's, and was lost)."""
+    holder_conn, acker_conn = connect(broker), connect(broker)
+    subscribe(holder_conn, topic, "s", "shared", name="a-holder")
+    acker = subscribe(acker_conn, topic, "s", "shared", name="b-acker", credits=0)
+    send(holder_conn, producer(holder_conn, topic), [b"m0", b"m1"])
+    held = [o for o, _, _ in receive(holder_conn, 2)]
+    assert acker_conn.request({"op": "ack", "consumer": acker, "ids": held}) == {"op": "ok", "rid": acker_conn.last_rid}
+    sub = acker_conn.request({"op": "stats", "topic": topic})["subscriptions"][0]
+    assert sub["backlog"] == 0 and [c["unacked"] for c in sub["consumers"]] == [0, 0]
+    holder_conn.close()     # acked by the other consumer: nothing left to redeliver
+    assert_nothing_more(acker_conn)
+
+
 @pytest.mark.parametrize("sub_type", ["shared", "failover", "exclusive", "key_shared"])
 def test_unacked_messages_of_a_dead_consumer_are_redelivered_and_acked_ones_not(broker, topic, sub_type):
     doomed = connect(broker)
