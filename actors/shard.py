@@ -464,6 +464,7 @@ class ShardActor(BrokerActor):
         if producer is not None:
             self._publish(producer_id, producer, force=True)
             self.closing_producers[producer_id] = producer
+        return producer
 
     # --- lanes ----------------------------------------------------------------------------------
     def _lane(self, table, address, role):
@@ -774,7 +775,12 @@ class ShardActor(BrokerActor):
         # lazy: it goes within LAZY_S, after the takeover
         self.send_ordered(self.supervisor, connection.ConnectionClosed(connection_id, reason), "shard", lazy=True)
         for producer_id in list(client.session.producers):
-            self._drop_producer(producer_id)
+            producer = self._drop_producer(producer_id)
+            if producer is not None and not producer.lane.closed:
+                # the topic frees the producer's place now, not when the lazy ConnectionClosed
+                # has come round through the ConnectionActor (a new exclusive producer got
+                # PRODUCER_BUSY meanwhile)
+                producer.lane.send([LaneOp.PRODUCER_GONE, producer_id])
         for lane, consumer_id in client.deferred_acks:
             lane.send([LaneOp.DELIVER_ACK, consumer_id])
         client.deferred_acks.clear()

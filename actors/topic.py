@@ -349,6 +349,8 @@ class TopicActor(BrokerActor):
         op = frame[0]
         if op == LaneOp.PUBLISH:
             self._publish(lane, frame[1], frame[2], frame[3])
+        elif op == LaneOp.PRODUCER_GONE:   # its connection ended; CloseProducer follows, finding nothing
+            self.producers.pop(frame[1], None)
         elif op == LaneOp.DISPATCH_ACK:
             name = lane.peer[1]
             sub = self.subs.get(name)

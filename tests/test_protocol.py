@@ -294,6 +294,22 @@ def test_producer_busy(broker, topic):
     assert_error(c.recv_frame(), "PRODUCER_BUSY", 7)
 
 
+@pytest.mark.parametrize("rep", range(3))
+def test_an_exclusive_place_is_free_as_soon_as_its_holders_socket_closes(broker, topic, rep):
+    """Cleanup on close is immediate: whoever asks next, on a new connection, gets in at the first
+    try (a closed connection's exclusive producer once held its place ~20 ms longer)."""
+    holder = connect(broker)
+    holder.request({"op": "producer", "topic": topic, "access": "exclusive"})
+    holder.request({"op": "subscribe", "topic": topic, "subscription": "ex", "type": "exclusive",
+                    "consumer": "a"})
+    holder.close()
+    newcomer = connect(broker)
+    assert newcomer.request({"op": "producer", "topic": topic, "access": "exclusive"},
+                            expect_error=True)["op"] == "producer_ok"
+    assert newcomer.request({"op": "subscribe", "topic": topic, "subscription": "ex", "type": "exclusive",
+                             "consumer": "b"}, expect_error=True)["op"] == "subscribed"
+
+
 
 
 def test_message_too_large_for_one_push_is_refused(start_broker, topic):

@@ -525,6 +525,8 @@ class LaneOp:
     RECORDS = 17      # log -> dispatcher: [RECORDS, token, [run...] from the offset asked, first retained offset]
     UNDELIVERED = 18  # shard -> dispatcher: [UNDELIVERED, consumer_id, [run...]]: a DELIVER for a consumer
                       # whose connection had ended (its DETACH went first): written nowhere
+    PRODUCER_GONE = 19  # shard -> topic: [PRODUCER_GONE, producer_id]: its connection ended (after
+                        # its last PUBLISH): an exclusive producer's place is free at once
 
 
 __all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame"]
