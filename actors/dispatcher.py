@@ -547,6 +547,10 @@ class DispatcherActor(BrokerActor):
             msg.rid, msg.consumer_id, sender, self.topic, self.hub.address, self.dispatch,
             self.policy.is_active(msg.consumer_id), self.node), ("owner", str(msg.reply_to)))
         self._announce_active(before, skip=msg.consumer_id)
+        if self.reliable and before is not None and before != self._active_flags():
+            # failover, a consumer that sorts first came: the demoted one's unacked messages go
+            # to it, in order, as in Pulsar (the standby may still ack them: acks are for all)
+            self._return_unacked(self._unacked_of(before))
         self._pump()
 
     def on_RemoveConsumer(self, msg, sender):
@@ -627,7 +631,10 @@ class DispatcherActor(BrokerActor):
                  consumer=consumer_id, consumer_name=consumer.name, cause=cause)
         if consumer is not None and self.reliable:
             # its unacknowledged messages go back to the subscription, counted as redelivered
-            self._return_unacked([o for o, entry in self.unacked.items() if entry[0] == consumer_id])
+            self._return_unacked(self._unacked_of(consumer_id))
+
+    def _unacked_of(self, consumer_id):
+        return [o for o, entry in self.unacked.items() if entry[0] == consumer_id]
 
     def _active_flags(self):
         """Failover: the id of the active consumer (None: none, or not a failover subscription)."""

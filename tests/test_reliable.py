@@ -159,6 +159,26 @@ def test_an_ack_of_ids_another_consumer_holds_is_answered_to_the_acker(broker, t
     assert_nothing_more(acker_conn)
 
 
+def test_a_demoted_failover_consumers_unacked_go_to_the_new_active_one(broker, topic):
+    """Failover: the active consumer holds unacked messages when one that sorts first attaches:
+    those go to the newcomer, in order and before newer ones (Pulsar does the same)."""
+    old_conn, new_conn = connect(broker), connect(broker)
+    demoted = subscribe(old_conn, topic, "s", "failover", name="b-first-here")
+    pid = producer(old_conn, topic)
+    send(old_conn, pid, [b"m0", b"m1"])
+    held = receive(old_conn, 2)
+    subscribe(new_conn, topic, "s", "failover", name="a-sorts-first")
+    send(old_conn, pid, [b"m2"])
+    got = receive(new_conn, 3)
+    assert [(o, p) for o, p, _ in got] == [(o, p) for o, p, _ in held] + [(2, b"m2")]
+    assert [r for _, _, r in got] == [1, 1, 0]
+    # the demoted one may still ack them: they are acknowledged for the subscription
+    old_conn.request({"op": "ack", "consumer": demoted, "ids": [o for o, _, _ in held]})
+    consumers = old_conn.request({"op": "stats", "topic": topic})["subscriptions"][0]["consumers"]
+    assert {c["name"]: (c["active"], c["unacked"]) for c in consumers} == {
+        "a-sorts-first": (True, 1), "b-first-here": (False, 0)}
+
+
 @pytest.mark.parametrize("sub_type", ["shared", "failover", "exclusive", "key_shared"])
 def test_unacked_messages_of_a_dead_consumer_are_redelivered_and_acked_ones_not(broker, topic, sub_type):
     doomed = connect(broker)
