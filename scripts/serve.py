@@ -2,6 +2,7 @@
 import dataclasses
 import ipaddress
 import json
+import argparse
 import os
 import resource
 import select
@@ -33,12 +34,14 @@ def add_serve_command(subparsers):
     p.add_argument("--host", default="127.0.0.1", help="interface clients connect to (default %(default)s)")
     p.add_argument("--port", type=int, default=6650, help="client port; 0 picks a free one (default %(default)s)")
     p.add_argument("--data-dir", default="./actorbroker-data", help="logs and data (default %(default)s)")
-    p.add_argument("--heartbeat-ms", type=int, default=5000, help="default heartbeat (default %(default)s)")
-    p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024, help="largest frame in bytes")
-    p.add_argument("--max-backlog", type=int, default=10_000,
+    p.add_argument("--heartbeat-ms", type=int_between(200, 60_000), default=5000,
+                   help="default heartbeat, 200-60000 as a client's wish (default %(default)s)")
+    p.add_argument("--max-frame", type=int_between(1024, 2**32 - 1), default=4 * 1024 * 1024,
+                   help="largest frame in bytes, at least 1024 (default %(default)s)")
+    p.add_argument("--max-backlog", type=int_between(0, None), default=10_000,
                    help="non_reliable: messages a subscription keeps (default %(default)s)")
     add_limit_options(p)
-    p.add_argument("--io-shards", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--io-shards", type=positive, default=os.cpu_count() or 1,
                    help="connection shards: actor processes that each own many client sockets "
                         "(default: the CPU count, %(default)s)")
     p.add_argument("--lanes", default="unix", choices=["unix", "tcp"],
@@ -51,11 +54,11 @@ def add_serve_command(subparsers):
                         "fsynced with those that arrived meanwhile; as safe), or 'interval:MS' "
                         "(receipt once written to the OS, fsync every MS: a machine crash may "
                         "lose the last MS of receipted sends) (default %(default)s)")
-    p.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024,
+    p.add_argument("--segment-bytes", type=int_between(4096, None), default=64 * 1024 * 1024,
                    help="reliable topics: roll a log segment at this size")
-    p.add_argument("--retention-bytes", type=int, default=0,
+    p.add_argument("--retention-bytes", type=int_between(0, None), default=0,
                    help="reliable topics: keep the log under this size (0: no limit)")
-    p.add_argument("--retention-ms", type=int, default=0,
+    p.add_argument("--retention-ms", type=int_between(0, None), default=0,
                    help="reliable topics: delete segments older than this (0: no limit)")
     p.add_argument("--auth-file", help="JSON file {token: [permissions]}; permissions are 'admin', "
                                        "'produce:PATTERN', 'consume:PATTERN'. Without it auth is off.")
@@ -128,6 +131,20 @@ def positive(text):
 def limits_of(args):
     """BrokerConfig's limit fields from the options of add_limit_options."""
     return {name: getattr(args, name) for name, _ in LIMITS}
+
+
+def int_between(low, high):
+    """An argparse type: an int in [low, high] (high None: no bound), or a usage error naming them,
+    so that a value the broker cannot serve with (--heartbeat-ms 0 closed every connection at
+    once) stops serve before any actor starts."""
+    def parse(text):
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not in [{low}, {high}]" if high is not None else f"{text} is below {low}")
+        return value
+    parse.__name__ = "int"
+    return parse
 
 
 def fsync_mode(text):

@@ -105,3 +105,20 @@ def test_tcp_lanes_carry_records_and_listen_on_loopback_only(start_broker, topic
         listening = sockets.listening_sockets(b.processes())
         assert len(listening) > 3    # admin, actors, client port, and now the lanes
         assert all(host == "127.0.0.1" for _, host, _ in listening), listening
+
+
+@pytest.mark.parametrize("option, value, text", [
+    ("--heartbeat-ms", "0", "not in [200, 60000]"),     # announced as is, it closed every connection
+    ("--heartbeat-ms", "60001", "not in [200, 60000]"),
+    ("--max-frame", "10", "not in [1024,"),
+    ("--io-shards", "0", "--io-shards"),
+    ("--max-backlog", "-1", "below 0"),
+])
+def test_serve_refuses_values_it_cannot_serve_with_before_starting(tmp_path, option, value, text):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+                           "--data-dir", str(tmp_path / "d"), option, value],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and text in done.stderr, done.stderr
+    assert not (tmp_path / "d").exists()    # refused before anything started
