@@ -1,5 +1,6 @@
 """Base class of every broker actor: dispatch on message type, ordered channels, held messages
 until initialisation, and dying with the parent process."""
+import dataclasses
 import logging
 import os
 import time
@@ -69,6 +70,15 @@ LAZY_S = 0.01
 GAP_TIMEOUT_S = 5.0
 _GAP = "actorbroker-gap"
 _REPORT = "actorbroker-report"
+
+
+@dataclass(frozen=True)
+class OperabilityMoved:
+    """Down the tree from the root: the EventsActor or MetricsActor died (kill -9) and was
+    restarted; these are their addresses now. Every actor takes them (BrokerActor does) and passes
+    the message on to its children (`operability_children`)."""
+    events: Any
+    metrics: Any
 
 
 class BrokerActor(Actor):
@@ -372,6 +382,25 @@ class BrokerActor(Actor):
         return None
 
     # --- metrics (actors/reporting.py) ----------------------------------------------------------
+    def on_OperabilityMoved(self, msg, sender):
+        config = getattr(self, "config", None)
+        old_events = getattr(self, "events", None) or getattr(config, "events", None)
+        if old_events is not None and old_events != msg.events:
+            # the new EventsActor must not wait for what this channel sent to the old one
+            self.forget_ordered("events")
+        if config is not None and hasattr(config, "events"):
+            self.config = dataclasses.replace(config, events=msg.events, metrics=msg.metrics)
+        if getattr(self, "events", None) is not None:
+            self.events = msg.events
+        if self._metrics_to is not None:
+            self._metrics_to = msg.metrics
+        for child in self.operability_children():
+            self.send(child, msg)
+
+    def operability_children(self):
+        """The actors this one started that send events or metrics, or start such actors."""
+        return ()
+
     def start_reports(self, metrics_address):
         """Report `metrics_snapshot` to the MetricsActor every REPORT_EVERY (None: metrics off)."""
         if metrics_address is not None and self._metrics_to is None:

@@ -19,7 +19,7 @@ from typing import Any
 from thespian.actors import ActorExitRequest, ThespianWatch
 
 from actorbroker.actors import cluster, connection, listener, metrics, topic
-from actorbroker.actors.base import BrokerActor, log
+from actorbroker.actors.base import BrokerActor, OperabilityMoved, log
 from actorbroker.actors.cluster_root import ClusterRoot
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.process import tree_memory
@@ -190,6 +190,8 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             self._started()
 
     def on_MetricsFailed(self, msg, sender):
+        if self.metrics_port is not None:   # a restarted MetricsActor (the port was taken meanwhile)
+            log.error("metrics not served any more: %s", msg.error)
         if self.metrics_port is None and self.starter is not None:
             self.send(self.starter, BrokerFailed(msg.error, os.getppid()))
             self.starter = None
@@ -348,7 +350,34 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             config = dataclasses.replace(self.config, port=self.listen_port)
             self.send(self.listener, listener.Listen(config, self.myAddress))
             return
+        if msg.childAddress in (self.config.events, self.config.metrics) and not self.stopping:
+            self._restart_operability(msg.childAddress)
+            return
         self._topic_exited(msg.childAddress)
+
+    def _restart_operability(self, dead):
+        """The EventsActor or MetricsActor died: a new one (metrics on the port scrapers know),
+        and every actor that sends to it learns its address, down the tree. Events decided
+        meanwhile are lost (watchers are told: `events_lost`); metric totals come back with the
+        actors' next reports."""
+        if dead == self.config.events:
+            log.error("the events actor exited; restarting it")
+            self.config = dataclasses.replace(self.config, events=self.createActor(
+                "actorbroker.actors.events.EventsActor"))
+        else:
+            log.error("the metrics actor exited; restarting it on port %s", self.metrics_port)
+            self.config = dataclasses.replace(self.config, metrics=self.createActor(
+                "actorbroker.actors.metrics.MetricsActor"))
+            self.send(self.config.metrics, metrics.StartMetrics(
+                dataclasses.replace(self.config, metrics_port=self.metrics_port or 0), os.getppid()))
+        moved = OperabilityMoved(self.config.events, self.config.metrics)
+        if self._metrics_to is not None:
+            self._metrics_to = self.config.metrics
+        for child in self.operability_children():
+            self.send(child, moved)
+
+    def operability_children(self):
+        return [self.listener] + [address for address, _ in self.topics.values()]
 
     def _topic_exited(self, dead):
         for name, (address, dispatch) in list(self.topics.items()):

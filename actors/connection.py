@@ -176,7 +176,7 @@ class _Connection:
         self.consumers = {}    # consumer id -> subscription address
         self.pending = {}      # tags of open/subscribe requests not answered yet -> "producers"/"consumers"
         self.closed = False
-        self.watching = False  # it asked for the event stream (the EventsActor has it)
+        self.watching = False  # its pattern, once it asked for the event stream (the EventsActor has it)
 
 
 @dataclass
@@ -484,9 +484,21 @@ class ConnectionActor(BrokerActor):
         self._require_admin(conn)
         self.send_ordered(self.broker, broker.ClusterStatus(tag, self.myAddress), "root")
 
+    def operability_children(self):
+        return [self.shard] if self.shard is not None else []
+
+    def on_OperabilityMoved(self, msg, sender):
+        events_moved = self.config is not None and msg.events != self.config.events
+        super().on_OperabilityMoved(msg, sender)
+        if events_moved:   # the watchers' registrations died with the old EventsActor
+            for connection_id, conn in self.connections.items():
+                if conn.watching:
+                    self.send_ordered(self.config.events, events.Watch(connection_id, None, conn.watching,
+                                                                       self.shard), "events")
+
     def _op_watch(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        conn.watching = True   # the EventsActor answers `ok`, ahead of the events, in order
+        conn.watching = frame["topics"]   # the EventsActor answers `ok`, ahead of the events, in order
         self.send_ordered(self.config.events, events.Watch(connection_id, tag[1], frame["topics"], self.shard),
                           "events")
 

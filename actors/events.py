@@ -29,7 +29,7 @@ _RELEASE = "events-release"
 @dataclass(frozen=True)
 class Watch:
     """A connection watches (again: the pattern is replaced); answered `ok` by us, in order with
-    the events that follow."""
+    the events that follow. rid None: the ConnectionActor resumes a watch with a new EventsActor."""
     connection_id: int
     rid: int
     pattern: str
@@ -65,6 +65,11 @@ class EventsActor(BrokerActor):
         if watcher is None:
             watcher = self.watchers[msg.connection_id] = _Watcher(msg.pattern, msg.shard)
         watcher.pattern = msg.pattern
+        if msg.rid is None:   # a watch resumed after this actor's predecessor died: say so
+            watcher.seq += 1   # 1: the numbering starts again (the old seq died with it)
+            self._write(watcher.shard, msg.connection_id, encode_frame(
+                {"op": "event", "seq": watcher.seq, "time_ms": int(time.time() * 1000), "kind": "events_lost"}))
+            return
         self._write(watcher.shard, msg.connection_id, encode_frame({"op": "ok", "rid": msg.rid}))
 
     def on_Unwatch(self, msg, sender):

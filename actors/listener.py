@@ -233,6 +233,9 @@ class ListenerActor(BrokerActor):
             if pair is not None:
                 self.send(pair.address, msg)
 
+    def operability_children(self):
+        return [pair.address for pair in self.pairs if pair is not None]
+
     def on_ChildActorExited(self, msg, sender):
         # delivered once or twice: only a pair still registered under that address restarts
         for index, pair in enumerate(self.pairs):

@@ -168,6 +168,9 @@ class TopicActor(BrokerActor):
     process_name = "ab-topic"
     init_message = InitTopic
 
+    def operability_children(self):
+        return [sub.dispatcher for sub in self.subs.values()]
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.name = None

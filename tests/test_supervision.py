@@ -604,3 +604,66 @@ def test_kill_of_the_log_loses_no_receipted_message(start_broker, closing, topic
     refused = [exc for _, exc in traffic.errors if not isinstance(exc, Internal)]
     assert not refused, f"sends failed otherwise than with INTERNAL: {refused}"
     wait_for(lambda: undelivered(traffic.receipted, [collector]), all_delivered, timeout=EVENTUALLY_S)
+
+
+# --- events and metrics -----------------------------------------------------------------------------
+
+def _next_event(conn, kind, timeout=FEW_S):
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = conn.recv_frame(timeout=max(0.01, deadline - time.monotonic()))
+        assert frame is not None, "the watcher's connection closed"
+        if frame["op"] == "ping":
+            conn.send_frame({"op": "pong", "rid": frame["rid"]})
+        elif frame["op"] == "event" and frame["kind"] == kind:
+            return frame
+
+
+def test_kill_of_the_events_actor_restarts_it_and_the_watchers_go_on(start_broker, closing, topic):
+    """Its watchers are told `events_lost` (seq starts again from 1 with it), then get the events
+    decided after the restart; a new watch is answered."""
+    from tests.wire import RawConnection
+    b = start_broker()
+    watcher = closing(RawConnection(*b.address))
+    watcher.hello()
+    watcher.request({"op": "watch"})
+    closing(RawConnection(*b.address))
+    before = _next_event(watcher, "connection_opened")
+
+    old = only_process(b, "ab-events")
+    kill(old)
+    lost = _next_event(watcher, "events_lost")
+    assert before["seq"] >= 1 and lost["seq"] == 1            # the numbering starts again with it
+    assert only_process(b, "ab-events") != old
+    newcomer = closing(RawConnection(*b.address))
+    newcomer.hello()
+    opened = _next_event(watcher, "connection_opened")
+    assert opened["seq"] > lost["seq"]
+    assert newcomer.request({"op": "watch"}) == {"op": "ok", "rid": newcomer.last_rid}
+    client = closing(Client(*b.address, name="after"))
+    client.subscribe(topic, "s", "exclusive", "c")
+    assert _next_event(newcomer, "consumer_attached")["topic"] == topic
+    assert _next_event(watcher, "consumer_attached")["topic"] == topic
+
+
+def test_kill_of_the_metrics_actor_restarts_it_on_the_same_port(start_broker, closing, topic):
+    import urllib.error
+    import urllib.request
+    b = start_broker("--metrics-port", "0")
+
+    def scrape():
+        try:
+            with urllib.request.urlopen(b.metrics_url, timeout=5) as response:
+                return response.read().decode()
+        except (urllib.error.URLError, ConnectionError):
+            return None
+
+    client = closing(Client(*b.address, name="counted"))
+    producer = client.producer(topic)
+    producer.send(b"x").result(5)
+    assert "actorbroker_" in scrape()
+    kill(only_process(b, "ab-metrics"))
+    # served again at the same address, with the totals of before (the actors report them again)
+    text = wait_for(scrape, lambda t: t is not None and "actorbroker_topic_messages_in_total{" in t, timeout=FEW_S)
+    assert any(line.startswith("actorbroker_topic_messages_in_total{") and float(line.split()[-1]) >= 1
+               for line in text.splitlines()), text
