@@ -54,7 +54,7 @@ def add_serve_command(subparsers):
                         "fsynced with those that arrived meanwhile; as safe), or 'interval:MS' "
                         "(receipt once written to the OS, fsync every MS: a machine crash may "
                         "lose the last MS of receipted sends) (default %(default)s)")
-    p.add_argument("--segment-bytes", type=int_between(4096, None), default=64 * 1024 * 1024,
+    p.add_argument("--segment-bytes", type=positive, default=64 * 1024 * 1024,
                    help="reliable topics: roll a log segment at this size")
     p.add_argument("--retention-bytes", type=int_between(0, None), default=0,
                    help="reliable topics: keep the log under this size (0: no limit)")

@@ -237,6 +237,9 @@ def test_bad_send_and_flow_fields(broker, topic):
         ({"op": "flow", "consumer": consumer, "credits": "many"}, "credits"),
         ({"op": "ack", "consumer": consumer, "ids": "all"}, "ids"),
         ({"op": "nack", "consumer": consumer, "ids": [1], "delay_ms": -5}, "delay_ms"),
+        # the fields are checked before the id: a malformed frame is BAD_REQUEST whatever it names
+        ({"op": "flow", "consumer": 424242, "credits": "many"}, "credits"),
+        ({"op": "ack", "consumer": 424242, "ids": "all"}, "ids"),
     ]:
         conn.send_frame(dict(frame, rid=31))
         reply = conn.recv_frame()

@@ -355,16 +355,19 @@ class Session:
     def _consumer_op(self, op, frame, rid, events):
         """flow, ack, nack: checked here, then straight to the consumer's dispatcher."""
         try:
+            # every field checked first (BAD_REQUEST), then whether the consumer is open here
             consumer_id = validate.ident(frame, "consumer")
+            if op == "flow":
+                event = ("flow", consumer_id, validate.credits(frame))
+            elif op == "nack":
+                event = ("nack", consumer_id, validate.ids(frame), validate.delay(frame))
+            else:
+                event = ("ack", consumer_id, validate.ids(frame), rid)
             if consumer_id not in self.consumers:
                 self.error(E.UNKNOWN_CONSUMER, f"consumer {consumer_id} is not open on this connection", rid)
                 return
-            if op == "flow":
-                events.append(("flow", consumer_id, validate.credits(frame)))
-            elif op == "nack":
-                events.append(("nack", consumer_id, validate.ids(frame), validate.delay(frame)))
-            else:   # the dispatcher answers, once the ack is durable on a reliable topic
-                events.append(("ack", consumer_id, validate.ids(frame), rid))
+            events.append(event)
+            if op == "ack":   # the dispatcher answers, once the ack is durable on a reliable topic
                 return
         except Invalid as exc:
             self.error(exc.code, exc.message, rid)
