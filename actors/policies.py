@@ -8,6 +8,7 @@ one record as they arrive.
 """
 import bisect
 import hashlib
+import heapq
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,19 @@ from actorbroker.transport.codec import RUN_COUNT, explode_run, run_key, split_r
 
 DELIVER_WINDOW = 1      # Deliver messages in flight to one consumer's transport
 VIRTUAL_NODES = 64      # points per consumer on the key_shared hash ring
+
+
+def merge_front(queue, runs):
+    """Put runs to redeliver (in offset order) into a queue of runs in offset order: ahead of
+    everything newer, behind anything older put back before (nacks one at a time came back
+    newest first)."""
+    if not runs:
+        return
+    last = runs[-1][0]
+    head = []
+    while queue and queue[0][0] < last:
+        head.append(queue.popleft())
+    queue.extendleft(reversed(list(heapq.merge(head, runs, key=lambda run: run[0]))))
 
 
 @dataclass(eq=False)
@@ -67,7 +81,7 @@ class Policy:
 
     def requeue(self, records):
         """Records to redeliver: ahead of everything not yet delivered, in offset order."""
-        self.backlog.extendleft(reversed(records))
+        merge_front(self.backlog, records)
 
     def trim(self):
         """Drop the newest records beyond max_backlog; returns how many. Called after take(),
@@ -108,7 +122,7 @@ class SingleActivePolicy(Policy):
         self.size += sum(run[RUN_COUNT] for run in records)
 
     def requeue(self, records):
-        self.backlog.extendleft(reversed(records))
+        merge_front(self.backlog, records)
         self.size += sum(run[RUN_COUNT] for run in records)
 
     def take(self):
@@ -253,13 +267,17 @@ class KeySharedPolicy(SharedPolicy):
                 self._queue_keyed(record)
 
     def requeue(self, records):
-        for record in reversed([one for run in records for one in explode_run(run)]):
+        by_queue = {}
+        for record in (one for run in records for one in explode_run(run)):
             key = run_key(record)
             if key is None:
-                self.backlog.appendleft(record)
+                queue = self.backlog
             else:
                 owner = self.owner(key)
-                (self.unowned if owner is None else self.queues[owner]).appendleft(record)
+                queue = self.unowned if owner is None else self.queues[owner]
+            by_queue.setdefault(id(queue), (queue, []))[1].append(record)
+        for queue, queued in by_queue.values():
+            merge_front(queue, queued)
 
     def _drop_newest(self):
         queues = [q for q in (self.backlog, self.unowned, *self.queues.values()) if q]

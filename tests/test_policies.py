@@ -110,3 +110,16 @@ def test_key_shared_keyless_messages_round_robin():
     got = deliver(policy)
     assert sorted(len(v) for v in got.values()) == [3, 3]
 
+
+
+def test_records_put_back_one_at_a_time_go_out_in_offset_order():
+    """Nacks one by one (each a requeue) come back oldest first, ahead of the newer backlog."""
+    for kind in ("exclusive", "failover", "shared", "key_shared"):
+        for key in (None, "k"):
+            policy = make_policy(kind, 1000)
+            policy.add(consumer(1, credits=0))
+            policy.enqueue([rec(i, key) for i in range(6, 9)])
+            for offset in (0, 1, 4, 2, 5, 3):
+                policy.requeue([rec(offset, key)])
+            policy.consumers[1].credits = 100
+            assert deliver(policy) == {1: list(range(9))}, (kind, key)

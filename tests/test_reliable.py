@@ -235,6 +235,18 @@ def test_nack_with_delay(broker, topic):
     assert (again, payload, redeliveries) == (offset, b"x", 1)
 
 
+def test_messages_nacked_one_at_a_time_come_back_in_order(broker, topic):
+    conn = connect(broker)
+    consumer = subscribe(conn, topic, "s", "exclusive", credits=6)
+    pid = producer(conn, topic)
+    conn.request({"op": "send", "producer": pid, "msgs": [{"payload": b"m%d" % i, "key": "k"} for i in range(6)]})
+    offsets = [o for o, _, _ in receive(conn, 6)]
+    for offset in offsets:      # no credit left: they wait, each put back on its own
+        conn.request({"op": "nack", "consumer": consumer, "ids": [offset]})
+    conn.send_frame({"op": "flow", "consumer": consumer, "credits": 6})
+    assert [o for o, _, _ in receive(conn, 6)] == offsets
+
+
 def test_ack_timeout_redelivers(broker, topic):
     conn = connect(broker)
     consumer = subscribe(conn, topic, "s", "exclusive", ack_timeout_ms=300)
