@@ -12,6 +12,7 @@ back with the next producer or subscribe.
 """
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from actorbroker.storage.topic_store import stored_topics
 from actorbroker.transport import errors as E
 
 GATHER_TIMEOUT = timedelta(seconds=5)
+TREE_MEMORY_TTL_S = 1.0   # broker_stats: how old its process count and memory figure may be
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.connections_open = 0   # as the listener last counted them
         self.gathers = {}         # token -> [reply_to, expected, summaries]: this node's topics
         self.metrics_port = None  # None until the MetricsActor listens (when metrics are on)
+        self.tree_memory = None   # (when, processes, PSS bytes) for broker_stats
 
     def watch(self):
         return ThespianWatch([self.lifeline]) if self.lifeline is not None else None
@@ -302,7 +305,13 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.wakeupAfter(GATHER_TIMEOUT, payload=("gather", local))
 
     def on_BrokerStatsRequest(self, msg, sender):
-        processes, memory = tree_memory(os.getppid())   # the admin: every broker process descends from it
+        # Reading every process's smaps costs ~10 ms: measured at most once per TREE_MEMORY_TTL_S,
+        # or a burst of requests kept the root from answering serve's liveness ping (serve exited)
+        now = time.monotonic()
+        if self.tree_memory is None or now - self.tree_memory[0] > TREE_MEMORY_TTL_S:
+            # the admin: every broker process descends from it
+            self.tree_memory = (now, *tree_memory(os.getppid()))
+        _, processes, memory = self.tree_memory
         frame = {"op": "broker_stats", "rid": msg.rid[1], "topics": len(self.topics),
                  "processes": processes, "memory_bytes": memory}
         self.send(self.listener, listener.CountConnections(msg.rid, msg.reply_to, frame))

@@ -344,7 +344,8 @@ def watch_system(system, root, admin_pid, stop):
 
     Killing Thespian's admin or logger process (kill -9) takes the system down while this process
     would keep running and serve nothing: so the admin's pid is watched, and the root actor must
-    answer a ping every few seconds."""
+    answer a ping every few seconds, or at least be seen working: a root busy with a burst of
+    requests (it answers them in order) is not a lost system."""
     from actorbroker.actors.broker import Ping, Pong
     try:
         pidfd = os.pidfd_open(admin_pid)
@@ -359,6 +360,8 @@ def watch_system(system, root, admin_pid, stop):
             if time.monotonic() - last_ping >= PING_EVERY_S:
                 last_ping = time.monotonic()
                 known = set(descendants(admin_pid))   # for kill_system, once the admin is gone
+                root_pid = next((p for p in known if process_name(p) == "ab-root"), None)
+                cpu_before = cpu_ticks(root_pid)
                 try:
                     answer = system.ask(root, Ping(), PING_TIMEOUT_S)
                 except Exception as exc:   # the admin socket itself failing
@@ -366,11 +369,36 @@ def watch_system(system, root, admin_pid, stop):
                 if stop.is_set():
                     return None, ()
                 if not isinstance(answer, Pong):
+                    cpu_after = cpu_ticks(root_pid)
+                    if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before:
+                        print(f"warning: the root actor took over {PING_TIMEOUT_S} s to answer a ping; "
+                              f"it is busy (working through a burst of requests?)", file=sys.stderr, flush=True)
+                        continue
                     return f"the root actor did not answer within {PING_TIMEOUT_S} s", known
         return None, ()
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def process_name(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cpu_ticks(pid):
+    """CPU time (user + system, in clock ticks) of a live process; None if there is none."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def descendants(pid):

@@ -413,3 +413,17 @@ def test_acks_pipelined_behind_the_close_of_their_consumer_are_answered_once(bro
     for rid in (201, 203, 204):   # an unsubscribe may end the cursor before the first is saved
         assert got[rid]["op"] == "ok" or got[rid]["code"] == "UNKNOWN_CONSUMER", got[rid]
     assert_alive(conn)
+
+
+def test_a_burst_of_admin_requests_is_answered_and_takes_nothing_down(start_broker):
+    """3,000 pipelined broker_stats (each once measured the memory of every broker process, and
+    the root, busy with them, missed serve's liveness ping: serve took the broker down)."""
+    b = start_broker()
+    bystander = connect(b)
+    flooder = connect(b)
+    flooder.send_raw(b"".join(flooder.encode({"op": "broker_stats", "rid": 10_000 + i}) for i in range(3000)))
+    got = answers(flooder, set(range(10_000, 13_000)), timeout=60)
+    assert {frame["op"] for frame in got.values()} == {"broker_stats"}
+    assert b.proc.poll() is None, "serve exited"
+    assert_alive(bystander)
+    assert_alive(connect(b))
