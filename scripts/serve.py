@@ -166,6 +166,32 @@ def tls_problem(args):
     return None
 
 
+PERMISSION_ACTIONS = ("produce", "consume")
+
+
+def read_auth_file(path):
+    """{token: [permission, ...]}, checked whole before anything starts: a typo must be an error
+    now, not a hello never answered or a permission silently granting nothing."""
+    with open(path) as f:
+        try:
+            tokens = json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(tokens, dict):
+        raise ValueError(f"{path}: expected a JSON object {{token: [permissions]}}, got {type(tokens).__name__}")
+    for number, (token, permissions) in enumerate(tokens.items(), 1):
+        if not token:
+            raise ValueError(f"{path}: token #{number} is empty")
+        if not isinstance(permissions, list) or not all(isinstance(p, str) for p in permissions):
+            raise ValueError(f"{path}: token #{number}: permissions must be a list of strings")
+        for permission in permissions:
+            action, _, pattern = permission.partition(":")
+            if permission != "admin" and not (action in PERMISSION_ACTIONS and pattern):
+                raise ValueError(f"{path}: token #{number}: unknown permission {permission!r} "
+                                 "(expected 'admin', 'produce:PATTERN' or 'consume:PATTERN')")
+    return tokens
+
+
 def serve(args):
     problem = cluster_problem(args)
     if problem:
@@ -181,10 +207,11 @@ def serve(args):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
-    tokens = {}
-    if args.auth_file:
-        with open(args.auth_file) as f:
-            tokens = json.load(f)
+    try:
+        tokens = read_auth_file(args.auth_file) if args.auth_file else {}
+    except (OSError, ValueError) as exc:
+        print(f"error: --auth-file: {exc}", file=sys.stderr)
+        return 1
     data_dir = os.path.abspath(args.data_dir)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)   # new: its owner only (messages, logs)
     config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,

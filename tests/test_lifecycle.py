@@ -122,3 +122,22 @@ def test_serve_refuses_values_it_cannot_serve_with_before_starting(tmp_path, opt
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and text in done.stderr, done.stderr
     assert not (tmp_path / "d").exists()    # refused before anything started
+
+
+@pytest.mark.parametrize("content, text", [
+    ('["admin", "t2"]', "expected a JSON object"),             # a hello with such a token hung
+    ('{"t": "admin"}', "must be a list of strings"),            # granted nothing, silently
+    ('{"t": ["admn"]}', "unknown permission 'admn'"),
+    ('{"t": ["consume"]}', "unknown permission 'consume'"),
+    ("not json", "is not JSON"),
+])
+def test_serve_refuses_an_auth_file_it_cannot_use(tmp_path, content, text):
+    import subprocess
+    import sys
+    path = tmp_path / "tokens.json"
+    path.write_text(content)
+    done = subprocess.run([sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+                           "--data-dir", str(tmp_path / "d"), "--auth-file", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "error: --auth-file" in done.stderr and text in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
