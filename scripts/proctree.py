@@ -36,6 +36,26 @@ def descendants(root):
     return found
 
 
+def name(pid):
+    """What the process calls itself (/proc/PID/comm: ab-root, ab-shard, ...); None if gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cpu_ticks(pid):
+    """CPU time (user + system, in clock ticks) of a live process; None if there is none."""
+    if pid is None:
+        return None
+    try:
+        rest = _stat(pid)
+        return None if rest[0] in ("Z", "X") else int(rest[11]) + int(rest[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def alive(pid):
     try:
         return _stat(pid)[0] != "Z"

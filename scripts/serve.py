@@ -1,8 +1,8 @@
 """`actorbroker serve`: start the actor system and the broker's actors, serve until a signal."""
+import argparse
 import dataclasses
 import ipaddress
 import json
-import argparse
 import os
 import resource
 import select
@@ -17,6 +17,7 @@ from actorbroker.actors.cluster import ROOT_GLOBAL_NAME
 from actorbroker.actors.config import BrokerConfig
 from actorbroker.actors.system import (ADMIN_PORT_TAKEN, connect_system, free_port, host_port,
                                       start_system_process)
+from actorbroker.scripts import proctree
 
 START_TIMEOUT_S = 30
 PING_EVERY_S = 2.0
@@ -387,8 +388,8 @@ def watch_system(system, root, admin_pid, stop):
             if time.monotonic() - last_ping >= PING_EVERY_S:
                 last_ping = time.monotonic()
                 known = set(descendants(admin_pid))   # for kill_system, once the admin is gone
-                root_pid = next((p for p in known if process_name(p) == "ab-root"), None)
-                cpu_before = cpu_ticks(root_pid)
+                root_pid = next((p for p in known if proctree.name(p) == "ab-root"), None)
+                cpu_before = proctree.cpu_ticks(root_pid)
                 try:
                     answer = system.ask(root, Ping(), PING_TIMEOUT_S)
                 except Exception as exc:   # the admin socket itself failing
@@ -396,7 +397,7 @@ def watch_system(system, root, admin_pid, stop):
                 if stop.is_set():
                     return None, ()
                 if not isinstance(answer, Pong):
-                    cpu_after = cpu_ticks(root_pid)
+                    cpu_after = proctree.cpu_ticks(root_pid)
                     if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before:
                         print(f"warning: the root actor took over {PING_TIMEOUT_S} s to answer a ping; "
                               f"it is busy (working through a burst of requests?)", file=sys.stderr, flush=True)
@@ -406,26 +407,6 @@ def watch_system(system, root, admin_pid, stop):
     finally:
         if pidfd is not None:
             os.close(pidfd)
-
-
-def process_name(pid):
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def cpu_ticks(pid):
-    """CPU time (user + system, in clock ticks) of a live process; None if there is none."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def descendants(pid):

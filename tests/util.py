@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+from actorbroker.scripts import proctree
 from tests import sockets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,11 +76,7 @@ def failover_holding(broker, client, topic, count):
 
 def process_kind(pid):
     """What a broker process calls itself (/proc/PID/comm: ab-root, ab-shard, ab-topic, ...)."""
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    return proctree.name(pid)
 
 
 def processes_of_kind(broker, kind):
