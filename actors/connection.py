@@ -29,6 +29,10 @@ GIVE_UP_MEMORY_S = 600   # how long a late answer to a request given up on is re
 # Cluster: a producer or consumer of a non_reliable topic whose node was lost is opened again on
 # the topic's new node, silently, retried this often for this long; then it ends with `closed`.
 REATTACH_RETRY_S = 0.25
+# Requests of one connection waiting for another actor's answer (most go through the root): beyond,
+# OVERLOADED. A client pipelining thousands of admin requests must not queue them all at the root,
+# which every other connection's producer and subscribe need too.
+MAX_REQUESTS_IN_FLIGHT = 1024
 REATTACH_FOR_S = 10.0
 
 
@@ -392,6 +396,9 @@ class ConnectionActor(BrokerActor):
         rid = rid if validate.is_uint(rid) else None
         try:
             frame = validate.control(msg.frame)   # the shard checked it; trust no message all the same
+            if len(conn.pending) >= MAX_REQUESTS_IN_FLIGHT:
+                raise BadRequest(E.OVERLOADED, f"this connection has {len(conn.pending)} requests waiting "
+                                               f"for an answer (at most {MAX_REQUESTS_IN_FLIGHT}); try again later")
             getattr(self, "_op_" + frame["op"])(conn, msg.connection_id, frame, (msg.connection_id, rid))
         except (BadRequest, validate.Invalid) as exc:
             self._write(msg.connection_id, error_frame(exc.code, exc.message, rid))
@@ -467,6 +474,7 @@ class ConnectionActor(BrokerActor):
 
     def _op_topics(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
+        conn.pending[tag] = "request"
         self.send_ordered(self.broker, broker.ListTopics(tag, self.myAddress), "root")
 
     def _op_stats(self, conn, connection_id, frame, tag):
@@ -482,6 +490,7 @@ class ConnectionActor(BrokerActor):
 
     def _op_cluster(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
+        conn.pending[tag] = "request"
         self.send_ordered(self.broker, broker.ClusterStatus(tag, self.myAddress), "root")
 
     def operability_children(self):
@@ -508,6 +517,7 @@ class ConnectionActor(BrokerActor):
         self.send_ordered(self.config.events, events.Unwatch(connection_id, tag[1], self.shard), "events")
     def _op_broker_stats(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
+        conn.pending[tag] = "request"
         self.send_ordered(self.broker, broker.BrokerStatsRequest(tag, self.myAddress), "root")
 
     def _op_delete_topic(self, conn, connection_id, frame, tag):
