@@ -426,7 +426,7 @@ class ShardActor(BrokerActor):
                 if producer_id in self.reattaching:
                     client.session.write(b"".join(error_frame(
                         E.TOPIC_UNAVAILABLE, "the topic is moving to another node; send it again", rid)
-                        for rid, _ in sends))
+                        for rid, *_ in sends))
                     continue
                 client.session.write(b"".join(error_frame(
                     E.UNKNOWN_PRODUCER, f"producer {producer_id} is not open on this connection", rid)
