@@ -18,6 +18,7 @@ from actorbroker.actors import signing
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.storage.fencing import Fenced
 from actorbroker.storage.topic_store import TopicStore
+from actorbroker.transport import errors as E
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
 
 
@@ -149,7 +150,7 @@ class LogActor(BrokerActor):
     def _append(self, seq, first, runs, time_ms):
         if self.fenced is not None:
             return [LaneOp.APPEND_FAILED, seq, f"node {self.fenced} took this topic over; send it there",
-                    first]
+                    first, E.TOPIC_UNAVAILABLE]
         log_ = self.store.log
         if first != log_.next_offset:  # after a failed append: refuse rather than renumber
             return [LaneOp.APPEND_FAILED, seq, "log position moved", log_.next_offset]
@@ -162,7 +163,7 @@ class LogActor(BrokerActor):
             return [LaneOp.APPEND_FAILED, seq, str(exc), log_.next_offset]
         if self._fenced():   # after the fsync, before the receipt: storage/fencing.py says why
             return [LaneOp.APPEND_FAILED, seq, f"node {self.fenced} took this topic over; send it there",
-                    log_.next_offset]
+                    log_.next_offset, E.TOPIC_UNAVAILABLE]
         if self.interval_s is not None and not self.sync_scheduled:
             self.sync_scheduled = True
             self.wakeupAfter(timedelta(seconds=self.interval_s), payload="sync")

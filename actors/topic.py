@@ -365,7 +365,7 @@ class TopicActor(BrokerActor):
                 self._appended(frame[1], frame[2], frame[3])
         elif op == LaneOp.APPEND_FAILED:
             if lane is self.log_lane:
-                self._append_failed(frame[1], frame[2], frame[3])
+                self._append_failed(frame[1], frame[2], frame[3], frame[4] if len(frame) > 4 else E.INTERNAL)
         elif op == LaneOp.HELLO:
             lane.peer = ("shard", frame[1])
 
@@ -493,12 +493,13 @@ class TopicActor(BrokerActor):
             self._feed(name, sub)
         self._append()
 
-    def _append_failed(self, seq, error, next_offset):
+    def _append_failed(self, seq, error, next_offset, code):
         """Nothing of this append, nor of what was queued behind it, was receipted: refuse them
-        all (the producers may retry) and number again from where the log really ends."""
+        all (the producers may retry) and number again from where the log really ends. `code`:
+        TOPIC_UNAVAILABLE when another node took the topic over (fenced), INTERNAL otherwise."""
         failed, _, _ = self.appending.pop(seq, ([], None, None))
         for lane, producer_id, receipts, runs in failed + self.unsynced:
-            self._refuse(lane, producer_id, receipts, f"log write failed: {error}")
+            self._refuse(lane, producer_id, receipts, f"log write failed: {error}", code)
             self.msgs_in -= sum(run[1] for run in runs)
         self.unsynced = []
         self.next_offset = next_offset

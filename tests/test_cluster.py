@@ -439,7 +439,7 @@ def test_shared_data_a_stopped_owner_is_fenced(shared_cluster):
         finally:
             for pid in b_pids:
                 os.kill(pid, signal.SIGCONT)
-        with pytest.raises((BrokerError, ProducerClosed)):
+        with pytest.raises((TopicUnavailable, ProducerClosed)):   # not INTERNAL: no bug, the topic moved
             stale.send_sync(b"stale", timeout=10)
         cluster.wait_live("a", ["a", "b", "c"])
         cluster.wait_live("b", ["a", "b", "c"])

@@ -519,7 +519,7 @@ class LaneOp:
     ENDED = 11        # dispatcher -> shard: [ENDED, consumer_id, reason]: the consumer is gone
     APPEND = 12       # topic -> log: [APPEND, seq, first offset, [run...], time_ms]
     APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments]: durable (per --fsync)
-    APPEND_FAILED = 14  # log -> topic: [APPEND_FAILED, seq, error, next offset]: nothing of it kept
+    APPEND_FAILED = 14  # log -> topic: [APPEND_FAILED, seq, error, next offset, code]: nothing of it kept
     DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id, time.time() the end was detected]
     READ = 16         # dispatcher -> log: [READ, token, offset, max records]
     RECORDS = 17      # log -> dispatcher: [RECORDS, token, [run...] from the offset asked, first retained offset]
