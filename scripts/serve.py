@@ -313,6 +313,13 @@ def add_cluster_options(p):
                         "reach them must be trusted")
 
 
+# What docs/cluster.md calls private: RFC 1918, loopback, link-local, unique-local. Not
+# ipaddress's is_private, which also takes documentation, reserved and broadcast addresses.
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16",
+    "::1/128", "fe80::/10", "fc00::/7"))
+
+
 def cluster_problem(args):
     """Why the cluster options cannot serve (None if they can)."""
     if not args.cluster_bind:
@@ -327,7 +334,7 @@ def cluster_problem(args):
         return "--cluster-bind and --join take ADDR:PORT, ADDR an IPv4 address"
     if address.is_unspecified:
         return "--cluster-bind must name one interface's address, not 0.0.0.0"
-    if not address.is_private and not args.trust_cluster_network:
+    if not any(address in network for network in PRIVATE_NETWORKS) and not args.trust_cluster_network:
         return (f"--cluster-bind {host} is not a private address: Thespian's sockets there unpickle what "
                 f"they receive; use a private network, or give --trust-cluster-network")
     if not args.cluster_secret_file:

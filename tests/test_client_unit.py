@@ -116,6 +116,9 @@ def test_parse_address():
     assert parse_address("tls://:6651") == ("127.0.0.1", 6651, True)
     with pytest.raises(ValueError, match="scheme"):
         parse_address("http://example.org:80")
+    for port in (0, 65536, 6650 + 65536):   # the OS took 72186 as 6650: another broker, silently
+        with pytest.raises(ValueError, match="1-65535"):
+            parse_address(f"example.org:{port}")
 
 
 def test_error_for_gives_one_class_per_code():

@@ -89,6 +89,10 @@ def test_serve_refuses_unsafe_cluster_options(tmp_path):
     secret.chmod(0o600)
     cases = [
         (["--cluster-bind", "8.8.8.8:7600", "--cluster-secret-file", str(secret)], "not a private address"),
+        # "private" to Python's ipaddress, not to docs/cluster.md: broadcast, documentation, reserved
+        (["--cluster-bind", "255.255.255.255:7600", "--cluster-secret-file", str(secret)], "not a private address"),
+        (["--cluster-bind", "203.0.113.5:7600", "--cluster-secret-file", str(secret)], "not a private address"),
+        (["--cluster-bind", "240.0.0.1:7600", "--cluster-secret-file", str(secret)], "not a private address"),
         (["--cluster-bind", "0.0.0.0:7600", "--cluster-secret-file", str(secret)], "not 0.0.0.0"),
         (["--cluster-bind", "10.1.2.3:7600"], "--cluster-secret-file"),
         (["--join", "10.1.2.3:7600"], "need --cluster-bind"),

@@ -145,7 +145,10 @@ def parse_address(url, default_port=DEFAULT_PORT):
     host, sep, port = url.rpartition(":")
     if not sep:
         return Address(url or DEFAULT_HOST, default_port, tls)
-    return Address(host or DEFAULT_HOST, int(port), tls)
+    number = int(port)
+    if not 0 < number < 65536:   # the OS would take it modulo 65536: another port, silently
+        raise ValueError(f"port {number} in {url!r} is not in 1-65535")
+    return Address(host or DEFAULT_HOST, number, tls)
 
 
 def parse_url(url, default_port=DEFAULT_PORT):
