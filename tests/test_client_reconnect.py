@@ -8,6 +8,7 @@ import pytest
 from actorbroker.transport.client import AsyncClient, Client
 from actorbroker.transport.client.core import Reconnect
 from actorbroker.transport.errors import ConnectionLost
+from tests.util import wait_for
 
 
 def restart(start_broker, broker, data_dir):
@@ -87,7 +88,43 @@ def test_sync_client_gives_up_and_ends_its_consumers(start_broker, topic):
     client.close()
 
 
+def test_sends_made_while_reconnecting_fail_when_the_client_gives_up(start_broker, topic):
+    """They waited for the producer to be back; it never is: they end as lost (they hung)."""
+    broker = start_broker()
+    client = Client(broker.host, broker.port, reconnect=Reconnect([broker.address], give_up_after=3))
+    producer = client.producer(topic)
+    producer.send(b"before").result(10)
+    broker.stop()
+    wait_for(lambda: client.connected, lambda connected: not connected)
+    waiting = producer.send(b"while reconnecting")
+    assert client.wait_closed(30)
+    with pytest.raises(ConnectionLost):
+        waiting.result(5)
+    with pytest.raises(ConnectionLost):
+        producer.flush(5)
+    client.close()
+
+
 # --- the asyncio client ------------------------------------------------------------------------
+
+def test_async_sends_made_while_reconnecting_fail_when_the_client_gives_up(start_broker, topic):
+    broker = start_broker()
+
+    async def scenario():
+        client = await AsyncClient.connect(broker.host, broker.port,
+                                           reconnect=Reconnect([broker.address], give_up_after=3))
+        producer = await client.producer(topic)
+        await (await producer.send(b"before"))
+        await asyncio.to_thread(broker.stop)
+        while client.connected:
+            await asyncio.sleep(0.01)   # polling a state the client offers no event for
+        waiting = await producer.send(b"while reconnecting")
+        await asyncio.wait_for(client.wait_closed(), 30)
+        with pytest.raises(ConnectionLost):
+            await waiting.result(5)
+        await client.close()
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
 
 def test_async_client_reconnects_across_a_broker_restart(start_broker, topic, tmp_path):
     data = tmp_path / "data"

@@ -479,6 +479,10 @@ class AsyncProducer(ProducerCore):
 
     def _fail_unsent(self):
         self._send_current()
+        # kept for a reconnect that will not come (given up, or closed): they fail now
+        held, self._held = self._held or [], None
+        for batch in held:
+            self._receipt(batch, None, self._end_error())
 
 
 # --- consuming --------------------------------------------------------------------------------

@@ -584,8 +584,12 @@ class Producer(ProducerCore):
         # No waiting here for _write_order (its holder may be blocked writing): the batch being
         # filled is failed at once; the outbox is failed by the thread writing it.
         with self._lock:
-            batch = self._batcher.take()
-        if batch is not None:
+            batches = [batch] if (batch := self._batcher.take()) is not None else []
+            if self._paused:   # kept for a reconnect that will not come: nobody writes them now
+                batches = list(self._outbox) + batches
+                self._outbox.clear()
+                self._paused = False
+        for batch in batches:
             self._receipt(batch, None, self._end_error())
 
 
