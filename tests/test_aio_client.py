@@ -47,3 +47,26 @@ def test_failover_active_push_reaches_the_async_consumer(broker, topic):
                 await asyncio.sleep(0.01)
             assert second.active is True and first is not None
     run(scenario())
+
+
+def test_an_async_watcher_hears_the_loss_of_its_connection(start_broker, topic):
+    """next_event raises ConnectionLost once the connection is gone (it waited forever)."""
+    from actorbroker.transport.errors import ConnectionLost
+    b = start_broker()
+
+    async def scenario():
+        client = await AsyncClient.connect(*b.address)
+        await client.watch(topic)
+        await client.subscribe(topic, "s", "exclusive", "c")
+        while (await client.next_event())["kind"] != "consumer_attached":
+            pass
+        waiting = asyncio.ensure_future(client.next_event())   # waits while the broker goes
+        await asyncio.to_thread(b.stop)
+        with pytest.raises(ConnectionLost):
+            while True:          # the events decided before the stop, then the loss
+                await waiting
+                waiting = asyncio.ensure_future(client.next_event())
+        with pytest.raises(ConnectionLost):   # and every later call
+            await client.next_event(1)
+        await client.close()
+    run(scenario())

@@ -33,6 +33,9 @@ async def connect(url=f"{DEFAULT_HOST}:{DEFAULT_PORT}", **options):
     return await AsyncClient.connect(host, port, **options)
 
 
+_LOST = object()   # in the event queue: the connection was lost (next_event raises)
+
+
 class AsyncClient:
     def __init__(self, reader, writer, name):
         """Use `await AsyncClient.connect(...)`."""
@@ -186,11 +189,21 @@ class AsyncClient:
         await self._admin("unwatch", timeout)
 
     async def next_event(self, timeout=None):
-        """The next event frame; TimeoutError if none comes in time."""
-        try:
-            return await asyncio.wait_for(self._events.get(), timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"no event within {timeout}s") from None
+        """The next event frame; TimeoutError if none comes in time, ConnectionLost once the
+        connection is gone and all were read (as Client.next_event)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self._core.lost is not None and self._events.empty():
+                raise ConnectionLost(str(self._core.lost))
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                frame = await asyncio.wait_for(self._events.get(), left)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no event within {timeout}s") from None
+            if frame is not _LOST:
+                return frame
+            # the loss wakes a waiter; a stale one (reconnected since) is skipped
 
     def _event(self, frame):
         self._events.put_nowait(frame)
@@ -305,6 +318,7 @@ class AsyncClient:
         if events is None:
             return
         self._writer.close()
+        self._events.put_nowait(_LOST)   # wakes next_event
         if keep:   # the reader task reconnects; the heartbeat goes on
             for obj in self._core.detached:
                 obj._pause()
