@@ -188,6 +188,9 @@ def with_client(command):
             return fail(f"CONNECTION_LOST: {exc}")
         except (OSError, TimeoutError) as exc:
             return fail(f"CONNECTION: {host}:{port}: {exc}")
+        except UnicodeEncodeError as exc:   # an argument from a non-UTF-8 terminal: strings are UTF-8
+            bad = exc.object[exc.start:exc.end].encode("utf-8", "surrogateescape")
+            return fail(f"BAD_ARGUMENT: an argument is not valid UTF-8 text (bytes {bad!r})")
     run.__doc__ = command.__doc__
     return run
 

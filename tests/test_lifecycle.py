@@ -141,3 +141,17 @@ def test_serve_refuses_an_auth_file_it_cannot_use(tmp_path, content, text):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "error: --auth-file" in done.stderr and text in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("extra", [[b"-m", b"caf\xe9"], [b"-m", b"x", b"--key", b"caf\xe9"],
+                                   [b"-m", b"x", b"--attr", b"k=caf\xe9"]])
+def test_a_cli_argument_that_is_not_utf8_is_one_error_line(broker, topic, extra):
+    """Bytes from a Latin-1 terminal: `error: BAD_ARGUMENT ...` and exit 1, not a traceback."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable.encode(), b"-m", b"actorbroker.scripts.cli", b"produce", topic.encode(),
+                           *extra, b"--url", f"{broker.host}:{broker.port}".encode()],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.decode().strip().splitlines() == ["error: BAD_ARGUMENT: an argument is not valid UTF-8 "
+                                                         "text (bytes b'\\xe9')"]
