@@ -161,3 +161,61 @@ def test_a_new_connection_starts_its_heartbeat_clock_afresh():
     core.restart(100.0)                       # reconnected long after the last frame of the old one
     ping, dead = core.heartbeat(100.5)
     assert dead is None and ping is None
+
+
+# --- a broker that stops reading ------------------------------------------------------------------
+
+@pytest.fixture
+def frozen(start_broker):
+    """A broker, and freeze() to SIGSTOP every process of it (a hung host); thawed at the end."""
+    import os
+    import signal
+    broker = start_broker()
+    stopped = []
+
+    def freeze():
+        stopped.extend(broker.processes())
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+    yield broker, freeze
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_sync_sender_blocked_on_a_broker_that_stopped_reading_gets_connection_lost(frozen, topic):
+    """Its sendall once blocked for good, holding the lock the heartbeat's ping needed: the loss
+    was never declared."""
+    broker, freeze = frozen
+    client = Client(broker.host, broker.port, heartbeat_ms=300)
+    producer = client.producer(topic, max_batch=100)
+    freeze()
+    ended = []
+
+    def flood():   # far more than the socket buffers hold
+        try:
+            for _ in range(20_000):
+                producer.send(b"x" * 1024)
+        except ConnectionLost as exc:
+            ended.append(exc)
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    sender.join(30)
+    assert ended and not client.connected
+    client.close(timeout=1)
+
+
+def test_an_async_sender_blocked_on_a_broker_that_stopped_reading_gets_connection_lost(frozen, topic):
+    broker, freeze = frozen
+
+    async def scenario():
+        client = await AsyncClient.connect(broker.host, broker.port, heartbeat_ms=300)
+        producer = await client.producer(topic, max_batch=100)
+        freeze()
+        with pytest.raises(ConnectionLost):
+            for _ in range(20_000):
+                await producer.send(b"x" * 1024)
+        await client.close(timeout=1)
+    asyncio.run(asyncio.wait_for(scenario(), 30))

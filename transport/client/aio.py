@@ -317,7 +317,10 @@ class AsyncClient:
         events = self._core.connection_lost(error, keep)
         if events is None:
             return
-        self._writer.close()
+        if self._core.closing:
+            self._writer.close()
+        else:   # lost: what is still buffered will never go, and a send waiting in drain() must end
+            self._writer.transport.abort()
         self._events.put_nowait(_LOST)   # wakes next_event
         if keep:   # the reader task reconnects; the heartbeat goes on
             for obj in self._core.detached:

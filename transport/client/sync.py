@@ -15,6 +15,7 @@ lock; no lock is held while a thread waits for the socket, except that write loc
 """
 import concurrent.futures
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -77,6 +78,7 @@ class Client:
             raise core.hello_error(exc) from None
         core.welcomed(self.welcome)
         self.max_frame, self.heartbeat_ms = core.max_frame, core.heartbeat_ms
+        bound_send_wait(self._sock, core.heartbeat_ms)
         self._ticker = threading.Thread(target=self._tick_loop, name=f"{name}-ticker", daemon=True)
         self._ticker.start()
 
@@ -126,6 +128,13 @@ class Client:
         try:
             with self._write_lock:
                 sock.sendall(data)
+        except BlockingIOError:   # bound_send_wait: the broker took nothing for two heartbeats
+            error = ConnectionLost(f"the broker read nothing for {2 * self.heartbeat_ms} ms (2 heartbeats)")
+            with self._lock:
+                lost = self._core.lost
+            if lost is None and sock is self._sock:
+                self._connection_lost(error)
+            raise ConnectionLost(str(lost or error)) from None
         except OSError as exc:
             # The peer closed: what it said last (a fatal error frame, a TLS alert such as
             # UNKNOWN_CA) is in the read buffer, and the reader is about to read it. Give it a
@@ -301,6 +310,7 @@ class Client:
             dispatch(events, self)
         self._sock.settimeout(None)
         self._core.welcomed(waiter.result(0))
+        bound_send_wait(self._sock, self._core.heartbeat_ms)
 
     def _reopen_all(self):
         """Open every kept producer and consumer again, resume them, then tell on_reconnect."""
@@ -432,6 +442,15 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def bound_send_wait(sock, heartbeat_ms):
+    """A write that cannot go on for two heartbeats fails (SO_SNDTIMEO) instead of blocking its
+    thread for good: a broker that stopped reading is as dead as one that stopped talking, and a
+    thread stuck in sendall would hold the write lock that the heartbeat's ping needs."""
+    wait_ms = 2 * heartbeat_ms
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", wait_ms // 1000, wait_ms % 1000 * 1000))
 
 
 def open_socket(host, port, tls, timeout):
