@@ -210,3 +210,38 @@ def test_fan_out_to_many_subscriptions_delivers_everything(broker, client, topic
         assert [consumer.receive(timeout=10).id for _ in range(5000)] == offsets
     for o in others:
         o.close()
+
+
+def test_flush_sends_what_a_released_sender_adds_while_it_waits(client, topic):
+    """A send blocked on max_pending is released by the receipts the flush waits for; what it adds
+    then is sent at once, not after linger_ms (the flush timed out waiting for it)."""
+    import threading
+    producer = client.producer(topic, max_pending=5, linger_ms=60_000, max_batch=100)
+    sender = threading.Thread(target=lambda: [producer.send(b"m%d" % i) for i in range(10)])
+    sender.start()
+    wait_for(lambda: producer._outstanding, lambda n: n == 5)   # the sixth send waits for room
+    producer.flush(timeout=10)
+    sender.join(10)
+    producer.flush(timeout=10)
+    assert client.stats(topic)["msgs_in"] == 10
+
+
+def test_async_flush_sends_what_a_released_sender_adds_while_it_waits(broker, topic):
+    import asyncio
+    from actorbroker.transport.client import AsyncClient
+
+    async def scenario():
+        async with await AsyncClient.connect(*broker.address) as client:
+            producer = await client.producer(topic, max_pending=5, linger_ms=60_000, max_batch=100)
+
+            async def send10():
+                for i in range(10):
+                    await producer.send(b"m%d" % i)
+            sending = asyncio.create_task(send10())
+            while producer._outstanding < 5:
+                await asyncio.sleep(0.01)
+            await producer.flush(timeout=10)
+            await asyncio.wait_for(sending, 10)
+            await producer.flush(timeout=10)
+            assert (await client.stats(topic))["msgs_in"] == 10
+    asyncio.run(asyncio.wait_for(scenario(), 60))

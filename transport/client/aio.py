@@ -409,7 +409,9 @@ class AsyncProducer(ProducerCore):
         batch, index, ready, lingering = self._add(record, size)
         for full in ready:
             self._write(full)
-        if lingering:
+        if self._flushing:   # a flush waits for this one too: it must not linger
+            self._send_current()
+        elif lingering:
             asyncio.get_running_loop().call_later(self._linger_s, self._send_current, batch)
         if ready:
             await self._client._drain()
@@ -422,11 +424,14 @@ class AsyncProducer(ProducerCore):
 
     async def flush(self, timeout=10):
         """Send what is buffered and wait until every message sent so far has its receipt."""
-        self._send_current()
+        self._flushing += 1
         try:
+            self._send_current()
             await asyncio.wait_for(self._wait_until(lambda: not self._outstanding), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"{self._outstanding} messages without receipt after {timeout}s") from None
+        finally:
+            self._flushing -= 1
         if self._end is not None and self._end[0] is ConnectionLost:
             raise self._end_error()
 

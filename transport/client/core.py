@@ -496,6 +496,7 @@ class ProducerCore:
         self._max_message = max_message_size(max_frame, self.name)
         self._batcher = Batcher(max_frame, max_batch, new_batch)
         self._outstanding = 0     # messages buffered or waiting for their receipt
+        self._flushing = 0        # flushes waiting: while one waits, nothing lingers
         self._end = None          # (exception class, argument) sends fail with once closed
 
     def _rebind(self, reply):

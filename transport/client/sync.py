@@ -515,7 +515,9 @@ class Producer(ProducerCore):
                 self._outbox.extend(ready)
         if ready:
             self._write_outbox()
-        if lingering:
+        if self._flushing:   # a flush waits for this one too: it must not linger
+            self._send_current()
+        elif lingering:
             self._client._schedule_linger(self, self._linger_s)
         return SendFuture(batch, index)
 
@@ -527,14 +529,20 @@ class Producer(ProducerCore):
 
     def flush(self, timeout=10):
         """Send what is buffered and wait until every message sent so far has its receipt."""
-        self._send_current()
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         with self._lock:
-            while self._outstanding:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{self._outstanding} messages without receipt after {timeout}s")
-                self._room.wait(min(left, 1.0))
+            self._flushing += 1
+        try:
+            self._send_current()
+            deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+            with self._lock:
+                while self._outstanding:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{self._outstanding} messages without receipt after {timeout}s")
+                    self._room.wait(min(left, 1.0))
+        finally:
+            with self._lock:
+                self._flushing -= 1
         if self._end is not None and self._end[0] is ConnectionLost:
             raise self._end_error()
 
