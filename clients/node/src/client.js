@@ -78,7 +78,8 @@ export class Client extends EventEmitter {
     this.closedWith = null; // set once: the connection is over
     socket.setNoDelay(true);
     socket.on("data", (chunk) => this.received(chunk));
-    socket.on("error", (err) => this.destroy(new ConnectionError("CONNECTION_LOST", `connection to ${address} failed: ${err.message}`, { cause: err })));
+    // a reset right after a fatal error frame (the broker closed with our hello unread): the frame is the cause
+    socket.on("error", (err) => this.destroy(this.fatal ?? new ConnectionError("CONNECTION_LOST", `connection to ${address} failed: ${err.message}`, { cause: err })));
     socket.on("close", () => this.destroy(this.fatal ?? new ConnectionError("CONNECTION_LOST", `connection to ${address} closed by the broker`)));
   }
 
@@ -278,7 +279,9 @@ export class Client extends EventEmitter {
 
   brokerError(frame) {
     const error = new BrokerError(frame.code, frame.message, frame.rid);
-    if (FATAL_CODES.has(frame.code)) this.fatal = error; // the close follows; it is the cause
+    // the close follows; it is the cause. So it is for an error without rid before the welcome:
+    // a connection the broker refuses at once (OVERLOADED: --max-connections)
+    if (FATAL_CODES.has(frame.code) || (frame.rid === undefined && this.maxFrame === undefined)) this.fatal = error;
     const handlers = frame.rid !== undefined && this.pending.get(frame.rid);
     if (handlers) {
       this.pending.delete(frame.rid);

@@ -25,6 +25,7 @@ export class Producer {
     this.ready = []; // full batches waiting for room in flight
     this.inFlight = 0; // messages sent and not yet answered
     this.timer = null;
+    this.closing = null; // the promise of the first close()
     this.idle = []; // flush() waiters: settled when nothing is queued or in flight
     this.failure = null; // the first send error since the last flush()
     this.closedWith = null;
@@ -67,8 +68,13 @@ export class Producer {
     }, { signal, timeoutMs, what: "flush" });
   }
 
-  /** Flushes, then closes the producer on the broker. */
-  async close(wait = {}) {
+  /** Flushes, then closes the producer on the broker. Calls made meanwhile share the first. */
+  close(wait = {}) {
+    this.closing ??= this.closeOnce(wait);
+    return this.closing;
+  }
+
+  async closeOnce(wait) {
     if (this.closedWith) return;
     await this.flush(wait).catch(noop);
     this.closedWith = new ActorbrokerError("PRODUCER_CLOSED", "the producer was closed");

@@ -254,6 +254,32 @@ describe("auth and limits", () => {
   });
 });
 
+describe("a broker at its connection limit", () => {
+  let broker;
+  before(async () => { broker = await startBroker("--max-connections", "1"); });
+  after(() => broker?.stop());
+
+  it("OVERLOADED: connect rejects with the broker's code, not CONNECTION_LOST", async () => {
+    const first = await connect(broker.address);
+    await assert.rejects(connect(broker.address), { name: "BrokerError", code: "OVERLOADED" });
+    await first.close();
+  });
+});
+
+describe("closing", () => {
+  let broker;
+  let client;
+  before(async () => ({ broker, client } = await brokerWithClient("node-close-test")));
+  after(() => stopBoth(broker, client));
+
+  it("producer.close() called twice at once closes once, and both calls resolve", async () => {
+    const producer = await client.producer(freshTopic("close"));
+    await producer.send("x");
+    await Promise.all([producer.close(), producer.close()]);
+    await producer.close();
+  });
+});
+
 describe("a broker that goes away", () => {
   it("fails what waits with CONNECTION_LOST and ends the client", async () => {
     const broker = await startBroker();
