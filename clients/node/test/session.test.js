@@ -29,6 +29,13 @@ describe("session", () => {
     await c.close();
   });
 
+  it("producer.close() called twice at once closes once, and both calls resolve", async () => {
+    const producer = await client.producer(freshTopic("close"));
+    await producer.send("x");
+    await Promise.all([producer.close(), producer.close()]);
+    await producer.close();
+  });
+
   it("pings the broker", async () => {
     const ms = await client.ping();
     assert.equal(typeof ms, "number");
@@ -263,20 +270,6 @@ describe("a broker at its connection limit", () => {
     const first = await connect(broker.address);
     await assert.rejects(connect(broker.address), { name: "BrokerError", code: "OVERLOADED" });
     await first.close();
-  });
-});
-
-describe("closing", () => {
-  let broker;
-  let client;
-  before(async () => ({ broker, client } = await brokerWithClient("node-close-test")));
-  after(() => stopBoth(broker, client));
-
-  it("producer.close() called twice at once closes once, and both calls resolve", async () => {
-    const producer = await client.producer(freshTopic("close"));
-    await producer.send("x");
-    await Promise.all([producer.close(), producer.close()]);
-    await producer.close();
   });
 });
 
