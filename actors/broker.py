@@ -369,21 +369,18 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         and every actor that sends to it learns its address, down the tree. Events decided
         meanwhile are lost (watchers are told: `events_lost`); metric totals come back with the
         actors' next reports."""
-        if dead == self.config.events:
+        events, metrics_address = self.config.events, self.config.metrics
+        if dead == events:
             log.error("the events actor exited; restarting it")
-            self.config = dataclasses.replace(self.config, events=self.createActor(
-                "actorbroker.actors.events.EventsActor"))
+            events = self.createActor("actorbroker.actors.events.EventsActor")
         else:
             log.error("the metrics actor exited; restarting it on port %s", self.metrics_port)
-            self.config = dataclasses.replace(self.config, metrics=self.createActor(
-                "actorbroker.actors.metrics.MetricsActor"))
-            self.send(self.config.metrics, metrics.StartMetrics(
+            metrics_address = self.createActor("actorbroker.actors.metrics.MetricsActor")
+            self.send(metrics_address, metrics.StartMetrics(
                 dataclasses.replace(self.config, metrics_port=self.metrics_port or 0), os.getppid()))
-        moved = OperabilityMoved(self.config.events, self.config.metrics)
-        if self._metrics_to is not None:
-            self._metrics_to = self.config.metrics
-        for child in self.operability_children():
-            self.send(child, moved)
+        # as any actor of the tree takes it (BrokerActor.on_OperabilityMoved): our own "events"
+        # channel starts afresh too (our topic_created events), then the children are told
+        self.on_OperabilityMoved(OperabilityMoved(events, metrics_address), self.myAddress)
 
     def operability_children(self):
         return [self.listener] + [address for address, _ in self.topics.values()]

@@ -122,13 +122,6 @@ def add_limit_options(p):
                        help=text + " (default %(default)s)")
 
 
-def positive(text):
-    value = int(text)
-    if value <= 0:
-        raise ValueError(text)
-    return value
-
-
 def limits_of(args):
     """BrokerConfig's limit fields from the options of add_limit_options."""
     return {name: getattr(args, name) for name, _ in LIMITS}
@@ -165,6 +158,9 @@ def tls_problem(args):
     except (OSError, ValueError) as exc:
         return f"cannot use the TLS certificate: {exc}"
     return None
+
+
+positive = int_between(1, None)
 
 
 PERMISSION_ACTIONS = ("produce", "consume")
