@@ -3,6 +3,7 @@ subscription types, backlog bounds, closing pushes, stats."""
 import pytest
 
 from actorbroker.transport.client import Client
+from actorbroker.transport.errors import BadRequest
 from tests.util import consumers_of, wait_for
 
 
@@ -32,6 +33,22 @@ def test_pipelined_sends_arrive_in_order_with_consecutive_offsets(client, topic)
     assert [m.payload for m in got] == [f"msg-{i}".encode() for i in range(3000)]
     assert got[5].key == "k5" and got[5].attrs == {"i": "5"} and got[5].redeliveries == 0
     assert isinstance(got[0].producer, str) and got[0].producer
+
+
+@pytest.mark.parametrize("bad", [{"key": "k" * 256}, {"key": "é" * 128}, {"attrs": {"a" * 256: "v"}},
+                                 {"attrs": {"a": "v" * 256}}, {"key": 7}, {"attrs": {"a": 1}}])
+def test_an_invalid_message_fails_alone_and_its_batch_neighbours_are_sent(client, topic, bad):
+    # The broker refuses a whole `send` frame for one bad message: the client checks each message
+    # before batching, so the valid ones sent in the same linger window still go.
+    consumer = client.subscribe(topic, "s", "exclusive", "c")
+    producer = client.producer(topic, linger_ms=50)
+    before = producer.send(b"before", key="k" * 255, attrs={"a" * 255: "v" * 255})
+    with pytest.raises((BadRequest, TypeError)):
+        producer.send(b"bad", **bad)
+    after = producer.send(b"after")
+    producer.flush(timeout=10)
+    assert after.result(5) == before.result(5) + 1
+    assert [consumer.receive(timeout=10).payload for _ in range(2)] == [b"before", b"after"]
 
 
 def test_producer_and_consumer_in_either_order(client, topic):

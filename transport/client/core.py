@@ -42,6 +42,8 @@ SEND_OVERHEAD = 64
 # A record must also fit, alone, in the broker's `message` push to a consumer, whose envelope adds
 # the producer name, id, time and redeliveries; this margin covers that with room to spare.
 PUSH_MARGIN = 128
+# A message's key and each attribute name and value: at most this many bytes of UTF-8 (PROTOCOL.md).
+MAX_NAME_BYTES = 255
 
 # Event kinds (see the module docstring).
 REPLY, RECEIPT, MESSAGES, ACTIVE, CLOSED, LOST, WRITE, BROKEN, EVENT = (
@@ -310,11 +312,25 @@ def record_for(payload, key=None, attrs=None):
     size = 1 + 8 + 5 + len(payload)
     if key is not None:
         record["key"] = key
-        size += 4 + 5 + len(key.encode("utf-8"))
+        size += 4 + 5 + _name_bytes(key, "key")
     if attrs:
+        if not isinstance(attrs, dict):
+            raise TypeError("attrs must be a dict of str to str")
         record["attrs"] = attrs
-        size += 6 + 5 + sum(20 + len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in attrs.items())
+        size += 6 + 5 + sum(20 + _name_bytes(k, "attrs name") + _name_bytes(v, f"attrs[{k!r}]")
+                            for k, v in attrs.items())
     return record, size
+
+
+def _name_bytes(value, what):
+    """The UTF-8 length of a key or attribute, which the broker bounds: checked here, one message
+    at a time, because the broker refuses the whole `send` frame (every message batched with it)."""
+    if type(value) is not str:
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    n = len(value.encode("utf-8"))
+    if n > MAX_NAME_BYTES:
+        raise error_for(BAD_REQUEST, f"{what} of {n} bytes is longer than {MAX_NAME_BYTES} bytes")
+    return n
 
 
 def max_message_size(max_frame, producer_name):
