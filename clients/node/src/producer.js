@@ -10,9 +10,15 @@ import { deferred, noop, waitFor } from "./waiting.js";
 const SEND_OVERHEAD = 64;
 const MESSAGE_OVERHEAD = 48;
 const ATTR_OVERHEAD = 10;
+// A message must also fit, alone, in the broker's `message` push, whose envelope adds the
+// producer's name, the id, time and redeliveries: this margin covers them with room to spare.
+const PUSH_MARGIN = 128;
+// A key, and each attrs name and value: at most this many bytes of UTF-8 (the broker's bound).
+const MAX_NAME_BYTES = 255;
 
 export class Producer {
-  constructor(client, reply, { maxBatch = 1000, lingerMs = 0, maxPending = 20000 } = {}) {
+  constructor(client, reply, options = {}) {
+    const { maxBatch = 1000, lingerMs = 0, maxPending = 20000 } = options;
     this.client = client;
     this.id = reply.producer;
     this.topic = reply.topic;
@@ -21,6 +27,9 @@ export class Producer {
     this.lingerMs = lingerMs;
     this.maxPending = maxPending;
     this.frameBudget = client.maxFrame - SEND_OVERHEAD;
+    // The broker's default name is producer-<id>; it is copied into every message it delivers.
+    const name = options.name ?? `producer-${reply.producer}`;
+    this.maxMessage = client.maxFrame - PUSH_MARGIN - Buffer.byteLength(name);
     this.batch = newBatch();
     this.ready = []; // full batches waiting for room in flight
     this.inFlight = 0; // messages sent and not yet answered
@@ -43,8 +52,15 @@ export class Producer {
       return wait.promise;
     }
     const msg = { payload: asBytes(payload), key: key ?? undefined, attrs: attrs ?? undefined };
+    // Every check the broker makes of one message is made here, before batching: the broker
+    // refuses a whole `send` frame for one bad message, failing the others batched with it.
     const size = messageSize(msg);
-    if (size > this.frameBudget) {
+    const tooLong = longName(msg);
+    if (tooLong) {
+      wait.reject(new ActorbrokerError("BAD_REQUEST", `${tooLong} is longer than ${MAX_NAME_BYTES} bytes`));
+      return wait.promise;
+    }
+    if (size > this.maxMessage) {
       wait.reject(new ActorbrokerError("MESSAGE_TOO_LARGE",
         `a message of ${size} bytes does not fit the broker's max_frame of ${this.client.maxFrame}`));
       return wait.promise;
@@ -179,6 +195,18 @@ function asBytes(payload) {
   if (payload instanceof Uint8Array) return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength);
   if (typeof payload === "string") return Buffer.from(payload, "utf8");
   throw new TypeError("payload must be a Buffer, a Uint8Array or a string");
+}
+
+// What of a message is over MAX_NAME_BYTES, or null.
+function longName(msg) {
+  if (msg.key !== undefined && Buffer.byteLength(msg.key) > MAX_NAME_BYTES) return "key";
+  if (msg.attrs !== undefined) {
+    for (const [name, value] of Object.entries(msg.attrs)) {
+      if (Buffer.byteLength(name) > MAX_NAME_BYTES) return "an attrs name";
+      if (Buffer.byteLength(value) > MAX_NAME_BYTES) return `attrs.${name}`;
+    }
+  }
+  return null;
 }
 
 // An upper bound of the message's msgpack size.

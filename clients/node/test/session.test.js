@@ -172,6 +172,21 @@ describe("session", () => {
       await assert.rejects(producer.send(Buffer.alloc(client.maxFrame)), { code: "MESSAGE_TOO_LARGE" });
       assert.equal(await producer.send("fits"), 0);
     });
+    it("an invalid message fails alone: the valid ones sent in the same turn are receipted", async () => {
+      // The broker refuses a whole send frame for one bad message; the client checks first.
+      const producer = await client.producer(freshTopic(), { name: "p".repeat(255) });
+      const first = producer.send("a");
+      const longKey = producer.send("b", { key: "k".repeat(256) });
+      const longAttr = producer.send("b", { attrs: { a: "é".repeat(128) } });
+      // fits a send frame, but not the push that carries the producer's 255-byte name
+      const tooBig = producer.send(Buffer.alloc(client.maxFrame - 64 - 48 - 100));
+      const last = producer.send("c");
+      await assert.rejects(longKey, { code: "BAD_REQUEST" });
+      await assert.rejects(longAttr, { code: "BAD_REQUEST" });
+      await assert.rejects(tooBig, { code: "MESSAGE_TOO_LARGE" });
+      assert.deepEqual([await first, await last], [0, 1]);
+      await producer.close();
+    });
     for (const [code, bytes] of [["BAD_FRAME", [0, 0, 0, 1, 0xc1]], ["FRAME_TOO_LARGE", [0xff, 0xff, 0xff, 0xff]]]) {
       it(`${code} is fatal: what waits fails with it and the client closes`, async () => {
         const c = await connect(broker.address);
