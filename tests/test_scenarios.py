@@ -49,6 +49,21 @@ def test_the_library_is_not_empty_and_valid():
     ('name = "x"\ndescription = "d"\n[[step]]\naction = "fly"\n', 1, "action"),
     ('name = "x"\ndescription = "d"\n[[step]]\naction = "pause"\nseconds = 1\nsecs = 2\n', 1, "secs"),
     ('name = "x"\ndescription = "d"\n[[step]]\naction = "expect"\nconsumer = "c"\n', 1, "messages"),
+    # a handle no step before makes: caught before the broker starts
+    ('name = "x"\ndescription = "d"\n[[step]]\naction = "open"\nclient = "a"\n'
+     '[[step]]\naction = "produce"\nproducer = "nope"\ncount = 1\n', 2, "producer"),
+    ('name = "x"\ndescription = "d"\n[[step]]\naction = "kill"\nclient = "a"\n', 1, "client"),
+    ('name = "x"\ndescription = "d"\n[[step]]\naction = "open"\nclient = "a"\n'
+     '[[step]]\naction = "subscribe"\nclient = "a"\nconsumer = "c"\nas = "c1"\ntopic = "/a/b"\n'
+     'subscription = "s"\ntype = "shared"\n[[step]]\naction = "expect"\nconsumers = ["c1", "c"]\n'
+     'count = 1\n', 3, "consumers"),
+    ('name = "x"\ndescription = "d"\n[[step]]\naction = "open"\nclient = "a"\n'
+     '[[step]]\naction = "subscribe"\nclient = "a"\nconsumer = "c"\ntopic = "/a/b"\n'
+     'subscription = "s"\ntype = "shared"\n[[step]]\naction = "ack"\nconsumer = "c"\n'
+     'messages = "first"\n', 3, "messages"),
+    ('name = "x"\ndescription = "d"\n[[step]]\naction = "wait"\ntask = "t"\n', 1, "task"),
+    ('name = "x"\ndescription = "d"\n[[step]]\naction = "churn"\ntopic = "/a/b"\nsubscription = "s"\n'
+     'type = "shared"\nduration = 1\nrate = 1\nseed = 1\nkill_share = 7\n', 1, "kill_share"),
 ])
 def test_errors_name_file_step_and_field(tmp_path, text, step, field):
     path = tmp_path / "bad.toml"
@@ -59,11 +74,82 @@ def test_errors_name_file_step_and_field(tmp_path, text, step, field):
     assert str(path) in str(info.value) and f"step {step}" in str(info.value) and field in str(info.value)
 
 
+def test_handles_made_by_an_earlier_step_or_the_same_parallel_group_are_valid(tmp_path):
+    path = tmp_path / "good.toml"
+    path.write_text('name = "x"\ndescription = "d"\n[[step]]\naction = "parallel"\n'
+                    '[[step.steps]]\naction = "open"\nclient = "a"\n'
+                    '[[step.steps]]\naction = "pause"\nseconds = 0.1\n'
+                    '[[step]]\naction = "producer"\nclient = "a"\nproducer = "p"\ntopic = "/a/b"\n'
+                    '[[step]]\naction = "produce"\nproducer = "p"\ncount = 1\nas = "m"\n'
+                    'background = true\ntask = "t"\n'
+                    '[[step]]\naction = "wait"\ntask = "t"\n')
+    assert [s.action for s in load(path).steps] == ["parallel", "producer", "produce", "wait"]
+
+
 def test_toml_syntax_error_names_the_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text('name = "x\n')
     with pytest.raises(ScenarioError, match="broken.toml: not valid TOML"):
         load(path)
+
+
+def test_failures_list_what_arrived_once_each_and_a_lost_that_never_comes(tmp_path, capsys):
+    extra = tmp_path / "extra.toml"
+    extra.write_text('''name = "extra"
+description = "three arrive, an expect names two"
+[[step]]
+action = "open"
+client = "a"
+[[step]]
+action = "subscribe"
+client = "a"
+consumer = "c"
+topic = "/t/extra"
+subscription = "s"
+type = "shared"
+[[step]]
+action = "producer"
+client = "a"
+producer = "p"
+topic = "/t/extra"
+[[step]]
+action = "produce"
+producer = "p"
+count = 3
+payload = "m{i}"
+[[step]]
+action = "expect"
+consumer = "c"
+count = 3
+keep = true
+[[step]]
+action = "expect"
+consumer = "c"
+payloads = ["m0", "m1"]
+''')
+    lost = tmp_path / "lost.toml"
+    lost.write_text('''name = "lost"
+description = "a connection that does not end"
+[[step]]
+action = "open"
+client = "a"
+[[step]]
+action = "expect_lost"
+client = "a"
+within = 0.5
+''')
+
+    class Args:
+        files = [str(extra), str(lost)]
+        keep = False
+        junit = None
+    assert run_command(Args) == 1
+    out = capsys.readouterr().out
+    assert "FAILED at step 6: 1 unexpected message(s) arrived" in out
+    assert "arrived:  c: [0:m0, 1:m1, 2:m2]\n" in out
+    assert "FAILED at step 2" in out and "arrived:  still connected" in out
+    for kept in out.split("work dir kept: ")[1:]:
+        shutil.rmtree(kept.split()[0], ignore_errors=True)
 
 
 def test_a_failing_scenario_reports_expected_vs_arrived_and_writes_junit(tmp_path, capsys):

@@ -119,6 +119,10 @@ def t_topic(v):
     return None
 
 
+def t_share(v):
+    return None if _is_num(v) and 0 <= v <= 1 else "must be a number from 0 to 1"
+
+
 def t_choice(*choices):
     def check(v):
         return None if v in choices else f"must be one of {', '.join(map(str, choices))}"
@@ -214,7 +218,7 @@ ACTIONS = {
               "keys": (t_pos_int, False), "min_consumers": (t_pos_int, False),
               "max_consumers": (t_pos_int, False), "receiver_queue": (t_pos_int, False),
               "heartbeat_ms": (t_pos_int, False), "drain_within": (t_pos_num, False),
-              "kill_share": (t_num, False)},
+              "kill_share": (t_share, False)},
 }
 # Any step but these may run in the background (`background = true`, named by `task`).
 NOT_IN_BACKGROUND = ("parallel", "wait", "start", "stop", "restart", "restart_broker", "kill9", "churn")
@@ -255,6 +259,7 @@ def load(path):
     if not isinstance(raw_steps, list) or not raw_steps:
         raise ScenarioError(path, "a scenario needs at least one [[step]]", field_name="step")
     steps = [validate_step(path, i, raw) for i, raw in enumerate(raw_steps, 1)]
+    check_references(path, steps)
     return Scenario(path=path, name=data["name"], description=data["description"],
                     broker_options=list(broker.get("options", [])), steps=steps,
                     slow=data.get("slow", False), start_broker=broker.get("start", True),
@@ -317,6 +322,58 @@ def validate_step(path, number, raw):
     if action == "parallel":
         fields["steps"] = parallel_steps(path, number, raw)
     return Step(number=number, action=action, fields=fields)
+
+
+# Which field of a step names which kind of handle, and which steps make one.
+USES = {"client": "client", "producer": "producer", "consumer": "consumer", "consumers": "consumer",
+        "messages": "label"}
+
+
+def _made(step):
+    """(kind, name) of the handles a step makes."""
+    a = step.action
+    if a == "open":
+        yield "client", step["client"]
+    elif a == "producer":
+        yield "producer", step["producer"]
+    elif a == "subscribe":
+        yield "consumer", step.get("as", step["consumer"])
+    elif a == "produce" and step.get("as"):
+        yield "label", step["as"]
+    if step.get("background") and step.get("task"):
+        yield "task", step["task"]
+
+
+def _used(step):
+    """(field, kind, name) of the handles a step names; the steps that make them name them too."""
+    if step.action == "open":
+        return
+    for field_name, kind in USES.items():
+        if field_name not in step.fields:
+            continue
+        if (step.action, field_name) in (("producer", "producer"), ("subscribe", "consumer"),
+                                         ("expect_stats", "consumer")):   # made here / a broker name
+            continue
+        value = step[field_name]
+        for name in value if isinstance(value, list) else [value]:
+            yield field_name, kind, name
+    if step.action == "wait" and "task" in step.fields:
+        yield "task", "task", step["task"]
+
+
+def check_references(path, steps):
+    """Every client, producer, consumer, `as` label and task a step names is made by a step before
+    it (or by another step of its parallel group): a typo is reported before anything starts."""
+    made = set()
+    for step in steps:
+        group = step["steps"] if step.action == "parallel" else [step]
+        for inner in group:
+            made.update(_made(inner))
+        for inner in group:
+            for field_name, kind, name in _used(inner):
+                if (kind, name) not in made:
+                    raise ScenarioError(path, f"no step before this one makes the {kind} {name!r}",
+                                        step=step.number, field_name=field_name)
 
 
 def parallel_steps(path, number, raw):

@@ -557,6 +557,7 @@ class Runner:
                                        f"arrived:  {arrived}") from None
         with self.cond:
             window = self._window(handles)
+            arrived = self._show(window)   # every message once, before the split below
             if count is not None and want_ids is None and want_payloads is None:
                 extra = window[count:]
                 window = window[:count]
@@ -580,7 +581,7 @@ class Runner:
             for h, m in window:
                 if m["key"] is not None:
                     key_owner[m["key"]] = h
-        detail = f"expected: {expected_text} at {', '.join(handles)}\narrived:  {self._show(window + extra)}"
+        detail = f"expected: {expected_text} at {', '.join(handles)}\narrived:  {arrived}"
         if only and extra:
             raise StepFailed(f"{len(extra)} unexpected message(s) arrived", detail)
         if order:
@@ -653,8 +654,13 @@ class Runner:
 
     def step_expect_lost(self, s):
         a = self.agent(s["client"])
-        self.wait_until(lambda: a.lost is not None, s.get("within", DEFAULT_WITHIN),
-                        f"client {a.name} to see its connection end")
+        try:
+            self.wait_until(lambda: a.lost is not None, s.get("within", DEFAULT_WITHIN),
+                            f"client {a.name} to see its connection end")
+        except StepFailed as exc:
+            raise StepFailed(str(exc), f"expected: the connection of client {a.name} ended"
+                                       f"{' with ' + s['code'] if s.get('code') else ''}\n"
+                                       f"arrived:  still connected") from None
         if s.get("code") and s["code"] not in a.lost:
             raise StepFailed(f"the connection ended without {s['code']}",
                              f"expected: {s['code']}\narrived:  {a.lost}")
@@ -786,7 +792,9 @@ class Runner:
                 self.say(f"  work dir kept: {self.workdir}")
             else:
                 self.say(f"  scenario {sc.name}: passed ({len(sc.steps)} steps, {elapsed:.2f}s)")
-                if not self.keep:
+                if self.keep:
+                    self.say(f"  work dir kept: {self.workdir}")
+                else:
                     shutil.rmtree(self.workdir, ignore_errors=True)
             self.elapsed = elapsed
         return self.failure is None
