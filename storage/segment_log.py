@@ -80,6 +80,11 @@ def _read_batches(path, start=0, verify=True):
                 yield ("torn", pos)
                 return
             length, crc, first, count, stamp = HEADER.unpack(head)
+            if length == 0 or count == 0:
+                # every batch holds a record: zeros here are a tail the file system extended but
+                # never wrote (a power loss), whose empty body even passes the crc (crc32 of b"")
+                yield ("torn", pos)
+                return
             if verify:
                 body = f.read(length)
                 if len(body) < length or zlib.crc32(body) != crc:
@@ -109,26 +114,30 @@ class Segment:
 
     def load(self, verify=True):
         """Rebuild the index by scanning; truncate a torn tail. Returns bytes truncated."""
-        truncated = 0
         self.size = 0
         for item in _read_batches(self.path, verify=verify):
             if item[0] == "torn":
-                real = os.path.getsize(self.path)
-                truncated = real - item[1]
-                with open(self.path, "r+b") as f:
-                    f.truncate(item[1])
-                    f.flush()
-                    os.fsync(f.fileno())
-                log.warning("segment %s: torn or corrupt tail of %d bytes truncated at %d",
-                            self.path, truncated, item[1])
-                break
+                return self._truncate(item[1], "torn or corrupt tail")
             pos, (length, _, first, count, stamp), _ = item
+            if first != self.next_offset:
+                # offsets run on from batch to batch: a batch that does not continue them was not
+                # written there by this segment's writer (stale or foreign bytes)
+                return self._truncate(pos, f"torn or corrupt tail (a batch of offset {first} where {self.next_offset} was due)")
             if self.limit is not None and first + count > self.limit:
                 break   # written by a fenced owner after the next epoch began: not part of the log
             self._index(first, pos)
             self.next_offset = first + count
             self.size = pos + HEADER.size + length
             self.last_time = stamp
+        return 0
+
+    def _truncate(self, pos, why):
+        truncated = os.path.getsize(self.path) - pos
+        with open(self.path, "r+b") as f:
+            f.truncate(pos)
+            f.flush()
+            os.fsync(f.fileno())
+        log.warning("segment %s: %s: %d bytes truncated at %d", self.path, why, truncated, pos)
         return truncated
 
     def _index(self, first, pos):

@@ -52,6 +52,38 @@ def test_corrupt_body_is_detected_by_checksum(tmp_path):
     assert again.next_offset == 6 and [r[0] for r in again.read(0)] == list(range(6))
 
 
+def test_a_zero_filled_tail_is_torn_and_nothing_before_it_is_lost(tmp_path):
+    # A power loss can leave a file extended with zeros whose data never reached the disk; a
+    # zero header reads as an empty batch of offset 0 whose empty body passes the crc.
+    log = SegmentLog(str(tmp_path), segment_bytes=10**6)
+    fill(log, 4)
+    log.close()
+    (path,) = [os.path.join(tmp_path, n) for n in os.listdir(tmp_path)]
+    size = os.path.getsize(path)
+    with open(path, "ab") as f:
+        f.write(bytes(4096))
+    again = SegmentLog(str(tmp_path), segment_bytes=10**6)
+    assert again.truncated_bytes == 4096 and os.path.getsize(path) == size
+    assert again.next_offset == 12 and [r[0] for r in again.read(0)] == list(range(12))
+    assert again.append([("k", b"after")]) == 12
+
+
+def test_a_batch_that_does_not_continue_the_offsets_ends_the_segment(tmp_path):
+    log = SegmentLog(str(tmp_path), segment_bytes=10**6)
+    fill(log, 3)
+    log.close()
+    (path,) = [os.path.join(tmp_path, n) for n in os.listdir(tmp_path)]
+    with open(path, "rb") as f:
+        data = f.read()
+    length = HEADER.unpack(data[:HEADER.size])[0]
+    first_batch = data[:HEADER.size + length]
+    with open(path, "ab") as f:
+        f.write(first_batch)   # a valid batch, but of offsets 0..2 again
+    again = SegmentLog(str(tmp_path), segment_bytes=10**6)
+    assert again.next_offset == 9 and again.truncated_bytes == len(first_batch)
+    assert [r[0] for r in again.read(0)] == list(range(9))
+
+
 def test_delete_before_keeps_the_segment_holding_the_offset(tmp_path):
     log = SegmentLog(str(tmp_path), segment_bytes=300)
     fill(log, 30)
