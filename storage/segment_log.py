@@ -122,7 +122,8 @@ class Segment:
             if first != self.next_offset:
                 # offsets run on from batch to batch: a batch that does not continue them was not
                 # written there by this segment's writer (stale or foreign bytes)
-                return self._truncate(pos, f"torn or corrupt tail (a batch of offset {first} where {self.next_offset} was due)")
+                return self._truncate(pos, f"torn or corrupt tail (a batch of offset {first} "
+                                           f"where {self.next_offset} was due)")
             if self.limit is not None and first + count > self.limit:
                 break   # written by a fenced owner after the next epoch began: not part of the log
             self._index(first, pos)
