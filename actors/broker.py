@@ -135,6 +135,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.next_id = 1
         self.listener = None
         self.stop_asker = None   # serve, while the client connections are being closed
+        self.flushing = set()    # tokens of topics still saving their cursors before the stop
         self.starter = None
         self.admin_port = None
         self.lifeline = None      # pidfd of the serve process
@@ -331,6 +332,8 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             self._answer_gather(msg.payload[1])
         elif isinstance(msg.payload, tuple) and msg.payload[0] == "cluster-gather":
             self.answer_cluster_topics(msg.payload[1])
+        elif msg.payload == "stop-flush":
+            self._stopped_when_flushed(force=True)
 
     def _answer_gather(self, token):
         gather = self.gathers.pop(token, None)
@@ -403,8 +406,26 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             self.send(self.listener, msg)
 
     def on_ClientsStopped(self, msg, sender):
-        if self.stop_asker is not None:
-            self.send(self.stop_asker, msg)
+        """The clients are gone: now every reliable topic's cursors go to disk, so that a clean
+        restart redelivers nothing acknowledged (acks without a rid wait up to CURSOR_SAVE_DELAY
+        for their save); then serve hears that the broker may stop."""
+        if self.stop_asker is None:
+            return
+        reliable = [address for address, dispatch in self.topics.values() if dispatch == "reliable"]
+        self.flushing = set(range(self.next_token, self.next_token + len(reliable)))
+        for address in reliable:
+            self.send(address, topic.FlushCursors(self.next_token))
+            self.next_token += 1
+        self._stopped_when_flushed()
+        self.wakeupAfter(GATHER_TIMEOUT, payload="stop-flush")
+
+    def on_CursorsFlushed(self, msg, sender):
+        self.flushing.discard(msg.token)
+        self._stopped_when_flushed()
+
+    def _stopped_when_flushed(self, force=False):
+        if self.stop_asker is not None and (not self.flushing or force):
+            self.send(self.stop_asker, listener.ClientsStopped())
             self.stop_asker = None
 
     def on_ActorExitRequest(self, msg, sender):

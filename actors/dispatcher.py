@@ -101,6 +101,18 @@ class DispatcherStatsRequest:
     topic_pending: int   # records the topic holds for us, not sent yet
 
 
+@dataclass(frozen=True)
+class FlushCursor:
+    """From the topic while the broker stops cleanly (after its clients are gone): save the
+    cursor now, not CURSOR_SAVE_DELAY later, and answer CursorFlushed once it is on disk."""
+    token: int
+
+
+@dataclass(frozen=True)
+class CursorFlushed:
+    token: int
+
+
 class DispatcherActor(BrokerActor):
     process_name = "ab-disp"
     init_message = InitDispatcher
@@ -138,6 +150,7 @@ class DispatcherActor(BrokerActor):
         self.cursor_dirty = False
         self.acks_waiting = []       # (lane, consumer id, rid) of acks in the save in flight
         self.acks_waiting_next = []  # ... and of acks for the next save
+        self.flush_waiters = []      # (address, token) of FlushCursor: answered once nothing is unsaved
         self.timeout_tick = False
         self.save_scheduled = False
         # operability: events, and what metrics count beyond the stats
@@ -471,8 +484,24 @@ class DispatcherActor(BrokerActor):
         self.acks_waiting = []
         if msg.error is not None:
             self.cursor_dirty = True   # tried again with the next ack, or within CURSOR_SAVE_DELAY
-        if self.cursor_dirty:
+        if self.flush_waiters:
+            self._flush_cursor()
+        elif self.cursor_dirty:
             self._save_cursor_soon()
+
+    def on_FlushCursor(self, msg, sender):
+        self.flush_waiters.append((sender, msg.token))
+        self._flush_cursor()
+
+    def _flush_cursor(self):
+        """Save what is unsaved now; answer the FlushCursor waiters once nothing is."""
+        if self.cursor is not None and (self.cursor_saving or self.cursor_dirty):
+            if not self.cursor_saving:
+                self._save_cursor()
+            return
+        waiters, self.flush_waiters = self.flush_waiters, []
+        for address, token in waiters:
+            self.send(address, CursorFlushed(token))
 
     def _save_cursor_soon(self):
         """Acks that asked for an answer (a rid) are saved at once; the others within

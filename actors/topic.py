@@ -151,6 +151,18 @@ class DispatcherStats:
     stats: dict
 
 
+@dataclass(frozen=True)
+class FlushCursors:
+    """From the root while the broker stops cleanly: every subscription's cursor to disk now
+    (dispatcher.FlushCursor); answered CursorsFlushed, at the latest after GATHER_TIMEOUT."""
+    token: int
+
+
+@dataclass(frozen=True)
+class CursorsFlushed:
+    token: int
+
+
 @dataclass
 class _Sub:
     """The topic's view of one subscription."""
@@ -182,6 +194,7 @@ class TopicActor(BrokerActor):
         self.producers = {}        # id -> (name, access, connection address, shard ident)
         self.subs = {}             # name -> _Sub
         self.stats_gathers = {}    # token -> [rid, reply_to, expected, frame]
+        self.flushes = {}          # our token -> [asker, its token, dispatchers still saving]
         self.next_token = 1
         self.deleting = None       # (rid, reply_to, subscriptions still ending)
         self.broker = None
@@ -623,6 +636,27 @@ class TopicActor(BrokerActor):
                               ("dispatcher", name))
         self.wakeupAfter(GATHER_TIMEOUT, payload=("stats", token))
 
+    def on_FlushCursors(self, msg, sender):
+        token = self.next_token
+        self.next_token += 1
+        self.flushes[token] = [sender, msg.token, len(self.subs)]
+        for name, sub in self.subs.items():
+            self.send_ordered(sub.dispatcher, dispatcher.FlushCursor(token), ("dispatcher", name))
+        self._cursors_flushed(token, 0)
+        self.wakeupAfter(GATHER_TIMEOUT, payload=("flush", token))
+
+    def on_CursorFlushed(self, msg, sender):
+        self._cursors_flushed(msg.token, 1)
+
+    def _cursors_flushed(self, token, done, force=False):
+        flush = self.flushes.get(token)
+        if flush is None:
+            return
+        flush[2] -= done
+        if flush[2] <= 0 or force:
+            del self.flushes[token]
+            self.send(flush[0], CursorsFlushed(flush[1]))
+
     def on_DispatcherStats(self, msg, sender):
         gather = self.stats_gathers.get(msg.token)
         if gather is None:
@@ -694,5 +728,7 @@ class TopicActor(BrokerActor):
         kind, token = msg.payload
         if kind == "stats":
             self._answer_stats(token)
+        elif kind == "flush":
+            self._cursors_flushed(token, 0, force=True)
         elif kind == "delete":
             self._finish_delete(force=True)

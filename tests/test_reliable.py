@@ -144,6 +144,27 @@ def test_acks_survive_a_restart(start_broker, tmp_path, topic):
     assert_nothing_more(again)
 
 
+def test_acks_without_a_rid_survive_a_clean_restart(start_broker, tmp_path, topic):
+    # An ack without a rid is saved within the dispatcher's batching delay; a clean stop saves
+    # every cursor before the broker goes (docs/reliability.md: "provided the ack had been processed").
+    data = tmp_path / "data"
+    b = start_broker(data_dir=data)
+    conn = connect(b)
+    consumer = subscribe(conn, topic, "s", "shared")
+    pid = producer(conn, topic)
+    send(conn, pid, [f"m{i}".encode() for i in range(100)])
+    got = receive(conn, 100)
+    conn.send_frame({"op": "ack", "consumer": consumer, "ids": [o for o, _, _ in got]})
+    wait_for(lambda: conn.request({"op": "stats", "topic": topic})["subscriptions"][0]["cursor"],
+             lambda cursor: cursor == 100)   # processed
+    b.stop()
+    b2 = start_broker(data_dir=data)
+    again = connect(b2)
+    assert again.request({"op": "stats", "topic": topic})["subscriptions"][0]["backlog"] == 0
+    subscribe(again, topic, "s", "shared")
+    assert_nothing_more(again)
+
+
 def test_an_ack_of_ids_another_consumer_holds_is_answered_to_the_acker(broker, topic):
     """An ack acknowledges for the whole subscription, whichever consumer holds the ids; the
     answer goes to whoever asked, on its connection (it once went to the holder's, and was lost)."""
