@@ -467,7 +467,10 @@ class TopicActor(BrokerActor):
                 self._refuse(lane, producer_id, receipts, "the topic's log is restarting; send it again")
             return
         runs, receipts = self._runs(producer_name, sends, 0)   # timed when appended
-        self.unsynced.append((lane, producer_id, receipts, runs))
+        if self.config.fsync == "always":   # a write and an fsync for each `send` (its run)
+            self.unsynced.extend((lane, producer_id, [receipt], [run]) for receipt, run in zip(receipts, runs))
+        else:
+            self.unsynced.append((lane, producer_id, receipts, runs))
         self._append()
 
     def _append(self):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.util import ClientProcess, wait_for
+from tests.util import ClientProcess, processes_of_kind, wait_for
 from tests.wire import RawConnection
 
 
@@ -163,6 +163,33 @@ def test_acks_without_a_rid_survive_a_clean_restart(start_broker, tmp_path, topi
     assert again.request({"op": "stats", "topic": topic})["subscriptions"][0]["backlog"] == 0
     subscribe(again, topic, "s", "shared")
     assert_nothing_more(again)
+
+
+def _write_syscalls(pid):
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("syscw:")).split()[1])
+
+
+@pytest.mark.parametrize("mode", ["always", "group"])
+def test_fsync_always_writes_each_send_on_its_own_and_group_merges(start_broker, topic, mode):
+    # docs/reliability.md: `always` is a write and an fsync per `send`; `group` merges the sends
+    # that arrive while one is being written. Counted as write syscalls of the topic's log process.
+    b = start_broker("--fsync", mode)
+    conn = connect(b)
+    pid = producer(conn, topic)
+    send(conn, pid, [b"warm"])
+    (log_pid,) = processes_of_kind(b, "ab-log")
+    before = _write_syscalls(log_pid)
+    n = 200
+    for i in range(n):   # pipelined: the broker reads many of them in one go
+        conn.send_frame({"op": "send", "rid": 1000 + i, "producer": pid, "msgs": [{"payload": b"%d" % i}]})
+    receipts = [conn.recv_frame(timeout=10) for _ in range(n)]
+    assert sorted(r["rid"] for r in receipts if r["op"] == "receipt") == list(range(1000, 1000 + n))
+    writes = _write_syscalls(log_pid) - before
+    if mode == "always":
+        assert writes >= n
+    else:
+        assert writes < n
 
 
 def test_an_ack_of_ids_another_consumer_holds_is_answered_to_the_acker(broker, topic):
