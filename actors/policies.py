@@ -169,11 +169,16 @@ class FailoverPolicy(SingleActivePolicy):
 
 
 class SharedPolicy(Policy):
-    """Round-robin, message by message, over the consumers that have credit."""
+    """Round-robin, message by message, over the consumers that have credit. A record is
+    assigned in its turn to a consumer with credit even while that consumer's transport has a
+    delivery in flight (DELIVER_WINDOW): it waits here, assigned, and goes with the next
+    delivery. Skipping such a consumer instead gave most messages to the consumers whose
+    transports happened to answer first."""
 
     def __init__(self, max_backlog):
         super().__init__(max_backlog)
-        self.turn = 0  # index in attach order of the consumer whose turn is next
+        self.turn = 0          # index in attach order of the consumer whose turn is next
+        self.assigned = {}     # consumer id -> deque of records assigned to it, not delivered yet
 
     def enqueue(self, records):
         super().enqueue(one for run in records for one in explode_run(run))
@@ -181,28 +186,52 @@ class SharedPolicy(Policy):
     def requeue(self, records):
         super().requeue([one for run in records for one in explode_run(run)])
 
+    def remove(self, consumer_id):
+        consumer = super().remove(consumer_id)
+        merge_front(self.backlog, list(self.assigned.pop(consumer_id, ())))   # never delivered
+        return consumer
+
+    def backlog_size(self):
+        return len(self.backlog) + sum(map(len, self.assigned.values()))
+
+    def _drop_newest(self):
+        queues = [q for q in (self.backlog, *self.assigned.values()) if q]
+        max(queues, key=lambda q: q[-1][0]).pop()
+
     def take(self):
-        if not self.backlog or not self.consumers:
+        if not self.consumers:
             return []
+        if self.backlog:
+            self._assign()
+        batches = []
+        for consumer in self.consumers.values():
+            waiting = self.assigned.get(consumer.id)
+            if waiting and consumer.in_flight < DELIVER_WINDOW:
+                batches.append((consumer, list(waiting)))
+                waiting.clear()
+        return batches
+
+    def _assign(self):
+        """The backlog, record by record, to the consumers with credit, each in its turn."""
         order = list(self.consumers.values())
         position = {c.id: i for i, c in enumerate(order)}
         start = self.turn % len(order)
         order = order[start:] + order[:start]
-        quota = {c: c.room() for c in order if c.can_take()}
+        quota = {c: c.room() for c in order if c.room() > 0}
         eligible = list(quota)
-        batches = {}
+        taken = {}
         while self.backlog and eligible:
             for consumer in list(eligible):
                 if not self.backlog:
                     break
-                batches.setdefault(consumer, []).append(self.backlog.popleft())
+                self.assigned.setdefault(consumer.id, deque()).append(self.backlog.popleft())
+                taken[consumer] = taken.get(consumer, 0) + 1
                 quota[consumer] -= 1
                 self.turn = position[consumer.id] + 1
                 if quota[consumer] == 0:
                     eligible.remove(consumer)
-        for consumer, batch in batches.items():
-            consumer.took(len(batch))
-        return list(batches.items())
+        for consumer, n in taken.items():
+            consumer.took(n)
 
 
 def ring_hash(text):
@@ -257,7 +286,7 @@ class KeySharedPolicy(SharedPolicy):
         return consumer
 
     def backlog_size(self):
-        return len(self.backlog) + len(self.unowned) + sum(len(q) for q in self.queues.values())
+        return super().backlog_size() + len(self.unowned) + sum(len(q) for q in self.queues.values())
 
     def enqueue(self, records):
         for record in (one for run in records for one in explode_run(run)):
@@ -280,7 +309,7 @@ class KeySharedPolicy(SharedPolicy):
             merge_front(queue, queued)
 
     def _drop_newest(self):
-        queues = [q for q in (self.backlog, self.unowned, *self.queues.values()) if q]
+        queues = [q for q in (self.backlog, self.unowned, *self.queues.values(), *self.assigned.values()) if q]
         max(queues, key=lambda q: q[-1][0]).pop()
 
     def _queue_keyed(self, record):

@@ -5,6 +5,7 @@ import pytest
 from actorbroker.transport.client import Client
 from actorbroker.transport.errors import BadRequest
 from tests.util import consumers_of, wait_for
+from tests.wire import RawConnection
 
 
 @pytest.fixture
@@ -73,6 +74,44 @@ def test_credits_are_respected_exactly(client, topic):
     consumer.flow(1)                                 # exactly one more, the very next
     assert consumer.receive(timeout=10).id == offsets[5]
     assert wait_for(lambda: sub_stats(client, topic, "s"), lambda s: s["backlog"] == 14)["msgs_out"] == 6
+
+
+@pytest.mark.parametrize("sub_type", ["shared", "key_shared"])
+def test_round_robin_holds_for_pipelined_single_sends_to_consumers_on_separate_connections(broker, topic, sub_type):
+    # Each consumer's connection may be on another shard, answering at its own pace: the turn
+    # still goes round (PROTOCOL.md: round-robin among consumers with credits; keyless for key_shared).
+    conns = []
+    for i in range(3):
+        conn = RawConnection(*broker.address)
+        conn.hello()
+        consumer = conn.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": sub_type,
+                                 "consumer": f"c{i}"})["consumer"]
+        conn.send_frame({"op": "flow", "consumer": consumer, "credits": 1_000_000})
+        conns.append(conn)
+    producer_conn = RawConnection(*broker.address)
+    producer_conn.hello()
+    pid = producer_conn.request({"op": "producer", "topic": topic})["producer"]
+    wait_for(lambda: producer_conn.request({"op": "stats", "topic": topic})["subscriptions"][0]["consumers"],
+             lambda cs: [c["credits"] for c in cs] == [1_000_000] * 3)   # every flow arrived first
+    n = 1500
+    for i in range(n):
+        producer_conn.send_frame({"op": "send", "rid": 10 + i, "producer": pid, "msgs": [{"payload": b"%d" % i}]})
+    assert sum(producer_conn.recv_frame(timeout=10)["op"] == "receipt" for _ in range(n)) == n
+    got = {}
+    for i, conn in enumerate(conns):
+        ids = []
+        while len(ids) < n // 3:
+            frame = conn.recv_frame(timeout=10)
+            if frame["op"] == "message":
+                ids.extend(m["id"] for m in frame["msgs"])
+        got[i] = ids
+    first = min(min(ids) for ids in got.values())
+    assert sorted(len(ids) for ids in got.values()) == [n // 3] * 3
+    assert {(ids[0] - first) % 3 for ids in got.values()} == {0, 1, 2}
+    for ids in got.values():   # every third message, in order
+        assert ids == list(range(ids[0], ids[0] + n, 3))
+    for conn in conns + [producer_conn]:
+        conn.close()
 
 
 def test_shared_round_robin_is_fair(client, topic):

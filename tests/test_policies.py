@@ -60,6 +60,41 @@ def test_shared_is_round_robin():
     assert got == {1: [0, 3, 6], 2: [1, 4, 7], 3: [2, 5, 8]}
 
 
+def test_shared_gives_a_consumer_its_turn_while_its_transport_has_a_delivery_in_flight():
+    # Records come one by one (pipelined sends); consumer 2's transport is slow to confirm its
+    # deliveries: it still gets every third record, sent with its next delivery.
+    policy = make_policy("shared", 1000)
+    consumers = [consumer(cid, credits=100) for cid in (1, 2, 3)]
+    for c in consumers:
+        policy.add(c)
+    got = {1: [], 2: [], 3: []}
+    for i in range(9):
+        policy.enqueue([rec(i)])
+        for c, records in policy.take():
+            got[c.id].extend(r[0] for r in records)
+            c.in_flight += 1
+        for c in consumers:
+            if c.id != 2 or i % 4 == 3:   # 2's window opens only now and then
+                c.in_flight = 0
+    consumers[1].in_flight = 0
+    for c, records in policy.take():
+        got[c.id].extend(r[0] for r in records)
+    assert got == {1: [0, 3, 6], 2: [1, 4, 7], 3: [2, 5, 8]}
+
+
+def test_shared_records_assigned_to_a_consumer_that_leaves_go_to_the_others_in_order():
+    policy = make_policy("shared", 1000)
+    a, b = consumer(1, credits=100), consumer(2, credits=100)
+    policy.add(a)
+    policy.add(b)
+    b.in_flight = 1
+    policy.enqueue([rec(i) for i in range(4)])
+    assert [(c.id, [r[0] for r in rs]) for c, rs in policy.take()] == [(1, [0, 2])]
+    assert policy.backlog_size() == 2          # 1 and 3 wait for b's window
+    policy.remove(2)
+    assert deliver(policy) == {1: [1, 3]}
+
+
 def test_shared_skips_consumers_without_credit():
     policy = make_policy("shared", 1000)
     policy.add(consumer(1, credits=0))
