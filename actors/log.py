@@ -51,6 +51,15 @@ class LogOpened:
 
 
 @dataclass(frozen=True)
+class LogRetained:
+    """To the topic: retention deleted segments between appends (their age ran out, or a cursor
+    moved on), so its stats say what the log holds now."""
+    log_bytes: int
+    segments: int
+    forced_deletions: int
+
+
+@dataclass(frozen=True)
 class SaveCursor:
     subscription: str
     state: dict
@@ -136,6 +145,8 @@ class LogActor(BrokerActor):
         self.hub = LaneHub(self.reactor, self._lane_frame, lambda lane, reason: None,
                            kind=self.config.lanes, host=self.config.actor_host,
                            secret=signing.lane_secret())
+        if self.config.retention_ms:   # age runs out on idle topics too
+            self.wakeupAfter(self._retention_period(), payload="retain")
         self.send(sender, LogOpened(self.hub.listen(), log_.next_offset, log_.first_offset, cursors,
                                     log_.truncated_bytes,
                                     log_.size, len(log_.segments)))
@@ -168,7 +179,7 @@ class LogActor(BrokerActor):
             self.sync_scheduled = True
             self.wakeupAfter(timedelta(seconds=self.interval_s), payload="sync")
         self._retain()
-        return [LaneOp.APPENDED, seq, log_.size, len(log_.segments)]
+        return [LaneOp.APPENDED, seq, log_.size, len(log_.segments), self.forced_deletions]
 
     def _fenced(self):
         """Did another node claim the log since we opened it? Then tell the topic, once."""
@@ -184,6 +195,25 @@ class LogActor(BrokerActor):
         if msg.payload == "sync":
             self.sync_scheduled = False
             self.store.log.sync()
+        elif msg.payload == "retain":
+            self._retain_between_appends()
+            self.wakeupAfter(self._retention_period(), payload="retain")
+
+    def _retention_period(self):
+        """How often an idle log looks at the age of its segments: a quarter of --retention-ms,
+        between 0.2 s and a minute."""
+        return timedelta(seconds=min(60.0, max(0.2, self.config.retention_ms / 4000.0)))
+
+    def _retain_between_appends(self):
+        """Retention with no append to carry its news: tell the topic when something went."""
+        if self.store is None or self.fenced is not None:
+            return
+        log_ = self.store.log
+        before = (log_.size, len(log_.segments), self.forced_deletions)
+        self._retain()
+        after = (log_.size, len(log_.segments), self.forced_deletions)
+        if after != before and self.topic is not None:
+            self.send(self.topic, LogRetained(*after))
 
     def on_SaveCursor(self, msg, sender):
         if self._fenced():
@@ -198,6 +228,8 @@ class LogActor(BrokerActor):
             return
         self.floors[msg.subscription] = msg.state.get("floor", 0)
         self.send(sender, CursorSaved(msg.subscription))
+        if self.config.retention_bytes or self.config.retention_ms:   # a cursor moved: maybe a segment is free
+            self._retain_between_appends()
 
     # A cursor request may cross the topic's DestroyLog (an unsubscribe racing a delete_topic):
     # the log is gone with every cursor, which is what either request wanted.

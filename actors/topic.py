@@ -211,6 +211,7 @@ class TopicActor(BrokerActor):
         self.appending = {}        # seq -> (those same tuples, first offset, time)
         self.append_seq = 0
         self.log_bytes = 0
+        self.retention_forced = 0   # times retention deleted what a subscription still needed
         self.segments = 0
         self.truncated_bytes = 0
         self.restoring = {}        # subscription name -> type, while its cursor is being loaded
@@ -247,6 +248,10 @@ class TopicActor(BrokerActor):
         if self.config.shared_data:   # a restarted log reopens only what this node still holds
             claim = (self.config.node, self.incarnation, None if restart else self.claim_live)
         self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config, claim), "log")
+
+    def on_LogRetained(self, msg, sender):
+        if sender == self.log:
+            self.log_bytes, self.segments, self.retention_forced = msg.log_bytes, msg.segments, msg.forced_deletions
 
     def on_LogFenced(self, msg, sender):
         """Another node holds the log: refuse everything from now on (storage/fencing.py)."""
@@ -376,6 +381,7 @@ class TopicActor(BrokerActor):
         elif op == LaneOp.APPENDED:
             if lane is self.log_lane:
                 self._appended(frame[1], frame[2], frame[3])
+                self.retention_forced = frame[4]
         elif op == LaneOp.APPEND_FAILED:
             if lane is self.log_lane:
                 self._append_failed(frame[1], frame[2], frame[3], frame[4] if len(frame) > 4 else E.INTERNAL)
@@ -677,6 +683,7 @@ class TopicActor(BrokerActor):
                 frame[name] += sum(s.get(name, 0) for s in frame["subscriptions"])
             if self.log is not None:
                 frame.update(log_bytes=self.log_bytes, segments=self.segments,
+                             retention_forced=self.retention_forced,
                              recovered_truncated_bytes=self.truncated_bytes,
                              dead_lettered=sum(s.get("dead_lettered", 0) for s in frame["subscriptions"]))
             self.send(reply_to, connection.RequestDone(rid, frame))

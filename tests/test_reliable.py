@@ -388,6 +388,47 @@ def test_retention_keeps_what_a_cursor_needs_and_deletes_the_rest(start_broker, 
     assert offsets[0] > 0
 
 
+def test_forced_retention_is_counted_in_stats(start_broker, topic):
+    b = start_broker("--segment-bytes", "1500", "--retention-bytes", "3000")
+    conn = connect(b)
+    pid = producer(conn, topic)
+    idle = subscribe(conn, topic, "idle", "exclusive", credits=0)   # never acks anything
+    conn.request({"op": "close_consumer", "consumer": idle})
+    for i in range(60):   # about 150 bytes each: past twice the limit
+        send(conn, pid, [bytes(100)])
+    stats = conn.request({"op": "stats", "topic": topic})
+    assert stats["retention_forced"] > 0 and stats["log_bytes"] <= 2 * 3000 + 1500
+
+
+def test_acks_free_segments_for_retention_without_another_send(start_broker, topic):
+    b = start_broker("--segment-bytes", "1500", "--retention-bytes", "3000")
+    conn = connect(b)
+    consumer = subscribe(conn, topic, "s", "exclusive")
+    pid = producer(conn, topic)
+    for i in range(35):   # below twice the limit: nothing forced, every segment needed by "s"
+        send(conn, pid, [bytes(100)])
+    got = receive(conn, 35)
+    before = conn.request({"op": "stats", "topic": topic})
+    assert before["segments"] > 2 and before["retention_forced"] == 0
+    conn.request({"op": "ack", "consumer": consumer, "ids": [o for o, _, _ in got]})
+    after = wait_for(lambda: conn.request({"op": "stats", "topic": topic}),
+                     lambda s: s["segments"] < before["segments"])
+    assert after["log_bytes"] <= 3000 + 1500
+
+
+def test_age_retention_deletes_segments_of_an_idle_topic(start_broker, topic):
+    b = start_broker("--segment-bytes", "600", "--retention-ms", "300")
+    conn = connect(b)
+    pid = producer(conn, topic)
+    for i in range(12):
+        send(conn, pid, [bytes(100)])
+    before = conn.request({"op": "stats", "topic": topic})["segments"]
+    assert before > 2
+    # no subscription needs them, no send comes: they go as their age runs out
+    stats = wait_for(lambda: conn.request({"op": "stats", "topic": topic}), lambda s: s["segments"] == 1)
+    assert stats["log_bytes"] < 600 * 2
+
+
 def test_age_retention_deletes_old_acknowledged_segments(start_broker, topic):
     b = start_broker("--segment-bytes", "600", "--retention-ms", "300")
     conn = connect(b)

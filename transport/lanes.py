@@ -518,7 +518,7 @@ class LaneOp:
     REPLY = 10        # dispatcher -> shard: [REPLY, consumer_id, frame bytes, rid] (the answer to an ack)
     ENDED = 11        # dispatcher -> shard: [ENDED, consumer_id, reason]: the consumer is gone
     APPEND = 12       # topic -> log: [APPEND, seq, first offset, [run...], time_ms]
-    APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments]: durable (per --fsync)
+    APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments, forced deletions]: durable (per --fsync)
     APPEND_FAILED = 14  # log -> topic: [APPEND_FAILED, seq, error, next offset, code]: nothing of it kept
     DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id, time.time() the end was detected]
     READ = 16         # dispatcher -> log: [READ, token, offset, max records]
