@@ -102,6 +102,14 @@ class DispatcherStatsRequest:
 
 
 @dataclass(frozen=True)
+class ProbeHolder:
+    """From the SubscriptionActor: an exclusive subscribe met this holder; ask its shard whether
+    its connection is still up (LaneOp.PROBE); answered subscription.HolderProbed."""
+    token: int
+    consumer_id: int
+
+
+@dataclass(frozen=True)
 class FlushCursor:
     """From the topic while the broker stops cleanly (after its clients are gone): save the
     cursor now, not CURSOR_SAVE_DELAY later, and answer CursorFlushed once it is on disk."""
@@ -243,6 +251,8 @@ class DispatcherActor(BrokerActor):
             self._detached(frame[1], frame[2] if len(frame) > 2 else None)
         elif op == LaneOp.UNDELIVERED:
             self._undelivered(frame[1], frame[2])
+        elif op == LaneOp.PROBED:
+            self._holder_probed(frame[2])
         elif op == LaneOp.RECORDS:
             if lane is self.log_lane:
                 self._log_records(frame[1], frame[2], frame[3])
@@ -620,6 +630,19 @@ class DispatcherActor(BrokerActor):
             self._pump()
             if detected is not None:   # detection (in the shard) to cleanup (here, done now)
                 self.cleanup_time.observe(max(0.0, time.time() - detected))
+
+    def on_ProbeHolder(self, msg, sender):
+        consumer = self.policy.consumers.get(msg.consumer_id)
+        lane = self.shard_lanes.get(consumer.transport) if consumer is not None else None
+        if lane is None or lane.closed:   # gone already, or its shard is: decide on what is known
+            self._holder_probed(msg.token)
+            return
+        lane.send([LaneOp.PROBE, msg.consumer_id, msg.token])
+
+    def _holder_probed(self, token):
+        # on the channel of MembersLost: a holder the probe found gone is forgotten first
+        if self.subscription is not None:
+            self.send_ordered(self.subscription, subscription.HolderProbed(token), "members-lost")
 
     def _undelivered(self, consumer_id, runs):
         """Records sent to a consumer whose connection had already ended: no socket took them. A

@@ -22,6 +22,7 @@ topics and dispatchers at their other ends drop this shard's producers and consu
 """
 import collections
 import heapq
+import select
 import socket
 import ssl
 import time
@@ -485,6 +486,18 @@ class ShardActor(BrokerActor):
             self._ack_answered(frame[1], frame[2], frame[3])
         elif op == LaneOp.ENDED:
             self._consumers_lost([frame[1]], frame[2])
+        elif op == LaneOp.PROBE:
+            self._probe(lane, frame[1], frame[2])
+
+    def _probe(self, lane, consumer_id, token):
+        """A dispatcher asks whether this consumer's connection is up (an exclusive subscribe met
+        it). A client that has hung up, its EOF not read yet, is read to its end now: the close
+        and its DETACH go ahead of the answer."""
+        route = self.consumers.get(consumer_id)
+        client = self.clients.get(route[0]) if route and route[1] is lane else None
+        if client is not None and client.state == "open" and hung_up(client.sock):
+            self._readable(client)
+        lane.send([LaneOp.PROBED, consumer_id, token])
 
     def _receipts(self, producer_id, items, errors):
         producer = self.producers.get(producer_id) or self.closing_producers.get(producer_id)
@@ -880,6 +893,14 @@ class ShardActor(BrokerActor):
         if self.hub is not None:
             self.hub.close()
         self.reactor.close()
+
+
+def hung_up(sock):
+    """Has the peer closed its side (FIN or reset), whatever data is still unread before that?
+    POLLRDHUP tells, without reading, where a peek would only see the data first."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def socket_end_reason(exc):

@@ -2,6 +2,7 @@
 consumer name) and the rules of attaching: type, exclusivity, takeover by the same name.
 The data path does not pass through it: it tells its Dispatcher who to deliver to."""
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from thespian.actors import ActorAddress
@@ -45,6 +46,18 @@ class EndAll:
     reason: str
 
 
+@dataclass(frozen=True)
+class HolderProbed:
+    """From the dispatcher: the shard of an exclusive holder has looked at its connection (and
+    closed it if the client had hung up: its MembersLost came first, on the same channel)."""
+    token: int
+
+
+# An exclusive holder's shard answers a probe within a lane round trip; if it does not (the
+# shard died meanwhile), the subscribe is decided on what is known then.
+PROBE_TIMEOUT = timedelta(seconds=1)
+
+
 class SubscriptionActor(BrokerActor):
     process_name = "ab-sub"
     init_message = InitSubscription
@@ -57,6 +70,8 @@ class SubscriptionActor(BrokerActor):
         self.consumers = {}   # consumer id -> (consumer name, connection address)
         self.by_name = {}     # consumer name -> consumer id
         self.attaches = 0     # subscribes seen: lets the topic tell a stale "idle" apart
+        self.probing = {}     # token -> a Subscribe waiting for the exclusive holder's probe
+        self.next_token = 1
 
     def on_InitSubscription(self, msg, sender):
         self.topic = sender
@@ -65,8 +80,21 @@ class SubscriptionActor(BrokerActor):
 
     def on_Subscribe(self, msg, sender):
         self.attaches += 1
+        self._subscribe(msg)
+
+    def _subscribe(self, msg, probed=False):
         holder = next(iter(self.by_name), None)
         if self.type == "exclusive" and holder is not None and holder != msg.consumer_name:
+            if not probed:
+                # The holder's client may have closed its socket already, its shard not having
+                # read the EOF yet: a newcomer that saw that close must not be refused for it.
+                # The holder's shard looks at the socket now, and ends it if it is hung up.
+                token, self.next_token = self.next_token, self.next_token + 1
+                self.probing[token] = msg
+                self.send_ordered(self.dispatcher, dispatcher.ProbeHolder(token, self.by_name[holder]),
+                                  "members")
+                self.wakeupAfter(PROBE_TIMEOUT, payload=("probe", token))
+                return
             self.send(msg.reply_to, connection.RequestFailed(
                 msg.rid, E.CONSUMER_BUSY,
                 f"exclusive subscription {self.name} already has consumer {holder!r}"))
@@ -84,6 +112,15 @@ class SubscriptionActor(BrokerActor):
         self.send_ordered(self.dispatcher, dispatcher.AddConsumer(
             msg.new_id, msg.consumer_name, msg.transport, msg.reply_to, msg.rid, replaced,
             msg.options.get("max_unacked")), "members")
+
+    def on_HolderProbed(self, msg, sender):
+        waiting = self.probing.pop(msg.token, None)
+        if waiting is not None:
+            self._subscribe(waiting, probed=True)
+
+    def on_WakeupMessage(self, msg, sender):
+        if isinstance(msg.payload, tuple) and msg.payload[0] == "probe":
+            self.on_HolderProbed(HolderProbed(msg.payload[1]), sender)
 
     def on_DetachConsumer(self, msg, sender):
         # A connection's end reaches us twice: from the dispatcher (MembersLost, its lane's EOF)
@@ -134,6 +171,10 @@ class SubscriptionActor(BrokerActor):
         return True
 
     def _idle_check(self, rid=None, reply_to=None):
+        if self.probing:   # a subscribe waiting for a probe may attach: not idle (checked again after)
+            if rid is not None:
+                self.send(reply_to, connection.RequestDone(rid, {"op": "ok"}))
+            return
         if not self.consumers:
             # through the dispatcher, after the removals on the same channel: the topic may end
             # the dispatcher as soon as it hears, and the removals must have been handled by then

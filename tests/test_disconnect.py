@@ -1,12 +1,15 @@
 """The heart of the broker: consumers that go away, by any means, are cleaned up at once, and the
 next message goes to a live consumer (no "two-packet" delay, no race on reconnect)."""
 import signal
+import socket
+import struct
 
 import pytest
 
 from actorbroker.transport.client import Client
 from actorbroker.transport.errors import ConsumerBusy
 from tests.util import ClientProcess, consumers_of, wait_for
+from tests.wire import RawConnection
 
 
 @pytest.fixture
@@ -114,6 +117,36 @@ def test_exclusive_handover_to_a_new_name_after_the_holder_dies(broker, client, 
         assert newcomer.receive(timeout=10).id == offset
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("dispatch", ["non_reliable", "reliable"])
+def test_an_exclusive_newcomer_gets_in_at_once_after_the_holder_closed_its_socket(broker, topic, dispatch):
+    # The holder's socket is closed (FIN, reset, or its process killed and reaped) before the
+    # newcomer subscribes: no retry may be needed, however late the holder's shard reads the EOF
+    # (PROTOCOL.md: the broker cleans up a closed connection's consumers immediately).
+    newcomer = RawConnection(*broker.address)
+    newcomer.hello()
+    frame = {"op": "subscribe", "topic": topic, "subscription": "ex", "type": "exclusive", "dispatch": dispatch}
+    for i in range(60):
+        how = ("fin", "reset", "kill")[i % 3]
+        if how == "kill":
+            holder = ClientProcess(broker, topic, "ex", "exclusive", f"holder{i}")
+            holder.stop()   # SIGKILL, then reaped: its socket is closed
+        else:
+            conn = RawConnection(*broker.address)
+            conn.hello()
+            assert conn.request(dict(frame, consumer=f"holder{i}"))["op"] == "subscribed"
+            if how == "reset":
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.sock.close()
+        reply = newcomer.request(dict(frame, consumer=f"newcomer{i}"), expect_error=True)
+        assert reply["op"] == "subscribed", (i, how, reply)
+        assert newcomer.request({"op": "close_consumer", "consumer": reply["consumer"]})["op"] == "ok"
+    # a holder that is there is still one
+    holder = RawConnection(*broker.address)
+    holder.hello()
+    assert holder.request(dict(frame, consumer="holder"))["op"] == "subscribed"
+    assert newcomer.request(dict(frame, consumer="other"), expect_error=True)["code"] == "CONSUMER_BUSY"
 
 
 def test_closing_a_consumer_returns_to_a_clean_subscription(broker, client, topic):
