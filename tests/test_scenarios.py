@@ -93,26 +93,31 @@ def test_toml_syntax_error_names_the_file(tmp_path):
         load(path)
 
 
-def test_failures_list_what_arrived_once_each_and_a_lost_that_never_comes(tmp_path, capsys):
-    extra = tmp_path / "extra.toml"
-    extra.write_text('''name = "extra"
-description = "three arrive, an expect names two"
-[[step]]
+def one_producer_one_consumer(topic):
+    """Steps: client a opens, subscribes consumer c (shared "s") and producer p to `topic`."""
+    return f'''[[step]]
 action = "open"
 client = "a"
 [[step]]
 action = "subscribe"
 client = "a"
 consumer = "c"
-topic = "/t/extra"
+topic = "{topic}"
 subscription = "s"
 type = "shared"
 [[step]]
 action = "producer"
 client = "a"
 producer = "p"
-topic = "/t/extra"
-[[step]]
+topic = "{topic}"
+'''
+
+
+def test_failures_list_what_arrived_once_each_and_a_lost_that_never_comes(tmp_path, capsys):
+    extra = tmp_path / "extra.toml"
+    extra.write_text('''name = "extra"
+description = "three arrive, an expect names two"
+''' + one_producer_one_consumer("/t/extra") + '''[[step]]
 action = "produce"
 producer = "p"
 count = 3
@@ -156,22 +161,7 @@ def test_a_failing_scenario_reports_expected_vs_arrived_and_writes_junit(tmp_pat
     path = tmp_path / "fails.toml"
     path.write_text('''name = "fails"
 description = "expects a message that never comes"
-[[step]]
-action = "open"
-client = "a"
-[[step]]
-action = "subscribe"
-client = "a"
-consumer = "c"
-topic = "/t/fails"
-subscription = "s"
-type = "shared"
-[[step]]
-action = "producer"
-client = "a"
-producer = "p"
-topic = "/t/fails"
-[[step]]
+''' + one_producer_one_consumer("/t/fails") + '''[[step]]
 action = "produce"
 producer = "p"
 count = 2
