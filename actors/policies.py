@@ -219,6 +219,30 @@ class SharedPolicy(Policy):
         order = order[start:] + order[:start]
         quota = {c: c.room() for c in order if c.room() > 0}
         eligible = list(quota)
+        if len(eligible) == 1:   # one consumer with credit: its whole share at once
+            consumer, backlog = eligible[0], self.backlog
+            n = min(quota[consumer], len(backlog))
+            waiting = self.assigned.setdefault(consumer.id, deque())
+            if n == len(backlog):
+                waiting.extend(backlog)
+                backlog.clear()
+            else:
+                waiting.extend(backlog.popleft() for _ in range(n))
+            consumer.took(n)
+            self.turn = position[consumer.id] + 1
+            return
+        n = len(self.backlog)
+        if min(quota.values(), default=0) * len(eligible) >= n:   # credit for every record: slices
+            records = list(self.backlog)
+            self.backlog.clear()
+            k = len(eligible)
+            for j, consumer in enumerate(eligible):
+                share = records[j::k]
+                if share:
+                    self.assigned.setdefault(consumer.id, deque()).extend(share)
+                    consumer.took(len(share))
+            self.turn = position[eligible[(n - 1) % k].id] + 1
+            return
         taken = {}
         while self.backlog and eligible:
             for consumer in list(eligible):
