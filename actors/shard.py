@@ -495,7 +495,9 @@ class ShardActor(BrokerActor):
         and its DETACH go ahead of the answer."""
         route = self.consumers.get(consumer_id)
         client = self.clients.get(route[0]) if route and route[1] is lane else None
-        if client is not None and client.state == "open" and hung_up(client.sock):
+        for _ in range(64):   # a read takes at most MAX_READ_PER_EVENT: what it sent before its close
+            if client is None or client.state != "open" or not hung_up(client.sock):
+                break
             self._readable(client)
         lane.send([LaneOp.PROBED, consumer_id, token])
 
