@@ -388,6 +388,9 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
     def operability_children(self):
         return [self.listener] + [address for address, _ in self.topics.values()]
 
+    def known_children(self):
+        return self.operability_children()
+
     def _topic_exited(self, dead):
         for name, (address, dispatch) in list(self.topics.items()):
             if address == dead:

@@ -183,6 +183,9 @@ class TopicActor(BrokerActor):
     def operability_children(self):
         return [sub.dispatcher for sub in self.subs.values()]
 
+    def known_children(self):
+        return [self.log] + [a for sub in self.subs.values() for a in (sub.subscription, sub.dispatcher)]
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.name = None

@@ -582,6 +582,21 @@ def test_kill_of_a_subscription_process_closes_its_consumers_only(start_broker, 
         traffic.stop()
 
 
+@pytest.mark.parametrize("kind", ["ab-sub", "ab-disp"])
+def test_kill_of_several_subscription_processes_at_once_restarts_every_one(start_broker, closing, topic, kind):
+    # Children killed together send their parent one SIGCHLD; each must still be handled.
+    b = start_broker()
+    client = closing(Client(*b.address, heartbeat_ms=SLOW_HEARTBEAT))
+    holders = [client.subscribe(topic, f"s{i}", "exclusive", f"h{i}", dispatch="reliable") for i in range(3)]
+    pids = wait_for(lambda: processes_of_kind(b, kind), lambda found: len(found) == 3)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: [h.closed_reason for h in holders], lambda r: r == ["subscription_lost"] * 3, timeout=FEW_S)
+    for i in range(3):   # each restored from its cursor, and taking a new consumer
+        consumer = subscribe_again(client, topic, f"s{i}", "exclusive", f"n{i}", dispatch="reliable")
+        assert consumer.id is not None
+
+
 # --- log ----------------------------------------------------------------------------------------
 
 def test_kill_of_the_log_loses_no_receipted_message(start_broker, closing, topic):
