@@ -155,6 +155,9 @@ def test_a_columnar_send_is_one_publish_event_with_the_payloads_packed_once():
     ({"payloads": [b"a"], "attrs": {"a": "b"}}, "'attrs' must be a list as long as 'payloads'"),
     ({"payloads": [b"a"], "keys": [7]}, "message 0: 'key' must be a str"),
     ({"payloads": [b"a"], "attrs": [{"a": 1}]}, "message 0: 'attrs' must be a map of str to str"),
+    ({"payloads": [b"a"], "attrs": [[]]}, "message 0: 'attrs' must be a map of str to str"),
+    ({"payloads": [b"a", b"b"], "attrs": [None, False]}, "message 1: 'attrs' must be a map of str to str"),
+    ({"payloads": [b"a"], "attrs": [""]}, "message 0: 'attrs' must be a map of str to str"),
     ({"payloads": [b"x" * (4 * 1024 * 1024)]}, "message 0: message of"),
 ])
 def test_a_bad_columnar_send_is_refused_whole(frame, text):

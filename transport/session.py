@@ -307,7 +307,7 @@ class Session:
                 return None
         if keys is not None and keys.count(None) == n:
             keys = None
-        if attrs is not None and not any(attrs):
+        if attrs is not None and all(a is None or a == {} for a in attrs):   # (not any falsy value: [] is no map)
             attrs = None
         # the hot case, checked in C: every payload bytes and small enough, no keys, no attrs
         if keys is None and attrs is None and set(map(type, payloads)) == {bytes} \
