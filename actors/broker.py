@@ -146,6 +146,8 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.membership = None    # cluster only (actors/cluster_root.py)
         self.node_gathers = {}    # token -> [rid, reply_to, nodes expected, summaries]
         self.connections_open = 0   # as the listener last counted them
+        self.msgs_in = (0, time.monotonic())   # messages our topics received so far, and when
+        self.msgs_per_s = 0.0
         self.gathers = {}         # token -> [reply_to, expected, summaries]: this node's topics
         self.metrics_port = None  # None until the MetricsActor listens (when metrics are on)
         self.tree_memory = None   # (when, processes, PSS bytes) for broker_stats
@@ -334,6 +336,8 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             self.answer_cluster_topics(msg.payload[1])
         elif msg.payload == "stop-flush":
             self._stopped_when_flushed(force=True)
+        elif msg.payload == "status-measured":
+            self._status_part_measured(force=True)
 
     def _answer_gather(self, token):
         gather = self.gathers.pop(token, None)

@@ -21,6 +21,7 @@ from actorbroker.transport import errors as E
 JOIN_RETRY = timedelta(seconds=2)
 LOAD_EVERY_S = 2.0   # how often a node measures its topics' message rate
 LOAD_TOKEN = -1      # the NodeTopics of that measure (gather tokens are positive)
+STATUS_MEASURE_WAIT = timedelta(seconds=1)   # a single broker's `cluster` answers after this at most
 ID_SALT_BITS = 24   # ids of a node: counter << 24 | a random salt: unique across the nodes
 
 
@@ -107,6 +108,7 @@ class ClusterRoot:
 
     def on_ConnectionCount(self, msg, sender):
         self.connections_open = msg.count
+        self._status_part_measured()
 
     def on_Heartbeat(self, msg, sender):
         if not self.clustered:
@@ -205,11 +207,34 @@ class ClusterRoot:
         self.send(msg.reply_to, connection.RequestDone(msg.rid, frame))
 
     def on_ClusterStatus(self, msg, sender):
+        if not self.clustered and self.listener is not None:
+            # One broker has no heartbeat to carry its load: measure it now (connections from
+            # the listener, the message rate since the last measure), then answer.
+            self.status_waiting = getattr(self, "status_waiting", [])
+            self.status_waiting.append(msg)
+            if len(self.status_waiting) == 1:
+                self.status_parts = 2
+                self.send(self.listener, cluster.NodeLoadRequest())
+                self.gather_local(LOAD_TOKEN, self.myAddress)
+                self.wakeupAfter(STATUS_MEASURE_WAIT, payload="status-measured")
+            return
+        self._answer_status(msg)
+
+    def _status_part_measured(self, force=False):
+        if not getattr(self, "status_waiting", None):
+            return
+        self.status_parts -= 1
+        if self.status_parts <= 0 or force:
+            waiting, self.status_waiting = self.status_waiting, []
+            for msg in waiting:
+                self._answer_status(msg)
+
+    def _answer_status(self, msg):
         now = time.monotonic()
         rows = [{"node": self.config.node or "", "role": self._role(self.config.cluster_leader),
                  "state": "live", "address": f"{self.listen_host}:{self.listen_port}",
                  "heartbeat_age_ms": 0, "connections": self.connections_open, "topics": len(self.topics),
-                 "msgs_per_s": round(getattr(self, "msgs_per_s", 0.0), 1), "self": True}]
+                 "msgs_per_s": round(self.msgs_per_s, 1), "self": True}]
         for m in (self.membership.members.values() if self.clustered else ()):
             rows.append({"node": m.node, "role": self._role(m.leader), "state": "lost" if m.lost else "live",
                          "address": m.client_address, "heartbeat_age_ms": int((now - m.last_seen) * 1000),
@@ -242,6 +267,7 @@ class ClusterRoot:
     def on_NodeTopics(self, msg, sender):
         if msg.token == LOAD_TOKEN:
             self._measured(sum(s.get("msgs_in", 0) for s in msg.summaries))
+            self._status_part_measured()
             return
         gather = self.node_gathers.get(msg.token)
         if gather is None:
@@ -252,7 +278,7 @@ class ClusterRoot:
             self.answer_cluster_topics(msg.token)
 
     def _measured(self, total):
-        before, then = self.msgs_in
+        before, then = self.msgs_in   # (a single broker: since the last measure, or its start)
         now = time.monotonic()
         self.msgs_in = (total, now)
         if now > then:   # a deleted topic takes its count with it: never below 0
@@ -263,4 +289,6 @@ class ClusterRoot:
         if gather is not None:
             rid, reply_to, _, summaries = gather
             summaries.sort(key=lambda s: s["name"])
+            if not self.config.node:   # a single broker lists no load (docs/protocol.md, `topics`)
+                summaries = [{k: v for k, v in s.items() if k != "msgs_in"} for s in summaries]
             self.send(reply_to, connection.RequestDone(rid, {"op": "topics", "rid": rid, "topics": summaries}))

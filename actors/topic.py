@@ -621,9 +621,9 @@ class TopicActor(BrokerActor):
     # --- stats and listing ------------------------------------------------------------------------------
     def _summary(self):
         summary = {"name": self.name, "dispatch": self.dispatch, "subscriptions": len(self.subs),
-                   "producers": len(self.producers)}
-        if self.config.node:   # in a cluster: the node that owns the topic, and its load
-            summary.update(node=self.config.node, msgs_in=self.msgs_in)
+                   "producers": len(self.producers), "msgs_in": self.msgs_in}   # (the load: `cluster`)
+        if self.config.node:   # in a cluster: the node that owns the topic
+            summary["node"] = self.config.node
         return summary
 
     def on_SummaryRequest(self, msg, sender):

@@ -356,3 +356,15 @@ def test_auth(start_broker, tmp_path, topic):
         assert_error(writer.recv_frame(), "NOT_AUTHORIZED", 12)
     root = connect(b, token="root")
     assert topic in [t["name"] for t in root.request({"op": "topics"})["topics"]]
+
+
+def test_cluster_on_a_single_broker_lists_itself_with_its_connections_and_message_rate(broker, topic):
+    conns = [connect(broker) for _ in range(2)]
+    pid = conns[0].request({"op": "producer", "topic": topic})["producer"]
+    for _ in range(20):
+        assert conns[0].request({"op": "send", "producer": pid, "msgs": [{"payload": b"x"}] * 10})["op"] == "receipt"
+    (me,) = conns[1].request({"op": "cluster"})["members"]
+    assert me["self"] and me["node"] == "" and me["state"] == "live"
+    assert me["connections"] >= 2 and me["msgs_per_s"] > 0
+    for conn in conns:
+        conn.close()
