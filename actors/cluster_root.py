@@ -108,7 +108,7 @@ class ClusterRoot:
 
     def on_ConnectionCount(self, msg, sender):
         self.connections_open = msg.count
-        self._status_part_measured()
+        self._status_part_measured("connections")
 
     def on_Heartbeat(self, msg, sender):
         if not self.clustered:
@@ -212,19 +212,19 @@ class ClusterRoot:
             # the listener, the message rate since the last measure), then answer.
             self.status_waiting = getattr(self, "status_waiting", [])
             self.status_waiting.append(msg)
+            self.send(self.listener, cluster.NodeLoadRequest())   # (again for each: a recount is cheap)
             if len(self.status_waiting) == 1:
-                self.status_parts = 2
-                self.send(self.listener, cluster.NodeLoadRequest())
+                self.status_measured = set()
                 self.gather_local(LOAD_TOKEN, self.myAddress)
                 self.wakeupAfter(STATUS_MEASURE_WAIT, payload="status-measured")
             return
         self._answer_status(msg)
 
-    def _status_part_measured(self, force=False):
+    def _status_part_measured(self, part=None, force=False):
         if not getattr(self, "status_waiting", None):
             return
-        self.status_parts -= 1
-        if self.status_parts <= 0 or force:
+        self.status_measured.add(part)
+        if {"connections", "rate"} <= self.status_measured or force:
             waiting, self.status_waiting = self.status_waiting, []
             for msg in waiting:
                 self._answer_status(msg)
@@ -267,7 +267,7 @@ class ClusterRoot:
     def on_NodeTopics(self, msg, sender):
         if msg.token == LOAD_TOKEN:
             self._measured(sum(s.get("msgs_in", 0) for s in msg.summaries))
-            self._status_part_measured()
+            self._status_part_measured("rate")
             return
         gather = self.node_gathers.get(msg.token)
         if gather is None:
