@@ -79,6 +79,16 @@ _RECHECK_CHILDREN = "actorbroker-recheck-children"
 RECHECK_CHILDREN_AFTER = (timedelta(milliseconds=100), timedelta(seconds=1))
 
 
+def _unwrapped(msg):
+    """The messages inside an Ordered / Batch."""
+    if isinstance(msg, Ordered):
+        msg = msg.msg
+    if isinstance(msg, Batch):
+        yield from msg.msgs
+    else:
+        yield msg
+
+
 @dataclass(frozen=True)
 class OperabilityMoved:
     """Down the tree from the root: the EventsActor or MetricsActor died (kill -9) and was
@@ -192,6 +202,10 @@ class BrokerActor(Actor):
             # an exiting actor gets no wakeup: what waits to gather more must go now
             self._flush_outbox(force=isinstance(msg, ActorExitRequest))
         return self.watch()
+
+    def undeliverable(self, address, msgs):
+        """Messages sent on an ordered channel to `address` that never reached it (its actor is
+        gone): an actor that passed requests on may answer or re-route them here."""
 
     def known_children(self):
         """Addresses of the children this actor supervises (for _children_missing)."""
@@ -380,6 +394,11 @@ class BrokerActor(Actor):
         def failed(result, intent):
             done()
             manager.actor_send_fail(result, intent)   # dead letters, as Actor.send has them
+            try:
+                self.undeliverable(address, list(_unwrapped(msg)))
+            except Exception:   # a handler's bug must not break Thespian's callback
+                log.exception("%s: undeliverable() failed", type(self).__name__)
+                self.handler_errors += 1
 
         manager._send_intent(TransmitIntent(address, msg, onSuccess=arrived, onError=failed,
                                             retryPeriod=RETRY_AFTER))

@@ -359,6 +359,18 @@ class TopicActor(BrokerActor):
             self.restoring[name] = sub.type
             self.send_ordered(self.log, log_actor.LoadCursor(name), "log")
 
+    def undeliverable(self, address, msgs):
+        """A subscribe passed on to a SubscriptionActor that had died (before we knew): that
+        subscription is lost, and the subscribe is handled again (restored, or created anew)."""
+        subscribes = [m for m in msgs if isinstance(m, Subscribe)]
+        if not subscribes or self.ending or self.deleting is not None:
+            return
+        for name, sub in list(self.subs.items()):
+            if sub.subscription == address:
+                self._subscription_lost(name, sub)
+        for subscribe in subscribes:
+            self.on_Subscribe(subscribe, subscribe.reply_to)
+
     def on_CursorLoaded(self, msg, sender):
         sub_type = self.restoring.pop(msg.subscription, None)
         waiting = self.waiting_restore.pop(msg.subscription, [])

@@ -597,6 +597,21 @@ def test_kill_of_several_subscription_processes_at_once_restarts_every_one(start
         assert consumer.id is not None
 
 
+def test_a_subscribe_that_meets_a_just_killed_subscription_process_is_answered(start_broker, closing, topic):
+    # The subscribe reaches the topic before the death does: passed on to a process that is gone,
+    # it must still get its one answer (PROTOCOL.md), from the restored subscription.
+    b = start_broker()
+    client = closing(Client(*b.address, heartbeat_ms=SLOW_HEARTBEAT))
+    for i in range(8):
+        before = set(processes_of_kind(b, "ab-sub"))
+        holder = client.subscribe(topic, f"s{i}", "shared", "h", dispatch="reliable")
+        (pid,) = wait_for(lambda: set(processes_of_kind(b, "ab-sub")) - before, lambda new: len(new) == 1)
+        os.kill(pid, signal.SIGKILL)
+        newcomer = client.subscribe(topic, f"s{i}", "shared", "n", dispatch="reliable", timeout=FEW_S * 2)
+        wait_for(lambda: holder.closed_reason, lambda reason: reason == "subscription_lost", timeout=FEW_S)
+        assert newcomer.closed_reason is None
+
+
 # --- log ----------------------------------------------------------------------------------------
 
 def test_kill_of_the_log_loses_no_receipted_message(start_broker, closing, topic):
