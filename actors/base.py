@@ -224,6 +224,9 @@ class BrokerActor(Actor):
                 log.warning("%s: child %s is gone and was not reported; handling its exit now",
                             type(self).__name__, address)
                 self._base_dispatch(ChildActorExited(address), self.myAddress)
+                forget = getattr(self._myRef, "_handleChildExited", None)
+                if forget is not None:   # as Thespian does after a reported exit: else, when this
+                    forget(address)      # actor exits, it waits ~10 s for that child to answer
 
     def _ordered_deliver(self, released):
         for inner, inner_sender in released:
