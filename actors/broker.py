@@ -148,6 +148,8 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.connections_open = 0   # as the listener last counted them
         self.msgs_in = (0, time.monotonic())   # messages our topics received so far, and when
         self.msgs_per_s = 0.0
+        self.status_waiting = []     # `cluster` requests of a single broker, waiting for its measure
+        self.status_measured = set() # what of that measure has come: "connections", "rate"
         self.gathers = {}         # token -> [reply_to, expected, summaries]: this node's topics
         self.metrics_port = None  # None until the MetricsActor listens (when metrics are on)
         self.tree_memory = None   # (when, processes, PSS bytes) for broker_stats

@@ -210,7 +210,6 @@ class ClusterRoot:
         if not self.clustered and self.listener is not None:
             # One broker has no heartbeat to carry its load: measure it now (connections from
             # the listener, the message rate since the last measure), then answer.
-            self.status_waiting = getattr(self, "status_waiting", [])
             self.status_waiting.append(msg)
             self.send(self.listener, cluster.NodeLoadRequest())   # (again for each: a recount is cheap)
             if len(self.status_waiting) == 1:
@@ -221,7 +220,7 @@ class ClusterRoot:
         self._answer_status(msg)
 
     def _status_part_measured(self, part=None, force=False):
-        if not getattr(self, "status_waiting", None):
+        if not self.status_waiting:
             return
         self.status_measured.add(part)
         if {"connections", "rate"} <= self.status_measured or force:
