@@ -106,6 +106,7 @@ class Worker:
         self.pid = self.proc.pid
         bench.workers.add(self)
         self.lines = queue.Queue()
+        self.eof_ns = None   # when its stdout ended: the kernel closed its files (exit), or it did
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -114,6 +115,7 @@ class Worker:
                 self.lines.put(json.loads(line))
             except ValueError:
                 pass
+        self.eof_ns = time.time_ns()
         self.lines.put(None)
 
     def wait_ready(self, timeout=30):
@@ -598,6 +600,7 @@ class Bench:
         threading.Thread(target=pump, daemon=True).start()
         results = {"close": [], "kill": []}
         waited = {"close": [], "kill": []}
+        exits = []   # kill -9 -> the kernel closed the killed process's files (its socket with them)
         try:
             first = wait_event(active, "first", 15)
             if first is None:
@@ -621,6 +624,14 @@ class Bench:
                     # the part spent waiting for the producer: the standby's first record was sent
                     # this long after the kill/close (the ones before went to the gone consumer)
                     waited[kind].append(max(0, ev["sent_ns"] - t0) / 1e6)
+                    if kind == "kill":
+                        active.proc.wait(5)
+                        for _ in range(100):   # its stdout reader notes the end a moment later
+                            if active.eof_ns is not None:
+                                break
+                            time.sleep(0.001)
+                        if active.eof_ns is not None:
+                            exits.append((results[kind][-1], min(results[kind][-1], (active.eof_ns - t0) / 1e6)))
                 active.stop()
                 active, waiting = waiting, standby()
             note("failover takeover: " + ", ".join(
@@ -628,7 +639,12 @@ class Bench:
             note("  of it, waiting for the producer's next record: " + ", ".join(
                 f"{k} p50 {_fmt(pct(v, 50))} ms" for k, v in waited.items()) + "; the rest: " + ", ".join(
                 f"{k} p50 {_fmt(pct([t - w for t, w in zip(results[k], v)], 50))} ms" for k, v in waited.items()))
+            if exits:
+                note(f"  kill -9 -> the kernel closed the killed consumer's files: p50 {_fmt(pct([e for _, e in exits], 50))} ms; "
+                     f"from then to the standby's first message: p50 {_fmt(pct([t - e for t, e in exits], 50))} ms, "
+                     f"p99 {_fmt(pct([t - e for t, e in exits], 99))} ms")
             self.details["failover_waited_ms"] = waited
+            self.details["failover_exit_ms"] = [e for _, e in exits]
         finally:
             stop.set()
             active.stop()
