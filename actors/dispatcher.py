@@ -82,9 +82,11 @@ class RemoveConsumer:
 @dataclass(frozen=True)
 class CloseAll:
     """Tell every consumer it is closed for `reason`, then send `then_tell_topic` (if any) to the
-    topic."""
+    topic. `quietly`: consumers forgotten without that push (the one that unsubscribed: its
+    connection answers it), and their unacknowledged messages go to nobody."""
     reason: str
     then_tell_topic: Any
+    quietly: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -664,6 +666,8 @@ class DispatcherActor(BrokerActor):
         self._pump()
 
     def on_CloseAll(self, msg, sender):
+        for consumer_id in msg.quietly:
+            self._forget(consumer_id, msg.reason)
         for consumer_id in list(self.policy.consumers):
             self._close(consumer_id, msg.reason)
         if msg.then_tell_topic is not None:

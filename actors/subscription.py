@@ -143,20 +143,24 @@ class SubscriptionActor(BrokerActor):
             self._idle_check()
 
     def on_Unsubscribe(self, msg, sender):
-        self._remove(msg.consumer_id, "unsubscribed")
         if not isinstance(self.dispatcher, ActorAddress):   # nothing to pass it on through
+            self._remove(msg.consumer_id, "unsubscribed")
             self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
             return
-        # answered by the topic once the subscription (and its cursor) is gone
-        self._end_all("unsubscribed", topic.RemoveSubscription(self.name, msg.rid, msg.reply_to))
+        # One message to the dispatcher: the leaver removed on its own first would have its
+        # unacknowledged messages redelivered to the others (and a failover standby promoted)
+        # before they are closed. Answered by the topic once the subscription and cursor are gone.
+        self._remove(msg.consumer_id, "unsubscribed", tell_dispatcher=False)
+        self._end_all("unsubscribed", topic.RemoveSubscription(self.name, msg.rid, msg.reply_to),
+                      quietly=(msg.consumer_id,))
 
     def on_EndAll(self, msg, sender):
         self._end_all(msg.reason, topic.SubscriptionEnded(self.name))
 
-    def _end_all(self, reason, then_tell_topic):
+    def _end_all(self, reason, then_tell_topic, quietly=()):
         self.consumers.clear()
         self.by_name.clear()
-        self.send_ordered(self.dispatcher, dispatcher.CloseAll(reason, then_tell_topic), "members")
+        self.send_ordered(self.dispatcher, dispatcher.CloseAll(reason, then_tell_topic, quietly), "members")
 
     def _remove(self, consumer_id, cause, tell_dispatcher=True):
         """Forget a consumer (and tell the dispatcher, unless it told us); whether it was still

@@ -254,6 +254,32 @@ def test_unacked_messages_of_a_dead_consumer_are_redelivered_and_acked_ones_not(
     assert_nothing_more(survivor)
 
 
+@pytest.mark.parametrize("sub_type", ["shared", "failover", "key_shared"])
+def test_unsubscribe_gives_the_leavers_unacked_messages_to_nobody(broker, topic, sub_type):
+    """PROTOCOL.md: unsubscribe deletes the subscription and every other consumer gets `closed`.
+    What the leaver held unacked is not redelivered to the others first, and no failover standby
+    is promoted on the way."""
+    leaver = connect(broker)
+    consumer = subscribe(leaver, topic, "s", sub_type, name="a-leaver", credits=10)
+    pid = producer(leaver, topic)
+    send(leaver, pid, [f"m{i}".encode() for i in range(5)])
+    assert len(receive(leaver, 5)) == 5
+    other = connect(broker)
+    subscribe(other, topic, "s", sub_type, name="b-other")
+    leaver.request({"op": "unsubscribe", "consumer": consumer})
+    seen = []
+    while True:
+        frame = other.recv_frame(timeout=10)
+        assert frame is not None
+        seen.append(frame)
+        if frame["op"] == "closed":
+            break
+    assert frame["reason"] == "unsubscribed"
+    assert [f for f in seen if f["op"] == "message" or (f["op"] == "active" and f["active"])] == []
+    assert_nothing_more(other)
+    assert leaver.request({"op": "stats", "topic": topic})["subscriptions"] == []
+
+
 def test_kill_9_of_a_consumer_process_redelivers_its_unacked(broker, topic):
     conn = connect(broker)
     pid = producer(conn, topic)
