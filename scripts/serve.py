@@ -33,7 +33,7 @@ def add_serve_command(subparsers):
                               description="Run a broker in a multi-process Thespian actor system until "
                                           "SIGINT/SIGTERM; then stop every process of it.")
     p.add_argument("--host", default="127.0.0.1", help="interface clients connect to (default %(default)s)")
-    p.add_argument("--port", type=int, default=6650, help="client port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--port", type=int_between(0, 65535), default=6650, help="client port; 0 picks a free one (default %(default)s)")
     p.add_argument("--data-dir", default="./actorbroker-data", help="logs and data (default %(default)s)")
     p.add_argument("--heartbeat-ms", type=int_between(200, 60_000), default=5000,
                    help="default heartbeat, 200-60000 as a client's wish (default %(default)s)")
@@ -73,7 +73,7 @@ def add_serve_command(subparsers):
     p.add_argument("--allow-plain-tokens", action="store_true",
                    help="accept auth tokens over plain TCP when --host is not loopback (by default "
                         "such a hello gets AUTH_FAILED: the token crossed the network in the clear)")
-    p.add_argument("--admin-port", type=int, help="Thespian admin port (default: a free one)")
+    p.add_argument("--admin-port", type=int_between(1, 65535), help="Thespian admin port (default: a free one)")
     p.add_argument("--actor-host", default="127.0.0.1",
                    help="interface of Thespian's own sockets, which unpickle what they receive: keep "
                         "it on loopback unless you run a multi-host convention on a trusted network")
@@ -87,7 +87,7 @@ def add_serve_command(subparsers):
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="broker.log as text lines, or one JSON object per line with the connection, "
                         "consumer and topic ids of the lines about them (default %(default)s)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
+    p.add_argument("--metrics-port", type=int_between(0, 65535), metavar="PORT",
                    help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0: a free "
                         "port; default: no metrics, nothing counted for them)")
     p.add_argument("--metrics-host", default="127.0.0.1",
@@ -125,6 +125,18 @@ def add_limit_options(p):
 def limits_of(args):
     """BrokerConfig's limit fields from the options of add_limit_options."""
     return {name: getattr(args, name) for name, _ in LIMITS}
+
+
+def usable_dir(path):
+    """Create the folder (new: its owner only; it holds messages and logs); why it cannot serve
+    as one (None if it can)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
 
 
 def int_between(low, high):
@@ -210,7 +222,10 @@ def serve(args):
         print(f"error: --auth-file: {exc}", file=sys.stderr)
         return 1
     data_dir = os.path.abspath(args.data_dir)
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)   # new: its owner only (messages, logs)
+    problem = usable_dir(data_dir)
+    if problem:
+        print(f"error: --data-dir {args.data_dir}: {problem}", file=sys.stderr)
+        return 1
     config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,
                           heartbeat_ms=args.heartbeat_ms, max_frame=args.max_frame,
                           max_backlog=args.max_backlog, **limits_of(args), tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
@@ -223,7 +238,10 @@ def serve(args):
                           metrics_host=args.metrics_host, metrics_port=args.metrics_port,
                           shared_data=os.path.abspath(args.shared_data) if args.shared_data else "")
     if config.shared_data:
-        os.makedirs(config.shared_data, mode=0o700, exist_ok=True)
+        problem = usable_dir(config.shared_data)
+        if problem:
+            print(f"error: --shared-data {args.shared_data}: {problem}", file=sys.stderr)
+            return 1
     admin_port = args.admin_port
     if args.cluster_bind:
         config, admin_port = cluster_config(config, args)
@@ -324,10 +342,11 @@ def cluster_problem(args):
     try:
         host, port = host_port(args.cluster_bind)
         address = ipaddress.ip_address(host)
-        if args.join:
-            host_port(args.join)
+        ports = [port, host_port(args.join)[1]] if args.join else [port]
+        if not all(0 < p <= 65535 for p in ports):
+            raise ValueError("port out of range")
     except ValueError:
-        return "--cluster-bind and --join take ADDR:PORT, ADDR an IPv4 address"
+        return "--cluster-bind and --join take ADDR:PORT, ADDR an IPv4 address, PORT in [1, 65535]"
     if address.is_unspecified:
         return "--cluster-bind must name one interface's address, not 0.0.0.0"
     if not any(address in network for network in PRIVATE_NETWORKS) and not args.trust_cluster_network:

@@ -113,6 +113,9 @@ def test_tcp_lanes_carry_records_and_listen_on_loopback_only(start_broker, topic
     ("--max-frame", "10", "not in [1024,"),
     ("--io-shards", "0", "--io-shards"),
     ("--max-backlog", "-1", "below 0"),
+    ("--port", "70000", "not in [0, 65535]"),           # it hung 30 s, then "no answer from the broker"
+    ("--port", "-1", "not in [0, 65535]"),
+    ("--metrics-port", "65536", "not in [0, 65535]"),
 ])
 def test_serve_refuses_values_it_cannot_serve_with_before_starting(tmp_path, option, value, text):
     import subprocess
@@ -140,6 +143,19 @@ def test_serve_refuses_an_auth_file_it_cannot_use(tmp_path, content, text):
                            "--data-dir", str(tmp_path / "d"), "--auth-file", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "error: --auth-file" in done.stderr and text in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["a file", "under /proc"])
+def test_serve_refuses_a_data_dir_it_cannot_create_in_one_line(tmp_path, kind):
+    import subprocess
+    import sys
+    path = tmp_path / "afile" if kind == "a file" else "/proc/no-such-dir/data"
+    if kind == "a file":
+        path.write_text("")
+    done = subprocess.run([sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+                           "--data-dir", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.startswith(f"error: --data-dir {path}: "), done.stderr
     assert "Traceback" not in done.stderr
 
 
