@@ -6,6 +6,8 @@ Each command returns an exit code: 0 on success, 1 on an error (printed as one l
 """
 import argparse
 import json
+import os
+import select
 import sys
 import time
 
@@ -186,6 +188,10 @@ def with_client(command):
             return fail(f"CLOSED: {exc}")
         except ConnectionLost as exc:
             return fail(f"CONNECTION_LOST: {exc}")
+        except BrokenPipeError as exc:
+            if stdout_gone():
+                return 141   # its reader left (`| head`): quietly, as a shell tool ended by SIGPIPE
+            return fail(f"CONNECTION: {host}:{port}: {exc}")
         except (OSError, TimeoutError) as exc:
             return fail(f"CONNECTION: {host}:{port}: {exc}")
         except UnicodeEncodeError as exc:   # an argument from a non-UTF-8 terminal: strings are UTF-8
@@ -193,6 +199,22 @@ def with_client(command):
             return fail(f"BAD_ARGUMENT: an argument is not valid UTF-8 text (bytes {bad!r})")
     run.__doc__ = command.__doc__
     return run
+
+
+def stdout_gone():
+    """Whether stdout's reader has gone (a pipe's write end polls POLLERR then); if so, stdout
+    points at /dev/null from now on, so that the interpreter's last flush does not complain."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return gone
 
 
 def fail(text):

@@ -159,6 +159,23 @@ def test_serve_refuses_a_data_dir_it_cannot_create_in_one_line(tmp_path, kind):
     assert "Traceback" not in done.stderr
 
 
+def test_a_cli_whose_stdout_reader_left_exits_quietly_instead_of_blaming_the_broker(broker, topic):
+    """`actorbroker topics --json | head -c 1`: the pipe's reader is gone before the output is
+    written. Not `error: CONNECTION ... Broken pipe`: exit 141, as a shell tool ended by SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "actorbroker.scripts.cli", "topics", "--json",
+                               "--url", f"{broker.host}:{broker.port}"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 @pytest.mark.parametrize("extra", [[b"-m", b"caf\xe9"], [b"-m", b"x", b"--key", b"caf\xe9"],
                                    [b"-m", b"x", b"--attr", b"k=caf\xe9"]])
 def test_a_cli_argument_that_is_not_utf8_is_one_error_line(broker, topic, extra):
