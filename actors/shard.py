@@ -739,6 +739,7 @@ class ShardActor(BrokerActor):
     def on_WakeupMessage(self, msg, sender):
         self.wakeups.discard(msg.payload)
         now = time.monotonic()
+        again = []   # timers set while handling these: armed after, or one due now would spin here
         while self.timers and self.timers[0][0] <= now + 0.001:
             _, _, kind, connection_id = heapq.heappop(self.timers)
             if kind == "load":
@@ -754,7 +755,9 @@ class ShardActor(BrokerActor):
                 self._handle_events(client, events, {})
                 self._flush(client)
                 if due is not None and client.state == "open":
-                    self._timer(now + due, "heartbeat", connection_id)
+                    again.append((now + due, connection_id))
+        for due, connection_id in again:
+            self._timer(due, "heartbeat", connection_id)
         if self.timers and (not self.wakeups or self.timers[0][0] < min(self.wakeups) - 0.005):
             due = self.timers[0][0]
             self.wakeups.add(due)

@@ -407,3 +407,15 @@ def test_error_messages_do_not_echo_a_request_whole():
     s = session()
     s.receive_data(encode_frame({"op": "x" * 100_000, "rid": 3}), 0.0)
     assert len(s.outbox) < 300
+
+
+def test_a_deadline_a_moment_away_is_never_due_again_at_the_same_instant():
+    """The shard checks again at `now + due` and pops every timer due within a millisecond of
+    `now`: a due below that, found before hello, made it set and pop the same timer forever."""
+    from actorbroker.actors.config import BrokerConfig
+    from actorbroker.transport.session import Session, SessionConfig
+    before_hello = Session(1, SessionConfig(BrokerConfig(hello_timeout_ms=10_000)), now=0.0)
+    after_hello = session(heartbeat_ms=5000)
+    for s, now in ((before_hello, 9.9995), (before_hello, 9.99999), (after_hello, 4.9999995)):
+        events, due = s.check_heartbeat(now)
+        assert events == [] and due >= 0.005, (now, due)

@@ -67,6 +67,21 @@ def test_no_hello_within_10s_is_not_connected_and_closed(broker):
     assert conn.expect_closed()
 
 
+def test_hundreds_of_connections_without_hello_are_all_closed_and_the_broker_keeps_serving(broker):
+    """Opened back to back, their 10 s deadlines fall within a millisecond of one another: a
+    deadline found a fraction of a millisecond away was set again for the same instant, and the
+    shard spun on it for good (no welcome for anyone, most of them never closed)."""
+    silent = [connect(broker, hello=False) for _ in range(200)]
+    try:
+        for conn in silent:
+            assert_error(conn.recv_frame(timeout=20), "NOT_CONNECTED")
+            assert conn.expect_closed()
+        assert_alive(connect(broker))
+    finally:
+        for conn in silent:
+            conn.close()
+
+
 def test_unsupported_version_closes(broker):
     conn = connect(broker, hello=False)
     conn.send_frame({"op": "hello", "rid": 1, "version": 3, "client": "future"})
