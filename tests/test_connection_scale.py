@@ -151,3 +151,35 @@ def test_bursts_of_connections_leave_nothing_behind(start_broker, topic):
     finally:
         import resource
         resource.setrlimit(resource.RLIMIT_NOFILE, old_limit)
+
+
+def test_a_burst_faster_than_the_shard_takes_sockets_waits_instead_of_being_refused(start_broker):
+    """One shard, 1,500 connections at once: its handoff socket holds ~280 sockets not yet taken.
+    The listener holds the next one (the rest wait in the accept queue) until the shard has
+    taken some, instead of refusing them OVERLOADED far below --max-connections."""
+    old_limit = raise_nofile_limit()
+    socks = []
+    try:
+        b = start_broker("--io-shards", "1")
+        for _ in range(1500):
+            socks.append(socket.create_connection(b.address, timeout=30))
+        hello = encode_frame({"op": "hello", "rid": 1, "version": 1, "client": "burst"})
+        firsts = {}
+        for s in socks:
+            s.sendall(hello)
+        for index, s in enumerate(socks):
+            decoder = FrameDecoder()
+            frame = None
+            while frame is None:
+                data = s.recv(65536)
+                assert data, f"connection {index} closed before an answer to hello"
+                decoder.feed(data)
+                frame = decoder.next_frame()
+            what = frame["code"] if frame["op"] == "error" else frame["op"]
+            firsts[what] = firsts.get(what, 0) + 1
+        assert firsts == {"welcome": 1500}
+    finally:
+        for s in socks:
+            s.close()
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, old_limit)
