@@ -230,7 +230,9 @@ class DispatcherActor(BrokerActor):
     # --- lanes --------------------------------------------------------------------------------------
     def _lane_frame(self, lane, frame):
         op = frame[0]
-        if op == LaneOp.DISPATCH:
+        if op == LaneOp.DISPATCH:   # [DISPATCH, runs, dropped?]: dropped by the topic, for us to count
+            if len(frame) > 2:
+                self.dropped += frame[2]
             self._take_batch(lane, frame[1])
         elif op == LaneOp.FLOW:
             self._flow(frame[1], frame[2])
@@ -276,7 +278,11 @@ class DispatcherActor(BrokerActor):
                 self.reading = False
             return
         if role == "topic":
-            self._topic_lost()
+            if reason.startswith("bad frame"):   # the topic lives (our end refused its frame): we
+                log.error("%s/%s: %s from the topic; ending this dispatcher", self.topic_name, self.name,
+                          reason, extra={"topic": self.topic_name, "subscription": self.name})
+            else:                                 # fail, the topic restarts or ends us as after a crash
+                self._topic_lost()
             self.exit_self()
             return
         if self.shard_lanes.get(ident) is lane:

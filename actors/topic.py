@@ -28,10 +28,16 @@ from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.system import thespian_waits
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import RUN_TIME
+from actorbroker.transport.codec import RUN_COUNT, RUN_PAYLOADS, RUN_TIME
 from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 
 DISPATCH_WINDOW = 1
+# What waits for a dispatcher that has not taken the last DISPATCH yet is bounded, or a producer
+# faster than it filled the topic's memory and then a lane frame too large for the lane (95 MB).
+# non_reliable: the newest beyond the subscription's backlog bound are dropped (counted, as
+# PROTOCOL.md says); reliable: the oldest leave memory, the dispatcher reads them from the log.
+PENDING_FLOOR = 1024                 # records, whatever --max-backlog (the dispatcher trims to it)
+PENDING_MAX_BYTES = 16 * 1024 * 1024 # and a DISPATCH frame stays well below MAX_LANE_FRAME
 PRODUCER_NAME_MAX_BYTES = 255   # the name is copied into every record: it must not amplify a send
 GATHER_TIMEOUT = timedelta(seconds=5)
 
@@ -171,6 +177,9 @@ class _Sub:
     dispatcher: Any
     attaches: int = 0
     pending: list = field(default_factory=list)   # records not yet sent to the dispatcher
+    pending_count: int = 0   # records in `pending`
+    pending_bytes: int = 0   # their payloads, about
+    dropped: int = 0         # non_reliable: dropped here since the last DISPATCH (it counts them)
     in_flight: int = 0
     lane: Any = None     # our lane to the dispatcher, once it is ready
     incarnation: int = 0 # tells a restarted pair's messages from its predecessor's
@@ -466,10 +475,10 @@ class TopicActor(BrokerActor):
         runs, receipts = self._runs(producer_name, sends, int(time.time() * 1000))
         if lane is not None:
             lane.send([LaneOp.RECEIPTS, producer_id, receipts, []])
-        # The pending lists stay bounded because each shard has at most a few PUBLISH in flight
-        # per producer (it stops reading its client beyond that); dispatchers bound their backlogs.
+        # Receipted at once (at most once): a dispatcher slower than the producers has what waits
+        # for it bounded by _queue, and bounds its own backlog.
         for name, sub in self.subs.items():
-            sub.pending.extend(runs)
+            self._queue(sub, runs)
             self._feed(name, sub)
 
     def _refuse(self, lane, producer_id, receipts, text, code=E.INTERNAL):
@@ -526,7 +535,7 @@ class TopicActor(BrokerActor):
                 lane.send([LaneOp.RECEIPTS, producer_id, receipts, []])
             runs += part
         for name, sub in self.subs.items():   # durable now: consumers may see it
-            sub.pending.extend(runs)
+            self._queue(sub, runs)
             self._feed(name, sub)
         self._append()
 
@@ -542,10 +551,35 @@ class TopicActor(BrokerActor):
         self.next_offset = next_offset
         self._append()
 
+    def _queue(self, sub, runs):
+        """Add runs to what waits for the subscription's dispatcher, within the bounds."""
+        if self.log is None:
+            bound = max(self.config.max_backlog, PENDING_FLOOR)
+            for run in runs:
+                size = len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
+                if sub.pending and (sub.pending_count + run[RUN_COUNT] > bound
+                                    or sub.pending_bytes + size > PENDING_MAX_BYTES):
+                    sub.dropped += run[RUN_COUNT]
+                    continue
+                sub.pending.append(run)
+                sub.pending_count += run[RUN_COUNT]
+                sub.pending_bytes += size
+            return
+        for run in runs:
+            sub.pending.append(run)
+            sub.pending_count += run[RUN_COUNT]
+            sub.pending_bytes += len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
+        while len(sub.pending) > 1 and (sub.pending_count > dispatcher.RELIABLE_BUFFER
+                                        or sub.pending_bytes > PENDING_MAX_BYTES):
+            run = sub.pending.pop(0)
+            sub.pending_count -= run[RUN_COUNT]
+            sub.pending_bytes -= len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
+
     def _feed(self, name, sub):
-        if sub.lane is not None and sub.in_flight < DISPATCH_WINDOW and sub.pending:
-            sub.lane.send([LaneOp.DISPATCH, sub.pending])
-            sub.pending = []
+        if sub.lane is not None and sub.in_flight < DISPATCH_WINDOW and (sub.pending or sub.dropped):
+            sub.lane.send([LaneOp.DISPATCH, sub.pending, sub.dropped] if sub.dropped else
+                          [LaneOp.DISPATCH, sub.pending])
+            sub.pending, sub.pending_count, sub.pending_bytes, sub.dropped = [], 0, 0, 0
             sub.in_flight += 1
 
     # --- subscriptions -------------------------------------------------------------------------------
@@ -656,7 +690,7 @@ class TopicActor(BrokerActor):
             self._answer_stats(token)
             return
         for name, sub in self.subs.items():
-            self.send_ordered(sub.dispatcher, dispatcher.DispatcherStatsRequest(token, sum(run[1] for run in sub.pending)),
+            self.send_ordered(sub.dispatcher, dispatcher.DispatcherStatsRequest(token, sub.pending_count),
                               ("dispatcher", name))
         self.wakeupAfter(GATHER_TIMEOUT, payload=("stats", token))
 

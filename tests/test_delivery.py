@@ -1,5 +1,7 @@
 """Delivery semantics of non_reliable topics through the Python client: order, credits,
 subscription types, backlog bounds, closing pushes, stats."""
+import os
+
 import pytest
 
 from actorbroker.transport.client import Client
@@ -173,6 +175,35 @@ def test_backlog_bound_drops_newest_and_counts_them(start_broker, topic):
         producer.flush()
         stats = wait_for(lambda: sub_stats(client, topic, "slow"), lambda s: s["dropped"] == 20)
         assert stats["backlog"] == 10
+
+
+def test_a_stalled_dispatcher_under_a_flood_keeps_its_subscription_and_the_bound(start_broker, topic):
+    """The subscription's dispatcher stops (SIGSTOP) while 100 MB are published. What waits for it
+    at the topic is bounded too: the newest beyond the backlog bound are dropped and counted. (It
+    all waited, then went as one 100 MB lane frame that the dispatcher refused: the subscription
+    was lost, and the root forgot the live topic.)"""
+    import signal
+    from tests.util import processes_of_kind
+    b = start_broker()
+    with Client(*b.address) as client:
+        consumer = client.subscribe(topic, "s", "shared", "c", auto_credit=False)
+        producer = client.producer(topic)
+        producer.send_sync(b"first")
+        [stalled] = processes_of_kind(b, "ab-disp")
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            payload = b"x" * 1024
+            for _ in range(100_000):
+                producer.send(payload)
+            producer.flush(timeout=60)
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        stats = wait_for(lambda: sub_stats(client, topic, "s"), lambda s: s["backlog"] + s["dropped"] == 100_001,
+                         timeout=30)
+        assert stats["backlog"] == 10_000 and [c["name"] for c in stats["consumers"]] == ["c"]
+        assert client.stats(topic)["msgs_in"] == 100_001
+        consumer.flow(1)
+        assert consumer.receive(timeout=10).payload == b"first"   # the oldest kept, the newest dropped
 
 
 def test_a_consumer_without_credits_does_not_slow_the_others(client, topic):
