@@ -183,6 +183,7 @@ class _Sub:
     in_flight: int = 0
     lane: Any = None     # our lane to the dispatcher, once it is ready
     incarnation: int = 0 # tells a restarted pair's messages from its predecessor's
+    last_stats: Any = None   # its dispatcher's last stats answer
 
 
 class TopicActor(BrokerActor):
@@ -205,7 +206,7 @@ class TopicActor(BrokerActor):
         self.bytes_in = 0
         self.producers = {}        # id -> (name, access, connection address, shard ident)
         self.subs = {}             # name -> _Sub
-        self.stats_gathers = {}    # token -> [rid, reply_to, expected, frame]
+        self.stats_gathers = {}    # token -> [rid, reply_to, expected, frame, names not answered yet]
         self.flushes = {}          # our token -> [asker, its token, dispatchers still saving]
         self.next_token = 1
         self.deleting = None       # (rid, reply_to, subscriptions still ending)
@@ -685,7 +686,7 @@ class TopicActor(BrokerActor):
             frame["node"] = self.config.node
         token = self.next_token
         self.next_token += 1
-        self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame]
+        self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame, dict.fromkeys(self.subs)]
         if not self.subs:
             self._answer_stats(token)
             return
@@ -720,13 +721,19 @@ class TopicActor(BrokerActor):
         if gather is None:
             return
         gather[3]["subscriptions"].append(msg.stats)
+        gather[4].pop(msg.stats.get("name"), None)
+        sub = self.subs.get(msg.stats.get("name"))
+        if sub is not None:
+            sub.last_stats = msg.stats
         if len(gather[3]["subscriptions"]) >= gather[2]:
             self._answer_stats(msg.token)
 
     def _answer_stats(self, token):
         gather = self.stats_gathers.pop(token, None)
         if gather is not None:
-            rid, reply_to, _, frame = gather
+            rid, reply_to, _, frame, unanswered = gather
+            for name in unanswered:   # its dispatcher is busy (or just died): listed all the same
+                frame["subscriptions"].append(self._unanswered_stats(name))
             frame["subscriptions"].sort(key=lambda s: s["name"])
             for name in ("poison_messages", "gaps_skipped", "handler_errors"):   # the topic's and its dispatchers'
                 frame[name] += sum(s.get(name, 0) for s in frame["subscriptions"])
@@ -736,6 +743,15 @@ class TopicActor(BrokerActor):
                              recovered_truncated_bytes=self.truncated_bytes,
                              dead_lettered=sum(s.get("dead_lettered", 0) for s in frame["subscriptions"]))
             self.send(reply_to, connection.RequestDone(rid, frame))
+
+    def _unanswered_stats(self, name):
+        """A subscription whose dispatcher did not answer within GATHER_TIMEOUT: its last answer
+        (or zeros), flagged `unanswered` (docs/protocol.md)."""
+        sub = self.subs.get(name)
+        last = sub.last_stats if sub is not None and sub.last_stats is not None else {
+            "name": name, "type": sub.type if sub is not None else None, "backlog": 0, "msgs_out": 0,
+            "dropped": 0, "redelivered": 0, "consumers": []}
+        return dict(last, unanswered=True)
 
     def metrics_snapshot(self, counters, gauges, histograms):
         counters[("actorbroker_topic_messages_in", (self.name,))] = self.msgs_in

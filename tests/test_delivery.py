@@ -206,6 +206,28 @@ def test_a_stalled_dispatcher_under_a_flood_keeps_its_subscription_and_the_bound
         assert consumer.receive(timeout=10).payload == b"first"   # the oldest kept, the newest dropped
 
 
+def test_stats_list_a_subscription_whose_dispatcher_does_not_answer(broker, topic):
+    """A dispatcher too busy to answer within the topic's gather timeout (stopped here): its
+    subscription is listed all the same, with its last known figures, flagged `unanswered`
+    (it was silently left out)."""
+    import signal
+    from tests.util import processes_of_kind
+    with Client(*broker.address) as client:
+        client.subscribe(topic, "s", "shared", "c")
+        before = set(processes_of_kind(broker, "ab-disp"))
+        assert sub_stats(client, topic, "s")["consumers"][0]["name"] == "c"   # figures known now
+        client.subscribe(topic, "busy", "shared", "c")
+        [stalled] = set(processes_of_kind(broker, "ab-disp")) - before
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            subs = {s["name"]: s for s in client.stats(topic)["subscriptions"]}
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        assert subs["busy"]["unanswered"] is True and subs["busy"]["type"] == "shared"
+        assert "unanswered" not in subs["s"] and subs["s"]["consumers"][0]["name"] == "c"
+        assert "unanswered" not in sub_stats(client, topic, "busy")
+
+
 def test_a_consumer_without_credits_does_not_slow_the_others(client, topic):
     stalled = client.subscribe(topic, "stalled", "shared", "s", auto_credit=False)
     fast = client.subscribe(topic, "fast", "shared", "f")
