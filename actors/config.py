@@ -23,6 +23,7 @@ class BrokerConfig:
     max_topics: int = 1_000            # each topic is a process (and a log process when reliable)
     max_subscriptions_per_topic: int = 1_000   # each subscription is two processes
     max_pending_bytes: int = 64 * 1024 * 1024  # unsent to one client; beyond: SLOW_CONSUMER, closed
+    max_unacked_per_consumer: int = 100_000    # a subscribe's max_unacked is clamped to it
     frame_timeout_ms: int = 30_000     # a frame begun must be whole within this, or BAD_FRAME
     io_shards: int = 2                 # connection shards (transport actors owning many sockets)
     lanes: str = "unix"                # record lanes between actors: "unix" (one host) or "tcp"

@@ -184,6 +184,7 @@ class DispatcherActor(BrokerActor):
         self.name, self.type, self.dispatch = msg.name, msg.type, msg.dispatch
         self.node = msg.config.node
         self.policy = make_policy(msg.type, msg.config.max_backlog)
+        self.max_unacked_cap = msg.config.max_unacked_per_consumer
         self.events = msg.config.events
         self.metrics_on = msg.config.metrics is not None
         self.start_reports(msg.config.metrics)
@@ -582,7 +583,7 @@ class DispatcherActor(BrokerActor):
         consumer = ConsumerState(msg.consumer_id, msg.name, msg.transport, msg.reply_to)
         if self.reliable:
             consumer.tracks_acks = True
-            consumer.max_unacked = msg.max_unacked or DEFAULT_MAX_UNACKED
+            consumer.max_unacked = min(msg.max_unacked or DEFAULT_MAX_UNACKED, self.max_unacked_cap)
         self.policy.add(consumer)
         emit(self, self.events, "consumer_attached", topic=self.topic_name, subscription=self.name,
              consumer=msg.consumer_id, consumer_name=msg.name,

@@ -106,6 +106,8 @@ LIMITS = (
                    "gets OVERLOADED"),
     ("max_subscriptions_per_topic", "subscriptions of one topic (each is two processes); beyond, a "
                                     "subscribe that would create one gets OVERLOADED"),
+    ("max_unacked_per_consumer", "reliable: messages delivered to one consumer and not acknowledged; a "
+                                 "subscribe asking a larger max_unacked gets this one (each costs memory)"),
     ("max_pending_bytes", "bytes waiting to be written to one client; beyond, it is closed with "
                           "SLOW_CONSUMER"),
     ("frame_timeout_ms", "a frame whose first byte arrived must be whole within this, or the connection "

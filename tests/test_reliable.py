@@ -392,6 +392,20 @@ def test_max_unacked_bounds_deliveries(broker, topic):
     assert [p for _, p, _ in receive(conn, 1)] == [b"m3"]
 
 
+@pytest.mark.parametrize("asked", [1000, 2**32 - 1])
+def test_max_unacked_is_clamped_to_the_brokers_bound(start_broker, topic, asked):
+    """A client may ask any max_unacked up to 2^32 - 1; each unacknowledged message costs the
+    broker memory, so --max-unacked-per-consumer bounds it (memory grew without limit)."""
+    b = start_broker("--max-unacked-per-consumer", "4")
+    conn = connect(b)
+    consumer = subscribe(conn, topic, "s", "exclusive", max_unacked=asked)
+    send(conn, producer(conn, topic), [f"m{i}".encode() for i in range(10)])
+    got = receive(conn, 4)
+    assert_nothing_more(conn)
+    conn.request({"op": "ack", "consumer": consumer, "ids": [got[0][0]]})
+    assert [p for _, p, _ in receive(conn, 1)] == [b"m4"]
+
+
 def test_retention_keeps_what_a_cursor_needs_and_deletes_the_rest(start_broker, topic):
     b = start_broker("--segment-bytes", "1500", "--retention-bytes", "5000")
     conn = connect(b)
