@@ -505,8 +505,17 @@ class ShardActor(BrokerActor):
         producer = self.producers.get(producer_id) or self.closing_producers.get(producer_id)
         if producer is None:
             return
-        if producer.in_flight:
-            producer.in_flight.pop(0)
+        # The rids answered leave the front of what is in flight. Not one PUBLISH per RECEIPTS:
+        # with --fsync always the topic answers each send of a PUBLISH on its own, and popping a
+        # whole PUBLISH per answer lost track of rids, never answered if the topic then died.
+        answered = len(items) + len(errors)
+        in_flight = producer.in_flight
+        while answered and in_flight:
+            if len(in_flight[0]) <= answered:
+                answered -= len(in_flight.pop(0))
+            else:
+                del in_flight[0][:answered]
+                answered = 0
         if producer_id in self.closing_producers and not producer.in_flight:
             del self.closing_producers[producer_id]
         out = [encode_frame({"op": "receipt", "rid": rid, "first": first, "count": count})

@@ -502,6 +502,31 @@ def test_kill_of_a_reliable_topic_reopens_it_from_its_log(start_broker, closing,
     wait_for(lambda: undelivered(traffic.receipted, [again], acked), all_delivered, timeout=EVENTUALLY_S)
 
 
+@pytest.mark.parametrize("fsync", ["always", "group"])
+def test_every_send_in_flight_when_the_topic_dies_is_answered(start_broker, topic, fsync):
+    """Sends pipelined to a reliable topic that is killed: each rid gets exactly one answer (a
+    receipt, or an error saying to send again). With --fsync always the topic answers each send
+    of a shard's PUBLISH on its own; the shard lost track of which were still in flight and
+    never answered those when the topic died."""
+    from actorbroker.transport.codec import encode_frame
+    from tests.test_hostile import answers
+    from tests.wire import RawConnection
+    b = start_broker("--fsync", fsync)
+    conn = RawConnection(*b.address)
+    conn.hello()
+    producer = conn.request({"op": "producer", "topic": topic, "dispatch": "reliable"})["producer"]
+    victim = only_process(b, "ab-topic")
+    rids = list(range(1000, 3000))
+    conn.send_raw(b"".join(encode_frame({"op": "send", "rid": rid, "producer": producer, "msgs": [{"payload": b"m"}]})
+                           for rid in rids))
+    first = conn.recv_frame(timeout=EVENTUALLY_S)   # the first receipt: the rest are on their way
+    kill(victim)
+    got = answers(conn, rids[1:], timeout=EVENTUALLY_S)
+    got[first["rid"]] = first
+    assert {f["op"] for f in got.values()} <= {"receipt", "error"}
+    conn.close()
+
+
 def test_kill_of_a_non_reliable_topic_drops_it_until_created_again(start_broker, closing, topic):
     b = start_broker()
     admin = closing(Admin(b))
