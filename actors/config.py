@@ -25,6 +25,7 @@ class BrokerConfig:
     max_pending_bytes: int = 64 * 1024 * 1024  # unsent to one client; beyond: SLOW_CONSUMER, closed
     max_unacked_per_consumer: int = 100_000    # a subscribe's max_unacked is clamped to it
     frame_timeout_ms: int = 30_000     # a frame begun must be whole within this, or BAD_FRAME
+    request_deadline_ms: int = 30_000  # a request the actors have not answered by then is answered INTERNAL
     io_shards: int = 2                 # connection shards (transport actors owning many sockets)
     lanes: str = "unix"                # record lanes between actors: "unix" (one host) or "tcp"
     actor_host: str = "127.0.0.1"      # interface of Thespian's sockets and of tcp lanes

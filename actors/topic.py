@@ -101,6 +101,13 @@ class Subscribe:
 
 
 @dataclass(frozen=True)
+class SubscribeAgain:
+    """From a SubscriptionActor being deleted: a subscribe that reached it too late, to handle
+    again once that subscription is dropped."""
+    subscribe: Any
+
+
+@dataclass(frozen=True)
 class SubscriptionIdle:
     """The subscription's last consumer left after it had seen `attaches` subscribes. When that
     was a close_consumer (`rid`), its `ok` is ours to send, once the subscription is dropped: a
@@ -229,6 +236,7 @@ class TopicActor(BrokerActor):
         self.truncated_bytes = 0
         self.restoring = {}        # subscription name -> type, while its cursor is being loaded
         self.waiting_restore = {}  # subscription name -> [(Subscribe, sender)] that came meanwhile
+        self.waiting_removal = {}  # subscription name -> [Subscribe] handed back by its ending actor
         self.ending = False        # deleted or stopping: children that exit are not restarted
         self.moved_to = None       # the node holding the log, when another does (TopicMoved)
         self.claim_live = None
@@ -368,6 +376,8 @@ class TopicActor(BrokerActor):
         if self.log is not None:
             self.restoring[name] = sub.type
             self.send_ordered(self.log, log_actor.LoadCursor(name), "log")
+        for subscribe in self.waiting_removal.pop(name, []):
+            self._subscribe_again(subscribe)
 
     def undeliverable(self, address, msgs):
         """A subscribe passed on to a SubscriptionActor that had died (before we knew): that
@@ -640,6 +650,21 @@ class TopicActor(BrokerActor):
         sub.attaches += 1
         self.send_ordered(sub.subscription, msg, ("subscription", msg.subscription))
 
+    def on_SubscribeAgain(self, msg, sender):
+        sub = self.subs.get(msg.subscribe.subscription)
+        if sub is not None and sub.subscription == sender:   # not dropped yet: once it is
+            self.waiting_removal.setdefault(msg.subscribe.subscription, []).append(msg.subscribe)
+            return
+        self._subscribe_again(msg.subscribe)
+
+    def _subscribe_again(self, subscribe):
+        if self.ending or self.deleting is not None:
+            self.send(subscribe.reply_to, connection.RequestFailed(
+                subscribe.rid, E.TOPIC_UNAVAILABLE, f"topic {self.name} was deleted while this subscribe "
+                                                    "was on its way; send it again"))
+            return
+        self.on_Subscribe(subscribe, subscribe.reply_to)
+
     def on_SubscriptionIdle(self, msg, sender):
         sub = self.subs.get(msg.name)
         # Only if no subscribe was forwarded after the subscription found itself empty.
@@ -664,6 +689,8 @@ class TopicActor(BrokerActor):
             self.send(sub.dispatcher, ActorExitRequest())
             self.forget_ordered(("subscription", name))
             self.forget_ordered(("dispatcher", name))
+        for subscribe in self.waiting_removal.pop(name, []):   # after the old one's channels are forgotten
+            self._subscribe_again(subscribe)
 
     # --- stats and listing ------------------------------------------------------------------------------
     def _summary(self):
@@ -786,6 +813,10 @@ class TopicActor(BrokerActor):
             return
         rid, reply_to, _ = self.deleting
         self.deleting = None
+        self.ending = True
+        for subscribe in [s for waiting in self.waiting_removal.values() for s in waiting]:
+            self._subscribe_again(subscribe)   # refused: the topic is gone
+        self.waiting_removal.clear()
         log.info("topic %s deleted", self.name, extra={"topic": self.name})
         emit(self, self.config.events, "topic_deleted", topic=self.name)
         if reply_to is not None:   # None: a fenced cluster node ending its topics

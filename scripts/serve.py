@@ -112,6 +112,8 @@ LIMITS = (
                           "SLOW_CONSUMER"),
     ("frame_timeout_ms", "a frame whose first byte arrived must be whole within this, or the connection "
                          "is closed with BAD_FRAME"),
+    ("request_deadline_ms", "a request passed on to the broker's actors that none of them answered within "
+                            "this (the one holding it died) is answered with INTERNAL"),
 )
 
 

@@ -527,6 +527,80 @@ def test_every_send_in_flight_when_the_topic_dies_is_answered(start_broker, topi
     conn.close()
 
 
+@pytest.mark.parametrize("kind", ["ab-disp", "ab-sub", "ab-topic"])
+def test_every_request_of_a_subscribe_storm_is_answered_when_its_actors_die(start_broker, topic, kind):
+    """Six connections cycle subscribe -> close_consumer or unsubscribe, each on a subscription
+    of its own, while every process of one kind is killed: each rid still gets exactly one
+    answer. Requests the dead held were never answered; the broker now answers what its actors
+    leave unanswered past --request-deadline-ms (an error saying to send it again)."""
+    from tests.wire import RawConnection
+    b = start_broker("--request-deadline-ms", "3000")
+    stop = threading.Event()
+    sent, answered, failures = {}, {}, []
+
+    def storm(i):
+        conn = RawConnection(*b.address)
+        conn.hello(heartbeat_ms=SLOW_HEARTBEAT)
+        held, k, rid = None, 0, 10
+        try:
+            while not stop.is_set():
+                rid += 1
+                if held is None:
+                    frame = {"op": "subscribe", "topic": topic, "subscription": f"s{i}", "type": "shared",
+                             "consumer": f"c{i}", "dispatch": "reliable"}
+                else:
+                    frame = {"op": "close_consumer" if k % 3 else "unsubscribe", "consumer": held}
+                k += 1
+                conn.send_frame(dict(frame, rid=rid))
+                sent[(i, rid)] = frame["op"]
+                deadline = time.monotonic() + (EVENTUALLY_S if stop.is_set() else 1.0)
+                while (i, rid) not in answered and time.monotonic() < deadline:
+                    try:
+                        reply = conn.recv_frame(timeout=0.2)
+                    except TimeoutError:
+                        continue
+                    if reply is None:
+                        return
+                    if "rid" in reply and reply["op"] not in ("ping", "closed"):
+                        assert (i, reply["rid"]) not in answered, \
+                            f"rid {reply['rid']} ({sent.get((i, reply['rid']))}) answered twice: " \
+                            f"{answered[(i, reply['rid'])]}, then {reply}"
+                        answered[(i, reply["rid"])] = reply
+                reply = answered.get((i, rid))
+                if reply is not None and reply["op"] == "subscribed":
+                    held = reply["consumer"]
+                elif reply is not None and frame["op"] != "subscribe":
+                    held = None
+            end = time.monotonic() + EVENTUALLY_S   # the last answers
+            while any(key[0] == i and key not in answered for key in sent) and time.monotonic() < end:
+                try:
+                    reply = conn.recv_frame(timeout=0.2)
+                except TimeoutError:
+                    continue
+                if reply is None:
+                    return
+                if "rid" in reply and reply["op"] not in ("ping", "closed"):
+                    answered[(i, reply["rid"])] = reply
+        except Exception as exc:   # noqa: BLE001
+            failures.append(repr(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=storm, args=(i,), daemon=True) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)   # the storm runs: requests in flight at every moment
+    for pid in processes_of_kind(b, kind):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(EVENTUALLY_S + 10)
+    assert not failures, "\n".join(failures)
+    unanswered = sorted((op, key) for key, op in sent.items() if key not in answered)
+    assert unanswered == [] and len(sent) > 12
+
+
 def test_kill_of_a_non_reliable_topic_drops_it_until_created_again(start_broker, closing, topic):
     b = start_broker()
     admin = closing(Admin(b))
