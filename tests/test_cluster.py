@@ -362,6 +362,28 @@ def test_link_cut_between_two_nodes(cluster):
         assert owner in ("a", "b", "c")
 
 
+def test_a_node_cut_off_from_every_other_keeps_serving_its_clients(cluster):
+    """B's links to A and C go down for 15 s; its client port stays reachable. B keeps answering
+    its own clients all along (it lived ~13 s: its heartbeats to the unreachable members clogged
+    Thespian's 20 transmits in progress, nothing else left its root, serve gave the node up and
+    exited), and once the links are back every node sees every other live."""
+    cut = time.monotonic()
+    cluster.hosts.cut("b", "a")
+    cluster.hosts.cut("b", "c")
+    try:
+        lost_within(cluster, ["b"], "a", cut, "cut off")
+        while time.monotonic() - cut < 15:
+            assert cluster.nodes["b"].proc.poll() is None, "b's serve exited while cut off"
+            with cluster.client("b") as on_b:
+                assert "b" in [m["node"] for m in on_b.cluster(timeout=5)]
+            time.sleep(1)
+    finally:
+        cluster.hosts.mend("b", "a")
+        cluster.hosts.mend("b", "c")
+    for node in "abc":
+        cluster.wait_live(node, ["a", "b", "c"])
+
+
 def test_leader_killed(cluster):
     """docs/cluster.md: the leader is needed to join, not to serve. Killed, it is declared lost;
     topics on the other nodes keep working; when it returns, the members join it again."""
