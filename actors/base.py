@@ -381,7 +381,7 @@ class BrokerActor(Actor):
         self._in_flight[stream] = (time.monotonic(), token)
         self._send_tracked(address, msg, lambda: self._sent(stream, token))
 
-    def _send_tracked(self, address, msg, done):
+    def _send_tracked(self, address, msg, done, max_period=None):
         """Actor.send, then `done()` once the message has reached its receiver's transport or
         failed. Actor.send does not tell: this builds the TransmitIntent it would, with callbacks."""
         manager = getattr(self, "_myRef", None)
@@ -404,7 +404,7 @@ class BrokerActor(Actor):
                 self.handler_errors += 1
 
         manager._send_intent(TransmitIntent(address, msg, onSuccess=arrived, onError=failed,
-                                            retryPeriod=RETRY_AFTER))
+                                            maxPeriod=max_period, retryPeriod=RETRY_AFTER))
 
     def _sent(self, stream, token):
         """The message in flight on `stream` arrived or failed: what gathered meanwhile goes."""

@@ -37,6 +37,7 @@ class ClusterRoot:
         self.msgs_per_s = 0.0
         self.last_load = 0.0
         self.joining = None       # the JoinAgent in flight
+        self.beating = set()      # str(root) of members a heartbeat is on its way to (see _beat)
         log.info("cluster node %s (%s), member timeout %d ms", config.node,
                  "leader" if config.cluster_leader else "member", config.member_timeout_ms)
         self.wakeupAfter(timedelta(seconds=0), payload="heartbeat")
@@ -64,7 +65,7 @@ class ClusterRoot:
 
     def on_Introduce(self, msg, sender):
         if msg.root != self.myAddress:
-            self.send(msg.root, self._heartbeat())
+            self._beat(msg.root)
         self.send(sender, cluster.Introduced())
 
     # --- heartbeats and loss detection ------------------------------------------------------------
@@ -86,7 +87,7 @@ class ClusterRoot:
             self.last_lost_beat = now
         for member in self.membership.members.values():
             if not member.lost or to_lost:
-                self.send(member.root, beat)
+                self._beat(member.root, beat)
         self.send(self.listener, cluster.NodeLoadRequest())
         if now - self.last_load >= LOAD_EVERY_S:   # our topics' message rate, for `cluster`
             self.last_load = now
@@ -95,6 +96,19 @@ class ClusterRoot:
             if now - getattr(self, "last_join", 0.0) >= JOIN_RETRY.total_seconds():
                 self.last_join = now
                 self._join()
+
+    def _beat(self, root, beat=None):
+        """A heartbeat to a member's root, unless the last one to it is still on its way. Thespian
+        has at most 20 transmits in progress per process, the rest queued behind them: heartbeats
+        to a member cut off (no reply, not even a reset) stayed in progress for minutes, and
+        within seconds nothing else left this root, not even its answers to serve (which then
+        gave the node up). One at a time per member, and each given up after the member timeout."""
+        key = str(root)
+        if key in self.beating:
+            return
+        self.beating.add(key)
+        self._send_tracked(root, beat or self._heartbeat(), lambda: self.beating.discard(key),
+                           max_period=timedelta(milliseconds=self.config.member_timeout_ms))
 
     def _heartbeat(self):
         return cluster.Heartbeat(
@@ -117,12 +131,12 @@ class ClusterRoot:
             self._fence(msg.node)
         state, peers = self.membership.heard(msg, time.monotonic())
         if state == "fenced":   # our heartbeat lists it as lost: it fences, and comes back anew
-            self.send(msg.root, self._heartbeat())
+            self._beat(msg.root)
         elif state == "returned":
             log.warning("member %s is live (%s)", msg.node, msg.client_address)
-            self.send(msg.root, self._heartbeat())   # answer at once: it learns of us sooner
+            self._beat(msg.root)   # answer at once: it learns of us sooner
         for peer in peers:
-            self.send(peer.root, self._heartbeat())
+            self._beat(peer.root)
 
     def _member_lost(self, member):
         log.error("member %s lost: no heartbeat for %d ms; its non_reliable topics go to the "

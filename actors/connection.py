@@ -132,6 +132,15 @@ class RequestFailed:
 
 
 @dataclass(frozen=True)
+class RequestLost:
+    """An actor that passed this request on learnt that the one it went to died, maybe before
+    answering: answered here (an error saying to send it again) unless answered already; an
+    answer that still comes is dropped, and what it opened is closed."""
+    rid: Any
+    why: str
+
+
+@dataclass(frozen=True)
 class RequestForwarded:
     """The root sent the request `rid` to the cluster member `node`, which answers it directly:
     if that member is lost first, the request is answered here (TOPIC_UNAVAILABLE)."""
@@ -228,6 +237,11 @@ class ConnectionActor(BrokerActor):
         self.reattaches = 0
         self.stop_asker = None       # the listener, while our shard closes its clients (StopClients)
         self._last_opening = None    # what _answered found in self.opening for the tag it was given
+        self._was_pending = False    # and whether that request was waiting for its answer
+        self.asked_at = {}           # tag of a request passed on to the actors -> (when, op), oldest first
+        self.closing = {}            # consumer id -> tag of its close_consumer or unsubscribe, unanswered
+        self.closing_tags = {}       # and back
+        self.deadline_check = False  # a wakeup is set to answer requests past their deadline
 
     # --- set-up and the shard's supervision -------------------------------------------------------
     def on_StartConnections(self, msg, sender):
@@ -386,6 +400,66 @@ class ConnectionActor(BrokerActor):
     def on_WakeupMessage(self, msg, sender):
         if isinstance(msg.payload, tuple) and msg.payload[0] == "reattach":
             self._reattach(msg.payload[1])
+        elif msg.payload == "deadline":
+            self.deadline_check = False
+            self._answer_overdue()
+
+    # --- requests nobody answered -----------------------------------------------------------------
+    def _asked(self, tag, op):
+        self.asked_at[tag] = (time.monotonic(), op)
+        if not self.deadline_check:
+            self.deadline_check = True
+            self.wakeupAfter(timedelta(seconds=self._deadline_s() / 10), payload="deadline")
+
+    def _deadline_s(self):
+        # A request passed on to the broker's actors that none of them answered this long after
+        # (the one holding it died with it) is answered here: never left unanswered. The default
+        # (30 s) is far above what a loaded broker takes (1,000 subscribes in flight: seconds).
+        return self.config.request_deadline_ms / 1000.0
+
+    def _answer_overdue(self):
+        now = time.monotonic()
+        deadline = self._deadline_s()
+        for tag in [t for t, when in self.given_up.items() if now - when > GIVE_UP_MEMORY_S]:
+            del self.given_up[tag]
+        for tag, (when, op) in list(self.asked_at.items()):
+            if now - when < deadline:
+                break   # the rest are younger
+            log.warning("connection %s: %s request %s got no answer from the broker's actors within "
+                        "%g s; answering it here", tag[0], op, tag[1], deadline, extra={"connection": tag[0]})
+            self._give_up(tag, op, f"no answer from the broker's actors within {deadline:g} s "
+                                   "(the one handling it may have died); it may or may not have taken effect")
+        if self.asked_at and not self.deadline_check:
+            self.deadline_check = True
+            self.wakeupAfter(timedelta(seconds=self._deadline_s() / 10), payload="deadline")
+
+    def _give_up(self, tag, op, why):
+        """Answer a request here that its actor will not: `ok` to a close_consumer (the consumer is
+        this connection's no longer either way), an error to the rest; an answer that still comes
+        is dropped (and what it opened, closed)."""
+        connection_id, conn = self._answered(tag)
+        self.given_up[tag] = time.monotonic()
+        if conn is None:
+            return
+        if not conn.closed:
+            self._write(connection_id, encode_frame({"op": "ok", "rid": tag[1]})
+                        if op in ("close_consumer", "close_producer")
+                        else error_frame(E.INTERNAL, f"{why}; send it again", tag[1]))
+        self._forget_when_drained(connection_id)
+
+    def on_RequestLost(self, msg, sender):
+        if msg.rid in self.asked_at:
+            self._give_up(msg.rid, self.asked_at[msg.rid][1], msg.why)
+
+    def undeliverable(self, address, msgs):
+        """Sent to an actor that had died: a close or unsubscribe is answered now."""
+        for msg in msgs:
+            tag = getattr(msg, "rid", None)
+            if isinstance(msg, (subscription.DetachConsumer, topic.CloseProducer)) and tag in self.asked_at:
+                self._give_up(tag, "close_consumer", "")   # ok: it is this connection's no longer
+            elif isinstance(msg, subscription.Unsubscribe) and tag in self.asked_at:
+                self._give_up(tag, "unsubscribe", "the subscription's actor was lost before it could "
+                                                  "unsubscribe; it may be restarted from its cursor")
 
     # --- control and admin requests ---------------------------------------------------------------
     def on_ClientRequest(self, msg, sender):
@@ -399,7 +473,10 @@ class ConnectionActor(BrokerActor):
             if len(conn.pending) >= MAX_REQUESTS_IN_FLIGHT:
                 raise BadRequest(E.OVERLOADED, f"this connection has {len(conn.pending)} requests waiting "
                                                f"for an answer (at most {MAX_REQUESTS_IN_FLIGHT}); try again later")
-            getattr(self, "_op_" + frame["op"])(conn, msg.connection_id, frame, (msg.connection_id, rid))
+            tag = (msg.connection_id, rid)
+            getattr(self, "_op_" + frame["op"])(conn, msg.connection_id, frame, tag)
+            if tag in conn.pending:
+                self._asked(tag, frame["op"])
         except (BadRequest, validate.Invalid) as exc:
             self._write(msg.connection_id, error_frame(exc.code, exc.message, rid))
         except Exception:
@@ -422,7 +499,9 @@ class ConnectionActor(BrokerActor):
         topic_address = conn.producers.pop(producer_id)
         self.producer_conn.pop(producer_id, None)
         self.rejoin.pop(producer_id, None)
-        self.send(topic_address, topic.CloseProducer(producer_id, tag, self.myAddress))
+        conn.pending[tag] = "request"
+        self.send_ordered(topic_address, topic.CloseProducer(producer_id, tag, self.myAddress),
+                          self._stream(topic_address))
 
     def _op_subscribe(self, conn, connection_id, frame, tag):
         name = self._authorized(conn, frame["topic"], "consume")
@@ -442,11 +521,17 @@ class ConnectionActor(BrokerActor):
 
     def _op_close_consumer(self, conn, connection_id, frame, tag):
         consumer_id, subscription_address = self._release_consumer(conn, frame)
-        self.send(subscription_address, subscription.DetachConsumer(consumer_id, tag, self.myAddress))
+        conn.pending[tag] = "request"
+        self.closing[consumer_id], self.closing_tags[tag] = tag, consumer_id
+        self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, tag, self.myAddress),
+                          self._stream(subscription_address))
 
     def _op_unsubscribe(self, conn, connection_id, frame, tag):
         consumer_id, subscription_address = self._release_consumer(conn, frame)
-        self.send(subscription_address, subscription.Unsubscribe(consumer_id, tag, self.myAddress))
+        conn.pending[tag] = "request"
+        self.closing[consumer_id], self.closing_tags[tag] = tag, consumer_id
+        self.send_ordered(subscription_address, subscription.Unsubscribe(consumer_id, tag, self.myAddress),
+                          self._stream(subscription_address))
 
     def _release_consumer(self, conn, frame):
         """The consumer a close/unsubscribe names, no longer this connection's."""
@@ -557,6 +642,9 @@ class ConnectionActor(BrokerActor):
         """The connection a request came from, if it is still open; forgets the request. None
         too for an answer that comes after the request was given up (its node was lost)."""
         self.forwarded.pop(tag, None)
+        self.asked_at.pop(tag, None)
+        if self.closing_tags:
+            self.closing.pop(self.closing_tags.pop(tag, None), None)
         self._last_opening = opening = self.opening.pop(tag, None) if self.opening else None
         if self.given_up and self.given_up.pop(tag, None) is not None:
             return None, None
@@ -564,7 +652,7 @@ class ConnectionActor(BrokerActor):
         conn = self.connections.get(connection_id)
         if conn is None:
             return None, None
-        conn.pending.pop(tag, None)
+        self._was_pending = conn.pending.pop(tag, None) is not None
         return connection_id, conn
 
     def on_RequestForwarded(self, msg, sender):
@@ -594,6 +682,10 @@ class ConnectionActor(BrokerActor):
     def on_ProducerOpened(self, msg, sender):
         connection_id, conn = self._answered(msg.rid)
         opening, again = self._last_opening, _reattach_tag(msg.rid)
+        if conn is not None and not self._was_pending and not again:   # answered already
+            if msg.producer_id not in conn.producers:
+                self.send(msg.topic_address, topic.CloseProducer(msg.producer_id, None, None))
+            return
         if conn is None or conn.closed or (again and msg.producer_id not in self.rejoin):
             # the client left while this was in flight, or it was given up
             self.send(msg.topic_address, topic.CloseProducer(msg.producer_id, None, None))
@@ -620,6 +712,12 @@ class ConnectionActor(BrokerActor):
     def on_ConsumerOpened(self, msg, sender):
         connection_id, conn = self._answered(msg.rid)
         opening, again = self._last_opening, _reattach_tag(msg.rid)
+        if conn is not None and not self._was_pending and not again:
+            # answered already: the same subscribe handled twice (a topic re-handles one it
+            # passed to a subscription process that died, which may have attached it first)
+            if msg.consumer_id not in conn.consumers:   # attached anew after it had ended: undo
+                self.send(msg.subscription, subscription.DetachConsumer(msg.consumer_id, None, None))
+            return
         if conn is None or conn.closed or (again and msg.consumer_id not in self.rejoin):
             self.send(msg.subscription, subscription.DetachConsumer(msg.consumer_id, None, None))
             if conn is not None:
@@ -660,7 +758,7 @@ class ConnectionActor(BrokerActor):
 
     def on_RequestDone(self, msg, sender):
         connection_id, conn = self._answered(msg.rid)
-        if conn is None:
+        if conn is None or not self._was_pending:   # (answered already: given up, or a duplicate)
             return
         if not conn.closed:
             self._write(connection_id, encode_frame(dict(msg.frame, rid=msg.rid[1])))
@@ -671,7 +769,7 @@ class ConnectionActor(BrokerActor):
         if _reattach_tag(msg.rid):
             self._reattach_failed(msg.rid[1][1])
             return
-        if conn is None:
+        if conn is None or not self._was_pending:
             return
         if not conn.closed:
             self._write(connection_id, error_frame(msg.code, msg.message, msg.rid[1]))
@@ -715,6 +813,14 @@ class ConnectionActor(BrokerActor):
                 {"op": "closed", "producer": producer_id, "reason": reason})))
 
     def _end_consumer(self, consumer_id, reason, detach):
+        closing = self.closing.get(consumer_id)
+        if closing is not None:
+            # its close or unsubscribe was on its way to a subscription that ended it meanwhile
+            # (and may be gone, the request with it): the consumer is closed, so that is the answer
+            op = self.asked_at.get(closing, (0, "close_consumer"))[1]
+            done = op == "close_consumer" or reason in ("unsubscribed", "topic_deleted")
+            self._give_up(closing, "close_consumer" if done else op,   # (ok, or this error)
+                          f"the subscription ended ({reason}) before the unsubscribe was done")
         connection_id = self._forget_consumer(consumer_id)
         conn = self.connections.get(connection_id)
         if conn is None:

@@ -82,9 +82,11 @@ class RemoveConsumer:
 @dataclass(frozen=True)
 class CloseAll:
     """Tell every consumer it is closed for `reason`, then send `then_tell_topic` (if any) to the
-    topic."""
+    topic. `quietly`: consumers forgotten without that push (the one that unsubscribed: its
+    connection answers it), and their unacknowledged messages go to nobody."""
     reason: str
     then_tell_topic: Any
+    quietly: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ class DispatcherActor(BrokerActor):
         self.name, self.type, self.dispatch = msg.name, msg.type, msg.dispatch
         self.node = msg.config.node
         self.policy = make_policy(msg.type, msg.config.max_backlog)
+        self.max_unacked_cap = msg.config.max_unacked_per_consumer
         self.events = msg.config.events
         self.metrics_on = msg.config.metrics is not None
         self.start_reports(msg.config.metrics)
@@ -228,7 +231,9 @@ class DispatcherActor(BrokerActor):
     # --- lanes --------------------------------------------------------------------------------------
     def _lane_frame(self, lane, frame):
         op = frame[0]
-        if op == LaneOp.DISPATCH:
+        if op == LaneOp.DISPATCH:   # [DISPATCH, runs, dropped?]: dropped by the topic, for us to count
+            if len(frame) > 2:
+                self.dropped += frame[2]
             self._take_batch(lane, frame[1])
         elif op == LaneOp.FLOW:
             self._flow(frame[1], frame[2])
@@ -274,7 +279,11 @@ class DispatcherActor(BrokerActor):
                 self.reading = False
             return
         if role == "topic":
-            self._topic_lost()
+            if reason.startswith("bad frame"):   # the topic lives (our end refused its frame): we
+                log.error("%s/%s: %s from the topic; ending this dispatcher", self.topic_name, self.name,
+                          reason, extra={"topic": self.topic_name, "subscription": self.name})
+            else:                                 # fail, the topic restarts or ends us as after a crash
+                self._topic_lost()
             self.exit_self()
             return
         if self.shard_lanes.get(ident) is lane:
@@ -574,7 +583,7 @@ class DispatcherActor(BrokerActor):
         consumer = ConsumerState(msg.consumer_id, msg.name, msg.transport, msg.reply_to)
         if self.reliable:
             consumer.tracks_acks = True
-            consumer.max_unacked = msg.max_unacked or DEFAULT_MAX_UNACKED
+            consumer.max_unacked = min(msg.max_unacked or DEFAULT_MAX_UNACKED, self.max_unacked_cap)
         self.policy.add(consumer)
         emit(self, self.events, "consumer_attached", topic=self.topic_name, subscription=self.name,
              consumer=msg.consumer_id, consumer_name=msg.name,
@@ -664,6 +673,8 @@ class DispatcherActor(BrokerActor):
         self._pump()
 
     def on_CloseAll(self, msg, sender):
+        for consumer_id in msg.quietly:
+            self._forget(consumer_id, msg.reason)
         for consumer_id in list(self.policy.consumers):
             self._close(consumer_id, msg.reason)
         if msg.then_tell_topic is not None:

@@ -13,7 +13,9 @@ import collections
 import errno
 import socket
 import struct
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from thespian.actors import ThespianWatch
@@ -42,6 +44,9 @@ class ListenFailed:
 
 
 HANDOFF_TAG = struct.Struct(">Q")   # the number of a socket handed to a shard, sent with it
+HANDOFF_RETRY_S = 0.005   # every shard's handoff socket full: try the held socket again this soon
+HOLD_AT_MOST_S = 10.0     # ... and refuse it (OVERLOADED) if no shard took it for this long
+_HANDOFF = "handoff"
 
 
 @dataclass(frozen=True)
@@ -134,9 +139,12 @@ class ListenerActor(BrokerActor):
         self.exiting = False
         self.stop_asker = None     # who asked StopClients, until every pair has answered
         self.stops_waited = 0
+        self.held = None           # (socket, host, since): accepted, every shard's handoff full
 
     def watch(self):
-        return ThespianWatch([self.sock.fileno()]) if self.sock is not None else None
+        # while a socket is held, the rest wait in the kernel's accept queue (not watched: the
+        # listening socket stays readable and would wake us in a loop)
+        return ThespianWatch([self.sock.fileno()]) if self.sock is not None and self.held is None else None
 
     def on_Listen(self, msg, sender):
         self.config = msg.config
@@ -172,6 +180,9 @@ class ListenerActor(BrokerActor):
     def on_WatchMessage(self, msg, sender):
         if self.sock is None or self.sock.fileno() not in msg.ready:
             return
+        self._accept()
+
+    def _accept(self):
         for _ in range(256):  # a burst of clients, but let other messages in between
             try:
                 conn, peer = self.sock.accept()
@@ -182,30 +193,62 @@ class ListenerActor(BrokerActor):
                     log.error("accept failed: %s", exc)
                     return
                 raise
-            self._hand_over(conn, peer[0])
+            if not self._hand_over(conn, peer[0]):
+                self.held = (conn, peer[0], time.monotonic())
+                self.wakeupAfter(timedelta(seconds=HANDOFF_RETRY_S), payload=_HANDOFF)
+                return
+
+    def on_WakeupMessage(self, msg, sender):
+        if msg.payload != _HANDOFF or self.held is None:
+            return
+        conn, host, since = self.held
+        if self.sock is None or time.monotonic() - since > HOLD_AT_MOST_S:
+            self.held = None
+            with conn:
+                self._refuse(conn, "no connection shard is taking connections")
+        elif self._hand_over(conn, host):
+            self.held = None
+        else:
+            self.wakeupAfter(timedelta(seconds=HANDOFF_RETRY_S), payload=_HANDOFF)
+            return
+        if self.sock is not None:
+            self._accept()
 
     def _hand_over(self, conn, host):
-        with conn:
-            pairs = [p for p in self.pairs if p]
-            if sum(p.load() for p in pairs) >= self.config.max_connections:
+        """Hand the socket to the next shard (or refuse it); False if every shard's handoff
+        socket is full for now (busy shards): the caller holds it and tries again shortly,
+        rather than refusing a client for a moment of load."""
+        pairs = [p for p in self.pairs if p]
+        if sum(p.load() for p in pairs) >= self.config.max_connections:
+            with conn:
                 self._refuse(conn, f"too many connections (max_connections {self.config.max_connections})")
-                return
-            if sum(p.from_host(host) for p in pairs) >= self.config.max_connections_per_address:
+            return True
+        if sum(p.from_host(host) for p in pairs) >= self.config.max_connections_per_address:
+            with conn:
                 self._refuse(conn, f"too many connections from {host} "
                                    f"(max_connections_per_address {self.config.max_connections_per_address})")
-                return
-            for _ in range(len(self.pairs)):
-                pair = self.pairs[self.turn % len(self.pairs)]
-                self.turn += 1
-                if pair is None:
-                    continue
-                try:
-                    socket.send_fds(pair.handoff, [HANDOFF_TAG.pack(pair.seq + 1)], [conn.fileno()])
-                    pair.hand(host)
-                    return
-                except OSError:
-                    continue   # that shard is not taking sockets now: try the next
+            return True
+        full = False
+        for _ in range(len(self.pairs)):
+            pair = self.pairs[self.turn % len(self.pairs)]
+            self.turn += 1
+            if pair is None:
+                continue
+            try:
+                socket.send_fds(pair.handoff, [HANDOFF_TAG.pack(pair.seq + 1)], [conn.fileno()])
+            except (BlockingIOError, InterruptedError):
+                full = True
+                continue   # that shard has not taken the ones before yet: try the next
+            except OSError:
+                continue   # that shard is gone (being restarted): try the next
+            pair.hand(host)
+            conn.close()   # the shard has its own descriptor of it now
+            return True
+        if full:
+            return False
+        with conn:
             self._refuse(conn, "no connection shard available")
+        return True
 
     @staticmethod
     def _refuse(conn, text):
@@ -250,6 +293,9 @@ class ListenerActor(BrokerActor):
         if self.sock is not None:   # no new connection from now on
             self.sock.close()
             self.sock = None
+        if self.held is not None:
+            self.held[0].close()
+            self.held = None
         self.stop_asker = sender
         pairs = [p for p in self.pairs if p is not None]
         self.stops_waited = len(pairs)

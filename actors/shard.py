@@ -505,8 +505,17 @@ class ShardActor(BrokerActor):
         producer = self.producers.get(producer_id) or self.closing_producers.get(producer_id)
         if producer is None:
             return
-        if producer.in_flight:
-            producer.in_flight.pop(0)
+        # The rids answered leave the front of what is in flight. Not one PUBLISH per RECEIPTS:
+        # with --fsync always the topic answers each send of a PUBLISH on its own, and popping a
+        # whole PUBLISH per answer lost track of rids, never answered if the topic then died.
+        answered = len(items) + len(errors)
+        in_flight = producer.in_flight
+        while answered and in_flight:
+            if len(in_flight[0]) <= answered:
+                answered -= len(in_flight.pop(0))
+            else:
+                del in_flight[0][:answered]
+                answered = 0
         if producer_id in self.closing_producers and not producer.in_flight:
             del self.closing_producers[producer_id]
         out = [encode_frame({"op": "receipt", "rid": rid, "first": first, "count": count})
@@ -739,6 +748,7 @@ class ShardActor(BrokerActor):
     def on_WakeupMessage(self, msg, sender):
         self.wakeups.discard(msg.payload)
         now = time.monotonic()
+        again = []   # timers set while handling these: armed after, or one due now would spin here
         while self.timers and self.timers[0][0] <= now + 0.001:
             _, _, kind, connection_id = heapq.heappop(self.timers)
             if kind == "load":
@@ -754,7 +764,9 @@ class ShardActor(BrokerActor):
                 self._handle_events(client, events, {})
                 self._flush(client)
                 if due is not None and client.state == "open":
-                    self._timer(now + due, "heartbeat", connection_id)
+                    again.append((now + due, connection_id))
+        for due, connection_id in again:
+            self._timer(due, "heartbeat", connection_id)
         if self.timers and (not self.wakeups or self.timers[0][0] < min(self.wakeups) - 0.005):
             due = self.timers[0][0]
             self.wakeups.add(due)

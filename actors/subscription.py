@@ -72,6 +72,7 @@ class SubscriptionActor(BrokerActor):
         self.attaches = 0     # subscribes seen: lets the topic tell a stale "idle" apart
         self.probing = {}     # token -> a Subscribe waiting for the exclusive holder's probe
         self.next_token = 1
+        self.ended = False    # unsubscribed or ended: a subscribe still on its way goes back to the topic
 
     def on_InitSubscription(self, msg, sender):
         self.topic = sender
@@ -83,6 +84,12 @@ class SubscriptionActor(BrokerActor):
         self._subscribe(msg)
 
     def _subscribe(self, msg, probed=False):
+        if self.ended:
+            # This subscription is being deleted: attached now, the consumer would be left
+            # without a `closed`, and its close_consumer unanswered. The topic handles it again
+            # once it has dropped us (a new subscription of that name).
+            self.send(self.topic, topic.SubscribeAgain(msg))
+            return
         holder = next(iter(self.by_name), None)
         if self.type == "exclusive" and holder is not None and holder != msg.consumer_name:
             if not probed:
@@ -112,6 +119,16 @@ class SubscriptionActor(BrokerActor):
         self.send_ordered(self.dispatcher, dispatcher.AddConsumer(
             msg.new_id, msg.consumer_name, msg.transport, msg.reply_to, msg.rid, replaced,
             msg.options.get("max_unacked")), "members")
+
+    def undeliverable(self, address, msgs):
+        """Sent to our dispatcher, which had died (the topic ends us too): the subscribe or
+        unsubscribe it carried is answered (send it again) instead of never."""
+        for msg in msgs:
+            request = msg.then_tell_topic if isinstance(msg, dispatcher.CloseAll) else msg
+            if isinstance(msg, (dispatcher.AddConsumer, dispatcher.CloseAll)) and \
+                    getattr(request, "rid", None) is not None and getattr(request, "reply_to", None) is not None:
+                self.send(request.reply_to, connection.RequestLost(
+                    request.rid, f"subscription {self.name} was lost before it answered"))
 
     def on_HolderProbed(self, msg, sender):
         waiting = self.probing.pop(msg.token, None)
@@ -143,20 +160,28 @@ class SubscriptionActor(BrokerActor):
             self._idle_check()
 
     def on_Unsubscribe(self, msg, sender):
-        self._remove(msg.consumer_id, "unsubscribed")
         if not isinstance(self.dispatcher, ActorAddress):   # nothing to pass it on through
+            self._remove(msg.consumer_id, "unsubscribed")
             self.send(msg.reply_to, connection.RequestDone(msg.rid, {"op": "ok"}))
             return
-        # answered by the topic once the subscription (and its cursor) is gone
-        self._end_all("unsubscribed", topic.RemoveSubscription(self.name, msg.rid, msg.reply_to))
+        # One message to the dispatcher: the leaver removed on its own first would have its
+        # unacknowledged messages redelivered to the others (and a failover standby promoted)
+        # before they are closed. Answered by the topic once the subscription and cursor are gone.
+        self._remove(msg.consumer_id, "unsubscribed", tell_dispatcher=False)
+        self._end_all("unsubscribed", topic.RemoveSubscription(self.name, msg.rid, msg.reply_to),
+                      quietly=(msg.consumer_id,))
 
     def on_EndAll(self, msg, sender):
         self._end_all(msg.reason, topic.SubscriptionEnded(self.name))
 
-    def _end_all(self, reason, then_tell_topic):
+    def _end_all(self, reason, then_tell_topic, quietly=()):
+        self.ended = True
         self.consumers.clear()
         self.by_name.clear()
-        self.send_ordered(self.dispatcher, dispatcher.CloseAll(reason, then_tell_topic), "members")
+        for waiting in self.probing.values():
+            self.send(self.topic, topic.SubscribeAgain(waiting))
+        self.probing.clear()
+        self.send_ordered(self.dispatcher, dispatcher.CloseAll(reason, then_tell_topic, quietly), "members")
 
     def _remove(self, consumer_id, cause, tell_dispatcher=True):
         """Forget a consumer (and tell the dispatcher, unless it told us); whether it was still

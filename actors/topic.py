@@ -28,10 +28,16 @@ from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.system import thespian_waits
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import RUN_TIME
+from actorbroker.transport.codec import RUN_COUNT, RUN_PAYLOADS, RUN_TIME
 from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 
 DISPATCH_WINDOW = 1
+# What waits for a dispatcher that has not taken the last DISPATCH yet is bounded, or a producer
+# faster than it filled the topic's memory and then a lane frame too large for the lane (95 MB).
+# non_reliable: the newest beyond the subscription's backlog bound are dropped (counted, as
+# PROTOCOL.md says); reliable: the oldest leave memory, the dispatcher reads them from the log.
+PENDING_FLOOR = 1024                 # records, whatever --max-backlog (the dispatcher trims to it)
+PENDING_MAX_BYTES = 16 * 1024 * 1024 # and a DISPATCH frame stays well below MAX_LANE_FRAME
 PRODUCER_NAME_MAX_BYTES = 255   # the name is copied into every record: it must not amplify a send
 GATHER_TIMEOUT = timedelta(seconds=5)
 
@@ -92,6 +98,13 @@ class Subscribe:
     consumer_name: str
     start: str
     options: dict
+
+
+@dataclass(frozen=True)
+class SubscribeAgain:
+    """From a SubscriptionActor being deleted: a subscribe that reached it too late, to handle
+    again once that subscription is dropped."""
+    subscribe: Any
 
 
 @dataclass(frozen=True)
@@ -171,9 +184,13 @@ class _Sub:
     dispatcher: Any
     attaches: int = 0
     pending: list = field(default_factory=list)   # records not yet sent to the dispatcher
+    pending_count: int = 0   # records in `pending`
+    pending_bytes: int = 0   # their payloads, about
+    dropped: int = 0         # non_reliable: dropped here since the last DISPATCH (it counts them)
     in_flight: int = 0
     lane: Any = None     # our lane to the dispatcher, once it is ready
     incarnation: int = 0 # tells a restarted pair's messages from its predecessor's
+    last_stats: Any = None   # its dispatcher's last stats answer
 
 
 class TopicActor(BrokerActor):
@@ -196,7 +213,7 @@ class TopicActor(BrokerActor):
         self.bytes_in = 0
         self.producers = {}        # id -> (name, access, connection address, shard ident)
         self.subs = {}             # name -> _Sub
-        self.stats_gathers = {}    # token -> [rid, reply_to, expected, frame]
+        self.stats_gathers = {}    # token -> [rid, reply_to, expected, frame, names not answered yet]
         self.flushes = {}          # our token -> [asker, its token, dispatchers still saving]
         self.next_token = 1
         self.deleting = None       # (rid, reply_to, subscriptions still ending)
@@ -219,6 +236,7 @@ class TopicActor(BrokerActor):
         self.truncated_bytes = 0
         self.restoring = {}        # subscription name -> type, while its cursor is being loaded
         self.waiting_restore = {}  # subscription name -> [(Subscribe, sender)] that came meanwhile
+        self.waiting_removal = {}  # subscription name -> [Subscribe] handed back by its ending actor
         self.ending = False        # deleted or stopping: children that exit are not restarted
         self.moved_to = None       # the node holding the log, when another does (TopicMoved)
         self.claim_live = None
@@ -358,6 +376,8 @@ class TopicActor(BrokerActor):
         if self.log is not None:
             self.restoring[name] = sub.type
             self.send_ordered(self.log, log_actor.LoadCursor(name), "log")
+        for subscribe in self.waiting_removal.pop(name, []):
+            self._subscribe_again(subscribe)
 
     def undeliverable(self, address, msgs):
         """A subscribe passed on to a SubscriptionActor that had died (before we knew): that
@@ -466,10 +486,10 @@ class TopicActor(BrokerActor):
         runs, receipts = self._runs(producer_name, sends, int(time.time() * 1000))
         if lane is not None:
             lane.send([LaneOp.RECEIPTS, producer_id, receipts, []])
-        # The pending lists stay bounded because each shard has at most a few PUBLISH in flight
-        # per producer (it stops reading its client beyond that); dispatchers bound their backlogs.
+        # Receipted at once (at most once): a dispatcher slower than the producers has what waits
+        # for it bounded by _queue, and bounds its own backlog.
         for name, sub in self.subs.items():
-            sub.pending.extend(runs)
+            self._queue(sub, runs)
             self._feed(name, sub)
 
     def _refuse(self, lane, producer_id, receipts, text, code=E.INTERNAL):
@@ -526,7 +546,7 @@ class TopicActor(BrokerActor):
                 lane.send([LaneOp.RECEIPTS, producer_id, receipts, []])
             runs += part
         for name, sub in self.subs.items():   # durable now: consumers may see it
-            sub.pending.extend(runs)
+            self._queue(sub, runs)
             self._feed(name, sub)
         self._append()
 
@@ -542,10 +562,35 @@ class TopicActor(BrokerActor):
         self.next_offset = next_offset
         self._append()
 
+    def _queue(self, sub, runs):
+        """Add runs to what waits for the subscription's dispatcher, within the bounds."""
+        if self.log is None:
+            bound = max(self.config.max_backlog, PENDING_FLOOR)
+            for run in runs:
+                size = len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
+                if sub.pending and (sub.pending_count + run[RUN_COUNT] > bound
+                                    or sub.pending_bytes + size > PENDING_MAX_BYTES):
+                    sub.dropped += run[RUN_COUNT]
+                    continue
+                sub.pending.append(run)
+                sub.pending_count += run[RUN_COUNT]
+                sub.pending_bytes += size
+            return
+        for run in runs:
+            sub.pending.append(run)
+            sub.pending_count += run[RUN_COUNT]
+            sub.pending_bytes += len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
+        while len(sub.pending) > 1 and (sub.pending_count > dispatcher.RELIABLE_BUFFER
+                                        or sub.pending_bytes > PENDING_MAX_BYTES):
+            run = sub.pending.pop(0)
+            sub.pending_count -= run[RUN_COUNT]
+            sub.pending_bytes -= len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
+
     def _feed(self, name, sub):
-        if sub.lane is not None and sub.in_flight < DISPATCH_WINDOW and sub.pending:
-            sub.lane.send([LaneOp.DISPATCH, sub.pending])
-            sub.pending = []
+        if sub.lane is not None and sub.in_flight < DISPATCH_WINDOW and (sub.pending or sub.dropped):
+            sub.lane.send([LaneOp.DISPATCH, sub.pending, sub.dropped] if sub.dropped else
+                          [LaneOp.DISPATCH, sub.pending])
+            sub.pending, sub.pending_count, sub.pending_bytes, sub.dropped = [], 0, 0, 0
             sub.in_flight += 1
 
     # --- subscriptions -------------------------------------------------------------------------------
@@ -605,6 +650,21 @@ class TopicActor(BrokerActor):
         sub.attaches += 1
         self.send_ordered(sub.subscription, msg, ("subscription", msg.subscription))
 
+    def on_SubscribeAgain(self, msg, sender):
+        sub = self.subs.get(msg.subscribe.subscription)
+        if sub is not None and sub.subscription == sender:   # not dropped yet: once it is
+            self.waiting_removal.setdefault(msg.subscribe.subscription, []).append(msg.subscribe)
+            return
+        self._subscribe_again(msg.subscribe)
+
+    def _subscribe_again(self, subscribe):
+        if self.ending or self.deleting is not None:
+            self.send(subscribe.reply_to, connection.RequestFailed(
+                subscribe.rid, E.TOPIC_UNAVAILABLE, f"topic {self.name} was deleted while this subscribe "
+                                                    "was on its way; send it again"))
+            return
+        self.on_Subscribe(subscribe, subscribe.reply_to)
+
     def on_SubscriptionIdle(self, msg, sender):
         sub = self.subs.get(msg.name)
         # Only if no subscribe was forwarded after the subscription found itself empty.
@@ -629,6 +689,8 @@ class TopicActor(BrokerActor):
             self.send(sub.dispatcher, ActorExitRequest())
             self.forget_ordered(("subscription", name))
             self.forget_ordered(("dispatcher", name))
+        for subscribe in self.waiting_removal.pop(name, []):   # after the old one's channels are forgotten
+            self._subscribe_again(subscribe)
 
     # --- stats and listing ------------------------------------------------------------------------------
     def _summary(self):
@@ -651,12 +713,12 @@ class TopicActor(BrokerActor):
             frame["node"] = self.config.node
         token = self.next_token
         self.next_token += 1
-        self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame]
+        self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame, dict.fromkeys(self.subs)]
         if not self.subs:
             self._answer_stats(token)
             return
         for name, sub in self.subs.items():
-            self.send_ordered(sub.dispatcher, dispatcher.DispatcherStatsRequest(token, sum(run[1] for run in sub.pending)),
+            self.send_ordered(sub.dispatcher, dispatcher.DispatcherStatsRequest(token, sub.pending_count),
                               ("dispatcher", name))
         self.wakeupAfter(GATHER_TIMEOUT, payload=("stats", token))
 
@@ -686,13 +748,19 @@ class TopicActor(BrokerActor):
         if gather is None:
             return
         gather[3]["subscriptions"].append(msg.stats)
+        gather[4].pop(msg.stats.get("name"), None)
+        sub = self.subs.get(msg.stats.get("name"))
+        if sub is not None:
+            sub.last_stats = msg.stats
         if len(gather[3]["subscriptions"]) >= gather[2]:
             self._answer_stats(msg.token)
 
     def _answer_stats(self, token):
         gather = self.stats_gathers.pop(token, None)
         if gather is not None:
-            rid, reply_to, _, frame = gather
+            rid, reply_to, _, frame, unanswered = gather
+            for name in unanswered:   # its dispatcher is busy (or just died): listed all the same
+                frame["subscriptions"].append(self._unanswered_stats(name))
             frame["subscriptions"].sort(key=lambda s: s["name"])
             for name in ("poison_messages", "gaps_skipped", "handler_errors"):   # the topic's and its dispatchers'
                 frame[name] += sum(s.get(name, 0) for s in frame["subscriptions"])
@@ -702,6 +770,15 @@ class TopicActor(BrokerActor):
                              recovered_truncated_bytes=self.truncated_bytes,
                              dead_lettered=sum(s.get("dead_lettered", 0) for s in frame["subscriptions"]))
             self.send(reply_to, connection.RequestDone(rid, frame))
+
+    def _unanswered_stats(self, name):
+        """A subscription whose dispatcher did not answer within GATHER_TIMEOUT: its last answer
+        (or zeros), flagged `unanswered` (docs/protocol.md)."""
+        sub = self.subs.get(name)
+        last = sub.last_stats if sub is not None and sub.last_stats is not None else {
+            "name": name, "type": sub.type if sub is not None else None, "backlog": 0, "msgs_out": 0,
+            "dropped": 0, "redelivered": 0, "consumers": []}
+        return dict(last, unanswered=True)
 
     def metrics_snapshot(self, counters, gauges, histograms):
         counters[("actorbroker_topic_messages_in", (self.name,))] = self.msgs_in
@@ -736,6 +813,10 @@ class TopicActor(BrokerActor):
             return
         rid, reply_to, _ = self.deleting
         self.deleting = None
+        self.ending = True
+        for subscribe in [s for waiting in self.waiting_removal.values() for s in waiting]:
+            self._subscribe_again(subscribe)   # refused: the topic is gone
+        self.waiting_removal.clear()
         log.info("topic %s deleted", self.name, extra={"topic": self.name})
         emit(self, self.config.events, "topic_deleted", topic=self.name)
         if reply_to is not None:   # None: a fenced cluster node ending its topics

@@ -132,7 +132,9 @@ class Session:
             if due <= 0:
                 self._fail(E.NOT_CONNECTED, "no hello within the hello timeout", None, events)
                 return events, None
-            return events, due if frame_due is None else min(due, frame_due)
+            # never 0: a caller that checks again at `now + due` with the same clock reading must
+            # not find it due again (the shard spun on a hello deadline under a millisecond away)
+            return events, max(due if frame_due is None else min(due, frame_due), 0.01)
         idle = now - self.last_recv
         if idle >= 2 * self.heartbeat_s:
             self.open = False
