@@ -3,6 +3,7 @@ until initialisation, and dying with the parent process."""
 import dataclasses
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ _REPORT = "actorbroker-report"
 # dead for good). After any ChildActorExited it looks again, these long after.
 _RECHECK_CHILDREN = "actorbroker-recheck-children"
 RECHECK_CHILDREN_AFTER = (timedelta(milliseconds=100), timedelta(seconds=1))
+EXIT_WITHIN_S = 5.0   # an actor process still there this long after its ActorExitRequest ends itself
 
 
 def _unwrapped(msg):
@@ -137,6 +139,7 @@ class BrokerActor(Actor):
         self._initialized = self.init_message is None
         self._held = []
         self._metrics_to = None   # the MetricsActor, once start_reports was called
+        self._exit_timer = None   # armed by an ActorExitRequest (_arm_exit_deadline)
         self._last_report = (None, 0.0)   # (what was reported, when)
         # ACTORBROKER_PROFILE_DIR=dir: profile message handling, one .prof per actor, written at
         # exit (for finding the hot spots of the record path; off by default). CPU time, not wall
@@ -178,6 +181,8 @@ class BrokerActor(Actor):
         if isinstance(msg, ChildActorExited):
             for delay in RECHECK_CHILDREN_AFTER:
                 self.wakeupAfter(delay, payload=_RECHECK_CHILDREN)
+        if isinstance(msg, ActorExitRequest):
+            self._arm_exit_deadline()
         if isinstance(msg, ActorExitRequest) and self._metrics_to is not None:
             self._report_metrics()   # what was counted since the last report
         try:
@@ -202,6 +207,17 @@ class BrokerActor(Actor):
             # an exiting actor gets no wakeup: what waits to gather more must go now
             self._flush_outbox(force=isinstance(msg, ActorExitRequest))
         return self.watch()
+
+    def _arm_exit_deadline(self):
+        """Thespian ends an exiting actor only once every child has reported its exit, and waits
+        for that without limit; a child whose end it never saw (children ending together send one
+        SIGCHLD) kept a deleted topic's process, and serve's stop, waiting for good. As an OTP
+        supervisor's shutdown timeout: the process ends itself EXIT_WITHIN_S later if it is still
+        there (its parent sees it exit, its children die with it)."""
+        if self._exit_timer is None:
+            self._exit_timer = threading.Timer(EXIT_WITHIN_S, os._exit, args=(0,))
+            self._exit_timer.daemon = True
+            self._exit_timer.start()
 
     def undeliverable(self, address, msgs):
         """Messages sent on an ordered channel to `address` that never reached it (its actor is

@@ -216,6 +216,9 @@ class LogActor(BrokerActor):
             self.send(self.topic, LogRetained(*after))
 
     def on_SaveCursor(self, msg, sender):
+        if self.store is None:   # destroyed (delete_topic): the cursor went with it, as wanted
+            self.send(sender, CursorSaved(msg.subscription, "the topic's log was deleted"))
+            return
         if self._fenced():
             self.send(sender, CursorSaved(msg.subscription, f"node {self.fenced} took this topic over"))
             return

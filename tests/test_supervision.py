@@ -601,6 +601,27 @@ def test_every_request_of_a_subscribe_storm_is_answered_when_its_actors_die(star
     assert unanswered == [] and len(sent) > 12
 
 
+def test_a_deleted_topic_whose_child_never_exits_still_ends(start_broker, topic):
+    """Thespian ends an exiting actor only once every child has reported its exit, without a
+    limit: a child whose end it never saw kept a deleted topic's process alive for good, and then
+    serve's stop. A stopped dispatcher stands for such a child: the topic's process ends all the
+    same, a few seconds after its exit began."""
+    b = start_broker()
+    with Client(*b.address) as client:
+        client.subscribe(topic, "s", "shared", "c", dispatch="reliable")
+        owner = only_process(b, "ab-topic")
+        stuck = only_process(b, "ab-disp")
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            client.delete_topic(topic)
+            wait_for(lambda: proctree.alive(owner), lambda alive: not alive, timeout=EVENTUALLY_S)
+        finally:
+            if proctree.alive(stuck):
+                os.kill(stuck, signal.SIGCONT)   # its parent's end (SIGTERM, pending) then ends it
+        wait_for(lambda: proctree.alive(stuck), lambda alive: not alive, timeout=FEW_S)
+        assert client.topics() == []
+
+
 def test_kill_of_a_non_reliable_topic_drops_it_until_created_again(start_broker, closing, topic):
     b = start_broker()
     admin = closing(Admin(b))
