@@ -541,6 +541,25 @@ def test_every_request_of_a_subscribe_storm_is_answered_when_its_actors_die(star
     def storm(i):
         conn = RawConnection(*b.address)
         conn.hello(heartbeat_ms=SLOW_HEARTBEAT)
+
+        def take_answers(done, within):
+            """Read answers (each rid at most once) until done() or `within` seconds; False if
+            the broker closed the connection."""
+            deadline = time.monotonic() + within
+            while not done() and time.monotonic() < deadline:
+                try:
+                    reply = conn.recv_frame(timeout=0.2)
+                except TimeoutError:
+                    continue
+                if reply is None:
+                    return False
+                if "rid" in reply and reply["op"] not in ("ping", "closed"):
+                    key = (i, reply["rid"])
+                    assert key not in answered, f"rid {reply['rid']} ({sent.get(key)}) answered twice: " \
+                                                f"{answered[key]}, then {reply}"
+                    answered[key] = reply
+            return True
+
         held, k, rid = None, 0, 10
         try:
             while not stop.is_set():
@@ -553,34 +572,14 @@ def test_every_request_of_a_subscribe_storm_is_answered_when_its_actors_die(star
                 k += 1
                 conn.send_frame(dict(frame, rid=rid))
                 sent[(i, rid)] = frame["op"]
-                deadline = time.monotonic() + (EVENTUALLY_S if stop.is_set() else 1.0)
-                while (i, rid) not in answered and time.monotonic() < deadline:
-                    try:
-                        reply = conn.recv_frame(timeout=0.2)
-                    except TimeoutError:
-                        continue
-                    if reply is None:
-                        return
-                    if "rid" in reply and reply["op"] not in ("ping", "closed"):
-                        assert (i, reply["rid"]) not in answered, \
-                            f"rid {reply['rid']} ({sent.get((i, reply['rid']))}) answered twice: " \
-                            f"{answered[(i, reply['rid'])]}, then {reply}"
-                        answered[(i, reply["rid"])] = reply
+                if not take_answers(lambda: (i, rid) in answered, 1.0):
+                    return
                 reply = answered.get((i, rid))
                 if reply is not None and reply["op"] == "subscribed":
                     held = reply["consumer"]
                 elif reply is not None and frame["op"] != "subscribe":
                     held = None
-            end = time.monotonic() + EVENTUALLY_S   # the last answers
-            while any(key[0] == i and key not in answered for key in sent) and time.monotonic() < end:
-                try:
-                    reply = conn.recv_frame(timeout=0.2)
-                except TimeoutError:
-                    continue
-                if reply is None:
-                    return
-                if "rid" in reply and reply["op"] not in ("ping", "closed"):
-                    answered[(i, reply["rid"])] = reply
+            take_answers(lambda: all(key in answered for key in list(sent) if key[0] == i), EVENTUALLY_S)
         except Exception as exc:   # noqa: BLE001
             failures.append(repr(exc))
         finally:
