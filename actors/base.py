@@ -2,6 +2,7 @@
 until initialisation, and dying with the parent process."""
 import dataclasses
 import logging
+import multiprocessing
 import os
 import threading
 import time
@@ -214,8 +215,10 @@ class BrokerActor(Actor):
         SIGCHLD) kept a deleted topic's process, and serve's stop, waiting for good. As an OTP
         supervisor's shutdown timeout: the process ends itself EXIT_WITHIN_S later if it is still
         there (its parent sees it exit, its children die with it)."""
+        if multiprocessing.parent_process() is None:   # not a process of its own (simpleSystemBase)
+            return
         if self._exit_timer is None:
-            self._exit_timer = threading.Timer(EXIT_WITHIN_S, os._exit, args=(0,))
+            self._exit_timer = threading.Timer(EXIT_WITHIN_S, os._exit, args=(70,))   # EX_SOFTWARE: never silent
             self._exit_timer.daemon = True
             self._exit_timer.start()
 
