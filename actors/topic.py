@@ -100,6 +100,11 @@ class Subscribe:
     options: dict
 
 
+def _run_size(run):
+    """About the bytes a run takes in memory and in a DISPATCH frame."""
+    return len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
+
+
 @dataclass(frozen=True)
 class SubscribeAgain:
     """From a SubscriptionActor being deleted: a subscribe that reached it too late, to handle
@@ -213,7 +218,7 @@ class TopicActor(BrokerActor):
         self.bytes_in = 0
         self.producers = {}        # id -> (name, access, connection address, shard ident)
         self.subs = {}             # name -> _Sub
-        self.stats_gathers = {}    # token -> [rid, reply_to, expected, frame, names not answered yet]
+        self.stats_gathers = {}    # token -> [rid, reply_to, frame, names not answered yet]
         self.flushes = {}          # our token -> [asker, its token, dispatchers still saving]
         self.next_token = 1
         self.deleting = None       # (rid, reply_to, subscriptions still ending)
@@ -567,7 +572,7 @@ class TopicActor(BrokerActor):
         if self.log is None:
             bound = max(self.config.max_backlog, PENDING_FLOOR)
             for run in runs:
-                size = len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
+                size = _run_size(run)
                 if sub.pending and (sub.pending_count + run[RUN_COUNT] > bound
                                     or sub.pending_bytes + size > PENDING_MAX_BYTES):
                     sub.dropped += run[RUN_COUNT]
@@ -579,12 +584,15 @@ class TopicActor(BrokerActor):
         for run in runs:
             sub.pending.append(run)
             sub.pending_count += run[RUN_COUNT]
-            sub.pending_bytes += len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
-        while len(sub.pending) > 1 and (sub.pending_count > dispatcher.RELIABLE_BUFFER
-                                        or sub.pending_bytes > PENDING_MAX_BYTES):
-            run = sub.pending.pop(0)
-            sub.pending_count -= run[RUN_COUNT]
-            sub.pending_bytes -= len(run[RUN_PAYLOADS]) + 16 * run[RUN_COUNT]
+            sub.pending_bytes += _run_size(run)
+        drop = 0
+        while drop < len(sub.pending) - 1 and (sub.pending_count > dispatcher.RELIABLE_BUFFER
+                                              or sub.pending_bytes > PENDING_MAX_BYTES):
+            sub.pending_count -= sub.pending[drop][RUN_COUNT]
+            sub.pending_bytes -= _run_size(sub.pending[drop])
+            drop += 1
+        if drop:
+            del sub.pending[:drop]
 
     def _feed(self, name, sub):
         if sub.lane is not None and sub.in_flight < DISPATCH_WINDOW and (sub.pending or sub.dropped):
@@ -713,7 +721,7 @@ class TopicActor(BrokerActor):
             frame["node"] = self.config.node
         token = self.next_token
         self.next_token += 1
-        self.stats_gathers[token] = [msg.rid, msg.reply_to, len(self.subs), frame, dict.fromkeys(self.subs)]
+        self.stats_gathers[token] = [msg.rid, msg.reply_to, frame, dict.fromkeys(self.subs)]
         if not self.subs:
             self._answer_stats(token)
             return
@@ -747,18 +755,20 @@ class TopicActor(BrokerActor):
         gather = self.stats_gathers.get(msg.token)
         if gather is None:
             return
-        gather[3]["subscriptions"].append(msg.stats)
-        gather[4].pop(msg.stats.get("name"), None)
+        if msg.stats.get("name") not in gather[3]:
+            return   # (answered already)
+        gather[2]["subscriptions"].append(msg.stats)
+        del gather[3][msg.stats.get("name")]
         sub = self.subs.get(msg.stats.get("name"))
         if sub is not None:
             sub.last_stats = msg.stats
-        if len(gather[3]["subscriptions"]) >= gather[2]:
+        if not gather[3]:
             self._answer_stats(msg.token)
 
     def _answer_stats(self, token):
         gather = self.stats_gathers.pop(token, None)
         if gather is not None:
-            rid, reply_to, _, frame, unanswered = gather
+            rid, reply_to, frame, unanswered = gather
             for name in unanswered:   # its dispatcher is busy (or just died): listed all the same
                 frame["subscriptions"].append(self._unanswered_stats(name))
             frame["subscriptions"].sort(key=lambda s: s["name"])
