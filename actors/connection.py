@@ -33,6 +33,11 @@ REATTACH_RETRY_S = 0.25
 # OVERLOADED. A client pipelining thousands of admin requests must not queue them all at the root,
 # which every other connection's producer and subscribe need too.
 MAX_REQUESTS_IN_FLIGHT = 1024
+# `producer` and `subscribe` requests of one connection being handled at once (each may start a
+# topic's or a subscription's processes); later ones wait here, in order, and those still waiting
+# when the connection closes are dropped: a client that pipelines hundreds of subscribes and hangs
+# up leaves at most this many behind, not minutes of process start-ups nobody waits for.
+MAX_OPENING_IN_FLIGHT = 16
 REATTACH_FOR_S = 10.0
 
 
@@ -181,7 +186,7 @@ def allowed(permissions, action, topic_name):
 
 class _Connection:
     """What this actor knows of one client connection."""
-    __slots__ = ("permissions", "producers", "consumers", "pending", "closed", "watching")
+    __slots__ = ("permissions", "producers", "consumers", "pending", "closed", "watching", "in_flight", "held")
 
     def __init__(self, permissions=None):
         self.permissions = permissions
@@ -190,6 +195,8 @@ class _Connection:
         self.pending = {}      # tags of open/subscribe requests not answered yet -> "producers"/"consumers"
         self.closed = False
         self.watching = False  # its pattern, once it asked for the event stream (the EventsActor has it)
+        self.in_flight = set()  # tags of producer/subscribe requests passed on, not answered yet
+        self.held = {}         # tag -> (op, message to the root) of those waiting their turn, in order
 
 
 @dataclass
@@ -328,6 +335,10 @@ class ConnectionActor(BrokerActor):
                   len(conn.producers), len(conn.consumers), reason, extra={"connection": connection_id})
         conn.producers.clear()
         conn.consumers.clear()
+        for tag in conn.held:   # never passed on: nobody waits for them now
+            conn.pending.pop(tag, None)
+            self.opening.pop(tag, None)
+        conn.held.clear()
         self._forget_when_drained(connection_id)
 
     def _forget_when_drained(self, connection_id):
@@ -475,7 +486,7 @@ class ConnectionActor(BrokerActor):
                                                f"for an answer (at most {MAX_REQUESTS_IN_FLIGHT}); try again later")
             tag = (msg.connection_id, rid)
             getattr(self, "_op_" + frame["op"])(conn, msg.connection_id, frame, tag)
-            if tag in conn.pending:
+            if tag in conn.pending and tag not in conn.held:
                 self._asked(tag, frame["op"])
         except (BadRequest, validate.Invalid) as exc:
             self._write(msg.connection_id, error_frame(exc.code, exc.message, rid))
@@ -491,8 +502,8 @@ class ConnectionActor(BrokerActor):
         request = topic.OpenProducer(tag, self.myAddress, 0, frame["name"], frame["access"], self.shard_ident)
         if self.config.node:
             self.opening[tag] = (name, request)
-        self.send_ordered(self.broker, broker.TopicRequest(
-            name, frame["dispatch"] or self.config.default_dispatch, request), "root")
+        self._open(conn, tag, "producer", broker.TopicRequest(
+            name, frame["dispatch"] or self.config.default_dispatch, request))
 
     def _op_close_producer(self, conn, connection_id, frame, tag):
         producer_id = self._known(frame, "producer", conn.producers, E.UNKNOWN_PRODUCER)
@@ -516,8 +527,25 @@ class ConnectionActor(BrokerActor):
                                   frame["consumer"], frame["start"], options)
         if self.config.node:
             self.opening[tag] = (name, request)
-        self.send_ordered(self.broker, broker.TopicRequest(
-            name, frame["dispatch"] or self.config.default_dispatch, request), "root")
+        self._open(conn, tag, "subscribe", broker.TopicRequest(
+            name, frame["dispatch"] or self.config.default_dispatch, request))
+
+    def _open(self, conn, tag, op, request):
+        """Pass a producer/subscribe request on to the root, or hold it while MAX_OPENING_IN_FLIGHT
+        of the connection's are being handled."""
+        if len(conn.in_flight) >= MAX_OPENING_IN_FLIGHT or conn.held:
+            conn.held[tag] = (op, request)
+            return
+        conn.in_flight.add(tag)
+        self.send_ordered(self.broker, request, "root")
+
+    def _release_held(self, conn):
+        while conn.held and len(conn.in_flight) < MAX_OPENING_IN_FLIGHT and not conn.closed:
+            tag = next(iter(conn.held))
+            op, request = conn.held.pop(tag)
+            conn.in_flight.add(tag)
+            self.send_ordered(self.broker, request, "root")
+            self._asked(tag, op)
 
     def _op_close_consumer(self, conn, connection_id, frame, tag):
         consumer_id, subscription_address = self._release_consumer(conn, frame)
@@ -653,6 +681,10 @@ class ConnectionActor(BrokerActor):
         if conn is None:
             return None, None
         self._was_pending = conn.pending.pop(tag, None) is not None
+        if tag in conn.in_flight:
+            conn.in_flight.discard(tag)
+            if conn.held:
+                self._release_held(conn)
         return connection_id, conn
 
     def on_RequestForwarded(self, msg, sender):

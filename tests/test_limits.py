@@ -106,6 +106,39 @@ def test_consumers_per_connection(start_broker, topic):
     assert conn.request(dict(subscribe, consumer="c3"))["op"] == "subscribed"
 
 
+def test_subscribes_pipelined_by_a_client_that_hangs_up_leave_little_behind(start_broker, topic):
+    """Each new subscription starts two processes. A client pipelining 200 subscribes to new
+    subscriptions, then closing its socket, once left the broker starting ~400 processes nobody
+    waited for, for minutes (GBs meanwhile). The broker handles 16 of one connection's at a time
+    and drops the rest when the connection ends; a live client still gets every answer."""
+    b = start_broker()
+    live = connect(b)
+    for i in range(40):   # beyond 16 at once: held, then passed on as answers come
+        live.send_frame({"op": "subscribe", "rid": i + 1, "topic": topic, "subscription": f"live{i}",
+                         "type": "shared", "consumer": "c"})
+    answers = [live.recv_frame(timeout=30) for _ in range(40)]
+    assert sorted(a["rid"] for a in answers) == list(range(1, 41))
+    assert all(a["op"] == "subscribed" for a in answers), answers
+    live.close()
+    conn = connect(b)
+    conn.send_raw(b"".join(encode_frame({"op": "subscribe", "rid": i + 1, "topic": topic,
+                                         "subscription": f"gone{i}", "type": "shared", "consumer": "c"})
+                           for i in range(200)))
+    conn.close()
+    most = [0]
+
+    def subscription_processes():
+        n = len(processes_of_kind(b, "ab-sub"))
+        most[0] = max(most[0], n)
+        return n
+    # non_reliable subscriptions whose consumer is gone are removed: all of them, soon
+    wait_for(subscription_processes, lambda n: n == 0, timeout=30, interval=0.05)
+    assert most[0] <= 16 + 40, most[0]   # (the live client's may still be ending at first)
+    other = connect(b)
+    listed = other.request({"op": "topics"})["topics"]
+    assert [t["subscriptions"] for t in listed if t["name"] == topic] == [0]
+
+
 def test_topics_per_broker(start_broker):
     b = start_broker("--max-topics", "2")
     conn = connect(b)
