@@ -33,11 +33,13 @@ REATTACH_RETRY_S = 0.25
 # OVERLOADED. A client pipelining thousands of admin requests must not queue them all at the root,
 # which every other connection's producer and subscribe need too.
 MAX_REQUESTS_IN_FLIGHT = 1024
-# `producer` and `subscribe` requests of one connection being handled at once (each may start a
-# topic's or a subscription's processes); later ones wait here, in order, and those still waiting
-# when the connection closes are dropped: a client that pipelines hundreds of subscribes and hangs
-# up leaves at most this many behind, not minutes of process start-ups nobody waits for.
-MAX_OPENING_IN_FLIGHT = 16
+# Requests of one connection passed on to the root at once; later ones wait here, in order, and
+# those still waiting when the connection closes are dropped. The root serves every connection in
+# the order requests reach it: a client pipelining a thousand `stats` puts 16 ahead of another
+# client's `producer`, not a thousand. And a `producer` or `subscribe` may start a topic's or a
+# subscription's processes: a client that pipelines hundreds of subscribes and hangs up leaves at
+# most 16 behind, not minutes of process start-ups nobody waits for.
+MAX_PASSED_ON = 16
 REATTACH_FOR_S = 10.0
 
 
@@ -195,7 +197,7 @@ class _Connection:
         self.pending = {}      # tags of open/subscribe requests not answered yet -> "producers"/"consumers"
         self.closed = False
         self.watching = False  # its pattern, once it asked for the event stream (the EventsActor has it)
-        self.in_flight = set()  # tags of producer/subscribe requests passed on, not answered yet
+        self.in_flight = set()  # tags of requests passed on to the root, not answered yet
         self.held = {}         # tag -> (op, message to the root) of those waiting their turn, in order
 
 
@@ -498,11 +500,10 @@ class ConnectionActor(BrokerActor):
     def _op_producer(self, conn, connection_id, frame, tag):
         name = self._authorized(conn, frame["topic"], "produce")
         self._within_limit(conn, "producers", self.config.max_producers_per_connection)
-        conn.pending[tag] = "producers"
         request = topic.OpenProducer(tag, self.myAddress, 0, frame["name"], frame["access"], self.shard_ident)
         if self.config.node:
             self.opening[tag] = (name, request)
-        self._open(conn, tag, "producer", broker.TopicRequest(
+        self._pass_on(conn, tag, "producer", broker.TopicRequest(
             name, frame["dispatch"] or self.config.default_dispatch, request))
 
     def _op_close_producer(self, conn, connection_id, frame, tag):
@@ -522,25 +523,25 @@ class ConnectionActor(BrokerActor):
         options = {field: frame[field] for field in ("max_unacked", "ack_timeout_ms", "max_redeliveries",
                                                      "dead_letter_topic")}
         self._within_limit(conn, "consumers", self.config.max_consumers_per_connection)
-        conn.pending[tag] = "consumers"
         request = topic.Subscribe(tag, self.myAddress, self.shard_ident, 0, frame["subscription"], frame["type"],
                                   frame["consumer"], frame["start"], options)
         if self.config.node:
             self.opening[tag] = (name, request)
-        self._open(conn, tag, "subscribe", broker.TopicRequest(
+        self._pass_on(conn, tag, "subscribe", broker.TopicRequest(
             name, frame["dispatch"] or self.config.default_dispatch, request))
 
-    def _open(self, conn, tag, op, request):
-        """Pass a producer/subscribe request on to the root, or hold it while MAX_OPENING_IN_FLIGHT
-        of the connection's are being handled."""
-        if len(conn.in_flight) >= MAX_OPENING_IN_FLIGHT or conn.held:
+    def _pass_on(self, conn, tag, op, request):
+        """Pass a request on to the root, or hold it while MAX_PASSED_ON of the connection's are
+        being handled."""
+        conn.pending[tag] = "consumers" if op == "subscribe" else "producers" if op == "producer" else "request"
+        if len(conn.in_flight) >= MAX_PASSED_ON or conn.held:
             conn.held[tag] = (op, request)
             return
         conn.in_flight.add(tag)
         self.send_ordered(self.broker, request, "root")
 
     def _release_held(self, conn):
-        while conn.held and len(conn.in_flight) < MAX_OPENING_IN_FLIGHT and not conn.closed:
+        while conn.held and len(conn.in_flight) < MAX_PASSED_ON and not conn.closed:
             tag = next(iter(conn.held))
             op, request = conn.held.pop(tag)
             conn.in_flight.add(tag)
@@ -587,24 +588,20 @@ class ConnectionActor(BrokerActor):
 
     def _op_topics(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        conn.pending[tag] = "request"
-        self.send_ordered(self.broker, broker.ListTopics(tag, self.myAddress), "root")
+        self._pass_on(conn, tag, "topics", broker.ListTopics(tag, self.myAddress))
 
     def _op_stats(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        conn.pending[tag] = "request"   # it may go to another node (RequestForwarded)
-        self.send_ordered(self.broker, broker.TopicRequest(
-            frame["topic"], None, topic.StatsRequest(tag, self.myAddress)), "root")
+        # (it may go to another node: RequestForwarded)
+        self._pass_on(conn, tag, "stats", broker.TopicRequest(frame["topic"], None, topic.StatsRequest(tag, self.myAddress)))
 
     def _op_lookup(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        conn.pending[tag] = "request"   # it may go to another node (RequestForwarded)
-        self.send_ordered(self.broker, broker.Lookup(tag, frame["topic"], self.myAddress), "root")
+        self._pass_on(conn, tag, "lookup", broker.Lookup(tag, frame["topic"], self.myAddress))
 
     def _op_cluster(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        conn.pending[tag] = "request"
-        self.send_ordered(self.broker, broker.ClusterStatus(tag, self.myAddress), "root")
+        self._pass_on(conn, tag, "cluster", broker.ClusterStatus(tag, self.myAddress))
 
     def operability_children(self):
         return [self.shard] if self.shard is not None else []
@@ -630,13 +627,11 @@ class ConnectionActor(BrokerActor):
         self.send_ordered(self.config.events, events.Unwatch(connection_id, tag[1], self.shard), "events")
     def _op_broker_stats(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        conn.pending[tag] = "request"
-        self.send_ordered(self.broker, broker.BrokerStatsRequest(tag, self.myAddress), "root")
+        self._pass_on(conn, tag, "broker_stats", broker.BrokerStatsRequest(tag, self.myAddress))
 
     def _op_delete_topic(self, conn, connection_id, frame, tag):
         self._require_admin(conn)
-        conn.pending[tag] = "request"   # it may go to another node (RequestForwarded)
-        self.send_ordered(self.broker, broker.DeleteTopic(tag, frame["topic"], self.myAddress), "root")
+        self._pass_on(conn, tag, "delete_topic", broker.DeleteTopic(tag, frame["topic"], self.myAddress))
 
     # --- permissions and ids (the shapes were checked by transport/validate.py) --------------------
     @staticmethod

@@ -423,7 +423,7 @@ def test_a_burst_of_admin_requests_is_answered_and_takes_nothing_down(start_brok
     the root, busy with them, missed serve's liveness ping: serve took the broker down). Every one
     is answered once: served, or OVERLOADED beyond 1024 waiting for an answer."""
     b = start_broker()
-    bystander = connect(b)
+    bystander = connect(b, heartbeat_ms=60_000)   # idle meanwhile: it answers no ping
     flooder = connect(b)
     flooder.send_raw(b"".join(flooder.encode({"op": "broker_stats", "rid": 10_000 + i}) for i in range(3000)))
     got = answers(flooder, set(range(10_000, 13_000)), timeout=60)
@@ -435,3 +435,38 @@ def test_a_burst_of_admin_requests_is_answered_and_takes_nothing_down(start_brok
     assert b.proc.poll() is None, "serve exited"
     assert_alive(bystander)
     assert_alive(connect(b))
+
+
+def test_a_burst_of_admin_requests_does_not_hold_up_another_clients_producer(start_broker, topic):
+    """A client pipelining 1,000 `stats` once put all of them (1024 allowed to wait) ahead of every
+    other client's requests at the root: another client's `producer` was answered after them
+    (2.6 s median). The root now gets at most 16 of one connection's requests at a time, so the
+    bystander's `producer` is answered while the flood is still being served."""
+    b = start_broker()
+    bystander = connect(b)
+    bystander.request({"op": "producer", "topic": topic})   # the topic exists: no process start-up
+    flooder = connect(b)
+    n = 1000
+    flooder.send_raw(b"".join(flooder.encode({"op": "stats", "rid": 10_000 + i, "topic": topic})
+                              for i in range(n)))
+    first = flooder.recv_frame(timeout=30)   # the flood is being served
+    assert first["op"] == "stats", first
+    bystander.send_frame({"op": "producer", "rid": 7, "topic": topic})
+    reply = bystander.recv_frame(timeout=60)
+    assert reply["op"] == "producer_ok" and reply["rid"] == 7, reply
+    # what the broker had written to the flooder by then lies in its socket: few of the 1,000
+    before = 0
+    flooder.sock.setblocking(False)
+    while True:
+        try:
+            data = flooder.sock.recv(1 << 20)
+        except BlockingIOError:
+            break
+        flooder.decoder.feed(data)
+    while (frame := flooder.decoder.next_frame()) is not None:
+        flooder.skipped.append(frame)
+        before += frame.get("op") == "stats"
+    assert before < n // 2, f"{before} of the flood's {n} answers came before the bystander's"
+    rest = answers(flooder, set(range(10_000, 10_000 + n)) - {first["rid"]}, timeout=60)
+    assert all(f["op"] == "stats" for f in rest.values())
+    assert b.proc.poll() is None
