@@ -28,6 +28,22 @@ SHUTDOWN_GRACE_S = 10.0
 STOP_CLIENTS_TIMEOUT_S = 3.0
 
 
+def say(*args, **kwargs):
+    """print, for a process whose stdout or stderr may be a pipe nobody reads any more (a log
+    collector that died, `serve | head -1`): the broker keeps serving, and a SIGTERM still stops
+    it in order (clients closed, cursors saved) instead of dying of a BrokenPipeError on the way."""
+    stream = kwargs.get("file") or sys.stdout
+    try:
+        print(*args, **kwargs)
+    except (BrokenPipeError, ValueError, OSError):
+        try:   # further writes (and the interpreter's flush at exit) go nowhere, quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+
 def add_serve_command(subparsers):
     p = subparsers.add_parser("serve", help="run a broker (embedded defaults: 127.0.0.1:6650, ./actorbroker-data)",
                               description="Run a broker in a multi-process Thespian actor system until "
@@ -208,27 +224,27 @@ def read_auth_file(path):
 def serve(args):
     problem = cluster_problem(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        say(f"error: {problem}", file=sys.stderr)
         return 1
     try:
         secret = signing.read_secret_file(args.cluster_secret_file) if args.cluster_secret_file \
             else signing.new_secret()
     except (OSError, ValueError) as exc:
-        print(f"error: --cluster-secret-file: {exc}", file=sys.stderr)
+        say(f"error: --cluster-secret-file: {exc}", file=sys.stderr)
         return 1
     problem = tls_problem(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        say(f"error: {problem}", file=sys.stderr)
         return 1
     try:
         tokens = read_auth_file(args.auth_file) if args.auth_file else {}
     except (OSError, ValueError) as exc:
-        print(f"error: --auth-file: {exc}", file=sys.stderr)
+        say(f"error: --auth-file: {exc}", file=sys.stderr)
         return 1
     data_dir = os.path.abspath(args.data_dir)
     problem = usable_dir(data_dir)
     if problem:
-        print(f"error: --data-dir {args.data_dir}: {problem}", file=sys.stderr)
+        say(f"error: --data-dir {args.data_dir}: {problem}", file=sys.stderr)
         return 1
     config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,
                           heartbeat_ms=args.heartbeat_ms, max_frame=args.max_frame,
@@ -244,7 +260,7 @@ def serve(args):
     if config.shared_data:
         problem = usable_dir(config.shared_data)
         if problem:
-            print(f"error: --shared-data {args.shared_data}: {problem}", file=sys.stderr)
+            say(f"error: --shared-data {args.shared_data}: {problem}", file=sys.stderr)
             return 1
     admin_port = args.admin_port
     if args.cluster_bind:
@@ -263,7 +279,7 @@ def serve(args):
             break
         except subprocess.CalledProcessError as exc:
             if exc.returncode != ADMIN_PORT_TAKEN or admin_port or attempt == 4:
-                print(f"error: cannot start the actor system on admin port {port}", file=sys.stderr)
+                say(f"error: cannot start the actor system on admin port {port}", file=sys.stderr)
                 return 1
     admin_port = port
     system = connect_system(admin_port, config.actor_host, secret)
@@ -275,31 +291,31 @@ def serve(args):
         reply = system.ask(root, StartBroker(config, os.getpid(), admin_port), START_TIMEOUT_S)
         if not isinstance(reply, BrokerStarted):
             reason = reply.error if isinstance(reply, BrokerFailed) else "no answer from the broker"
-            print(f"error: {reason}", file=sys.stderr)
+            say(f"error: {reason}", file=sys.stderr)
             if isinstance(reply, BrokerFailed) and reply.admin_pid:
                 stop_system(system, reply.admin_pid)
                 system = None
             return 1
         metrics = f"; metrics on http://{config.metrics_host}:{reply.metrics_port}/metrics" \
             if reply.metrics_port is not None else ""
-        print(f"actorbroker listening on {reply.host}:{reply.port} "
+        say(f"actorbroker listening on {reply.host}:{reply.port} "
               f"(admin port {admin_port}, admin pid {reply.admin_pid}, data {data_dir}){metrics}", flush=True)
         if config.node:
-            print(f"cluster node {config.node} ({'leader' if config.cluster_leader else 'joining ' + args.join}) "
+            say(f"cluster node {config.node} ({'leader' if config.cluster_leader else 'joining ' + args.join}) "
                   f"on {args.cluster_bind}", file=sys.stderr, flush=True)
         if config.tls_cert:
-            print(f"client port on TLS{' (mutual: client certificates required)' if config.tls_client_ca else ''}",
+            say(f"client port on TLS{' (mutual: client certificates required)' if config.tls_client_ca else ''}",
                   file=sys.stderr, flush=True)
-        print(f"open files limit {files}: about {connections_allowed(files, config)} client "
+        say(f"open files limit {files}: about {connections_allowed(files, config)} client "
               f"connections per shard, {config.io_shards} shards", file=sys.stderr, flush=True)
         lost, lost_pids = watch_system(system, root, reply.admin_pid, stop)
         if lost:
             system = None
             kill_system(lost_pids)
-            print(f"error: the actor system is lost ({lost}); exiting so that a service manager "
+            say(f"error: the actor system is lost ({lost}); exiting so that a service manager "
                   f"restarts the broker", file=sys.stderr, flush=True)
             return 3
-        print("actorbroker stopping", flush=True)
+        say("actorbroker stopping", flush=True)
         stop_clients(system, root)
         stop_system(system, reply.admin_pid)
         system = None
@@ -427,7 +443,7 @@ def watch_system(system, root, admin_pid, stop):
                     # ConnectionActor) with no CPU of its own: a live root in a tree at work is busy.
                     worked = (tree_cpu_ticks(known) - cpu_before) / os.sysconf("SC_CLK_TCK")
                     if proctree.cpu_ticks(root_pid) is not None and worked >= BUSY_CPU_S:
-                        print(f"warning: the root actor took over {PING_TIMEOUT_S} s to answer a ping; "
+                        say(f"warning: the root actor took over {PING_TIMEOUT_S} s to answer a ping; "
                               f"it is busy (working through a burst of requests?)", file=sys.stderr, flush=True)
                         continue
                     return f"the root actor did not answer within {PING_TIMEOUT_S} s", known
@@ -468,7 +484,7 @@ def stop_clients(system, root):
     try:
         system.ask(root, StopClients(), STOP_CLIENTS_TIMEOUT_S)
     except Exception as exc:   # noqa: BLE001 - a broken system is shut down all the same
-        print(f"warning: client connections not closed before the shutdown: {exc}", file=sys.stderr, flush=True)
+        say(f"warning: client connections not closed before the shutdown: {exc}", file=sys.stderr, flush=True)
 
 
 def stop_system(system, admin_pid):
@@ -477,7 +493,7 @@ def stop_system(system, admin_pid):
     system.shutdown()
     left = still_alive(tree, SHUTDOWN_GRACE_S)
     if left:   # Thespian's shutdown gave up on part of the tree: no process may outlive serve
-        print(f"warning: {len(left)} broker processes did not stop within {SHUTDOWN_GRACE_S} s "
+        say(f"warning: {len(left)} broker processes did not stop within {SHUTDOWN_GRACE_S} s "
               f"of the shutdown; killing them", file=sys.stderr, flush=True)
         kill_system(left)
 

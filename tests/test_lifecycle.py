@@ -188,3 +188,30 @@ def test_a_cli_argument_that_is_not_utf8_is_one_error_line(broker, topic, extra)
     assert done.returncode == 1, done.stderr
     assert done.stderr.decode().strip().splitlines() == ["error: BAD_ARGUMENT: an argument is not valid UTF-8 "
                                                          "text (bytes b'\\xe9')"]
+
+
+def test_sigterm_stops_in_order_although_nobody_reads_serves_stdout_any_more(start_broker, tmp_path, topic):
+    """`serve | head -1`, or a log collector that died: serve's "stopping" line once raised
+    BrokenPipeError, serve exited 1 without closing its clients or saving the cursors, and
+    messages acknowledged just before came back after a restart."""
+    from tests.test_reliable import producer, receive, send, subscribe
+    data = tmp_path / "data"
+    b = start_broker(data_dir=data)
+    conn = RawConnection(*b.address)
+    conn.hello()
+    send(conn, producer(conn, topic), [b"m%d" % i for i in range(100)])
+    consumer = subscribe(conn, topic, "s", start="earliest")
+    got = receive(conn, 100)
+    # acks without rid, as a client acks, a moment before the stop (the rid'ed one follows them)
+    conn.send_frame({"op": "ack", "consumer": consumer, "ids": [m[0] for m in got[:-1]]})
+    conn.request({"op": "ack", "consumer": consumer, "ids": [got[-1][0]]})
+    b.proc.stdout.close()   # serve's stdout: a pipe nobody reads any more
+    assert b.stop() == []
+    assert b.proc.returncode == 0
+    again = start_broker(data_dir=data)
+    conn = RawConnection(*again.address)
+    conn.hello()
+    send(conn, producer(conn, topic), [b"after"])
+    subscribe(conn, topic, "s")
+    # anything redelivered would come first (a reliable subscription delivers in offset order)
+    assert receive(conn, 1, fields=("payload",)) == [(b"after",)]
