@@ -688,7 +688,14 @@ class DispatcherActor(BrokerActor):
             self._forget(consumer_id, reason)
 
     def _forget(self, consumer_id, cause):
-        consumer = self.policy.remove(consumer_id)
+        drop_below = None
+        if not self.reliable:   # (as _undelivered: no consumer sees ids go backwards)
+            drop_below = max((c.last_offset for i, c in self.policy.consumers.items() if i != consumer_id),
+                             default=-1)
+        consumer = self.policy.remove(consumer_id, drop_below)
+        if self.policy.discarded:
+            self.dropped += self.policy.discarded
+            self.policy.discarded = 0
         if consumer is not None:
             emit(self, self.events, "consumer_detached", topic=self.topic_name, subscription=self.name,
                  consumer=consumer_id, consumer_name=consumer.name, cause=cause)

@@ -66,12 +66,23 @@ class Policy:
         self.max_backlog = max_backlog
         self.consumers = {}
         self.backlog = deque()
+        self.discarded = 0   # records remove() dropped (drop_below); the dispatcher counts them
 
     def add(self, consumer):
         self.consumers[consumer.id] = consumer
 
-    def remove(self, consumer_id):
+    def remove(self, consumer_id, drop_below=None):
+        """Forget the consumer. Records routed to it and not delivered go to the others, but those
+        at or below `drop_below` (non_reliable: the newest record another consumer has had) are
+        dropped: they would reach a consumer after newer ones."""
         return self.consumers.pop(consumer_id, None)
+
+    def _orphans(self, records, drop_below):
+        if drop_below is None:
+            return list(records)
+        kept = [record for record in records if record[0] > drop_below]
+        self.discarded += len(records) - len(kept)
+        return kept
 
     def backlog_size(self):
         return len(self.backlog)
@@ -186,9 +197,9 @@ class SharedPolicy(Policy):
     def requeue(self, records):
         super().requeue([one for run in records for one in explode_run(run)])
 
-    def remove(self, consumer_id):
+    def remove(self, consumer_id, drop_below=None):
         consumer = super().remove(consumer_id)
-        merge_front(self.backlog, list(self.assigned.pop(consumer_id, ())))   # never delivered
+        merge_front(self.backlog, self._orphans(self.assigned.pop(consumer_id, ()), drop_below))   # never delivered
         return consumer
 
     def backlog_size(self):
@@ -301,9 +312,9 @@ class KeySharedPolicy(SharedPolicy):
         for record in sorted(moved, key=lambda r: r[0]):
             self._queue_keyed(record)
 
-    def remove(self, consumer_id):
-        consumer = super().remove(consumer_id)
-        orphans = self.queues.pop(consumer_id, deque())
+    def remove(self, consumer_id, drop_below=None):
+        consumer = super().remove(consumer_id, drop_below)
+        orphans = self._orphans(self.queues.pop(consumer_id, ()), drop_below)
         self._rebuild_ring()
         for record in orphans:
             self._queue_keyed(record)
