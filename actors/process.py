@@ -6,6 +6,15 @@ Thespian re-initialises logging in a child would write nowhere (see actors/syste
 import ctypes
 import os
 import signal
+import tempfile
+
+# Thespian logs from its SIGTERM handler (thesplog -> tempfile.gettempdir()). The first call in a
+# process computes the directory, under a lock, by writing test files: an actor process forked
+# just before its parent was killed got its SIGTERM (die_with_parent) in the middle of that, the
+# handler waited for the lock its own thread held, and the process hung for good, an orphan
+# (found idle two hours later). Computed here, in the admin process before it forks any actor,
+# so every actor process inherits it and never takes that lock.
+tempfile.gettempdir()
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15

@@ -215,3 +215,17 @@ def test_sigterm_stops_in_order_although_nobody_reads_serves_stdout_any_more(sta
     subscribe(conn, topic, "s")
     # anything redelivered would come first (a reliable subscription delivers in offset order)
     assert receive(conn, 1, fields=("payload",)) == [(b"after",)]
+
+
+def test_actor_processes_inherit_the_temporary_directory_already_computed():
+    """Thespian logs from its SIGTERM handler, which computes tempfile.gettempdir() under a lock
+    the first time: a SIGTERM (die_with_parent) that came while the process computed it itself
+    hung the process for good (found: actor processes forked during a subscribe storm whose topic
+    was killed, idle for hours). The admin computes it before it forks any actor."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import tempfile; assert tempfile.tempdir is None; "
+                          "import actorbroker.actors.system, actorbroker.actors.process; "
+                          "print(tempfile.tempdir)"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() not in ("", "None")
