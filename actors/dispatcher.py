@@ -378,8 +378,12 @@ class DispatcherActor(BrokerActor):
     def _not_acked(self, run):
         """The run, or the parts of it not acknowledged yet (one-record runs) when some are."""
         first, count = run[0], run[RUN_COUNT]
-        cursor = self.cursor
-        if first >= cursor.floor and not any(first <= o < first + count for o in cursor.acked):
+        cursor, acked = self.cursor, self.cursor.acked
+        # look up the run's offsets, or scan the set, whichever is shorter: acks with holes (one
+        # consumer holding a message while others ack thousands) make the set large
+        if first >= cursor.floor and not (
+                any(o in acked for o in range(first, first + count)) if count <= len(acked)
+                else any(first <= o < first + count for o in acked)):
             return [run]
         return [one for one in explode_run(run) if not cursor.is_acked(one[0])]
 
