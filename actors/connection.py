@@ -194,7 +194,7 @@ class _Connection:
         self.permissions = permissions
         self.producers = {}    # producer id -> topic address
         self.consumers = {}    # consumer id -> subscription address
-        self.pending = {}      # tags of open/subscribe requests not answered yet -> "producers"/"consumers"
+        self.pending = {}      # tags of requests not answered yet -> "producers"/"consumers" (opening), "request"
         self.closed = False
         self.watching = False  # its pattern, once it asked for the event stream (the EventsActor has it)
         self.in_flight = set()  # tags of requests passed on to the root, not answered yet

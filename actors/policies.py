@@ -80,8 +80,13 @@ class Policy:
     def _orphans(self, records, drop_below):
         if drop_below is None:
             return list(records)
-        kept = [record for record in records if record[0] > drop_below]
-        self.discarded += len(records) - len(kept)
+        kept, gone = [], 0
+        for run in records:
+            if run[0] > drop_below:
+                kept.append(run)
+            else:
+                gone += run[RUN_COUNT]
+        self.discarded += gone
         return kept
 
     def backlog_size(self):
