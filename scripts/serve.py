@@ -35,7 +35,7 @@ def say(*args, **kwargs):
     stream = kwargs.get("file") or sys.stdout
     try:
         print(*args, **kwargs)
-    except (BrokenPipeError, ValueError, OSError):
+    except (OSError, ValueError):   # BrokenPipeError is an OSError; ValueError: a closed file
         try:   # further writes (and the interpreter's flush at exit) go nowhere, quietly
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, stream.fileno())
