@@ -118,6 +118,16 @@ class ConsumerOpened:
 
 
 @dataclass(frozen=True)
+class ProbeConsumer:
+    """From a dispatcher, after its ConsumerOpened on the same channel: an exclusive subscribe met
+    this consumer; is its connection still up? Passed on to the shard (shard.ProbeRoute), which
+    answers the dispatcher over its lane."""
+    consumer_id: int
+    token: int
+    lane: Any           # the DispatcherActor's LaneAddress
+
+
+@dataclass(frozen=True)
 class ActiveChanged:
     """Failover: this consumer became the active one, or stopped being it."""
     consumer_id: int
@@ -768,6 +778,13 @@ class ConnectionActor(BrokerActor):
         if msg.active is not None:
             data += encode_frame({"op": "active", "consumer": msg.consumer_id, "active": msg.active})
         self._to_shard(shard.RouteConsumer(connection_id, msg.consumer_id, msg.lane, data, regrant=again))
+
+    def on_ProbeConsumer(self, msg, sender):
+        # Behind the RouteConsumer of its ConsumerOpened (one channel to the shard). Not attached
+        # here (any more): its client hung up before the answer, or since.
+        connection_id = self.consumer_conn.get(msg.consumer_id)
+        conn = self.connections.get(connection_id) if connection_id is not None else None
+        self._to_shard(shard.ProbeRoute(msg.consumer_id, msg.token, msg.lane, conn is None or conn.closed))
 
     def _stale(self, ident, node):
         """From the node that held the topic before the producer or consumer was re-attached

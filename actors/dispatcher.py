@@ -105,8 +105,8 @@ class DispatcherStatsRequest:
 
 @dataclass(frozen=True)
 class ProbeHolder:
-    """From the SubscriptionActor: an exclusive subscribe met this holder; ask its shard whether
-    its connection is still up (LaneOp.PROBE); answered subscription.HolderProbed."""
+    """From the SubscriptionActor: an exclusive subscribe met this holder; ask its shard, through
+    its ConnectionActor, whether its connection is still up; answered subscription.HolderProbed."""
     token: int
     consumer_id: int
 
@@ -646,11 +646,14 @@ class DispatcherActor(BrokerActor):
 
     def on_ProbeHolder(self, msg, sender):
         consumer = self.policy.consumers.get(msg.consumer_id)
-        lane = self.shard_lanes.get(consumer.transport) if consumer is not None else None
-        if lane is None or lane.closed:   # gone already, or its shard is: decide on what is known
+        if consumer is None:   # gone already: decide on what is known
             self._holder_probed(msg.token)
             return
-        lane.send([LaneOp.PROBE, msg.consumer_id, msg.token])
+        # Through its ConnectionActor, on the channel of its ConsumerOpened: a holder whose client
+        # hung up before that answer arrived was never routed in the shard, which alone cannot
+        # tell it from a live one. The shard answers over our lane (PROBED), after its DETACH.
+        self.send_ordered(consumer.owner, connection.ProbeConsumer(msg.consumer_id, msg.token, self.hub.address),
+                          ("owner", str(consumer.owner)))
 
     def _holder_probed(self, token):
         # on the channel of MembersLost: a holder the probe found gone is forgotten first

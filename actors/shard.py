@@ -103,6 +103,16 @@ class RouteConsumer:
 
 
 @dataclass(frozen=True)
+class ProbeRoute:
+    """Is this consumer's connection up? (connection.ProbeConsumer.) Answered over the
+    dispatcher's lane: PROBED, after a DETACH if it is not."""
+    consumer_id: int
+    token: int
+    lane: Any           # LaneAddress of the dispatcher
+    gone: bool          # its ConnectionActor has it detached already
+
+
+@dataclass(frozen=True)
 class UnrouteConsumer:
     connection_id: int
     consumer_id: int
@@ -486,20 +496,27 @@ class ShardActor(BrokerActor):
             self._ack_answered(frame[1], frame[2], frame[3])
         elif op == LaneOp.ENDED:
             self._consumers_lost([frame[1]], frame[2])
-        elif op == LaneOp.PROBE:
-            self._probe(lane, frame[1], frame[2])
 
-    def _probe(self, lane, consumer_id, token):
+    def on_ProbeRoute(self, msg, sender):
         """A dispatcher asks whether this consumer's connection is up (an exclusive subscribe met
         it). A client that has hung up, its EOF not read yet, is read to its end now: the close
-        and its DETACH go ahead of the answer."""
-        route = self.consumers.get(consumer_id)
-        client = self.clients.get(route[0]) if route and route[1] is lane else None
-        for _ in range(64):   # a read takes at most MAX_READ_PER_EVENT: what it sent before its close
-            if client is None or client.state != "open" or not hung_up(client.sock):
-                break
-            self._readable(client)
-        lane.send([LaneOp.PROBED, consumer_id, token])
+        and its DETACH go ahead of the answer. One not routed here is not attached (its client
+        hung up before its `subscribed`, or the RouteConsumer found the connection closed): the
+        dispatcher hears DETACH for it too, as the ConnectionActor's own detach may come later."""
+        try:
+            lane = self._lane(self.dispatcher_lanes, msg.lane, "dispatcher")
+        except OSError:   # the dispatcher is gone: its subscription decides when the probe times out
+            return
+        route = self.consumers.get(msg.consumer_id)
+        if msg.gone or route is None:
+            lane.send([LaneOp.DETACH, msg.consumer_id, time.time()])
+        else:
+            client = self.clients.get(route[0])
+            for _ in range(64):   # a read takes at most MAX_READ_PER_EVENT: what it sent before its close
+                if client is None or client.state != "open" or not hung_up(client.sock):
+                    break
+                self._readable(client)
+        lane.send([LaneOp.PROBED, msg.consumer_id, msg.token])
 
     def _receipts(self, producer_id, items, errors):
         producer = self.producers.get(producer_id) or self.closing_producers.get(producer_id)

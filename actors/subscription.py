@@ -70,7 +70,7 @@ class SubscriptionActor(BrokerActor):
         self.consumers = {}   # consumer id -> (consumer name, connection address)
         self.by_name = {}     # consumer name -> consumer id
         self.attaches = 0     # subscribes seen: lets the topic tell a stale "idle" apart
-        self.probing = {}     # token -> a Subscribe waiting for the exclusive holder's probe
+        self.probing = {}     # token -> (a Subscribe waiting for the exclusive holder's probe, that holder's id)
         self.next_token = 1
         self.ended = False    # unsubscribed or ended: a subscribe still on its way goes back to the topic
 
@@ -83,7 +83,7 @@ class SubscriptionActor(BrokerActor):
         self.attaches += 1
         self._subscribe(msg)
 
-    def _subscribe(self, msg, probed=False):
+    def _subscribe(self, msg, probed=None):
         if self.ended:
             # This subscription is being deleted: attached now, the consumer would be left
             # without a `closed`, and its close_consumer unanswered. The topic handles it again
@@ -92,12 +92,13 @@ class SubscriptionActor(BrokerActor):
             return
         holder = next(iter(self.by_name), None)
         if self.type == "exclusive" and holder is not None and holder != msg.consumer_name:
-            if not probed:
+            if probed != self.by_name[holder]:
                 # The holder's client may have closed its socket already, its shard not having
                 # read the EOF yet: a newcomer that saw that close must not be refused for it.
-                # The holder's shard looks at the socket now, and ends it if it is hung up.
+                # The holder's shard looks at the socket now, and ends it if it is hung up. (A
+                # holder other than the one probed came meanwhile: it is probed in turn.)
                 token, self.next_token = self.next_token, self.next_token + 1
-                self.probing[token] = msg
+                self.probing[token] = (msg, self.by_name[holder])
                 self.send_ordered(self.dispatcher, dispatcher.ProbeHolder(token, self.by_name[holder]),
                                   "members")
                 self.wakeupAfter(PROBE_TIMEOUT, payload=("probe", token))
@@ -133,7 +134,7 @@ class SubscriptionActor(BrokerActor):
     def on_HolderProbed(self, msg, sender):
         waiting = self.probing.pop(msg.token, None)
         if waiting is not None:
-            self._subscribe(waiting, probed=True)
+            self._subscribe(waiting[0], probed=waiting[1])
 
     def on_WakeupMessage(self, msg, sender):
         if isinstance(msg.payload, tuple) and msg.payload[0] == "probe":
@@ -178,7 +179,7 @@ class SubscriptionActor(BrokerActor):
         self.ended = True
         self.consumers.clear()
         self.by_name.clear()
-        for waiting in self.probing.values():
+        for waiting, _ in self.probing.values():
             self.send(self.topic, topic.SubscribeAgain(waiting))
         self.probing.clear()
         self.send_ordered(self.dispatcher, dispatcher.CloseAll(reason, then_tell_topic, quietly), "members")

@@ -150,6 +150,26 @@ def test_an_exclusive_newcomer_gets_in_at_once_after_the_holder_closed_its_socke
     assert newcomer.request(dict(frame, consumer="other"), expect_error=True)["code"] == "CONSUMER_BUSY"
 
 
+@pytest.mark.parametrize("dispatch", ["non_reliable", "reliable"])
+def test_an_exclusive_newcomer_gets_in_after_a_holder_that_hung_up_before_its_answer(broker, topic, dispatch):
+    # The holder sends `subscribe` and hangs up before `subscribed` comes back: the broker
+    # attaches it, then detaches it when the answer finds the connection gone. A newcomer that
+    # comes in between must not be refused for a client that is no longer there (its
+    # ConnectionActor had not routed it in the shard yet; the shard used to answer "up").
+    newcomer = RawConnection(*broker.address)
+    newcomer.hello()
+    frame = {"op": "subscribe", "topic": topic, "subscription": "ex", "type": "exclusive", "dispatch": dispatch}
+    for i in range(40):
+        conn = RawConnection(*broker.address)
+        conn.hello()
+        conn.send_frame(dict(frame, consumer=f"holder{i}", rid=2))
+        time.sleep((0, 0.001, 0.003, 0.01)[i % 4])   # hang up at varied points of the subscribe's way
+        conn.sock.close()
+        reply = newcomer.request(dict(frame, consumer=f"newcomer{i}"), expect_error=True)
+        assert reply["op"] == "subscribed", (i, reply)
+        assert newcomer.request({"op": "close_consumer", "consumer": reply["consumer"]})["op"] == "ok"
+
+
 def test_closing_a_consumer_returns_to_a_clean_subscription(broker, client, topic):
     consumer = client.subscribe(topic, "s", "shared", "c1")
     consumer.close()

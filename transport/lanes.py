@@ -527,9 +527,9 @@ class LaneOp:
                       # whose connection had ended (its DETACH went first): written nowhere
     PRODUCER_GONE = 19  # shard -> topic: [PRODUCER_GONE, producer_id]: its connection ended (after
                         # its last PUBLISH): an exclusive producer's place is free at once
-    PROBE = 20        # dispatcher -> shard: [PROBE, consumer_id, token]: is its connection still up?
-    PROBED = 21       # shard -> dispatcher: [PROBED, consumer_id, token]; a connection found hung
-                      # up was closed first (its DETACH is ahead on the lane)
+    # 20: unused (a probe reaches the shard through the consumer's ConnectionActor)
+    PROBED = 21       # shard -> dispatcher: [PROBED, consumer_id, token], the answer to a ProbeRoute:
+                      # a consumer found not attached (hung up) has its DETACH ahead on the lane
 
 
 __all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame"]
