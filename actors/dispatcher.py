@@ -31,7 +31,7 @@ from actorbroker.actors.cursor import Cursor
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
 from actorbroker.actors.system import thespian_waits
-from actorbroker.actors.policies import ConsumerState, FailoverPolicy, make_policy
+from actorbroker.actors.policies import ConsumerState, FailoverPolicy, KeySharedPolicy, make_policy
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, coalesce_runs, encode_frame,
                                          explode_run, split_run, with_run_redeliveries)
@@ -136,6 +136,7 @@ class DispatcherActor(BrokerActor):
         self.msgs_out = 0
         self.dropped = 0
         self.reliable = False
+        self.key_order = False
         self.reactor = Reactor(linger=RECORD_PATH_LINGER_S)
         self.hub = None
         self.shard_lanes = {}      # shard ident -> Lane
@@ -184,6 +185,8 @@ class DispatcherActor(BrokerActor):
         self.name, self.type, self.dispatch = msg.name, msg.type, msg.dispatch
         self.node = msg.config.node
         self.policy = make_policy(msg.type, msg.config.max_backlog)
+        # reliable key_shared: the policy keeps a key that moved in order (KeySharedPolicy.hold)
+        self.key_order = msg.dispatch == "reliable" and isinstance(self.policy, KeySharedPolicy)
         self.max_unacked_cap = msg.config.max_unacked_per_consumer
         self.events = msg.config.events
         self.metrics_on = msg.config.metrics is not None
@@ -571,6 +574,8 @@ class DispatcherActor(BrokerActor):
             consumer = self.policy.consumers.get(entry[0])
             if consumer is not None:
                 consumer.unacked -= 1
+            if self.key_order:
+                self.policy.release(entry[0], entry[1])
             entries.append((offset, entry[1]))
         self._redeliver(self._singles(entries))
 
@@ -759,6 +764,8 @@ class DispatcherActor(BrokerActor):
             entry = unacked.pop(offset, None)
             if entry is not None:
                 counts[entry[0]] = counts.get(entry[0], 0) + 1
+                if self.key_order:
+                    self.policy.release(entry[0], entry[1])
             elif offset in self.redelivery_count or offset in self.delayed:
                 self.delayed.pop(offset, None)   # waiting for redelivery: acked by anyone, for all
             else:
@@ -800,6 +807,8 @@ class DispatcherActor(BrokerActor):
                 consumer = self.policy.consumers.get(consumer_id)
                 if consumer is not None:
                     consumer.unacked -= 1
+                if self.key_order:   # (nacked with a delay: its key's order is the client's to give up)
+                    self.policy.release(consumer_id, run)
                 entries.append((offset, run))
             for record in self._singles(entries):
                 self.delayed[record[0]] = record
@@ -826,6 +835,8 @@ class DispatcherActor(BrokerActor):
                     entry = (cid, run, deadline)
                     for offset in range(run[0], run[0] + run[RUN_COUNT]):
                         unacked[offset] = entry
+                    if self.key_order:   # (key_shared runs are of one record)
+                        self.policy.hold(cid, run)
                 if not records:
                     continue
                 records = coalesce_runs(records)

@@ -17,6 +17,7 @@ from actorbroker.transport.codec import RUN_COUNT, explode_run, run_key, split_r
 
 DELIVER_WINDOW = 1      # Deliver messages in flight to one consumer's transport
 VIRTUAL_NODES = 64      # points per consumer on the key_shared hash ring
+MAX_DRAIN_SCAN = 4096   # key_shared: records looked at per consumer and take() past draining keys
 
 
 def merge_front(queue, runs):
@@ -280,7 +281,12 @@ def ring_hash(text):
 
 class KeySharedPolicy(SharedPolicy):
     """Same key, same consumer, by consistent hashing of keys onto consumer names; a consumer
-    that comes or goes moves only its own share of keys. Keyless messages go round-robin."""
+    that comes or goes moves only its own share of keys. Keyless messages go round-robin.
+
+    Reliable subscriptions keep each key in order across such a move (the dispatcher reports
+    what is delivered and not acknowledged: hold() / release()): a key that moved to a consumer
+    that joined is not given to it while the consumer that had it holds messages of that key
+    unacked (the key is "draining"), as Pulsar's key_shared does. Its other keys flow."""
 
     def __init__(self, max_backlog):
         super().__init__(max_backlog)
@@ -288,6 +294,35 @@ class KeySharedPolicy(SharedPolicy):
         self.points = []      # the ring's points alone, for bisect
         self.queues = {}      # consumer id -> deque of its keyed records
         self.unowned = deque()  # keyed records while no consumer is attached
+        self.holding = {}     # key -> {consumer id: its records of that key delivered, unacked}
+        self.draining = set()   # keys held unacked by a consumer that no longer owns them
+
+    def hold(self, consumer_id, record):
+        key = run_key(record)
+        if key is not None:
+            holders = self.holding.setdefault(key, {})
+            holders[consumer_id] = holders.get(consumer_id, 0) + 1
+
+    def release(self, consumer_id, record):
+        """A record hold() reported is acked, or back for redelivery."""
+        key = run_key(record)
+        holders = self.holding.get(key) if key is not None else None
+        if not holders or consumer_id not in holders:
+            return
+        holders[consumer_id] -= 1
+        if holders[consumer_id] == 0:
+            del holders[consumer_id]
+            if not holders:
+                del self.holding[key]
+            if key in self.draining and not self._drains(key):
+                self.draining.discard(key)
+
+    def _drains(self, key):
+        owner = self.owner(key)
+        return any(holder != owner for holder in self.holding.get(key, ()))
+
+    def _find_draining(self):
+        self.draining = {key for key in self.holding if self._drains(key)}
 
     def owner(self, key):
         if not self.ring:
@@ -316,6 +351,8 @@ class KeySharedPolicy(SharedPolicy):
             self.queues[consumer_id] = stay
         for record in sorted(moved, key=lambda r: r[0]):
             self._queue_keyed(record)
+        if self.holding:
+            self._find_draining()
 
     def remove(self, consumer_id, drop_below=None):
         consumer = super().remove(consumer_id, drop_below)
@@ -323,6 +360,8 @@ class KeySharedPolicy(SharedPolicy):
         self._rebuild_ring()
         for record in orphans:
             self._queue_keyed(record)
+        if self.holding:   # (the leaver's own holdings are released as they are redelivered)
+            self._find_draining()
         return consumer
 
     def backlog_size(self):
@@ -362,12 +401,28 @@ class KeySharedPolicy(SharedPolicy):
             queue = self.queues[consumer.id]
             if queue and consumer.can_take():
                 n = min(consumer.room(), len(queue))
-                batches[consumer] = [queue.popleft() for _ in range(n)]
-                consumer.took(n)
+                batch = [queue.popleft() for _ in range(n)] if not self.draining else self._undrained(queue, n)
+                if batch:
+                    batches[consumer] = batch
+                    consumer.took(len(batch))
         # keyless records round-robin over the credit that is left (still one batch each)
         for consumer, records in super().take():
             batches.setdefault(consumer, []).extend(records)
         return list(batches.items())
+
+
+    def _undrained(self, queue, n):
+        """Up to n records of the queue, in order, passing over those of draining keys (they
+        stay, in order, at the front). Looks at most MAX_DRAIN_SCAN records: a long run of
+        held-back records is not scanned on every delivery."""
+        batch, kept, draining = [], [], self.draining
+        for _ in range(min(len(queue), MAX_DRAIN_SCAN)):
+            if len(batch) == n:
+                break
+            record = queue.popleft()
+            (kept if run_key(record) in draining else batch).append(record)
+        queue.extendleft(reversed(kept))
+        return batch
 
 
 POLICIES = {"exclusive": SingleActivePolicy, "failover": FailoverPolicy,

@@ -137,6 +137,29 @@ def test_key_shared_same_key_same_consumer_and_minimal_movement():
     assert moved and all(before[k] == 3 for k in moved)   # only the leaver's keys moved
 
 
+def test_key_shared_a_moved_key_waits_while_its_old_owner_holds_it_unacked():
+    policy = make_policy("key_shared", 100000)
+    policy.add(consumer(1, credits=100000))
+    keys = [f"key-{i}" for i in range(64)]
+    first = [rec(i, k) for i, k in enumerate(keys)]
+    policy.enqueue(first)
+    assert deliver(policy) == {1: list(range(64))}
+    for record in first:                       # delivered, not acked (the dispatcher reports it)
+        policy.hold(1, record)
+    policy.add(consumer(2, credits=100000))
+    moved = [k for k in keys if policy.owner(k) == 2]
+    assert moved and policy.draining == set(moved)
+    policy.enqueue([rec(100 + i, k) for i, k in enumerate(keys)])
+    got = deliver(policy)
+    assert got == {1: [100 + i for i, k in enumerate(keys) if k not in moved]}   # b waits
+    policy.release(1, first[keys.index(moved[0])])   # acked: that key flows, the others wait
+    assert deliver(policy) == {2: [100 + keys.index(moved[0])]}
+    for record in first:
+        policy.release(1, record)
+    assert policy.draining == set() and policy.holding == {}
+    assert deliver(policy) == {2: [100 + keys.index(k) for k in moved[1:]]}
+
+
 def test_key_shared_keyless_messages_round_robin():
     policy = make_policy("key_shared", 1000)
     policy.add(consumer(1, credits=10))

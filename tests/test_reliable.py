@@ -254,6 +254,42 @@ def test_unacked_messages_of_a_dead_consumer_are_redelivered_and_acked_ones_not(
     assert_nothing_more(survivor)
 
 
+def test_key_shared_keys_moved_to_a_newcomer_wait_for_the_old_owners_unacked(broker, topic):
+    """PROTOCOL.md: on a reliable topic messages stay in order per key. A key that moves to a
+    consumer that joins is held back from it while the consumer that had the key holds messages
+    of it unacked (as Pulsar's key_shared does); a key whose old messages are acked flows at once.
+    When the old owner goes, the newcomer gets its unacked messages first, then the newer ones:
+    every key in offset order."""
+    old_conn, new_conn = connect(broker), connect(broker)
+    old = subscribe(old_conn, topic, "ks", "key_shared", name="a-old")
+    pid = producer(old_conn, topic)
+    keys = [f"k{i}" for i in range(16)]
+    batch = lambda ids: {"op": "send", "producer": pid, "msgs": [{"payload": b"%d" % i, "key": keys[i % 16]} for i in ids]}
+    old_conn.request(batch(range(32)))
+    first = receive(old_conn, 32, fields=("id", "key"))          # every key is a-old's; none acked
+    subscribe(new_conn, topic, "ks", "key_shared", name="b-new")
+    old_conn.request(batch(range(32, 64)))
+    assert_nothing_more(new_conn)                                 # the moved keys wait...
+    sub = wait_for(lambda: old_conn.request({"op": "stats", "topic": topic})["subscriptions"][0],
+                   lambda sub: sub["backlog"] + {c["name"]: c["unacked"] for c in sub["consumers"]}["a-old"] == 64)
+    waiting = sub["backlog"]
+    assert 0 < waiting < 32 and waiting % 2 == 0, sub
+    stayed = receive(old_conn, 32 - waiting, fields=("id", "key"))  # ...the others came to a-old
+    moved = sorted(set(keys) - {k for _, k in stayed})
+    assert len(moved) == waiting // 2
+    # a-old acks what it has of one moved key: that key (only) flows to b-new now
+    old_conn.request({"op": "ack", "consumer": old, "ids": [o for o, k in first if k == moved[0]]})
+    got = receive(new_conn, 2, fields=("id", "key"))
+    assert got == [(o, moved[0]) for o in range(32, 64) if keys[o % 16] == moved[0]]
+    assert_nothing_more(new_conn)
+    old_conn.close()    # its unacked are redelivered to b-new first, then what waited
+    got += receive(new_conn, 64 - 4, fields=("id", "key"))
+    assert sorted(o for o, _ in got) == sorted(set(range(64)) - {o for o, k in first if k == moved[0]})
+    for key in keys:
+        ids = [o for o, k in got if k == key]
+        assert ids == sorted(ids), (key, ids)
+
+
 @pytest.mark.parametrize("sub_type", ["shared", "failover", "key_shared"])
 def test_unsubscribe_gives_the_leavers_unacked_messages_to_nobody(broker, topic, sub_type):
     """PROTOCOL.md: unsubscribe deletes the subscription and every other consumer gets `closed`.
