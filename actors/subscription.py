@@ -73,6 +73,7 @@ class SubscriptionActor(BrokerActor):
         self.probing = {}     # token -> (a Subscribe waiting for the exclusive holder's probe, that holder's id)
         self.next_token = 1
         self.ended = False    # unsubscribed or ended: a subscribe still on its way goes back to the topic
+        self.topic_ending = False   # ended with its topic (EndAll): refused here, the topic is going
 
     def on_InitSubscription(self, msg, sender):
         self.topic = sender
@@ -88,7 +89,7 @@ class SubscriptionActor(BrokerActor):
             # This subscription is being deleted: attached now, the consumer would be left
             # without a `closed`, and its close_consumer unanswered. The topic handles it again
             # once it has dropped us (a new subscription of that name).
-            self.send(self.topic, topic.SubscribeAgain(msg))
+            self._subscribe_elsewhere(msg)
             return
         holder = next(iter(self.by_name), None)
         if self.type == "exclusive" and holder is not None and holder != msg.consumer_name:
@@ -173,14 +174,25 @@ class SubscriptionActor(BrokerActor):
                       quietly=(msg.consumer_id,))
 
     def on_EndAll(self, msg, sender):
+        self.topic_ending = True
         self._end_all(msg.reason, topic.SubscriptionEnded(self.name))
+
+    def _subscribe_elsewhere(self, msg):
+        if self.topic_ending:
+            # The topic may have ended before a SubscribeAgain reached it: answered here, as the
+            # topic would have (seen: 1 subscribe in ~400 racing a delete_topic never answered)
+            self.send(msg.reply_to, connection.RequestFailed(
+                msg.rid, E.TOPIC_UNAVAILABLE, f"topic {self.topic_name} was deleted while this subscribe "
+                                              "was on its way; send it again"))
+        else:
+            self.send(self.topic, topic.SubscribeAgain(msg))
 
     def _end_all(self, reason, then_tell_topic, quietly=()):
         self.ended = True
         self.consumers.clear()
         self.by_name.clear()
         for waiting, _ in self.probing.values():
-            self.send(self.topic, topic.SubscribeAgain(waiting))
+            self._subscribe_elsewhere(waiting)
         self.probing.clear()
         self.send_ordered(self.dispatcher, dispatcher.CloseAll(reason, then_tell_topic, quietly), "members")
 

@@ -42,6 +42,7 @@ def bind_actor_sockets_to(host):
     forget_watch_on_exit()
     scan_for_expired_transmits_rarely()
     describe_messages_briefly()
+    drain_queued_transmits_on_exit()
 
 
 class _PacketWithTrailer(tuple):
@@ -108,6 +109,43 @@ def forget_watch_on_exit():
 
 
 EXPIRY_SCAN_S = 0.5   # how often queued transmits are checked for their (5-minute) deadline
+
+
+def drain_queued_transmits_on_exit():
+    """Work around Thespian 4.0.1 dropping the sends an exiting actor has queued.
+
+    An actor has at most 20 transmits in progress; the rest wait in a queue, which is fed as
+    transmits complete, except while the completing thread holds the transport (the run loop
+    does): then the queue waits for the next pass. An exiting actor's last pass ends once
+    nothing is in progress, and the queue was never sent: a SubscriptionActor that refused 16
+    subscribes at once (CONSUMER_BUSY) and was then ended left some of them unanswered (the
+    client got INTERNAL after 30 s). After Thespian's own drain, what is queued is submitted
+    and drained too, within the same limit."""
+    from thespian.system import systemCommon
+    from thespian.system.timing import ExpirationTimer
+    from datetime import timedelta
+    from thespian.system.transport import TransmitOnly
+    base = systemCommon.systemCommonBase
+    if getattr(base, "_actorbroker_drain_patched", False):
+        return
+    drain = base.drainTransmits
+
+    def drainTransmits(self):
+        limit = ExpirationTimer(systemCommon.MAX_SHUTDOWN_DRAIN_PERIOD)
+        drain(self)
+        transport = self.transport
+        while _transmits_left(transport) and not limit.view().expired():
+            while transport._canSendNow() and transport._runQueued():
+                pass
+            transport.run(TransmitOnly, min(limit.view().remaining(), timedelta(milliseconds=100)))
+
+    base.drainTransmits = drainTransmits
+    base._actorbroker_drain_patched = True
+
+
+def _transmits_left(transport):
+    return bool(getattr(transport, "_aTB_queuedPendingTransmits", None) or getattr(transport, "_aTB_numPendingTransmits", 0)
+                or getattr(transport, "_transmitIntents", None) or getattr(transport, "_waitingTransmits", None))
 
 
 def scan_for_expired_transmits_rarely():

@@ -660,7 +660,8 @@ class TopicActor(BrokerActor):
 
     def on_SubscribeAgain(self, msg, sender):
         sub = self.subs.get(msg.subscribe.subscription)
-        if sub is not None and sub.subscription == sender:   # not dropped yet: once it is
+        if sub is not None and sub.subscription == sender and not self.ending:   # not dropped yet: once it is
+            # (ending: deleted, or stopping; nothing will drop it: refused now, not never answered)
             self.waiting_removal.setdefault(msg.subscribe.subscription, []).append(msg.subscribe)
             return
         self._subscribe_again(msg.subscribe)

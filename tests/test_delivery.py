@@ -291,6 +291,35 @@ def test_delete_topic_closes_producers_and_consumers(client, topic):
     assert topic not in [t["name"] for t in client.topics()]
 
 
+@pytest.mark.parametrize("dispatch", ["non_reliable", "reliable"])
+def test_subscribes_racing_a_delete_topic_are_all_answered(broker, topic, dispatch):
+    """PROTOCOL.md: every request with a rid gets exactly one answer. Subscribes on their way
+    (some waiting on the probe of an exclusive holder) while delete_topic ends the topic are
+    answered at once, whatever the answer, not left to the 30 s request deadline."""
+    admin = RawConnection(*broker.address)
+    admin.hello()
+    for round_ in range(12):
+        name = f"{topic}-{round_}"
+        frame = {"op": "subscribe", "topic": name, "subscription": "ex", "type": "exclusive", "dispatch": dispatch}
+        holder = RawConnection(*broker.address)
+        holder.hello()
+        holder.request(dict(frame, consumer="holder"))
+        newcomers = [RawConnection(*broker.address) for _ in range(8)]
+        for i, conn in enumerate(newcomers):
+            conn.hello()
+            conn.send_frame(dict(frame, consumer=f"n{i}", rid=7))
+            if i == 3 + round_ % 4:
+                admin.send_frame({"op": "delete_topic", "topic": name, "rid": round_ + 100})
+        for i, conn in enumerate(newcomers):
+            reply = conn.recv_frame(timeout=10)
+            while reply is not None and reply.get("rid") != 7:
+                reply = conn.recv_frame(timeout=10)
+            assert reply is not None and reply.get("code") != "INTERNAL", (round_, i, reply)
+            conn.close()
+        assert admin.recv_frame(timeout=10) == {"op": "ok", "rid": round_ + 100}
+        holder.close()
+
+
 def test_stats_and_topics_report_the_topic(client, topic):
     consumer = client.subscribe(topic, "s", "failover", "c")
     producer = client.producer(topic)
