@@ -22,7 +22,7 @@ from actorbroker.actors import broker, events, shard, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E, validate
-from actorbroker.transport.codec import encode_frame
+from actorbroker.transport.codec import encode_frame, encode_reply
 from actorbroker.transport.session import error_frame
 
 GIVE_UP_MEMORY_S = 600   # how long a late answer to a request given up on is recognised and dropped
@@ -804,8 +804,8 @@ class ConnectionActor(BrokerActor):
         connection_id, conn = self._answered(msg.rid)
         if conn is None or not self._was_pending:   # (answered already: given up, or a duplicate)
             return
-        if not conn.closed:
-            self._write(connection_id, encode_frame(dict(msg.frame, rid=msg.rid[1])))
+        if not conn.closed:   # (topics, stats: cut to max_frame, as pushes are; docs/protocol.md)
+            self._write(connection_id, encode_reply(dict(msg.frame, rid=msg.rid[1]), self.config.max_frame))
         self._forget_when_drained(connection_id)
 
     def on_RequestFailed(self, msg, sender):

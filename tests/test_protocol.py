@@ -5,6 +5,7 @@ import struct
 import msgpack
 import pytest
 
+from actorbroker.transport.codec import encode_frame
 from tests.wire import RawConnection
 
 
@@ -339,6 +340,27 @@ def test_message_too_large_for_one_push_is_refused(start_broker, topic):
     assert_error(conn.recv_frame(), "BAD_REQUEST", 9)
     receipt = conn.request({"op": "send", "producer": producer, "msgs": [{"payload": b"x" * 1000}]})
     assert receipt["op"] == "receipt" and receipt["count"] == 1
+
+
+def test_topics_and_stats_replies_are_cut_to_max_frame(start_broker, topic):
+    # PROTOCOL.md: max_frame bounds frames in both directions. A reply that would be larger loses
+    # entries off the end of its longest list and says so (docs/protocol.md).
+    b = start_broker("--max-frame", "1024")
+    conn = connect(b)
+    names = [f"{topic}-{i:03d}" for i in range(60)]
+    for name in names:
+        conn.request({"op": "producer", "topic": name})
+    listed = conn.request({"op": "topics"})
+    assert len(encode_frame(listed)) - 4 <= 1024
+    assert listed["truncated"] is True and 0 < len(listed["topics"]) < 60
+    assert {t["name"] for t in listed["topics"]} <= set(names)
+    for i in range(40):
+        conn.request({"op": "subscribe", "topic": names[0], "subscription": "s", "type": "shared", "consumer": f"c{i}"})
+    stats = conn.request({"op": "stats", "topic": names[0]})
+    assert len(encode_frame(stats)) - 4 <= 1024
+    assert stats["truncated"] is True and 0 < len(stats["subscriptions"][0]["consumers"]) < 40
+    small = conn.request({"op": "stats", "topic": names[1]})   # fits: as it is
+    assert "truncated" not in small
 
 
 def test_overloaded_when_connections_are_exhausted(start_broker):

@@ -22,6 +22,37 @@ def encode_frame(obj):
     return _HEADER.pack(len(body)) + body
 
 
+def encode_reply(obj, max_frame):
+    """encode_frame, for a reply whose lists may make it larger than `max_frame` (`topics`,
+    `stats`): entries come off the end of its longest list (a list of the map, or of a map in a
+    list of it: a subscription's consumers) until it fits, and the reply says `truncated: true`."""
+    data = encode_frame(obj)
+    if len(data) - _HEADER.size <= max_frame:
+        return data
+    obj = {key: ([dict(item) if isinstance(item, dict) else item for item in value] if isinstance(value, list) else value)
+           for key, value in obj.items()}
+    obj["truncated"] = True
+    while len(data) - _HEADER.size > max_frame:
+        lists = [(value, obj, key) for key, value in obj.items() if isinstance(value, list)]
+        lists += [(value, item, key) for top in list(obj.values()) if isinstance(top, list)
+                  for item in top if isinstance(item, dict) for key, value in item.items() if isinstance(value, list)]
+        lists = [entry for entry in lists if entry[0]]
+        if not lists:
+            break   # nothing left to cut: as it is
+        longest, owner, key = max(lists, key=lambda entry: len(entry[0]))
+        low, high = 0, len(longest) - 1   # keep the most entries that fit (at least one goes)
+        while low < high:
+            middle = (low + high + 1) // 2
+            owner[key] = longest[:middle]
+            if len(encode_frame(obj)) - _HEADER.size <= max_frame:
+                low = middle
+            else:
+                high = middle - 1
+        owner[key] = longest[:low]
+        data = encode_frame(obj)
+    return data
+
+
 def decode_body(body):
     """The map inside one frame body; ProtocolError(BAD_FRAME) if it is not a map with a str op."""
     try:
