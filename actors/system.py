@@ -120,9 +120,8 @@ def drain_queued_transmits_on_exit():
     nothing is in progress, and the queue was never sent: a SubscriptionActor that refused 16
     subscribes at once (CONSUMER_BUSY) and was then ended left some of them unanswered (the
     client got INTERNAL after 30 s). After Thespian's own drain, what is queued is submitted
-    and drained too, within the same limit."""
+    and drained too, while they make progress."""
     from thespian.system import systemCommon
-    from thespian.system.timing import ExpirationTimer
     from datetime import timedelta
     from thespian.system.transport import TransmitOnly
     base = systemCommon.systemCommonBase
@@ -131,21 +130,28 @@ def drain_queued_transmits_on_exit():
     drain = base.drainTransmits
 
     def drainTransmits(self):
-        limit = ExpirationTimer(systemCommon.MAX_SHUTDOWN_DRAIN_PERIOD)
         drain(self)
         transport = self.transport
-        while _transmits_left(transport) and not limit.view().expired():
+        left, since = _transmits_left(transport), time.monotonic()
+        while left and time.monotonic() - since < DRAIN_STALL_S:
             while transport._canSendNow() and transport._runQueued():
                 pass
-            transport.run(TransmitOnly, min(limit.view().remaining(), timedelta(milliseconds=100)))
+            transport.run(TransmitOnly, timedelta(milliseconds=50))
+            now_left = _transmits_left(transport)
+            if now_left < left:   # progress: a receiver that is there takes them in milliseconds
+                since = time.monotonic()
+            left = now_left
 
     base.drainTransmits = drainTransmits
     base._actorbroker_drain_patched = True
 
 
+DRAIN_STALL_S = 0.25   # an exiting actor stops sending when its transmits make no progress this long
+                      # (a receiver that is gone too: Thespian would retry it for seconds)
+
+
 def _transmits_left(transport):
-    return bool(getattr(transport, "_aTB_queuedPendingTransmits", None) or getattr(transport, "_aTB_numPendingTransmits", 0)
-                or getattr(transport, "_transmitIntents", None) or getattr(transport, "_waitingTransmits", None))
+    return len(getattr(transport, "_aTB_queuedPendingTransmits", ())) + getattr(transport, "_aTB_numPendingTransmits", 0)
 
 
 def scan_for_expired_transmits_rarely():
