@@ -101,7 +101,7 @@ def rendezvous_owner(topic, members):
 
 class Member:
     __slots__ = ("node", "incarnation", "root", "client_address", "leader", "topics", "load",
-                 "last_seen", "lost", "seen", "placed")
+                 "last_seen", "lost", "seen", "placed", "lost_at", "weak", "forgiven")
 
     def __init__(self, node, root, now):
         self.node = node
@@ -117,6 +117,13 @@ class Member:
         self.load = {}
         self.last_seen = now
         self.lost = False
+        self.lost_at = 0.0
+        # declared lost while this node saw no majority (or lost it soon after): it was maybe
+        # this node that was cut off, not the member. Such a loss is not told to anyone (it
+        # fences no one); when the member speaks again as the same incarnation, this node
+        # fences itself first (Membership.heard: "minority").
+        self.weak = False
+        self.forgiven = False  # a weak loss this node has fenced itself for: accept it back
 
 
 class Membership:
@@ -124,22 +131,30 @@ class Membership:
 
     def __init__(self, node, timeout_s):
         self.node = node
+        self.timeout_s = timeout_s
         self.silence_s = timeout_s * SILENCE_SHARE
         self.members = {}      # node name -> Member (never self)
 
     def heard(self, hb, now):
         """A heartbeat arrived. Returns (state, peers): state is "live", "returned" (a lost or
-        unknown member is live again) or "fenced" (a member we declared lost speaks as the same
-        incarnation: it must fence itself first, see ClusterRoot._fence); peers are members we
-        did not know that it knows (to heartbeat them too)."""
+        unknown member is live again), "fenced" (a member we declared lost, with a majority in
+        view, speaks as the same incarnation: it must fence itself first, see
+        ClusterRoot._fence) or "minority" (one we declared lost without a majority in view
+        speaks as the same incarnation: it was this node that was cut off, so this node must
+        fence itself first, then hear it again); peers are members we did not know that it
+        knows (to heartbeat them too)."""
         if hb.node == self.node:
             return "live", []
         member = self.members.get(hb.node)
-        if member is not None and member.lost and hb.incarnation == member.incarnation:
-            return "fenced", []   # stopped or cut off, not restarted: lost it stays, until it fences
+        if member is not None and member.lost and hb.incarnation == member.incarnation \
+                and not member.forgiven:
+            # stopped or cut off, not restarted: lost it stays, until it fences (or we do)
+            return ("minority" if member.weak else "fenced"), []
         returned = "returned" if member is None or member.lost else "live"
         if member is None:
             member = self.members[hb.node] = Member(hb.node, hb.root, now)
+        elif member.incarnation and member.incarnation != hb.incarnation:
+            member.placed = {}   # guesses about what a former incarnation would create
         member.incarnation, member.root = hb.incarnation, hb.root
         member.client_address, member.leader = hb.client_address, hb.leader
         member.topics = dict(hb.topics)
@@ -148,7 +163,7 @@ class Membership:
         member.seen = dict(hb.seen)
         member.load = dict(hb.load)
         member.last_seen = now
-        member.lost = False
+        member.lost = member.weak = member.forgiven = False
         peers = []
         for node, root in hb.members:
             if node != self.node and node not in self.members:
@@ -157,13 +172,41 @@ class Membership:
         return returned, peers
 
     def expire(self, now):
-        """The members silent for too long: now lost (each returned once)."""
+        """The members silent for too long: now lost (each returned once). A loss declared while
+        this node sees no majority of the members it knows (itself included), or within the
+        member timeout before it stopped seeing one, is weak: a node cut off from the others
+        declares them lost one by one as their heartbeats stop, the first ones while it still
+        sees the rest. Only a loss declared with a majority in view, and kept with it, is told
+        to the others (`lost_pairs`): the majority side never fences because a minority node
+        declared it lost; the minority node fences itself when it hears from them again."""
         lost = []
         for member in self.members.values():
             if not member.lost and now - member.last_seen > self.silence_s:
                 member.lost = True
+                member.lost_at = now
                 lost.append(member)
+        if not self.quorum():
+            for member in self.members.values():
+                if member.lost and not member.forgiven and now - member.lost_at <= self.timeout_s:
+                    member.weak = True
         return lost
+
+    def quorum(self):
+        """This node sees a strict majority of the members it knows, itself included, live."""
+        return 2 * (1 + len(self.live())) > 1 + len(self.members)
+
+    def firmly_lost(self, node, incarnation):
+        """`node`, as `incarnation`, was declared lost here with a majority in view."""
+        member = self.members.get(node)
+        return member is not None and member.lost and not member.weak \
+            and member.incarnation == incarnation
+
+    def forgive(self):
+        """This node fenced itself: the members it declared lost without a majority in view are
+        accepted again when they speak, as the same incarnation."""
+        for member in self.members.values():
+            if member.lost and member.weak:
+                member.forgiven = True
 
     def stalled(self, now):
         """This node itself did not run for a while (stopped, swapped out): what it did not hear
@@ -181,7 +224,8 @@ class Membership:
         return any(m.leader for m in self.live())
 
     def lost_pairs(self):
-        return tuple((m.node, m.incarnation) for m in self.members.values() if m.lost)
+        """The members declared lost with a majority in view: they fence when they read it."""
+        return tuple((m.node, m.incarnation) for m in self.members.values() if m.lost and not m.weak)
 
     def place(self, topic, own_topics, takeover=False):
         """(node, dispatch) of an existing topic; (node, None) for a new one (its rendezvous

@@ -16,6 +16,8 @@ from thespian.actors import ActorExitRequest
 
 from actorbroker.actors import cluster, connection, topic
 from actorbroker.actors.base import log
+from actorbroker.storage import fencing
+from actorbroker.storage.topic_store import topic_dir
 from actorbroker.transport import errors as E
 
 JOIN_RETRY = timedelta(seconds=2)
@@ -128,8 +130,13 @@ class ClusterRoot:
         if not self.clustered:
             return
         if (self.config.node, self.incarnation) in msg.lost:
-            self._fence(msg.node)
+            self._fence(msg.node)   # declared lost by a member that had a majority in view
         state, peers = self.membership.heard(msg, time.monotonic())
+        if state == "minority":
+            # we declared it lost while we saw no majority: we were the one cut off, and may
+            # have re-created its topics meanwhile. Fence, then accept it as it is.
+            self._fence(msg.node, minority=True)
+            state, peers = self.membership.heard(msg, time.monotonic())
         if state == "fenced":   # our heartbeat lists it as lost: it fences, and comes back anew
             self._beat(msg.root)
         elif state == "returned":
@@ -144,17 +151,21 @@ class ClusterRoot:
                   member.node, self.config.member_timeout_ms)
         self.send(self.listener, cluster.NodeLost(member.node))
 
-    def _fence(self, by):
-        """A member declared this node lost (we were stopped, or cut off): our non_reliable
-        topics may have been re-created elsewhere meanwhile. End ours, so that no topic ever has
-        two owners, and come back as a new incarnation."""
+    def _fence(self, by, minority=False):
+        """A member declared this node lost (we were stopped, or cut off), or we declared it
+        lost while we saw no majority (we were cut off: `minority`): our non_reliable topics
+        may have been re-created elsewhere meanwhile. End ours, so that no topic ever has two
+        owners, and come back as a new incarnation. (A member that kept a majority in view is
+        never fenced by what a minority node declared: those losses are not in its heartbeats,
+        Membership.lost_pairs.)"""
         dropped = [name for name, (_, dispatch) in self.topics.items() if dispatch != "reliable"]
         # in a shared folder a survivor may have taken our reliable topics over: end ours, and
         # keep their logs (the next request reopens each where its latest epoch says)
         shared = [name for name, (_, dispatch) in self.topics.items()
                   if dispatch == "reliable" and self.config.shared_data]
-        log.error("node %s was declared lost by %s: fencing: ending its %d non_reliable topics%s, "
-                  "rejoining", self.config.node, by, len(dropped),
+        why = f"lost sight of a majority (and of {by})" if minority else f"was declared lost by {by}"
+        log.error("node %s %s: fencing: ending its %d non_reliable topics%s, "
+                  "rejoining", self.config.node, why, len(dropped),
                   f" and its {len(shared)} reliable ones (shared folder)" if shared else "")
         for name in dropped:
             address, _ = self.topics.pop(name)
@@ -163,6 +174,7 @@ class ClusterRoot:
             address, _ = self.topics.pop(name)
             self.send(address, ActorExitRequest())
         self.incarnation = uuid.uuid4().hex[:12]
+        self.membership.forgive()
 
     # --- routing ----------------------------------------------------------------------------------
     def route(self, name, forward, request, placed):
@@ -170,7 +182,8 @@ class ClusterRoot:
         here."""
         if not self.clustered:
             return False
-        node, held = self.membership.place(name, self.own_topics(), bool(self.config.shared_data))
+        node, held = self._shared_holder(
+            name, *self.membership.place(name, self.own_topics(), bool(self.config.shared_data)))
         if node == self.config.node or (placed and node is not None and held is None):
             return False   # ours, or new and placed here by the asking node
         if placed and node is not None:
@@ -191,13 +204,44 @@ class ClusterRoot:
             self.send(reply_to, connection.RequestForwarded(rid, node))
         return True
 
+    def _shared_holder(self, name, node, held):
+        """With --shared-data, a reliable topic that no live member lists (an owner's heartbeat)
+        goes to the node holding its log's latest epoch when that node is live: the folder is
+        the one truth every node reads alike. Placement by rendezvous, or a guess of where a
+        request created it, could send it to a node that is refused the log while the holder
+        (which did not open it: it fenced itself, or ended it) is never asked, and every node
+        answered TOPIC_UNAVAILABLE for good. A holder that is lost here is taken over as
+        before (rendezvous, storage/fencing.py)."""
+        if not self.config.shared_data or node is None:
+            return node, held
+        if node == self.config.node:
+            if name in self.topics:
+                return node, held
+        else:
+            member = self.membership.members.get(node)
+            if member is not None and name in member.topics:
+                return node, held
+        try:
+            holder = fencing.latest_owner(topic_dir(self.config.shared_data, name))
+        except OSError:
+            return node, held
+        if not holder or holder == node:
+            return node, held
+        if holder == self.config.node:
+            return holder, None   # ours to open again: our claim is allowed
+        member = self.membership.members.get(holder)
+        if member is None or member.lost:
+            return node, held     # a takeover: the next claim decides
+        return holder, "reliable"
+
     def on_Placed(self, msg, sender):
         self.handle_request(msg.request, placed=True)
 
     def lookup(self, msg, placed):
         """Answer a Lookup; one for a topic of another live node is answered there: it knows
         its own topics now, we only as of its last heartbeat."""
-        node, held = self.membership.place(msg.topic, self.own_topics(), bool(self.config.shared_data)) \
+        node, held = self._shared_holder(msg.topic, *self.membership.place(
+            msg.topic, self.own_topics(), bool(self.config.shared_data))) \
             if self.clustered \
             else (self.config.node or "", self.own_topics().get(msg.topic))
         if node not in (None, self.config.node) and not placed:

@@ -238,8 +238,9 @@ def test_kill_9_of_a_node(cluster):
     of_b = Client(b.host, b.port, reconnect=Reconnect([(b.host, b.port), (c.host, c.port)], initial=0.05))
     with of_b, cluster.client("a") as on_a, cluster.client("c") as on_c:
         moved = of_b.subscribe(elsewhere, "m", "exclusive", "b1")
-        on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable", start="earliest").close()
-        produce(on_a, durable, [b"r%d" % i for i in range(100)], dispatch="reliable")   # all receipted
+        durable_consumer = on_c.subscribe(durable, "d", "exclusive", "c1", dispatch="reliable",
+                                          start="earliest")   # (acks nothing: all come again below)
+        durable_producer = produce(on_a, durable, [b"r%d" % i for i in range(100)], dispatch="reliable")
         on_a_consumer = on_a.subscribe(volatile, "sa", "exclusive", "a1")
         on_c_consumer = on_c.subscribe(volatile, "sc", "exclusive", "c1")
         on_a_producer = produce(on_a, volatile, [b"before"])
@@ -263,6 +264,12 @@ def test_kill_9_of_a_node(cluster):
                 pass
         detected = lost_within(cluster, ["a", "c"], "b", killed, "kill -9")
         assert detected < TIMEOUT_MS / 1000 + 0.5, detected   # + the test's own polling
+        # the reliable topic's producer and consumer are closed with the reasons docs/protocol.md
+        # names: their lanes ended before the loss was declared
+        wait_for(lambda: durable_producer.closed_reason and durable_consumer.closed_reason, 10,
+                 "the reliable topic's producer and consumer closed")
+        assert durable_producer.closed_reason in ("topic_lost", "node_lost")
+        assert durable_consumer.closed_reason in ("subscription_lost", "node_lost")
         # The non_reliable topic is re-created on a survivor and its producer and consumers are
         # re-attached there by the broker: the clients see a gap, no `closed`, no new request.
         owner = rehomed(cluster, volatile, "b")
@@ -384,6 +391,68 @@ def test_a_node_cut_off_from_every_other_keeps_serving_its_clients(cluster):
         cluster.wait_live(node, ["a", "b", "c"])
 
 
+def cut_off(cluster, node):
+    """Take every link between `node` and the other nodes down (its client port stays up)."""
+    for other in netns.NODES:
+        if other != node:
+            cluster.hosts.cut(node, other)
+
+
+def mend_all(cluster, node):
+    for other in netns.NODES:
+        if other != node:
+            cluster.hosts.mend(node, other)
+
+
+def test_a_node_cut_off_and_healed_fences_itself_and_no_one_else(cluster):
+    """docs/cluster.md, fencing of a node: B is cut off from A and C long enough for each side
+    to declare the other lost, then its links come back. B saw no majority: it fences itself
+    (its stale copy of its topic ends: its own client's consumer gets `closed` `topic_deleted`).
+    A and C kept a majority: what B declared fences neither of them, so their clients'
+    producer and consumer of B's re-homed topic, and of A's own topic, go on with no `closed`,
+    and every node names one owner for each. (They were once all closed, `topic_deleted`: A and
+    C fenced themselves because B had declared them lost.)"""
+    moved = cluster.topic_on("b")
+    kept = cluster.topic_on("a")
+    with cluster.client("a") as on_a, cluster.client("c") as on_c, cluster.client("b") as on_b:
+        consumer = on_a.subscribe(moved, "s", "shared", "a1")
+        producer = produce(on_c, moved, [b"before"])
+        assert receive_all(consumer, 1) == [b"before"]
+        kept_consumer = on_c.subscribe(kept, "k", "exclusive", "c1")
+        kept_producer = produce(on_a, kept, [b"k-before"])
+        assert receive_all(kept_consumer, 1) == [b"k-before"]
+        stale = on_b.subscribe(moved, "b", "exclusive", "b1")   # B's own client, on B's copy
+        cut = time.monotonic()
+        cut_off(cluster, "b")
+        try:
+            lost_within(cluster, ["a", "c"], "b", cut, "b cut off")
+            lost_within(cluster, ["b"], "a", cut, "b cut off")
+            lost_within(cluster, ["b"], "c", cut, "b cut off")
+            owner = rehomed(cluster, moved, "b")
+            assert owner in ("a", "c")
+            wait_for(lambda: attached(on_a, moved)[:2] == (1, ["s"]), 10,
+                     "producer and consumer re-attached on the survivor")
+            producer.send_sync(b"during")
+            assert receive_all(consumer, 1) == [b"during"]
+        finally:
+            mend_all(cluster, "b")
+        # A and C accept B again only once it came back as a new incarnation: it fenced itself
+        for node in ("a", "b", "c"):
+            cluster.wait_live(node, ["a", "b", "c"])
+        wait_for(lambda: stale.closed_reason == "topic_deleted", 10, "B's stale copy ended")
+        producer.send_sync(b"after")
+        assert receive_all(consumer, 1) == [b"after"]
+        kept_producer.send_sync(b"k-after")
+        assert receive_all(kept_consumer, 1) == [b"k-after"]
+        assert producer.closed_reason is None and consumer.closed_reason is None
+        assert kept_producer.closed_reason is None and kept_consumer.closed_reason is None
+        for node in ("a", "b", "c"):
+            with cluster.client(node) as c:
+                assert c.lookup(moved)["node"] == owner and c.lookup(kept)["node"] == "a"
+                listed = {(t["name"], t["node"]) for t in c.topics() if t["name"] in (moved, kept)}
+                assert listed == {(moved, owner), (kept, "a")}, (node, listed)
+
+
 def test_leader_killed(cluster):
     """docs/cluster.md: the leader is needed to join, not to serve. Killed, it is declared lost;
     topics on the other nodes keep working; when it returns, the members join it again."""
@@ -474,6 +543,97 @@ def test_shared_data_a_stopped_owner_is_fenced(shared_cluster):
         for node in ("a", "b", "c"):
             with cluster.client(node) as c:
                 assert [t["node"] for t in c.topics() if t["name"] == durable] == [owner]
+
+
+def producer_on(client, topic, timeout=10):
+    """A reliable producer, asked again while the answer is TOPIC_UNAVAILABLE (a view a heartbeat
+    old); the deadline only bounds a failure."""
+    def attempt():
+        try:
+            return client.producer(topic, dispatch="reliable")
+        except TopicUnavailable:
+            return None
+    return wait_for(attempt, timeout, f"a producer of {topic}", every=0.2)
+
+
+def test_shared_data_a_node_cut_off_and_healed_leaves_the_taken_over_topic_served(shared_cluster):
+    """B holds a reliable topic and is cut off from A and C; a client of C takes the topic over
+    (its next use, docs/cluster.md) and is receipted. When the links are back, B fences itself,
+    the survivor that took the topic over keeps it (B declared it lost, but B saw no majority),
+    and every node serves it: every receipted message is there. (Once, A and C fenced too, and
+    the topic answered TOPIC_UNAVAILABLE on every node for minutes.)"""
+    cluster = shared_cluster
+    durable = cluster.topic_on("b", "reliable")
+    sent = [b"r%d" % i for i in range(100)]
+    with cluster.client("a") as on_a:
+        produce(on_a, durable, sent, dispatch="reliable")   # all receipted
+    cut = time.monotonic()
+    cut_off(cluster, "b")
+    try:
+        lost_within(cluster, ["a", "c"], "b", cut, "b cut off")
+        lost_within(cluster, ["b"], "a", cut, "b cut off")
+        lost_within(cluster, ["b"], "c", cut, "b cut off")
+        with cluster.client("c") as on_c:
+            on_c.producer(durable, dispatch="reliable").send_sync(b"during")   # taken over
+            owner = on_c.lookup(durable)["node"]
+            assert owner in ("a", "c")
+    finally:
+        mend_all(cluster, "b")
+    for node in ("a", "b", "c"):
+        cluster.wait_live(node, ["a", "b", "c"])
+    after = []
+    for node in ("a", "b", "c"):
+        with cluster.client(node) as c:
+            assert c.lookup(durable)["node"] == owner
+            producer_on(c, durable).send_sync(b"after-" + node.encode())
+            after.append(b"after-" + node.encode())
+    with cluster.client("b") as on_b:
+        consumer = on_b.subscribe(durable, "all", "exclusive", "b1", dispatch="reliable", start="earliest")
+        assert receive_all(consumer, 104) == sent + [b"during"] + after
+
+
+def test_shared_data_the_log_holder_is_asked_again_after_it_fenced_itself(shared_cluster):
+    """The node holding a reliable topic's latest epoch is not the one placement picks (it took
+    the topic over from B, which returned), and it fences itself (its link to B was cut: each
+    declared the other lost, each with a majority in view): its topic ends, its log stays. Every
+    node then sends the topic to the holder, which reopens it: the folder says who holds the
+    log. (Once, B was picked by placement and refused the log, and the holder was never asked:
+    TOPIC_UNAVAILABLE on every node, for good.)"""
+    cluster = shared_cluster
+    durable = cluster.topic_on("b", "reliable")
+    sent = [b"r%d" % i for i in range(50)]
+    with cluster.client("a") as on_a:
+        produce(on_a, durable, sent, dispatch="reliable")
+        killed = time.monotonic()
+        cluster.kill("b")
+        lost_within(cluster, ["a", "c"], "b", killed, "kill -9")
+        on_a.producer(durable, dispatch="reliable").send_sync(b"taken")   # taken over
+        holder = on_a.lookup(durable)["node"]
+        assert holder in ("a", "c")
+    cluster.start("b")
+    for node in ("a", "b", "c"):
+        cluster.wait_live(node, ["a", "b", "c"])
+    with cluster.client("c") as on_c:
+        assert on_c.lookup(durable)["node"] == holder   # B did not reopen it
+    cut = time.monotonic()
+    cluster.hosts.cut(holder, "b")
+    try:
+        lost_within(cluster, [holder], "b", cut, "link cut")
+        lost_within(cluster, ["b"], holder, cut, "link cut")
+    finally:
+        cluster.hosts.mend(holder, "b")
+    for node in ("a", "b", "c"):   # both came back as new incarnations: both fenced
+        cluster.wait_live(node, ["a", "b", "c"])
+    after = []
+    # the holder's own client first: placement sends it to B, which is refused the log
+    for node in [holder] + [n for n in ("a", "c", "b") if n != holder]:
+        with cluster.client(node) as c:
+            producer_on(c, durable).send_sync(b"after-" + node.encode())
+            after.append(b"after-" + node.encode())
+            assert c.lookup(durable)["node"] == holder
+    with cluster.client("c") as on_c:
+        consumer = on_c.subscribe(durable, "all", "exclusive", "c1", dispatch="reliable", start="earliest")
+        assert receive_all(consumer, 54) == sent + [b"taken"] + after
 
 
 def test_a_request_to_a_node_that_stops_is_answered_when_it_is_lost(cluster):

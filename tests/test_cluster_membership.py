@@ -23,14 +23,59 @@ def test_a_member_is_lost_after_the_timeout_and_returns_only_as_a_new_incarnatio
     m = Membership("a", timeout_s=3)
     assert m.heard(beat("b"), now=0)[0] == "returned"
     assert m.heard(beat("b"), now=1)[0] == "live"
+    for now in (0, 1, 2.5, 4.5):
+        m.heard(beat("c"), now=now)                   # c stays live: a keeps a majority
     assert m.expire(now=2.9) == []                    # silent for 2/3 of the timeout: lost
     assert [x.node for x in m.expire(now=3.1)] == ["b"]
     assert m.expire(now=5) == []                      # declared once
     assert m.lost_pairs() == (("b", "i1"),)
     assert m.heard(beat("b"), now=6)[0] == "fenced"  # stopped, not restarted: stays lost
-    assert m.live_names() == ["a"]
+    assert m.live_names() == ["a", "c"]
     assert m.heard(beat("b", "i2"), now=7)[0] == "returned"
-    assert m.live_names() == ["a", "b"]
+    assert m.live_names() == ["a", "b", "c"]
+
+
+def test_a_node_cut_off_from_the_others_declares_no_one_lost_to_them_and_fences_itself():
+    """B's links go down: it stops hearing A and C (C a moment after A, while it still sees C),
+    and declares both lost; A and C, a majority, declare B lost. When the links are back, A and
+    C are not told they were lost (they must not fence), and B must fence before it accepts
+    them again; A keeps B lost until B comes back as a new incarnation."""
+    b = Membership("b", timeout_s=3)
+    a = Membership("a", timeout_s=3)
+    for now in (0, 0.5):
+        b.heard(beat("a"), now=now)
+        a.heard(beat("b"), now=now)
+        a.heard(beat("c"), now=now)
+    b.heard(beat("c"), now=0.9)                        # c's last heartbeat came a little later
+    assert [x.node for x in b.expire(now=2.6)] == ["a"]   # b still sees c: a majority, for now
+    assert [x.node for x in b.expire(now=3.0)] == ["c"]   # now b sees no majority
+    assert b.lost_pairs() == ()                        # so it tells no one they were lost
+    assert not b.quorum()
+    a.heard(beat("c"), now=2.5)
+    assert [x.node for x in a.expire(now=2.6)] == ["b"] and a.quorum()
+    assert a.lost_pairs() == (("b", "i1"),)            # a majority declared b lost: b fences
+    # the links are back: b hears a (same incarnation) and must fence itself first
+    assert b.heard(beat("a", lost=a.lost_pairs()), now=7)[0] == "minority"
+    assert not a.firmly_lost("c", "i1") and a.firmly_lost("b", "i1")
+    b.forgive()                                        # ClusterRoot._fence did
+    assert b.heard(beat("a", lost=a.lost_pairs()), now=7)[0] == "returned"
+    assert b.heard(beat("c"), now=7)[0] == "returned" and b.live_names() == ["b", "a", "c"]
+    assert a.heard(beat("b"), now=7)[0] == "fenced"   # b's old incarnation stays lost on a
+    assert a.heard(beat("b", "i2"), now=8)[0] == "returned"
+
+
+def test_a_loss_declared_with_a_majority_stays_told_when_the_majority_goes_later():
+    m = Membership("a", timeout_s=3)
+    m.heard(beat("b"), now=0)
+    m.heard(beat("c"), now=0)
+    for now in (1, 2, 3, 4, 5, 6, 7):
+        m.heard(beat("c"), now=now)
+    m.expire(now=2.5)                                  # b lost, c live: a majority
+    assert m.lost_pairs() == (("b", "i1"),)
+    m.expire(now=10)                                   # c lost long after: b's loss stays firm
+    assert not m.quorum() and m.lost_pairs() == (("b", "i1"),)
+    assert m.heard(beat("b"), now=11)[0] == "fenced"
+    assert m.heard(beat("c"), now=11)[0] == "minority"
 
 
 def test_members_spread_through_heartbeats():
