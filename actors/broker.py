@@ -19,12 +19,11 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ThespianWatch
 
-from actorbroker.actors import cluster, connection, listener, metrics, topic
+from actorbroker.actors import cluster, connection, listener, metrics, signing, topic
 from actorbroker.actors.base import BrokerActor, OperabilityMoved, log
 from actorbroker.actors.cluster_root import ClusterRoot
 from actorbroker.actors.lifecycle import emit
-from actorbroker.actors.process import tree_memory
-from actorbroker.actors.system import stop_system_process
+from actorbroker.actors.process import stop_actor_system_process, tree_memory
 from actorbroker.storage.topic_store import stored_topics
 from actorbroker.transport import errors as E
 
@@ -163,6 +162,13 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.admin_port = msg.admin_port
         try:
             self.lifeline = os.pidfd_open(msg.serve_pid)
+        except ProcessLookupError:
+            # serve died before we could watch it (killed while starting): nobody will stop us
+            self.stopping = True
+            log.warning("serve process %s died before the broker started; shutting the actor "
+                        "system down", msg.serve_pid)
+            stop_actor_system_process(self.admin_port, self.config.actor_host, signing.installed().secret)
+            return
         except (OSError, AttributeError) as exc:
             log.warning("cannot watch serve process %s: %s", msg.serve_pid, exc)
         self._start_operability()
@@ -231,7 +237,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             log.warning("serve process died; shutting the actor system down")
             os.close(self.lifeline)
             self.lifeline = None
-            stop_system_process(self.admin_port, self.config.actor_host)
+            stop_actor_system_process(self.admin_port, self.config.actor_host, signing.installed().secret)
 
     # --- topic registry -----------------------------------------------------------------------
     def on_TopicRequest(self, msg, sender):

@@ -1,4 +1,5 @@
-"""Process-level settings of an actor process: its name, and dying with its parent.
+"""Process-level settings of an actor process: its name, and dying with its parent; stopping the
+actor system from outside it.
 
 No logging here: the admin process imports this before it forks, and a logger created before
 Thespian re-initialises logging in a child would write nowhere (see actors/system.py).
@@ -71,3 +72,43 @@ def tree_memory(root_pid):
         except OSError:
             continue
     return count, pss_kb * 1024
+
+
+def stop_actor_system(admin_port, host, secret):
+    """Thespian's shutdown of the actor system whose admin listens on host:admin_port, from this
+    process (not an actor's: an actor may not do it); nothing if no admin answers there.
+
+    Never starts an admin: `ActorSystem()` starts one when it finds none on the port, so a stop
+    racing with another (serve's startup guard and the root actor both seeing serve die) found
+    the admin gone the moment after its check and started a new one, which then ran for good."""
+    from thespian.actors import InvalidActorAddress
+    from thespian.system.multiprocCommon import multiprocessCommon
+
+    def refuse_to_start(self, admin_address, *args, **kwargs):
+        raise InvalidActorAddress(admin_address, "no admin there (a stop starts none)")
+
+    multiprocessCommon._startAdmin = refuse_to_start   # in this process only
+    from actorbroker.actors.system import connect_system
+    try:
+        connect_system(admin_port, host, secret).shutdown()
+    except InvalidActorAddress:
+        pass   # already gone
+
+
+def stop_actor_system_process(admin_port, host, secret):
+    """stop_actor_system from a new process (for an actor: the root, once serve is gone); the
+    secret goes through its stdin."""
+    import subprocess
+    import sys
+    stopper = subprocess.Popen(
+        [sys.executable, "-m", "actorbroker.actors.process", "--stop-system", str(admin_port), host],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    stopper.stdin.write(secret)   # a few bytes: fits the pipe, never blocks
+    stopper.stdin.close()
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["--stop-system"] and len(sys.argv) == 4:
+        stop_actor_system(int(sys.argv[2]), sys.argv[3], sys.stdin.buffer.read())

@@ -7,6 +7,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -271,13 +272,26 @@ def serve(args):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
+    # Until the root actor watches this process (it answers BrokerStarted once it does), the guard
+    # does: killed meanwhile, even by SIGKILL, this process leaves no actor system behind.
+    guard = StartupGuard(secret, config.actor_host, data_dir, args.log_format)
+    try:
+        return _serve(args, config, admin_port, data_dir, secret, files, stop, guard)
+    finally:
+        guard.close()
+
+
+def _serve(args, config, admin_port, data_dir, secret, files, stop, guard):
     for attempt in range(5):   # a free port may be taken before the admin binds it: pick again
         port = admin_port or free_port(args.actor_host)
+        guard.tell("starting", port)
         try:
             start_system_process(port, config.actor_host, data_dir, secret, args.log_level,
                                  config.node, args.join or "", args.log_format)
+            guard.tell("up", port)
             break
         except subprocess.CalledProcessError as exc:
+            guard.tell("failed", port)   # no admin of ours on that port
             if exc.returncode != ADMIN_PORT_TAKEN or admin_port or attempt == 4:
                 say(f"error: cannot start the actor system on admin port {port}", file=sys.stderr)
                 return 1
@@ -296,6 +310,7 @@ def serve(args):
                 stop_system(system, reply.admin_pid)
                 system = None
             return 1
+        guard.tell("done")   # the root watches this process now (on_StartBroker)
         metrics = f"; metrics on http://{config.metrics_host}:{reply.metrics_port}/metrics" \
             if reply.metrics_port is not None else ""
         say(f"actorbroker listening on {reply.host}:{reply.port} "
@@ -527,3 +542,114 @@ def kill_system(known):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+# How long the guard of a serve killed while its admin was starting waits for that admin to listen
+# (it is then shut down), and how long it then waits for the admin to be gone.
+GUARD_ADMIN_WAIT_S = START_TIMEOUT_S
+GUARD_STOP_WAIT_S = SHUTDOWN_GRACE_S
+
+
+class StartupGuard:
+    """A process of its own (ab-guard) that shuts the actor system down if serve dies before the
+    root actor watches serve.
+
+    The admin daemonizes (THESPIAN-NOTES.md, "Process tree"): nothing ties it to serve until the
+    root actor opens its pidfd of serve, on StartBroker. serve killed before that (kill -9 while
+    starting) left the admin, its logger and maybe the root running for good, holding the admin
+    port. serve tells the guard, over a pipe, each admin port it starts an admin on, whether that
+    admin came up, and "done" once the root has answered BrokerStarted (it watches serve from
+    then on). The pipe's end without "done" means serve is gone (or returned): the guard then
+    shuts down the admin on the last port that was ours, waiting for it to listen if it was still
+    starting. Forked, it holds the secret Thespian's shutdown must be signed with; in a session
+    of its own, a kill of serve's process group does not take it along."""
+
+    def __init__(self, secret, host, data_dir, log_format="text"):
+        read_end, self.pipe = os.pipe()
+        child = os.fork()
+        if child == 0:   # forks the guard and ends: the guard is not serve's child (no zombie)
+            code = 0
+            try:
+                os.close(self.pipe)
+                if os.fork() == 0:
+                    _guard(read_end, secret, host, data_dir, log_format)
+            except BaseException:   # noqa: BLE001 - never return into serve's code
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(read_end)
+        os.waitpid(child, 0)
+
+    def tell(self, *words):
+        if self.pipe is None:
+            return
+        try:
+            os.write(self.pipe, (" ".join(map(str, words)) + "\n").encode())
+        except OSError:   # the guard is gone (killed): serve goes on without it
+            pass
+        if words[0] == "done":
+            self.close()
+
+    def close(self):
+        """serve returns: the guard reads the end of the pipe (and ends; after "done" at once)."""
+        if self.pipe is not None:
+            os.close(self.pipe)
+            self.pipe = None
+
+
+def _guard(read_end, secret, host, data_dir, log_format):
+    from actorbroker.actors.process import name_process
+    os.setsid()
+    name_process("ab-guard")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a Ctrl-C is serve's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):   # never hold serve's stdout (a test's pipe, a terminal) open
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    port, up = None, False
+    with os.fdopen(read_end, "rb") as pipe:
+        for line in pipe:
+            word, *rest = line.decode().split()
+            if word == "done":
+                return
+            if word == "starting":
+                port, up = int(rest[0]), False
+            elif word == "up":
+                up = True
+            elif word == "failed":
+                port = None
+    if port is None:
+        return
+    deadline = time.monotonic() + (0 if up else GUARD_ADMIN_WAIT_S)
+    while not _accepts(host, port):
+        if time.monotonic() >= deadline:
+            return   # no admin came up (or serve had shut it down itself)
+        time.sleep(0.05)
+    try:   # a line in broker.log, in its format
+        import logging.config
+        from actorbroker.actors.system import log_defs
+        defs = log_defs(os.path.join(data_dir, "broker.log"), "INFO", log_format)
+        defs["loggers"] = {"actorbroker.serve": defs.pop("root")}   # not Thespian's lines
+        logging.config.dictConfig(defs)
+        logging.getLogger("actorbroker.serve").warning(
+            "serve ended before the broker had started; shutting the actor system down")
+    except (OSError, ValueError):
+        pass
+    from actorbroker.actors.process import stop_actor_system
+    try:
+        stop_actor_system(port, host, secret)
+    except Exception:   # noqa: BLE001 - the admin went away meanwhile (the root stopped it)
+        pass
+    deadline = time.monotonic() + GUARD_STOP_WAIT_S
+    while _accepts(host, port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _accepts(host, port):
+    """Does something listen on host:port?"""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -229,3 +229,92 @@ def test_actor_processes_inherit_the_temporary_directory_already_computed():
                           "print(tempfile.tempdir)"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() not in ("", "None")
+
+
+def _processes_with(marks):
+    """Live processes whose command line contains one of `marks` (found in /proc)."""
+    from actorbroker.scripts import proctree
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(mark in command for mark in marks) and proctree.alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def _describe(pids):
+    from actorbroker.scripts import proctree
+    from tests.util import parent_of
+    return [(pid, parent_of(pid), proctree.name(pid)) for pid in pids]
+
+
+def _listens(port):
+    return any(local[1] == port for _, local, _ in sockets.tcp_sockets("0A"))
+
+
+def _startup_stage(serve_pid, data_dir, admin_port):
+    """How far serve's start has come: "starter" (its child starting the admin runs), "admin" (the
+    admin listens), "root" (the root actor's process exists); None before."""
+    from actorbroker.scripts import proctree
+    from tests.util import parent_of
+    procs = _processes_with([str(data_dir)])
+    if any(proctree.name(p) == "ab-root" for p in procs):
+        return "root"
+    if _listens(admin_port):
+        return "admin"
+    if any(parent_of(p) == serve_pid and "actorbroker.actors.system" in open(f"/proc/{p}/cmdline").read()
+           for p in procs if proctree.alive(p)):
+        return "starter"
+    return None
+
+
+@pytest.mark.parametrize("stage", ["starter", "admin", "root"])
+def test_sigkill_of_serve_while_it_starts_leaves_no_process(start_broker, tmp_path, stage):
+    """kill -9 of serve during its start (before its "listening" line): the admin daemonizes, and
+    only the root actor watched serve, from its StartBroker on. Killed before that, serve left the
+    admin, its logger and maybe the root running for good, holding the admin port: a restart on
+    the same --admin-port failed. Now every process serve started ends within a few seconds,
+    whatever the moment, and the admin port can serve again."""
+    import subprocess
+    import sys
+    import time
+    from actorbroker.actors.system import free_port
+    admin_port = free_port()
+    data_dir = tmp_path / "data"
+    serve = subprocess.Popen([sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+                              "--data-dir", str(data_dir), "--admin-port", str(admin_port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    # serve, its guard, the admin's tree; a process stopping the system
+    marks = [str(data_dir), f"--admin-port {admin_port} ", f"--stop-system {admin_port} "]
+    try:
+        order = ["starter", "admin", "root"]
+        deadline = time.monotonic() + 60
+        while True:   # poll the start until it reaches the stage (or a later one: missed)
+            reached = _startup_stage(serve.pid, data_dir, admin_port)
+            if reached is not None and order.index(reached) >= order.index(stage):
+                break
+            assert serve.poll() is None and time.monotonic() < deadline, "serve did not start"
+        serve.kill()
+        serve.wait()
+        assert reached == stage, f"the start passed {stage} before it was seen"
+        assert serve.stdout.read() == b"", "killed after the start completed"
+        deadline = time.monotonic() + 10
+        while _processes_with(marks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = _processes_with(marks)
+        assert left == [], f"processes of the killed serve left running: {_describe(left)}"
+        assert not _listens(admin_port)
+    finally:
+        for pid in _processes_with(marks):   # do not leak them into the next test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        serve.stdout.close()
+    start_broker("--admin-port", str(admin_port), data_dir=data_dir)   # the admin port serves again
