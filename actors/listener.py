@@ -7,7 +7,10 @@ socket (an AF_UNIX socketpair, `socket.send_fds`): nothing is forked per connect
 
 It enforces the connection limits (in total and per peer host) from what the shards report, plus
 the sockets handed over that their shard has not reported taking yet: each socket is sent with a
-number, and a shard reports the number of the last one it took.
+number, and a shard reports the number of the last one it took. Shards report at most every 100 ms:
+a connection from a host at its limit is held while the shards that count that host's connections
+recount them at once (RecountHost), so that one that has just closed no longer counts (a client
+that closes and reconnects at once is not refused).
 """
 import collections
 import errno
@@ -46,6 +49,9 @@ class ListenFailed:
 HANDOFF_TAG = struct.Struct(">Q")   # the number of a socket handed to a shard, sent with it
 HANDOFF_RETRY_S = 0.005   # every shard's handoff socket full: try the held socket again this soon
 HOLD_AT_MOST_S = 10.0     # ... and refuse it (OVERLOADED) if no shard took it for this long
+RECOUNT_TIMEOUT_S = 1.0   # a shard that did not answer a RecountHost by then counts as it last did
+RECOUNT_EVERY_S = 0.1     # a host refused after a recount is refused at once for this long
+RECOUNT_HOLD_MAX = 64     # connections of one host held for its recount; beyond, refused at once
 _HANDOFF = "handoff"
 
 
@@ -61,6 +67,15 @@ class ShardLoad:
     handoff_seq: int = 0
     opened: dict = None
     finished: dict = None
+    recount: int = 0    # the RecountHost this report answers (0: none)
+
+
+@dataclass(frozen=True)
+class RecountHost:
+    """To a shard: the listener would refuse a connection from `host` (max_connections_per_address).
+    End its connections from `host` that have hung up, and report (ShardLoad, `recount=token`) now."""
+    host: str
+    token: int
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,7 @@ class ClientsStopped:
 
 class _Pair:
     """One ConnectionActor (and through it one shard) and our end of its handoff socket."""
-    __slots__ = ("address", "handoff", "open", "ident", "seq", "handed", "handed_hosts", "hosts")
+    __slots__ = ("address", "handoff", "open", "ident", "seq", "handed", "handed_hosts", "hosts", "shard")
 
     def __init__(self, address, handoff):
         self.address, self.handoff = address, handoff
@@ -97,6 +112,7 @@ class _Pair:
         self.handed = collections.deque()            # (number, host) not yet reported taken
         self.handed_hosts = collections.Counter()    # host -> sockets in `handed`
         self.hosts = collections.Counter()           # host -> open connections, as reported
+        self.shard = None   # the ShardActor, once it has reported
 
     def load(self):
         return self.open + len(self.handed)
@@ -140,6 +156,11 @@ class ListenerActor(BrokerActor):
         self.stop_asker = None     # who asked StopClients, until every pair has answered
         self.stops_waited = 0
         self.held = None           # (socket, host, since): accepted, every shard's handoff full
+        # token -> (host, pairs not answered, pairs whose shard has not reported yet, sockets held)
+        self.recounts = {}
+        self.recounting = {}       # host -> token of its recount under way
+        self.next_recount = 1
+        self.refused_at = {}       # host -> when a recount last ended in refusing it
 
     def watch(self):
         # while a socket is held, the rest wait in the kernel's accept queue (not watched: the
@@ -199,6 +220,9 @@ class ListenerActor(BrokerActor):
                 return
 
     def on_WakeupMessage(self, msg, sender):
+        if isinstance(msg.payload, tuple) and msg.payload[0] == "recount":
+            self._recounted(msg.payload[1])
+            return
         if msg.payload != _HANDOFF or self.held is None:
             return
         conn, host, since = self.held
@@ -214,7 +238,7 @@ class ListenerActor(BrokerActor):
         if self.sock is not None:
             self._accept()
 
-    def _hand_over(self, conn, host):
+    def _hand_over(self, conn, host, recounted=False):
         """Hand the socket to the next shard (or refuse it); False if every shard's handoff
         socket is full for now (busy shards): the caller holds it and tries again shortly,
         rather than refusing a client for a moment of load."""
@@ -224,6 +248,12 @@ class ListenerActor(BrokerActor):
                 self._refuse(conn, f"too many connections (max_connections {self.config.max_connections})")
             return True
         if sum(p.from_host(host) for p in pairs) >= self.config.max_connections_per_address:
+            if not recounted and self._recount(conn, host):
+                return True   # held until the shards have counted that host's connections again
+            if recounted:
+                if len(self.refused_at) > 4096:
+                    self.refused_at.clear()
+                self.refused_at[host] = time.monotonic()
             with conn:
                 self._refuse(conn, f"too many connections from {host} "
                                    f"(max_connections_per_address {self.config.max_connections_per_address})")
@@ -250,6 +280,51 @@ class ListenerActor(BrokerActor):
             self._refuse(conn, "no connection shard available")
         return True
 
+    def _recount(self, conn, host):
+        """Hold `conn` while the shards counting connections from `host` recount them (their last
+        report may be up to 100 ms old: a connection closed since still counts there); False if
+        it is to be refused at once."""
+        token = self.recounting.get(host)
+        if token is not None:   # a recount of that host is under way: wait for it too
+            held = self.recounts[token][3]
+            if len(held) >= RECOUNT_HOLD_MAX:
+                return False
+            held.append(conn)
+            return True
+        if time.monotonic() - self.refused_at.get(host, float("-inf")) < RECOUNT_EVERY_S:
+            return False   # refused a moment ago after a recount: a client insisting
+        counting = [index for index, pair in enumerate(self.pairs) if pair is not None and pair.from_host(host)]
+        asked = {index for index in counting if self.pairs[index].shard is not None}
+        new = set(counting) - asked   # a shard just started: asked once it has reported
+        if not counting:
+            return False
+        token = self.next_recount
+        self.next_recount += 1
+        self.recounts[token] = (host, asked, new, [conn])
+        self.recounting[host] = token
+        for index in asked:
+            self.send(self.pairs[index].shard, RecountHost(host, token))
+        self.wakeupAfter(timedelta(seconds=RECOUNT_TIMEOUT_S), payload=("recount", token))
+        return True
+
+    def _recounted(self, token):
+        """Every shard asked has answered (or the time is up): the held sockets go on."""
+        recount = self.recounts.pop(token, None)
+        if recount is None:
+            return
+        host, _, _, held = recount
+        del self.recounting[host]
+        for conn in held:
+            if self.sock is None:   # stopping
+                conn.close()
+            elif not self._hand_over(conn, host, recounted=True):
+                if self.held is None:   # every shard's handoff full: as _accept
+                    self.held = (conn, host, time.monotonic())
+                    self.wakeupAfter(timedelta(seconds=HANDOFF_RETRY_S), payload=_HANDOFF)
+                else:
+                    with conn:
+                        self._refuse(conn, "no connection shard is taking connections")
+
     @staticmethod
     def _refuse(conn, text):
         try:  # a fresh socket's send buffer is empty: this small write does not block
@@ -262,6 +337,16 @@ class ListenerActor(BrokerActor):
         pair = self.pairs[msg.index] if msg.index < len(self.pairs) else None
         if pair is not None:
             pair.reported(msg)
+            pair.shard = sender
+        for token, (host, asked, new, _) in list(self.recounts.items()):
+            if token == msg.recount:
+                asked.discard(msg.index)
+            elif msg.index in new:   # a new shard's first report: now it can be asked
+                new.discard(msg.index)
+                asked.add(msg.index)
+                self.send(sender, RecountHost(host, token))
+            if not asked and not new:
+                self._recounted(token)
 
     def on_CountConnections(self, msg, sender):
         shards = [pair.open for pair in self.pairs if pair is not None]
@@ -296,6 +381,8 @@ class ListenerActor(BrokerActor):
         if self.held is not None:
             self.held[0].close()
             self.held = None
+        for token in list(self.recounts):
+            self._recounted(token)   # closes the sockets held: no socket to listen on any more
         self.stop_asker = sender
         pairs = [p for p in self.pairs if p is not None]
         self.stops_waited = len(pairs)

@@ -231,7 +231,7 @@ class ShardActor(BrokerActor):
         self.handoff = socket.socket(fileno=msg.handoff_fd)
         self.handoff.setblocking(False)
         self.reactor.add(self.handoff.fileno(), _Handoff(self))
-        self._load_changed()
+        self._report_load()   # at once: the listener learns our address (RecountHost)
         self.events = msg.config.events
         self.metrics_on = msg.config.metrics is not None
         self.start_reports(msg.config.metrics)
@@ -298,13 +298,14 @@ class ShardActor(BrokerActor):
             self.load_report_due = True
             self._timer(time.monotonic() + LOAD_REPORT_S, "load", 0)
 
-    def _report_load(self):
-        self.load_report_due = False
-        if len(self.clients) != self.reported_load or self.opened or self.finished:
+    def _report_load(self, recount=0):
+        if not recount:   # (a report due stays due)
+            self.load_report_due = False
+        if recount or len(self.clients) != self.reported_load or self.opened or self.finished:
             self.reported_load = len(self.clients)
             self.send(self.listener, listener.ShardLoad(self.index, self.reported_load, self.ident,
                                                         self.handoff_seq, dict(self.opened),
-                                                        dict(self.finished)))
+                                                        dict(self.finished), recount))
             self.opened.clear()
             self.finished.clear()
 
@@ -902,6 +903,17 @@ class ShardActor(BrokerActor):
         except OSError:
             pass
         self._load_changed()
+
+    def on_RecountHost(self, msg, sender):
+        """The listener would refuse a connection from this host (max_connections_per_address),
+        maybe counting one that has just closed: those of its connections that have hung up, their
+        EOF not read yet, are read to their end now, and the count goes to the listener at once."""
+        for client in [c for c in self.clients.values() if c.address == msg.host]:
+            for _ in range(64):   # a read takes at most MAX_READ_PER_EVENT
+                if client.state == "closed" or not hung_up(client.sock):
+                    break
+                self._readable(client)
+        self._report_load(recount=msg.token)
 
     def on_StopClients(self, msg, sender):
         """The broker is stopping: every client connection ends now, on the usual path (its

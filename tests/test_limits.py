@@ -74,6 +74,29 @@ def test_connections_per_address(start_broker):
     assert_alive(third)
 
 
+def test_a_connection_its_client_closed_no_longer_counts_for_its_address(start_broker, topic):
+    """--max-connections-per-address 1: a client that closed its connection and reconnected at once
+    got OVERLOADED for ~100 ms, until its shard's next load report told the listener of the close.
+    Now the listener has the shards recount that host before it refuses: every reconnect is
+    accepted at once, and the limit still holds for connections that are open."""
+    from tests.test_reliable import producer, receive, send, subscribe
+    b = start_broker("--max-connections-per-address", "1")
+    conn = connect(b)
+    for i in range(20):
+        if i % 4 == 1:   # one with a producer, and a consumer holding unacknowledged messages
+            send(conn, producer(conn, topic), [b"m%d" % i])
+            subscribe(conn, topic, "s", name=f"c{i}", start="earliest")
+            assert receive(conn, 1)
+        conn.close()
+        conn = RawConnection(*b.address)
+        conn.send_frame({"op": "hello", "rid": 1, "version": 1, "client": f"again{i}"})
+        reply = conn.recv_frame()
+        assert reply is not None and reply["op"] == "welcome", (i, reply)
+    refused(b)
+    assert_alive(conn)
+    conn.close()
+
+
 # --- producers, consumers, topics, subscriptions ------------------------------------------------
 
 def test_producers_per_connection(start_broker, topic):
