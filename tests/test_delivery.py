@@ -306,13 +306,15 @@ def test_subscribes_racing_a_delete_topic_are_all_answered(broker, topic, dispat
         holder.request(dict(frame, consumer="holder"))
         newcomers = [RawConnection(*broker.address) for _ in range(8)]
         for i, conn in enumerate(newcomers):
-            conn.hello()
+            conn.hello(heartbeat_ms=60000)
             conn.send_frame(dict(frame, consumer=f"n{i}", rid=7))
             if i == 3 + round_ % 4:
                 admin.send_frame({"op": "delete_topic", "topic": name, "rid": round_ + 100})
         for i, conn in enumerate(newcomers):
             reply = conn.recv_frame(timeout=10)
-            while reply is not None and reply.get("rid") != 7:
+            while reply is not None and (reply.get("rid") != 7 or reply["op"] == "ping"):
+                if reply["op"] == "ping":
+                    conn.send_frame({"op": "pong", "rid": reply["rid"]})
                 reply = conn.recv_frame(timeout=10)
             assert reply is not None and reply.get("code") != "INTERNAL", (round_, i, reply)
             conn.close()
