@@ -222,13 +222,15 @@ export class Client extends EventEmitter {
   }
 
   /**
-   * Ends everything: flushes the producers (waiting for their receipts up to `timeoutMs`,
-   * default 5000), then closes the connection. Consumers' iterators end.
+   * Ends everything: sends the consumers' acks not yet sent and flushes the producers (waiting
+   * for the broker's answers to acks, nacks and sends up to `timeoutMs`, default 5000), then
+   * closes the connection. Consumers' iterators end.
    */
   async close({ signal, timeoutMs = 5000 } = {}) {
     if (this.closedWith) return;
+    const settles = [...this.consumers.values()].map((c) => c.settleAcks());
     const flushes = [...this.producers.values()].map((p) => p.flush().catch(noop));
-    await waitFor((resolve) => Promise.all(flushes).then(resolve), { signal, timeoutMs, what: "close" }).catch(noop);
+    await waitFor((resolve) => Promise.all([...settles, ...flushes]).then(resolve), { signal, timeoutMs, what: "close" }).catch(noop);
     if (this.closedWith) return;
     const socket = this.socket;
     const closing = new Promise((resolve) => socket.once("close", resolve));

@@ -5,6 +5,10 @@ import { EventEmitter } from "node:events";
 import { ActorbrokerError, ClosedError } from "./errors.js";
 import { deferred, waitFor } from "./waiting.js";
 
+// Bytes of an `ack` / `nack` frame around its ids: the map with op, rid, consumer, delay_ms and
+// the list header, each number at its longest (9 bytes), with room to spare.
+const IDS_FRAME_OVERHEAD = 96;
+
 /** The `subscribe` frame for the options of Client.subscribe(). */
 export function subscribeFrame(o) {
   return {
@@ -61,6 +65,8 @@ export class Consumer extends EventEmitter {
     this.takers = []; // receive() waiters, oldest first
     this.taken = 0; // messages taken since the last flow
     this.acks = null; // ids waiting for the ack frame of this turn, with their waiters
+    this.acksTimer = null; // the setImmediate that sends them
+    this.unanswered = new Set(); // ack and nack frames sent and not yet answered (promises)
     this.endedWith = undefined; // null: closed by us; an error: ended by the broker or the connection
   }
 
@@ -104,30 +110,70 @@ export class Consumer extends EventEmitter {
   }
 
   /** Acknowledges ids (a number, a Message, or an array of them); acks of one event-loop turn
-   * travel in one frame. Resolves once the broker answered (reliable: once it is on disk). */
+   * travel in one frame (in several when they do not fit in the broker's max_frame). Resolves
+   * once the broker answered them all (reliable: once they are on disk); rejects if any failed. */
   ack(ids) {
     if (this.endedWith !== undefined) return rejected(this.endReason());
     if (!this.acks) {
       this.acks = { ids: [], wait: deferred() };
-      setImmediate(() => this.sendAcks());
+      this.acksTimer = setImmediate(() => this.sendAcks());
     }
     for (const id of idList(ids)) this.acks.ids.push(id);
     return this.acks.wait.promise;
   }
 
+  /** Sends the acks of this turn now (also done by close() before it ends anything). */
   sendAcks() {
+    if (!this.acks) return;
+    clearImmediate(this.acksTimer);
     const { ids, wait } = this.acks;
     this.acks = null;
-    this.client.call({ op: "ack", consumer: this.id, ids }, { reply: () => wait.resolve(), fail: wait.reject });
+    this.acksTimer = null;
+    this.sendIds({ op: "ack", consumer: this.id }, ids, wait);
   }
 
   /** Asks the broker to redeliver these ids (after delayMs). */
   nack(ids, { delayMs } = {}) {
     if (this.endedWith !== undefined) return rejected(this.endReason());
     const wait = deferred();
-    this.client.call({ op: "nack", consumer: this.id, ids: idList(ids), delay_ms: delayMs },
-      { reply: () => wait.resolve(), fail: wait.reject });
+    this.sendIds({ op: "nack", consumer: this.id, delay_ms: delayMs }, idList(ids), wait);
     return wait.promise;
+  }
+
+  /**
+   * Sends an `ack` / `nack` of `ids` in as many frames (each with its rid) as the broker's
+   * max_frame needs (PROTOCOL.md: it bounds frames in both directions): `wait` resolves once
+   * every part is answered, and rejects with the first error of any part.
+   */
+  sendIds(frame, ids, wait) {
+    const parts = splitIds(ids, this.client.maxFrame - IDS_FRAME_OVERHEAD);
+    let left = parts.length;
+    let failed = false;
+    for (const part of parts) {
+      const answered = new Promise((settle) => {
+        this.client.call({ ...frame, ids: part }, {
+          reply: () => {
+            settle();
+            if (--left === 0 && !failed) wait.resolve();
+          },
+          fail: (error) => {
+            settle();
+            if (!failed) {
+              failed = true;
+              wait.reject(error);
+            }
+          },
+        });
+      });
+      this.unanswered.add(answered);
+      answered.then(() => this.unanswered.delete(answered));
+    }
+  }
+
+  /** Sends the acks of this turn and resolves once every ack and nack sent is answered. */
+  async settleAcks() {
+    this.sendAcks();
+    while (this.unanswered.size) await Promise.all([...this.unanswered]);
   }
 
   /** Detaches this consumer; its unacknowledged messages return to the subscription. */
@@ -142,6 +188,7 @@ export class Consumer extends EventEmitter {
 
   async detach(op, wait) {
     if (this.endedWith !== undefined) return;
+    this.sendAcks(); // acks of this turn go before the close, while the consumer is still there
     this.end(null);
     await this.client.request({ op, consumer: this.id }, wait);
   }
@@ -223,6 +270,35 @@ export class Consumer extends EventEmitter {
 function idList(ids) {
   const list = Array.isArray(ids) ? ids : [ids];
   return list.map((x) => (x instanceof Message ? x.id : x));
+}
+
+// ids cut into lists whose msgpack fits in `budget` bytes (at least one list, maybe empty).
+function splitIds(ids, budget) {
+  const parts = [];
+  let part = [];
+  let bytes = 0;
+  for (const id of ids) {
+    const size = uintBytes(id);
+    if (part.length && bytes + size > budget) {
+      parts.push(part);
+      part = [];
+      bytes = 0;
+    }
+    part.push(id);
+    bytes += size;
+  }
+  parts.push(part);
+  return parts;
+}
+
+// msgpack bytes of an id: a positive fixint, uint 8/16/32/64 (anything else counted at the longest).
+function uintBytes(id) {
+  if (typeof id !== "number" || !Number.isInteger(id) || id < 0) return 9;
+  if (id < 0x80) return 1;
+  if (id < 0x100) return 2;
+  if (id < 0x10000) return 3;
+  if (id < 2 ** 32) return 5;
+  return 9;
 }
 
 function rejected(error) {

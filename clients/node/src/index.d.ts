@@ -101,7 +101,8 @@ export declare class Client extends EventEmitter {
   deleteTopic(topic: string, options?: WaitOptions): Promise<void>;
   /** Round trip in milliseconds. */
   ping(options?: WaitOptions): Promise<number>;
-  /** Flushes the producers (up to timeoutMs, default 5000), then closes the connection. */
+  /** Sends the consumers' pending acks and flushes the producers (waiting for the answers up to
+   * timeoutMs, default 5000), then closes the connection. */
   close(options?: WaitOptions): Promise<void>;
   /** Sends a raw protocol request (a rid is added) and resolves with its reply frame. */
   request(frame: Record<string, unknown>, options?: WaitOptions): Promise<Record<string, unknown>>;

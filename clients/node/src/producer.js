@@ -47,23 +47,18 @@ export class Producer {
    */
   send(payload, { key, attrs } = {}) {
     const wait = deferred();
-    if (this.closedWith) {
-      wait.reject(this.closedWith);
-      return wait.promise;
-    }
+    if (this.closedWith) return this.refuse(wait, this.closedWith);
     const msg = { payload: asBytes(payload), key: key ?? undefined, attrs: attrs ?? undefined };
     // Every check the broker makes of one message is made here, before batching: the broker
     // refuses a whole `send` frame for one bad message, failing the others batched with it.
     const size = messageSize(msg);
     const tooLong = longName(msg);
     if (tooLong) {
-      wait.reject(new ActorbrokerError("BAD_REQUEST", `${tooLong} is longer than ${MAX_NAME_BYTES} bytes`));
-      return wait.promise;
+      return this.refuse(wait, new ActorbrokerError("BAD_REQUEST", `${tooLong} is longer than ${MAX_NAME_BYTES} bytes`));
     }
     if (size > this.maxMessage) {
-      wait.reject(new ActorbrokerError("MESSAGE_TOO_LARGE",
+      return this.refuse(wait, new ActorbrokerError("MESSAGE_TOO_LARGE",
         `a message of ${size} bytes does not fit the broker's max_frame of ${this.client.maxFrame}`));
-      return wait.promise;
     }
     if (this.batch.bytes + size > this.frameBudget) this.seal();
     this.batch.msgs.push(msg);
@@ -71,6 +66,14 @@ export class Producer {
     this.batch.bytes += size;
     if (this.batch.msgs.length >= this.maxBatch) this.seal();
     else this.schedule();
+    return wait.promise;
+  }
+
+  // A send failed before it reached the wire: its promise rejects (handled: nobody need await
+  // it), and the next flush() reports the error too.
+  refuse(wait, error) {
+    if (!this.failure) this.failure = error;
+    wait.reject(error);
     return wait.promise;
   }
 
