@@ -372,8 +372,9 @@ PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
 def cluster_problem(args):
     """Why the cluster options cannot serve (None if they can)."""
     if not args.cluster_bind:
-        return "--join, --node and --trust-cluster-network need --cluster-bind" \
-            if args.join or args.node or args.trust_cluster_network else None
+        if args.join or args.node or args.trust_cluster_network:
+            return "--join, --node and --trust-cluster-network need --cluster-bind"
+        return actor_host_problem(args)
     try:
         host, port = host_port(args.cluster_bind)
         address = ipaddress.ip_address(host)
@@ -392,6 +393,20 @@ def cluster_problem(args):
     if args.actor_host != "127.0.0.1":
         return "--actor-host and --cluster-bind both set Thespian's interface: give one"
     return None
+
+
+def actor_host_problem(args):
+    """Thespian's sockets unpickle what they receive: off loopback only in a multi-host convention,
+    whose hosts share a secret (a per-run secret cannot be shared: no other host could join)."""
+    try:
+        loopback = ipaddress.ip_address(args.actor_host).is_loopback
+    except ValueError:
+        loopback = args.actor_host == "localhost"
+    if loopback or args.cluster_secret_file:
+        return None
+    return (f"--actor-host {args.actor_host} is not a loopback address: Thespian's sockets there unpickle "
+            "what they receive; a single broker keeps them on 127.0.0.1 (a multi-host convention: "
+            "--cluster-bind, or --cluster-secret-file with a trusted network)")
 
 
 def cluster_config(config, args):

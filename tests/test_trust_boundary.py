@@ -218,6 +218,23 @@ def test_secret_file_readable_by_others_or_short_is_refused(tmp_path):
     assert status == 1 and b"at least 32" in stderr
 
 
+def test_thespian_sockets_off_loopback_need_a_multi_host_convention(tmp_path):
+    # Thespian's sockets unpickle what they receive: a single broker (no shared secret, so no
+    # other host could ever join) refuses to put them on another interface, before starting.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "data"), "--actor-host", "0.0.0.0"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        stderr = proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:   # it serves: stopped in order (SIGTERM) before failing
+        proc.terminate()
+        proc.communicate(timeout=30)
+        raise AssertionError("serve started with Thespian's sockets on 0.0.0.0")
+    assert proc.returncode == 1 and b"not a loopback address" in stderr
+    assert not (tmp_path / "data").exists()
+
+
 # --- the signing serializer itself (pure, no sockets) ------------------------------------------
 
 def test_signed_pickle_round_trips_and_refuses_without_unpickling(tmp_path):
