@@ -604,7 +604,9 @@ class ShardActor(BrokerActor):
             client.pending_records = max(0, client.pending_records - producer.records)
         if client is not None and rids:
             self._write(client, b"".join(error_frame(E.INTERNAL, "the topic was lost before this send "
-                                                     "was receipted; send it again", rid) for rid in rids))
+                                                     "was receipted (it may have been stored: sent again, "
+                                                     "it may be there twice); send it again", rid)
+                                         for rid in rids))
 
     def _consumers_lost(self, consumer_ids, reason):
         lost = []
