@@ -1,10 +1,11 @@
-"""The asyncio client against a real broker."""
+"""The asyncio client against a real broker (and, for fixes in the core that both clients
+share, the threaded client beside it)."""
 import asyncio
 
 import pytest
 
-from actorbroker.transport.client import AsyncClient
-from actorbroker.transport.errors import ConsumerBusy
+from actorbroker.transport.client import AsyncClient, Client
+from actorbroker.transport.errors import ConsumerBusy, UnknownConsumer
 
 
 def run(coro):
@@ -69,4 +70,89 @@ def test_an_async_watcher_hears_the_loss_of_its_connection(start_broker, topic):
         with pytest.raises(ConnectionLost):   # and every later call
             await client.next_event(1)
         await client.close()
+    run(scenario())
+
+
+# --- acks of more ids than one frame holds --------------------------------------------------------
+
+def test_sync_acks_and_nacks_larger_than_max_frame_keep_the_connection(start_broker, topic):
+    """One ack frame over max_frame made the broker close the connection (FRAME_TOO_LARGE)."""
+    b = start_broker("--max-frame", "8192")
+    with Client(*b.address) as client:
+        assert client.max_frame == 8192
+        consumer = client.subscribe(topic, "s", "shared", "c", dispatch="reliable")
+        consumer.ack(range(5000))                      # never delivered: the broker ignores them
+        consumer.nack(range(5000), delay_ms=10)
+        consumer.ack(range(5000), sync=True)           # answered part by part, all waited for
+        assert client.ping() >= 0 and client.connected
+        consumer.close()
+        with pytest.raises(UnknownConsumer):           # a part that fails fails the call
+            consumer.ack(range(5000), sync=True)
+        assert client.connected
+
+
+def test_async_acks_and_nacks_larger_than_max_frame_keep_the_connection(start_broker, topic):
+    b = start_broker("--max-frame", "8192")
+
+    async def scenario():
+        async with await AsyncClient.connect(*b.address) as client:
+            consumer = await client.subscribe(topic, "s", "shared", "c", dispatch="reliable")
+            await consumer.nack(range(5000))
+            await consumer.ack(range(5000))
+            await consumer.nack(range(5000), sync=True)
+            assert await client.ping() >= 0 and client.connected
+            await consumer.close()
+            with pytest.raises(UnknownConsumer):
+                await consumer.ack(range(5000), sync=True)
+            assert client.connected
+    run(scenario())
+
+
+# --- a producer() / subscribe() given up before its reply ------------------------------------------
+
+def is_detached(event, name):
+    return event["kind"] == "consumer_detached" and event["consumer_name"] == name
+
+
+def detached_by_close(watcher, name):
+    """Reads a watcher's events up to the detachment of consumer `name`; returns that event."""
+    while not is_detached(event := watcher.next_event(10), name):
+        pass
+    return event
+
+
+async def async_detached_by_close(watcher, name):
+    while not is_detached(event := await watcher.next_event(10), name):
+        pass
+    return event
+
+
+def test_a_sync_subscribe_that_timed_out_is_closed_when_its_reply_comes(broker, topic):
+    """It stayed attached on the broker with no handle: an exclusive subscription then refused
+    everyone else (CONSUMER_BUSY) for as long as the connection lived."""
+    with Client(*broker.address) as client, Client(*broker.address) as watcher:
+        watcher.watch(topic)
+        with pytest.raises(TimeoutError):
+            client.subscribe(topic, "ex", "exclusive", "first", timeout=0)
+        assert detached_by_close(watcher, "first")["cause"] == "closed"
+        second = client.subscribe(topic, "ex", "exclusive", "second")
+        assert second.name == "second"
+
+
+def test_an_async_subscribe_that_timed_out_or_was_cancelled_is_closed_when_its_reply_comes(broker, topic):
+    async def scenario():
+        async with await AsyncClient.connect(*broker.address) as client, \
+                await AsyncClient.connect(*broker.address) as watcher:
+            await watcher.watch(topic)
+            with pytest.raises(TimeoutError):
+                await client.subscribe(topic, "ex", "exclusive", "first", timeout=0)
+            assert (await async_detached_by_close(watcher, "first"))["cause"] == "closed"
+            opening = asyncio.ensure_future(client.subscribe(topic, "ex", "exclusive", "second"))
+            await asyncio.sleep(0)       # one turn of the loop: the subscribe is sent, then waits
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            assert (await async_detached_by_close(watcher, "second"))["cause"] == "closed"
+            third = await client.subscribe(topic, "ex", "exclusive", "third")
+            assert third.name == "third"
     run(scenario())

@@ -289,6 +289,83 @@ def test_receiver_queue_credits_and_settle_frames():
     assert frames_of(core.one_way(consumer._flow_frame(1))) == [consumer._flow_frame(1)]
 
 
+def test_acks_and_nacks_of_many_ids_are_split_into_frames_within_max_frame():
+    """One frame over max_frame made the broker close the whole connection (FRAME_TOO_LARGE)."""
+    core = ClientCore("me")
+    _, consumer = open_(core, "consumer", {"op": "subscribed", "consumer": 9})
+    for ids in (list(range(5000)), [2**40 + i for i in range(3000)], [Message(i, b"x") for i in range(900)]):
+        frames = consumer._ack_frames("nack", ids, 1024, delay_ms=2**31)
+        assert len(frames) > 1
+        for frame in frames:
+            assert len(encode_frame(dict(frame, rid=2**40))) - 4 <= 1024
+            assert {k: v for k, v in frame.items() if k != "ids"} == {"op": "nack", "consumer": 9,
+                                                                       "delay_ms": 2**31}
+        assert [i for f in frames for i in f["ids"]] == [getattr(i, "id", i) for i in ids]
+    assert consumer._ack_frames("ack", [1, 2], 8192) == [{"op": "ack", "consumer": 9, "ids": [1, 2]}]
+    assert consumer._ack_frames("ack", [], 8192) == []
+
+
+# --- opens nobody waits for any more ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, reply", [("producer", {"op": "producer_ok", "producer": 5}),
+                                         ("consumer", {"op": "subscribed", "consumer": 6})])
+def test_an_abandoned_open_is_closed_again_when_its_reply_comes(kind, reply):
+    """A producer()/subscribe() that timed out: what the broker opened for it is closed, or an
+    exclusive producer or subscription would stay taken with nobody holding it."""
+    core = ClientCore("me")
+    if kind == "producer":
+        frame, make = open_producer(core, Producer, "/a/b", "p", None, "exclusive", 2, 3, 10)
+    else:
+        frame, make = open_consumer(core, Consumer, "/a/b", "s", "exclusive", "c", 4, True, None, {})
+    rid, _ = core.request(frame, "w", make, kind)
+    assert core.forget(rid) is True                            # timed out: still pending
+    [(event, data)] = feed(core, dict(reply, rid=rid))
+    [close] = frames_of(data)
+    assert event == WRITE and close == {"op": f"close_{kind}", kind: reply[kind], "rid": close["rid"]}
+    assert feed(core, {"op": "ok", "rid": close["rid"]}) == []           # nobody waits for it
+    assert core.producers() == [] and core._attachments.by_id == {}
+    rid, _ = core.request(frame, "w", make, kind)              # refused: nothing to close
+    core.forget(rid)
+    assert feed(core, {"op": "error", "rid": rid, "code": "PRODUCER_BUSY", "message": "x"}) == []
+    rid, _ = core.request(frame, "w", make, kind)              # lost first: nothing to settle
+    core.forget(rid)
+    assert core.connection_lost(E.ConnectionLost("gone")) == []
+    assert core.forget(rid) is False
+
+
+def test_forget_tells_whether_the_reply_was_taken_already():
+    core = ClientCore("me")
+    rid, _ = core.request({"op": "topics"}, "w")
+    assert feed(core, {"op": "topics", "rid": rid, "topics": []})[0][:2] == (REPLY, "w")
+    assert core.forget(rid) is False      # the waiter is settled: the I/O layer uses its outcome
+
+
+def test_a_reopen_refused_as_busy_is_retried_until_the_old_connection_must_be_gone():
+    """After a network cut the broker holds the old connection until its heartbeat finds it dead
+    (two beats, checked up to one late): an exclusive producer or consumer reopened meanwhile is
+    refused as busy, and retried with the reconnect's backoff until then (and a margin)."""
+    from actorbroker.transport.client.core import BUSY_RETRY_MARGIN_S, Reconnect
+    core = ClientCore("me")
+    core.welcomed({"heartbeat_ms": 1000})
+    _, producer = open_(core, "producer", {"op": "producer_ok", "producer": 1})
+    plan = Reconnect([("h", 1)], initial=0.1, maximum=0.5)
+    busy = E.error_for("PRODUCER_BUSY", "taken")
+    assert [core.reopen_retry(producer, busy, 100.0 + t, plan) for t in (0, 0.1, 0.3, 0.7, 1.2)] == \
+        [0.1, 0.2, 0.4, 0.5, 0.5]
+    deadline = 100.0 + 3 + BUSY_RETRY_MARGIN_S
+    assert core.reopen_retry(producer, busy, deadline - 0.2, plan) == pytest.approx(0.2)  # not past it
+    assert core.reopen_retry(producer, busy, deadline, plan) is None                   # given up
+    assert core.reopen_failed(producer, busy) is True                                  # ends as today
+    assert core.reopen_retry(producer, busy, 200.0, plan) == 0.1     # a later refusal: afresh
+    core.reopened(producer)
+    consumer_busy = E.error_for("CONSUMER_BUSY", "taken")
+    assert core.reopen_retry(producer, consumer_busy, 300.0, plan) == 0.1
+    core.restart(301.0)                                              # a new connection: afresh
+    assert core.reopen_retry(producer, consumer_busy, 301.0, plan) == 0.1
+    for final in (E.error_for("TYPE_MISMATCH", "no"), E.ConnectionLost("again")):
+        assert core.reopen_retry(producer, final, 302.0, plan) is None
+
+
 # --- heartbeat, broken input, the end ---------------------------------------------------------
 
 def test_heartbeat_pings_when_quiet_and_gives_up_after_three_beats():

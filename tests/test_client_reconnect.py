@@ -1,6 +1,7 @@
 """The Python clients' automatic reconnect: seed addresses, backoff, producers reopened and
 consumers subscribed again under their names, against real brokers killed and restarted."""
 import asyncio
+import socket
 import threading
 
 import pytest
@@ -219,3 +220,108 @@ def test_an_async_sender_blocked_on_a_broker_that_stopped_reading_gets_connectio
                 await producer.send(b"x" * 1024)
         await client.close(timeout=1)
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+# --- a network cut the broker has not seen yet ----------------------------------------------------
+
+class CuttingProxy:
+    """A TCP proxy to a broker; cut() closes the client side of every connection but leaves the
+    broker side open and silent, as a network cut does: the broker finds the connection dead only
+    by its heartbeat."""
+
+    def __init__(self, target):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.pairs, self.kept = [], []     # (client side, broker side, cut event) / broker sides cut off
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return                                     # closed
+            upstream = socket.create_connection(self.target)
+            cut = threading.Event()
+            with self.lock:
+                self.pairs.append((client, upstream, cut))
+            threading.Thread(target=self._pump, args=(client, upstream, cut), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, cut), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, cut):
+        try:
+            while (data := src.recv(65536)) and not cut.is_set():
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self):
+        """The clients see their connection end; the broker sees nothing (its side stays open)."""
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+            self.kept += [upstream for _, upstream, _ in pairs]
+        for client, _, cut in pairs:
+            cut.set()
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            client.close()
+
+    def close(self):
+        self.listener.close()
+        with self.lock:
+            for sock in [s for client, upstream, _ in self.pairs for s in (client, upstream)] + self.kept:
+                sock.close()
+
+
+@pytest.fixture
+def cut_broker(start_broker):
+    broker = start_broker()
+    proxy = CuttingProxy(broker.address)
+    yield broker, proxy
+    proxy.close()
+
+
+def test_sync_exclusive_producer_and_consumer_come_back_after_an_unseen_cut(cut_broker, topic):
+    """The broker still held the old connection's exclusive producer: its reopen got PRODUCER_BUSY
+    and the producer ended with ConnectionLost for good, though the broker dropped the old
+    connection two heartbeats later. It is now retried until then."""
+    broker, proxy = cut_broker
+    reconnected = threading.Event()
+    seeds = Reconnect([("127.0.0.1", proxy.port)], initial=0.05, maximum=0.2, give_up_after=30)
+    with Client("127.0.0.1", proxy.port, heartbeat_ms=300, reconnect=seeds,
+                on_reconnect=lambda c: reconnected.set()) as client:
+        producer = client.producer(topic, name="solo", access="exclusive", dispatch="reliable")
+        consumer = client.subscribe(topic, "ex", "exclusive", "only")
+        producer.send_sync(b"before")
+        consumer.ack(consumer.receive(10), sync=True)
+        proxy.cut()
+        assert reconnected.wait(30)
+        producer.send_sync(b"after", timeout=10)           # the same producer, open again
+        assert consumer.receive(10).payload == b"after"
+        assert client.stats(topic)["producers"] == 1
+
+
+def test_async_exclusive_producer_comes_back_after_a_cut_the_broker_has_not_seen(cut_broker, topic):
+    broker, proxy = cut_broker
+
+    async def scenario():
+        reconnected = asyncio.Event()
+        seeds = Reconnect([("127.0.0.1", proxy.port)], initial=0.05, maximum=0.2, give_up_after=30)
+        client = await AsyncClient.connect("127.0.0.1", proxy.port, heartbeat_ms=300, reconnect=seeds,
+                                           on_reconnect=lambda c: reconnected.set())
+        async with client:
+            producer = await client.producer(topic, name="solo", access="exclusive", dispatch="reliable")
+            consumer = await client.subscribe(topic, "ex", "exclusive", "only")
+            await producer.send_sync(b"before")
+            await consumer.ack(await consumer.receive(10), sync=True)
+            proxy.cut()
+            await asyncio.wait_for(reconnected.wait(), 30)
+            await producer.send_sync(b"after", timeout=10)
+            assert (await consumer.receive(10)).payload == b"after"
+            assert (await client.stats(topic))["producers"] == 1
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -87,13 +87,32 @@ class AsyncClient:
         return rid, waiter
 
     async def _wait(self, rid, waiter, timeout):
+        # asyncio.wait, not wait_for: wait_for's cancelling of the waiter yields to the loop, where
+        # the reply could be taken, and an opened producer or consumer dropped with nobody to close it.
         try:
-            return await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
-            if waiter.cancelled():
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:   # timed out, or the caller was cancelled: nobody waits for the reply
+            if not waiter.done():
+                waiter.cancel()
                 self._core.forget(rid)
-                raise TimeoutError(f"no reply within {timeout}s") from None
-            raise
+        if waiter.cancelled():
+            raise TimeoutError(f"no reply within {timeout}s")
+        return waiter.result()
+
+    async def _request_all(self, frames, timeout):
+        """Send the requests at once, then wait for all their replies (within `timeout` in all);
+        the first error of any of them is raised once all have answered."""
+        calls = [self._call(frame) for frame in frames]
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        error = None
+        for rid, waiter in calls:
+            try:
+                await self._wait(rid, waiter, None if deadline is None else max(0.0, deadline - loop.time()))
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     @staticmethod
     def _settle(waiter, result, error):
@@ -276,27 +295,46 @@ class AsyncClient:
         self._core.welcomed(waiter.result())
 
     async def _reopen_all(self):
-        """Open every kept producer and consumer again, resume them, then tell on_reconnect."""
-        waiters = []
-        for obj in self._core.take_detached():
-            waiter = asyncio.get_running_loop().create_future()
-            try:
-                _, data = self._core.reopen_request(obj, waiter)
-                self._writer.write(data)
-            except ConnectionLost as exc:
-                waiter.set_exception(exc)
-            waiters.append((obj, waiter))
-        for obj, waiter in waiters:
-            try:
-                await asyncio.wait_for(waiter, self._hello[3] * 2)
-                obj._resume()
-                continue
-            except asyncio.TimeoutError:
-                error = ConnectionLost("reopening it after a reconnect: no answer")
-            except Exception as exc:
-                error = exc
-            if self._core.reopen_failed(obj, error):
-                obj._lost(error, False)
+        """Open every kept producer and consumer again, resume them, then tell on_reconnect. One
+        refused as busy is tried again a little later (ClientCore.reopen_retry)."""
+        kept = self._core.take_detached()
+        todo = set(kept)   # neither resumed nor ended nor kept for the next reconnect yet
+        try:
+            while kept:
+                waiters = []
+                for obj in kept:
+                    waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        _, data = self._core.reopen_request(obj, waiter)
+                        self._writer.write(data)
+                    except ConnectionLost as exc:
+                        waiter.set_exception(exc)
+                    waiters.append((obj, waiter))
+                retry = []
+                for obj, waiter in waiters:
+                    try:
+                        await asyncio.wait_for(waiter, self._hello[3] * 2)
+                        self._core.reopened(obj)
+                        todo.discard(obj)
+                        obj._resume()
+                        continue
+                    except asyncio.TimeoutError:
+                        error = ConnectionLost("reopening it after a reconnect: no answer")
+                    except Exception as exc:
+                        error = exc
+                    delay = self._core.reopen_retry(obj, error, time.monotonic(), self._reconnect)
+                    if delay is not None:
+                        retry.append((delay, obj))
+                        continue
+                    todo.discard(obj)
+                    if self._core.reopen_failed(obj, error):
+                        obj._lost(error, False)
+                kept = [obj for _, obj in retry]
+                if retry:
+                    await asyncio.sleep(min(delay for delay, _ in retry))
+        finally:   # cancelled (the client closes): what is not settled yet ends now
+            for obj in todo:
+                obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
         if self._on_reconnect is not None and self.connected:
             self._on_reconnect(self)
 
@@ -560,18 +598,19 @@ class AsyncConsumer(ConsumerCore):
             self.flow(self._credits.initial())
 
     async def ack(self, msg_or_ids, sync=False, timeout=10):
-        await self._send_ack(self._ack_frame("ack", msg_or_ids), sync, timeout)
+        await self._send_ack(self._ack_frames("ack", msg_or_ids, self._client._core.max_frame), sync, timeout)
 
     async def nack(self, msg_or_ids, delay_ms=None, sync=False, timeout=10):
-        await self._send_ack(self._ack_frame("nack", msg_or_ids, delay_ms), sync, timeout)
+        await self._send_ack(self._ack_frames("nack", msg_or_ids, self._client._core.max_frame, delay_ms),
+                             sync, timeout)
 
-    async def _send_ack(self, frame, sync, timeout):
-        if frame is None:
-            return
-        if not sync:
-            self._client._send(frame)
-            return
-        await self._client.request(frame, timeout)
+    async def _send_ack(self, frames, sync, timeout):
+        """The frames (each within max_frame); sync: wait until the broker answered every one."""
+        if sync:
+            await self._client._request_all(frames, timeout)
+        else:
+            for frame in frames:
+                self._client._send(frame)
 
     async def close(self, timeout=10):
         if self._end is None:

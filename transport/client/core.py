@@ -12,7 +12,7 @@ aio.py with asyncio) carries out with its own primitives:
     (ACTIVE, consumer, bool)                 failover state of a consumer
     (CLOSED, producer_or_consumer, reason)   the broker ended it (already detached here)
     (LOST, producer_or_consumer, error, client_closing)   the connection is gone
-    (WRITE, bytes)                           answer to a broker ping
+    (WRITE, bytes)                           to write now: a pong, or the close of an abandoned open
     (BROKEN, exception)                      the bytes received cannot be used: abandon the connection
 
 `dispatch(events, client)` runs them by calling the I/O layer's hooks. `ProducerCore` and
@@ -27,8 +27,9 @@ from itertools import repeat
 
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, encode_frame
 from actorbroker.transport.errors import (
-    BAD_REQUEST, FATAL_CODES, INTERNAL, OVERLOADED, UNKNOWN_CONSUMER, UNKNOWN_PRODUCER, BrokerError,
-    ConnectionLost, ConsumerClosed, ProducerClosed, error_for, error_from_frame)
+    BAD_REQUEST, CONSUMER_BUSY, FATAL_CODES, INTERNAL, OVERLOADED, PRODUCER_BUSY, UNKNOWN_CONSUMER,
+    UNKNOWN_PRODUCER, BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed, error_for,
+    error_from_frame)
 
 
 DEFAULT_HOST = "127.0.0.1"
@@ -36,12 +37,21 @@ DEFAULT_PORT = 6650
 DEFAULT_HEARTBEAT_MS = 5000
 READ_SIZE = 256 * 1024
 DEAD_AFTER_HEARTBEATS = 3   # nothing at all received for this many heartbeats: the broker is gone
+# Reopening an exclusive producer or consumer after a reconnect is refused (PRODUCER_BUSY /
+# CONSUMER_BUSY) while the broker still holds the old connection, which it drops after two silent
+# heartbeats (PROTOCOL.md), checked at most a heartbeat late: the reopen is retried for this many
+# heartbeats after the first refusal, plus BUSY_RETRY_MARGIN_S, before the refusal is final.
+BUSY_RETRY_HEARTBEATS = DEAD_AFTER_HEARTBEATS
+BUSY_RETRY_MARGIN_S = 1.0
 
 # Bytes of a `send` frame around its records: length header, op, rid, producer id, msgs array header.
 SEND_OVERHEAD = 64
 # A record must also fit, alone, in the broker's `message` push to a consumer, whose envelope adds
 # the producer name, id, time and redeliveries; this margin covers that with room to spare.
 PUSH_MARGIN = 128
+# Bytes of an `ack` / `nack` frame around its ids (op, consumer, rid, delay_ms, the array header),
+# with room to spare; each id takes at most 9 bytes (a msgpack uint64).
+ACK_OVERHEAD = 96
 # A message's key and each attribute name and value: at most this many bytes of UTF-8 (PROTOCOL.md).
 MAX_NAME_BYTES = 255
 
@@ -50,6 +60,7 @@ REPLY, RECEIPT, MESSAGES, ACTIVE, CLOSED, LOST, WRITE, BROKEN, EVENT = (
     "reply", "receipt", "messages", "active", "closed", "lost", "write", "broken", "event")
 _IGNORED = ("ignored",)     # pending entry of a request whose reply nobody waits for (our pings)
 _CLOSING = "closing"        # pending entry kind of a close_producer/close_consumer (close_request)
+_ABANDONED = "abandoned"    # pending entry kind of a producer/subscribe request nobody waits for
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -117,6 +128,22 @@ def messages_of_push(frame, consumer_id):
 
 def message_from_record(record, consumer_id):
     return messages_of((record,), consumer_id)[0]
+
+
+def _int_size(n):
+    """Bytes of n as a msgpack int (at most)."""
+    if 0 <= n < 128:
+        return 1
+    if -32 <= n < 0:
+        return 1
+    return 2 if -128 <= n < 256 else 3 if -32768 <= n < 65536 else 5 if -2**31 <= n < 2**32 else 9
+
+
+def split_ids(ids, max_frame):
+    """ids in consecutive parts whose ack/nack frame each fits max_frame (PROTOCOL.md: it bounds
+    frames in both directions; a larger one makes the broker close the connection)."""
+    per_frame = max(1, (max_frame - ACK_OVERHEAD) // max(map(_int_size, (min(ids), max(ids)))))
+    return [ids[i:i + per_frame] for i in range(0, len(ids), per_frame)]
 
 
 def ids_of(msg_or_ids):
@@ -291,6 +318,11 @@ class Reconnect:
         if self.give_up_after is not None:
             delay = min(delay, max(0.0, self.lost_at + self.give_up_after - now))
         return self.addresses[n % len(self.addresses)], delay
+
+    def backoff(self, retries):
+        """The wait before the retry that follows `retries` others: `initial`, doubling, up to
+        `maximum`."""
+        return min(self.maximum, self.initial * 2 ** min(retries, 32))
 
 
 # --- batching ---------------------------------------------------------------------------------
@@ -659,6 +691,13 @@ class ConsumerCore:
             frame["delay_ms"] = delay_ms
         return frame
 
+    def _ack_frames(self, op, msg_or_ids, max_frame, delay_ms=None):
+        """The ack/nack frames for these messages, each within max_frame (none if no messages)."""
+        frame = self._ack_frame(op, msg_or_ids, delay_ms)
+        if frame is None:
+            return []
+        return [dict(frame, ids=part) for part in split_ids(frame["ids"], max_frame)]
+
     def _close_frame(self):
         return {"op": "close_consumer", "consumer": self.id}
 
@@ -707,6 +746,7 @@ class ClientCore:
         self._rids = itertools.count(1)
         self._decoder = FrameDecoder(max_frame=DEFAULT_MAX_FRAME)
         self.detached = []        # producers and consumers kept across a loss, to open again
+        self._busy = {}           # producer/consumer -> (deadline, retries) of a reopen refused as busy
 
     def restart(self, now):
         """A new connection of a reconnecting client, opened at `now`: nothing of the old one's
@@ -716,6 +756,7 @@ class ClientCore:
         self.last_received = now
         self._last_ping = 0.0
         self._decoder = FrameDecoder(max_frame=DEFAULT_MAX_FRAME)
+        self._busy.clear()
 
     def reopen_request(self, obj, waiter):
         """(rid, bytes) of the request that opens a kept producer or consumer again; its reply
@@ -732,7 +773,29 @@ class ClientCore:
         if isinstance(error, ConnectionLost):
             self.detached.append(obj)
             return False
+        self._busy.pop(obj, None)
         return True
+
+    def reopen_retry(self, obj, error, now, reconnect):
+        """Seconds to wait before reopening obj again, or None (see reopen_failed). An exclusive
+        producer or consumer refused as busy (PRODUCER_BUSY / CONSUMER_BUSY) is likely held by the
+        old connection, which the broker has not found dead yet (a network cut it did not see):
+        it is retried with the reconnect's backoff until the broker must have dropped that one
+        (BUSY_RETRY_HEARTBEATS heartbeats and a margin after the first refusal)."""
+        if not (isinstance(error, BrokerError) and error.code in (PRODUCER_BUSY, CONSUMER_BUSY)):
+            self._busy.pop(obj, None)
+            return None
+        window = BUSY_RETRY_HEARTBEATS * self.heartbeat_ms / 1000 + BUSY_RETRY_MARGIN_S
+        deadline, retries = self._busy.get(obj) or (now + window, 0)
+        if now >= deadline:
+            self._busy.pop(obj, None)
+            return None
+        self._busy[obj] = (deadline, retries + 1)
+        return min(reconnect.backoff(retries), deadline - now)
+
+    def reopened(self, obj):
+        """obj is open again."""
+        self._busy.pop(obj, None)
 
     # --- session -------------------------------------------------------------------------------
 
@@ -798,9 +861,23 @@ class ClientCore:
         return rid, encode_frame(dict(obj._close_frame(), rid=rid))
 
     def forget(self, rid):
-        """Nobody waits for this request any more (timed out): its reply will be dropped."""
-        self._pending.pop(rid, None)
+        """Nobody waits for this request any more (timed out, cancelled): its reply will be
+        dropped; if it opens a producer or consumer, what it opens is closed again when the reply
+        comes (a WRITE event; nobody waits for that close either). Returns False if the request
+        was no longer pending: its reply (or the connection's loss) was taken already, and its
+        waiter is settled, or about to be."""
+        entry = self._pending.pop(rid, None)
         self._attachments.end_open(rid)
+        if entry is None:
+            return False
+        if entry[0] is REPLY and entry[3] is not None:
+            self._pending[rid] = (_ABANDONED, entry[3])
+        return True
+
+    def _close_abandoned(self, kind, ident):
+        rid = next(self._rids)
+        self._pending[rid] = _IGNORED
+        return encode_frame({"op": f"close_{kind}", kind: ident, "rid": rid})
 
     def heartbeat(self, now):
         """A tick of the heartbeat clock: (bytes of a ping to send or None, ConnectionLost to end
@@ -891,6 +968,11 @@ class ClientCore:
             return
         if entry is _IGNORED:
             return
+        if kind is _ABANDONED:   # opened after all, for nobody: closed again
+            ident = frame.get(entry[1]) if error is None else None
+            if ident is not None:
+                events.append((WRITE, self._close_abandoned(entry[1], ident)))
+            return
         _, waiter, make, opens = entry
         result = frame
         if error is None and make is not None:
@@ -923,7 +1005,7 @@ class ClientCore:
                 events.append((RECEIPT, entry[1], entry[2], None, ConnectionLost(str(error))))
             elif entry[0] is _CLOSING:
                 events.append((REPLY, entry[1], None, None))
-            elif entry is not _IGNORED:
+            elif entry[0] is REPLY:
                 events.append((REPLY, entry[1], None, ConnectionLost(str(error))))
         for obj in self._attachments.take_all():
             events.append((LOST, obj, error, self.closing))

@@ -134,8 +134,27 @@ class Client:
             return waiter.result(timeout)
         except _NoReplyYet:
             with self._lock:
-                self._core.forget(rid)
-            raise TimeoutError(f"no reply within {timeout}s") from None
+                pending = self._core.forget(rid)
+        if not pending:   # the reply came meanwhile: the reader is settling the waiter now
+            try:
+                return waiter.result(READER_VERDICT_S)
+            except _NoReplyYet:
+                pass
+        raise TimeoutError(f"no reply within {timeout}s")
+
+    def _request_all(self, frames, timeout):
+        """Send the requests at once, then wait for all their replies (within `timeout` in all);
+        the first error of any of them is raised once all have answered."""
+        calls = [self._call(frame) for frame in frames]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        error = None
+        for rid, waiter in calls:
+            try:
+                self._wait(rid, waiter, None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     @staticmethod
     def _settle(waiter, result, error):
@@ -343,29 +362,43 @@ class Client:
         bound_send_wait(self._sock, self._core.heartbeat_ms)
 
     def _reopen_all(self):
-        """Open every kept producer and consumer again, resume them, then tell on_reconnect."""
+        """Open every kept producer and consumer again, resume them, then tell on_reconnect. One
+        refused as busy is tried again a little later (ClientCore.reopen_retry)."""
         with self._lock:
             kept = self._core.take_detached()
-        opened = []
-        for obj in kept:
-            try:
-                opened.append((obj, *self._call_reopen(obj)))
-            except ConnectionLost as exc:
-                opened.append((obj, None, exc))
-        for obj, waiter, error in opened:
-            try:
-                if waiter is not None:
-                    waiter.result(self._hello[3] * 2)
-                    obj._resume()
-                    continue
-            except _NoReplyYet:
-                error = ConnectionLost("reopening it after a reconnect: no answer")
-            except Exception as exc:
-                error = exc
-            with self._lock:
-                ends = self._core.reopen_failed(obj, error)
-            if ends:
-                obj._lost(error, False)
+        while kept:
+            opened = []
+            for obj in kept:
+                try:
+                    opened.append((obj, *self._call_reopen(obj)))
+                except ConnectionLost as exc:
+                    opened.append((obj, None, exc))
+            retry, kept = [], []
+            for obj, waiter, error in opened:
+                try:
+                    if waiter is not None:
+                        waiter.result(self._hello[3] * 2)
+                        with self._lock:
+                            self._core.reopened(obj)
+                        obj._resume()
+                        continue
+                except _NoReplyYet:
+                    error = ConnectionLost("reopening it after a reconnect: no answer")
+                except Exception as exc:
+                    error = exc
+                with self._lock:
+                    delay = self._core.reopen_retry(obj, error, time.monotonic(), self._reconnect)
+                    ends = delay is None and self._core.reopen_failed(obj, error)
+                if delay is not None:
+                    retry.append((delay, obj))
+                elif ends:
+                    obj._lost(error, False)
+            if retry:
+                if self._finished.wait(min(delay for delay, _ in retry)):   # closed meanwhile
+                    for _, obj in retry:
+                        obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
+                    return
+                kept = [obj for _, obj in retry]
         if self._on_reconnect is not None and self.connected:
             self._on_reconnect(self)
 
@@ -705,19 +738,22 @@ class Consumer(ConsumerCore):
         self._client._send(self._flow_frame(credits))
 
     def ack(self, msg_or_ids, sync=False, timeout=10):
-        """Acknowledge messages (a Message, an id, or an iterable of them) for the subscription;
-        sync: wait for the broker's ok."""
-        self._send_ack(self._ack_frame("ack", msg_or_ids), sync, timeout)
+        """Acknowledge messages (a Message, an id, or an iterable of them) for the subscription,
+        in as many frames as the broker's max_frame needs; sync: wait for the broker's ok to every
+        one (the first error of any is raised)."""
+        self._send_ack(self._ack_frames("ack", msg_or_ids, self._client._core.max_frame), sync, timeout)
 
     def nack(self, msg_or_ids, delay_ms=None, sync=False, timeout=10):
         """Ask for redelivery (reliable topics), after delay_ms if given."""
-        self._send_ack(self._ack_frame("nack", msg_or_ids, delay_ms), sync, timeout)
+        self._send_ack(self._ack_frames("nack", msg_or_ids, self._client._core.max_frame, delay_ms),
+                       sync, timeout)
 
-    def _send_ack(self, frame, sync, timeout):
-        if frame is not None:
-            if sync:
-                self._client.request(frame, timeout)
-            else:
+    def _send_ack(self, frames, sync, timeout):
+        """The frames (each within max_frame); sync: wait until the broker answered every one."""
+        if sync:
+            self._client._request_all(frames, timeout)
+        else:
+            for frame in frames:
                 self._client._send(frame)
 
     def close(self, timeout=10):
