@@ -205,6 +205,14 @@ def lost_within(cluster, observers, node, since, what):
     return time.monotonic() - since
 
 
+def lost_both_ways(cluster, node, since):
+    """`node`, cut off at `since`, is declared lost by the others, and they by it."""
+    others = [other for other in ("a", "b", "c") if other != node]
+    lost_within(cluster, others, node, since, f"{node} cut off")
+    for other in others:
+        lost_within(cluster, [node], other, since, f"{node} cut off")
+
+
 def rehomed(cluster, topic, away_from, on="a"):
     """Wait until the cluster places `topic` on a node other than `away_from`; that node."""
     def placed():
@@ -425,9 +433,7 @@ def test_a_node_cut_off_and_healed_fences_itself_and_no_one_else(cluster):
         cut = time.monotonic()
         cut_off(cluster, "b")
         try:
-            lost_within(cluster, ["a", "c"], "b", cut, "b cut off")
-            lost_within(cluster, ["b"], "a", cut, "b cut off")
-            lost_within(cluster, ["b"], "c", cut, "b cut off")
+            lost_both_ways(cluster, "b", cut)
             owner = rehomed(cluster, moved, "b")
             assert owner in ("a", "c")
             wait_for(lambda: attached(on_a, moved)[:2] == (1, ["s"]), 10,
@@ -570,9 +576,7 @@ def test_shared_data_a_node_cut_off_and_healed_leaves_the_taken_over_topic_serve
     cut = time.monotonic()
     cut_off(cluster, "b")
     try:
-        lost_within(cluster, ["a", "c"], "b", cut, "b cut off")
-        lost_within(cluster, ["b"], "a", cut, "b cut off")
-        lost_within(cluster, ["b"], "c", cut, "b cut off")
+        lost_both_ways(cluster, "b", cut)
         with cluster.client("c") as on_c:
             on_c.producer(durable, dispatch="reliable").send_sync(b"during")   # taken over
             owner = on_c.lookup(durable)["node"]
