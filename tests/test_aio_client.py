@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from actorbroker.transport.client import AsyncClient, Client
-from actorbroker.transport.errors import ConsumerBusy, UnknownConsumer
+from actorbroker.transport.errors import BadRequest, ConsumerBusy, UnknownConsumer
 
 
 def run(coro):
@@ -32,6 +32,21 @@ def test_produce_consume_ack_and_typed_errors(broker, topic):
                 await client.subscribe(topic, "s", "exclusive", "someone-else")
             stats = await client.stats(topic)
             assert stats["subscriptions"][0]["consumers"][0]["unacked"] == 0
+    run(scenario())
+
+
+def test_an_empty_consumer_name_is_refused_as_the_broker_says_not_replaced(broker, topic):
+    # None: the client picks a name; "" is the caller's value, which the broker refuses (the Node
+    # client does the same): not silently a random name
+    with Client(*broker.address) as client:
+        with pytest.raises(BadRequest):
+            client.subscribe(topic, "s", "shared", "")
+        assert client.subscribe(topic, "s", "shared").name
+
+    async def scenario():
+        async with await AsyncClient.connect(*broker.address) as client:
+            with pytest.raises(BadRequest):
+                await client.subscribe(topic, "s", "shared", "")
     run(scenario())
 
 

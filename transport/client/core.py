@@ -235,7 +235,8 @@ def open_producer(client, cls, topic, name, dispatch, access, linger_ms, max_bat
 def open_consumer(client, cls, topic, subscription, sub_type, consumer, receiver_queue, auto_credit,
                   on_active, options):
     """(frame, make) of a `subscribe` request; options are subscribe_frame's keywords."""
-    name = consumer or default_consumer_name(client.name)
+    # (None: a name of our own; "" goes to the broker, which refuses it: BAD_REQUEST)
+    name = default_consumer_name(client.name) if consumer is None else consumer
     frame = subscribe_frame(topic, subscription, sub_type, name, **options)
     credits = receiver_queue if auto_credit else None
 
