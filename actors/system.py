@@ -326,18 +326,6 @@ def start_system_process(admin_port, host, data_dir, secret, log_level="INFO", n
             cwd=os.getcwd(), check=True, timeout=60, close_fds=True)
 
 
-def stop_system_process(admin_port, host):
-    """Shut the system down from a new process (an actor may not do it): for the root actor, once
-    serve is gone. It signs with this process's secret, handed over its stdin."""
-    stopper = subprocess.Popen(
-        [sys.executable, "-m", "actorbroker.actors.system", "--stop", "--admin-port", str(admin_port),
-         "--host", host],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    stopper.stdin.write(signing.installed().secret)   # a few bytes: fits the pipe, never blocks
-    stopper.stdin.close()
-
-
 def connect_system(admin_port, host, secret):
     from thespian.actors import ActorSystem
     bind_actor_sockets_to(host)
@@ -363,25 +351,15 @@ def _start_main():
     parser.add_argument("--log")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
-    parser.add_argument("--stop", action="store_true", help="shut the system down instead")
     parser.add_argument("--node", default="", help="cluster: this node's name")
     parser.add_argument("--join", default="", help="cluster: the leader's HOST:PORT (none: we lead)")
     args = parser.parse_args()
-    if not args.stop:
-        from actorbroker.actors.process import name_process
-        name_process("ab-admin")   # inherited by the admin and the logger Thespian forks from here
-        close_starter_socket_in_children()
+    from actorbroker.actors.process import name_process
+    name_process("ab-admin")   # inherited by the admin and the logger Thespian forks from here
+    close_starter_socket_in_children()
     bind_actor_sockets_to(args.host)
     signing.install(_secret_from_stdin())
     from thespian.actors import ActorSystem
-    if args.stop:
-        # ActorSystem() would start a new admin if none runs: only connect to a live one.
-        try:
-            socket.create_connection((args.host, args.admin_port), timeout=2).close()
-        except OSError:
-            return
-        ActorSystem(SYSTEM_BASE, capabilities(args.admin_port)).shutdown()
-        return
     # ActorSystem() joins whatever admin already listens on the port: another broker's, if a port
     # chosen free a moment ago was taken meanwhile (two test runs at once). Refuse instead, so
     # that serve picks another.
