@@ -19,6 +19,7 @@ from actorbroker.actors.config import BrokerConfig
 from actorbroker.actors.system import (ADMIN_PORT_TAKEN, connect_system, free_port, host_port,
                                       start_system_process)
 from actorbroker.scripts import proctree
+from actorbroker.transport.session import is_loopback
 
 START_TIMEOUT_S = 30
 PING_EVERY_S = 2.0
@@ -209,6 +210,8 @@ def read_auth_file(path):
             raise ValueError(f"{path} is not JSON: {exc}") from None
     if not isinstance(tokens, dict):
         raise ValueError(f"{path}: expected a JSON object {{token: [permissions]}}, got {type(tokens).__name__}")
+    if not tokens:   # not "auth off": every hello would be refused; say so now
+        raise ValueError(f"{path} names no token: no client could connect (without --auth-file auth is off)")
     for number, (token, permissions) in enumerate(tokens.items(), 1):
         if not token:
             raise ValueError(f"{path}: token #{number} is empty")
@@ -242,6 +245,12 @@ def serve(args):
     except (OSError, ValueError) as exc:
         say(f"error: --auth-file: {exc}", file=sys.stderr)
         return 1
+    problem = plain_tokens_problem(args, tokens)
+    if problem:   # started all the same: the hello says why (AUTH_FAILED names the option)
+        say(f"warning: {problem}", file=sys.stderr)
+    if args.metrics_port is not None and not is_loopback(args.metrics_host):
+        say(f"warning: --metrics-host {args.metrics_host}: the metrics endpoint has no auth and names every "
+            "topic and subscription; expose it to trusted scrapers only (docs/security.md)", file=sys.stderr)
     data_dir = os.path.abspath(args.data_dir)
     problem = usable_dir(data_dir)
     if problem:
@@ -393,6 +402,16 @@ def cluster_problem(args):
     if args.actor_host != "127.0.0.1":
         return "--actor-host and --cluster-bind both set Thespian's interface: give one"
     return None
+
+
+def plain_tokens_problem(args, tokens):
+    """Auth on a non-loopback client port without TLS refuses every token (docs/security.md): a
+    broker no client could use, unless the user said tokens may cross in the clear."""
+    if not tokens or args.tls_cert or args.allow_plain_tokens or is_loopback(args.host):
+        return None
+    return (f"--auth-file with --host {args.host} (not loopback) and no --tls-cert: tokens would cross "
+            "the network in the clear, so every hello with a token gets AUTH_FAILED; add --tls-cert "
+            "(and --tls-key), or --allow-plain-tokens on a network you trust")
 
 
 def actor_host_problem(args):

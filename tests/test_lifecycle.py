@@ -133,6 +133,7 @@ def test_serve_refuses_values_it_cannot_serve_with_before_starting(tmp_path, opt
     ('{"t": ["admn"]}', "unknown permission 'admn'"),
     ('{"t": ["consume"]}', "unknown permission 'consume'"),
     ("not json", "is not JSON"),
+    ("{}", "names no token"),                                  # was auth off: everyone let in
 ])
 def test_serve_refuses_an_auth_file_it_cannot_use(tmp_path, content, text):
     import subprocess
