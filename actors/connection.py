@@ -78,6 +78,14 @@ class ConnectionClosed:
 
 
 @dataclass(frozen=True)
+class AnswerFirst:
+    """The connection failed on what its client sent (a fatal protocol error) and reads no more
+    requests: its shard holds the error frame until the requests read before it are answered.
+    Answered by shard.RequestsAnswered, behind the answers, once none of it waits here any more."""
+    connection_id: int
+
+
+@dataclass(frozen=True)
 class ConsumersLost:
     """The shard lost these consumers' lane (their dispatcher is gone) or was told they ended."""
     consumer_ids: list
@@ -261,6 +269,7 @@ class ConnectionActor(BrokerActor):
         self.closing = {}            # consumer id -> tag of its close_consumer or unsubscribe, unanswered
         self.closing_tags = {}       # and back
         self.deadline_check = False  # a wakeup is set to answer requests past their deadline
+        self.answer_first = set()    # connections whose shard waits for their last answers (AnswerFirst)
 
     # --- set-up and the shard's supervision -------------------------------------------------------
     def on_StartConnections(self, msg, sender):
@@ -321,6 +330,23 @@ class ConnectionActor(BrokerActor):
     # --- the end of a connection is the cleanup signal --------------------------------------------
     def on_ClientHello(self, msg, sender):
         self.connections[msg.connection_id] = _Connection(msg.permissions)
+
+    def on_AnswerFirst(self, msg, sender):
+        self.answer_first.add(msg.connection_id)   # (told after this message: _base_handle)
+
+    def _base_handle(self, msg, sender):
+        super()._base_handle(msg, sender)
+        if self.answer_first:
+            self._tell_answered()
+
+    def _tell_answered(self):
+        """The connections of answer_first none of whose requests waits here any more: their shard
+        hears it now, on the channel of the answers (which are on their way already), behind them."""
+        for connection_id in list(self.answer_first):
+            conn = self.connections.get(connection_id)
+            if conn is None or conn.closed or all(_reattach_tag(tag) for tag in conn.pending):
+                self.answer_first.discard(connection_id)
+                self._to_shard(shard.RequestsAnswered(connection_id))
 
     def on_ConnectionClosed(self, msg, sender):
         self._cleanup(msg.connection_id, msg.reason)

@@ -16,7 +16,9 @@ everything else and never blocks. A client that stalls mid-handshake is closed a
 deadline like any connection without `hello`.
 
 The end of a connection is itself the cleanup signal: EOF, a socket error, a fatal protocol error
-or a heartbeat timeout sends ConnectionClosed(connection) to the supervisor at once. When the
+or a heartbeat timeout sends ConnectionClosed(connection) to the supervisor at once (a fatal error
+in what the client sent: once the requests read before it are answered, within ANSWER_FIRST_S;
+its consumers are detached at once). When the
 shard itself dies, its supervisor gets ChildActorExited and every lane of the shard ends: the
 topics and dispatchers at their other ends drop this shard's producers and consumers at once.
 """
@@ -50,6 +52,9 @@ HIGH_WATER = 1024 * 1024             # unsent bytes above which deliveries to a 
 PUBLISH_WINDOW = 2                   # PUBLISH frames in flight per producer; the rest is merged
 MAX_PENDING_RECORDS = 20_000         # per connection: then stop reading it (TCP pushes back)
 LINGER_S = 1.0
+# After a fatal error in what a client sent, its error frame and the close wait this long at most
+# for the answers to the requests read before it (docs/protocol.md, "Session")
+ANSWER_FIRST_S = 1.0
 STOPPING = "broker stopping"   # the close reason when serve stops the broker (StopClients)
 TLS_CHUNK = 64 * 1024                # plaintext encrypted at a time: the rest waits in the outbox
 LOAD_REPORT_S = 0.1
@@ -103,6 +108,13 @@ class RouteConsumer:
 
 
 @dataclass(frozen=True)
+class RequestsAnswered:
+    """connection.AnswerFirst's answer: no request of the connection waits in the ConnectionActor
+    any more (their answers came before this, on the same channel)."""
+    connection_id: int
+
+
+@dataclass(frozen=True)
 class ProbeRoute:
     """Is this consumer's connection up? (connection.ProbeConsumer.) Answered over the
     dispatcher's lane: PROBED, after a DETACH if it is not."""
@@ -124,17 +136,20 @@ class UnrouteConsumer:
 class _Client:
     """One client socket and its session; the reactor calls on_event."""
     __slots__ = ("shard", "sock", "fd", "session", "state", "pending_records", "deferred_acks",
-                 "reading", "tls", "address", "write_shut")
+                 "reading", "tls", "address", "write_shut", "asked", "closing", "answer_by")
 
     def __init__(self, shard, sock, session, tls=None):
         self.shard, self.sock, self.fd, self.session = shard, sock, sock.fileno(), session
         self.tls = tls                  # TlsConnection, or None for plain TCP
-        self.state = "open"             # open -> lingering -> closed
+        self.state = "open"             # open -> (answering ->) lingering -> closed
         self.pending_records = 0
         self.deferred_acks = []         # (lane, consumer id) waiting for the outbox to drain
         self.reading = True
         self.address = None             # the peer's host: the listener counts connections by it
         self.write_shut = False
+        self.asked = False              # requests went to the ConnectionActor (since RequestsAnswered)
+        self.closing = None             # answering: the close reason of its fatal error
+        self.answer_by = 0.0            # answering: when the error and the close go anyway
 
     def on_event(self, fd, events):
         if events & OUT:
@@ -314,6 +329,9 @@ class ShardActor(BrokerActor):
         if client.state == "lingering":
             self._drain_lingering(client)
             return
+        if client.state == "answering":   # it reads nothing more: an error or a hang-up woke it
+            self._closed(client, client.closing)
+            return
         if client.state != "open":
             return
         got = 0
@@ -383,13 +401,18 @@ class ShardActor(BrokerActor):
                     self.consumers.pop(frame.get("consumer"), None)
                     self.credits.pop(frame.get("consumer"), None)
                 self.send_ordered(self.supervisor, connection.ClientRequest(connection_id, frame), "shard")
+                client.asked = True
             elif kind == "hello":
                 self.send_ordered(self.supervisor, connection.ClientHello(connection_id, event[1], event[2]),
                                   "shard")
                 self._timer(time.monotonic() + client.session.heartbeat_s, "heartbeat", connection_id)
             elif kind == "closed":
+                held = client.session.hold_fatal()   # the answers to what was read before it go first
                 self._send_publishes(client, publishes)
-                self._closed(client, event[1])
+                if held:
+                    self._answer_first(client, event[1])
+                else:
+                    self._closed(client, event[1])
                 return
         self._send_publishes(client, publishes)
 
@@ -462,7 +485,8 @@ class ShardActor(BrokerActor):
             client = self.clients.get(producer.connection_id)
             if client is not None:
                 client.pending_records -= producer.records
-                if not client.reading and client.pending_records < MAX_PENDING_RECORDS // 2:
+                if not client.reading and client.pending_records < MAX_PENDING_RECORDS // 2 \
+                        and client.state == "open":
                     client.reading = True
                     if client.session.decoder.buffered:
                         client.session.frame_started = time.monotonic()
@@ -629,6 +653,8 @@ class ShardActor(BrokerActor):
     def on_RouteProducer(self, msg, sender):
         client = self.clients.get(msg.connection_id)
         if client is None or client.state != "open":
+            if client is not None and client.state == "answering":
+                self._write(client, msg.data)   # its answer; closed with the connection, never routed
             return   # the supervisor learns of the close from ConnectionClosed
         try:
             lane = self._lane(self.topic_lanes, msg.lane, "topic")
@@ -657,6 +683,8 @@ class ShardActor(BrokerActor):
     def on_RouteConsumer(self, msg, sender):
         client = self.clients.get(msg.connection_id)
         if client is None or client.state != "open":
+            if client is not None and client.state == "answering":
+                self._write(client, msg.data)   # its answer; detached with the connection, never routed
             return
         try:
             lane = self._lane(self.dispatcher_lanes, msg.lane, "dispatcher")
@@ -688,6 +716,8 @@ class ShardActor(BrokerActor):
         if data and client.state == "open":
             client.session.write(data)
             self._flush(client)
+        elif data and client.state == "answering":
+            self._write_answer(client, data)
 
     def _flush(self, client):
         if client.state == "closed":
@@ -703,7 +733,7 @@ class ShardActor(BrokerActor):
                 break
             except OSError as exc:
                 outbox.clear()
-                if client.state == "open":
+                if client.state != "lingering":
                     self._closed(client, socket_end_reason(exc))
                 else:
                     self._finish(client)
@@ -743,7 +773,7 @@ class ShardActor(BrokerActor):
             except OSError as exc:
                 outbox.clear()
                 tls.outgoing.clear()
-                if client.state == "open":
+                if client.state != "lingering":
                     self._closed(client, socket_end_reason(exc))
                 else:
                     self._finish(client)
@@ -779,6 +809,9 @@ class ShardActor(BrokerActor):
                 continue
             if kind == "linger":
                 self._finish(client)
+            elif kind == "answered":
+                if client.state == "answering" and client.answer_by <= now + 0.001:
+                    self._closed(client, client.closing)
             elif client.state == "open":
                 events, due = client.session.check_heartbeat(now)
                 self._handle_events(client, events, {})
@@ -793,13 +826,70 @@ class ShardActor(BrokerActor):
             self.wakeupAfter(timedelta(seconds=max(0.0, due - now)), payload=due)
 
     # --- closing --------------------------------------------------------------------------------
+    def _answer_first(self, client, reason):
+        """A fatal error in what the client sent (its frame held back: Session.hold_fatal). Nothing
+        more is read and its consumers are detached now, as at any close; the error frame and the
+        close (_closed) wait until every request read before it is answered (receipts, acks with a
+        rid, the ConnectionActor's answers: _answers_due), for ANSWER_FIRST_S at most."""
+        connection_id = client.session.id
+        client.state, client.closing, client.reading = "answering", reason, False
+        if client.asked:   # behind its requests, on their channel
+            self.send_ordered(self.supervisor, connection.AnswerFirst(connection_id), "shard")
+        detected = time.time()
+        for consumer_id in client.session.consumers:   # (their acks in flight are still answered)
+            self.credits.pop(consumer_id, None)
+            route = self.consumers.pop(consumer_id, None)
+            if route is not None:
+                route[1].send([LaneOp.DETACH, consumer_id, detected])
+        if not self._answers_due(client):
+            self._closed(client, reason)
+            return
+        client.answer_by = time.monotonic() + ANSWER_FIRST_S
+        self._timer(client.answer_by, "answered", connection_id)
+        self._update_mask(client)
+
+    def _answers_due(self, client):
+        """Whether a request the client sent before its fatal error still waits for its answer."""
+        if client.asked:   # until RequestsAnswered
+            return True
+        connection_id = client.session.id
+        for producer_id in client.session.producers:
+            producer = self.producers.get(producer_id)
+            if producer is not None and (producer.in_flight or producer.sends):
+                return True
+        return any(p.connection_id == connection_id and p.in_flight for p in self.closing_producers.values()) \
+            or any(w[0] == connection_id and w[2] for w in self.acks_waiting.values())
+
+    def _write_answer(self, client, data):
+        """Written ahead of the held error frame. Once nothing more is due, or the outbox has
+        grown past max_pending_bytes, the close follows: soon, not from here (the caller may be
+        in the middle of its bookkeeping)."""
+        client.session.write(data)
+        self._flush(client)
+        now = time.monotonic()
+        if client.state == "answering" and client.answer_by > now and (
+                len(client.session.outbox) > self.session_config.max_pending_bytes
+                or not self._answers_due(client)):
+            client.answer_by = now
+            self._timer(now, "answered", client.session.id)
+
+    def on_RequestsAnswered(self, msg, sender):
+        client = self.clients.get(msg.connection_id)
+        if client is not None and client.state == "answering":
+            client.asked = False
+            if not self._answers_due(client):
+                self._closed(client, client.closing)
+
     def _closed(self, client, reason):
         """Tell the supervisor at once, then let the socket linger briefly so that the last frames
         (an error, say) reach the client before the close instead of being cut off by a reset."""
-        if client.state != "open":
+        if client.state != "open" and client.state != "answering":
             return
+        if client.state == "answering":   # whatever ended the wait, the error it was for says why
+            reason = client.closing
         connection_id = client.session.id
         client.session.open = False
+        client.session.release_fatal()   # (a held error frame goes last)
         # The dispatchers hear it first, over their lanes, and hand over at once (failover); the
         # paperwork comes after, and must not take the CPU the takeover needs.
         detected = time.time()
@@ -925,13 +1015,16 @@ class ShardActor(BrokerActor):
             if client.state == "open":
                 self._closed(client, STOPPING)
                 closed += 1
+            elif client.state == "answering":   # its answers so far, then its error
+                self._closed(client, client.closing)
         log.info("shard %s: %d client connections closed: %s", self.index, closed, STOPPING)
         self.send(self.supervisor, listener.ClientsStopped())
 
     def on_ActorExitRequest(self, msg, sender):
         self.exiting = True
         for client in list(self.clients.values()):
-            if client.state == "open":
+            if client.state == "open" or client.state == "answering":
+                client.session.release_fatal()
                 self._flush_lingering(client)
             client.state = "lingering"
             self._finish(client)

@@ -16,6 +16,10 @@ Events (tuples, first element the kind):
   ("nack", consumer_id, ids, delay_ms)
   ("control", frame)                          control and admin ops, for the supervisor
   ("closed", reason)                          the connection must end (after the outbox is sent)
+
+A fatal error in what the client sent (BAD_FRAME, FRAME_TOO_LARGE, NOT_CONNECTED, ...) stops the
+reading of requests at once; its error frame ends the outbox, and the owner may take it back
+(`hold_fatal`) to write the answers to the requests read before it first, then `release_fatal`.
 """
 import ipaddress
 
@@ -71,7 +75,7 @@ def is_loopback(host):
 class Session:
     __slots__ = ("id", "config", "decoder", "outbox", "hello_done", "heartbeat_s", "last_recv",
                  "ping_sent", "ping_rid", "producers", "consumers", "open", "opened_at",
-                 "frame_started", "frame_start", "version")
+                 "frame_started", "frame_start", "version", "fatal", "answering")
 
     def __init__(self, connection_id, config, now):
         self.id = connection_id
@@ -89,7 +93,9 @@ class Session:
         self.ping_rid = 0
         self.producers = {}     # producer id -> producer name
         self.consumers = set()  # consumer ids
-        self.open = True
+        self.open = True        # reading requests (False once closed or failed)
+        self.fatal = None       # the error frame of a fatal error in what the client sent
+        self.answering = False  # failed, its error frame held back: still writing answers (hold_fatal)
 
     # --- input ----------------------------------------------------------------------------------
     def receive_data(self, data, now):
@@ -151,7 +157,7 @@ class Session:
 
     # --- output ---------------------------------------------------------------------------------
     def write(self, data):
-        if self.open:
+        if self.open or self.answering:
             self.outbox += data
 
     def sent(self, n):
@@ -176,7 +182,7 @@ class Session:
         if self.open and len(self.outbox) > self.config.max_pending_bytes:
             del self.outbox[self.frame_start:]
             self._fail(E.SLOW_CONSUMER, f"more than {self.config.max_pending_bytes} bytes waiting to be "
-                       "written to this connection: it does not read fast enough", None, events)
+                       "written to this connection: it does not read fast enough", None, events, hold=False)
         return events
 
     def error(self, code, message, rid=None):
@@ -376,8 +382,33 @@ class Session:
             return
         self.ok(rid)
 
-    def _fail(self, code, message, rid, events):
-        """A fatal protocol error: say why, then close."""
-        self.error(code, message, rid)
+    def _fail(self, code, message, rid, events, hold=True):
+        """A fatal protocol error: say why, then close. `hold`: an error in what the client sent,
+        whose frame the owner may hold back until the requests read before it are answered."""
+        frame = error_frame(code, message, rid)
+        if hold and self.open:
+            self.fatal = frame
+        self.write(frame)
         self.close(f"{code}: {message[:MAX_ERROR_TEXT]}", events)
+
+    def hold_fatal(self):
+        """Just after a fatal error in what the client sent (its `closed` event, before the outbox
+        went to the socket): take its error frame back off the end of the outbox, and keep taking
+        writes, so that the answers to the requests read before it go first. Returns whether it
+        was held; release_fatal() writes it, last."""
+        frame = self.fatal
+        start = len(self.outbox) - len(frame) if frame is not None else -1
+        if self.open or self.answering or start < self.frame_start or not self.outbox.endswith(frame):
+            return False
+        del self.outbox[start:]
+        self.answering = True
+        return True
+
+    def release_fatal(self):
+        """The answers are written (or their time is up): the held error frame goes last, and
+        nothing is written after it."""
+        if self.answering:
+            self.answering = False
+            self.outbox += self.fatal
+        self.fatal = None
 
