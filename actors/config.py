@@ -5,6 +5,25 @@ from typing import Any
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME
 
 
+# Deliveries to a client that reads slowly (docs/protocol.md, "SLOW_CONSUMER"): its shard
+# acknowledges a DELIVER only once the client's outbox is below the high water, and a dispatcher
+# keeps `window` DELIVER batches in flight per consumer, each bounded in bytes so that
+# high water + window batches stay within max_pending_bytes, with room to spare for the other
+# frames of the connection and for what run_bytes (transport/codec.py) does not count.
+DELIVERY_HIGH_WATER = 1024 * 1024
+
+
+def delivery_high_water(max_pending_bytes):
+    """Unsent bytes above which deliveries to a client wait: 1 MiB, at most half the bound."""
+    return min(DELIVERY_HIGH_WATER, max_pending_bytes // 2)
+
+
+def delivery_batch_bytes(max_pending_bytes, window):
+    """The bytes (as run_bytes counts them) of one DELIVER batch at most; a single record larger
+    than that still goes, alone in its batch."""
+    return max(1, (max_pending_bytes - delivery_high_water(max_pending_bytes)) // (2 * window))
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     host: str = "127.0.0.1"

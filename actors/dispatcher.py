@@ -27,11 +27,12 @@ from thespian.actors import ThespianWatch
 
 from actorbroker.actors import broker, connection, log as log_actor, signing, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
+from actorbroker.actors.config import delivery_batch_bytes
 from actorbroker.actors.cursor import Cursor
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import Histogram
 from actorbroker.actors.system import thespian_waits
-from actorbroker.actors.policies import ConsumerState, FailoverPolicy, KeySharedPolicy, make_policy
+from actorbroker.actors.policies import DELIVER_WINDOW, ConsumerState, FailoverPolicy, KeySharedPolicy, make_policy
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, coalesce_runs, encode_frame,
                                          explode_run, split_run, with_run_redeliveries)
@@ -184,7 +185,10 @@ class DispatcherActor(BrokerActor):
         self.topic_name = msg.topic
         self.name, self.type, self.dispatch = msg.name, msg.type, msg.dispatch
         self.node = msg.config.node
-        self.policy = make_policy(msg.type, msg.config.max_backlog)
+        # each DELIVER batch bounded in bytes: DELIVER_WINDOW of them fit in what a client's
+        # outbox may hold beyond its shard's high water (config.delivery_batch_bytes)
+        self.policy = make_policy(msg.type, msg.config.max_backlog,
+                                  delivery_batch_bytes(msg.config.max_pending_bytes, DELIVER_WINDOW))
         # reliable key_shared: the policy keeps a key that moved in order (KeySharedPolicy.hold)
         self.key_order = msg.dispatch == "reliable" and isinstance(self.policy, KeySharedPolicy)
         self.max_unacked_cap = msg.config.max_unacked_per_consumer

@@ -10,10 +10,11 @@ import bisect
 import hashlib
 import heapq
 from collections import deque
+from itertools import accumulate, islice
 from dataclasses import dataclass
 from typing import Any
 
-from actorbroker.transport.codec import RUN_COUNT, explode_run, run_key, split_run
+from actorbroker.transport.codec import RUN_COUNT, explode_run, records_within, run_bytes, run_key, split_run
 
 DELIVER_WINDOW = 1      # Deliver messages in flight to one consumer's transport
 VIRTUAL_NODES = 64      # points per consumer on the key_shared hash ring
@@ -60,11 +61,27 @@ class ConsumerState:
             self.unacked += n
 
 
-class Policy:
-    """Common part: consumers in attach order, and a bounded FIFO backlog."""
+def within(runs, limit, at_least=1):
+    """How many leading runs of `runs` (an iterable) make at most `limit` bytes (run_bytes); at
+    least `at_least`."""
+    return max(at_least, sum(1 for _ in _takewhile_within(runs, limit)))
 
-    def __init__(self, max_backlog):
+
+def _takewhile_within(runs, limit):
+    for total in accumulate(map(run_bytes, runs)):
+        if total > limit:
+            return
+        yield total
+
+
+class Policy:
+    """Common part: consumers in attach order, and a bounded FIFO backlog. `batch_bytes` bounds
+    each batch take() gives (as run_bytes counts: the dispatcher sets it from max_pending_bytes);
+    a record larger goes alone."""
+
+    def __init__(self, max_backlog, batch_bytes=None):
         self.max_backlog = max_backlog
+        self.batch_bytes = batch_bytes or 1 << 62
         self.consumers = {}
         self.backlog = deque()
         self.discarded = 0   # records remove() dropped (drop_below); the dispatcher counts them
@@ -124,8 +141,8 @@ class SingleActivePolicy(Policy):
     """exclusive and failover: everything goes to one consumer, the first by name. The backlog
     holds whole runs; `size` counts their records."""
 
-    def __init__(self, max_backlog):
-        super().__init__(max_backlog)
+    def __init__(self, max_backlog, batch_bytes=None):
+        super().__init__(max_backlog, batch_bytes)
         self.size = 0
 
     def active(self):
@@ -146,17 +163,29 @@ class SingleActivePolicy(Policy):
         consumer = self.active()
         if consumer is None or not consumer.can_take() or not self.backlog:
             return []
-        room = consumer.room()
-        backlog, batch, n = self.backlog, [], 0
+        room, limit = consumer.room(), self.batch_bytes
+        backlog, batch, n, size = self.backlog, [], 0, 0
         while backlog and n < room:
-            count = backlog[0][RUN_COUNT]
-            if n + count <= room:
+            run = backlog[0]
+            count = run[RUN_COUNT]
+            part = min(count, room - n)   # the consumer's credits may end inside this run
+            size += run_bytes(run)
+            full = size >= limit
+            if size > limit:   # ... or the batch's bytes
+                fit = records_within(run, limit - (size - run_bytes(run)))
+                if not batch:
+                    fit = max(fit, 1)   # a record larger than the bound goes alone
+                if not fit:
+                    break
+                part = min(part, fit)
+            if part == count:
                 batch.append(backlog.popleft())
-                n += count
-            else:   # the consumer's credits end inside this run
-                head, backlog[0] = split_run(backlog[0], room - n)
+            else:
+                head, backlog[0] = split_run(run, part)
                 batch.append(head)
-                n = room
+            n += part
+            if full:
+                break
         self.size -= n
         consumer.took(n)
         return [(consumer, batch)]
@@ -192,8 +221,8 @@ class SharedPolicy(Policy):
     delivery. Skipping such a consumer instead gave most messages to the consumers whose
     transports happened to answer first."""
 
-    def __init__(self, max_backlog):
-        super().__init__(max_backlog)
+    def __init__(self, max_backlog, batch_bytes=None):
+        super().__init__(max_backlog, batch_bytes)
         self.turn = 0          # index in attach order of the consumer whose turn is next
         self.assigned = {}     # consumer id -> deque of records assigned to it, not delivered yet
 
@@ -215,7 +244,8 @@ class SharedPolicy(Policy):
         queues = [q for q in (self.backlog, *self.assigned.values()) if q]
         max(queues, key=lambda q: q[-1][0]).pop()
 
-    def take(self):
+    def take(self, spent=None):
+        """spent: consumer -> bytes of the batch it has from the caller already (key_shared)."""
         if not self.consumers:
             return []
         if self.backlog:
@@ -224,8 +254,15 @@ class SharedPolicy(Policy):
         for consumer in self.consumers.values():
             waiting = self.assigned.get(consumer.id)
             if waiting and consumer.in_flight < DELIVER_WINDOW:
-                batches.append((consumer, list(waiting)))
-                waiting.clear()
+                used = spent.get(consumer, 0) if spent else 0
+                n = within(waiting, self.batch_bytes - used, 0 if used else 1)
+                if not n:
+                    continue
+                if n == len(waiting):
+                    batches.append((consumer, list(waiting)))
+                    waiting.clear()
+                else:
+                    batches.append((consumer, [waiting.popleft() for _ in range(n)]))
         return batches
 
     def _assign(self):
@@ -288,8 +325,8 @@ class KeySharedPolicy(SharedPolicy):
     that joined is not given to it while the consumer that had it holds messages of that key
     unacked (the key is "draining"), as Pulsar's key_shared does. Its other keys flow."""
 
-    def __init__(self, max_backlog):
-        super().__init__(max_backlog)
+    def __init__(self, max_backlog, batch_bytes=None):
+        super().__init__(max_backlog, batch_bytes)
         self.ring = []        # sorted [(point, consumer id)]
         self.points = []      # the ring's points alone, for bisect
         self.queues = {}      # consumer id -> deque of its keyed records
@@ -396,31 +433,42 @@ class KeySharedPolicy(SharedPolicy):
         (self.unowned if owner is None else self.queues[owner]).append(record)
 
     def take(self):
-        batches = {}
+        batches, spent = {}, {}
         for consumer in self.consumers.values():
             queue = self.queues[consumer.id]
             if queue and consumer.can_take():
                 n = min(consumer.room(), len(queue))
-                batch = [queue.popleft() for _ in range(n)] if not self.draining else self._undrained(queue, n)
+                if not self.draining:
+                    n = within(islice(queue, n), self.batch_bytes)
+                    batch = [queue.popleft() for _ in range(n)]
+                else:
+                    batch = self._undrained(queue, n, self.batch_bytes)
                 if batch:
                     batches[consumer] = batch
+                    spent[consumer] = sum(map(run_bytes, batch))
                     consumer.took(len(batch))
         # keyless records round-robin over the credit that is left (still one batch each)
-        for consumer, records in super().take():
+        for consumer, records in super().take(spent):
             batches.setdefault(consumer, []).extend(records)
         return list(batches.items())
 
 
-    def _undrained(self, queue, n):
-        """Up to n records of the queue, in order, passing over those of draining keys (they
-        stay, in order, at the front). Looks at most MAX_DRAIN_SCAN records: a long run of
-        held-back records is not scanned on every delivery."""
-        batch, kept, draining = [], [], self.draining
+    def _undrained(self, queue, n, limit):
+        """Up to n records of the queue, of `limit` bytes at most (at least one), in order,
+        passing over those of draining keys (they stay, in order, at the front). Looks at most
+        MAX_DRAIN_SCAN records: a long run of held-back records is not scanned on every delivery."""
+        batch, kept, draining, size = [], [], self.draining, 0
         for _ in range(min(len(queue), MAX_DRAIN_SCAN)):
             if len(batch) == n:
                 break
-            record = queue.popleft()
-            (kept if run_key(record) in draining else batch).append(record)
+            record = queue[0]
+            if run_key(record) in draining:
+                kept.append(queue.popleft())
+                continue
+            size += run_bytes(record)
+            if batch and size > limit:
+                break
+            batch.append(queue.popleft())
         queue.extendleft(reversed(kept))
         return batch
 
@@ -429,5 +477,5 @@ POLICIES = {"exclusive": SingleActivePolicy, "failover": FailoverPolicy,
             "shared": SharedPolicy, "key_shared": KeySharedPolicy}
 
 
-def make_policy(sub_type, max_backlog):
-    return POLICIES[sub_type](max_backlog)
+def make_policy(sub_type, max_backlog, batch_bytes=None):
+    return POLICIES[sub_type](max_backlog, batch_bytes)

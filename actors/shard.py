@@ -136,7 +136,8 @@ class UnrouteConsumer:
 class _Client:
     """One client socket and its session; the reactor calls on_event."""
     __slots__ = ("shard", "sock", "fd", "session", "state", "pending_records", "deferred_acks",
-                 "reading", "tls", "address", "write_shut", "asked", "closing", "answer_by")
+                 "reading", "tls", "address", "write_shut", "asked", "closing", "answer_by",
+                 "parked", "allowance")
 
     def __init__(self, shard, sock, session, tls=None):
         self.shard, self.sock, self.fd, self.session = shard, sock, sock.fileno(), session
@@ -144,6 +145,9 @@ class _Client:
         self.state = "open"             # open -> (answering ->) lingering -> closed
         self.pending_records = 0
         self.deferred_acks = []         # (lane, consumer id) waiting for the outbox to drain
+        self.parked = collections.deque()   # deliveries (bytes) waiting for room in the outbox
+        self.allowance = 0              # the outbox may hold this much: a message larger than
+                                        # max_pending_bytes, written alone (see _deliver)
         self.reading = True
         self.address = None             # the peer's host: the listener counts connections by it
         self.write_shut = False
@@ -577,10 +581,21 @@ class ShardActor(BrokerActor):
             lane.send([LaneOp.UNDELIVERED, consumer_id, runs])
             return
         encode = encode_run_frames if client.session.version >= 2 else encode_runs_v1
-        client.session.write(b"".join(encode(consumer_id, runs, self.config.max_frame)))
+        data = b"".join(encode(consumer_id, runs, self.config.max_frame))
         self.credits[consumer_id] = self.credits.get(consumer_id, 0) - sum(run[RUN_COUNT] for run in runs)
         if self.metrics_on:   # once per delivery: its oldest record
             self.deliver_latency.observe(max(0.0, time.time() - runs[0][RUN_TIME] / 1000.0))
+        # Deliveries alone never push the outbox beyond max_pending_bytes (the dispatchers bound
+        # each batch so that one consumer's fit; several consumers of one connection may not):
+        # one that does not fit waits here, its DELIVER_ACK with it, until the outbox has room.
+        outbox = client.session.outbox
+        if client.parked or (outbox and len(outbox) + len(data) > self.session_config.max_pending_bytes):
+            client.parked.append(data)
+            client.deferred_acks.append((lane, consumer_id))
+            return
+        if len(data) > self.session_config.max_pending_bytes:   # a message larger: alone, allowed
+            client.allowance = len(data)
+        client.session.write(data)
         self._flush(client)
         # Ack at once unless the client is slow to read; then when its outbox drains.
         if client.state != "open" or len(client.session.outbox) < self.high_water:
@@ -743,13 +758,25 @@ class ShardActor(BrokerActor):
 
     def _flushed(self, client):
         if client.state == "lingering":
+            client.parked.clear()   # (never written after the close)
             self._flushed_lingering(client)
             return
         outbox = client.session.outbox
-        if len(outbox) > self.session_config.max_pending_bytes:   # a client that does not read
-            self._handle_events(client, client.session.check_outbox(), {})
-            return
-        if client.deferred_acks and len(outbox) < self.high_water:
+        limit = self.session_config.max_pending_bytes
+        if len(outbox) > limit:
+            if len(outbox) > client.allowance:   # a client that does not read
+                self._handle_events(client, client.session.check_outbox(), {})
+                return
+        elif client.allowance:
+            client.allowance = 0
+        if client.parked:   # what fits now goes to the outbox, in order; the socket's OUT writes it
+            parked = client.parked
+            while parked and (not outbox or len(outbox) + len(parked[0]) <= limit):
+                data = parked.popleft()
+                if len(data) > limit:
+                    client.allowance = len(data)
+                client.session.write(data)
+        if client.deferred_acks and not client.parked and len(outbox) < self.high_water:
             for lane, consumer_id in client.deferred_acks:
                 lane.send([LaneOp.DELIVER_ACK, consumer_id])
             client.deferred_acks.clear()

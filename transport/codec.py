@@ -280,6 +280,33 @@ def split_run(run, n):
     return head, tail
 
 
+# What a record adds to its payload once written to a client, beyond its producer's name: the v1
+# map's keys, id, time, headers (v1 is the larger form; keys and attrs are not counted).
+RECORD_OVERHEAD = 64
+
+
+def run_bytes(run):
+    """About the bytes a run takes in a client's outbox: its payloads as they are (bin headers
+    included) and, per record, RECORD_OVERHEAD and its producer's name. From the run's fields,
+    without looking at its records: delivery batches are bounded by it (actors/policies.py)."""
+    producer = run[RUN_PRODUCER]
+    return len(run[RUN_PAYLOADS]) + run[RUN_COUNT] * (
+        RECORD_OVERHEAD + (len(producer) if isinstance(producer, str) else 0))
+
+
+def records_within(run, max_bytes):
+    """How many leading records of a run fit in max_bytes, counted as run_bytes does (0 if not
+    even the first). Unpacks the payloads: for the one run a delivery batch is cut in."""
+    producer = run[RUN_PRODUCER]
+    each = RECORD_OVERHEAD + (len(producer) if isinstance(producer, str) else 0) + 5   # (+ bin header)
+    total = 0
+    for i, payload in enumerate(unpack_payloads(run[RUN_PAYLOADS])):
+        total += len(payload) + each
+        if total > max_bytes:
+            return i
+    return run[RUN_COUNT]
+
+
 def explode_run(run):
     """Runs of one record each (shared and key_shared hand out records one by one; reliable
     subscriptions track each record)."""

@@ -1,0 +1,99 @@
+"""Deliveries and --max-pending-bytes (docs/protocol.md, "SLOW_CONSUMER"): a consumer that granted
+large credits and stops reading holds up its deliveries only; it is never closed with
+SLOW_CONSUMER for what its credits allowed, however large the messages, and once it reads again
+it gets all of them, in order. Against a real broker over TCP with a 2 MiB bound."""
+import socket
+
+import pytest
+
+from actorbroker.transport.client import Client
+from tests.util import wait_for
+from tests.wire import RawConnection
+
+MAX_PENDING = 2 * 1024 * 1024
+SIZE = 64 * 1024
+
+
+def payload(i):
+    return i.to_bytes(4, "big") + b"x" * (SIZE - 4)
+
+
+def subscription_of(client, topic, name):
+    return next((s for s in client.stats(topic)["subscriptions"] if s["name"] == name), None)
+
+
+def read_messages(conn, wanted):
+    """{consumer id: [payload, ...]} until `wanted` (consumer id -> count) have come; fails on an
+    error frame or a close."""
+    got = {consumer: [] for consumer in wanted}
+    while any(len(got[c]) < n for c, n in wanted.items()):
+        frame = conn.recv_frame(timeout=30)
+        assert frame is not None, "closed by the broker"
+        assert frame["op"] != "error", frame
+        if frame["op"] == "message":
+            got[frame["consumer"]] += [m["payload"] for m in frame["msgs"]]
+        elif frame["op"] == "ping":
+            conn.send_frame({"op": "pong", "rid": frame["rid"]})
+    return got
+
+
+def not_reading_consumer(broker):
+    conn = RawConnection(*broker.address, timeout=30)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    conn.hello(heartbeat_ms=60000)
+    return conn
+
+
+@pytest.mark.parametrize("dispatch", ["non_reliable", "reliable"])
+def test_large_credits_and_large_messages_do_not_cut_off_a_consumer_that_stops_reading(
+        start_broker, topic, dispatch):
+    """300 messages of 64 KiB (19 MiB) wait for a consumer that then grants 50,000 credits without
+    reading: it is delivered to no faster than it reads, and gets all 300 in order."""
+    b = start_broker("--max-pending-bytes", str(MAX_PENDING))
+    conn = not_reading_consumer(b)
+    consumer = conn.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": "exclusive",
+                             "consumer": "c", "dispatch": dispatch})["consumer"]
+    count = 300
+    with Client(*b.address) as client:
+        producer = client.producer(topic, dispatch=dispatch)
+        for i in range(count):
+            producer.send(payload(i))
+        producer.flush()
+        wait_for(lambda: subscription_of(client, topic, "s"), lambda sub: sub["backlog"] == count)
+        conn.send_frame({"op": "flow", "consumer": consumer, "credits": 50_000})
+        # the dispatcher has handed deliveries to the connection's shard (before: all 300 at once,
+        # which closed the connection)
+        wait_for(lambda: subscription_of(client, topic, "s"),
+                 lambda sub: sub is None or not sub["consumers"] or sub["consumers"][0]["msgs_out"] > 0)
+        got = read_messages(conn, {consumer: count})[consumer]
+        assert got == [payload(i) for i in range(count)]
+        assert subscription_of(client, topic, "s")["consumers"][0]["msgs_out"] == count
+    conn.close()
+
+
+def test_several_consumers_of_one_connection_that_stops_reading_are_not_cut_off(start_broker, topic):
+    """Eight consumers on one connection, each granting large credits for 100 messages of 64 KiB
+    waiting for it (50 MiB in all), the connection not reading: deliveries wait in the broker, and
+    each consumer gets its 100 in order once it reads."""
+    b = start_broker("--max-pending-bytes", str(MAX_PENDING))
+    conn = not_reading_consumer(b)
+    names = [f"s{i}" for i in range(8)]
+    consumers = {name: conn.request({"op": "subscribe", "topic": topic, "subscription": name,
+                                     "type": "exclusive", "consumer": name, "dispatch": "reliable"})["consumer"]
+                 for name in names}
+    count = 100
+    with Client(*b.address) as client:
+        producer = client.producer(topic, dispatch="reliable")
+        for i in range(count):
+            producer.send(payload(i))
+        producer.flush()
+        for name in names:
+            wait_for(lambda: subscription_of(client, topic, name), lambda sub: sub["backlog"] == count)
+        for consumer in consumers.values():
+            conn.send_frame({"op": "flow", "consumer": consumer, "credits": 50_000})
+        wait_for(lambda: client.stats(topic)["subscriptions"],
+                 lambda subs: all(not s["consumers"] or s["consumers"][0]["msgs_out"] > 0 for s in subs))
+        got = read_messages(conn, {consumer: count for consumer in consumers.values()})
+        for consumer in consumers.values():
+            assert got[consumer] == [payload(i) for i in range(count)]
+    conn.close()
