@@ -40,6 +40,12 @@ class Ordered:
 
 
 @dataclass(frozen=True)
+class ChannelEnd:
+    """The last message of an ordered channel: its sender forgot it (forget_ordered) or is
+    exiting. Its receiver drops the channel's state once it has handled everything before it."""
+
+
+@dataclass(frozen=True)
 class Batch:
     """Several messages of one ordered channel, sent as one Thespian message. A Thespian message
     costs about a millisecond here whatever its size: everything an actor sends on one channel
@@ -73,6 +79,7 @@ LAZY_S = 0.01
 GAP_TIMEOUT_S = 5.0
 _GAP = "actorbroker-gap"
 _REPORT = "actorbroker-report"
+_DROP_CHANNELS = "actorbroker-drop-channels"
 # Thespian looks for dead children when SIGCHLD comes, once per signal; children killed together
 # sent one SIGCHLD (signals of one kind do not queue) and one of them, still ending when Thespian
 # looked, was never reported (measured: kill -9 of two SubscriptionActors of a topic left one
@@ -80,6 +87,13 @@ _REPORT = "actorbroker-report"
 _RECHECK_CHILDREN = "actorbroker-recheck-children"
 RECHECK_CHILDREN_AFTER = (timedelta(milliseconds=100), timedelta(seconds=1))
 EXIT_WITHIN_S = 5.0   # an actor process still there this long after its ActorExitRequest ends itself
+
+
+def _ends(msg):
+    """Whether `msg` (an Ordered's content) is, or ends with, a ChannelEnd."""
+    if type(msg) is Batch:
+        return bool(msg.msgs) and type(msg.msgs[-1]) is ChannelEnd
+    return type(msg) is ChannelEnd
 
 
 def _unwrapped(msg):
@@ -127,7 +141,9 @@ class BrokerActor(Actor):
             name_process(self.process_name)
         self._uid = uuid.uuid4().hex
         self._out_seq = {}     # stream -> next seq
-        self._in_seq = {}      # channel -> [expected seq, {seq: (msg, sender)}]
+        self._in_seq = {}      # channel -> [expected seq, {seq: (msg, sender)}, its sender's address]
+        self._out_to = {}      # stream -> the address its last message went to
+        self._channel_id = self._uid   # first half of our channels' keys (new once they have ended)
         self._outbox = {}      # stream -> (address, [msgs]) sent when the current message is handled
         self._in_flight = {}   # stream -> (when, token) of its last Thespian message, until it arrived
         self._lazy_due = {}    # lazy stream -> when what waits in it goes
@@ -182,6 +198,11 @@ class BrokerActor(Actor):
         if isinstance(msg, ChildActorExited):
             for delay in RECHECK_CHILDREN_AFTER:
                 self.wakeupAfter(delay, payload=_RECHECK_CHILDREN)
+            self._sender_gone(msg.childAddress)
+        if isinstance(msg, WakeupMessage) and isinstance(msg.payload, tuple) and msg.payload[0] == _DROP_CHANNELS:
+            for channel in msg.payload[1]:
+                self._drop_channel(channel)
+            return self.watch()
         if isinstance(msg, ActorExitRequest):
             self._arm_exit_deadline()
         if isinstance(msg, ActorExitRequest) and self._metrics_to is not None:
@@ -205,6 +226,8 @@ class BrokerActor(Actor):
             log.exception("%s: a %s could not be handled", type(self).__name__, type(msg).__name__)
             self.handler_errors += 1
         finally:
+            if isinstance(msg, ActorExitRequest):
+                self._end_channels()
             # an exiting actor gets no wakeup: what waits to gather more must go now
             self._flush_outbox(force=isinstance(msg, ActorExitRequest))
         return self.watch()
@@ -251,8 +274,9 @@ class BrokerActor(Actor):
         for inner, inner_sender in released:
             if isinstance(inner, Batch):
                 for one in inner.msgs:
-                    self._base_dispatch(one, inner_sender)
-            else:
+                    if type(one) is not ChannelEnd:
+                        self._base_dispatch(one, inner_sender)
+            elif type(inner) is not ChannelEnd:
                 self._base_dispatch(inner, inner_sender)
 
     def _base_dispatch(self, msg, sender):
@@ -292,7 +316,13 @@ class BrokerActor(Actor):
                 log.exception("%s: could not answer a failed %s", type(self).__name__, type(msg).__name__)
 
     def _ordered_release(self, msg, sender):
-        state = self._in_seq.setdefault(msg.channel, [0, {}])
+        state = self._in_seq.get(msg.channel)
+        if state is None:
+            if type(msg.msg) is ChannelEnd:
+                # the end of a channel we hold nothing of (ended already, or sent to the address
+                # of an actor gone, where a new one lives now): nothing to forget
+                return []
+            state = self._in_seq[msg.channel] = [0, {}, sender]
         if msg.seq < state[0]:
             return []   # after a gap was skipped, a straggler: too late
         state[1][msg.seq] = (msg.msg, sender)
@@ -304,6 +334,9 @@ class BrokerActor(Actor):
         while state[0] in state[1]:
             ready.append(state[1].pop(state[0]))
             state[0] += 1
+            if _ends(ready[-1][0]):   # its last message: nothing more will come on it
+                self._drop_channel(channel)
+                return ready
         if state[1]:
             if ready or channel not in self._gaps:
                 self._gaps[channel] = time.monotonic()
@@ -333,6 +366,18 @@ class BrokerActor(Actor):
             self._gap_check_due = True
             self.wakeupAfter(timedelta(seconds=GAP_TIMEOUT_S / 2), payload=_GAP)
         return released
+
+    def _drop_channel(self, channel):
+        self._in_seq.pop(channel, None)
+        self._gaps.pop(channel, None)
+
+    def _sender_gone(self, address):
+        """The actor at `address` is dead (its ChildActorExited; a kill -9 sends no ChannelEnd):
+        its channels to us are dropped GAP_TIMEOUT_S from now, time for what it sent before it
+        died to come. Only the channels it has now: a new actor at the same address has others."""
+        channels = tuple(channel for channel, state in self._in_seq.items() if state[2] == address)
+        if channels:
+            self.wakeupAfter(timedelta(seconds=GAP_TIMEOUT_S), payload=(_DROP_CHANNELS, channels))
 
     def send(self, targetAddr, msg):
         self.thespian_sends += 1
@@ -387,8 +432,9 @@ class BrokerActor(Actor):
             address, msgs = self._outbox.pop(stream)
             seq = self._out_seq.get(stream, 0)
             self._out_seq[stream] = seq + 1
+            self._out_to[stream] = address
             try:
-                self._send_stream(stream, address, Ordered((self._uid, stream), seq,
+                self._send_stream(stream, address, Ordered((self._channel_id, stream), seq,
                                                            msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))))
             except Exception:   # not an address (a handler's bug): the other channels still go
                 self._in_flight.pop(stream, None)
@@ -443,10 +489,39 @@ class BrokerActor(Actor):
             self._flush_wakeups.add(due)
             self.wakeupAfter(timedelta(seconds=max(0.0, due - now)), payload=(_FLUSH, due))
 
-    def forget_ordered(self, stream):
-        """The receiver is gone: a new receiver under the same key starts from zero."""
-        self._flush_outbox([stream], force=True)   # what was sent before still goes to the old one
+    def forget_ordered(self, stream, end=True):
+        """The receiver is gone, or this actor sends it nothing more on `stream`: what waits goes
+        now, to the old receiver, and ends with a ChannelEnd (unless `end` is False: the
+        receiver is known dead), so that a receiver still alive forgets the channel. A new
+        receiver under the same key starts from zero."""
+        if end:
+            self._end_stream(stream)
+        self._flush_outbox([stream], force=True)
         self._out_seq.pop(stream, None)
+        self._out_to.pop(stream, None)
+
+    def _end_stream(self, stream):
+        entry = self._outbox.get(stream)
+        if entry is not None:
+            entry[1].append(ChannelEnd())
+            self._lazy_due.pop(stream, None)
+        elif stream in self._out_to:
+            self._outbox[stream] = (self._out_to[stream], [ChannelEnd()])
+
+    def _end_channels(self):
+        """This actor is exiting: every channel it sent on ends (its receivers forget it), but
+        those to its children, which exit with it. Sent with what waits (one Batch each). Should
+        it send more before it is gone (to whom its exit is no concern), those go on new channels."""
+        procs = getattr(getattr(self, "_myRef", None), "_child_procs", None) or ()
+        children = [child.childAddr for child in procs]
+        for stream in set(self._out_to) | set(self._outbox):
+            address = self._outbox[stream][0] if stream in self._outbox else self._out_to[stream]
+            if address not in children:
+                self._end_stream(stream)
+        self._flush_outbox(force=True)
+        self._out_seq.clear()
+        self._out_to.clear()
+        self._channel_id = uuid.uuid4().hex
 
     def hold_until(self, message_type):
         """Hold every other message until one of `message_type` has been handled."""
@@ -461,8 +536,8 @@ class BrokerActor(Actor):
         config = getattr(self, "config", None)
         old_events = getattr(self, "events", None) or getattr(config, "events", None)
         if old_events is not None and old_events != msg.events:
-            # the new EventsActor must not wait for what this channel sent to the old one
-            self.forget_ordered("events")
+            # the new EventsActor must not wait for what this channel sent to the old one (dead)
+            self.forget_ordered("events", end=False)
         if config is not None and hasattr(config, "events"):
             self.config = dataclasses.replace(config, events=msg.events, metrics=msg.metrics)
         if getattr(self, "events", None) is not None:
@@ -489,6 +564,9 @@ class BrokerActor(Actor):
         counters, gauges, histograms = {}, {}, {}
         try:
             self.metrics_snapshot(counters, gauges, histograms)
+            kind = self.process_name or type(self).__name__   # the state of its ordered channels
+            gauges[("actorbroker_ordered_channels", (kind, "in"))] = len(self._in_seq)
+            gauges[("actorbroker_ordered_channels", (kind, "out"))] = len(self._out_to)
             now = time.monotonic()
             # an idle actor (most of them, most of the time) says so only now and then
             if (counters, gauges, histograms) == self._last_report[0] and \

@@ -180,6 +180,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             self._create_topic(name, dispatch)
         self.listener = self.createActor("actorbroker.actors.listener.ListenerActor")
         self.send(self.listener, listener.Listen(self.config, self.myAddress))
+        self.start_reports(self.config.metrics)   # (its ordered channels: one per topic)
 
     def _start_operability(self):
         """The EventsActor, and the MetricsActor when metrics are on: every actor started after
@@ -282,7 +283,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
 
     def _create_topic(self, name, dispatch, live=None):
         address = self.createActor("actorbroker.actors.topic.TopicActor")
-        self.forget_ordered(name)
+        self.forget_ordered(name, end=False)   # (a topic of that name before is gone)
         self.send_ordered(address, topic.InitTopic(name, dispatch, self.config, live,
                                                    getattr(self, "incarnation", "")), name)
         entry = self.topics[name] = (address, dispatch)
@@ -298,6 +299,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
                 msg.rid, E.TOPIC_NOT_FOUND, f"topic {msg.name} does not exist"))
             return
         self.send_ordered(entry[0], topic.DeleteTopic(msg.rid, msg.reply_to), msg.name)
+        self.forget_ordered(msg.name)   # its last message: the channel ends with it
 
     def on_ListTopics(self, msg, sender):
         # every node's topics (just ours on a single broker), gathered as NodeTopics
@@ -359,6 +361,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         entry = self.topics.get(msg.name)
         if entry is not None and entry[0] == sender:
             del self.topics[msg.name]
+            self.forget_ordered(msg.name, end=False)   # (ended just below)
         if self.clustered:
             self.membership.placed_on(msg.owner, msg.name, "reliable")
         self.send(sender, ActorExitRequest())
@@ -407,6 +410,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         for name, (address, dispatch) in list(self.topics.items()):
             if address == dead:
                 del self.topics[name]   # deleted, or crashed
+                self.forget_ordered(name, end=False)
                 if dispatch == "reliable" and not self.stopping:   # (a deleted one left the registry first)
                     log.error("topic %s exited; reopening it from its log", name, extra={"topic": name})
                     self._create_topic(name, dispatch)

@@ -251,8 +251,12 @@ class ConnectionActor(BrokerActor):
         self.node_of = {}            # producer or consumer id -> cluster node of its topic
         # str(address) -> the ordered stream to that actor. A topic or subscription created anew
         # may get the port, so the address, of one that died: its stream must start from zero,
-        # so the key names the incarnation too (by its lane, unique to it).
+        # so the key names the incarnation too (by its lane, unique to it). A stream lives while
+        # a producer or consumer of ours is on that actor (stream_users); then it ends
+        # (forget_ordered: the actor forgets it too), and one opened later there is a new one.
         self.streams = {}
+        self.stream_users = {}       # str(address) -> producers and consumers of ours there
+        self.stream_serial = 0
         self.exiting = False
         self.shards_lost = 0         # connections ended because their shard died
         self.forwarded = {}          # tag of a request another node answers -> that node
@@ -290,7 +294,7 @@ class ConnectionActor(BrokerActor):
     def _start_shard(self):
         self.shard_ident = f"shard-{self.index}-{uuid.uuid4().hex[:12]}"
         self.shard = self.createActor("actorbroker.actors.shard.ShardActor")
-        self.forget_ordered("shard")
+        self.forget_ordered("shard", end=False)   # (the shard before is gone)
         self.send_ordered(self.shard, shard.StartShard(self.handoff_fd, self.index, self.shard_ident,
                                                        self.config, self.listener), "shard")
 
@@ -365,10 +369,12 @@ class ConnectionActor(BrokerActor):
             self.producer_conn.pop(producer_id, None)
             self.node_of.pop(producer_id, None)
             self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), self._stream(topic_address))
+            self._stream_user_gone(topic_address)
         for consumer_id, subscription_address in conn.consumers.items():
             self._forget_consumer(consumer_id)
             self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
                               self._stream(subscription_address))
+            self._stream_user_gone(subscription_address)
         log.debug("connection %s: cleaned up %d producers, %d consumers (%s)", connection_id,
                   len(conn.producers), len(conn.consumers), reason, extra={"connection": connection_id})
         conn.producers.clear()
@@ -419,11 +425,11 @@ class ConnectionActor(BrokerActor):
             entry.until = time.monotonic() + REATTACH_FOR_S
             self.node_of.pop(ident, None)
             if kind == "consumer":
-                conn.consumers.pop(ident, None)
+                self._stream_user_gone(conn.consumers.pop(ident, None))
                 self.consumer_topic.pop(ident, None)
                 self._to_shard(shard.UnrouteConsumer(connection_id, ident, reattaching=True))
             else:
-                conn.producers.pop(ident, None)
+                self._stream_user_gone(conn.producers.pop(ident, None))
                 self._to_shard(shard.UnrouteProducer(connection_id, ident, reattaching=True, name=entry.name))
         if any(_reattach_tag(t) and t[1][1] == ident for t in conn.pending):
             return   # asked already
@@ -550,6 +556,7 @@ class ConnectionActor(BrokerActor):
         conn.pending[tag] = "request"
         self.send_ordered(topic_address, topic.CloseProducer(producer_id, tag, self.myAddress),
                           self._stream(topic_address))
+        self._stream_user_gone(topic_address)
 
     def _op_subscribe(self, conn, connection_id, frame, tag):
         name = self._authorized(conn, frame["topic"], "consume")
@@ -590,6 +597,7 @@ class ConnectionActor(BrokerActor):
         self.closing[consumer_id], self.closing_tags[tag] = tag, consumer_id
         self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, tag, self.myAddress),
                           self._stream(subscription_address))
+        self._stream_user_gone(subscription_address)
 
     def _op_unsubscribe(self, conn, connection_id, frame, tag):
         consumer_id, subscription_address = self._release_consumer(conn, frame)
@@ -597,6 +605,7 @@ class ConnectionActor(BrokerActor):
         self.closing[consumer_id], self.closing_tags[tag] = tag, consumer_id
         self.send_ordered(subscription_address, subscription.Unsubscribe(consumer_id, tag, self.myAddress),
                           self._stream(subscription_address))
+        self._stream_user_gone(subscription_address)
 
     def _release_consumer(self, conn, frame):
         """The consumer a close/unsubscribe names, no longer this connection's."""
@@ -605,12 +614,30 @@ class ConnectionActor(BrokerActor):
         return consumer_id, conn.consumers.pop(consumer_id)
 
     def _new_stream(self, address, lane):
-        key = ("to", str(address), repr(lane))
-        old = self.streams.get(str(address))
-        if old != key:
+        """A producer or consumer of ours is on the actor at `address` now (its lane: `lane`)."""
+        where = str(address)
+        old = self.streams.get(where)
+        if old is None or old[2] != repr(lane):
             if old is not None:   # a new incarnation at that address: the old one is gone
                 self.forget_ordered(old)
-            self.streams[str(address)] = key
+            self.stream_serial += 1
+            self.streams[where] = ("to", where, repr(lane), self.stream_serial)
+        self.stream_users[where] = self.stream_users.get(where, 0) + 1
+
+    def _stream_user_gone(self, address):
+        """One producer or consumer of ours fewer on `address` (after what was sent for it):
+        with none left, its stream ends, here and at that actor (which may be gone already)."""
+        if address is None:
+            return
+        where = str(address)
+        left = self.stream_users.get(where, 0) - 1
+        if left > 0:
+            self.stream_users[where] = left
+            return
+        self.stream_users.pop(where, None)
+        stream = self.streams.pop(where, None)
+        if stream is not None:
+            self.forget_ordered(stream)
 
     def _stream(self, address):
         return self.streams.get(str(address), ("to", str(address)))
@@ -755,6 +782,7 @@ class ConnectionActor(BrokerActor):
             if conn is not None:
                 self._forget_when_drained(connection_id)
             return
+        self._stream_user_gone(conn.producers.get(msg.producer_id))   # (none: ids are new)
         conn.producers[msg.producer_id] = msg.topic_address
         self.producer_conn[msg.producer_id] = connection_id
         if msg.node:
@@ -786,6 +814,7 @@ class ConnectionActor(BrokerActor):
             if conn is not None:
                 self._forget_when_drained(connection_id)
             return
+        self._stream_user_gone(conn.consumers.get(msg.consumer_id))
         conn.consumers[msg.consumer_id] = msg.subscription
         self._new_stream(msg.subscription, msg.lane)
         self.consumer_conn[msg.consumer_id] = connection_id
@@ -878,6 +907,7 @@ class ConnectionActor(BrokerActor):
         topic_address = conn.producers.pop(producer_id, None)
         if close and topic_address is not None:   # the topic may live on: say so (idempotent)
             self.send_ordered(topic_address, topic.CloseProducer(producer_id, None, None), self._stream(topic_address))
+        self._stream_user_gone(topic_address)
         if not conn.closed:
             self._to_shard(shard.UnrouteProducer(connection_id, producer_id, encode_frame(
                 {"op": "closed", "producer": producer_id, "reason": reason})))
@@ -899,6 +929,7 @@ class ConnectionActor(BrokerActor):
         if detach and subscription_address is not None:
             self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
                               self._stream(subscription_address))
+        self._stream_user_gone(subscription_address)
         if not conn.closed:
             self._to_shard(shard.UnrouteConsumer(connection_id, consumer_id, encode_frame(
                 {"op": "closed", "consumer": consumer_id, "reason": reason})))

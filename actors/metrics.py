@@ -59,6 +59,9 @@ FAMILIES = {
     "actorbroker_consumer_cleanup_seconds": ("histogram", "Time from detecting a consumer's "
                                              "connection lost to its dispatcher having removed it "
                                              "(failover promoted, unacked put back).", ()),
+    "actorbroker_ordered_channels": ("gauge", "Ordered actor channels whose state the broker's "
+                                     "actors keep, by process kind and side (in: channels received "
+                                     "on, out: sent on); bounded by the live actors.", ("kind", "side")),
     "actorbroker_processes": ("gauge", "Processes of the broker on this host, by kind.", ("kind",)),
     "actorbroker_process_resident_memory_bytes": ("gauge", "Resident memory of the broker's processes "
                                                   "on this host, by kind.", ("kind",)),

@@ -269,7 +269,7 @@ class TopicActor(BrokerActor):
         self.log_ready = False
         self.log_lane = None
         self.log = self.createActor("actorbroker.actors.log.LogActor")
-        self.forget_ordered("log")
+        self.forget_ordered("log", end=False)   # (the log before is gone)
         claim = None
         if self.config.shared_data:   # a restarted log reopens only what this node still holds
             claim = (self.config.node, self.incarnation, None if restart else self.claim_live)

@@ -1,6 +1,7 @@
 """The ordered channels of actors/base.py, as pure logic (no actor system): batching, order
-restored, and a gap that never fills is skipped instead of holding the channel forever."""
-from thespian.actors import PoisonMessage, WakeupMessage
+restored, a gap that never fills is skipped instead of holding the channel forever, and a
+channel's state is kept exactly as long as its sender may still send on it."""
+from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
 from actorbroker.actors import base
 
@@ -117,7 +118,8 @@ def test_an_exiting_actor_sends_what_waits_behind_a_message_in_flight():
     a.receiveMessage("m0", None)
     a.receiveMessage("m1", None)
     a.receiveMessage(ActorExitRequest(), None)
-    assert [m.msg for _, m in a.sent] == ["m0", "m1"]
+    # ... and ends the channel with them (its receiver forgets it: see below)
+    assert [m.msg for _, m in a.sent] == ["m0", base.Batch(("m1", base.ChannelEnd()))]
 
 
 def test_a_gap_that_never_fills_is_skipped_and_the_straggler_dropped(monkeypatch):
@@ -141,3 +143,76 @@ def test_a_poison_message_is_counted_and_the_actor_goes_on():
     a.receiveMessage(PoisonMessage("x", "Traceback: boom"), None)
     a.receiveMessage(ordered(0, "a"), None)
     assert a.poison_messages == 1 and a.got == ["a"]
+
+
+# --- the state of a channel lives as long as its sender (ChannelEnd) ------------------------------
+def deliver(sender, receiver, frm="sender-address"):
+    """What `sender` has sent so far, received by `receiver` (as from the address `frm`)."""
+    for _, msg in sender.sent:
+        receiver.receiveMessage(msg, frm)
+    sender.sent.clear()
+
+
+def test_a_receiver_forgets_a_channel_its_sender_forgot_after_handling_all_of_it():
+    a, b = GatedProbe(), Probe()
+    a.receiveMessage("m0", None)
+    a.arrive()
+    a.receiveMessage("m1", None)        # in flight...
+    a.receiveMessage("m2", None)        # ... this one waits in the outbox
+    a.forget_ordered("out")             # what waits goes now, and the channel's end with it
+    assert a._out_seq == {}
+    sent = a.sent[:]
+    deliver(a, b)
+    assert b.got == ["m0", "m1", "m2"]
+    assert b._in_seq == {} and b._gaps == {}
+    # the end overtaking what came before it on the channel waits for it, as any message
+    c = Probe()
+    for _, msg in reversed(sent):
+        c.receiveMessage(msg, "sender-address")
+        assert c._in_seq or c.got == ["m0", "m1", "m2"]
+    assert c.got == ["m0", "m1", "m2"] and c._in_seq == {} and c._gaps == {}
+
+
+def test_an_exiting_actor_ends_its_channels_and_their_receivers_forget_them():
+    a, b = GatedProbe(channel=lambda msg: msg[0]), Probe()
+    a.receiveMessage("x0", None)
+    a.receiveMessage("y0", None)
+    a.arrive()
+    a.arrive()
+    a.receiveMessage(ActorExitRequest(), None)   # nothing waits: each channel gets its end alone
+    deliver(a, b)
+    assert b.got == ["x0", "y0"] and b._in_seq == {}
+
+
+def test_an_end_the_receiver_holds_nothing_of_is_ignored():
+    # a new actor at the address of one that was forgotten gets the old channel's end
+    b = Probe()
+    b.receiveMessage(ordered(7, base.ChannelEnd()), "somewhere")
+    assert b._in_seq == {} and b._gaps == {} and base._GAP not in b.wakeups
+
+
+def test_a_live_idle_channel_is_never_forgotten(monkeypatch):
+    b = Probe()
+    b.receiveMessage(ordered(0, "a"), "live")
+    b.receiveMessage(ChildActorExited("another-child"), None)     # someone else died
+    clock = base.time.monotonic() + 10 * base.GAP_TIMEOUT_S      # idle for a long time
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock)
+    for payload in list(b.wakeups):
+        b.receiveMessage(WakeupMessage(1, payload), None)
+    b.receiveMessage(ordered(1, "b"), "live")                     # its next message goes at once
+    assert b.got == ["a", "b"] and b.gaps_skipped == 0 and base._GAP not in b.wakeups
+
+
+def test_the_channels_of_a_sender_known_dead_are_forgotten_and_a_new_one_at_its_address_is_not():
+    b = Probe()
+    b.receiveMessage(ordered(0, "a", channel=("dead-uid", "s")), "child")
+    b.receiveMessage(ordered(2, "c", channel=("dead-uid", "s")), "child")   # 1 died with it
+    b.receiveMessage(ChildActorExited("child"), None)                      # killed: no ChannelEnd
+    drop = [p for p in b.wakeups if isinstance(p, tuple) and p[0] == base._DROP_CHANNELS]
+    assert len(drop) == 1
+    # a new actor at the same address before the drop is due: its channel is its own
+    b.receiveMessage(ordered(0, "new", channel=("new-uid", "s")), "child")
+    b.receiveMessage(WakeupMessage(base.GAP_TIMEOUT_S, drop[0]), None)
+    assert list(b._in_seq) == [("new-uid", "s")] and ("dead-uid", "s") not in b._gaps
+    b.receiveMessage(ordered(1, "more", channel=("new-uid", "s")), "child")
+    assert b.got == ["a", "new", "more"]
