@@ -581,7 +581,8 @@ def kill_system(known):
 # How long the guard of a serve killed while its admin was starting waits for that admin to listen
 # (it is then shut down), and how long it then waits for the admin to be gone.
 GUARD_ADMIN_WAIT_S = START_TIMEOUT_S
-GUARD_STOP_WAIT_S = SHUTDOWN_GRACE_S
+GUARD_STOP_WAIT_S = 3 * SHUTDOWN_GRACE_S
+GUARD_STOP_RETRY_S = 2.0   # a stop not done by then is tried again
 
 
 class StartupGuard:
@@ -671,13 +672,20 @@ def _guard(read_end, secret, host, data_dir, log_format):
     except (OSError, ValueError):
         pass
     from actorbroker.actors.process import stop_actor_system
-    try:
-        stop_actor_system(port, host, secret)
-    except Exception:   # noqa: BLE001 - the admin went away meanwhile (the root stopped it)
-        pass
+    # Again while the admin still listens: an admin that has just started on a busy machine may
+    # not answer Thespian's status query in time, and the stop then gives up (InvalidActorAddress,
+    # as when it is gone) with the admin still running.
     deadline = time.monotonic() + GUARD_STOP_WAIT_S
-    while _accepts(host, port) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while True:
+        try:
+            stop_actor_system(port, host, secret)
+        except Exception:   # noqa: BLE001 - the admin went away meanwhile (the root stopped it)
+            pass
+        stopping = time.monotonic() + GUARD_STOP_RETRY_S
+        while _accepts(host, port) and time.monotonic() < min(stopping, deadline):
+            time.sleep(0.05)
+        if not _accepts(host, port) or time.monotonic() >= deadline:
+            return
 
 
 def _accepts(host, port):
