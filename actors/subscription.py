@@ -134,8 +134,13 @@ class SubscriptionActor(BrokerActor):
 
     def on_HolderProbed(self, msg, sender):
         waiting = self.probing.pop(msg.token, None)
-        if waiting is not None:
+        if waiting is None:
+            return
+        try:
             self._subscribe(waiting[0], probed=waiting[1])
+        except Exception:   # a bug: the subscribe it resumes is answered now, not at its deadline
+            log.exception("%s/%s: a subscribe resumed by its holder's probe failed", self.topic_name, self.name)
+            self._base_failed(waiting[0], "the subscribe failed in the broker (logged)")
 
     def on_WakeupMessage(self, msg, sender):
         if isinstance(msg.payload, tuple) and msg.payload[0] == "probe":

@@ -166,3 +166,20 @@ def test_a_failing_handler_answers_its_request_and_the_rest_of_the_batch_is_hand
     assert answers[0].rid == (1, 1) and answers[0].code == "INTERNAL" and answers[1].rid == (1, 2)
     assert actor.handler_errors == 1
     actor.receiveMessage(ActorExitRequest(), ActorAddress("parent"))
+
+
+def test_a_subscribe_resumed_by_a_probe_whose_handling_fails_is_answered(config):
+    """A subscribe waits for the exclusive holder's probe (HolderProbed, which carries no
+    request): a bug while it is handled answers that subscribe INTERNAL at once, instead of
+    leaving it to its 30 s deadline."""
+    parent = ActorAddress("topic")
+    actor = make(subscription.SubscriptionActor, subscription.InitSubscription("/a/b", "s", "exclusive",
+                                                                              "non_reliable", parent))
+    waiting = topic.Subscribe((1, 7), CLIENT, "shard-x", 11, "s", "exclusive", "newcomer", "latest", {})
+    actor.probing[3] = (waiting, 10)
+    actor._subscribe = lambda msg, probed=None: 1 / 0   # a bug on the way
+    actor.receiveMessage(subscription.HolderProbed(3), ActorAddress("dispatcher"))
+    answers = [m for target, m in actor._myRef.sent if target == CLIENT]
+    assert [(type(m).__name__, m.rid, m.code) for m in answers] == [("RequestFailed", (1, 7), "INTERNAL")]
+    assert actor.handler_errors == 1 and not actor.probing
+    actor.receiveMessage(ActorExitRequest(), ActorAddress("parent"))
