@@ -15,7 +15,7 @@ from thespian.actors import (
     Actor, ActorExitRequest, ActorSystemMessage, ChildActorExited, PoisonMessage, WakeupMessage)
 from thespian.system.transport import TransmitIntent
 
-from actorbroker.actors.process import die_with_parent, name_process
+from actorbroker.actors.process import close_siblings_fds_in_children, die_with_parent, name_process
 from actorbroker.actors.reporting import REPORT_EVERY, REPORT_UNCHANGED_EVERY, MetricsReport
 from actorbroker.transport.errors import INTERNAL
 
@@ -137,6 +137,7 @@ class BrokerActor(Actor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         die_with_parent()
+        close_siblings_fds_in_children(self)
         if self.process_name:
             name_process(self.process_name)
         self._uid = uuid.uuid4().hex

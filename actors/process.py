@@ -32,6 +32,50 @@ def name_process(name):
         pass
 
 
+# multiprocessing keeps, in a parent, two pipe fds per child (its sentinel, to see it exit), and a
+# child forked next inherits them all: those of every sibling forked before it, useless there. A
+# topic's four actor processes each held the root's pipes of every earlier topic: open fds grew
+# with the square of the topic count (300 reliable topics: 405,000). Thespian forks an actor's
+# children with multiprocessing (and takes them out of its list of children: its own _child_procs
+# keeps them); the child closes, first thing, the fds its parent held for the others then.
+_actor = None            # (pid, the actor) of this process, once it is an actor's
+_siblings_fds = ()       # (parent pid, fds) computed just before a fork
+
+
+def close_siblings_fds_in_children(actor):
+    """Children this actor's process forks from now on close its pipes to its other children."""
+    global _actor
+    _actor = (os.getpid(), actor)
+
+
+def _before_fork():
+    global _siblings_fds
+    _siblings_fds = ()
+    if _actor is None or _actor[0] != os.getpid():
+        return
+    fds = []
+    for child in getattr(getattr(_actor[1], "_myRef", None), "_child_procs", None) or ():
+        finalizer = getattr(getattr(child.childProc, "_popen", None), "finalizer", None)
+        if finalizer is not None and finalizer.still_active():   # its fds still open (not reused)
+            fds += [fd for fd in finalizer._args if isinstance(fd, int) and fd > 2]
+    _siblings_fds = (os.getpid(), fds)
+
+
+def _after_fork_in_child():
+    global _actor
+    if _siblings_fds and _siblings_fds[0] == os.getppid():
+        for fd in _siblings_fds[1]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _actor = None   # the parent's actor: not this process's
+
+
+if hasattr(os, "register_at_fork"):   # once per interpreter: children inherit the hooks
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
 def die_with_parent():
     """Ask the kernel for SIGTERM when our parent process dies.
 
