@@ -19,7 +19,13 @@ followed by the body, a msgpack array in one of two formats, told apart by its f
     pre-encoded rest of a v1 record (payload, key, attrs, producer, redeliveries); its first
     element is an array, never an int. Read back as runs with codec.runs_from_tails.
 The record count of the header counts records either way. Recovery scans the last segment and
-truncates it at the first torn or corrupt batch.
+truncates it at a torn or corrupt tail. A corrupt batch with valid batches after it (bit rot, or
+pages a crash wrote out of order) is never truncated: it is skipped, the reader resyncs at the
+next batch whose header is sane and whose checksum verifies, and its offsets are *lost*
+(Segment.lost, logged at ERROR once, counted in corrupt_batches / corrupt_bytes); a sealed
+segment is never truncated at all. Reads go by the index, checking each batch against it and its
+checksum; a batch found corrupt then is skipped the same way. lost_between() names the offsets
+the log lacks (lost batches, gaps between segments) so that a subscription can move past them.
 
 The sparse index (offset -> file position, one entry per batch, in memory) is rebuilt when a
 segment is opened; reading from an offset bisects it instead of scanning the segment.
@@ -27,6 +33,7 @@ segment is opened; reading from an offset bisects it instead of scanning the seg
 import bisect
 import logging
 import os
+import re
 import struct
 import time
 import zlib
@@ -100,8 +107,74 @@ def _read_batches(path, start=0, verify=True):
             pos += HEADER.size + length
 
 
+def _batch_at(f, pos, size, expected, upper, verify):
+    """The header tuple of the batch at `pos` if it is sane (non-empty, within the file, of first
+    offset `expected`, below `upper`) and, with `verify`, its checksum matches; else None."""
+    f.seek(pos)
+    head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return None
+    length, crc, first, count, stamp = HEADER.unpack(head)
+    # every batch holds a record: zeros are a tail the file system extended but never wrote (a
+    # power loss), whose empty body even passes the crc (crc32 of b""); offsets run on from batch
+    # to batch: a batch that does not continue them was not written there by this segment's writer
+    if length == 0 or count == 0 or pos + HEADER.size + length > size or first != expected:
+        return None
+    if upper is not None and first + count > upper:
+        return None
+    if verify and zlib.crc32(f.read(length)) != crc:
+        return None
+    return length, crc, first, count, stamp
+
+
+def _crc_ok(f, pos, size):
+    f.seek(pos)
+    data = f.read(size)
+    return len(data) == size and zlib.crc32(data[HEADER.size:]) == HEADER.unpack_from(data)[1]
+
+
+def _resync(f, start, size, expected, upper):
+    """(position, header tuple) of the first batch from `start` on whose header is sane (first
+    offset at or above `expected`, below `upper`) and whose checksum verifies, or None. Only
+    after damage: the rest of the file is read at once and candidates are found by a regular
+    expression (a header's count is below 2**24, its first offset has the high word of
+    `expected`), so that only few positions are checked in Python."""
+    f.seek(start)
+    data = f.read(size - start)
+    high = expected >> 32
+    if upper is None or (upper - 1) >> 32 == high:
+        first_high = re.escape(high.to_bytes(4, "big"))
+    else:
+        first_high = b".{4}"
+    candidate = re.compile(b"(?=(?!\\x00{4}).{8}" + first_high + b".{4}\\x00)", re.DOTALL)
+    for match in candidate.finditer(data):
+        i = match.start()
+        if i + HEADER.size > len(data):
+            break
+        length, crc, first, count, stamp = HEADER.unpack_from(data, i)
+        if not count or first < expected or (upper is not None and first + count > upper):
+            continue
+        end = i + HEADER.size + length
+        if end <= len(data) and zlib.crc32(data[i + HEADER.size:end]) == crc:
+            return start + i, (length, crc, first, count, stamp)
+    return None
+
+
+def _checked_body(data, first, count):
+    """The body of a batch read back by the index (header and body in `data`), or None when it
+    is not the batch the index holds there or its checksum fails (bit rot since it was written)."""
+    if len(data) < HEADER.size:
+        return None
+    length, crc, head_first, head_count, stamp = HEADER.unpack_from(data)
+    body = data[HEADER.size:]
+    if length != len(body) or head_first != first or head_count != count or zlib.crc32(body) != crc:
+        return None
+    return stamp, body
+
+
 class Segment:
-    def __init__(self, directory, first_offset, epoch=0, limit=None):
+    def __init__(self, directory, first_offset, epoch=0, limit=None, topic=None):
+        self.topic = topic        # for the log lines
         self.path = os.path.join(directory, _segment_name(first_offset, epoch))
         self.first_offset = first_offset
         self.epoch = epoch
@@ -110,27 +183,72 @@ class Segment:
         self.size = 0
         self.index_offsets = []   # first offset of each batch
         self.index_positions = []
+        self.index_counts = []    # records of each batch
+        self.index_sizes = []     # bytes of each batch, its header included
         self.last_time = 0
+        self.lost = []            # (first, end, bytes): offsets of corrupt batches, skipped
 
-    def load(self, verify=True):
-        """Rebuild the index by scanning; truncate a torn tail. Returns bytes truncated."""
+    def load(self, verify=True, upper=None):
+        """Rebuild the index by scanning. With `verify` (the active segment: a crash may have
+        torn it) every batch is checksummed and a torn or corrupt tail is truncated; without,
+        (a sealed segment, fsynced when the log rolled past it, the checkpoint) only the headers
+        are walked, and `upper`, the next segment's first offset, bounds its offsets. A corrupt
+        batch with a valid one after it is skipped, never truncated (self.lost); a sealed segment
+        is never truncated. Returns the bytes truncated."""
         self.size = 0
-        for item in _read_batches(self.path, verify=verify):
-            if item[0] == "torn":
-                return self._truncate(item[1], "torn or corrupt tail")
-            pos, (length, _, first, count, stamp), _ = item
-            if first != self.next_offset:
-                # offsets run on from batch to batch: a batch that does not continue them was not
-                # written there by this segment's writer (stale or foreign bytes)
-                return self._truncate(pos, f"torn or corrupt tail (a batch of offset {first} "
-                                           f"where {self.next_offset} was due)")
-            if self.limit is not None and first + count > self.limit:
-                break   # written by a fenced owner after the next epoch began: not part of the log
-            self._index(first, pos)
-            self.next_offset = first + count
-            self.size = pos + HEADER.size + length
-            self.last_time = stamp
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            pos = 0
+            while pos < size:
+                batch = _batch_at(f, pos, size, self.next_offset, upper, verify)
+                if batch is None and not verify and self.index_positions \
+                        and not _crc_ok(f, self.index_positions[-1], self.index_sizes[-1]):
+                    # unchecked, the batch before led us here: a corrupt length misplaces the next
+                    # header. It is the corrupt one: resync from it
+                    pos, self.next_offset = self.index_positions.pop(), self.index_offsets.pop()
+                    self.index_counts.pop()
+                    self.index_sizes.pop()
+                    self.size = pos
+                if batch is not None:
+                    length, _, first, count, stamp = batch
+                    if self.limit is not None and first + count > self.limit:
+                        break   # written by a fenced owner after the next epoch began: not part of the log
+                    self._index(first, pos, count, HEADER.size + length)
+                    self.next_offset = first + count
+                    self.size = pos = pos + HEADER.size + length
+                    self.last_time = stamp
+                    continue
+                found = _resync(f, pos + 1, size, self.next_offset, upper)
+                if found is None:
+                    if verify or upper is None:
+                        return self._truncate(pos, "torn or corrupt tail")
+                    # a sealed segment: what follows is unreadable, up to the next segment
+                    self._lose(self.next_offset, upper, size - pos)
+                    self.next_offset, self.size = upper, size
+                    break
+                at, (_, _, first, _, _) = found
+                self._lose(self.next_offset, first, at - pos)
+                self.next_offset = first
+                pos = at   # read again, and checked, by the loop
         return 0
+
+    def _lose(self, first, end, nbytes):
+        """Offsets [first, end) are in a corrupt batch (or several): skipped, said once."""
+        if end <= first:   # bytes between intact batches that hold no offset of the log
+            log.warning("topic %s: segment %s: %d bytes of no batch skipped, no record lost", self.topic,
+                        self.path, nbytes, extra={"topic": self.topic})
+            return
+        self.lost.append((first, end, nbytes))
+        log.error("topic %s: segment %s: corrupt batch: offsets %d..%d (%d records) are lost, %d bytes "
+                  "skipped; the batches after it are read", self.topic, self.path, first, end - 1, end - first,
+                  nbytes, extra={"topic": self.topic})
+
+    def lose_batch(self, i):
+        """Batch i of the index turned out corrupt when read: skipped from now on."""
+        first, count, nbytes = self.index_offsets[i], self.index_counts[i], self.index_sizes[i]
+        for column in (self.index_offsets, self.index_positions, self.index_counts, self.index_sizes):
+            del column[i]
+        self._lose(first, first + count, nbytes)
 
     def _truncate(self, pos, why):
         truncated = os.path.getsize(self.path) - pos
@@ -138,12 +256,15 @@ class Segment:
             f.truncate(pos)
             f.flush()
             os.fsync(f.fileno())
-        log.warning("segment %s: %s: %d bytes truncated at %d", self.path, why, truncated, pos)
+        log.warning("topic %s: segment %s: %s: %d bytes truncated at %d", self.topic, self.path, why, truncated,
+                    pos, extra={"topic": self.topic})
         return truncated
 
-    def _index(self, first, pos):
+    def _index(self, first, pos, count, nbytes):
         self.index_offsets.append(first)
         self.index_positions.append(pos)
+        self.index_counts.append(count)
+        self.index_sizes.append(nbytes)
 
     def position_of(self, offset):
         i = bisect.bisect_right(self.index_offsets, offset) - 1
@@ -153,16 +274,19 @@ class Segment:
 class SegmentLog:
     """One topic's log. Not thread-safe; owned by one actor."""
 
-    def __init__(self, directory, segment_bytes=64 * 1024 * 1024, epoch=0, limits=None):
+    def __init__(self, directory, segment_bytes=64 * 1024 * 1024, epoch=0, limits=None, topic=None):
         """`epoch` and `limits` ({epoch: end offset}) only in a shared folder (storage/fencing.py):
-        the log then starts a segment of its own epoch and never writes another's."""
+        the log then starts a segment of its own epoch and never writes another's. `topic`: its
+        name, for the log lines."""
         self.directory = directory
+        self.topic = topic
         self.segment_bytes = segment_bytes
         self.epoch = epoch
         self.limits = limits or {}
         os.makedirs(directory, exist_ok=True)
         self.segments = []
         self.truncated_bytes = 0
+        self._lost_deleted = (0, 0)   # corrupt batches and bytes of segments retention deleted
         self._file = None
         self._dirty = False
         self._open()
@@ -174,21 +298,71 @@ class SegmentLog:
             limit = self.limits.get(epoch)
             if limit is not None and first >= limit:
                 continue   # begun by a fenced owner after the next epoch began
-            self.segments.append(Segment(self.directory, first, epoch, limit))
+            self.segments.append(Segment(self.directory, first, epoch, limit, self.topic))
         # Sealed segments were fsynced when the log rolled past them: that is the checkpoint.
         # Their headers are walked to rebuild the index; only the active (last) segment, which a
         # crash may have torn, is read and checked batch by batch. In a shared folder the last
         # segment of every epoch is such a tail.
         for i, segment in enumerate(self.segments):
             tail = i == len(self.segments) - 1 or self.segments[i + 1].epoch != segment.epoch
-            self.truncated_bytes += segment.load(verify=tail)
+            upper = None if tail else self.segments[i + 1].first_offset
+            self.truncated_bytes += segment.load(verify=tail, upper=upper)
+        for before, after in zip(self.segments, self.segments[1:]):
+            if before.next_offset < after.first_offset:
+                log.warning("topic %s: log %s: offsets %d..%d are absent (no segment holds them)",
+                            self.topic, self.directory, before.next_offset, after.first_offset - 1,
+                            extra={"topic": self.topic})
         if not self.segments or self.segments[-1].epoch != self.epoch:
             # a new log, or a new epoch: this owner writes only segments of its own
             first = self.segments[-1].next_offset if self.segments else 0
-            self.segments.append(Segment(self.directory, first, self.epoch))
+            self.segments.append(Segment(self.directory, first, self.epoch, topic=self.topic))
             open(self.segments[-1].path, "ab").close()
             self._fsync_dir()
         self._file = open(self.active.path, "ab")
+
+    def continue_at(self, offset):
+        """Go on from `offset`, above the log's end: offsets a subscription already counts as
+        acknowledged were lost with the log's tail (a machine crash under --fsync interval, a
+        torn tail truncated), and handing them out again would hide new records behind its
+        cursor. The active segment is sealed (or dropped, if empty) and a new one begins at
+        `offset`, so the gap survives restarts (lost_between names it). Returns the gap
+        (first, end) or None."""
+        if offset <= self.next_offset:
+            return None
+        gap = (self.next_offset, offset)
+        active = self.active
+        self.sync()
+        self._file.close()
+        if active.size == 0 and not active.index_offsets:
+            os.unlink(active.path)
+            self.segments.pop()
+        else:
+            with open(active.path, "rb") as f:   # sealed: its bytes are the checkpoint now
+                os.fsync(f.fileno())
+        self.segments.append(Segment(self.directory, offset, self.epoch, topic=self.topic))
+        self._file = open(self.active.path, "ab")
+        self._fsync_dir()
+        return gap
+
+    @property
+    def corrupt_batches(self):
+        """Corrupt batches skipped (found at open or when read), since this log was opened."""
+        return self._lost_deleted[0] + sum(len(s.lost) for s in self.segments)
+
+    @property
+    def corrupt_bytes(self):
+        return self._lost_deleted[1] + sum(n for s in self.segments for _, _, n in s.lost)
+
+    def lost_between(self, start, end):
+        """[(first, end)] of the offsets in [start, end) the log does not hold: corrupt batches
+        skipped, gaps between segments (a tail lost below a cursor, a missing segment)."""
+        out = []
+        for i, segment in enumerate(self.segments):
+            ranges = [(a, b) for a, b, _ in segment.lost]
+            if i + 1 < len(self.segments) and segment.next_offset < self.segments[i + 1].first_offset:
+                ranges.append((segment.next_offset, self.segments[i + 1].first_offset))
+            out += [(max(a, start), min(b, end)) for a, b in ranges if a < end and b > start]
+        return sorted(out)
 
     @property
     def active(self):
@@ -238,7 +412,7 @@ class SegmentLog:
             # never leave half a batch behind: later batches would sit after garbage
             self._file = self._reopen_truncated(segment.size)
             raise
-        segment._index(first, segment.size)
+        segment._index(first, segment.size, count, len(data))
         segment.size += len(data)
         segment.next_offset = first + count
         segment.last_time = stamp
@@ -263,7 +437,7 @@ class SegmentLog:
     def _roll(self):
         self.sync()
         self._file.close()
-        segment = Segment(self.directory, self.active.next_offset, self.epoch)
+        segment = Segment(self.directory, self.active.next_offset, self.epoch, topic=self.topic)
         self.segments.append(segment)
         self._file = open(segment.path, "ab")
         self._fsync_dir()
@@ -278,7 +452,9 @@ class SegmentLog:
     # --- reading ------------------------------------------------------------------------------------
     def _batches(self, offset, max_records):
         """(first offset, count, time ms, decoded body) of the batches holding records from
-        `offset` on, until about max_records records (whole batches) or the log's end."""
+        `offset` on, until about max_records records (whole batches) or the log's end. Read by
+        the index, each batch checked against it and its checksum: one that fails is skipped
+        (Segment.lose_batch) and the read goes on after it."""
         self._file.flush()
         offset = max(offset, self.first_offset)
         taken = 0
@@ -286,20 +462,25 @@ class SegmentLog:
         for segment in self.segments[i:]:
             if segment.next_offset <= offset:
                 continue
-            for item in _read_batches(segment.path, segment.position_of(offset)):
-                if item[0] == "torn":
-                    break
-                _, (_, _, first, count, stamp), body = item
-                if first >= segment.next_offset:
-                    break   # past a fenced owner's limit
-                if first + count <= offset:
-                    continue
-                # a batch runs past the segment's end only if a limit cut it (never, as epochs
-                # start at batch boundaries): cut it there all the same
-                yield first, min(count, segment.next_offset - first), stamp, msgpack.unpackb(body, raw=False)
-                taken += first + count - max(first, offset)
-                if taken >= max_records:
-                    return
+            j = max(0, bisect.bisect_right(segment.index_offsets, offset) - 1)
+            with open(segment.path, "rb") as f:
+                while j < len(segment.index_offsets):
+                    first, count = segment.index_offsets[j], segment.index_counts[j]
+                    if first + count <= offset:
+                        j += 1
+                        continue
+                    f.seek(segment.index_positions[j])
+                    checked = _checked_body(f.read(segment.index_sizes[j]), first, count)
+                    if checked is None:
+                        segment.lose_batch(j)   # the next batch is j now
+                        continue
+                    stamp, body = checked
+                    # only batches below a fenced owner's limit are in the index
+                    yield first, count, stamp, msgpack.unpackb(body, raw=False)
+                    taken += first + count - max(first, offset)
+                    if taken >= max_records:
+                        return
+                    j += 1
 
     def read_runs(self, offset, max_records=1000):
         """Runs of the records from `offset` (transport/codec.py's layout), at most about
@@ -350,7 +531,9 @@ class SegmentLog:
         removed = 0
         while len(self.segments) > 1 and self.segments[1].first_offset <= offset:
             os.unlink(self.segments[0].path)
-            self.segments.pop(0)
+            gone = self.segments.pop(0)
+            self._lost_deleted = (self._lost_deleted[0] + len(gone.lost),
+                                  self._lost_deleted[1] + sum(n for _, _, n in gone.lost))
             removed += 1
         if removed:
             self._fsync_dir()

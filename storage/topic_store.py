@@ -101,11 +101,35 @@ class TopicStore:
         if not os.path.exists(meta):
             _write_atomic(meta, json.dumps({"name": name, "dispatch": dispatch}))
         if self.epoch is None:
-            self.log = SegmentLog(os.path.join(self.directory, "log"), segment_bytes)
+            self.log = SegmentLog(os.path.join(self.directory, "log"), segment_bytes, topic=name)
         else:
             self.log = SegmentLog(os.path.join(self.directory, "log"), segment_bytes,
-                                  self.epoch.number, fencing.limits(self.directory))
+                                  self.epoch.number, fencing.limits(self.directory), topic=name)
+        self.gap = self._continue_above_cursors(name)
+        if self.epoch is not None:
             self.epoch.begin(self.log.next_offset)
+
+    def _continue_above_cursors(self, name):
+        """Offsets never go backwards: if the log ends below what a durable subscription already
+        counts as acknowledged (its tail was lost: a machine crash under --fsync interval, a
+        torn tail truncated), the log continues above every cursor, else new records would get
+        offsets (and ids) the subscription skips as acknowledged. Returns the gap or None."""
+        known, who = 0, None
+        for subscription, state in self.cursors().items():
+            try:
+                end = max([int(state.get("floor", 0))] + [int(o) + 1 for o in state.get("acked") or ()])
+            except (TypeError, ValueError):
+                continue
+            if end > known:
+                known, who = end, subscription
+        gap = self.log.continue_at(known)
+        if gap is not None:
+            log.warning("topic %s: its log ends at offset %d, below offset %d up to which subscription %r "
+                        "has acknowledged: offsets %d..%d were lost (a machine crash under --fsync "
+                        "interval, or a torn tail truncated); the log continues at %d, so no offset is "
+                        "handed out twice", name, gap[0], gap[1], who, gap[0], gap[1] - 1, gap[1],
+                        extra={"topic": name})
+        return gap
 
     def fenced_by(self):
         """The node that took this log over since we opened it (write nothing more), or None."""

@@ -92,3 +92,94 @@ def test_delete_before_keeps_the_segment_holding_the_offset(tmp_path):
     assert removed == 2 and log.first_offset == firsts[2]
     assert log.read(0, 1)[0][0] == firsts[2]
     assert HEADER.size == 28
+
+
+# --- damage: a corrupt batch is skipped, never the rest of its segment (issue: acc-disk t14, t3) ---
+
+def batch_positions(path):
+    """(position, first offset, size) of each batch of a segment file, by its headers."""
+    out, pos = [], 0
+    with open(path, "rb") as f:
+        data = f.read()
+    while pos < len(data):
+        length, _, first, _, _ = HEADER.unpack_from(data, pos)
+        out.append((pos, first, HEADER.size + length))
+        pos += HEADER.size + length
+    return out
+
+
+def flip(path, at, n=4):
+    with open(path, "r+b") as f:
+        f.seek(at)
+        data = f.read(n)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def sealed_log(tmp_path):
+    """A log of 3 sealed segments and an active one, 10 batches of 3 records each, closed."""
+    log = SegmentLog(str(tmp_path), segment_bytes=600)
+    fill(log, 40)
+    log.close()
+    paths = sorted(os.path.join(tmp_path, n) for n in os.listdir(tmp_path))
+    assert len(paths) >= 3
+    return paths
+
+
+def test_a_corrupt_batch_of_a_sealed_segment_found_by_a_read_hides_nothing_after_it(tmp_path):
+    paths = sealed_log(tmp_path)
+    log = SegmentLog(str(tmp_path), segment_bytes=600)
+    pos, first, size = batch_positions(paths[0])[2]
+    flip(paths[0], pos + size - 6)   # bit rot in a body, after the log was opened
+    offsets = [r[0] for r in log.read(0, max_records=10**6)]
+    lost = list(range(first, first + 3))
+    assert offsets == [o for o in range(120) if o not in lost]
+    assert log.lost_between(0, 120) == [(first, first + 3)]
+    assert (log.corrupt_batches, log.corrupt_bytes) == (1, size)
+    assert [r[0] for r in log.read(first, max_records=4)][:4] == [first + 3, first + 4, first + 5, first + 6]
+    assert log.corrupt_batches == 1   # counted once, however often read
+
+
+def test_a_corrupt_header_in_a_sealed_segment_is_skipped_at_open_and_nothing_truncated(tmp_path):
+    paths = sealed_log(tmp_path)
+    size_before = os.path.getsize(paths[0])
+    pos, first, _ = batch_positions(paths[0])[1]
+    flip(paths[0], pos, 2)   # the length of the second batch: its header leads nowhere
+    again = SegmentLog(str(tmp_path), segment_bytes=600)
+    assert again.truncated_bytes == 0 and os.path.getsize(paths[0]) == size_before
+    assert again.next_offset == 120 and again.corrupt_batches == 1
+    assert again.lost_between(0, 120) == [(first, first + 3)]
+    assert [r[0] for r in again.read(0, max_records=10**6)] == [o for o in range(120) if not first <= o < first + 3]
+    assert again.append([("k", b"after")]) == 120
+
+
+def test_a_corrupt_batch_amid_the_active_segment_keeps_the_batches_after_it(tmp_path):
+    log = SegmentLog(str(tmp_path), segment_bytes=10**6)
+    fill(log, 6)
+    log.close()
+    (path,) = [os.path.join(tmp_path, n) for n in os.listdir(tmp_path)]
+    pos, first, size = batch_positions(path)[2]
+    flip(path, pos + size // 2)
+    again = SegmentLog(str(tmp_path), segment_bytes=10**6)
+    assert again.truncated_bytes == 0 and again.next_offset == 18 and again.corrupt_batches == 1
+    assert [r[0] for r in again.read(0)] == [o for o in range(18) if not 6 <= o < 9]
+    assert again.append([("k", b"after")]) == 18
+
+
+def test_a_log_continues_at_a_given_offset_even_when_empty_and_keeps_it(tmp_path):
+    log = SegmentLog(str(tmp_path), segment_bytes=10**6)
+    fill(log, 2)
+    assert log.continue_at(4) is None   # never backwards
+    assert log.continue_at(50) == (6, 50)
+    assert log.append([("k", b"x")]) == 50
+    log.close()
+    again = SegmentLog(str(tmp_path), segment_bytes=10**6)
+    assert again.next_offset == 51 and again.lost_between(0, 51) == [(6, 50)]
+    assert [r[0] for r in again.read(0)] == [0, 1, 2, 3, 4, 5, 50]
+    again.close()
+    empty = SegmentLog(str(tmp_path / "empty"))
+    assert empty.continue_at(7) == (0, 7)
+    empty.close()
+    empty = SegmentLog(str(tmp_path / "empty"))
+    assert empty.next_offset == 7 and empty.first_offset == 7 and len(os.listdir(tmp_path / "empty")) == 1
+    empty.close()

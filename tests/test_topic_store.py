@@ -66,3 +66,53 @@ def test_a_broker_opens_a_data_directory_of_the_hex_layout(start_broker, tmp_pat
     subscribe(again, topic, "s", "exclusive", credits=10)
     assert [p for _, p, _ in receive(again, 2)] == [b"m1", b"m2"]
     assert json.loads((data / "topics" / digest(topic) / "topic.json").read_text())["name"] == topic
+
+
+def cut_segments_at_batch(log_dir, batches):
+    """Keep the first `batches` batches of the (single) segment, as a machine crash under --fsync
+    interval may (acc-disk t4)."""
+    from actorbroker.storage.segment_log import HEADER
+    (path,) = [os.path.join(log_dir, n) for n in os.listdir(log_dir)]
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    for _ in range(batches):
+        pos += HEADER.size + HEADER.unpack_from(data, pos)[0]
+    os.truncate(path, pos)
+
+
+def test_a_log_that_lost_its_tail_below_a_cursor_continues_above_every_cursor(tmp_path, caplog):
+    data = str(tmp_path)
+    store = TopicStore(data, "/t", "reliable", 1 << 20)
+    for i in range(10):
+        store.log.append([(None, b"m%d" % (i * 10 + j)) for j in range(10)], 1)
+    store.save_cursor("all-acked", {"floor": 100, "acked": []})
+    store.save_cursor("behind", {"floor": 20, "acked": [120]})   # 120 is not even in the log: known all the same
+    store.save_cursor("lagging", {"floor": 10, "acked": []})
+    store.close()
+    cut_segments_at_batch(os.path.join(store.directory, "log"), 5)
+    with caplog.at_level("WARNING", logger="actorbroker.storage"):
+        again = TopicStore(data, "/t", "reliable", 1 << 20)
+    assert again.log.next_offset == 121 and again.gap == (50, 121)
+    assert any("/t" in r.getMessage() and "50..120" in r.getMessage() for r in caplog.records)
+    assert again.log.append([(None, b"new")], 2) == 121   # never an offset a cursor counts as acknowledged
+    assert again.log.lost_between(10, 122) == [(50, 121)]   # a lagging subscription moves past the gap
+    assert [r[0] for r in again.log.read(45)] == [45, 46, 47, 48, 49, 121]
+    again.close()
+    third = TopicStore(data, "/t", "reliable", 1 << 20)   # and it stays so
+    assert third.log.next_offset == 122 and third.gap is None and third.log.lost_between(0, 122) == [(50, 121)]
+    third.close()
+
+
+def test_a_log_whose_every_segment_is_gone_starts_above_the_cursors(tmp_path):
+    data = str(tmp_path)
+    store = TopicStore(data, "/t", "reliable", 1 << 20)
+    store.log.append([(None, b"a"), (None, b"b"), (None, b"c")], 1)
+    store.save_cursor("s", {"floor": 3, "acked": []})
+    store.close()
+    log_dir = os.path.join(store.directory, "log")
+    for name in os.listdir(log_dir):
+        os.unlink(os.path.join(log_dir, name))
+    again = TopicStore(data, "/t", "reliable", 1 << 20)
+    assert again.log.first_offset == 3 and again.log.append([(None, b"d")], 2) == 3
+    again.close()
