@@ -267,7 +267,7 @@ class DispatcherActor(BrokerActor):
             self._holder_probed(frame[2])
         elif op == LaneOp.RECORDS:
             if lane is self.log_lane:
-                self._log_records(frame[1], frame[2], frame[3])
+                self._log_records(frame[1], frame[2], frame[3], frame[4] if len(frame) > 4 else ())
         elif op == LaneOp.HELLO:
             if frame[1] == self.topic_name:
                 lane.peer = ("topic", frame[1])
@@ -414,7 +414,7 @@ class DispatcherActor(BrokerActor):
             self.reading = True
             self.log_lane.send([LaneOp.READ, self.read_pos, self.read_pos, room])
 
-    def _log_records(self, token, runs, first_offset):
+    def _log_records(self, token, runs, first_offset, lost=()):
         """Runs read back from the log, from read_pos. A run none of whose records this
         subscription has seen (acked, delivered, or counted as redelivered before a restart of
         ours) is kept whole; the others are cut into their records and sorted out one by one."""
@@ -423,6 +423,10 @@ class DispatcherActor(BrokerActor):
             return
         if first_offset > self.cursor.floor:   # retention removed what we had not acked
             self.cursor.skip_to(first_offset)
+        for a, b in lost:   # offsets the log lost (corrupt batch, lost tail): never delivered, passed
+            for offset in range(max(a, self.cursor.floor), b):
+                if offset not in self.unacked and self.cursor.ack(offset):
+                    self.cursor_dirty = True
         read_pos, cursor, unacked, counts = self.read_pos, self.cursor, self.unacked, self.redelivery_count
         seen = []
         if runs:
@@ -509,8 +513,8 @@ class DispatcherActor(BrokerActor):
             if msg.error is None:
                 self._answer_ack(lane, consumer_id, rid)
             else:
-                lane.send([LaneOp.REPLY, consumer_id, error_frame(
-                    E.INTERNAL, f"the ack is not durable: cursor save failed ({msg.error}); ack again", rid), rid])
+                lane.send([LaneOp.REPLY, consumer_id, error_frame(   # OVERLOADED: the disk refused
+                    msg.code or E.INTERNAL, f"the ack is not durable: cursor save failed ({msg.error}); ack again", rid), rid])
         self.acks_waiting = []
         if msg.error is not None:
             self.cursor_dirty = True   # tried again with the next ack, or within CURSOR_SAVE_DELAY

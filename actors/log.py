@@ -7,6 +7,8 @@ the dispatchers' lanes (catch-up, redelivery after restart), and keeps the subsc
 one else: the topic keeps accepting sends meanwhile and merges them into the next append
 (group commit).
 """
+import errno
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,9 +19,26 @@ from thespian.actors import ThespianWatch
 from actorbroker.actors import signing
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.storage.fencing import Fenced
-from actorbroker.storage.topic_store import TopicStore
+from actorbroker.storage.topic_store import TopicStore, topic_dir
 from actorbroker.transport import errors as E
 from actorbroker.transport.lanes import LaneHub, LaneOp, Reactor
+
+
+# What the data directory's environment refuses is not a bug (INTERNAL) but work the broker cannot
+# store: OVERLOADED (PROTOCOL.md: "broker refuses work it cannot buffer"), named after its cause.
+STORAGE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system", errno.EIO: "I/O error",
+                  errno.EPERM: "not permitted", errno.EACCES: "permission denied",
+                  errno.EMFILE: "too many open files", errno.ENFILE: "too many open files"}
+ERROR_LOG_EVERY_S = 10.0   # a failing disk: one broker.log line, then a count this often
+
+
+def storage_failure(exc):
+    """(protocol code, text for the client) of an exception raised by the topic's files; the
+    text names the cause, not the file (the broker log does)."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return E.OVERLOADED, f"{STORAGE_ERRNOS[exc.errno]}: {exc.strerror} ({errno.errorcode[exc.errno]})"
+    return E.INTERNAL, str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,15 @@ class LogFenced:
 
 
 @dataclass(frozen=True)
+class LogOpenFailed:
+    """To the topic: the log could not be opened (`code`: OVERLOADED when the disk refused,
+    storage_failure); nothing is open. The topic refuses what needs the log and may send OpenLog
+    again (the same LogActor tries again)."""
+    error: str
+    code: str
+
+
+@dataclass(frozen=True)
 class LogOpened:
     lane: Any           # where the topic connects for appends
     next_offset: int
@@ -48,6 +76,8 @@ class LogOpened:
     truncated_bytes: int
     log_bytes: int
     segments: int
+    corrupt_batches: int = 0   # corrupt batches skipped (storage/segment_log.py), and their bytes
+    corrupt_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,8 @@ class LogRetained:
     log_bytes: int
     segments: int
     forced_deletions: int
+    corrupt_batches: int = 0   # also sent when a read found a corrupt batch
+    corrupt_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +101,7 @@ class SaveCursor:
 class CursorSaved:
     subscription: str
     error: Any = None    # why it was not saved (disk full, ...); None: it is on disk
+    code: Any = None     # the protocol code the ack it answers gets (storage_failure); None: INTERNAL
 
 
 @dataclass(frozen=True)
@@ -82,6 +115,7 @@ class CursorLoaded:
     """The durable cursor of a subscription being restarted (None: it has none)."""
     subscription: str
     state: Any
+    unopened: bool = False   # the log could not be opened: ask again once it is (LogOpened)
 
 
 @dataclass(frozen=True)
@@ -115,6 +149,10 @@ class LogActor(BrokerActor):
         self.hub = None
         self.topic = None
         self.fenced = None         # the node that took the log over
+        self.name = None
+        self.open_failed = False   # the last OpenLog failed: nothing is open
+        self.errors_quiet_until = 0.0   # storage errors are logged once per ERROR_LOG_EVERY_S ...
+        self.errors_counted = 0         # ... and counted in between
 
     def watch(self):
         return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
@@ -128,15 +166,27 @@ class LogActor(BrokerActor):
         if mode.startswith("interval:"):
             self.interval_s = int(mode.split(":", 1)[1]) / 1000.0
         self.topic = sender
+        self.name = msg.topic
+        if self.store is not None:   # (never: the topic asks again only after LogOpenFailed)
+            return
         try:
             self.store = TopicStore(self.config.shared_data or self.config.data_dir, msg.topic, msg.dispatch,
                                     self.config.segment_bytes, msg.claim)
+            cursors = self.store.cursors()
         except Fenced as exc:
             log.warning("topic %s: not opened here: %s", msg.topic, exc, extra={"topic": msg.topic})
             self.fenced = exc.owner
             self.send(sender, LogFenced(exc.owner))
             return
-        cursors = self.store.cursors()
+        except Exception as exc:   # ENOSPC, EPERM, EIO, ...: the topic must hear of it
+            if self.store is not None:
+                self.store.close()
+            self.store = None
+            self.open_failed = True
+            code, text = self._storage_error("its log cannot be opened", exc)
+            self.send(sender, LogOpenFailed(text, code))
+            return
+        self.open_failed = False
         self.floors = {name: state.get("floor", 0) for name, state in cursors.items()}
         log_ = self.store.log
         if log_.truncated_bytes:
@@ -149,14 +199,21 @@ class LogActor(BrokerActor):
             self.wakeupAfter(self._retention_period(), payload="retain")
         self.send(sender, LogOpened(self.hub.listen(), log_.next_offset, log_.first_offset, cursors,
                                     log_.truncated_bytes,
-                                    log_.size, len(log_.segments)))
+                                    log_.size, len(log_.segments), log_.corrupt_batches, log_.corrupt_bytes))
 
     def _lane_frame(self, lane, frame):
         if frame[0] == LaneOp.APPEND:
             lane.send(self._append(*frame[1:]))
         elif frame[0] == LaneOp.READ:   # a dispatcher catching up
             log_ = self.store.log
-            lane.send([LaneOp.RECORDS, frame[1], log_.read_runs(frame[2], frame[3]), log_.first_offset])
+            corrupt = log_.corrupt_batches
+            runs = log_.read_runs(frame[2], frame[3])
+            if log_.corrupt_batches != corrupt:   # found by this read: the topic's stats count it
+                self.send(self.topic, LogRetained(log_.size, len(log_.segments), self.forced_deletions,
+                                                  log_.corrupt_batches, log_.corrupt_bytes))
+            end = runs[-1][0] + runs[-1][1] if runs else log_.next_offset
+            # offsets the log lacks (corrupt batches skipped, a lost tail): the subscription moves past them
+            lane.send([LaneOp.RECORDS, frame[1], runs, log_.first_offset, log_.lost_between(frame[2], end)])
 
     def _append(self, seq, first, runs, time_ms):
         if self.fenced is not None:
@@ -170,16 +227,42 @@ class LogActor(BrokerActor):
             if self.interval_s is None:
                 log_.sync()
         except OSError as exc:   # disk full, I/O error: refuse, never receipt
-            log.error("topic log append failed: %s", exc)
-            return [LaneOp.APPEND_FAILED, seq, str(exc), log_.next_offset]
+            code, text = self._storage_error("log append failed", exc)
+            return [LaneOp.APPEND_FAILED, seq, text, log_.next_offset, code]
         if self._fenced():   # after the fsync, before the receipt: storage/fencing.py says why
             return [LaneOp.APPEND_FAILED, seq, f"node {self.fenced} took this topic over; send it there",
                     log_.next_offset, E.TOPIC_UNAVAILABLE]
         if self.interval_s is not None and not self.sync_scheduled:
             self.sync_scheduled = True
             self.wakeupAfter(timedelta(seconds=self.interval_s), payload="sync")
-        self._retain()
+        try:
+            self._retain()
+        except OSError as exc:   # the append is durable all the same: it is answered
+            self._storage_error("retention failed", exc)
         return [LaneOp.APPENDED, seq, log_.size, len(log_.segments), self.forced_deletions]
+
+    def _storage_error(self, what, exc):
+        """(code, text) of a failure of the topic's files (storage_failure), logged as an ERROR:
+        at once, then (a full disk fails every send, and broker.log is on it) counted, and the
+        count logged every ERROR_LOG_EVERY_S."""
+        code, text = storage_failure(exc)
+        now = time.monotonic()
+        if now >= self.errors_quiet_until:
+            log.error("topic %s: %s: %s", self.name, what, exc if code == E.INTERNAL else f"{text}: {exc}",
+                      extra={"topic": self.name})
+            self.errors_quiet_until = now + ERROR_LOG_EVERY_S
+        else:
+            if not self.errors_counted:
+                self.wakeupAfter(timedelta(seconds=self.errors_quiet_until - now), payload="errors")
+            self.errors_counted += 1
+        return code, text
+
+    def _log_counted_errors(self):
+        if self.errors_counted:
+            log.error("topic %s: %d more storage failures in the last %.0f s (not logged one by one)",
+                      self.name, self.errors_counted, ERROR_LOG_EVERY_S, extra={"topic": self.name})
+            self.errors_counted = 0
+            self.errors_quiet_until = time.monotonic() + ERROR_LOG_EVERY_S
 
     def _fenced(self):
         """Did another node claim the log since we opened it? Then tell the topic, once."""
@@ -192,9 +275,15 @@ class LogActor(BrokerActor):
         return self.fenced is not None
 
     def on_WakeupMessage(self, msg, sender):
-        if msg.payload == "sync":
+        if msg.payload == "errors":
+            self._log_counted_errors()
+        elif msg.payload == "sync":
             self.sync_scheduled = False
-            self.store.log.sync()
+            try:
+                if self.store is not None:
+                    self.store.log.sync()
+            except OSError as exc:   # (receipted already: --fsync interval:MS says so)
+                self._storage_error("log fsync failed", exc)
         elif msg.payload == "retain":
             self._retain_between_appends()
             self.wakeupAfter(self._retention_period(), payload="retain")
@@ -210,10 +299,13 @@ class LogActor(BrokerActor):
             return
         log_ = self.store.log
         before = (log_.size, len(log_.segments), self.forced_deletions)
-        self._retain()
+        try:
+            self._retain()
+        except OSError as exc:
+            self._storage_error("retention failed", exc)
         after = (log_.size, len(log_.segments), self.forced_deletions)
         if after != before and self.topic is not None:
-            self.send(self.topic, LogRetained(*after))
+            self.send(self.topic, LogRetained(*after, log_.corrupt_batches, log_.corrupt_bytes))
 
     def on_SaveCursor(self, msg, sender):
         if self.store is None:   # destroyed (delete_topic): the cursor went with it, as wanted
@@ -225,9 +317,8 @@ class LogActor(BrokerActor):
         try:
             self.store.save_cursor(msg.subscription, msg.state)
         except Exception as exc:   # disk full, log destroyed, ...: the dispatcher waits for an answer
-            log.error("cursor of %s not saved: %s", msg.subscription, exc,
-                      extra={"subscription": msg.subscription})
-            self.send(sender, CursorSaved(msg.subscription, str(exc)))
+            code, text = self._storage_error(f"cursor of {msg.subscription} not saved", exc)
+            self.send(sender, CursorSaved(msg.subscription, text, code))
             return
         self.floors[msg.subscription] = msg.state.get("floor", 0)
         self.send(sender, CursorSaved(msg.subscription))
@@ -238,7 +329,7 @@ class LogActor(BrokerActor):
     # the log is gone with every cursor, which is what either request wanted.
     def on_LoadCursor(self, msg, sender):
         cursor = self.store.cursors().get(msg.subscription) if self.store is not None else None
-        self.send(sender, CursorLoaded(msg.subscription, cursor))
+        self.send(sender, CursorLoaded(msg.subscription, cursor, self.open_failed))
 
     def on_DeleteCursor(self, msg, sender):
         if self.store is not None:
@@ -248,6 +339,8 @@ class LogActor(BrokerActor):
     def on_DestroyLog(self, msg, sender):
         if self.store is not None and self.fenced is None:   # a fenced owner deletes nothing
             self.store.destroy()
+        elif self.open_failed and not self.config.shared_data:   # deleted all the same (its files)
+            shutil.rmtree(topic_dir(self.config.data_dir, self.name), ignore_errors=True)
         self.store = None
         self.send(sender, LogDestroyed())
 

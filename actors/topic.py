@@ -15,6 +15,10 @@ Supervision (restart rules): a dead LogActor is restarted at once (sends not yet
 refused with INTERNAL, recovery runs, nothing receipted is lost); a dead Subscription or
 Dispatcher takes its partner with it, its consumers get `closed` (`subscription_lost`), and a
 reliable subscription is restarted from its durable cursor. A lane's EOF counts as a death.
+A log that cannot be opened (disk full, a file not writable: LogOpenFailed) leaves the topic up,
+refusing what needs the log with the cause (OVERLOADED when the disk refused); the next request
+or send that needs it tries the open again (one try in flight at a time), so the topic works
+again once the cause is gone, without a restart.
 """
 import time
 from dataclasses import dataclass, field
@@ -231,6 +235,10 @@ class TopicActor(BrokerActor):
         self.log_lane = None       # appends go over it
         self.log_address = None    # where it accepts lanes (the dispatchers read through it)
         self.log_ready = False
+        self.log_failed = None     # (code, text): the log's last open failed (LogOpenFailed)
+        self.log_opening = False   # an OpenLog is waiting for its answer
+        self.awaiting_log = []     # [(request, sender)] waiting for that answer (log_failed set)
+        self.awaiting_sends = []   # [(lane, producer id, producer name, sends, receipts)] likewise
         self.first_offset = 0
         self.unsynced = []         # [(lane, producer id, receipts, runs)] not appended yet
         self.appending = {}        # seq -> (those same tuples, first offset, time)
@@ -239,6 +247,7 @@ class TopicActor(BrokerActor):
         self.retention_forced = 0   # times retention deleted what a subscription still needed
         self.segments = 0
         self.truncated_bytes = 0
+        self.corrupt = (0, 0)           # corrupt batches skipped in the log, and their bytes
         self.restoring = {}        # subscription name -> type, while its cursor is being loaded
         self.waiting_restore = {}  # subscription name -> [(Subscribe, sender)] that came meanwhile
         self.waiting_removal = {}  # subscription name -> [Subscribe] handed back by its ending actor
@@ -263,21 +272,56 @@ class TopicActor(BrokerActor):
         log.info("topic %s open (%s)", self.name, self.dispatch, extra={"topic": self.name})
         if self.dispatch == "reliable":
             self._start_log()
-            self.hold_until((log_actor.LogOpened, log_actor.LogFenced))
+            self.hold_until((log_actor.LogOpened, log_actor.LogFenced, log_actor.LogOpenFailed))
 
     def _start_log(self, restart=False):
         self.log_ready = False
         self.log_lane = None
         self.log = self.createActor("actorbroker.actors.log.LogActor")
         self.forget_ordered("log", end=False)   # (the log before is gone)
+        self._open_log(restart)
+
+    def _open_log(self, restart):
+        self.log_opening = True
         claim = None
         if self.config.shared_data:   # a restarted log reopens only what this node still holds
             claim = (self.config.node, self.incarnation, None if restart else self.claim_live)
         self.send_ordered(self.log, log_actor.OpenLog(self.name, self.dispatch, self.config, claim), "log")
 
+    def on_LogOpenFailed(self, msg, sender):
+        """The log could not be opened (the LogActor logged why): what waited for it is refused
+        with the cause; the next request or send that needs the log tries again (_await_log)."""
+        if sender != self.log:
+            return
+        self.log_opening = False
+        self.log_failed = (msg.code, f"topic {self.name}: its log cannot be opened: {msg.error}")
+        self._refuse_awaiting()
+
+    def _refuse_awaiting(self):
+        waiting, self.awaiting_log = self.awaiting_log, []
+        for request, _ in waiting:
+            self._refuse_request(request)
+        sends, self.awaiting_sends = self.awaiting_sends, []
+        for lane, producer_id, _, _, receipts in sends:
+            self._refuse(lane, producer_id, receipts, self.log_failed[1], self.log_failed[0])
+
+    def _refuse_request(self, request):
+        self.send(request.reply_to, connection.RequestFailed(request.rid, *self.log_failed))
+
+    def _await_log(self, msg, sender):
+        """A request that needs the log while it cannot be opened: it waits for another try
+        (True), answered by on_LogOpened or on_LogOpenFailed."""
+        if self.log_failed is None or self.log is None:
+            return False
+        self.awaiting_log.append((msg, sender))
+        if not self.log_opening:
+            self._open_log(restart=self.log_ready is None)
+        return True
+
     def on_LogRetained(self, msg, sender):
         if sender == self.log:
             self.log_bytes, self.segments, self.retention_forced = msg.log_bytes, msg.segments, msg.forced_deletions
+            self.corrupt = (msg.corrupt_batches, msg.corrupt_bytes)
 
     def on_LogFenced(self, msg, sender):
         """Another node holds the log: refuse everything from now on (storage/fencing.py)."""
@@ -310,25 +354,39 @@ class TopicActor(BrokerActor):
         self.next_offset, self.first_offset = msg.next_offset, msg.first_offset
         self.log_bytes, self.segments = msg.log_bytes, msg.segments
         self.truncated_bytes = msg.truncated_bytes
+        self.corrupt = (msg.corrupt_batches, msg.corrupt_bytes)
         restart = self.log_ready is None
         self.log_address = msg.lane
+        self.log_opening = False
         try:
             self.log_lane = self.hub.connect(msg.lane, peer=("log",))
         except OSError:   # it died already: ChildActorExited restarts it again
             return
         self.log_ready = True
+        failed, self.log_failed = self.log_failed, None
+        if failed is not None:
+            log.warning("topic %s: log opened (it could not be before)", self.name,
+                        extra={"topic": self.name})
+            for name in self.restoring:   # their cursors could not be loaded then
+                self.send_ordered(self.log, log_actor.LoadCursor(name), "log")
         if restart:   # a restarted log: the dispatchers read and save through the new one
             for name, sub in self.subs.items():
                 self.send_ordered(sub.dispatcher, dispatcher.LogMoved(self.log, self.log_address, self.next_offset),
                                   ("dispatcher", name))
             log.warning("topic %s: log restarted, ends at offset %d", self.name, self.next_offset,
                         extra={"topic": self.name})
-            return
-        for name, state in msg.cursors.items():   # durable subscriptions outlive restarts
-            self._create_subscription(name, state.get("type", "exclusive"), state, "latest",
-                                      state.get("options") or {})
-        log.info("topic %s: log ends at offset %d, %d subscriptions restored",
-                 self.name, self.next_offset, len(msg.cursors), extra={"topic": self.name})
+        else:
+            for name, state in msg.cursors.items():   # durable subscriptions outlive restarts
+                self._create_subscription(name, state.get("type", "exclusive"), state, "latest",
+                                          state.get("options") or {})
+            log.info("topic %s: log ends at offset %d, %d subscriptions restored",
+                     self.name, self.next_offset, len(msg.cursors), extra={"topic": self.name})
+        waiting, self.awaiting_log = self.awaiting_log, []
+        for request, sender_ in waiting:   # they waited for this open
+            self._base_handle(request, sender_)
+        sends, self.awaiting_sends = self.awaiting_sends, []
+        for lane, producer_id, producer_name, sends_, _ in sends:
+            self._publish_reliable(lane, producer_id, producer_name, sends_)
 
     def on_WatchMessage(self, msg, sender):
         if self.reactor.outside is None:   # idle in our epoll, Thespian's sockets included
@@ -360,8 +418,9 @@ class TopicActor(BrokerActor):
                              "was durable; send it again")
                 self.msgs_in -= sum(run[1] for run in runs)
         self.unsynced = []
+        opened = self.log_ready is not False   # (never opened: LogOpened restores the subscriptions)
         self._start_log(restart=True)
-        self.log_ready = None   # restarting: LogOpened tells the dispatchers
+        self.log_ready = None if opened else False   # restarting: LogOpened tells the dispatchers
         for name in self.restoring:   # the old log took these requests with it
             self.send_ordered(self.log, log_actor.LoadCursor(name), "log")
 
@@ -397,6 +456,10 @@ class TopicActor(BrokerActor):
             self.on_Subscribe(subscribe, subscribe.reply_to)
 
     def on_CursorLoaded(self, msg, sender):
+        if msg.unopened and msg.subscription in self.restoring:   # asked again once the log opens
+            for subscribe, _ in self.waiting_restore.pop(msg.subscription, []):
+                self._refuse_request(subscribe)
+            return
         sub_type = self.restoring.pop(msg.subscription, None)
         waiting = self.waiting_restore.pop(msg.subscription, [])
         if sub_type is not None and msg.subscription not in self.subs and msg.state is not None:
@@ -445,6 +508,8 @@ class TopicActor(BrokerActor):
 
     # --- producers ------------------------------------------------------------------------------
     def on_OpenProducer(self, msg, sender):
+        if self._await_log(msg, sender):
+            return
         exclusive_open = any(entry[1] == "exclusive" for entry in self.producers.values())
         if exclusive_open or (msg.access == "exclusive" and self.producers):
             self.send(msg.reply_to, connection.RequestFailed(
@@ -509,6 +574,10 @@ class TopicActor(BrokerActor):
                 offset += send[1]
             if self.moved_to is not None:
                 self._refuse(lane, producer_id, receipts, self._moved_text(), E.TOPIC_UNAVAILABLE)
+            elif self.log_failed is not None:   # they wait for another try of the open, as requests do
+                self.awaiting_sends.append((lane, producer_id, producer_name, sends, receipts))
+                if not self.log_opening:
+                    self._open_log(restart=self.log_ready is None)
             else:
                 self._refuse(lane, producer_id, receipts, "the topic's log is restarting; send it again")
             return
@@ -558,7 +627,8 @@ class TopicActor(BrokerActor):
     def _append_failed(self, seq, error, next_offset, code):
         """Nothing of this append, nor of what was queued behind it, was receipted: refuse them
         all (the producers may retry) and number again from where the log really ends. `code`:
-        TOPIC_UNAVAILABLE when another node took the topic over (fenced), INTERNAL otherwise."""
+        TOPIC_UNAVAILABLE when another node took the topic over (fenced), OVERLOADED when the
+        disk refused (full, not writable: log.storage_failure), INTERNAL otherwise."""
         failed, _, _ = self.appending.pop(seq, ([], None, None))
         for lane, producer_id, receipts, runs in failed + self.unsynced:
             self._refuse(lane, producer_id, receipts, f"log write failed: {error}", code)
@@ -638,6 +708,8 @@ class TopicActor(BrokerActor):
         self._feed(msg.subscription, sub)
 
     def on_Subscribe(self, msg, sender):
+        if self._await_log(msg, sender):
+            return
         if msg.subscription in self.restoring:
             # its durable cursor is being loaded: a subscription created now would start from
             # the end and lose every unacknowledged message; attach once it is restored
@@ -713,6 +785,8 @@ class TopicActor(BrokerActor):
         self.send(sender, broker.TopicSummary(msg.token, self._summary()))
 
     def on_StatsRequest(self, msg, sender):
+        if self._await_log(msg, sender):
+            return
         frame = {"op": "stats", "rid": msg.rid, "topic": self.name, "dispatch": self.dispatch,
                  "msgs_in": self.msgs_in, "bytes_in": self.bytes_in,
                  "producers": len(self.producers), "subscriptions": [],
@@ -779,6 +853,7 @@ class TopicActor(BrokerActor):
                 frame.update(log_bytes=self.log_bytes, segments=self.segments,
                              retention_forced=self.retention_forced,
                              recovered_truncated_bytes=self.truncated_bytes,
+                             corrupt_batches_skipped=self.corrupt[0], corrupt_bytes_skipped=self.corrupt[1],
                              dead_lettered=sum(s.get("dead_lettered", 0) for s in frame["subscriptions"]))
             self.send(reply_to, connection.RequestDone(rid, frame))
 
@@ -800,6 +875,8 @@ class TopicActor(BrokerActor):
         for producer_id, (_, _, owner, _) in self.producers.items():
             self.send(owner, connection.ProducerEnded(producer_id, "topic_deleted", self.config.node))
         self.producers.clear()
+        if self.log_failed is not None:   # what waits for the log: it will not open now
+            self._refuse_awaiting()
         self.deleting = (msg.rid, msg.reply_to, set(self.subs))
         if self.log is not None:
             self.deleting[2].add(("log",))
