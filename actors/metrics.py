@@ -4,7 +4,9 @@ It gathers what the other actors report (actors/reporting.py: one MetricsReport 
 second, counters as totals) and serves them over HTTP from a socket in its own epoll
 (actors/metrics_http.py), rendered by prometheus_client. A scrape is answered from what was last
 reported, so it never waits for another actor and never holds one up. A source that stops
-reporting (its actor exited) keeps its counters, folded into the totals, and loses its gauges.
+reporting (its actor exited) keeps its counters, folded into the totals, and loses its gauges;
+but the series of a deleted topic or a removed subscription go altogether (ForgetSeries), so the
+state kept here, and the series exported, follow the live topics and subscriptions.
 The processes and memory of the broker are read from /proc at each scrape: those of this host.
 """
 import os
@@ -19,10 +21,16 @@ from thespian.actors import ThespianWatch
 
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.metrics_http import HttpServer
-from actorbroker.actors.reporting import LATENCY_BUCKETS
+from actorbroker.actors.reporting import LATENCY_BUCKETS, ForgetSeries
 from actorbroker.transport.lanes import Reactor
 
 SOURCE_EXPIRES_S = 5.0   # no report for this long (an idle actor reports every 3 s): it is gone
+# Between scrapes, sources are retired once silent this long (their number stays bounded by the
+# live actors however long nobody scrapes; longer: a busy actor's late report is no new source)
+SOURCE_GONE_S = 30.0
+# A source that ends within this long of its topic's or subscription's deletion (ForgetSeries)
+# leaves nothing of that one's series: its ending actors' last reports come after the word
+FORGET_FOR_S = 2 * SOURCE_GONE_S
 
 # name -> (type, help, label names); counters are named without their `_total`, which the
 # exposition adds. The reporting actors use these names (see their metrics_snapshot).
@@ -103,6 +111,8 @@ class MetricsActor(BrokerActor):
         self.admin_pid = None
         self.sources = {}          # source id -> _Source
         self.retired = _Source()   # counters and histograms of sources gone
+        self.forgotten = {}        # (topic, subscription or None) -> when its series were dropped
+        self.expire_due = 0.0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -131,14 +141,25 @@ class MetricsActor(BrokerActor):
     def on_MetricsReport(self, msg, sender):
         if type(msg.source) is not str:
             return
+        now = time.monotonic()
         source = self.sources.get(msg.source)
         if source is None:
             source = self.sources[msg.source] = _Source()
-        source.seen = time.monotonic()
+        source.seen = now
         # kept only in the shapes collect() reads: a scrape must never fail on one bad report
         source.counters = {k: v for k, v in _items(msg.counters) if _is_number(v)}
         source.gauges = {k: v for k, v in _items(msg.gauges) if _is_number(v)}
         source.histograms = {k: v for k, v in _items(msg.histograms) if _is_histogram(v)}
+        if now >= self.expire_due:   # sources gone are retired even if nobody scrapes
+            self.expire_due = now + 1.0
+            self._expire(SOURCE_GONE_S)
+
+    def on_ForgetSeries(self, msg, sender):
+        if type(msg.topic) is not str or not (msg.subscription is None or type(msg.subscription) is str):
+            return
+        # its live actors' series go as they end (_expire)
+        self.forgotten[(msg.topic, msg.subscription)] = time.monotonic()
+        _drop_series(self.retired, {(msg.topic, msg.subscription)})
 
     def on_ActorExitRequest(self, msg, sender):
         if self.server is not None:
@@ -153,12 +174,17 @@ class MetricsActor(BrokerActor):
         self._expire()
         return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
-    def _expire(self):
+    def _expire(self, silent_s=SOURCE_EXPIRES_S):
         now = time.monotonic()
         for source_id, source in list(self.sources.items()):
-            if now - source.seen > SOURCE_EXPIRES_S:
+            if now - source.seen > silent_s:
                 del self.sources[source_id]
+                if self.forgotten:   # an actor of a deleted topic or subscription
+                    _drop_series(source, self.forgotten)
                 _add_into(self.retired, source)
+        for labels, when in list(self.forgotten.items()):
+            if now - when > FORGET_FOR_S:
+                del self.forgotten[labels]
 
     def collect(self):
         """prometheus_client's collector interface: every family, from the sources' sums."""
@@ -205,6 +231,22 @@ def _is_number(value):
 def _is_histogram(value):
     return (type(value) is tuple and len(value) == 2 and _is_number(value[1]) and type(value[0]) is tuple
             and len(value[0]) == len(LATENCY_BUCKETS) + 1 and all(type(c) is int for c in value[0]))
+
+
+def _drop_series(source, forgotten):
+    """Remove from `source` the series of the topics and subscriptions `forgotten` names, as
+    (topic, None): every series of that topic, (topic, subscription): those of that subscription."""
+    for table in (source.counters, source.gauges, source.histograms):
+        for key in [k for k in table if _of(k, forgotten)]:
+            del table[key]
+
+
+def _of(key, forgotten):
+    names, values = FAMILIES[key[0]][2], key[1]
+    if not names or names[0] != "topic":
+        return False
+    return (values[0], None) in forgotten or (
+        names[1:2] == ("subscription",) and (values[0], values[1]) in forgotten)
 
 
 def _add_into(total, source):

@@ -10,6 +10,7 @@ The MetricsActor sums the sources. Everything is counted per batch on the record
 from bisect import bisect_left
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 REPORT_EVERY = timedelta(seconds=1)
 REPORT_UNCHANGED_EVERY = 3.0   # seconds: an unchanged report is sent this seldom (MetricsActor
@@ -25,6 +26,16 @@ class MetricsReport:
     counters: dict
     gauges: dict
     histograms: dict     # (name, labels) -> (bucket counts, one per LATENCY_BUCKETS plus +Inf; sum)
+
+
+@dataclass(frozen=True)
+class ForgetSeries:
+    """To the MetricsActor from a TopicActor: the topic was deleted (`subscription` None), or its
+    subscription `subscription` was removed (unsubscribe, or a non_reliable one left idle). Every
+    series of it goes, those of actors gone (kept as totals) and those still to come from its
+    ending actors: the series a broker exports follow its live topics and subscriptions."""
+    topic: str
+    subscription: Any = None
 
 
 class Histogram:

@@ -30,6 +30,7 @@ from thespian.actors import ActorExitRequest, ActorSystemMessage, ThespianWatch
 from actorbroker.actors import broker, connection, dispatcher, log as log_actor, signing, subscription
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
+from actorbroker.actors.reporting import ForgetSeries
 from actorbroker.actors.system import thespian_waits
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import RUN_COUNT, RUN_PAYLOADS, RUN_TIME
@@ -770,6 +771,7 @@ class TopicActor(BrokerActor):
             self.send(sub.dispatcher, ActorExitRequest())
             self.forget_ordered(("subscription", name))
             self.forget_ordered(("dispatcher", name))
+            self._forget_series(name)
         for subscribe in self.waiting_removal.pop(name, []):   # after the old one's channels are forgotten
             self._subscribe_again(subscribe)
 
@@ -907,10 +909,17 @@ class TopicActor(BrokerActor):
         self.waiting_removal.clear()
         log.info("topic %s deleted", self.name, extra={"topic": self.name})
         emit(self, self.config.events, "topic_deleted", topic=self.name)
+        if reply_to is not None:   # deleted (not a fenced node's topic, which lives on elsewhere)
+            self._forget_series(None)
         if reply_to is not None:   # None: a fenced cluster node ending its topics
             self.send(reply_to, connection.RequestDone(rid, {"op": "ok"}))
         self.ending = True
         self.exit_self()  # Thespian stops the subscriptions and dispatchers with us
+
+    def _forget_series(self, subscription):
+        """The metric series of this topic (or of its `subscription`) end: it was deleted."""
+        if self.config.metrics is not None:
+            self.send(self.config.metrics, ForgetSeries(self.name, subscription))
 
     def on_ActorExitRequest(self, msg, sender):
         self.ending = True
