@@ -670,6 +670,13 @@ class ShardActor(BrokerActor):
         if client is None or client.state != "open":
             if client is not None and client.state == "answering":
                 self._write(client, msg.data)   # its answer; closed with the connection, never routed
+            # Its connection ended before it was routed: the topic frees its place now (an exclusive
+            # producer's), as for a routed one (_closed), not when the ConnectionActor's close
+            # comes, tens of milliseconds later (a client reconnecting at once got PRODUCER_BUSY).
+            try:
+                self._lane(self.topic_lanes, msg.lane, "topic").send([LaneOp.PRODUCER_GONE, msg.producer_id])
+            except OSError:   # the topic is gone: nothing to free
+                pass
             return   # the supervisor learns of the close from ConnectionClosed
         try:
             lane = self._lane(self.topic_lanes, msg.lane, "topic")
