@@ -871,7 +871,9 @@ class DispatcherActor(BrokerActor):
     def on_DispatcherStatsRequest(self, msg, sender):
         consumers = [{"consumer": c.id, "name": c.name,
                       "active": self.policy.is_active(c.id) is not False,
-                      "credits": c.credits, "unacked": c.unacked if self.reliable else 0,
+                      # (shared and key_shared: records assigned to it, not yet sent, are backlog)
+                      "credits": c.credits,
+                      "unacked": c.unacked - self.policy.waiting(c.id) if self.reliable else 0,
                       "msgs_out": c.msgs_out}
                      for c in self.policy.consumers.values()]
         stats = {"name": self.name, "type": self.type, "backlog": self._backlog(msg.topic_pending),

@@ -133,6 +133,10 @@ class Policy:
         """Failover's active flag; None where the type has no such notion."""
         return None
 
+    def waiting(self, consumer_id):
+        """Records given to this consumer (its credit spent) but not yet delivered to it."""
+        return 0
+
     def take(self):
         raise NotImplementedError
 
@@ -239,6 +243,9 @@ class SharedPolicy(Policy):
 
     def backlog_size(self):
         return len(self.backlog) + sum(map(len, self.assigned.values()))
+
+    def waiting(self, consumer_id):
+        return len(self.assigned.get(consumer_id, ()))
 
     def _drop_newest(self):
         queues = [q for q in (self.backlog, *self.assigned.values()) if q]

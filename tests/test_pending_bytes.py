@@ -97,3 +97,31 @@ def test_several_consumers_of_one_connection_that_stops_reading_are_not_cut_off(
         for consumer in consumers.values():
             assert got[consumer] == [payload(i) for i in range(count)]
     conn.close()
+
+
+@pytest.mark.parametrize("sub_type", ["shared", "key_shared"])
+def test_a_reliable_shared_consumer_that_stops_reading_counts_only_what_was_sent_as_unacked(
+        start_broker, topic, sub_type):
+    """What a shared or key_shared subscription has given a consumer's credit but not yet sent
+    (held back: the connection does not read) is backlog in `stats`, not unacked (docs/protocol.md:
+    `unacked` counts the messages out with that consumer); they used to be counted as both."""
+    b = start_broker("--max-pending-bytes", str(MAX_PENDING))
+    conn = not_reading_consumer(b)
+    consumer = conn.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": sub_type,
+                             "consumer": "c", "dispatch": "reliable"})["consumer"]
+    count = 200
+    with Client(*b.address) as client:
+        producer = client.producer(topic, dispatch="reliable")
+        for i in range(count):
+            producer.send(payload(i))
+        producer.flush()
+        wait_for(lambda: subscription_of(client, topic, "s"), lambda sub: sub["backlog"] == count)
+        conn.send_frame({"op": "flow", "consumer": consumer, "credits": 50_000})
+        settled = wait_for(lambda: subscription_of(client, topic, "s"),
+                           lambda sub: sub["consumers"] and 0 < sub["consumers"][0]["msgs_out"] < count)
+        sent = settled["consumers"][0]
+        assert sent["unacked"] == sent["msgs_out"], sent
+        assert settled["backlog"] + sent["unacked"] == count, settled
+        got = read_messages(conn, {consumer: count})[consumer]
+        assert got == [payload(i) for i in range(count)]
+    conn.close()
