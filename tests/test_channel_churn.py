@@ -6,7 +6,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from actorbroker.transport.client import Client
-from tests.util import wait_for
+from tests.util import topic_round, wait_for
 
 LONG_LIVED = ("ab-root", "ab-conn", "ab-shard")
 
@@ -23,26 +23,15 @@ def ordered_channels(broker):
     return found
 
 
-def churn(client, admin, name):
-    """A topic created, used by a producer and a consumer, closed, and deleted."""
-    producer = client.producer(name)
-    consumer = client.subscribe(name, "s", "exclusive", "c")
-    producer.send_sync(b"hello")
-    assert consumer.receive(timeout=10).payload == b"hello"
-    consumer.close()
-    producer.close()
-    admin.delete_topic(name)
-
-
 def test_topic_churn_leaves_no_channels_behind_in_long_lived_actors(start_broker, topic):
     b = start_broker("--metrics-port", "0", "--io-shards", "1")
     with Client(*b.address) as admin, Client(*b.address) as client:
-        churn(client, admin, topic + "-warm-up")   # every long-lived channel is in use once
+        topic_round(client, admin, topic + "-warm-up")   # every long-lived channel is in use once
         base = wait_for(lambda: ordered_channels(b),
                         lambda found: len(found) == 2 * len(LONG_LIVED), timeout=30)
         assert base[("ab-conn", "out")] > 0 and base[("ab-root", "in")] > 0   # (it is counted)
         for i in range(50):
-            churn(client, admin, f"{topic}-{i}")
+            topic_round(client, admin, f"{topic}-{i}")
         # back to what it was (or below: the warm-up's last channels may not have ended when it
         # was read): each topic's, subscription's and dispatcher's channels ended with them.
         # (The actors report every second, an unchanged figure every 3 s.)

@@ -9,7 +9,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from actorbroker.transport.client import Client
-from tests.util import wait_for
+from tests.util import topic_round, wait_for
 
 TOPICS = 15        # topic rounds: created, produced to, consumed from, closed, deleted
 CONNECTIONS = 15   # connection rounds on one long-lived topic, each with a subscription of its own
@@ -30,16 +30,6 @@ def labelled(found, label):
 def of_topics(found):
     """The series of topics and subscriptions."""
     return {(name, labels) for name, labels in found if "topic" in dict(labels)}
-
-
-def topic_round(client, admin, name):
-    producer = client.producer(name)
-    consumer = client.subscribe(name, "s", "exclusive", "c")
-    producer.send_sync(b"hello")
-    assert consumer.receive(timeout=10).payload == b"hello"
-    consumer.close()
-    producer.close()
-    admin.delete_topic(name)
 
 
 def connection_round(broker, keep, i):

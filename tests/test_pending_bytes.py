@@ -37,6 +37,16 @@ def read_messages(conn, wanted):
     return got
 
 
+def produce_waiting(client, topic, count, dispatch, names=("s",)):
+    """`count` messages sent and waiting in each subscription of `names` (its backlog)."""
+    producer = client.producer(topic, dispatch=dispatch)
+    for i in range(count):
+        producer.send(payload(i))
+    producer.flush()
+    for name in names:
+        wait_for(lambda: subscription_of(client, topic, name), lambda sub: sub["backlog"] == count)
+
+
 def not_reading_consumer(broker):
     conn = RawConnection(*broker.address, timeout=30)
     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -55,11 +65,7 @@ def test_large_credits_and_large_messages_do_not_cut_off_a_consumer_that_stops_r
                              "consumer": "c", "dispatch": dispatch})["consumer"]
     count = 300
     with Client(*b.address) as client:
-        producer = client.producer(topic, dispatch=dispatch)
-        for i in range(count):
-            producer.send(payload(i))
-        producer.flush()
-        wait_for(lambda: subscription_of(client, topic, "s"), lambda sub: sub["backlog"] == count)
+        produce_waiting(client, topic, count, dispatch)
         conn.send_frame({"op": "flow", "consumer": consumer, "credits": 50_000})
         # the dispatcher has handed deliveries to the connection's shard (before: all 300 at once,
         # which closed the connection)
@@ -83,12 +89,7 @@ def test_several_consumers_of_one_connection_that_stops_reading_are_not_cut_off(
                  for name in names}
     count = 100
     with Client(*b.address) as client:
-        producer = client.producer(topic, dispatch="reliable")
-        for i in range(count):
-            producer.send(payload(i))
-        producer.flush()
-        for name in names:
-            wait_for(lambda: subscription_of(client, topic, name), lambda sub: sub["backlog"] == count)
+        produce_waiting(client, topic, count, "reliable", names)
         for consumer in consumers.values():
             conn.send_frame({"op": "flow", "consumer": consumer, "credits": 50_000})
         wait_for(lambda: client.stats(topic)["subscriptions"],
@@ -111,11 +112,7 @@ def test_a_reliable_shared_consumer_that_stops_reading_counts_only_what_was_sent
                              "consumer": "c", "dispatch": "reliable"})["consumer"]
     count = 200
     with Client(*b.address) as client:
-        producer = client.producer(topic, dispatch="reliable")
-        for i in range(count):
-            producer.send(payload(i))
-        producer.flush()
-        wait_for(lambda: subscription_of(client, topic, "s"), lambda sub: sub["backlog"] == count)
+        produce_waiting(client, topic, count, "reliable")
         conn.send_frame({"op": "flow", "consumer": consumer, "credits": 50_000})
         settled = wait_for(lambda: subscription_of(client, topic, "s"),
                            lambda sub: sub["consumers"] and 0 < sub["consumers"][0]["msgs_out"] < count)

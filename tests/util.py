@@ -72,6 +72,17 @@ def failover_holding(broker, client, topic, count):
     return held, standby
 
 
+def topic_round(client, admin, name):
+    """A topic created, used by a producer and a consumer, closed, and deleted (churn)."""
+    producer = client.producer(name)
+    consumer = client.subscribe(name, "s", "exclusive", "c")
+    producer.send_sync(b"hello")
+    assert consumer.receive(timeout=10).payload == b"hello"
+    consumer.close()
+    producer.close()
+    admin.delete_topic(name)
+
+
 # --- broker processes by kind, and which process holds which TCP connection ---------------------
 
 def process_kind(pid):
