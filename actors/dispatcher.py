@@ -708,11 +708,8 @@ class DispatcherActor(BrokerActor):
             self._forget(consumer_id, reason)
 
     def _forget(self, consumer_id, cause):
-        drop_below = None
-        if not self.reliable:   # (as _undelivered: no consumer sees ids go backwards)
-            drop_below = max((c.last_offset for i, c in self.policy.consumers.items() if i != consumer_id),
-                             default=-1)
-        consumer = self.policy.remove(consumer_id, drop_below)
+        # non_reliable: as _undelivered, no consumer sees ids go backwards
+        consumer = self.policy.remove(consumer_id, drop_stale=not self.reliable)
         if self.policy.discarded:
             self.dropped += self.policy.discarded
             self.policy.discarded = 0
