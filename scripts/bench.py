@@ -52,6 +52,8 @@ def add_bench_command(subparsers):
     p.add_argument("--latency-seconds", type=float, default=None, help="latency scenario duration (default 3)")
     p.add_argument("--reps", type=int, default=None, help="disconnect: repetitions per kind (default 20)")
     p.add_argument("--conns", default=None, help="scale: idle connection counts (default 10,100,1000,10000)")
+    p.add_argument("--scale-type", default="shared", choices=("shared", "key_shared", "failover"),
+                   help="scale: the type of the subscription all the idle connections join (default shared)")
     p.add_argument("--kills", type=int, default=None,
                    help="cluster: kill -9 / return cycles of a node (default 10, --quick 2; 0: throughput only)")
     p.add_argument("--compare", default="", metavar="PEERS",
@@ -734,13 +736,18 @@ class Bench:
             per_conn = None   # (KiB, processes) per connection, from the last step of shared subscriptions
             steps = [(k, False) for k in self.conns] + [(self.conns[0], True)]
             for k, distinct in steps:
-                label = f"{k} idle connections" + (", a subscription each" if distinct else "")
+                label = f"{k} idle connections" + (", a subscription each" if distinct else
+                                                   "" if self.args.scale_type == "shared" else f", {self.args.scale_type}")
                 if broker and broker.proc.poll() is not None:
                     self.fail_note(f"scale {label}: not run, the broker exited ({broker.proc.returncode}); "
                                    f"log: {broker.log_tail(3)}")
                     break
                 if broker and per_conn:
-                    why = too_big(k * per_conn[0] * (2.5 if distinct else 1), k * per_conn[1] * (2.5 if distinct else 1))
+                    # a subscription of its own costs at least two actor processes (subscription,
+                    # dispatcher) of ~8 MiB: the shared steps' per-connection figures do not tell
+                    need_kb, need_processes = ((k * max(2.5 * per_conn[0], 8 * 1024), k * max(2.5 * per_conn[1], 2))
+                                               if distinct else (k * per_conn[0], k * per_conn[1]))
+                    why = too_big(need_kb, need_processes)
                     if why:
                         self.fail_note(f"scale {label}: skipped, the broker cannot take it here: {why} "
                                        f"(measured {per_conn[0] / 1024:.1f} MiB and {per_conn[1]:.2f} processes "
@@ -767,7 +774,7 @@ class Bench:
         pre_pss, pre_n = broker_footprint(broker, settle=True)
         open_deadline = min(300.0, 60 + 0.05 * k)
         w = Worker(self, "idle", "--url", url, "--topic", topic, "--conns", k, "--prefix", f"i{k}-",
-                   "--deadline", open_deadline, "--hold", open_deadline + 900,
+                   "--deadline", open_deadline, "--hold", open_deadline + 900, "--type", self.args.scale_type,
                    *(["--distinct"] if distinct else []), module=CONNS_WORKER)
         step = {"conns": k, "distinct": distinct, "topic": topic, "pre_processes": pre_n, "pre_pss_kb": pre_pss}
         try:

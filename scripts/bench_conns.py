@@ -83,8 +83,8 @@ class Opener:
         a = self.args
         if a.distinct:   # a subscription of its own
             sub, typ = f"{a.prefix}{c.i}", "exclusive"
-        else:            # all on one shared subscription: the connection's own cost only
-            sub, typ = "idle", "shared"
+        else:            # all on one subscription (shared by default): the connection's own cost only
+            sub, typ = "idle", a.type
         return {"op": "subscribe", "rid": 2, "topic": a.topic, "subscription": sub, "type": typ,
                 "consumer": f"idle-{a.prefix}{c.i}"}
 
@@ -264,6 +264,8 @@ def parse(argv):
     p.add_argument("--topic", required=True)
     p.add_argument("--conns", type=int, default=10)
     p.add_argument("--distinct", action="store_true", help="a subscription per connection")
+    p.add_argument("--type", default="shared", choices=("shared", "key_shared", "failover"),
+                   help="the type of the one subscription they all join (without --distinct)")
     p.add_argument("--prefix", default="i-", help="consumer (and --distinct subscription) names")
     p.add_argument("--window", type=int, default=128, help="connections being set up at a time")
     p.add_argument("--conn-timeout", type=float, default=60.0, help="one connection's set-up, at most")
