@@ -136,14 +136,6 @@ class ProbeConsumer:
 
 
 @dataclass(frozen=True)
-class ActiveChanged:
-    """Failover: this consumer became the active one, or stopped being it."""
-    consumer_id: int
-    active: bool
-    node: str = ""      # the sender's cluster node: see _stale
-
-
-@dataclass(frozen=True)
 class RequestDone:
     rid: Any
     frame: Any
@@ -846,14 +838,6 @@ class ConnectionActor(BrokerActor):
         elsewhere (a stopped node, back and ending its copy): not about the one attached now."""
         entry = self.rejoin.get(ident) if node else None
         return entry is not None and (entry.until is not None or self.node_of.get(ident) != node)
-
-    def on_ActiveChanged(self, msg, sender):
-        if self._stale(msg.consumer_id, msg.node):
-            return
-        connection_id = self.consumer_conn.get(msg.consumer_id)
-        if connection_id is not None:
-            self._write(connection_id, encode_frame(
-                {"op": "active", "consumer": msg.consumer_id, "active": msg.active}))
 
     def on_RequestDone(self, msg, sender):
         connection_id, conn = self._answered(msg.rid)

@@ -34,8 +34,8 @@ from actorbroker.actors.reporting import Histogram
 from actorbroker.actors.system import thespian_waits
 from actorbroker.actors.policies import DELIVER_WINDOW, ConsumerState, FailoverPolicy, KeySharedPolicy, make_policy
 from actorbroker.transport import errors as E
-from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, coalesce_runs, encode_frame,
-                                         explode_run, split_run, with_run_redeliveries)
+from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, RUN_REDELIVERIES, coalesce_runs,
+                                         encode_frame, explode_run, split_run, with_run_redeliveries)
 from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import error_frame
 from actorbroker.transport.validate import MAX_DELAY_MS, MAX_TOTAL_CREDITS
@@ -153,6 +153,10 @@ class DispatcherActor(BrokerActor):
         self.end = 0               # the topic's next offset, as far as we know
         self.reading = False
         self.unacked = {}          # offset -> (consumer id, record, deadline or None)
+        self.unacked_by = {}       # consumer id -> its offsets in `unacked` (a leaver's, without a scan)
+        self.requeue_due = []      # records to redeliver, put back together at the next pump: a
+                                   # burst of leavers (a client of 2,000 consumers killed) merged
+                                   # into the backlog once, not once each (quadratic)
         self.redelivery_count = {} # offset -> times redelivered
         self.delayed = {}          # offset -> record waiting for a nack delay
         self.options = {}
@@ -170,7 +174,7 @@ class DispatcherActor(BrokerActor):
         self.metrics_on = False
         self.bytes_out = 0
         self.promotions = 0
-        self.promoted = None     # (consumer id, stream): lazily announced active, records not yet written
+        self.promoted = None     # consumer id: promoted at a takeover, its first records not yet written
         self.polling = False     # reading the lanes: _pump waits until they have all been read
         self.pump_due = False
         self.paperwork_due = False
@@ -248,9 +252,8 @@ class DispatcherActor(BrokerActor):
             consumer = self.policy.consumers.get(frame[1])
             if consumer is not None:
                 consumer.in_flight -= 1
-                if self.promoted is not None and self.promoted[0] == consumer.id:
+                if self.promoted == consumer.id:
                     # its first records are written: now the paperwork
-                    self.expedite(self.promoted[1])
                     self.expedite("members-lost")
                     self.promoted = None
                     self.paperwork_due = True
@@ -265,6 +268,8 @@ class DispatcherActor(BrokerActor):
             self._undelivered(frame[1], frame[2])
         elif op == LaneOp.PROBED:
             self._holder_probed(frame[2])
+        elif op == LaneOp.ROUTED:
+            self._routed(lane, frame[1])
         elif op == LaneOp.RECORDS:
             if lane is self.log_lane:
                 self._log_records(frame[1], frame[2], frame[3], frame[4] if len(frame) > 4 else ())
@@ -463,8 +468,9 @@ class DispatcherActor(BrokerActor):
         self._refill()
 
     # --- reliable: acks, nacks, redelivery ---------------------------------------------------------
-    def _redeliver(self, records):
-        """Put records back for delivery, counted; dead-letter those past max_redeliveries."""
+    def _redeliver(self, records, to=None):
+        """Put records back for delivery (to anyone, or for the consumer `to`), counted;
+        dead-letter those past max_redeliveries."""
         again = []
         limit = self.options.get("max_redeliveries")
         for record in sorted(records, key=lambda r: r[0]):
@@ -476,9 +482,11 @@ class DispatcherActor(BrokerActor):
             if limit is not None and count > limit and self.options.get("dead_letter_topic"):
                 self._dead_letter(offset, record)
                 continue
-            self.redelivered += 1
             again.append(with_run_redeliveries(record, count))
-        self.policy.requeue(again)
+        if to is None:
+            self.requeue_due += again
+        else:
+            self.policy.reserve(to, again)
         if again:
             emit(self, self.events, "redelivered", topic=self.topic_name, subscription=self.name,
                  count=len(again))
@@ -573,19 +581,24 @@ class DispatcherActor(BrokerActor):
             self._redeliver(records)
             self._pump()
 
-    def _return_unacked(self, offsets):
+    def _return_unacked(self, offsets, to=None):
+        """Redeliver (to anyone, or to the consumer `to`) what these offsets' holders had."""
+        self._redeliver(self._singles(self._pop_unacked(offsets)), to)
+
+    def _pop_unacked(self, offsets):
         entries = []
         for offset in offsets:
             entry = self.unacked.pop(offset, None)
             if entry is None:
                 continue
+            self._unheld(entry[0], offset)
             consumer = self.policy.consumers.get(entry[0])
             if consumer is not None:
                 consumer.unacked -= 1
             if self.key_order:
                 self.policy.release(entry[0], entry[1])
             entries.append((offset, entry[1]))
-        self._redeliver(self._singles(entries))
+        return entries
 
     # --- membership, told by the SubscriptionActor -----------------------------------------------
     def on_AddConsumer(self, msg, sender):
@@ -594,23 +607,30 @@ class DispatcherActor(BrokerActor):
             self._members_lost([msg.consumer_id])
             return
         before = self._active_flags()
+        handed_over = []
         if msg.replaces is not None:
             self.replaced += msg.replaces in self.policy.consumers
+            if self.reliable and msg.replaces in self.policy.consumers:
+                # its unacknowledged messages go to the new one (PROTOCOL.md), not to whoever
+                # has credit first (shared): taken before the old one's removal returns them
+                handed_over = self._pop_unacked(self._unacked_of(msg.replaces))
             self._close(msg.replaces, "replaced")
         consumer = ConsumerState(msg.consumer_id, msg.name, msg.transport, msg.reply_to)
         if self.reliable:
             consumer.tracks_acks = True
             consumer.max_unacked = min(msg.max_unacked or DEFAULT_MAX_UNACKED, self.max_unacked_cap)
         self.policy.add(consumer)
+        if handed_over:
+            self._redeliver(self._singles(handed_over), to=consumer.id)
         emit(self, self.events, "consumer_attached", topic=self.topic_name, subscription=self.name,
              consumer=msg.consumer_id, consumer_name=msg.name,
              connection=msg.rid[0] if isinstance(msg.rid, tuple) else None)
-        # Opened and every later ActiveChanged of a consumer share one ordered channel (one per
-        # ConnectionActor), so the client sees `subscribed` and the initial `active` before any
-        # change of it.
+        # The client hears `subscribed` and its first `active` with ConsumerOpened; the changes
+        # after, over the shard's lane once the shard has it (ROUTED), in order with its records.
+        consumer.told = self.policy.is_active(msg.consumer_id)
         self.send_ordered(msg.reply_to, connection.ConsumerOpened(
             msg.rid, msg.consumer_id, sender, self.topic, self.hub.address, self.dispatch,
-            self.policy.is_active(msg.consumer_id), self.node), ("owner", str(msg.reply_to)))
+            consumer.told, self.node), ("owner", str(msg.reply_to)))
         self._announce_active(before, skip=msg.consumer_id)
         if self.reliable and before is not None and before != self._active_flags():
             # failover, a consumer that sorts first came: the demoted one's unacked messages go
@@ -638,15 +658,15 @@ class DispatcherActor(BrokerActor):
 
     def _detached(self, consumer_id, detected):
         """Its connection ended: the shard says so over the lane, ahead of the ConnectionActor's
-        detach (which then finds nothing to do). The records go to the consumer that takes over
-        first; the Thespian messages about it (the SubscriptionActor's MembersLost, `active`,
-        events) are lazy: they go once the shard has written the new active consumer's first
-        records (its DELIVER_ACK), or LAZY_S later. Sent with that delivery, they took the CPU it
-        needed on its way through the shard: 0.4-1 ms of a takeover."""
+        detach (which then finds nothing to do). The consumer that takes over is told over its
+        lane (`active`) and gets the records; the Thespian messages about it (the
+        SubscriptionActor's MembersLost, events) are lazy: they go once the shard has written its
+        first records (its DELIVER_ACK), or LAZY_S later. Sent with that delivery, they took the
+        CPU it needed on its way through the shard: 0.4-1 ms of a takeover."""
         if consumer_id in self.policy.consumers:
             before = self._active_flags()
             self._forget(consumer_id, "connection_closed")
-            self._announce_active(before, lazy=True)
+            self._announce_active(before, promoted=True)
             if self.subscription is not None:
                 # exclusive: nobody takes over, and a newcomer's subscribe must not be refused
                 # CONSUMER_BUSY by a SubscriptionActor that has not heard yet (stats, here, no
@@ -721,7 +741,15 @@ class DispatcherActor(BrokerActor):
             self._return_unacked(self._unacked_of(consumer_id))
 
     def _unacked_of(self, consumer_id):
-        return [o for o, entry in self.unacked.items() if entry[0] == consumer_id]
+        unacked = self.unacked
+        return sorted(o for o in self.unacked_by.get(consumer_id, ()) if unacked.get(o, (None,))[0] == consumer_id)
+
+    def _unheld(self, consumer_id, offset):
+        held = self.unacked_by.get(consumer_id)
+        if held is not None:
+            held.discard(offset)
+            if not held:
+                del self.unacked_by[consumer_id]
 
     def _active_flags(self):
         """Failover: the id of the active consumer (None: none, or not a failover subscription)."""
@@ -730,9 +758,11 @@ class DispatcherActor(BrokerActor):
         active = self.policy.active()
         return active.id if active is not None else None
 
-    def _announce_active(self, before, skip=None, lazy=False):
-        """Failover: push `active` to the consumers whose state changed (at most two); lazy: once
-        the new active consumer's first records are written, or LAZY_S later (see _detached)."""
+    def _announce_active(self, before, skip=None, promoted=False):
+        """Failover: push `active` to the consumers whose state changed (at most two), over their
+        shards' lanes, ahead of any record sent to them after it. One its shard does not have
+        yet is told when the shard says ROUTED (it can have no records before: no credits).
+        promoted: a takeover, whose paperwork waits for the new active consumer's first records."""
         if not isinstance(self.policy, FailoverPolicy):
             return
         now = self._active_flags()
@@ -742,14 +772,26 @@ class DispatcherActor(BrokerActor):
             self.promotions += 1
             emit(self, self.events, "promoted", topic=self.topic_name, subscription=self.name,
                  consumer=now, consumer_name=self.policy.consumers[now].name)
-        for consumer_id, flag in ((before, False), (now, True)):
+        for consumer_id in (before, now):
             consumer = self.policy.consumers.get(consumer_id)
             if consumer is not None and consumer_id != skip:
-                stream = ("owner", str(consumer.owner))
-                self.send_ordered(consumer.owner, connection.ActiveChanged(consumer_id, flag, self.node), stream,
-                                  lazy=lazy)
-                if lazy and flag:
-                    self.promoted = (consumer_id, stream)
+                self._tell_active(consumer)
+        if promoted:
+            self.promoted = now
+
+    def _tell_active(self, consumer):
+        flag = self.policy.is_active(consumer.id)
+        lane = self.shard_lanes.get(consumer.transport) if consumer.routed else None
+        if lane is not None and flag != consumer.told:
+            lane.send([LaneOp.ACTIVE, consumer.id, flag])
+            consumer.told = flag
+
+    def _routed(self, lane, consumer_id):
+        consumer = self.policy.consumers.get(consumer_id)
+        if consumer is not None and self.shard_lanes.get(consumer.transport) is lane:
+            consumer.routed = True
+            if isinstance(self.policy, FailoverPolicy):
+                self._tell_active(consumer)   # a change since its ConsumerOpened
 
     # --- from the consumers' transports ---------------------------------------------------------
     def _flow(self, consumer_id, credits):
@@ -769,6 +811,7 @@ class DispatcherActor(BrokerActor):
             entry = unacked.pop(offset, None)
             if entry is not None:
                 counts[entry[0]] = counts.get(entry[0], 0) + 1
+                self._unheld(entry[0], offset)
                 if self.key_order:
                     self.policy.release(entry[0], entry[1])
             elif offset in self.redelivery_count or offset in self.delayed:
@@ -809,6 +852,7 @@ class DispatcherActor(BrokerActor):
             entries = []
             for offset in offsets:
                 consumer_id, run, _ = self.unacked.pop(offset)
+                self._unheld(consumer_id, offset)
                 consumer = self.policy.consumers.get(consumer_id)
                 if consumer is not None:
                     consumer.unacked -= 1
@@ -825,6 +869,9 @@ class DispatcherActor(BrokerActor):
             self.pump_due = True
             return
         self.pump_due = False
+        if self.requeue_due:
+            again, self.requeue_due = self.requeue_due, []
+            self.policy.requeue(sorted(again, key=lambda r: r[0]))
         deadline = None
         if self.reliable and self.options.get("ack_timeout_ms"):
             deadline = time.monotonic() + self.options["ack_timeout_ms"] / 1000.0
@@ -833,16 +880,22 @@ class DispatcherActor(BrokerActor):
             if self.reliable:   # every record tracked until acked (by offset, with its run)
                 records = [part for run in records for part in self._not_acked(run)]
                 count = sum(run[RUN_COUNT] for run in records)
+                # counted as sent again, not as put back (one acked meanwhile is not redelivered)
+                self.redelivered += sum(run[RUN_COUNT] for run in records if run[RUN_REDELIVERIES])
                 consumer.credits += taken - count   # acked while waiting: not sent
                 consumer.unacked -= taken - count
                 unacked, cid = self.unacked, consumer.id
+                held = self.unacked_by.setdefault(cid, set())
                 for run in records:
                     entry = (cid, run, deadline)
                     for offset in range(run[0], run[0] + run[RUN_COUNT]):
                         unacked[offset] = entry
+                    held.update(range(run[0], run[0] + run[RUN_COUNT]))
                     if self.key_order:   # (key_shared runs are of one record)
                         self.policy.hold(cid, run)
                 if not records:
+                    if not held:
+                        del self.unacked_by[cid]
                     continue
                 records = coalesce_runs(records)
             else:
@@ -885,7 +938,7 @@ class DispatcherActor(BrokerActor):
     def _backlog(self, topic_pending=0):
         if self.reliable:  # everything not acknowledged and not out with a consumer
             return max(0, self.end - self.cursor.floor - len(self.cursor.acked) - len(self.unacked))
-        return self.policy.backlog_size() + topic_pending
+        return self.policy.backlog_size() + len(self.requeue_due) + topic_pending
 
     def metrics_snapshot(self, counters, gauges, histograms):
         topic_labels, labels = (self.topic_name,), (self.topic_name, self.name)

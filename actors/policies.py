@@ -48,6 +48,8 @@ class ConsumerState:
     max_unacked: int = 1 << 62
     tracks_acks: bool = False
     last_offset: int = -1  # the newest record delivered to it (non_reliable: see UNDELIVERED)
+    routed: bool = False   # its shard has it (ROUTED): `active` changes go over the lane
+    told: Any = None       # failover: the `active` state its client was last told
 
     def room(self):
         """How many records it may be given now."""
@@ -121,6 +123,11 @@ class Policy:
     def requeue(self, records):
         """Records to redeliver: ahead of everything not yet delivered, in offset order."""
         merge_front(self.backlog, records)
+
+    def reserve(self, consumer_id, records):
+        """Records to redeliver to this consumer (a replaced one's unacknowledged, PROTOCOL.md):
+        where consumers own what they get (by name, by key) requeueing is enough."""
+        self.requeue(records)
 
     def trim(self):
         """Drop the newest records beyond max_backlog; returns how many. Called after take(),
@@ -245,6 +252,7 @@ class SharedPolicy(Policy):
         super().__init__(max_backlog, batch_bytes)
         self.turn = 0          # index in attach order of the consumer whose turn is next
         self.assigned = {}     # consumer id -> deque of records assigned to it, not delivered yet
+        self.reserved = {}     # consumer id -> deque of records for it alone, against its credits
 
     def enqueue(self, records):
         super().enqueue(one for run in records for one in explode_run(run))
@@ -252,13 +260,19 @@ class SharedPolicy(Policy):
     def requeue(self, records):
         super().requeue([one for run in records for one in explode_run(run)])
 
+    def reserve(self, consumer_id, records):
+        merge_front(self.reserved.setdefault(consumer_id, deque()),
+                    [one for run in records for one in explode_run(run)])
+
     def remove(self, consumer_id, drop_stale=False):
         consumer = super().remove(consumer_id)
         merge_front(self.backlog, self._orphans(self.assigned.pop(consumer_id, ()), drop_stale))   # never delivered
+        merge_front(self.backlog, list(self.reserved.pop(consumer_id, ())))   # for anyone now
         return consumer
 
     def backlog_size(self):
-        return len(self.backlog) + sum(map(len, self.assigned.values()))
+        return (len(self.backlog) + sum(map(len, self.assigned.values()))
+                + sum(map(len, self.reserved.values())))
 
     def waiting(self, consumer_id):
         return len(self.assigned.get(consumer_id, ()))
@@ -271,6 +285,8 @@ class SharedPolicy(Policy):
         """spent: consumer -> bytes of the batch it has from the caller already (key_shared)."""
         if not self.consumers:
             return []
+        if self.reserved:
+            self._assign_reserved()
         if self.backlog:
             self._assign()
         batches = []
@@ -292,6 +308,16 @@ class SharedPolicy(Policy):
                 else:
                     batches.append((consumer, [waiting.popleft() for _ in range(n)]))
         return batches
+
+    def _assign_reserved(self):
+        for consumer_id, reserved in list(self.reserved.items()):
+            consumer = self.consumers[consumer_id]
+            n = min(consumer.room(), len(reserved))
+            if n > 0:
+                self.assigned.setdefault(consumer_id, deque()).extend(reserved.popleft() for _ in range(n))
+                consumer.took(n)
+            if not reserved:
+                del self.reserved[consumer_id]
 
     def _assign(self):
         """The backlog, record by record, to the consumers with credit, each in its turn."""
@@ -475,9 +501,15 @@ class KeySharedPolicy(SharedPolicy):
         if points is not None:
             self._ring_change((consumer_id, points, False))
             self.ring_stale = True
-        # its keys' records wait for the next owners, after the older ones of those keys: sorted
-        # by offset with the rest of `unowned` when the ring is next used
-        self.unowned.extend(self._orphans(self.queues.pop(consumer_id, ()), drop_stale))
+        # Its keys' records wait for their next owners, sorted by offset with the rest of
+        # `unowned` when the ring is next used. Those its credits covered were routed to it (only
+        # its transport's window held them): dropped as such with drop_stale. The rest waited
+        # for credits, backlog that was nobody's yet: never dropped.
+        queue = self.queues.pop(consumer_id, deque())
+        if consumer is not None and drop_stale and queue:
+            routed = min(consumer.room(), len(queue))
+            self.unowned.extend(self._orphans([queue.popleft() for _ in range(routed)], True))
+        self.unowned.extend(queue)
         return consumer
 
     def backlog_size(self):
@@ -503,6 +535,13 @@ class KeySharedPolicy(SharedPolicy):
             by_queue.setdefault(id(queue), (queue, []))[1].append(record)
         for queue, queued in by_queue.values():
             merge_front(queue, queued)
+
+    def reserve(self, consumer_id, records):
+        """Keyed records go by their key (a consumer that takes a name's place owns its keys);
+        keyless ones wait for that consumer as in a shared subscription."""
+        records = [one for run in records for one in explode_run(run)]
+        self.requeue([r for r in records if run_key(r) is not None])
+        super().reserve(consumer_id, [r for r in records if run_key(r) is None])
 
     def _drop_newest(self):
         queues = [q for q in (self.backlog, self.unowned, *self.queues.values(), *self.assigned.values()) if q]

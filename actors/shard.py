@@ -525,6 +525,8 @@ class ShardActor(BrokerActor):
             self._ack_answered(frame[1], frame[2], frame[3])
         elif op == LaneOp.ENDED:
             self._consumers_lost([frame[1]], frame[2])
+        elif op == LaneOp.ACTIVE:
+            self._active(lane, frame[1], frame[2])
 
     def on_ProbeRoute(self, msg, sender):
         """A dispatcher asks whether this consumer's connection is up (an exclusive subscribe met
@@ -602,6 +604,20 @@ class ShardActor(BrokerActor):
             lane.send([LaneOp.DELIVER_ACK, consumer_id])
         else:
             client.deferred_acks.append((lane, consumer_id))
+
+    def _active(self, lane, consumer_id, flag):
+        """A failover consumer's state changed: the push goes out in the lane's order, so the
+        records the dispatcher sends it after the change come after it."""
+        route = self.consumers.get(consumer_id)
+        client = self.clients.get(route[0]) if route and route[1] is lane else None
+        if client is None or client.state != "open":
+            return
+        data = encode_frame({"op": "active", "consumer": consumer_id, "active": bool(flag)})
+        if client.parked:   # behind the deliveries waiting for room
+            client.parked.append(data)
+        else:
+            client.session.write(data)
+            self._flush(client)
 
     def _lane_closed(self, lane, reason):
         role, address = lane.peer
@@ -718,6 +734,7 @@ class ShardActor(BrokerActor):
         self.consumers[msg.consumer_id] = (msg.connection_id, lane)
         client.session.consumers.add(msg.consumer_id)
         self._write(client, msg.data)
+        lane.send([LaneOp.ROUTED, msg.consumer_id])
         if msg.regrant and self.credits.get(msg.consumer_id, 0) > 0:
             lane.send([LaneOp.FLOW, msg.consumer_id, self.credits[msg.consumer_id]])
 

@@ -530,6 +530,10 @@ class LaneOp:
     # 20: unused (a probe reaches the shard through the consumer's ConnectionActor)
     PROBED = 21       # shard -> dispatcher: [PROBED, consumer_id, token], the answer to a ProbeRoute:
                       # a consumer found not attached (hung up) has its DETACH ahead on the lane
+    ROUTED = 22       # shard -> dispatcher: [ROUTED, consumer_id]: its `subscribed` (and first `active`)
+                      # written; its `active` changes come over the lane from now on (ACTIVE)
+    ACTIVE = 23       # dispatcher -> shard: [ACTIVE, consumer_id, flag]: write the `active` push,
+                      # ahead of the records delivered after it (a Thespian message came after them)
 
 
 __all__ = ["LaneAddress", "LaneOp", "Reactor", "Lane", "LaneHub", "encode_lane_frame"]
