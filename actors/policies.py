@@ -7,6 +7,7 @@ credits end; shared and key_shared hand out records one by one, so they split ru
 one record as they arrive.
 """
 import bisect
+import functools
 import hashlib
 import heapq
 from collections import deque
@@ -366,6 +367,7 @@ class SharedPolicy(Policy):
             consumer.took(n)
 
 
+@functools.lru_cache(maxsize=1 << 16)   # keys recur: re-homing after a join hashes every queued record
 def ring_hash(text):
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
@@ -448,19 +450,27 @@ class KeySharedPolicy(SharedPolicy):
         self._update_ring()
         if not self.points:
             return
+        owners = {}   # key -> its owner on this ring: looked up once per key, not per record
+
+        def owner(record):
+            key = run_key(record)
+            found = owners.get(key)
+            if found is None:
+                found = owners[key] = self._owner_of(key)
+            return found
         moved = list(self.unowned)
         self.unowned.clear()
         if self.joined:
             for cid, queue in list(self.queues.items()):
-                if any(self._owner_of(run_key(record)) != cid for record in queue):
+                if any(owner(record) != cid for record in queue):
                     stay = deque()
                     for record in queue:
-                        (stay if self._owner_of(run_key(record)) == cid else moved).append(record)
+                        (stay if owner(record) == cid else moved).append(record)
                     self.queues[cid] = stay
             self.joined = False
         moved.sort(key=lambda r: r[0])
         for record in moved:
-            self.queues.setdefault(self._owner_of(run_key(record)), deque()).append(record)
+            self.queues.setdefault(owner(record), deque()).append(record)
         if self.holding:   # (the leaver's own holdings are released as they are redelivered)
             self._draining = {key for key in self.holding if self._drains(key)}
 
