@@ -300,6 +300,9 @@ def print_message(msg, show_meta):
 def topics(client, args):
     """List topics."""
     listed = client.topics()
+    if listed.truncated:   # (the broker cuts the list to fit its max_frame: docs/protocol.md)
+        print(f"topics: the broker's answer was cut to fit its max_frame: {len(listed)} topics shown, "
+              "more exist", file=sys.stderr)
     if args.json:
         print(json.dumps(listed, indent=2))
         return 0
@@ -320,7 +323,11 @@ def print_table(rows):
 @with_client
 def stats(client, args):
     """A topic's statistics as JSON."""
-    print(json.dumps(client.stats(args.topic), indent=2))
+    stats = client.stats(args.topic)
+    if stats.get("truncated"):
+        print("stats: the broker's answer was cut to fit its max_frame: some consumers or subscriptions "
+              "are not listed", file=sys.stderr)
+    print(json.dumps(stats, indent=2))
     return 0
 
 

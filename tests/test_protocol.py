@@ -1,6 +1,8 @@
 """Protocol v1 over real TCP against a real broker: sessions, every error code, bad input."""
 import json
 import struct
+import subprocess
+import sys
 
 import msgpack
 import pytest
@@ -361,6 +363,17 @@ def test_topics_and_stats_replies_are_cut_to_max_frame(start_broker, topic):
     assert stats["truncated"] is True and 0 < len(stats["subscriptions"][0]["consumers"]) < 40
     small = conn.request({"op": "stats", "topic": names[1]})   # fits: as it is
     assert "truncated" not in small
+    # ... and the Python client and the CLI say so
+    from actorbroker.transport.client import Client
+    with Client(*b.address) as client:
+        listed = client.topics()
+        assert listed.truncated is True and 0 < len(listed) < 60
+        assert client.stats(names[0])["truncated"] is True
+    for args in (["topics"], ["topics", "--json"], ["stats", names[0]]):
+        done = subprocess.run([sys.executable, "-m", "actorbroker.scripts.cli", *args, "--url",
+                               f"{b.host}:{b.port}"], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0 and "cut to fit its max_frame" in done.stderr, (args, done.stderr)
 
 
 def test_overloaded_when_connections_are_exhausted(start_broker):

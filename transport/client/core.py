@@ -252,9 +252,21 @@ def reply_fields(frame):
     return {k: v for k, v in frame.items() if k not in ("op", "rid")}
 
 
+class TopicList(list):
+    """The `topics` reply's list; `truncated`: the broker cut it to fit max_frame (docs/protocol.md),
+    so some topics are not in it."""
+    truncated = False
+
+
+def topic_list(reply):
+    listed = TopicList(reply["topics"])
+    listed.truncated = bool(reply.get("truncated"))
+    return listed
+
+
 # Admin calls: name -> (request frame from the call's arguments, result from the reply).
 ADMIN = {
-    "topics": (lambda: {"op": "topics"}, lambda reply: reply["topics"]),
+    "topics": (lambda: {"op": "topics"}, topic_list),
     "stats": (lambda topic: {"op": "stats", "topic": topic}, reply_fields),
     "delete_topic": (lambda topic: {"op": "delete_topic", "topic": topic}, lambda reply: None),
     "watch": (lambda topics: {"op": "watch", "topics": topics}, lambda reply: None),

@@ -247,7 +247,8 @@ class Client:
         return result_of(self.request(frame_of(*args), timeout))
 
     def topics(self, timeout=10):
-        """[{name, dispatch, subscriptions, producers}, ...]"""
+        """[{name, dispatch, subscriptions, producers}, ...]; `.truncated` is True when the broker
+        cut the list to fit its max_frame (some topics are missing)."""
         return self._admin("topics", timeout)
 
     def stats(self, topic, timeout=10):
