@@ -263,7 +263,7 @@ class DispatcherActor(BrokerActor):
         elif op == LaneOp.NACK:
             self._nack(frame[2], frame[3])
         elif op == LaneOp.DETACH:
-            self._detached(frame[1], frame[2] if len(frame) > 2 else None)
+            self._detached(frame[1], frame[2] if len(frame) > 2 else None, frame[3] if len(frame) > 3 else None)
         elif op == LaneOp.UNDELIVERED:
             self._undelivered(frame[1], frame[2])
         elif op == LaneOp.PROBED:
@@ -656,7 +656,7 @@ class DispatcherActor(BrokerActor):
         self.expedite("events")
         self.send(self.topic, msg)
 
-    def _detached(self, consumer_id, detected):
+    def _detached(self, consumer_id, detected, connection_id=None):
         """Its connection ended: the shard says so over the lane, ahead of the ConnectionActor's
         detach (which then finds nothing to do). The consumer that takes over is told over its
         lane (`active`) and gets the records; the Thespian messages about it (the
@@ -665,7 +665,7 @@ class DispatcherActor(BrokerActor):
         CPU it needed on its way through the shard: 0.4-1 ms of a takeover."""
         if consumer_id in self.policy.consumers:
             before = self._active_flags()
-            self._forget(consumer_id, "connection_closed")
+            self._forget(consumer_id, "connection_closed", connection_id)
             self._announce_active(before, promoted=True)
             if self.subscription is not None:
                 # exclusive: nobody takes over, and a newcomer's subscribe must not be refused
@@ -727,15 +727,17 @@ class DispatcherActor(BrokerActor):
                               ("owner", str(consumer.owner)))
             self._forget(consumer_id, reason)
 
-    def _forget(self, consumer_id, cause):
+    def _forget(self, consumer_id, cause, connection_id=None):
         # non_reliable: as _undelivered, no consumer sees ids go backwards
         consumer = self.policy.remove(consumer_id, drop_stale=not self.reliable)
         if self.policy.discarded:
             self.dropped += self.policy.discarded
             self.policy.discarded = 0
-        if consumer is not None:
+        if consumer is not None:   # (naming the connection whose end caused it: the events actor
+            # keeps it behind that connection_closed)
             emit(self, self.events, "consumer_detached", topic=self.topic_name, subscription=self.name,
-                 consumer=consumer_id, consumer_name=consumer.name, cause=cause)
+                 consumer=consumer_id, consumer_name=consumer.name, cause=cause,
+                 **({"connection": connection_id} if connection_id is not None else {}))
         if consumer is not None and self.reliable:
             # its unacknowledged messages go back to the subscription, counted as redelivered
             self._return_unacked(self._unacked_of(consumer_id))

@@ -23,6 +23,11 @@ from actorbroker.transport.codec import encode_frame
 # How long an event waits for events of other actors decided before it. Thespian messages take
 # about a millisecond, ordered channels gather for 4 ms: 50 ms leaves room for a busy machine.
 HOLD_S = 0.05
+# A consumer_detached caused by its connection's end waits (at most this long) for that
+# connection_closed when it has not arrived: in a burst of thousands of closes a shard sends its
+# events later than HOLD_S, and the dispatchers' detaches, decided after them, came first.
+CAUSE_WAIT_S = 2.0
+CLOSED_MEMORY_S = 60.0   # connections whose close was published, remembered this long
 _RELEASE = "events-release"
 
 
@@ -59,6 +64,8 @@ class EventsActor(BrokerActor):
         self.held = []                # heap of (time, arrival, Event)
         self.arrival = itertools.count()
         self.release_due = False
+        self.closed = {}              # connection id -> when its connection_closed arrived
+        self.waiting = {}             # connection id -> [consumer_detached waiting for that close]
 
     def on_Watch(self, msg, sender):
         watcher = self.watchers.get(msg.connection_id)
@@ -84,6 +91,8 @@ class EventsActor(BrokerActor):
     def on_Event(self, msg, sender):
         if not self.watchers:
             return   # nobody to tell: nothing is kept
+        if msg.kind == "connection_closed":
+            self.closed[msg.fields.get("connection")] = time.monotonic()
         heapq.heappush(self.held, (msg.time, next(self.arrival), msg))
         if not self.release_due:
             self.release_due = True
@@ -95,10 +104,31 @@ class EventsActor(BrokerActor):
         self.release_due = False
         until = time.time() - HOLD_S
         while self.held and self.held[0][0] <= until:
-            self._publish(heapq.heappop(self.held)[2])
-        if self.held:
+            self._release(heapq.heappop(self.held)[2])
+        now = time.monotonic()
+        for connection_id, events in list(self.waiting.items()):   # their close never came
+            if now - events[0][0] > CAUSE_WAIT_S:
+                del self.waiting[connection_id]
+                for _, event in events:
+                    self._publish(event)
+        if len(self.closed) > 1024:
+            self.closed = {c: t for c, t in self.closed.items() if now - t < CLOSED_MEMORY_S}
+        if self.held or self.waiting:
             self.release_due = True
-            self.wakeupAfter(timedelta(seconds=max(0.005, self.held[0][0] - until)), payload=_RELEASE)
+            delay = max(0.005, self.held[0][0] - until) if self.held else CAUSE_WAIT_S / 4
+            self.wakeupAfter(timedelta(seconds=delay), payload=_RELEASE)
+
+    def _release(self, event):
+        """In stamp order, but a detach after the close that caused it (CAUSE_WAIT_S)."""
+        connection_id = event.fields.get("connection")
+        if event.kind == "consumer_detached" and event.fields.get("cause") == "connection_closed" \
+                and connection_id is not None and connection_id not in self.closed:
+            self.waiting.setdefault(connection_id, []).append((time.monotonic(), event))
+            return
+        self._publish(event)
+        if event.kind == "connection_closed":
+            for _, caused in self.waiting.pop(connection_id, ()):
+                self._publish(caused)
 
     def _publish(self, event):
         topic = event.fields.get("topic")

@@ -891,7 +891,7 @@ class ShardActor(BrokerActor):
             self.credits.pop(consumer_id, None)
             route = self.consumers.pop(consumer_id, None)
             if route is not None:
-                route[1].send([LaneOp.DETACH, consumer_id, detected])
+                route[1].send([LaneOp.DETACH, consumer_id, detected, connection_id])
         if not self._answers_due(client):
             self._closed(client, reason)
             return
@@ -949,7 +949,7 @@ class ShardActor(BrokerActor):
             self.credits.pop(consumer_id, None)
             route = self.consumers.pop(consumer_id, None)
             if route is not None:
-                route[1].send([LaneOp.DETACH, consumer_id, detected])
+                route[1].send([LaneOp.DETACH, consumer_id, detected, connection_id])
         # Every log record is a Thespian message to the logger process: a burst of 10,000 ordinary
         # closes must not cost 10,000 of them. Closes for a reason other than EOF stay visible.
         (log.debug if reason in ("eof", STOPPING) else log.info)("connection %s closed: %s", connection_id, reason,

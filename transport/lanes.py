@@ -520,7 +520,8 @@ class LaneOp:
     APPEND = 12       # topic -> log: [APPEND, seq, first offset, [run...], time_ms]
     APPENDED = 13     # log -> topic: [APPENDED, seq, log_bytes, segments, forced deletions]: durable (per --fsync)
     APPEND_FAILED = 14  # log -> topic: [APPEND_FAILED, seq, error, next offset, code]: nothing of it kept
-    DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id, time.time() the end was detected]
+    DETACH = 15       # shard -> dispatcher: [DETACH, consumer_id, time.time() the end was detected,
+                      # connection_id?] (its consumer_detached event names the connection)
     READ = 16         # dispatcher -> log: [READ, token, offset, max records]
     RECORDS = 17      # log -> dispatcher: [RECORDS, token, [run...] from the offset asked, first retained offset]
     UNDELIVERED = 18  # shard -> dispatcher: [UNDELIVERED, consumer_id, [run...]]: a DELIVER for a consumer
