@@ -27,7 +27,7 @@ HOLD_S = 0.05
 # connection_closed when it has not arrived: in a burst of thousands of closes a shard sends its
 # events later than HOLD_S, and the dispatchers' detaches, decided after them, came first.
 CAUSE_WAIT_S = 2.0
-CLOSED_MEMORY_S = 60.0   # connections whose close was published, remembered this long
+CLOSED_MEMORY_S = 60.0   # connections whose connection_closed arrived, remembered this long
 _RELEASE = "events-release"
 
 

@@ -7,7 +7,6 @@ credits end; shared and key_shared hand out records one by one, so they split ru
 one record as they arrive.
 """
 import bisect
-import functools
 import hashlib
 import heapq
 from collections import deque
@@ -367,7 +366,6 @@ class SharedPolicy(Policy):
             consumer.took(n)
 
 
-@functools.lru_cache(maxsize=1 << 16)   # keys recur: re-homing after a join hashes every queued record
 def ring_hash(text):
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 

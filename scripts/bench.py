@@ -736,8 +736,8 @@ class Bench:
             per_conn = None   # (KiB, processes) per connection, from the last step of shared subscriptions
             steps = [(k, False) for k in self.conns] + [(self.conns[0], True)]
             for k, distinct in steps:
-                label = f"{k} idle connections" + (", a subscription each" if distinct else
-                                                   "" if self.args.scale_type == "shared" else f", {self.args.scale_type}")
+                kind = "" if self.args.scale_type == "shared" else f", {self.args.scale_type}"
+                label = f"{k} idle connections" + (", a subscription each" if distinct else kind)
                 if broker and broker.proc.poll() is not None:
                     self.fail_note(f"scale {label}: not run, the broker exited ({broker.proc.returncode}); "
                                    f"log: {broker.log_tail(3)}")
