@@ -44,7 +44,7 @@ _HEADER = struct.Struct(">I")
 RELAY_ABOVE = 256   # fds in a Reactor beyond which Thespian watches a relay pipe, not the epoll
 IDLE_WAIT_S = 0.001  # a lingering poll returns to Thespian after this long without an event
 RECORD_PATH_LINGER_S = 0.005   # the linger of the actors on the record path (see Reactor)
-MAX_IDLE_S = 0.5     # the longest a lingering poll waits with `outside` before passing through Thespian
+MAX_IDLE_S = 0.5     # an idle wait asks `outside` again after this long (see Reactor._idle)
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
@@ -182,14 +182,28 @@ class Reactor:
                     ready = self.epoll.poll(min(IDLE_WAIT_S, deadline - now), max_events)
                     if ready:
                         continue
-                waits = self.outside() if self.outside is not None else None
-                if waits is None:
+                ready, outside_ready = self._idle(max_events)
+                if ready is None:
                     break
-                ready, outside_ready = self._idle_wait(waits[0], min(waits[1], MAX_IDLE_S), max_events)
                 deadline = None
         finally:
             if self.relaying:
                 self.armed.set()   # the relay may wait for the next readiness now
+
+    def _idle(self, max_events):
+        """The idle wait, for as long as the outside loop has nothing to do: in steps of at most
+        MAX_IDLE_S, each asking the outside loop again (its sockets and timers may have changed).
+        An actor that went back to Thespian's loop after a fixed time instead was woken by its
+        next frame through a pass of that loop: a message after 0.6 s of quiet took 2.1 ms from
+        producer to consumer against 1.2 ms after 0.2 s. (None, False): the outside loop has work."""
+        while True:
+            waits = self.outside() if self.outside is not None else None
+            if waits is None:
+                return None, False
+            fds, seconds = waits
+            ready, outside_ready = self._idle_wait(fds, min(seconds, MAX_IDLE_S), max_events)
+            if ready or outside_ready or seconds <= MAX_IDLE_S:
+                return ready, outside_ready
 
     def _idle_wait(self, fds, timeout, max_events):
         """Wait for our fds or the outside ones: (what is ready of ours, whether an outside fd is
