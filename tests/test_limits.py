@@ -475,3 +475,39 @@ def test_a_deadline_a_moment_away_is_never_due_again_at_the_same_instant():
     for s, now in ((before_hello, 9.9995), (before_hello, 9.99999), (after_hello, 4.9999995)):
         events, due = s.check_heartbeat(now)
         assert events == [] and due >= 0.005, (now, due)
+
+
+def test_a_burst_of_new_subscriptions_beyond_what_can_start_in_time_is_refused_at_once(start_broker, topic):
+    """Each new subscription is two processes the topic forks one after the other. A burst of
+    subscribes to new subscriptions of one topic (12 connections x 20, 16 of each in flight) once
+    waited for their turn until the request deadline and got INTERNAL ("may or may not have taken
+    effect"), the subscription opened all the same and closed again. Those that cannot start in
+    time at the measured pace get OVERLOADED at once instead; the others are subscribed."""
+    b = start_broker("--request-deadline-ms", "8000")
+    conns = [connect(b) for _ in range(12)]
+    for c, conn in enumerate(conns):
+        conn.send_raw(b"".join(encode_frame({"op": "subscribe", "rid": i + 1, "topic": topic,
+                                             "subscription": f"s{c}-{i}", "type": "shared", "consumer": "c"})
+                               for i in range(20)))
+    answers = {}
+    for c, conn in enumerate(conns):
+        while len([k for k in answers if k[0] == c]) < 20:
+            frame = conn.recv_frame(timeout=60)
+            assert frame is not None, "connection closed"
+            if frame["op"] == "ping":
+                conn.send_frame({"op": "pong", "rid": frame["rid"]})
+                continue
+            answers[(c, frame["rid"])] = frame
+    codes = [a.get("code", a["op"]) for a in answers.values()]
+    assert set(codes) <= {"subscribed", "OVERLOADED"}, sorted(set(codes))
+    assert "OVERLOADED" in codes and "subscribed" in codes
+    refusal = next(a for a in answers.values() if a["op"] == "error")
+    assert "starting" in refusal["message"], refusal
+    listed = conns[0].request({"op": "topics"})["topics"]
+    # what was refused opened nothing (the subscriptions of the others are there, consumers attached)
+    assert [t["subscriptions"] for t in listed if t["name"] == topic] == [codes.count("subscribed")]
+    again = conns[0].request({"op": "subscribe", "topic": topic, "subscription": "later", "type": "shared",
+                              "consumer": "c"}, timeout=30)
+    assert again["op"] == "subscribed"
+    for conn in conns:
+        conn.close()
