@@ -126,6 +126,14 @@ class ConsumerOpened:
 
 
 @dataclass(frozen=True)
+class ProducersCheck:
+    """From a topic, a moment after its ProducerOpened: nothing to do here. Only whether it
+    arrives matters (a ConnectionActor killed with that answer fails the send, and the topic
+    drops the producers it owned: nothing else would, see TopicActor._check_producers)."""
+    producer_ids: tuple
+
+
+@dataclass(frozen=True)
 class ProbeConsumer:
     """From a dispatcher, after its ConsumerOpened on the same channel: an exclusive subscribe met
     this consumer; is its connection still up? Passed on to the shard (shard.ProbeRoute), which
@@ -825,6 +833,9 @@ class ConnectionActor(BrokerActor):
         if msg.active is not None:
             data += encode_frame({"op": "active", "consumer": msg.consumer_id, "active": msg.active})
         self._to_shard(shard.RouteConsumer(connection_id, msg.consumer_id, msg.lane, data, regrant=again))
+
+    def on_ProducersCheck(self, msg, sender):
+        pass   # arriving is the answer (ProducersCheck)
 
     def on_ProbeConsumer(self, msg, sender):
         # Behind the RouteConsumer of its ConsumerOpened (one channel to the shard). Not attached

@@ -43,6 +43,9 @@ from actorbroker.transport.validate import MAX_DELAY_MS, MAX_TOTAL_CREDITS
 RELIABLE_BUFFER = 5000
 CURSOR_SAVE_DELAY = timedelta(milliseconds=100)
 DEFAULT_MAX_UNACKED = 1000
+# A consumer its shard has not said ROUTED for this long after its ConsumerOpened is probed through
+# its ConnectionActor (see _check_routes): its connection actor may have died with the answer.
+ROUTE_CHECK_AFTER = timedelta(seconds=2)
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,8 @@ class DispatcherActor(BrokerActor):
         self.paperwork_due = False
         self.replaced = 0
         self.cleanup_time = Histogram()
+        self.route_checks = set()   # consumer ids opened since the last route check
+        self.route_check_due = False
 
     def watch(self):
         return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
@@ -576,6 +581,8 @@ class DispatcherActor(BrokerActor):
             self._return_unacked(expired)
             self._pump()
             self._schedule_timeouts()
+        elif msg.payload == "route-check":
+            self._check_routes()
         elif isinstance(msg.payload, tuple) and msg.payload[0] == "nack":
             records = [self.delayed.pop(o) for o in msg.payload[1] if o in self.delayed]
             self._redeliver(records)
@@ -631,6 +638,10 @@ class DispatcherActor(BrokerActor):
         self.send_ordered(msg.reply_to, connection.ConsumerOpened(
             msg.rid, msg.consumer_id, sender, self.topic, self.hub.address, self.dispatch,
             consumer.told, self.node), ("owner", str(msg.reply_to)))
+        self.route_checks.add(msg.consumer_id)
+        if not self.route_check_due:
+            self.route_check_due = True
+            self.wakeupAfter(ROUTE_CHECK_AFTER, payload="route-check")
         self._announce_active(before, skip=msg.consumer_id)
         if self.reliable and before is not None and before != self._active_flags():
             # failover, a consumer that sorts first came: the demoted one's unacked messages go
@@ -677,6 +688,19 @@ class DispatcherActor(BrokerActor):
             if detected is not None:   # detection (in the shard) to cleanup (here, done now)
                 self.cleanup_time.observe(max(0.0, time.time() - detected))
 
+    def undeliverable(self, address, msgs):
+        """A message to a consumer's ConnectionActor did not reach it: that actor is dead, and
+        with it its shard and every connection of it. A consumer it had just opened (its
+        ConsumerOpened is what failed) was never routed in the shard, whose lane to us may never
+        have existed: no lane EOF and no ConnectionClosed will ever remove it, and an exclusive
+        subscription stayed held for good. Every consumer that connection actor owned goes now,
+        as if its connection had closed."""
+        gone = str(address)
+        for consumer_id in [c.id for c in self.policy.consumers.values() if str(c.owner) == gone]:
+            log.info("%s/%s: consumer %s: its connection actor is gone; removing it", self.topic_name,
+                     self.name, consumer_id, extra={"topic": self.topic_name, "subscription": self.name})
+            self._detached(consumer_id, None)
+
     def on_ProbeHolder(self, msg, sender):
         consumer = self.policy.consumers.get(msg.consumer_id)
         if consumer is None:   # gone already: decide on what is known
@@ -688,8 +712,24 @@ class DispatcherActor(BrokerActor):
         self.send_ordered(consumer.owner, connection.ProbeConsumer(msg.consumer_id, msg.token, self.hub.address),
                           ("owner", str(consumer.owner)))
 
+    def _check_routes(self):
+        """Consumers opened ROUTE_CHECK_AFTER ago or more that their shard has not routed: their
+        ConnectionActor got the ConsumerOpened and died before its shard had the route (killed,
+        or with its listener), or is slow. Asked through it (ProbeConsumer, as for an exclusive
+        holder): a dead one fails the send (undeliverable: removed), a live one's shard answers
+        DETACH if the connection is gone, PROBED if routed."""
+        self.route_check_due = False
+        waiting, self.route_checks = self.route_checks, set()
+        for consumer_id in waiting:
+            consumer = self.policy.consumers.get(consumer_id)
+            if consumer is not None and not consumer.routed:
+                self.send_ordered(consumer.owner, connection.ProbeConsumer(consumer_id, None, self.hub.address),
+                                  ("owner", str(consumer.owner)))
+
     def _holder_probed(self, token):
         # on the channel of MembersLost: a holder the probe found gone is forgotten first
+        if token is None:   # a route check's (_check_routes): nothing waits for it
+            return
         if self.subscription is not None:
             self.send_ordered(self.subscription, subscription.HolderProbed(token), "members-lost")
 

@@ -53,6 +53,8 @@ GATHER_TIMEOUT = timedelta(seconds=5)
 START_WITHIN = 0.25
 START_INTERVAL_GUESS_S = 0.25   # before a burst was measured (4 a second; 10-30 on 2 idle cores)
 START_LIMIT_FLOOR = 8
+# Producers opened this long ago are checked for a live ConnectionActor (_check_producers)
+PRODUCER_CHECK_AFTER = timedelta(seconds=2)
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,7 @@ class TopicActor(BrokerActor):
         self.start_interval = START_INTERVAL_GUESS_S   # seconds between starts ending back to back
         self.fork_time = 0.0       # seconds the two createActor calls of a subscription take here
         self.last_started = None   # when the last one ended (time.monotonic())
+        self.producer_checks = {}  # ConnectionActor address (str) -> (address, [producer ids opened])
 
     def watch(self):
         return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
@@ -457,9 +460,31 @@ class TopicActor(BrokerActor):
         for subscribe in self.waiting_removal.pop(name, []):
             self._subscribe_again(subscribe)
 
+    def _check_producers(self):
+        """A ConnectionActor killed after its ProducerOpened arrived, before its shard had the
+        producer: the shard died with it, and if it had no lane to this topic yet no lane EOF
+        tells us; the producer stayed (an exclusive one: PRODUCER_BUSY for good). Each owner of
+        producers opened since the last check is sent a ProducersCheck: a dead one fails it."""
+        checks, self.producer_checks = self.producer_checks, {}
+        for address, producer_ids in checks.values():
+            alive = tuple(p for p in producer_ids if p in self.producers)
+            if alive:
+                self._send_tracked(address, connection.ProducersCheck(alive), lambda: None)
+
+    def _owner_gone(self, address):
+        gone = str(address)
+        for producer_id in [p for p, entry in self.producers.items() if str(entry[2]) == gone]:
+            log.info("topic %s: producer %s: its connection actor is gone; removing it", self.name,
+                     producer_id, extra={"topic": self.name})
+            del self.producers[producer_id]
+
     def undeliverable(self, address, msgs):
         """A subscribe passed on to a SubscriptionActor that had died (before we knew): that
-        subscription is lost, and the subscribe is handled again (restored, or created anew)."""
+        subscription is lost, and the subscribe is handled again (restored, or created anew).
+        A ProducerOpened or ProducersCheck that did not reach a ConnectionActor: it died, with its
+        shard and every connection of it; its producers go."""
+        if any(isinstance(m, (connection.ProducerOpened, connection.ProducersCheck)) for m in msgs):
+            self._owner_gone(address)
         subscribes = [m for m in msgs if isinstance(m, Subscribe)]
         if not subscribes or self.ending or self.deleting is not None:
             return
@@ -536,9 +561,13 @@ class TopicActor(BrokerActor):
             return
         name = msg.name or f"producer-{msg.new_id}"
         self.producers[msg.new_id] = (name, msg.access, msg.reply_to, msg.shard)
-        self.send(msg.reply_to, connection.ProducerOpened(
+        # as Actor.send (in order with what else goes to it), but a dead owner fails it: undeliverable
+        self._send_tracked(msg.reply_to, connection.ProducerOpened(
             msg.rid, msg.new_id, self.name, self.myAddress, self.lane_address, self.dispatch, name,
-            self.config.node))
+            self.config.node), lambda: None)
+        if not self.producer_checks:
+            self.wakeupAfter(PRODUCER_CHECK_AFTER, payload=("producer-check", None))
+        self.producer_checks.setdefault(str(msg.reply_to), (msg.reply_to, []))[1].append(msg.new_id)
 
     def on_CloseProducer(self, msg, sender):
         self.producers.pop(msg.producer_id, None)
@@ -974,3 +1003,5 @@ class TopicActor(BrokerActor):
             self._cursors_flushed(token, 0, force=True)
         elif kind == "delete":
             self._finish_delete(force=True)
+        elif kind == "producer-check":
+            self._check_producers()

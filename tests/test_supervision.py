@@ -471,6 +471,53 @@ def test_kill_of_the_listener_keeps_accepting_on_the_same_port(start_broker, clo
     wait_for(lambda: undelivered(traffic.receipted, [old, new]), all_delivered, timeout=EVENTUALLY_S)
 
 
+@pytest.mark.parametrize("kind", ["ab-conn", "ab-listener"])
+def test_an_exclusive_subscribe_and_producer_in_flight_when_their_connection_actor_dies_hold_nothing(
+        start_broker, closing, topic, kind):
+    """kill -9 of the client's ConnectionActor (or of the listener, which takes every one along)
+    a few milliseconds after its exclusive subscribe and exclusive producer went out. Once the
+    answer had reached the ConnectionActor just before its death, the consumer and the producer
+    stayed registered for good (a chaos probe: CONSUMER_BUSY and PRODUCER_BUSY to everyone else
+    minutes later; nothing routed them, so no connection close or lane EOF removed them). The
+    subscription and the topic must be free again within a few seconds, whatever the moment."""
+    from tests.wire import RawConnection
+    b = start_broker()
+    for i, delay in enumerate((0.002, 0.008, 0.015)):
+        name = f"{topic}-{i}"
+        admin = Client(*b.address, name="admin")   # (a listener's death ends its connection too)
+        admin.producer(name, dispatch="reliable").close()   # the topic exists, with its log
+        admin.close()
+        conn = RawConnection(*b.address)
+        conn.hello()
+        if kind == "ab-conn":   # the ConnectionActor of the shard that holds this connection
+            ports = own_ports_to(b.address[1])
+            shard = next(p for p in processes_of_kind(b, "ab-shard") if peer_ports_held_by(p, b.address[1]) & ports)
+            victim = parent_of(shard)
+        else:
+            victim = only_process(b, "ab-listener")
+        conn.send_frame({"op": "subscribe", "rid": 2, "topic": name, "subscription": "s", "type": "exclusive",
+                         "consumer": "gone"})
+        conn.send_frame({"op": "producer", "rid": 3, "topic": name, "access": "exclusive"})
+        time.sleep(delay)   # the moment of the kill is what varies (not a wait for anything)
+        kill(victim)
+        conn.close()
+        wait_for(lambda: _hello_works(b), bool, timeout=FEW_S, interval=0.05)
+        other = closing(Client(*b.address, name=f"other-{i}"))
+
+        def free():
+            opened = []
+            try:
+                opened.append(other.subscribe(name, "s", "exclusive", "other", timeout=5))
+                opened.append(other.producer(name, access="exclusive", timeout=5))
+                return True
+            except (ConsumerBusy, BrokerError):
+                return False
+            finally:
+                for thing in opened:
+                    thing.close()
+        wait_for(free, bool, timeout=3 * FEW_S, interval=0.2)
+
+
 # --- topic --------------------------------------------------------------------------------------
 
 def test_kill_of_a_reliable_topic_reopens_it_from_its_log(start_broker, closing, topic):
