@@ -53,6 +53,10 @@ GATHER_TIMEOUT = timedelta(seconds=5)
 START_WITHIN = 0.25
 START_INTERVAL_GUESS_S = 0.25   # before a burst was measured (4 a second; 10-30 on 2 idle cores)
 START_LIMIT_FLOOR = 8
+# Subscribes passed on to a subscription are remembered this long (see _Sub.forwarded); when it
+# dies, those it had (not coming back as undeliverable within LOST_ANSWER_AFTER) are answered
+FORWARDED_MEMORY_S = 10.0
+LOST_ANSWER_AFTER = timedelta(milliseconds=500)
 # Producers opened this long ago are checked for a live ConnectionActor (_check_producers)
 PRODUCER_CHECK_AFTER = timedelta(seconds=2)
 
@@ -211,6 +215,9 @@ class _Sub:
     lane: Any = None     # our lane to the dispatcher, once it is ready
     incarnation: int = 0 # tells a restarted pair's messages from its predecessor's
     last_stats: Any = None   # its dispatcher's last stats answer
+    # (time.monotonic(), Subscribe) passed on to it within FORWARDED_MEMORY_S: if it dies, those
+    # not answered yet are answered (see _subscription_lost)
+    forwarded: list = field(default_factory=list)
 
 
 class TopicActor(BrokerActor):
@@ -272,6 +279,8 @@ class TopicActor(BrokerActor):
         self.fork_time = 0.0       # seconds the two createActor calls of a subscription take here
         self.last_started = None   # when the last one ended (time.monotonic())
         self.producer_checks = {}  # ConnectionActor address (str) -> (address, [producer ids opened])
+        self.lost_requests = []    # [(subscription name, Subscribe)] passed to one that died since
+        self.rehandled = {}        # id -> Subscribe: of those, the ones that came back undelivered
 
     def watch(self):
         return ThespianWatch([self.reactor.fileno()]) if self.hub is not None else None
@@ -459,6 +468,25 @@ class TopicActor(BrokerActor):
             self.send_ordered(self.log, log_actor.LoadCursor(name), "log")
         for subscribe in self.waiting_removal.pop(name, []):
             self._subscribe_again(subscribe)
+        # Subscribes it may have taken and died before answering (killed as it started, say) are
+        # answered (the ConnectionActor ignores this for one it has its answer to), not at the
+        # request deadline; handling them again instead would attach a consumer already answered
+        # a second time, in the way of whoever subscribes next. Those that never reached it come
+        # back as undeliverable and are handled again: they are left out (_answer_lost).
+        horizon = time.monotonic() - FORWARDED_MEMORY_S
+        lost = [(name, subscribe) for when, subscribe in sub.forwarded if when >= horizon]
+        if lost:
+            if not self.lost_requests:
+                self.wakeupAfter(LOST_ANSWER_AFTER, payload=("lost-requests", None))
+            self.lost_requests.extend(lost)
+
+    def _answer_lost(self):
+        lost, self.lost_requests = self.lost_requests, []
+        rehandled, self.rehandled = self.rehandled, {}
+        for name, subscribe in lost:
+            if rehandled.get(id(subscribe)) is not subscribe:
+                self.send(subscribe.reply_to, connection.RequestLost(
+                    subscribe.rid, f"subscription {name} was lost before it answered"))
 
     def _check_producers(self):
         """A ConnectionActor killed after its ProducerOpened arrived, before its shard had the
@@ -492,6 +520,8 @@ class TopicActor(BrokerActor):
             if sub.subscription == address:
                 self._subscription_lost(name, sub)
         for subscribe in subscribes:
+            if self.lost_requests:   # (not to be answered as lost: see _subscription_lost)
+                self.rehandled[id(subscribe)] = subscribe
             self.on_Subscribe(subscribe, subscribe.reply_to)
 
     def on_CursorLoaded(self, msg, sender):
@@ -797,6 +827,11 @@ class TopicActor(BrokerActor):
             return
         sub.attaches += 1
         self.send_ordered(sub.subscription, msg, ("subscription", msg.subscription))
+        now = time.monotonic()
+        horizon = now - FORWARDED_MEMORY_S
+        while sub.forwarded and sub.forwarded[0][0] < horizon:
+            sub.forwarded.pop(0)
+        sub.forwarded.append((now, msg))
 
     def on_SubscribeAgain(self, msg, sender):
         sub = self.subs.get(msg.subscribe.subscription)
@@ -1005,3 +1040,5 @@ class TopicActor(BrokerActor):
             self._finish_delete(force=True)
         elif kind == "producer-check":
             self._check_producers()
+        elif kind == "lost-requests":
+            self._answer_lost()
