@@ -927,7 +927,7 @@ class ConnectionActor(BrokerActor):
         self._stream_user_gone(subscription_address)
         if not conn.closed:
             self._to_shard(shard.UnrouteConsumer(connection_id, consumer_id, encode_frame(
-                {"op": "closed", "consumer": consumer_id, "reason": reason})))
+                {"op": "closed", "consumer": consumer_id, "reason": reason}), reason=reason))
 
     def _write(self, connection_id, data):
         self._to_shard(shard.Outbound(connection_id, data))

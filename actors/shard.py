@@ -131,6 +131,7 @@ class UnrouteConsumer:
     data: bytes = b""
     # being re-attached to a re-homed topic (cluster): the client keeps it, and its credits
     reattaching: bool = False
+    reason: str = ""    # why the broker ended it (its `closed` push, in `data`)
 
 
 class _Client:
@@ -671,7 +672,7 @@ class ShardActor(BrokerActor):
                 lost.append(consumer_id)
                 client = self.clients.get(route[0])
                 if client is not None:   # later flow/ack/nack get UNKNOWN_CONSUMER at once
-                    client.session.consumers.discard(consumer_id)
+                    client.session.consumer_ended(consumer_id, reason)
         if lost:
             self.send_ordered(self.supervisor, connection.ConsumersLost(lost, reason), "shard")
 
@@ -747,7 +748,7 @@ class ShardActor(BrokerActor):
             return
         self.credits.pop(msg.consumer_id, None)
         if client is not None:
-            client.session.consumers.discard(msg.consumer_id)
+            client.session.consumer_ended(msg.consumer_id, msg.reason or "closed")
             self._write(client, msg.data)
 
     # --- writing ----------------------------------------------------------------------------------

@@ -233,6 +233,23 @@ def test_unknown_producer_and_consumer(broker):
     assert_alive(conn)
 
 
+def test_an_ack_for_a_consumer_the_broker_closed_says_so(broker, topic):
+    """A consumer ended by the broker (here: another consumer unsubscribed the subscription):
+    an ack for it after its `closed` push gets UNKNOWN_CONSUMER naming why, not only "not open"."""
+    conn = connect(broker)
+    subscribe = {"op": "subscribe", "topic": topic, "subscription": "s", "type": "shared", "dispatch": "reliable"}
+    mine = conn.request(dict(subscribe, consumer="c1"))["consumer"]
+    other = connect(broker)
+    theirs = other.request(dict(subscribe, consumer="c2"))["consumer"]
+    other.request({"op": "unsubscribe", "consumer": theirs})
+    closed = conn.recv_frame(timeout=10)
+    assert closed["op"] == "closed" and closed["consumer"] == mine, closed
+    conn.send_frame({"op": "ack", "rid": 7, "consumer": mine, "ids": [0]})
+    reply = conn.recv_frame()
+    assert_error(reply, "UNKNOWN_CONSUMER", 7)
+    assert closed["reason"] in reply["message"], reply
+
+
 def test_ids_of_another_connection_are_unknown(broker, topic):
     owner = connect(broker)
     producer = owner.request({"op": "producer", "topic": topic})["producer"]

@@ -35,6 +35,7 @@ REPLY_OPS = frozenset({"hello", "ping", "producer", "send", "close_producer", "s
 ONE_WAY_OPS = frozenset({"flow", "ack", "nack", "pong"})
 HELLO_MAX_FRAME = 64 * 1024   # before hello: a connection costs a socket and a small buffer only
 MAX_ERROR_TEXT = 200          # characters of an error message: a request is never echoed back whole
+ENDED_KEPT = 64               # consumers the broker ended that a session remembers the reason for
 
 
 def error_frame(code, message, rid=None):
@@ -74,7 +75,7 @@ def is_loopback(host):
 
 class Session:
     __slots__ = ("id", "config", "decoder", "outbox", "hello_done", "heartbeat_s", "last_recv",
-                 "ping_sent", "ping_rid", "producers", "consumers", "open", "opened_at",
+                 "ping_sent", "ping_rid", "producers", "consumers", "ended", "open", "opened_at",
                  "frame_started", "frame_start", "version", "fatal", "answering")
 
     def __init__(self, connection_id, config, now):
@@ -93,9 +94,18 @@ class Session:
         self.ping_rid = 0
         self.producers = {}     # producer id -> producer name
         self.consumers = set()  # consumer ids
+        self.ended = {}         # consumer id -> why the broker ended it (the last ENDED_KEPT)
         self.open = True        # reading requests (False once closed or failed)
         self.fatal = None       # the error frame of a fatal error in what the client sent
         self.answering = False  # failed, its error frame held back: still writing answers (hold_fatal)
+
+    def consumer_ended(self, consumer_id, reason):
+        """The broker ended this consumer (its `closed` push says why): later flow/ack/nack for
+        it are refused here, saying so."""
+        self.consumers.discard(consumer_id)
+        self.ended[consumer_id] = reason
+        if len(self.ended) > ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
 
     # --- input ----------------------------------------------------------------------------------
     def receive_data(self, data, now):
@@ -372,7 +382,9 @@ class Session:
             else:
                 event = ("ack", consumer_id, validate.ids(frame), rid)
             if consumer_id not in self.consumers:
-                self.error(E.UNKNOWN_CONSUMER, f"consumer {consumer_id} is not open on this connection", rid)
+                why = self.ended.get(consumer_id)
+                self.error(E.UNKNOWN_CONSUMER, f"consumer {consumer_id} is not open on this connection" + (
+                    f": the broker closed it ({why})" if why else ""), rid)
                 return
             events.append(event)
             if op == "ack":   # the dispatcher answers, once the ack is durable on a reliable topic
