@@ -8,9 +8,9 @@ socket (an AF_UNIX socketpair, `socket.send_fds`): nothing is forked per connect
 It enforces the connection limits (in total and per peer host) from what the shards report, plus
 the sockets handed over that their shard has not reported taking yet: each socket is sent with a
 number, and a shard reports the number of the last one it took. Shards report at most every 100 ms:
-a connection from a host at its limit is held while the shards that count that host's connections
-recount them at once (RecountHost), so that one that has just closed no longer counts (a client
-that closes and reconnects at once is not refused).
+a connection from a host at its limit (or from anywhere, at the total limit) is held while the
+shards that count those connections recount them at once (RecountHost), so that one that has just
+closed no longer counts (a client that closes and reconnects at once is not refused).
 """
 import collections
 import errno
@@ -72,9 +72,10 @@ class ShardLoad:
 
 @dataclass(frozen=True)
 class RecountHost:
-    """To a shard: the listener would refuse a connection from `host` (max_connections_per_address).
-    End its connections from `host` that have hung up, and report (ShardLoad, `recount=token`) now."""
-    host: str
+    """To a shard: the listener would refuse a connection from `host` (max_connections_per_address),
+    or from anywhere (`host` None: max_connections). End its connections from `host` (all of them:
+    None) that have hung up, and report (ShardLoad, `recount=token`) now."""
+    host: Any
     token: int
 
 
@@ -244,6 +245,11 @@ class ListenerActor(BrokerActor):
         rather than refusing a client for a moment of load."""
         pairs = [p for p in self.pairs if p]
         if sum(p.load() for p in pairs) >= self.config.max_connections:
+            # as for one host below: one that has just closed no longer counts
+            if not recounted and self._recount(conn, None):
+                return True
+            if recounted:
+                self.refused_at[None] = time.monotonic()
             with conn:
                 self._refuse(conn, f"too many connections (max_connections {self.config.max_connections})")
             return True
@@ -281,9 +287,9 @@ class ListenerActor(BrokerActor):
         return True
 
     def _recount(self, conn, host):
-        """Hold `conn` while the shards counting connections from `host` recount them (their last
-        report may be up to 100 ms old: a connection closed since still counts there); False if
-        it is to be refused at once."""
+        """Hold `conn` while the shards counting connections from `host` (None: from anywhere)
+        recount them (their last report may be up to 100 ms old: a connection closed since still
+        counts there); False if it is to be refused at once."""
         token = self.recounting.get(host)
         if token is not None:   # a recount of that host is under way: wait for it too
             held = self.recounts[token][3]
@@ -293,7 +299,8 @@ class ListenerActor(BrokerActor):
             return True
         if time.monotonic() - self.refused_at.get(host, float("-inf")) < RECOUNT_EVERY_S:
             return False   # refused a moment ago after a recount: a client insisting
-        counting = [index for index, pair in enumerate(self.pairs) if pair is not None and pair.from_host(host)]
+        counting = [index for index, pair in enumerate(self.pairs)
+                    if pair is not None and (pair.load() if host is None else pair.from_host(host))]
         asked = {index for index in counting if self.pairs[index].shard is not None}
         new = set(counting) - asked   # a shard just started: asked once it has reported
         if not counting:

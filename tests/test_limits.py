@@ -5,6 +5,8 @@ a trickled frame (12), many connections without hello (13), SIGTERM during clean
 Memory is asserted only as a generous bound on the broker's process tree (PSS), never a timing."""
 import select
 import signal
+
+import pytest
 import socket
 import struct
 import threading
@@ -74,13 +76,15 @@ def test_connections_per_address(start_broker):
     assert_alive(third)
 
 
-def test_a_connection_its_client_closed_no_longer_counts_for_its_address(start_broker, topic):
-    """--max-connections-per-address 1: a client that closed its connection and reconnected at once
-    got OVERLOADED for ~100 ms, until its shard's next load report told the listener of the close.
-    Now the listener has the shards recount that host before it refuses: every reconnect is
-    accepted at once, and the limit still holds for connections that are open."""
+@pytest.mark.parametrize("limit", ["--max-connections-per-address", "--max-connections"])
+def test_a_connection_its_client_closed_no_longer_counts(start_broker, topic, limit):
+    """A limit of 1: a client that closed its connection and reconnected at once got OVERLOADED
+    for ~100 ms, until its shard's next load report told the listener of the close (per address;
+    the total limit did so until an operability probe). Now the listener has the shards recount
+    before it refuses: every reconnect is accepted at once, and the limit still holds for
+    connections that are open."""
     from tests.test_reliable import producer, receive, send, subscribe
-    b = start_broker("--max-connections-per-address", "1")
+    b = start_broker(limit, "1")
     conn = connect(b)
     for i in range(20):
         if i % 4 == 1:   # one with a producer, and a consumer holding unacknowledged messages
