@@ -753,21 +753,24 @@ class DispatcherActor(BrokerActor):
         self._pump()
 
     def on_CloseAll(self, msg, sender):
+        # The subscription ends (deleted with its topic, unsubscribed, or lost): what its consumers
+        # held unacknowledged is not redelivered here (nor counted as such, nor dead-lettered);
+        # a reliable one restarted after a loss has it from its durable cursor
         for consumer_id in msg.quietly:
-            self._forget(consumer_id, msg.reason)
+            self._forget(consumer_id, msg.reason, requeue=False)
         for consumer_id in list(self.policy.consumers):
-            self._close(consumer_id, msg.reason)
+            self._close(consumer_id, msg.reason, requeue=False)
         if msg.then_tell_topic is not None:
             self._tell_topic_before_the_end(msg.then_tell_topic)
 
-    def _close(self, consumer_id, reason):
+    def _close(self, consumer_id, reason, requeue=True):
         consumer = self.policy.consumers.get(consumer_id)
         if consumer is not None:
             self.send_ordered(consumer.owner, connection.ConsumerEnded(consumer_id, reason, self.node),
                               ("owner", str(consumer.owner)))
-            self._forget(consumer_id, reason)
+            self._forget(consumer_id, reason, requeue=requeue)
 
-    def _forget(self, consumer_id, cause, connection_id=None):
+    def _forget(self, consumer_id, cause, connection_id=None, requeue=True):
         # non_reliable: as _undelivered, no consumer sees ids go backwards
         consumer = self.policy.remove(consumer_id, drop_stale=not self.reliable)
         if self.policy.discarded:
@@ -778,7 +781,7 @@ class DispatcherActor(BrokerActor):
             emit(self, self.events, "consumer_detached", topic=self.topic_name, subscription=self.name,
                  consumer=consumer_id, consumer_name=consumer.name, cause=cause,
                  **({"connection": connection_id} if connection_id is not None else {}))
-        if consumer is not None and self.reliable:
+        if consumer is not None and self.reliable and requeue:
             # its unacknowledged messages go back to the subscription, counted as redelivered
             self._return_unacked(self._unacked_of(consumer_id))
 

@@ -367,6 +367,33 @@ def test_ack_timeout_redelivers(broker, topic):
     assert (again, payload, redeliveries) == (first[0][0], b"x", 1)
 
 
+def test_unsubscribing_redelivers_and_dead_letters_nothing(broker, topic):
+    """A subscription deleted (unsubscribe) while a consumer holds unacknowledged messages: they
+    went back to the ending subscription, counted as redelivered (a `redelivered` event) and, past
+    max_redeliveries, published to the dead-letter topic: a subscription's end dead-lettered its
+    messages (operability probe). They end with it now."""
+    dlq = topic + "-dlq"
+    holder = connect(broker)
+    consumer = subscribe(holder, topic, "s", "shared", "c1", max_redeliveries=1, dead_letter_topic=dlq)
+    send(holder, producer(holder, topic), [b"a", b"b"])
+    offsets = [o for o, _, _ in receive(holder, 2)]
+    holder.request({"op": "nack", "consumer": consumer, "ids": offsets})
+    assert [r for _, _, r in receive(holder, 2)] == [1, 1]   # held again: one more would be past the max
+    other = connect(broker)
+    theirs = subscribe(other, topic, "s", "shared", "c2", credits=0)
+    assert other.request({"op": "unsubscribe", "consumer": theirs})["op"] == "ok"
+    closed = holder.recv_frame(timeout=10)
+    while closed["op"] != "closed":
+        closed = holder.recv_frame(timeout=10)
+    assert closed["reason"] == "unsubscribed"
+    watcher = connect(broker)
+    names = set()
+    deadline = time.monotonic() + 2   # a negative: the dead-letter topic appeared within ms when it did
+    while time.monotonic() < deadline and dlq not in names:
+        names = {t["name"] for t in watcher.request({"op": "topics"})["topics"]}
+    assert dlq not in names
+
+
 def test_dead_letter_after_max_redeliveries(broker, topic):
     dlq = topic + "-dlq"
     conn = connect(broker)
