@@ -266,7 +266,7 @@ class DispatcherActor(BrokerActor):
         elif op == LaneOp.ACK:
             self._ack(lane, frame[1], frame[2], frame[3])
         elif op == LaneOp.NACK:
-            self._nack(frame[2], frame[3])
+            self._nack(frame[1], frame[2], frame[3])
         elif op == LaneOp.DETACH:
             self._detached(frame[1], frame[2] if len(frame) > 2 else None, frame[3] if len(frame) > 3 else None)
         elif op == LaneOp.UNDELIVERED:
@@ -887,10 +887,14 @@ class DispatcherActor(BrokerActor):
         if rid is not None:
             lane.send([LaneOp.REPLY, consumer_id, encode_frame({"op": "ok", "rid": rid}), rid])
 
-    def _nack(self, ids, delay_ms):
+    def _nack(self, consumer_id, ids, delay_ms):
         if not self.reliable:
             return  # non_reliable: nothing is redelivered
-        offsets = [o for o in dict.fromkeys(ids) if o in self.unacked]   # an id given twice counts once
+        # Only what this consumer holds (as in Pulsar): another consumer's nack of a message it is
+        # still working on would have it processed twice. (An ack is for the whole subscription.)
+        # An id given twice counts once.
+        unacked = self.unacked
+        offsets = [o for o in dict.fromkeys(ids) if unacked.get(o, (None,))[0] == consumer_id]
         if not delay_ms:
             self._return_unacked(offsets)
         else:

@@ -367,6 +367,22 @@ def test_ack_timeout_redelivers(broker, topic):
     assert (again, payload, redeliveries) == (first[0][0], b"x", 1)
 
 
+def test_a_nack_redelivers_only_what_that_consumer_holds(broker, topic):
+    """Shared: consumer b's nack of a message consumer a holds (still working on it) redelivered
+    it at once, to be processed twice (a protocol probe; Pulsar nacks a consumer's own messages
+    only). Ignored now; a's own nack redelivers it."""
+    conn = connect(broker)
+    a = subscribe(conn, topic, "s", "shared", "a", credits=1)
+    send(conn, producer(conn, topic), [b"m"])
+    (offset, _, _), = receive(conn, 1)
+    b = subscribe(conn, topic, "s", "shared", "b")
+    conn.send_frame({"op": "flow", "consumer": a, "credits": 10})
+    assert conn.request({"op": "nack", "consumer": b, "ids": [offset]})["op"] == "ok"
+    assert_nothing_more(conn)
+    assert conn.request({"op": "nack", "consumer": a, "ids": [offset]})["op"] == "ok"
+    assert [(o, r) for o, _, r in receive(conn, 1)] == [(offset, 1)]
+
+
 def test_unsubscribing_redelivers_and_dead_letters_nothing(broker, topic):
     """A subscription deleted (unsubscribe) while a consumer holds unacknowledged messages: they
     went back to the ending subscription, counted as redelivered (a `redelivered` event) and, past
