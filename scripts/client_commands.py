@@ -41,8 +41,9 @@ def add_client_commands(subparsers):
                     "times); otherwise send each line of standard input (or of --file) as one "
                     "message. Prints the offsets the messages got.")
     p.add_argument("topic", metavar="TOPIC", help="topic name, /namespace/name")
-    p.add_argument("-m", "--message", help="the message to send (UTF-8 text)")
-    p.add_argument("--file", type=argparse.FileType("rb"), help="send the lines of this file")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("-m", "--message", help="the message to send (UTF-8 text)")
+    source.add_argument("--file", type=argparse.FileType("rb"), help="send the lines of this file")
     p.add_argument("-n", "--count", type=positive_int,
                    help="with -m: how many copies to send (default 1); with lines: send at most this many")
     p.add_argument("--key", help="routing key of every message (key_shared subscriptions)")
@@ -141,6 +142,9 @@ def tls_of(args):
         if any(getattr(args, name) for name in TLS_OPTIONS):
             raise ValueError("the --tls-* options need a tls:// --url")
         return None
+    for option, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path and not os.path.isfile(path):   # a local file, not a connection problem
+            raise ValueError(f"{option} {path}: no such file")
     return TlsOptions(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
                       server_name=args.tls_server_name, check_hostname=not args.tls_no_check_hostname)
 
@@ -231,13 +235,19 @@ def produce(client, args):
     attrs = dict(args.attr) or None
     futures = []
     start = time.monotonic()
-    for payload in payloads(args):
-        if args.rate:   # pace by schedule, not by sleeping a fixed gap: sending takes time too
-            delay = start + len(futures) / args.rate - time.monotonic()
-            if delay > 0:
-                producer.flush()   # what was due before the pause goes out now
-                time.sleep(delay)
-        futures.append(producer.send(payload, key=args.key, attrs=attrs))
+    try:
+        for payload in payloads(args):
+            if args.rate:   # pace by schedule, not by sleeping a fixed gap: sending takes time too
+                delay = start + len(futures) / args.rate - time.monotonic()
+                if delay > 0:
+                    producer.flush()   # what was due before the pause goes out now
+                    time.sleep(delay)
+            futures.append(producer.send(payload, key=args.key, attrs=attrs))
+    except KeyboardInterrupt:   # Ctrl-C: what was sent so far is flushed and said, then exit 130
+        producer.flush(timeout=10)
+        done = sum(1 for f in futures if f.done() and f.exception(0) is None)
+        print(f"interrupted: sent {done} message{'s' * (done != 1)} to {args.topic}", file=sys.stderr)
+        return 130
     producer.flush(timeout=60)
     offsets = [f.result(0) for f in futures]   # raises the error of a refused send
     producer.close()

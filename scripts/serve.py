@@ -74,7 +74,7 @@ def add_serve_command(subparsers):
                         "(receipt once written to the OS, fsync every MS: a machine crash may "
                         "lose the last MS of receipted sends) (default %(default)s)")
     p.add_argument("--segment-bytes", type=positive, default=64 * 1024 * 1024,
-                   help="reliable topics: roll a log segment at this size")
+                   help="reliable topics: roll a log segment at this size (default %(default)s)")
     p.add_argument("--retention-bytes", type=int_between(0, None), default=0,
                    help="reliable topics: keep the log under this size (0: no limit)")
     p.add_argument("--retention-ms", type=int_between(0, None), default=0,
@@ -100,7 +100,8 @@ def add_serve_command(subparsers):
                         "every packet between the broker's Thespian processes; give every host of a "
                         "multi-host convention the same one (default: a new random secret per run, "
                         "kept in memory only)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="the least severe lines broker.log keeps (default %(default)s)")
     add_cluster_options(p)
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="broker.log as text lines, or one JSON object per line with the connection, "
@@ -152,6 +153,8 @@ def limits_of(args):
 def usable_dir(path):
     """Create the folder (new: its owner only; it holds messages and logs); why it cannot serve
     as one (None if it can)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "not a directory"
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as exc:
@@ -176,9 +179,9 @@ def int_between(low, high):
 
 
 def fsync_mode(text):
-    if text in ("always", "group") or (text.startswith("interval:") and text[9:].isdigit()):
+    if text in ("always", "group") or (text.startswith("interval:") and text[9:].isdigit() and int(text[9:]) > 0):
         return text
-    raise ValueError(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: one of 'always', 'group', 'interval:MS' (MS >= 1)")
 
 
 def tls_problem(args):
@@ -187,10 +190,16 @@ def tls_problem(args):
     if not args.tls_cert:
         return "--tls-key and --tls-client-ca need --tls-cert" if args.tls_key or args.tls_client_ca else None
     from actorbroker.transport.tls import server_context
+    for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                         ("--tls-client-ca", args.tls_client_ca)):
+        if path and not os.path.isfile(path):
+            return f"{option} {path}: no such file"
     try:
         server_context(args.tls_cert, args.tls_key, args.tls_client_ca)
     except (OSError, ValueError) as exc:
-        return f"cannot use the TLS certificate: {exc}"
+        hint = "" if args.tls_key else (" (no --tls-key: the private key must then be in the --tls-cert file, "
+                                        "after the certificate)")
+        return f"cannot use the TLS certificate {args.tls_cert}: {exc}{hint}"
     return None
 
 
@@ -331,7 +340,8 @@ def _serve(args, config, admin_port, data_dir, secret, files, stop, guard):
             say(f"client port on TLS{' (mutual: client certificates required)' if config.tls_client_ca else ''}",
                   file=sys.stderr, flush=True)
         say(f"open files limit {files}: about {connections_allowed(files, config)} client "
-              f"connections per shard, {config.io_shards} shards", file=sys.stderr, flush=True)
+              f"connections per shard, {config.io_shards} shard{'s' * (config.io_shards != 1)}",
+              file=sys.stderr, flush=True)
         lost, lost_pids = watch_system(system, root, reply.admin_pid, stop)
         if lost:
             system = None

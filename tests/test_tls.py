@@ -125,7 +125,9 @@ def test_cli_over_tls(start_broker, certs, topic):
 
 
 def test_serve_refuses_tls_options_it_cannot_use_before_starting_anything(tmp_path, certs):
-    for options, why in [(["--tls-cert", str(tmp_path / "missing.pem")], "cannot use the TLS certificate"),
+    missing = str(tmp_path / "missing.pem")
+    for options, why in [(["--tls-cert", missing], f"--tls-cert {missing}: no such file"),
+                         (["--tls-cert", certs.server_cert], "the private key must then be in the --tls-cert"),
                          (["--tls-cert", certs.server_cert, "--tls-key", certs.rogue_server_key],
                           "cannot use the TLS certificate"),        # a key of another certificate
                          (["--tls-key", certs.server_key], "need --tls-cert")]:
