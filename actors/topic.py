@@ -31,6 +31,7 @@ from actorbroker.actors import broker, connection, dispatcher, log as log_actor,
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import ForgetSeries
+from actorbroker.actors.starting import Starting
 from actorbroker.actors.system import thespian_waits
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import RUN_COUNT, RUN_PAYLOADS, RUN_TIME
@@ -45,14 +46,6 @@ PENDING_FLOOR = 1024                 # records, whatever --max-backlog (the disp
 PENDING_MAX_BYTES = 16 * 1024 * 1024 # and a DISPATCH frame stays well below MAX_LANE_FRAME
 PRODUCER_NAME_MAX_BYTES = 255   # the name is copied into every record: it must not amplify a send
 GATHER_TIMEOUT = timedelta(seconds=5)
-# Subscriptions being started (two processes each, forked by this topic one after the other): a
-# subscribe that would start one more than can start within START_WITHIN of the request deadline
-# gets OVERLOADED at once, instead of INTERNAL at the deadline (with what it opened closed again).
-# The pace is measured: the interval between two starts that end back to back, and at least the
-# time the forks themselves take here (which holds up everything else this topic does).
-START_WITHIN = 0.25
-START_INTERVAL_GUESS_S = 0.25   # before a burst was measured (4 a second; 10-30 on 2 idle cores)
-START_LIMIT_FLOOR = 8
 # Subscribes passed on to a subscription are remembered this long (see _Sub.forwarded); when it
 # dies, those it had (not coming back as undeliverable within LOST_ANSWER_AFTER) are answered
 FORWARDED_MEMORY_S = 10.0
@@ -274,10 +267,7 @@ class TopicActor(BrokerActor):
         self.claim_live = None
         self.incarnation = ""
         self.incarnations = 0      # subscription pairs created so far
-        self.starting = {}         # subscription name -> incarnation: created, its dispatcher not ready yet
-        self.start_interval = START_INTERVAL_GUESS_S   # seconds between starts ending back to back
-        self.fork_time = 0.0       # seconds the two createActor calls of a subscription take here
-        self.last_started = None   # when the last one ended (time.monotonic())
+        self.starting = Starting()   # subscription name -> incarnation: its dispatcher not ready yet
         self.producer_checks = {}  # ConnectionActor address (str) -> (address, [producer ids opened])
         self.lost_requests = []    # [(subscription name, Subscribe)] passed to one that died since
         self.rehandled = {}        # id -> Subscribe: of those, the ones that came back undelivered
@@ -457,7 +447,7 @@ class TopicActor(BrokerActor):
                   "restarting it from its cursor" if self.log is not None else "ending it",
                   extra={"topic": self.name, "subscription": name})
         self.subs.pop(name)
-        self.starting.pop(name, None)
+        self.starting.forget(name)
         self.send_ordered(sub.dispatcher, dispatcher.CloseAll("subscription_lost", None), ("dispatcher", name))
         self.send(sub.subscription, ActorExitRequest())
         self.send(sub.dispatcher, ActorExitRequest())
@@ -749,7 +739,7 @@ class TopicActor(BrokerActor):
         began = time.monotonic()
         sub_address = self.createActor("actorbroker.actors.subscription.SubscriptionActor")
         dispatcher_address = self.createActor("actorbroker.actors.dispatcher.DispatcherActor")
-        self.fork_time = 0.8 * self.fork_time + 0.2 * (time.monotonic() - began)
+        forked = time.monotonic() - began
         self.forget_ordered(("dispatcher", name))
         self.forget_ordered(("subscription", name))
         self.incarnations += 1
@@ -768,26 +758,11 @@ class TopicActor(BrokerActor):
             self.name, name, sub_type, self.dispatch, dispatcher_address), ("subscription", name))
         sub = self.subs[name] = _Sub(sub_type, sub_address, dispatcher_address,
                                      incarnation=self.incarnations)
-        self.starting[name] = self.incarnations
+        self.starting.begin(name, self.incarnations, forked)
         return sub
 
-    def _started(self, name, incarnation):
-        if self.starting.get(name) != incarnation:
-            return
-        del self.starting[name]
-        now = time.monotonic()
-        if self.starting and self.last_started is not None:   # in a burst: that is the pace
-            self.start_interval = 0.8 * self.start_interval + 0.2 * (now - self.last_started)
-        self.last_started = now
-
-    def _start_limit(self):
-        """How many subscriptions may be starting at once: as many as start, at the measured
-        pace, within START_WITHIN of the request deadline."""
-        budget = START_WITHIN * self.config.request_deadline_ms / 1000.0
-        return max(START_LIMIT_FLOOR, int(budget / max(self.start_interval, self.fork_time, 1e-3)))
-
     def on_DispatcherReady(self, msg, sender):
-        self._started(msg.subscription, msg.incarnation)
+        self.starting.done(msg.subscription, msg.incarnation)
         sub = self.subs.get(msg.subscription)
         if sub is None or sub.incarnation != msg.incarnation or sub.lane is not None:
             return
@@ -813,11 +788,9 @@ class TopicActor(BrokerActor):
                 f"topic {self.name} has {len(self.subs)} subscriptions "
                 f"(max_subscriptions_per_topic {self.config.max_subscriptions_per_topic})")))
             return
-        if sub is None and len(self.starting) >= self._start_limit():
+        if sub is None and self.starting.full(self.config.request_deadline_ms):   # (actors/starting.py)
             self.send(msg.reply_to, connection.RequestFailed(msg.rid, E.OVERLOADED, (
-                f"topic {self.name} is starting {len(self.starting)} subscriptions (each is two "
-                f"processes, about {1 / max(self.start_interval, self.fork_time, 1e-3):.1f} a second "
-                "here); subscribe again in a few seconds")))
+                f"topic {self.name}: " + self.starting.refusal("subscriptions (two processes each)"))))
             return
         if sub is None:
             sub = self._create_subscription(msg.subscription, msg.type, None, msg.start, msg.options)
@@ -866,7 +839,7 @@ class TopicActor(BrokerActor):
 
     def _drop_subscription(self, name):
         sub = self.subs.pop(name, None)
-        self.starting.pop(name, None)
+        self.starting.forget(name)
         if sub is not None and self.log is not None:
             self.send_ordered(self.log, log_actor.DeleteCursor(name), "log")
         if sub is not None:   # its lane ends when the dispatcher exits
