@@ -372,7 +372,11 @@ def ring_hash(text):
 
 class KeySharedPolicy(SharedPolicy):
     """Same key, same consumer, by consistent hashing of keys onto consumer names; a consumer
-    that comes or goes moves only its own share of keys. Keyless messages go round-robin.
+    that comes or goes moves only its own share of keys. Keyless messages go round-robin, into
+    the same per-consumer queues as they arrive, so that each consumer gets its messages, keyed
+    and keyless, in offset order. (Given only the credit the keyed queues left, keyless messages
+    waited behind the whole keyed backlog, a redelivered one 800 places late, and a consumer got
+    keyed messages before older keyless ones: an ordering probe.)
 
     Reliable subscriptions keep each key in order across such a move (the dispatcher reports
     what is delivered and not acknowledged: hold() / release()): a key that moved to a consumer
@@ -392,7 +396,8 @@ class KeySharedPolicy(SharedPolicy):
         self.ring_changes = []  # (consumer id, its points, joined) not applied yet; None: too many
         self.ring_stale = False   # consumers came or went since records were last routed
         self.joined = False     # ... and some came: queued records may have to move
-        self.queues = {}        # consumer id -> deque of its keyed records (emptied ones dropped)
+        self.queues = {}        # consumer id -> deque of its records (emptied ones dropped)
+        self.keyless_turn = deque()   # consumer ids in round-robin order (gone ones dropped lazily)
         self.unowned = deque()  # keyed records with no owner yet: no consumer, or a stale ring
         self.holding = {}       # key -> {consumer id: its records of that key delivered, unacked}
         self._draining = set()  # keys held unacked by a consumer that no longer owns them
@@ -458,17 +463,21 @@ class KeySharedPolicy(SharedPolicy):
             return found
         moved = list(self.unowned)
         self.unowned.clear()
-        if self.joined:
+        if self.joined:   # (a keyless record stays where it is)
             for cid, queue in list(self.queues.items()):
-                if any(owner(record) != cid for record in queue):
+                if any(run_key(record) is not None and owner(record) != cid for record in queue):
                     stay = deque()
                     for record in queue:
-                        (stay if owner(record) == cid else moved).append(record)
+                        (stay if run_key(record) is None or owner(record) == cid else moved).append(record)
                     self.queues[cid] = stay
             self.joined = False
         moved.sort(key=lambda r: r[0])
+        by_owner = {}
         for record in moved:
-            self.queues.setdefault(owner(record), deque()).append(record)
+            cid = owner(record) if run_key(record) is not None else self._next_keyless()
+            by_owner.setdefault(cid, []).append(record)
+        for cid, records in by_owner.items():   # in offset order with what it has (keyless too)
+            merge_front(self.queues.setdefault(cid, deque()), records)
         if self.holding:   # (the leaver's own holdings are released as they are redelivered)
             self._draining = {key for key in self.holding if self._drains(key)}
 
@@ -496,8 +505,19 @@ class KeySharedPolicy(SharedPolicy):
             if len(self.ring_changes) > RING_REBUILD_AFTER:   # (None: rebuild it whole)
                 self.ring_changes = None
 
+    def _next_keyless(self):
+        """The consumer whose turn it is for a keyless record (None: there is none)."""
+        turn = self.keyless_turn
+        while turn:
+            cid = turn.popleft()
+            if cid in self.consumers:
+                turn.append(cid)
+                return cid
+        return None
+
     def add(self, consumer):
         super().add(consumer)
+        self.keyless_turn.append(consumer.id)
         self.vnodes[consumer.id] = [ring_hash(f"{consumer.name}#{i}") for i in range(VIRTUAL_NODES)]
         self._ring_change((consumer.id, self.vnodes[consumer.id], True))
         self.ring_stale = self.joined = True
@@ -525,21 +545,15 @@ class KeySharedPolicy(SharedPolicy):
 
     def enqueue(self, records):
         for record in (one for run in records for one in explode_run(run)):
-            if run_key(record) is None:
-                self.backlog.append(record)
-            else:
-                self._queue_keyed(record)
+            self._queue_keyed(record)
 
     def requeue(self, records):
         self._ensure_ring(now=True)
         by_queue = {}
         for record in (one for run in records for one in explode_run(run)):
             key = run_key(record)
-            if key is None:
-                queue = self.backlog
-            else:
-                owner = self._owner_of(key)
-                queue = self.unowned if owner is None else self.queues.setdefault(owner, deque())
+            owner = self._owner_of(key) if key is not None else self._next_keyless()
+            queue = self.unowned if owner is None else self.queues.setdefault(owner, deque())
             by_queue.setdefault(id(queue), (queue, []))[1].append(record)
         for queue, queued in by_queue.values():
             merge_front(queue, queued)
@@ -556,7 +570,8 @@ class KeySharedPolicy(SharedPolicy):
         max(queues, key=lambda q: q[-1][0]).pop()
 
     def _queue_keyed(self, record):
-        owner = None if self.ring_stale else self._owner_of(run_key(record))
+        key = run_key(record)
+        owner = None if self.ring_stale else (self._owner_of(key) if key is not None else self._next_keyless())
         if owner is None:
             self.unowned.append(record)
         else:
@@ -583,9 +598,12 @@ class KeySharedPolicy(SharedPolicy):
                     consumer.took(len(batch))
                 if not queue:
                     del self.queues[cid]
-        # keyless records round-robin over the credit that is left (still one batch each)
+        # keyless records reserved for a consumer that took a name's place (reserve), over the
+        # credit that is left (still one batch each)
         for consumer, records in super().take(spent):
-            batches.setdefault(consumer, []).extend(records)
+            batch = batches.setdefault(consumer, [])
+            batch.extend(records)
+            batch.sort(key=lambda record: record[0])
         return list(batches.items())
 
     def _undrained(self, queue, n, limit):

@@ -169,6 +169,32 @@ def test_key_shared_keyless_messages_round_robin():
     assert sorted(len(v) for v in got.values()) == [3, 3]
 
 
+def test_key_shared_keyed_and_keyless_reach_each_consumer_in_offset_order():
+    """Keyless records took only the credit the keyed queues left: one consumer given ids 0-9
+    (the even ones keyless) got 1, 3, 5, 7, 9, then 0, 2, 4, 6, 8; with a keyed backlog larger
+    than the credits, keyless records (redelivered ones too) waited behind all of it."""
+    policy = make_policy("key_shared", 100000)
+    a = policy.add(consumer(1, credits=10))
+    policy.enqueue([rec(i, None if i % 2 == 0 else f"k{i % 7}") for i in range(10)])
+    assert deliver(policy) == {1: list(range(10))}
+    # a keyed backlog of 1,000 and credit for 50 at a time: keyless ones go in their turn
+    policy.add(consumer(2, credits=0))
+    policy.enqueue([rec(i, None if i % 5 == 0 else f"k{i % 13}") for i in range(10, 1010)])
+    policy.requeue([rec(4), rec(2)])   # keyless, put back (their consumer left, say)
+    seen = {1: [], 2: []}
+    for _ in range(10):
+        for c in policy.consumers.values():
+            c.credits += 25
+        for cid, ids in deliver(policy).items():
+            seen[cid].extend(ids)
+    for ids in seen.values():
+        assert ids == sorted(ids)   # each consumer: in offset order
+    first_batch = seen[1][:25] + seen[2][:25]
+    assert 2 in first_batch and 4 in first_batch   # the put-back keyless ones: first, not last
+    keyless = [i for ids in seen.values() for i in ids if i % 5 == 0 and i >= 10]
+    assert keyless and max(keyless) > 400   # keyless ones flow with the keyed ones, not after them
+
+
 def test_key_shared_consumers_coming_and_going_in_bursts_keep_each_key_in_order():
     """Joins and leaves between deliveries, one at a time and in bursts larger than the ring's
     point-by-point limit, with records queued meanwhile: every key's records reach consumers
