@@ -93,10 +93,25 @@ class CloseProducer:
 @dataclass(frozen=True)
 class Publish:
     """Sends not from a client (dead letters): [[rid, count, payloads, keys, attrs, payload bytes]]
-    (the fields of a run: transport/codec.py). Clients' sends come over lanes."""
+    (the fields of a run: transport/codec.py). Clients' sends come over lanes. With `reply_to`,
+    it is told `dispatcher.DeadLettered(token, ok)` once they are receipted (durable) or refused."""
     producer_id: int
     producer_name: str
     sends: list
+    reply_to: Any = None
+    token: Any = None
+
+
+class _PublishReply:
+    """Where a lane would be in the receipt path of a Publish with a `reply_to`: its receipt or
+    refusal goes to that actor as a Thespian message."""
+    closed = False
+
+    def __init__(self, actor, address, token):
+        self.actor, self.address, self.token = actor, address, token
+
+    def send(self, frame):   # [RECEIPTS, producer id, receipts, errors]
+        self.actor.send(self.address, dispatcher.DeadLettered(self.token, bool(frame[2]) and not frame[3]))
 
 
 @dataclass(frozen=True)
@@ -596,7 +611,8 @@ class TopicActor(BrokerActor):
 
     # --- the record path ----------------------------------------------------------------------------
     def on_Publish(self, msg, sender):
-        self._publish(None, msg.producer_id, msg.producer_name, msg.sends)
+        reply = _PublishReply(self, msg.reply_to, msg.token) if msg.reply_to is not None else None
+        self._publish(reply, msg.producer_id, msg.producer_name, msg.sends)
 
     def _runs(self, producer_name, sends, now):
         """Number the sends: (runs, receipts); a run per send, nothing per record."""

@@ -410,6 +410,38 @@ def test_unsubscribing_redelivers_and_dead_letters_nothing(broker, topic):
     assert dlq not in names
 
 
+def test_messages_dead_lettered_as_the_broker_stops_are_in_one_place_or_the_other(start_broker, tmp_path, topic):
+    """max_redeliveries 0: what a consumer holds unacknowledged when serve gets SIGTERM is
+    dead-lettered as the stop detaches it. Each was acked on the subscription as its dead letter
+    went out, before the dead-letter topic had stored it: 4-15 of 300 were then in neither place
+    after the restart (a restart probe). A dead letter is acked once receipted now; after the
+    restart every message is on the dead-letter topic, back on the subscription, or both."""
+    data, dlq = tmp_path / "data", topic + "-dlq"
+    b = start_broker(data_dir=data)
+    conn = connect(b)
+    subscribe(conn, dlq, "audit", "exclusive", credits=0)   # the dead-letter topic exists
+    subscribe(conn, topic, "w", "shared", "holder", credits=1000, max_unacked=1000, max_redeliveries=0,
+              dead_letter_topic=dlq)
+    pid = producer(conn, topic)
+    for i in range(6):
+        send(conn, pid, [b"%d-%d" % (i, j) for j in range(50)])
+    held = {p for _, p, _ in receive(conn, 300)}
+    b.stop()   # SIGTERM, with the 300 held
+    b2 = start_broker(data_dir=data)
+
+    def drain(name, sub, **options):
+        conn = connect(b2)
+        subscribe(conn, name, sub, "shared", "after", credits=1000, max_unacked=1000, **options)
+        stats = wait_for(lambda: connect(b2).request({"op": "stats", "topic": name}),
+                         lambda s: any(x["name"] == sub and x["consumers"] for x in s["subscriptions"]))
+        entry = [x for x in stats["subscriptions"] if x["name"] == sub][0]
+        count = entry["backlog"] + sum(c["unacked"] for c in entry["consumers"])
+        return {p for _, p, _ in receive(conn, count)} if count else set()
+    back = drain(topic, "w")
+    dead = drain(dlq, "check", start="earliest")
+    assert len(held) == 300 and held - back - dead == set()
+
+
 def test_dead_letter_after_max_redeliveries(broker, topic):
     dlq = topic + "-dlq"
     conn = connect(broker)
