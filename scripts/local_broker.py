@@ -29,7 +29,7 @@ class LocalBroker:
 
     def __init__(self, data_dir, *options, prefix=()):
         """prefix: a command that execs serve in place (e.g. `ip netns exec NAME`): the pid stays."""
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()   # serve runs in the repo's folder: never relative to it
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.stderr = open(self.data_dir / "serve.stderr", "wb")
         self.proc = subprocess.Popen(
