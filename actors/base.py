@@ -86,10 +86,6 @@ _DROP_CHANNELS = "actorbroker-drop-channels"
 # dead for good). After any ChildActorExited it looks again, these long after.
 _RECHECK_CHILDREN = "actorbroker-recheck-children"
 RECHECK_CHILDREN_AFTER = (timedelta(milliseconds=100), timedelta(seconds=1))
-# A child killed while it starts (its address still local) is never reported at all, and what was
-# sent to it waits for good (measured: a SubscriptionActor killed 20 ms after the topic created
-# it; its subscribe got INTERNAL at the request deadline). After createActor: a look, these long after.
-STARTUP_CHECK_AFTER = (timedelta(seconds=1), timedelta(seconds=5))
 EXIT_WITHIN_S = 5.0   # an actor process still there this long after its ActorExitRequest ends itself
 
 
@@ -244,11 +240,6 @@ class BrokerActor(Actor):
                 self._rechecks_due.add(delay)
                 self.wakeupAfter(delay, payload=(_RECHECK_CHILDREN, delay))
 
-    def createActor(self, *args, **kwargs):
-        address = super().createActor(*args, **kwargs)
-        self._check_children_after(STARTUP_CHECK_AFTER)   # (see STARTUP_CHECK_AFTER)
-        return address
-
     def _arm_exit_deadline(self):
         """Thespian ends an exiting actor only once every child has reported its exit, and waits
         for that without limit; a child whose end it never saw (children ending together send one
@@ -279,7 +270,11 @@ class BrokerActor(Actor):
             return
         # (addresses are not hashable; their str is: comparing every known child with every live
         # one made each exit's check quadratic: 300 topics deleted took 44 s, the root stalled)
+        # a child is known by the address createActor gave (local until it started) or by the one
+        # it has since (Thespian's childRealAddr): either may be what an actor kept, and a live
+        # child taken for a dead one has its subscription restarted under its consumers
         live = {str(child.childAddr) for child in procs}
+        live.update(str(child.childRealAddr) for child in procs if hasattr(child, "childRealAddr"))
         for address in self.known_children():
             if address is not None and str(address) not in live:
                 log.warning("%s: child %s is gone and was not reported; handling its exit now",

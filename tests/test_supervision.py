@@ -778,41 +778,6 @@ def test_a_subscribe_that_meets_a_just_killed_subscription_process_is_answered(s
         assert newcomer.closed_reason is None
 
 
-def test_a_subscribe_whose_new_subscription_process_is_killed_as_it_starts_is_answered(
-        start_broker, closing, topic):
-    """A subscribe to a new subscription: the topic forks its two processes; kill -9 of the first
-    the moment it appears. Thespian never reports the death of a child that had not started (its
-    address still local), and the subscribe passed on to it waited for the request deadline
-    (INTERNAL, 30 s). It is answered long before that now (the deadline here: 120 s)."""
-    b = start_broker("--request-deadline-ms", "120000")
-    client = closing(Client(*b.address, heartbeat_ms=SLOW_HEARTBEAT))
-    client.producer(topic, dispatch="reliable").close()
-    (topic_pid,) = processes_of_kind(b, "ab-topic")
-
-    def children():
-        try:
-            with open(f"/proc/{topic_pid}/task/{topic_pid}/children") as f:
-                return [int(p) for p in f.read().split()]
-        except OSError:
-            return []
-    for i in range(4):
-        before = set(children())
-        result = {}
-
-        def subscribe():
-            try:
-                result["consumer"] = client.subscribe(topic, f"s{i}", "exclusive", "c", timeout=30)
-            except Exception as exc:   # any answer will do, but an answer
-                result["error"] = exc
-        thread = threading.Thread(target=subscribe)
-        thread.start()
-        new = wait_for(lambda: [p for p in children() if p not in before], bool, timeout=FEW_S, interval=0.0002)
-        os.kill(min(new), signal.SIGKILL)   # the SubscriptionActor: forked first
-        thread.join(60)
-        assert result, "no answer"
-        assert not isinstance(result.get("error"), TimeoutError), f"subscribe {i}: no answer within 30 s"
-
-
 # --- log ----------------------------------------------------------------------------------------
 
 def test_kill_of_the_log_loses_no_receipted_message(start_broker, closing, topic):
