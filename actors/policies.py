@@ -525,6 +525,9 @@ class KeySharedPolicy(SharedPolicy):
 
     def remove(self, consumer_id, drop_stale=False):
         consumer = super().remove(consumer_id, drop_stale)
+        if len(self.keyless_turn) > 2 * len(self.consumers) + 16:   # gone ones, dropped lazily:
+            # (consumers coming and going with no keyless record to take turns for)
+            self.keyless_turn = deque(cid for cid in self.keyless_turn if cid in self.consumers)
         points = self.vnodes.pop(consumer_id, None)
         if points is not None:
             self._ring_change((consumer_id, points, False))

@@ -259,3 +259,13 @@ def test_records_put_back_one_at_a_time_go_out_in_offset_order():
                 policy.requeue([rec(offset, key)])
             policy.consumers[1].credits = 100
             assert deliver(policy) == {1: list(range(9))}, (kind, key)
+
+
+def test_key_shared_consumers_that_come_and_go_leave_no_turns_behind():
+    policy = make_policy("key_shared", 1000)
+    for round_ in range(20):
+        for i in range(50):
+            policy.add(consumer(round_ * 100 + i))
+        for i in range(50):
+            policy.remove(round_ * 100 + i)
+    assert len(policy.keyless_turn) <= 16
