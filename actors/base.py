@@ -199,7 +199,10 @@ class BrokerActor(Actor):
             self._children_missing()
             return self.watch()
         if isinstance(msg, ChildActorExited):
-            self._check_children_after(RECHECK_CHILDREN_AFTER)
+            for delay in RECHECK_CHILDREN_AFTER:   # one of each pending: a burst of exits, one check
+                if delay not in self._rechecks_due:
+                    self._rechecks_due.add(delay)
+                    self.wakeupAfter(delay, payload=(_RECHECK_CHILDREN, delay))
             self._sender_gone(msg.childAddress)
         if isinstance(msg, WakeupMessage) and isinstance(msg.payload, tuple) and msg.payload[0] == _DROP_CHANNELS:
             for channel in msg.payload[1]:
@@ -233,12 +236,6 @@ class BrokerActor(Actor):
             # an exiting actor gets no wakeup: what waits to gather more must go now
             self._flush_outbox(force=isinstance(msg, ActorExitRequest))
         return self.watch()
-
-    def _check_children_after(self, delays):
-        for delay in delays:   # one of each pending: a burst of exits (or creations), one check
-            if delay not in self._rechecks_due:
-                self._rechecks_due.add(delay)
-                self.wakeupAfter(delay, payload=(_RECHECK_CHILDREN, delay))
 
     def _arm_exit_deadline(self):
         """Thespian ends an exiting actor only once every child has reported its exit, and waits

@@ -398,7 +398,7 @@ class KeySharedPolicy(SharedPolicy):
         self.joined = False     # ... and some came: queued records may have to move
         self.queues = {}        # consumer id -> deque of its records (emptied ones dropped)
         self.keyless_turn = deque()   # consumer ids in round-robin order (gone ones dropped lazily)
-        self.unowned = deque()  # keyed records with no owner yet: no consumer, or a stale ring
+        self.unowned = deque()  # records with no owner yet: no consumer, or a stale ring
         self.holding = {}       # key -> {consumer id: its records of that key delivered, unacked}
         self._draining = set()  # keys held unacked by a consumer that no longer owns them
 
@@ -548,7 +548,7 @@ class KeySharedPolicy(SharedPolicy):
 
     def enqueue(self, records):
         for record in (one for run in records for one in explode_run(run)):
-            self._queue_keyed(record)
+            self._route(record)
 
     def requeue(self, records):
         self._ensure_ring(now=True)
@@ -572,7 +572,7 @@ class KeySharedPolicy(SharedPolicy):
         queues = [q for q in (self.backlog, self.unowned, *self.queues.values(), *self.assigned.values()) if q]
         max(queues, key=lambda q: q[-1][0]).pop()
 
-    def _queue_keyed(self, record):
+    def _route(self, record):
         key = run_key(record)
         owner = None if self.ring_stale else (self._owner_of(key) if key is not None else self._next_keyless())
         if owner is None:

@@ -1050,8 +1050,9 @@ class ShardActor(BrokerActor):
 
     def on_RecountHost(self, msg, sender):
         """The listener would refuse a connection from this host (max_connections_per_address; or
-        from any, host None: max_connections), maybe counting one that has just closed: those of its connections that have hung up, their
-        EOF not read yet, are read to their end now, and the count goes to the listener at once."""
+        from any, host None: max_connections), maybe counting one that has just closed: those of
+        its connections that have hung up, their EOF not read yet, are read to their end now, and
+        the count goes to the listener at once."""
         for client in [c for c in self.clients.values() if msg.host is None or c.address == msg.host]:
             for _ in range(64):   # a read takes at most MAX_READ_PER_EVENT
                 if client.state == "closed" or not hung_up(client.sock):

@@ -21,6 +21,7 @@ or send that needs it tries the open again (one try in flight at a time), so the
 again once the cause is gone, without a restart.
 """
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -225,7 +226,7 @@ class _Sub:
     last_stats: Any = None   # its dispatcher's last stats answer
     # (time.monotonic(), Subscribe) passed on to it within FORWARDED_MEMORY_S: if it dies, those
     # not answered yet are answered (see _subscription_lost)
-    forwarded: list = field(default_factory=list)
+    forwarded: deque = field(default_factory=deque)
 
 
 class TopicActor(BrokerActor):
@@ -819,7 +820,7 @@ class TopicActor(BrokerActor):
         now = time.monotonic()
         horizon = now - FORWARDED_MEMORY_S
         while sub.forwarded and sub.forwarded[0][0] < horizon:
-            sub.forwarded.pop(0)
+            sub.forwarded.popleft()
         sub.forwarded.append((now, msg))
 
     def on_SubscribeAgain(self, msg, sender):
