@@ -171,3 +171,58 @@ def test_an_async_subscribe_that_timed_out_or_was_cancelled_is_closed_when_its_r
             third = await client.subscribe(topic, "ex", "exclusive", "third")
             assert third.name == "third"
     run(scenario())
+
+
+def test_an_on_active_callback_that_raises_leaves_the_connection_and_its_consumers_alone(broker, topic, caplog):
+    """A bug in the user's on_active (here a ValueError) was taken for a failure of the
+    connection: subscribe raised ConnectionLost and every producer and consumer of the client
+    ended (with reconnect: a reconnect on each call, without end). It is logged instead."""
+    def bad(consumer, active):
+        raise ValueError("bug in my on_active")
+
+    with Client(*broker.address) as client:
+        other = client.subscribe(topic, "other", "shared", "w")
+        failover = client.subscribe(topic, "fo", "failover", "a", on_active=bad)
+        producer = client.producer(topic)
+        producer.send_sync(b"still here")
+        assert other.receive(timeout=10).payload == b"still here"
+        assert failover.receive(timeout=10).payload == b"still here"
+        assert client.connected
+    assert any("bug in my on_active" in r.getMessage() or (r.exc_info and "bug in my on_active" in str(r.exc_info[1]))
+               for r in caplog.records)
+
+    async def scenario():
+        async with await AsyncClient.connect(*broker.address) as client:
+            other = await client.subscribe(topic, "other2", "shared", "w")
+            failover = await client.subscribe(topic, "fo2", "failover", "a", on_active=bad)
+            producer = await client.producer(topic)
+            await producer.send_sync(b"here too")
+            assert (await other.receive(timeout=10)).payload == b"here too"
+            assert (await failover.receive(timeout=10)).payload == b"here too"
+            assert client.connected
+    run(scenario())
+
+
+def test_a_payload_that_is_not_bytes_str_or_a_buffer_is_a_type_error(broker, topic):
+    """send(12345) published 12,345 zero bytes (bytes(int)), send([1, 2]) b'\\x01\\x02'."""
+    import array
+    with Client(*broker.address) as client:
+        consumer = client.subscribe(topic, "s", "exclusive", "c")
+        producer = client.producer(topic)
+        for wrong in (12345, [1, 2], None, 1.5, {"a": 1}):
+            with pytest.raises(TypeError):
+                producer.send(wrong)
+            with pytest.raises(TypeError):
+                producer.send(wrong, key="k")
+        for right in (b"b", "s", bytearray(b"ba"), memoryview(b"mv"), array.array("B", [1, 2])):
+            producer.send(right)
+        producer.flush()
+        got = [consumer.receive(timeout=10).payload for _ in range(5)]
+        assert got == [b"b", b"s", b"ba", b"mv", b"\x01\x02"]
+
+    async def scenario():
+        async with await AsyncClient.connect(*broker.address) as client:
+            producer = await client.producer(topic)
+            with pytest.raises(TypeError):
+                await producer.send(12345)
+    run(scenario())

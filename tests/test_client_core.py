@@ -455,3 +455,39 @@ def test_send_frames_pack_like_the_protocol_says():
     batch.add(*producer._record("é", "k", {"x": "y"}))
     body = core.send_request(producer, batch)[4:]
     assert msgpack.unpackb(body)["msgs"] == [{"payload": "é".encode(), "key": "k", "attrs": {"x": "y"}}]
+
+
+def test_an_on_active_callback_that_raises_is_logged_and_the_events_after_it_still_happen(caplog):
+    """The reply to the subscribe came after the `active` push in one read: the callback's
+    exception left the reply unsettled and abandoned the connection."""
+    core = ClientCore("me")
+    frame, make = open_consumer(core, Consumer, "/a/b", "s", "failover", "c", 4, True,
+                                lambda consumer, active: 1 / 0, {})
+    rid, _ = core.request(frame, "w", make, "consumer")
+    io = IO()
+    with caplog.at_level(logging.ERROR, logger="actorbroker.client"):
+        dispatch(feed(core, {"op": "active", "consumer": 9, "active": True},
+                      {"op": "subscribed", "rid": rid, "consumer": 9}), io)
+    [(waiter, consumer, error)] = io.settled
+    assert waiter == "w" and error is None and consumer.active is True
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+
+
+def test_a_reopen_lost_with_its_connection_keeps_the_object_once():
+    """The loss put the (attached) consumer among the detached ones, then its reopen's failure did
+    again: the next connection subscribed it twice, and the second replaced the first."""
+    core = ClientCore("me")
+    _, consumer = open_(core, "consumer", {"op": "subscribed", "consumer": 9})
+    core.connection_lost(E.ConnectionLost("gone"), keep=True)
+    assert core.detached == [consumer]
+    assert core.reopen_failed(consumer, E.ConnectionLost("gone again")) is False
+    assert core.take_detached() == [consumer]
+
+
+def test_payloads_are_bytes_str_or_buffers():
+    from actorbroker.transport.client.core import record_for
+    assert record_for(bytearray(b"ab"))[0]["payload"] == b"ab"
+    assert record_for(memoryview(b"cd"), key="k")[0]["payload"] == b"cd"
+    for wrong in (3, [1, 2], None, 2.5, {"x": 1}):
+        with pytest.raises(TypeError):
+            record_for(wrong)

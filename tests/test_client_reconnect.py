@@ -208,6 +208,43 @@ def test_a_sync_sender_blocked_on_a_broker_that_stopped_reading_gets_connection_
     client.close(timeout=1)
 
 
+def test_no_sync_send_blocks_longer_than_two_heartbeats_on_a_broker_that_stopped_reading(frozen, topic):
+    """Messages large enough to fill the socket: a frozen broker's socket still takes a little now
+    and then, and each bit restarted the wait of sendall (one send blocked 30 s with heartbeats of
+    5 s), while the heartbeat's thread waited for the sender's lock and never declared the loss."""
+    import time
+    broker, freeze = frozen
+    client = Client(broker.host, broker.port, heartbeat_ms=500)
+    producer = client.producer(topic, max_pending=50, linger_ms=1)
+    producer.send_sync(b"warm")
+    consumer = client.subscribe(topic, "s", "shared", "r")
+    received = []
+
+    def receive():
+        try:
+            consumer.receive()
+        except ConnectionLost as exc:
+            received.append(time.monotonic())
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    freeze()
+    start = time.monotonic()
+    longest = 0.0
+    with pytest.raises(ConnectionLost):
+        for _ in range(10_000):
+            began = time.monotonic()
+            try:
+                producer.send(b"y" * 100_000)
+            finally:
+                longest = max(longest, time.monotonic() - began)
+    ended = time.monotonic() - start
+    receiver.join(10)
+    # two heartbeats are 1 s; the old code took 3 s and more (each partial write waited 1 s anew)
+    assert longest < 2.5 and ended < 2.5, (longest, ended)
+    assert received and received[0] - start < 3.0
+    client.close(timeout=1)
+
+
 def test_an_async_sender_blocked_on_a_broker_that_stopped_reading_gets_connection_lost(frozen, topic):
     broker, freeze = frozen
 

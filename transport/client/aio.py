@@ -16,7 +16,7 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HEARTBEAT_MS, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore,
-    ConsumerCore, Message, ProducerCore, Reconnect, dispatch, hello_frame, open_consumer, open_producer,
+    ConsumerCore, Message, ProducerCore, Reconnect, call_back, dispatch, hello_frame, open_consumer, open_producer,
     parse_address, read_failure)
 from actorbroker.transport.client.tls import client_context, server_name
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
@@ -336,7 +336,7 @@ class AsyncClient:
             for obj in todo:
                 obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
         if self._on_reconnect is not None and self.connected:
-            self._on_reconnect(self)
+            call_back(self._on_reconnect, self)
 
     def _give_up(self):
         """Closed for good: what was kept for a reconnect ends as lost."""

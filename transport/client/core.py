@@ -278,6 +278,17 @@ ADMIN = {
 }
 
 
+def call_back(callback, *args):
+    """Call a user's callback (on_active, on_reconnect) from the client's reader or reopen thread
+    or task: what it raises is logged, never taken for a failure of the connection (which would
+    end every producer and consumer of the client, and, with reconnect, start over on each call)."""
+    try:
+        callback(*args)
+    except Exception:   # noqa: BLE001 - the user's code; the client goes on
+        import logging   # only here: the client imports no more than it needs
+        logging.getLogger("actorbroker.client").exception("%r raised", callback)
+
+
 def read_failure(exc):
     """Why a connection ended, when reading from it raised exc."""
     if isinstance(exc, OSError):
@@ -341,9 +352,18 @@ class Reconnect:
 # --- batching ---------------------------------------------------------------------------------
 
 def _as_bytes(payload):
+    """bytes, str (sent as UTF-8), or any object with the buffer protocol (bytearray, memoryview,
+    array.array, ...); anything else is a TypeError (bytes() of an int would send that many
+    zero bytes, and of a list of ints its values)."""
+    if isinstance(payload, bytes):
+        return payload
     if isinstance(payload, str):
         return payload.encode("utf-8")
-    return payload if isinstance(payload, bytes) else bytes(payload)
+    try:
+        view = memoryview(payload)
+    except TypeError:
+        raise TypeError(f"a payload is bytes, str or a buffer, not {type(payload).__name__}") from None
+    return view.tobytes()
 
 
 def record_for(payload, key=None, attrs=None):
@@ -722,7 +742,7 @@ class ConsumerCore:
     def _activated(self, active):
         self.active = active
         if self.on_active is not None:
-            self.on_active(self, active)
+            call_back(self.on_active, self, active)
 
     def _closed(self, reason):
         self._ended(reason)
@@ -784,7 +804,8 @@ class ClientCore:
         """A reopen that failed with error: True if obj must end with it (the broker refused, e.g.
         CONSUMER_BUSY); False if it is kept for the next reconnect (the connection was lost again)."""
         if isinstance(error, ConnectionLost):
-            self.detached.append(obj)
+            if obj not in self.detached:   # the loss may have put it there already (attached then)
+                self.detached.append(obj)
             return False
         self._busy.pop(obj, None)
         return True

@@ -13,6 +13,7 @@ lock; no lock is held while a thread waits for the socket, except that write loc
         for msg in consumer:
             consumer.ack(msg)
 """
+import select
 import socket
 import struct
 import threading
@@ -21,7 +22,8 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore, ConsumerCore, Message,
-    ProducerCore, Reconnect, dispatch, hello_frame, open_consumer, open_producer, parse_address, read_failure)
+    ProducerCore, Reconnect, call_back, dispatch, hello_frame, open_consumer, open_producer, parse_address,
+    read_failure)
 from actorbroker.transport.client.tls import TlsSocket, client_context, server_name
 from actorbroker.transport.codec import PROTOCOL_VERSION
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
@@ -172,13 +174,22 @@ class Client:
             data = self._core.send_request(producer, batch)
         self._write(data)
 
-    def _write(self, data):
+    def _write(self, data, wait=True):
+        """Write data (whole frames); wait=False: not if another thread is writing (then False)."""
         sock = self._sock
+        if not self._write_lock.acquire(blocking=wait):
+            return False
         try:
-            with self._write_lock:
-                sock.sendall(data)
-        except BlockingIOError:   # bound_send_wait: the broker took nothing for two heartbeats
-            error = ConnectionLost(f"the broker read nothing for {2 * self.heartbeat_ms} ms (2 heartbeats)")
+            try:
+                limit_s = 2 * self._core.heartbeat_ms / 1000
+                if isinstance(sock, TlsSocket):
+                    sock.sendall(data, lambda raw, out: write_within(raw, out, limit_s))
+                else:
+                    write_within(sock, data, limit_s)
+            finally:
+                self._write_lock.release()
+        except BlockingIOError:   # bound_send_wait / write_within: the broker stopped reading
+            error = ConnectionLost(f"the broker read too little for {2 * self._core.heartbeat_ms} ms (2 heartbeats)")
             with self._lock:
                 lost = self._core.lost
             if lost is None and sock is self._sock:
@@ -195,10 +206,11 @@ class Client:
             if lost is None and sock is self._sock:
                 self._connection_lost(ConnectionLost(f"write failed: {exc}"))
             raise ConnectionLost(str(lost or exc)) from exc
+        return True
 
-    def _write_quietly(self, data):
+    def _write_quietly(self, data, wait=True):
         try:
-            self._write(data)
+            self._write(data, wait)
         except ConnectionLost:
             pass   # the reader will find out too
 
@@ -219,7 +231,7 @@ class Client:
         (see PROTOCOL.md, subscribe). auto_credit: grant `receiver_queue` credits now and more as
         messages are taken (receive or iteration); False leaves credits to `consumer.flow(n)`.
         on_active(consumer, active) is called from the reader thread when a failover subscription
-        tells this consumer its state."""
+        tells this consumer its state (what it raises is logged on `actorbroker.client`)."""
         frame, make = open_consumer(self, Consumer, topic, subscription, type, consumer,
                                     receiver_queue, auto_credit, on_active, options)
         c = self._wait(*self._call(frame, make, "consumer"), timeout)
@@ -401,7 +413,7 @@ class Client:
                     return
                 kept = [obj for _, obj in retry]
         if self._on_reconnect is not None and self.connected:
-            self._on_reconnect(self)
+            call_back(self._on_reconnect, self)
 
     def _call_reopen(self, obj):
         waiter = Reply()
@@ -439,14 +451,14 @@ class Client:
                     del self._linger[p]
                 if not due:
                     self._timer.wait(min([now + beat / 4, *self._linger.values()]) - now)
-            for p in due:
-                p._send_current()
+            for p in due:   # never waits for a sender blocked writing: the heartbeat check must run
+                p._send_current(wait=False)
             with self._lock:
                 ping, dead = self._core.heartbeat(time.monotonic())
             if dead is not None:
                 self._connection_lost(dead)
-            elif ping is not None:
-                self._write_quietly(ping)
+            elif ping is not None:   # not while a sender writes: it may be stuck (then it fails)
+                self._write_quietly(ping, wait=False)
 
     # --- the end -------------------------------------------------------------------------------
 
@@ -506,6 +518,29 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_within(sock, data, limit_s):
+    """sendall, failing with BlockingIOError once the write has taken limit_s. SO_SNDTIMEO
+    (bound_send_wait) bounds one send call only, and a broker that stopped reading still takes a
+    little now and then (its socket's window): each bit taken started sendall's wait anew (a
+    100 KB send to a frozen broker blocked 30 s with heartbeats of 5 s)."""
+    start = time.monotonic()
+    view = memoryview(data)
+    view = view[sock.send(view):]   # all of it, but for a broker that reads slower than we write
+    if not view:
+        return
+    deadline = start + limit_s
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            raise BlockingIOError(f"{len(view)} of {len(data)} bytes unwritten after {limit_s} s")
+        try:
+            view = view[sock.send(view, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            continue
 
 
 def bound_send_wait(sock, heartbeat_ms):
@@ -626,26 +661,33 @@ class Producer(ProducerCore):
     def __exit__(self, *exc):
         self.close()
 
-    def _send_current(self):
+    def _send_current(self, wait=True):
         """Send the batch being filled (linger time up, flush)."""
         with self._lock:
             batch = self._batcher.take()
             if batch is None:
                 return
             self._outbox.append(batch)
-        self._write_outbox()
+        self._write_outbox(wait)
 
-    def _write_outbox(self):
-        """Write the complete batches, in order, or fail them if the producer ended meanwhile."""
-        with self._write_order:
-            while self._outbox and not self._paused:
-                batch = self._outbox.popleft()
-                try:
-                    if self._end is not None:
-                        raise self._end_error()
-                    self._client._send_batch(self, batch)
-                except (ConnectionLost, ProducerClosed) as exc:
-                    self._receipt(batch, None, exc)
+    def _write_outbox(self, wait=True):
+        """Write the complete batches, in order, or fail them if the producer ended meanwhile.
+        wait=False: if another thread is writing, leave them to it (it looks at the outbox again
+        after letting go of the write, so a batch added just then is not left behind)."""
+        while self._write_order.acquire(blocking=wait):
+            try:
+                while self._outbox and not self._paused:
+                    batch = self._outbox.popleft()
+                    try:
+                        if self._end is not None:
+                            raise self._end_error()
+                        self._client._send_batch(self, batch)
+                    except (ConnectionLost, ProducerClosed) as exc:
+                        self._receipt(batch, None, exc)
+            finally:
+                self._write_order.release()
+            if not self._outbox or self._paused:
+                return
 
     # --- reconnecting ---------------------------------------------------------------------------
 

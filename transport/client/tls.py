@@ -90,15 +90,16 @@ class TlsSocket:
             if self._tls.peer_closed:
                 return b""
 
-    def sendall(self, data):
+    def sendall(self, data, write=None):
+        """write(raw socket, ciphertext): how the ciphertext goes out (default: its sendall)."""
         with self._send_lock:
             with self._tls_lock:
                 if self._failure is not None:   # say why (not "EOF"), whichever thread notices first
                     raise self._failure
                 self._tls.send(data)
-            self._write_outgoing(locked=True)
+            self._write_outgoing(locked=True, write=write)
 
-    def _write_outgoing(self, locked=False):
+    def _write_outgoing(self, locked=False, write=None):
         if not locked:
             with self._send_lock:
                 return self._write_outgoing(True)
@@ -106,7 +107,10 @@ class TlsSocket:
             out = bytes(self._tls.outgoing)
             self._tls.outgoing.clear()
         if out:
-            self._sock.sendall(out)
+            if write is None:
+                self._sock.sendall(out)
+            else:
+                write(self._sock, out)
 
     def peer_certificate(self):
         with self._tls_lock:
