@@ -63,6 +63,12 @@ class ConsumerState:
         if self.tracks_acks:
             self.unacked += n
 
+    def gave_back(self, n):
+        """n records it took (assigned, not delivered) were dropped: its credit comes back."""
+        self.credits += n
+        if self.tracks_acks:
+            self.unacked -= n
+
 
 def within(runs, limit, at_least=1):
     """How many leading runs of `runs` (an iterable) make at most `limit` bytes (run_bytes); at
@@ -277,9 +283,16 @@ class SharedPolicy(Policy):
     def waiting(self, consumer_id):
         return len(self.assigned.get(consumer_id, ()))
 
-    def _drop_newest(self):
-        queues = [q for q in (self.backlog, *self.assigned.values()) if q]
-        max(queues, key=lambda q: q[-1][0]).pop()
+    def _drop_newest(self, *others):
+        """The newest record waiting anywhere. One assigned to a consumer had taken its credit:
+        given back (else a consumer's credits ran out on records it never got, and it stalled for
+        good with its client waiting for them)."""
+        queues = [(q, None) for q in (self.backlog, *others, *self.reserved.values()) if q]
+        queues += [(q, consumer_id) for consumer_id, q in self.assigned.items() if q]
+        queue, consumer_id = max(queues, key=lambda entry: entry[0][-1][0])
+        queue.pop()
+        if consumer_id is not None:
+            self.consumers[consumer_id].gave_back(1)
 
     def take(self, spent=None):
         """spent: consumer -> bytes of the batch it has from the caller already (key_shared)."""
@@ -569,8 +582,7 @@ class KeySharedPolicy(SharedPolicy):
         super().reserve(consumer_id, [r for r in records if run_key(r) is None])
 
     def _drop_newest(self):
-        queues = [q for q in (self.backlog, self.unowned, *self.queues.values(), *self.assigned.values()) if q]
-        max(queues, key=lambda q: q[-1][0]).pop()
+        super()._drop_newest(self.unowned, *self.queues.values())
 
     def _route(self, record):
         key = run_key(record)

@@ -177,6 +177,44 @@ def test_backlog_bound_drops_newest_and_counts_them(start_broker, topic):
         assert stats["backlog"] == 10
 
 
+def test_dropped_records_give_back_the_credit_they_took(start_broker, topic):
+    """A shared consumer that stops reading: records were assigned to it (its credit spent) and
+    waited for its transport; the newest beyond the backlog bound were dropped from there, and the
+    credit with them. Its client, counting on that credit, then waited for good (credits 0 at the
+    broker, messages in the backlog)."""
+    b = start_broker("--max-backlog", "100")
+    granted = 5000
+    with Client(*b.address) as client:
+        raw = RawConnection(*b.address)
+        raw.hello()
+        consumer = raw.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": "shared",
+                                "consumer": "stuck"})["consumer"]
+        raw.send_frame({"op": "flow", "consumer": consumer, "credits": granted})
+        producer = client.producer(topic)
+        for _ in range(3000):
+            producer.send(b"x" * 2048)   # more than the sockets hold: the rest waits at the broker
+        producer.flush()
+        wait_for(lambda: sub_stats(client, topic, "s"), lambda s: s["dropped"] > 0)
+        received = 0
+        while True:   # read all that was delivered
+            try:
+                frame = raw.recv_frame(timeout=1.0)
+            except TimeoutError:
+                break
+            if frame and frame["op"] == "message":
+                received += len(frame["msgs"])
+            elif frame and frame["op"] == "ping":
+                raw.send_frame({"op": "pong", "rid": frame["rid"]})
+        stats = wait_for(lambda: sub_stats(client, topic, "s"), lambda s: s["backlog"] == 0)
+        [state] = stats["consumers"]
+        assert received + stats["dropped"] == 3000
+        assert state["credits"] == granted - received
+        producer.send_sync(b"after")
+        while (frame := raw.recv_frame(timeout=10)) and frame["op"] != "message":
+            pass
+        assert frame["msgs"][0]["payload"] == b"after"
+
+
 def test_a_stalled_dispatcher_under_a_flood_keeps_its_subscription_and_the_bound(start_broker, topic):
     """The subscription's dispatcher stops (SIGSTOP) while 100 MB are published. What waits for it
     at the topic is bounded too: the newest beyond the backlog bound are dropped and counted. (It

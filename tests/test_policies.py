@@ -40,6 +40,22 @@ def test_backlog_bound_drops_the_newest():
     assert deliver(policy) == {1: [0, 1, 2, 3, 4]}
 
 
+def test_a_record_dropped_after_it_took_a_consumers_credit_gives_it_back():
+    from actorbroker.actors.policies import DELIVER_WINDOW
+    for kind in ("shared", "key_shared"):
+        policy = make_policy(kind, 5)
+        busy = consumer(1, credits=100)
+        policy.add(busy)
+        busy.in_flight = DELIVER_WINDOW   # its transport has all it may have: records wait, assigned
+        policy.enqueue([rec(i) for i in range(20)])
+        assert policy.take() == []
+        assert policy.trim() == 15, kind
+        # what it has not been given is its credit again: only records still assigned hold any
+        assert busy.credits + policy.waiting(1) == 100, kind
+        busy.in_flight = 0
+        assert deliver(policy) == {1: [0, 1, 2, 3, 4]}, kind
+
+
 def test_what_credit_takes_at_once_is_not_dropped():
     policy = make_policy("key_shared", 5)
     policy.add(consumer(1, credits=6))
