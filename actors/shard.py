@@ -50,6 +50,9 @@ MAX_READ_PER_EVENT = 512 * 1024      # per socket per wakeup: others get their t
 HIGH_WATER = 1024 * 1024             # unsent bytes above which deliveries to a client wait
                                      # (at most half of max_pending_bytes: see _flush)
 PUBLISH_WINDOW = 2                   # PUBLISH frames in flight per producer; the rest is merged
+PUBLISH_MAX_BYTES = 16 * 1024 * 1024 # ... into PUBLISH frames of at most this many payload bytes
+                                     # (and at least one send): well below MAX_LANE_FRAME, which a
+                                     # fast producer of 1 MB messages passed (the topic's lane closed)
 MAX_PENDING_RECORDS = 20_000         # per connection: then stop reading it (TCP pushes back)
 LINGER_S = 1.0
 # After a fatal error in what a client sent, its error frame and the close wait this long at most
@@ -163,12 +166,24 @@ class _Client:
             self.shard._readable(self)
 
 
+def _send_bytes(send):
+    """About the lane bytes of a send ([rid, count, payloads, keys, attrs, payload bytes]): its
+    payloads, plus keys and attributes (up to a frame of attributes with an empty payload)."""
+    size = send[5] + 16 * send[1]
+    if send[3] is not None:
+        size += 260 * send[1]
+    if send[4] is not None:
+        size += sum(4 * (len(k) + len(v)) + 10 for attrs in send[4] if isinstance(attrs, dict)
+                    for k, v in attrs.items())
+    return size
+
+
 class _Producer:
-    __slots__ = ("connection_id", "lane", "name", "sends", "records", "in_flight")
+    __slots__ = ("connection_id", "lane", "name", "sends", "records", "bytes", "in_flight")
 
     def __init__(self, connection_id, lane, name):
         self.connection_id, self.lane, self.name = connection_id, lane, name
-        self.sends, self.records = [], 0
+        self.sends, self.records, self.bytes = [], 0, 0   # waiting sends, their records and payload bytes
         self.in_flight = []      # per PUBLISH in flight: its rids, answered if the lane dies
 
 
@@ -475,6 +490,7 @@ class ShardActor(BrokerActor):
             producer.sends.extend(sends)
             count = sum(send[1] for send in sends)
             producer.records += count
+            producer.bytes += sum(map(_send_bytes, sends))
             client.pending_records += count
             self._publish(producer_id, producer)
         publishes.clear()
@@ -484,19 +500,32 @@ class ShardActor(BrokerActor):
             self._update_mask(client)
 
     def _publish(self, producer_id, producer, force=False):
-        if producer.sends and (force or len(producer.in_flight) < PUBLISH_WINDOW):
-            producer.lane.send([LaneOp.PUBLISH, producer_id, producer.name, producer.sends])
-            producer.in_flight.append([send[0] for send in producer.sends])
+        while producer.sends and (force or len(producer.in_flight) < PUBLISH_WINDOW):
+            if producer.bytes <= PUBLISH_MAX_BYTES:   # the common case: all of them
+                sends, records = producer.sends, producer.records
+                producer.sends, producer.records, producer.bytes = [], 0, 0
+            else:
+                size = n = 0
+                for send in producer.sends:
+                    size += _send_bytes(send)
+                    n += 1
+                    if size >= PUBLISH_MAX_BYTES:
+                        break
+                sends, producer.sends = producer.sends[:n], producer.sends[n:]
+                records = sum(send[1] for send in sends)
+                producer.records -= records
+                producer.bytes -= size
+            producer.lane.send([LaneOp.PUBLISH, producer_id, producer.name, sends])
+            producer.in_flight.append([send[0] for send in sends])
             client = self.clients.get(producer.connection_id)
             if client is not None:
-                client.pending_records -= producer.records
+                client.pending_records -= records
                 if not client.reading and client.pending_records < MAX_PENDING_RECORDS // 2 \
                         and client.state == "open":
                     client.reading = True
                     if client.session.decoder.buffered:
                         client.session.frame_started = time.monotonic()
                     self._update_mask(client)
-            producer.sends, producer.records = [], 0
 
     def _drop_producer(self, producer_id):
         """Closed: what it sent before goes to the topic now; receipts still find the client."""
@@ -658,6 +687,7 @@ class ShardActor(BrokerActor):
         producer.in_flight, producer.sends = [], []
         if client is not None and client.pending_records:
             client.pending_records = max(0, client.pending_records - producer.records)
+        producer.records = producer.bytes = 0
         if client is not None and rids:
             self._write(client, b"".join(error_frame(E.INTERNAL, "the topic was lost before this send "
                                                      "was receipted (it may have been stored: sent again, "

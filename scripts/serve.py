@@ -55,8 +55,10 @@ def add_serve_command(subparsers):
     p.add_argument("--data-dir", default="./actorbroker-data", help="logs and data (default %(default)s)")
     p.add_argument("--heartbeat-ms", type=int_between(200, 60_000), default=5000,
                    help="default heartbeat, 200-60000 as a client's wish (default %(default)s)")
-    p.add_argument("--max-frame", type=int_between(1024, 2**32 - 1), default=4 * 1024 * 1024,
-                   help="largest frame in bytes, at least 1024 (default %(default)s)")
+    # at most 32 MiB: frames of records travel between the broker's actors in lane frames of at
+    # most 64 MiB (transport/lanes.py), a message with the rest of its batch
+    p.add_argument("--max-frame", type=int_between(1024, 32 * 1024 * 1024), default=4 * 1024 * 1024,
+                   help="largest frame in bytes, 1024 to 33554432 (32 MiB) (default %(default)s)")
     p.add_argument("--max-backlog", type=int_between(0, None), default=10_000,
                    help="non_reliable: messages a subscription keeps (default %(default)s)")
     add_limit_options(p)

@@ -515,3 +515,22 @@ def test_a_burst_of_new_subscriptions_beyond_what_can_start_in_time_is_refused_a
     assert again["op"] == "subscribed"
     for conn in conns:
         conn.close()
+
+
+def test_a_fast_producer_of_large_messages_keeps_its_topic(start_broker, topic):
+    """Sends waiting while a producer's PUBLISH frames were in flight all went in the next one:
+    a producer of 1 MB messages made it larger than a lane frame may be, the topic's lane closed,
+    its producers and consumers got `topic_lost` and the root forgot a topic still running (its
+    processes left for good). PUBLISH frames are bounded in bytes now."""
+    b = start_broker()
+    with Client(*b.address) as client:
+        consumer = client.subscribe(topic, "s", "exclusive", "c", dispatch="reliable")   # drops none
+        producer = client.producer(topic, max_pending=400)
+        payload = b"m" * (1024 * 1024 - 200)
+        futures = [producer.send(payload) for _ in range(400)]
+        producer.flush(timeout=120)
+        offsets = [f.result(0) for f in futures]
+        assert offsets == list(range(offsets[0], offsets[0] + 400))
+        got = [consumer.receive(timeout=30) for _ in range(400)]
+        assert [m.id for m in got] == offsets and all(len(m.payload) == len(payload) for m in got)
+        assert len(processes_of_kind(b, "ab-topic")) == 1
