@@ -32,6 +32,7 @@ class BrokerConfig:
     heartbeat_ms: int = 5000
     max_frame: int = DEFAULT_MAX_FRAME
     max_backlog: int = 10_000          # non_reliable: messages a subscription keeps for absent credit
+    max_backlog_bytes: int = 64 * 1024 * 1024   # ... and bytes (about); reliable: what it keeps in memory
     default_dispatch: str = "non_reliable"
     hello_timeout_ms: int = 10_000
     # limits (docs/protocol.md, "Limits"); a request beyond one gets OVERLOADED

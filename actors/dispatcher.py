@@ -14,7 +14,8 @@ topic's lane ending means the topic is gone: the consumers are told `topic_lost`
 On a reliable topic it also keeps the subscription's cursor (persisted through the topic's
 LogActor), the delivered-but-unacknowledged messages of each consumer, and redelivers them when
 their consumer goes, on nack, and on ack timeout. It holds at most RELIABLE_BUFFER records in
-memory; beyond that it reads them back from the log when there is room (catch-up).
+memory (fewer when they are large: config.max_backlog_bytes); beyond that it reads them back from
+the log when there is room (catch-up).
 """
 import bisect
 import os
@@ -35,12 +36,15 @@ from actorbroker.actors.system import thespian_waits
 from actorbroker.actors.policies import DELIVER_WINDOW, ConsumerState, FailoverPolicy, KeySharedPolicy, make_policy
 from actorbroker.transport import errors as E
 from actorbroker.transport.codec import (RUN_COUNT, RUN_PAYLOADS, RUN_PRODUCER, RUN_REDELIVERIES, coalesce_runs,
-                                         encode_frame, explode_run, split_run, with_run_redeliveries)
+                                         encode_frame, explode_run, run_bytes, split_run, with_run_redeliveries)
 from actorbroker.transport.lanes import RECORD_PATH_LINGER_S, LaneHub, LaneOp, Reactor
 from actorbroker.transport.session import error_frame
 from actorbroker.transport.validate import MAX_DELAY_MS, MAX_TOTAL_CREDITS
 
 RELIABLE_BUFFER = 5000
+MIN_IN_MEMORY = 8   # records kept in memory however large (max_backlog_bytes gives the rest)
+READ_MAX_BYTES = 16 * 1024 * 1024   # read back from the log at a time: a RECORDS lane frame stays
+                                    # well below MAX_LANE_FRAME (5,000 records of 1 MB did not)
 CURSOR_SAVE_DELAY = timedelta(milliseconds=100)
 DEFAULT_MAX_UNACKED = 1000
 # A consumer its shard has not said ROUTED for this long after its ConsumerOpened is probed through
@@ -210,6 +214,11 @@ class DispatcherActor(BrokerActor):
         # outbox may hold beyond its shard's high water (config.delivery_batch_bytes)
         self.policy = make_policy(msg.type, msg.config.max_backlog,
                                   delivery_batch_bytes(msg.config.max_pending_bytes, DELIVER_WINDOW))
+        # Memory bounds are counts of records (max_backlog, RELIABLE_BUFFER), and bytes too: the
+        # count is lowered to what max_backlog_bytes holds at the records' recent mean size (10,000
+        # records of 4 MiB would be 40 GB for one subscription whose consumer does not read).
+        self.max_backlog, self.max_backlog_bytes = msg.config.max_backlog, msg.config.max_backlog_bytes
+        self.record_bytes = 0.0   # mean size of a record lately (run_bytes); 0: none seen yet
         # reliable key_shared: the policy keeps a key that moved in order (KeySharedPolicy.hold)
         self.key_order = msg.dispatch == "reliable" and isinstance(self.policy, KeySharedPolicy)
         self.max_unacked_cap = msg.config.max_unacked_per_consumer
@@ -357,11 +366,25 @@ class DispatcherActor(BrokerActor):
 
     def _take_batch(self, lane, records):
         lane.send([LaneOp.DISPATCH_ACK])
+        self._learn_size(records)
         if self.reliable:
             self._take_fresh(records)
         else:
+            self.policy.max_backlog = self._in_memory(self.max_backlog)
             self.policy.enqueue(records)
         self._pump()
+
+    def _learn_size(self, runs):
+        count = sum(run[RUN_COUNT] for run in runs)
+        if count:
+            size = sum(map(run_bytes, runs)) / count
+            self.record_bytes = size if not self.record_bytes else self.record_bytes + (size - self.record_bytes) / 4
+
+    def _in_memory(self, records):
+        """At most `records`, and what max_backlog_bytes holds of records of the recent size."""
+        if not self.record_bytes:
+            return records
+        return min(records, max(MIN_IN_MEMORY, int(self.max_backlog_bytes / self.record_bytes)))
 
     def _connect_log(self, address):
         self.log_lane = None
@@ -390,7 +413,7 @@ class DispatcherActor(BrokerActor):
             return
         last = records[-1]
         self.end = max(self.end, last[0] + last[RUN_COUNT])
-        room = RELIABLE_BUFFER - self.policy.backlog_size()
+        room = self._in_memory(RELIABLE_BUFFER) - self.policy.backlog_size()
         if records[0][0] == self.read_pos and room > 0 and not self.reading:
             keep, taken = [], 0
             for run in records:
@@ -431,10 +454,11 @@ class DispatcherActor(BrokerActor):
     def _refill(self):
         if self.reading or self.read_pos >= self.end or self.log_lane is None:
             return
-        room = RELIABLE_BUFFER - self.policy.backlog_size()
-        if room >= RELIABLE_BUFFER // 2:
+        limit = self._in_memory(RELIABLE_BUFFER)
+        room = limit - self.policy.backlog_size()
+        if room >= max(1, limit // 2):
             self.reading = True
-            self.log_lane.send([LaneOp.READ, self.read_pos, self.read_pos, room])
+            self.log_lane.send([LaneOp.READ, self.read_pos, self.read_pos, room, READ_MAX_BYTES])
 
     def _log_records(self, token, runs, first_offset, lost=()):
         """Runs read back from the log, from read_pos. A run none of whose records this
@@ -443,6 +467,7 @@ class DispatcherActor(BrokerActor):
         self.reading = False
         if token != self.read_pos:
             return
+        self._learn_size(runs)
         if first_offset > self.cursor.floor:   # retention removed what we had not acked
             self.cursor.skip_to(first_offset)
         for a, b in lost:   # offsets the log lost (corrupt batch, lost tail): never delivered, passed

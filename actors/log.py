@@ -207,7 +207,7 @@ class LogActor(BrokerActor):
         elif frame[0] == LaneOp.READ:   # a dispatcher catching up
             log_ = self.store.log
             corrupt = log_.corrupt_batches
-            runs = log_.read_runs(frame[2], frame[3])
+            runs = log_.read_runs(frame[2], frame[3], frame[4] if len(frame) > 4 else None)
             if log_.corrupt_batches != corrupt:   # found by this read: the topic's stats count it
                 self.send(self.topic, LogRetained(log_.size, len(log_.segments), self.forced_deletions,
                                                   log_.corrupt_batches, log_.corrupt_bytes))

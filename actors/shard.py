@@ -54,6 +54,8 @@ PUBLISH_MAX_BYTES = 16 * 1024 * 1024 # ... into PUBLISH frames of at most this m
                                      # (and at least one send): well below MAX_LANE_FRAME, which a
                                      # fast producer of 1 MB messages passed (the topic's lane closed)
 MAX_PENDING_RECORDS = 20_000         # per connection: then stop reading it (TCP pushes back)
+MAX_PENDING_BYTES = 32 * 1024 * 1024 # ... or once its waiting sends hold this many bytes (20,000
+                                     # records of 100 KB held 2 GB in one shard)
 LINGER_S = 1.0
 # After a fatal error in what a client sent, its error frame and the close wait this long at most
 # for the answers to the requests read before it (docs/protocol.md, "Session")
@@ -139,7 +141,7 @@ class UnrouteConsumer:
 
 class _Client:
     """One client socket and its session; the reactor calls on_event."""
-    __slots__ = ("shard", "sock", "fd", "session", "state", "pending_records", "deferred_acks",
+    __slots__ = ("shard", "sock", "fd", "session", "state", "pending_records", "pending_bytes", "deferred_acks",
                  "reading", "tls", "address", "write_shut", "asked", "closing", "answer_by",
                  "parked", "allowance")
 
@@ -148,6 +150,7 @@ class _Client:
         self.tls = tls                  # TlsConnection, or None for plain TCP
         self.state = "open"             # open -> (answering ->) lingering -> closed
         self.pending_records = 0
+        self.pending_bytes = 0      # _send_bytes of its sends waiting for a PUBLISH (as records)
         self.deferred_acks = []         # (lane, consumer id) waiting for the outbox to drain
         self.parked = collections.deque()   # deliveries (bytes) waiting for room in the outbox
         self.allowance = 0              # the outbox may hold this much: a message larger than
@@ -490,11 +493,14 @@ class ShardActor(BrokerActor):
             producer.sends.extend(sends)
             count = sum(send[1] for send in sends)
             producer.records += count
-            producer.bytes += sum(map(_send_bytes, sends))
+            size = sum(map(_send_bytes, sends))
+            producer.bytes += size
             client.pending_records += count
+            client.pending_bytes += size
             self._publish(producer_id, producer)
         publishes.clear()
-        if client.pending_records >= MAX_PENDING_RECORDS and client.reading:
+        if client.reading and (client.pending_records >= MAX_PENDING_RECORDS
+                               or client.pending_bytes >= MAX_PENDING_BYTES):
             client.reading = False   # paused: the kernel buffer fills and the producer is pushed back
             client.session.frame_started = None   # the frame deadline does not run while we wait
             self._update_mask(client)
@@ -502,7 +508,7 @@ class ShardActor(BrokerActor):
     def _publish(self, producer_id, producer, force=False):
         while producer.sends and (force or len(producer.in_flight) < PUBLISH_WINDOW):
             if producer.bytes <= PUBLISH_MAX_BYTES:   # the common case: all of them
-                sends, records = producer.sends, producer.records
+                sends, records, size = producer.sends, producer.records, producer.bytes
                 producer.sends, producer.records, producer.bytes = [], 0, 0
             else:
                 size = n = 0
@@ -520,8 +526,9 @@ class ShardActor(BrokerActor):
             client = self.clients.get(producer.connection_id)
             if client is not None:
                 client.pending_records -= records
+                client.pending_bytes -= size
                 if not client.reading and client.pending_records < MAX_PENDING_RECORDS // 2 \
-                        and client.state == "open":
+                        and client.pending_bytes < MAX_PENDING_BYTES // 2 and client.state == "open":
                     client.reading = True
                     if client.session.decoder.buffered:
                         client.session.frame_started = time.monotonic()
@@ -687,6 +694,7 @@ class ShardActor(BrokerActor):
         producer.in_flight, producer.sends = [], []
         if client is not None and client.pending_records:
             client.pending_records = max(0, client.pending_records - producer.records)
+            client.pending_bytes = max(0, client.pending_bytes - producer.bytes)
         producer.records = producer.bytes = 0
         if client is not None and rids:
             self._write(client, b"".join(error_frame(E.INTERNAL, "the topic was lost before this send "

@@ -45,6 +45,7 @@ DISPATCH_WINDOW = 1
 # PROTOCOL.md says); reliable: the oldest leave memory, the dispatcher reads them from the log.
 PENDING_FLOOR = 1024                 # records, whatever --max-backlog (the dispatcher trims to it)
 PENDING_MAX_BYTES = 16 * 1024 * 1024 # and a DISPATCH frame stays well below MAX_LANE_FRAME
+APPEND_MAX_BYTES = 16 * 1024 * 1024  # an APPEND (group commit) too, and the batch it stores
 PRODUCER_NAME_MAX_BYTES = 255   # the name is copied into every record: it must not amplify a send
 GATHER_TIMEOUT = timedelta(seconds=5)
 # Subscribes passed on to a subscription are remembered this long (see _Sub.forwarded); when it
@@ -673,8 +674,17 @@ class TopicActor(BrokerActor):
         With --fsync always, every Publish is its own append (and fsync)."""
         if not self.unsynced or (self.appending and self.config.fsync != "always"):
             return
-        batch = self.unsynced if self.config.fsync != "always" else self.unsynced[:1]
-        self.unsynced = self.unsynced[len(batch):]
+        if self.config.fsync == "always":
+            n = 1
+        else:   # what waits, within APPEND_MAX_BYTES (at least one Publish)
+            n = size = 0
+            for _, _, _, part in self.unsynced:
+                size += sum(map(_run_size, part))
+                if n and size > APPEND_MAX_BYTES:
+                    break
+                n += 1
+        batch = self.unsynced[:n]
+        self.unsynced = self.unsynced[n:]
         first = batch[0][2][0][1]
         now = int(time.time() * 1000)
         runs = []

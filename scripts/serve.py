@@ -61,6 +61,9 @@ def add_serve_command(subparsers):
                    help="largest frame in bytes, 1024 to 33554432 (32 MiB) (default %(default)s)")
     p.add_argument("--max-backlog", type=int_between(0, None), default=10_000,
                    help="non_reliable: messages a subscription keeps (default %(default)s)")
+    p.add_argument("--max-backlog-bytes", type=int_between(1024 * 1024, None), default=64 * 1024 * 1024,
+                   help="non_reliable: bytes a subscription keeps, about (the count is lowered to fit); "
+                        "reliable: what it keeps in memory, the rest waits in the log (default %(default)s)")
     add_limit_options(p)
     p.add_argument("--io-shards", type=positive, default=os.cpu_count() or 1,
                    help="connection shards: actor processes that each own many client sockets "
@@ -269,7 +272,7 @@ def serve(args):
         return 1
     config = BrokerConfig(host=args.host, port=args.port, data_dir=data_dir,
                           heartbeat_ms=args.heartbeat_ms, max_frame=args.max_frame,
-                          max_backlog=args.max_backlog, **limits_of(args), tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
+                          max_backlog=args.max_backlog, max_backlog_bytes=args.max_backlog_bytes, **limits_of(args), tokens=tokens, default_dispatch=args.default_dispatch, fsync=args.fsync,
                           segment_bytes=args.segment_bytes, retention_bytes=args.retention_bytes,
                           retention_ms=args.retention_ms, io_shards=max(1, args.io_shards),
                           lanes=args.lanes, actor_host=args.actor_host,

@@ -450,14 +450,15 @@ class SegmentLog:
             os.close(fd)
 
     # --- reading ------------------------------------------------------------------------------------
-    def _batches(self, offset, max_records):
+    def _batches(self, offset, max_records, max_bytes=None):
         """(first offset, count, time ms, decoded body) of the batches holding records from
-        `offset` on, until about max_records records (whole batches) or the log's end. Read by
+        `offset` on, until about max_records records (whole batches), max_bytes bytes of batches
+        (at least one) or the log's end. Read by
         the index, each batch checked against it and its checksum: one that fails is skipped
         (Segment.lose_batch) and the read goes on after it."""
         self._file.flush()
         offset = max(offset, self.first_offset)
-        taken = 0
+        taken = taken_bytes = 0
         i = max(0, bisect.bisect_right([s.first_offset for s in self.segments], offset) - 1)
         for segment in self.segments[i:]:
             if segment.next_offset <= offset:
@@ -469,6 +470,8 @@ class SegmentLog:
                     if first + count <= offset:
                         j += 1
                         continue
+                    if max_bytes is not None and taken and taken_bytes + segment.index_sizes[j] > max_bytes:
+                        return
                     f.seek(segment.index_positions[j])
                     checked = _checked_body(f.read(segment.index_sizes[j]), first, count)
                     if checked is None:
@@ -478,18 +481,19 @@ class SegmentLog:
                     # only batches below a fenced owner's limit are in the index
                     yield first, count, stamp, msgpack.unpackb(body, raw=False)
                     taken += first + count - max(first, offset)
+                    taken_bytes += segment.index_sizes[j]
                     if taken >= max_records:
                         return
                     j += 1
 
-    def read_runs(self, offset, max_records=1000):
+    def read_runs(self, offset, max_records=1000, max_bytes=None):
         """Runs of the records from `offset` (transport/codec.py's layout), at most about
-        max_records records: batches of runs as stored, earlier batches of records converted
-        (codec.runs_from_tails); a run holding `offset`, or the end of a fenced owner's
-        segment, is cut there."""
+        max_records records and max_bytes bytes (whole batches, at least one): batches of runs as
+        stored, earlier batches of records converted (codec.runs_from_tails); a run holding
+        `offset`, or the end of a fenced owner's segment, is cut there."""
         offset = max(offset, self.first_offset)
         out = []
-        for first, count, stamp, body in self._batches(offset, max_records):
+        for first, count, stamp, body in self._batches(offset, max_records, max_bytes):
             end = first + count
             if body and isinstance(body[0], int):   # runs
                 at = first

@@ -425,3 +425,17 @@ def test_async_flush_sends_what_a_released_sender_adds_while_it_waits(broker, to
             await producer.flush(timeout=10)
             assert (await client.stats(topic))["msgs_in"] == 10
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_the_backlog_bound_counts_bytes_too(start_broker, topic):
+    """--max-backlog counts messages: 10,000 of 4 MiB would be 40 GB for one subscription whose
+    consumer gives no credit. --max-backlog-bytes lowers the count to what fits."""
+    b = start_broker("--max-backlog-bytes", str(8 * 1024 * 1024))
+    with Client(*b.address) as client:
+        client.subscribe(topic, "slow", "shared", "c", auto_credit=False)
+        producer = client.producer(topic)
+        for _ in range(1000):
+            producer.send(b"x" * 65536)
+        producer.flush(timeout=60)
+        stats = wait_for(lambda: sub_stats(client, topic, "slow"), lambda s: s["backlog"] + s["dropped"] == 1000)
+        assert stats["backlog"] <= 8 * 1024 * 1024 // 65536 + 8, stats   # 128 (about), not 1,000

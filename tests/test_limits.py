@@ -534,3 +534,29 @@ def test_a_fast_producer_of_large_messages_keeps_its_topic(start_broker, topic):
         got = [consumer.receive(timeout=30) for _ in range(400)]
         assert [m.id for m in got] == offsets and all(len(m.payload) == len(payload) for m in got)
         assert len(processes_of_kind(b, "ab-topic")) == 1
+
+
+def test_a_producer_of_large_messages_is_pushed_back_by_bytes_not_only_records(start_broker, topic):
+    """A shard stopped reading a connection once 20,000 of its records waited for the topic: with
+    100 KB messages that is 2 GB in one shard (measured 2.1 GB). It stops at 32 MiB as well now.
+    Memory, not speed: the shard's peak PSS while 500 MB go through it."""
+    b = start_broker()
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            for pid in processes_of_kind(b, "ab-shard"):
+                peak[0] = max(peak[0], proctree.pss_kb([pid]) * 1024)
+            stop.wait(0.02)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with Client(*b.address) as client:
+            producer = client.producer(topic, dispatch="reliable", max_pending=5000)
+            for _ in range(5000):
+                producer.send(b"x" * 100_000)
+            producer.flush(timeout=300)
+    finally:
+        stop.set()
+        watcher.join()
+    assert 0 < peak[0] < 320 * 1024 * 1024, peak[0] / 2**20   # it held 475 MiB and growing before

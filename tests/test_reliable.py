@@ -595,3 +595,27 @@ def test_age_retention_deletes_old_acknowledged_segments(start_broker, topic):
     stats = wait_for(lambda: (send(conn, pid, [bytes(100)]), conn.request({"op": "stats", "topic": topic}))[1],
                      lambda s: s["segments"] < before, timeout=10, interval=0.2)
     assert stats["segments"] < before
+
+
+def test_a_backlog_of_large_messages_is_read_back_from_the_log_in_lane_sized_parts(start_broker, tmp_path, topic):
+    """After a restart a subscription reads its backlog back from the log, RELIABLE_BUFFER
+    (5,000) records at a time: 150 records of 1 MB came in one 150 MB frame over the lane, which
+    lanes refuse beyond 64 MiB, and the subscription was lost. Reads are bounded in bytes too, and
+    what a dispatcher keeps in memory is bounded by --max-backlog-bytes."""
+    from actorbroker.transport.client import Client
+    data = tmp_path / "data"
+    b = start_broker(data_dir=data)
+    payload = b"L" * (1024 * 1024)
+    with Client(*b.address) as client:
+        client.subscribe(topic, "s", "exclusive", "c", dispatch="reliable").close()
+        producer = client.producer(topic, dispatch="reliable")
+        for _ in range(150):
+            producer.send(payload)
+        producer.flush(timeout=120)
+    assert b.stop() == []
+    b2 = start_broker(data_dir=data)
+    with Client(*b2.address) as client:
+        consumer = client.subscribe(topic, "s", "exclusive", "c", dispatch="reliable")
+        got = [consumer.receive(timeout=30) for _ in range(150)]
+        assert [m.id for m in got] == list(range(150)) and all(m.payload == payload for m in got)
+        consumer.ack(got, sync=True)

@@ -175,3 +175,12 @@ def test_a_fenced_owner_limit_in_the_middle_of_the_log_bounds_runs(tmp_path):
         assert records_of(c.log.read_runs(0, 1000)) == want
         assert records_of(c.log.read_runs(3, 1000)) == want[3:]
         c.close()
+
+
+def test_read_runs_stops_at_max_bytes_with_whole_batches_and_at_least_one(tmp_path):
+    log = SegmentLog(tmp_path / "log")
+    for i in range(6):
+        log.append_runs([make_run(i, 0, "p", [b"x" * 1000])], 0)
+    assert [r[0] for r in log.read_runs(0, 1000, max_bytes=1)] == [0]            # at least one batch
+    assert [r[0] for r in log.read_runs(2, 1000, max_bytes=2500)] == [2, 3]
+    assert len(log.read_runs(0, 1000, max_bytes=None)) == 6
