@@ -29,6 +29,12 @@ from actorbroker.transport import errors as E
 
 GATHER_TIMEOUT = timedelta(seconds=5)
 TREE_MEMORY_TTL_S = 1.0   # broker_stats: how old its process count and memory figure may be
+# A topic that died is remembered this long: what was sent to it meanwhile comes back
+# (undeliverable) and goes to its successor. Thespian fails a transmit to a dead child at once.
+LOST_TOPIC_MEMORY = timedelta(seconds=30)
+# Requests passed on to a topic that, should they come back undeliverable, are passed on again;
+# those that may create the topic create it again (a non_reliable topic is not reopened).
+REROUTED = {topic.Subscribe: True, topic.OpenProducer: True, topic.Publish: True, topic.StatsRequest: False}
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,13 @@ class TopicLost:
 
 
 @dataclass(frozen=True)
+class Undelivered:
+    """To the root from itself: requests it passed on to a topic that had died came back."""
+    address: Any
+    requests: tuple
+
+
+@dataclass(frozen=True)
 class Ping:
     """serve asks the root now and then: no answer means the actor system is lost."""
 
@@ -152,6 +165,7 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.gathers = {}         # token -> [reply_to, expected, summaries]: this node's topics
         self.metrics_port = None  # None until the MetricsActor listens (when metrics are on)
         self.tree_memory = None   # (when, processes, PSS bytes) for broker_stats
+        self.lost_topics = {}     # str(address) of a topic that died -> (name, dispatch), for a while
 
     def watch(self):
         return ThespianWatch([self.lifeline]) if self.lifeline is not None else None
@@ -348,6 +362,8 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             self._stopped_when_flushed(force=True)
         elif msg.payload == "status-measured":
             self._status_part_measured(force=True)
+        elif isinstance(msg.payload, tuple) and msg.payload[0] == "lost-topic":
+            self.lost_topics.pop(msg.payload[1], None)
 
     def _answer_gather(self, token):
         gather = self.gathers.pop(token, None)
@@ -367,6 +383,11 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         self.send(sender, ActorExitRequest())
 
     def on_TopicLost(self, msg, sender):
+        # Lost to a connection actor means its lanes ended: the process is dead, or (a fault of
+        # ours, such as an oversized lane frame) alive and cut off. Asked to exit, it does not
+        # stay behind with its subscriptions and their consumers, forgotten here.
+        if any(address == msg.address for address, _ in self.topics.values()):
+            self.send(msg.address, ActorExitRequest())
         self._topic_exited(msg.address)
 
     def on_ChildActorExited(self, msg, sender):
@@ -410,7 +431,9 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
         for name, (address, dispatch) in list(self.topics.items()):
             if address == dead:
                 del self.topics[name]   # deleted, or crashed
-                self.forget_ordered(name, end=False)
+                self.lost_topics[str(address)] = (name, dispatch)
+                self.wakeupAfter(LOST_TOPIC_MEMORY, payload=("lost-topic", str(address)))
+                self.forget_ordered(name, end=False)   # (what waits goes to it, and comes back)
                 if dispatch == "reliable" and not self.stopping:   # (a deleted one left the registry first)
                     log.error("topic %s exited; reopening it from its log", name, extra={"topic": name})
                     self._create_topic(name, dispatch)
@@ -449,3 +472,24 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
 
     def on_ActorExitRequest(self, msg, sender):
         self.stopping = True
+
+    def undeliverable(self, address, msgs):
+        """Requests passed on to a topic that had died (a subscribe right after its kill -9,
+        before or while we heard of it): handled as a message of our own, not inside the
+        transmit callback (which may run inside our own sends, amid a topic's restart)."""
+        returned = tuple(m for m in msgs if type(m) in REROUTED)
+        if returned:
+            self.send(self.myAddress, Undelivered(address, returned))
+
+    def on_Undelivered(self, msg, sender):
+        """They go to the topic that replaced it, or create it anew, instead of waiting for the
+        request deadline. A topic still registered is known dead by this: as TopicLost."""
+        if any(address == msg.address for address, _ in self.topics.values()):
+            self._topic_exited(msg.address)
+        lost = self.lost_topics.get(str(msg.address))
+        if lost is None:   # (a deleted topic: what was sent before its DeleteTopic reached it)
+            return
+        name, dispatch = lost
+        for request in msg.requests:
+            create = dispatch if REROUTED[type(request)] else None
+            self.handle_request(TopicRequest(name, create, request), placed=False)

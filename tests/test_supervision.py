@@ -549,6 +549,40 @@ def test_kill_of_a_reliable_topic_reopens_it_from_its_log(start_broker, closing,
     wait_for(lambda: undelivered(traffic.receipted, [again], acked), all_delivered, timeout=EVENTUALLY_S)
 
 
+@pytest.mark.parametrize("dispatch", ["reliable", "non_reliable"])
+def test_subscribes_sent_at_once_after_the_topic_is_killed_are_answered(start_broker, closing, topic, dispatch):
+    """Subscribes from several connections right after kill -9 of their topic's process: the
+    root passed some on to the dead topic's address (before, or as, it heard of the death);
+    they came back undeliverable and were dropped, and waited for the request deadline (30 s,
+    INTERNAL). Each goes to the reopened topic (a non_reliable one: created again) instead."""
+    b = start_broker()
+    clients = [closing(Client(*b.address, name=f"c{i}", heartbeat_ms=SLOW_HEARTBEAT)) for i in range(3)]
+    for rep in range(4):
+        name = f"{topic}-{rep}"
+        before = set(processes_of_kind(b, "ab-topic"))
+        clients[0].subscribe(name, "holder", "exclusive", "h", dispatch=dispatch)
+        clients[1].producer(name, dispatch=dispatch).send_sync(b"x")
+        (victim,) = wait_for(lambda: set(processes_of_kind(b, "ab-topic")) - before, lambda new: len(new) == 1)
+        results = {}
+
+        def subscribe(i):
+            try:   # well below the request deadline: an answer, not the broker's give-up
+                clients[i].subscribe(name, f"s{i}", "exclusive", f"n{i}", dispatch=dispatch,
+                                     timeout=EVENTUALLY_S)
+                results[i] = "ok"
+            except Exception as exc:   # noqa: BLE001
+                results[i] = repr(exc)
+
+        os.kill(victim, signal.SIGKILL)
+        threads = [threading.Thread(target=subscribe, args=(i,), daemon=True) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(EVENTUALLY_S + 5)
+        assert results == {0: "ok", 1: "ok", 2: "ok"}, f"rep {rep}: {results}"
+        assert {"s0", "s1", "s2"} <= subscription_names(clients[2].stats(name))   # on the live topic
+
+
 @pytest.mark.parametrize("fsync", ["always", "group"])
 def test_every_send_in_flight_when_the_topic_dies_is_answered(start_broker, topic, fsync):
     """Sends pipelined to a reliable topic that is killed: each rid gets exactly one answer (a
