@@ -6,6 +6,7 @@ import pytest
 
 from actorbroker.transport.client import AsyncClient, Client
 from actorbroker.transport.errors import BadRequest, ConsumerBusy, UnknownConsumer
+from tests.wire import RawConnection
 
 
 def run(coro):
@@ -226,3 +227,27 @@ def test_a_payload_that_is_not_bytes_str_or_a_buffer_is_a_type_error(broker, top
             with pytest.raises(TypeError):
                 await producer.send(12345)
     run(scenario())
+
+
+def test_the_client_refuses_exactly_what_the_broker_would(start_broker, topic):
+    """The client's size check had a margin of its own: at --max-frame 65536 it refused payloads
+    of 65,385 to 65,418 bytes that the broker takes and delivers."""
+    from actorbroker.transport.client.core import max_message_size
+    b = start_broker("--max-frame", "65536")
+    with Client(*b.address) as client:
+        consumer = client.subscribe(topic, "s", "exclusive", "c")
+        producer = client.producer(topic)
+        limit = max_message_size(65536, producer.name)
+        producer.send_sync(b"x" * limit)
+        producer.send_sync(b"y" * (limit - 17), key="k" * 5, attrs={"a": "b"})   # 5 + 1 + 1 + 10 more
+        with pytest.raises(BadRequest):
+            producer.send(b"x" * (limit + 1))
+        with pytest.raises(BadRequest):
+            producer.send(b"y" * (limit - 17), key="k" * 5, attrs={"a": "bb"})
+        assert len(consumer.receive(timeout=10).payload) == limit
+        assert consumer.receive(timeout=10).key == "kkkkk"
+        raw = RawConnection(*b.address)   # and the broker itself refuses one byte more
+        raw.hello()
+        pid = raw.request({"op": "producer", "topic": topic, "name": producer.name + "2"})["producer"]
+        ok = raw.request({"op": "send", "producer": pid, "msgs": [{"payload": b"z" * (limit - 1)}]})
+        assert ok["op"] == "receipt"

@@ -25,7 +25,7 @@ import os
 from collections import namedtuple
 from itertools import repeat
 
-from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, encode_frame
+from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, PUSH_OVERHEAD, FrameDecoder, encode_frame
 from actorbroker.transport.errors import (
     BAD_REQUEST, CONSUMER_BUSY, FATAL_CODES, INTERNAL, OVERLOADED, PRODUCER_BUSY, UNKNOWN_CONSUMER,
     UNKNOWN_PRODUCER, BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed, error_for,
@@ -46,9 +46,6 @@ BUSY_RETRY_MARGIN_S = 1.0
 
 # Bytes of a `send` frame around its records: length header, op, rid, producer id, msgs array header.
 SEND_OVERHEAD = 64
-# A record must also fit, alone, in the broker's `message` push to a consumer, whose envelope adds
-# the producer name, id, time and redeliveries; this margin covers that with room to spare.
-PUSH_MARGIN = 128
 # Bytes of an `ack` / `nack` frame around its ids (op, consumer, rid, delay_ms, the array header),
 # with room to spare; each id takes at most 9 bytes (a msgpack uint64).
 ACK_OVERHEAD = 96
@@ -399,12 +396,21 @@ def _name_bytes(value, what):
 
 
 def max_message_size(max_frame, producer_name):
-    """Largest record (as measured by record_for) that the broker can take and deliver."""
-    return max_frame - PUSH_MARGIN - len(producer_name.encode("utf-8"))
+    """Largest message the broker takes (and can deliver in one push), measured as it measures
+    it (transport/session.py, validate.message_problem): payload, key and attributes' bytes."""
+    return max_frame - PUSH_OVERHEAD - 64 - len(producer_name.encode("utf-8"))
+
+
+def _wire_size(payload, key, attrs):
+    """A message's size as the broker measures it against max_message_size."""
+    size = len(payload) + (len(key.encode("utf-8")) if key else 0)
+    if attrs:
+        size += sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) + 10 for k, v in attrs.items())
+    return size
 
 
 def too_large(size, limit):
-    return error_for(BAD_REQUEST, f"message of about {size} bytes is larger than the {limit} bytes "
+    return error_for(BAD_REQUEST, f"message of {size} bytes is larger than the {limit} bytes "
                                   f"this broker's max_frame allows")
 
 
@@ -593,10 +599,13 @@ class ProducerCore:
             if type(payload) is not bytes:
                 payload = _as_bytes(payload)
             record, size = payload, 14 + len(payload)
+            if len(payload) > self._max_message:
+                raise too_large(len(payload), self._max_message)
         else:
             record, size = record_for(payload, key, attrs)
-        if size > self._max_message:
-            raise too_large(size, self._max_message)
+            wire = _wire_size(record["payload"], key, attrs)
+            if wire > self._max_message:
+                raise too_large(wire, self._max_message)
         return record, size
 
     def _add(self, record, size):
