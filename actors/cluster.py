@@ -78,8 +78,21 @@ class NodeTopics:
 
 @dataclass(frozen=True)
 class NodeLost:
-    """To the ConnectionActors: a member was declared lost; end what is attached to its topics."""
+    """A member was declared lost. To the ConnectionActors: end what is attached to its topics.
+    To this node's topics, and by them to their dispatchers: drop the producers and consumers
+    whose connections are on it (a cut keeps their lanes open: no EOF would ever tell)."""
     node: str
+
+
+def shard_ident(index, uuid_hex, node):
+    """A shard's name on its lanes: unique, and naming its node (in a cluster), so that a topic
+    or dispatcher on another node can tell which producers and consumers a lost member had."""
+    return f"shard-{index}-{uuid_hex}" + (f"@{node}" if node else "")
+
+
+def node_of_shard(ident):
+    """The node in a shard_ident ("" on a single broker). (Nothing before the "@" has one.)"""
+    return ident.partition("@")[2]
 
 
 @dataclass(frozen=True)

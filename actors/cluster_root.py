@@ -150,6 +150,10 @@ class ClusterRoot:
                   "survivors, its reliable ones are unavailable until it returns",
                   member.node, self.config.member_timeout_ms)
         self.send(self.listener, cluster.NodeLost(member.node))
+        # and our topics drop what its connections had here: a cut ends no lane, and nothing
+        # else would (an exclusive subscription held, a failover standby never promoted)
+        for name, (address, _) in self.topics.items():
+            self.send_ordered(address, cluster.NodeLost(member.node), name)
 
     def _fence(self, by, minority=False):
         """A member declared this node lost (we were stopped, or cut off), or we declared it

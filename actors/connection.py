@@ -18,7 +18,7 @@ from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
-from actorbroker.actors import broker, events, shard, subscription, topic
+from actorbroker.actors import broker, cluster, events, shard, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.transport import errors as E, validate
@@ -292,7 +292,7 @@ class ConnectionActor(BrokerActor):
         counters[("actorbroker_disconnects", ("shard_lost",))] = self.shards_lost
 
     def _start_shard(self):
-        self.shard_ident = f"shard-{self.index}-{uuid.uuid4().hex[:12]}"
+        self.shard_ident = cluster.shard_ident(self.index, uuid.uuid4().hex[:12], self.config.node)
         self.shard = self.createActor("actorbroker.actors.shard.ShardActor")
         self.forget_ordered("shard", end=False)   # (the shard before is gone)
         self.send_ordered(self.shard, shard.StartShard(self.handoff_fd, self.index, self.shard_ident,
@@ -430,7 +430,9 @@ class ConnectionActor(BrokerActor):
                 self._to_shard(shard.UnrouteConsumer(connection_id, ident, reattaching=True))
             else:
                 self._stream_user_gone(conn.producers.pop(ident, None))
-                self._to_shard(shard.UnrouteProducer(connection_id, ident, reattaching=True, name=entry.name))
+                # (its topic's node is gone: what it sent there is refused now, never receipted)
+                self._to_shard(shard.UnrouteProducer(connection_id, ident, reattaching=True, name=entry.name,
+                                                     lost=True))
         if any(_reattach_tag(t) and t[1][1] == ident for t in conn.pending):
             return   # asked already
         self.reattaches += 1   # a tag per attempt: an attempt given up on must not shadow the next
@@ -888,11 +890,11 @@ class ConnectionActor(BrokerActor):
                 self._reattach(ident)
                 continue
             if ident in self.producer_conn:
-                self._end_producer(ident, "node_lost", close=False)
+                self._end_producer(ident, "node_lost", close=False, lost=True)
             if ident in self.consumer_conn:
                 self._end_consumer(ident, "node_lost", detach=False)
 
-    def _end_producer(self, producer_id, reason, close):
+    def _end_producer(self, producer_id, reason, close, lost=False):
         self.node_of.pop(producer_id, None)
         self.rejoin.pop(producer_id, None)
         connection_id = self.producer_conn.pop(producer_id, None)
@@ -905,7 +907,7 @@ class ConnectionActor(BrokerActor):
         self._stream_user_gone(topic_address)
         if not conn.closed:
             self._to_shard(shard.UnrouteProducer(connection_id, producer_id, encode_frame(
-                {"op": "closed", "producer": producer_id, "reason": reason})))
+                {"op": "closed", "producer": producer_id, "reason": reason}), lost=lost))
 
     def _end_consumer(self, consumer_id, reason, detach):
         closing = self.closing.get(consumer_id)

@@ -26,7 +26,7 @@ from typing import Any
 
 from thespian.actors import ThespianWatch
 
-from actorbroker.actors import broker, connection, log as log_actor, signing, subscription, topic
+from actorbroker.actors import broker, cluster, connection, log as log_actor, signing, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.config import delivery_batch_bytes
 from actorbroker.actors.cursor import Cursor
@@ -278,6 +278,7 @@ class DispatcherActor(BrokerActor):
             consumer = self.policy.consumers.get(frame[1])
             if consumer is not None:
                 consumer.in_flight -= 1
+                consumer.stalled = False
                 if self.promoted == consumer.id:
                     # its first records are written: now the paperwork
                     self.expedite("members-lost")
@@ -327,13 +328,25 @@ class DispatcherActor(BrokerActor):
         if self.shard_lanes.get(ident) is lane:
             del self.shard_lanes[ident]
         self.lost_shards.add(ident)
-        gone = [c.id for c in self.policy.consumers.values() if c.transport == ident]
+        self._drop([c.id for c in self.policy.consumers.values() if c.transport == ident], f"shard {ident}",
+                   "connection_closed")
+
+    def on_NodeLost(self, msg, sender):
+        """From the topic: a member was declared lost. The consumers whose shards are on it go,
+        as if those lanes had ended (a cut ends none: no EOF comes). The shards are not counted
+        lost: one that was cut off may come back, the same, and open consumers here again."""
+        self._drop([c.id for c in self.policy.consumers.values()
+                    if cluster.node_of_shard(c.transport) == msg.node], f"node {msg.node}", "node_lost")
+
+    def _drop(self, gone, where, cause):
+        """Consumers whose connection is gone with `where`: failover promotes, reliable unacked
+        messages are redelivered, the SubscriptionActor is told (an exclusive one is free)."""
         if gone:
-            log.info("%s/%s: shard %s gone; removing its %d consumers", self.topic_name, self.name, ident,
+            log.info("%s/%s: %s gone; removing its %d consumers", self.topic_name, self.name, where,
                      len(gone), extra={"topic": self.topic_name, "subscription": self.name, "consumer": gone})
             before = self._active_flags()
             for consumer_id in gone:
-                self._forget(consumer_id, "connection_closed")
+                self._forget(consumer_id, cause)
             self._announce_active(before)
             self._members_lost(gone)
             self._pump()
@@ -646,6 +659,7 @@ class DispatcherActor(BrokerActor):
             now = time.monotonic()
             expired = [o for o, (_, _, deadline) in self.unacked.items() if deadline and deadline <= now]
             self._return_unacked(expired)
+            self._take_back_stalled(now)
             self._pump()
             self._schedule_timeouts()
         elif msg.payload == "route-check":
@@ -656,6 +670,18 @@ class DispatcherActor(BrokerActor):
             records = [self.delayed.pop(o) for o in msg.payload[1] if o in self.delayed]
             self._redeliver(records)
             self._pump()
+
+    def _take_back_stalled(self, now):
+        """A consumer whose shard has not taken its delivery within the ack timeout (its client does
+        not read: the shard holds the DELIVER_ACK while its outbox is full) is given nothing more
+        until it does, and what it was given and not sent goes back to the others (shared; key_shared:
+        its keyless records). Those never reached a socket, so no ack timeout ran for them: they
+        were held for as long as the client kept its connection alive."""
+        for consumer in self.policy.consumers.values():
+            if consumer.in_flight and not consumer.stalled and consumer.deliver_deadline is not None \
+                    and consumer.deliver_deadline <= now:
+                consumer.stalled = True
+                self.policy.take_back(consumer.id)
 
     def _return_unacked(self, offsets, to=None):
         """Redeliver (to anyone, or to the consumer `to`) what these offsets' holders had."""
@@ -811,6 +837,7 @@ class DispatcherActor(BrokerActor):
         consumer = self.policy.consumers.get(consumer_id)
         if consumer is not None:   # still ours (a stale lane): only the DELIVER_ACK it stands for
             consumer.in_flight -= 1
+            consumer.stalled = False
         elif not self.reliable:
             count = sum(run[RUN_COUNT] for run in runs)
             self.msgs_out -= count
@@ -1022,6 +1049,7 @@ class DispatcherActor(BrokerActor):
             if lane is None:   # credits only come over that lane: it was there a moment ago
                 continue
             consumer.in_flight += 1
+            consumer.deliver_deadline = deadline
             if not self.reliable:
                 consumer.last_offset = max(run[0] + run[RUN_COUNT] for run in records) - 1
             consumer.msgs_out += count

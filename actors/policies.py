@@ -50,9 +50,13 @@ class ConsumerState:
     last_offset: int = -1  # the newest record delivered to it (non_reliable: see UNDELIVERED)
     routed: bool = False   # its shard has it (ROUTED): `active` changes go over the lane
     told: Any = None       # failover: the `active` state its client was last told
+    deliver_deadline: Any = None   # reliable with an ack timeout: its delivery in flight is late after
+    stalled: bool = False  # ... and was: given nothing more until its shard has taken it (DELIVER_ACK)
 
     def room(self):
         """How many records it may be given now."""
+        if self.stalled:
+            return 0
         return min(self.credits, self.max_unacked - self.unacked)
 
     def can_take(self):
@@ -153,6 +157,11 @@ class Policy:
 
     def waiting(self, consumer_id):
         """Records given to this consumer (its credit spent) but not yet delivered to it."""
+        return 0
+
+    def take_back(self, consumer_id):
+        """Records given to this consumer and not delivered go back to the backlog, for anyone,
+        its credit with them (it does not take its deliveries); how many."""
         return 0
 
     def take(self):
@@ -282,6 +291,14 @@ class SharedPolicy(Policy):
 
     def waiting(self, consumer_id):
         return len(self.assigned.get(consumer_id, ()))
+
+    def take_back(self, consumer_id):
+        waiting = self.assigned.pop(consumer_id, None)
+        if not waiting:
+            return 0
+        merge_front(self.backlog, sorted(waiting, key=lambda record: record[0]))
+        self.consumers[consumer_id].gave_back(len(waiting))   # (never sent: its client counts on them)
+        return len(waiting)
 
     def _drop_newest(self, *others):
         """The newest record waiting anywhere. One assigned to a consumer had taken its credit:
@@ -519,14 +536,20 @@ class KeySharedPolicy(SharedPolicy):
                 self.ring_changes = None
 
     def _next_keyless(self):
-        """The consumer whose turn it is for a keyless record (None: there is none)."""
-        turn = self.keyless_turn
-        while turn:
+        """The consumer whose turn it is for a keyless record (None: there is none), passing over
+        stalled ones while another is not."""
+        turn, first = self.keyless_turn, None
+        for _ in range(len(turn)):
             cid = turn.popleft()
             if cid in self.consumers:
                 turn.append(cid)
-                return cid
-        return None
+                if not self.consumers[cid].stalled:
+                    return cid
+                if first is None:
+                    first = cid
+        if first is not None:   # all stalled: the turn goes on from the first
+            turn.rotate(-1)
+        return first
 
     def add(self, consumer):
         super().add(consumer)
@@ -555,6 +578,18 @@ class KeySharedPolicy(SharedPolicy):
             self.unowned.extend(self._orphans([queue.popleft() for _ in range(routed)], True))
         self.unowned.extend(queue)
         return consumer
+
+    def take_back(self, consumer_id):
+        """Also the keyless records waiting in its queue (their turn gave them to it); its keys'
+        wait for it, in order."""
+        taken = super().take_back(consumer_id)
+        queue = self.queues.get(consumer_id)
+        if queue and any(run_key(record) is None for record in queue):
+            loose = [record for record in queue if run_key(record) is None]
+            self.queues[consumer_id] = deque(record for record in queue if run_key(record) is not None)
+            self.requeue(loose)
+            taken += len(loose)
+        return taken
 
     def backlog_size(self):
         return super().backlog_size() + len(self.unowned) + sum(len(q) for q in self.queues.values())

@@ -100,6 +100,9 @@ class UnrouteProducer:
     # get TOPIC_UNAVAILABLE
     reattaching: bool = False
     name: str = ""
+    # its topic's node was declared lost (cluster): what it sent there is never receipted (a cut
+    # ends no lane), so it is refused now, not waited for
+    lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -687,7 +690,8 @@ class ShardActor(BrokerActor):
         if lost:
             self.send_ordered(self.supervisor, connection.ProducersLost(lost, reason), "shard")
 
-    def _refuse_in_flight(self, producer_id, producer):
+    def _refuse_in_flight(self, producer_id, producer, code=E.INTERNAL, why="the topic was lost before this send "
+                                                                           "was receipted"):
         """Sends the topic never receipted: their client hears it now, instead of never."""
         client = self.clients.get(producer.connection_id)
         rids = [rid for batch in producer.in_flight for rid in batch] + [send[0] for send in producer.sends]
@@ -697,9 +701,8 @@ class ShardActor(BrokerActor):
             client.pending_bytes = max(0, client.pending_bytes - producer.bytes)
         producer.records = producer.bytes = 0
         if client is not None and rids:
-            self._write(client, b"".join(error_frame(E.INTERNAL, "the topic was lost before this send "
-                                                     "was receipted (it may have been stored: sent again, "
-                                                     "it may be there twice); send it again", rid)
+            self._write(client, b"".join(error_frame(code, f"{why} (it may have been stored: sent again, "
+                                                           "it may be there twice); send it again", rid)
                                          for rid in rids))
 
     def _consumers_lost(self, consumer_ids, reason):
@@ -747,7 +750,14 @@ class ShardActor(BrokerActor):
 
     def on_UnrouteProducer(self, msg, sender):
         client = self.clients.get(msg.connection_id)
-        self._drop_producer(msg.producer_id)
+        if msg.lost:
+            self.reattaching.discard(msg.producer_id)
+            producer = self.producers.pop(msg.producer_id, None)
+            if producer is not None:
+                self._refuse_in_flight(msg.producer_id, producer, E.TOPIC_UNAVAILABLE,
+                                       "the topic's node was lost before this send was receipted")
+        else:
+            self._drop_producer(msg.producer_id)
         if msg.reattaching:
             if client is not None and client.state == "open":
                 self.reattaching.add(msg.producer_id)

@@ -28,7 +28,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ActorSystemMessage, ThespianWatch
 
-from actorbroker.actors import broker, connection, dispatcher, log as log_actor, signing, subscription
+from actorbroker.actors import broker, cluster, connection, dispatcher, log as log_actor, signing, subscription
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
 from actorbroker.actors.reporting import ForgetSeries
@@ -581,6 +581,19 @@ class TopicActor(BrokerActor):
             sub = self.subs.get(lane.peer[1])
             if sub is not None and sub.lane is lane:
                 self._subscription_lost(lane.peer[1], sub)
+
+    def on_NodeLost(self, msg, sender):
+        """From the root: a member was declared lost. Its producers go (an exclusive one's place
+        is free), and each dispatcher drops its consumers, as if their shards' lanes had ended:
+        a cut ends none of them, and its ConnectionActors, cut off too, tell us nothing."""
+        gone = [p for p, entry in self.producers.items() if cluster.node_of_shard(entry[3]) == msg.node]
+        for producer_id in gone:
+            del self.producers[producer_id]
+        if gone:
+            log.info("topic %s: node %s lost; removing its %d producers", self.name, msg.node, len(gone),
+                     extra={"topic": self.name})
+        for name, sub in self.subs.items():
+            self.send_ordered(sub.dispatcher, msg, ("dispatcher", name))
 
     # --- producers ------------------------------------------------------------------------------
     def on_OpenProducer(self, msg, sender):

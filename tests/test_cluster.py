@@ -11,8 +11,8 @@ import pytest
 from actorbroker.scripts.local_cluster import LocalCluster, wait_for
 from actorbroker.transport.client.core import Reconnect
 from actorbroker.transport.client.sync import Client
-from actorbroker.transport.errors import (BrokerError, ProducerClosed, TopicNotFound,
-                                         TopicUnavailable)
+from actorbroker.transport.errors import (BrokerError, ConsumerBusy, ProducerBusy, ProducerClosed,
+                                         TopicNotFound, TopicUnavailable)
 from actorbroker.scripts import netns
 
 TIMEOUT_MS = 3000          # member timeout (the default): a loss is declared within it
@@ -457,6 +457,89 @@ def test_a_node_cut_off_and_healed_fences_itself_and_no_one_else(cluster):
                 assert c.lookup(moved)["node"] == owner and c.lookup(kept)["node"] == "a"
                 listed = {(t["name"], t["node"]) for t in c.topics() if t["name"] in (moved, kept)}
                 assert listed == {(moved, owner), (kept, "a")}, (node, listed)
+
+
+def test_a_cut_off_nodes_consumers_and_producers_leave_the_other_nodes_topics(cluster):
+    """docs/cluster.md, "When a member is lost": B is cut off from A and C (its clients still
+    reach it). Once A declares B lost, A's topic drops what B's connections had on it, as a lane's
+    EOF would have: the failover standby on C is promoted and gets the messages, an exclusive
+    newcomer on C gets in, an exclusive producer on C too, and A's stats list none of B's. (They
+    stayed on A for good: a cut ends no lane, and B's ConnectionActors, which end them on their
+    side with `closed` `node_lost`, cannot tell A.)"""
+    topic = cluster.topic_on("a", "reliable")
+    with cluster.client("a") as on_a, cluster.client("b") as on_b, cluster.client("c") as on_c:
+        held = on_b.subscribe(topic, "fo", "failover", "fo-b", dispatch="reliable")
+        standby = on_c.subscribe(topic, "fo", "failover", "fo-c", dispatch="reliable")
+        holder = on_b.subscribe(topic, "ex", "exclusive", "ex-b", dispatch="reliable")
+        produce(on_b, topic, [b"before"], dispatch="reliable").close()
+        exclusive = on_b.producer(topic, dispatch="reliable", access="exclusive")
+        assert receive_all(held, 1) == [b"before"] and receive_all(holder, 1) == [b"before"]
+        wait_for(lambda: held.active is True and standby.active is False, 10, "fo-b active, fo-c standby")
+        cut = time.monotonic()
+        cut_off(cluster, "b")
+        try:
+            lost_within(cluster, ["a"], "b", cut, "cut off")
+            wait_for(lambda: held.closed_reason == "node_lost" and holder.closed_reason == "node_lost"
+                     and exclusive.closed_reason == "node_lost", 10, "B's clients told node_lost")
+            wait_for(lambda: standby.active is True, 10, "the standby on C promoted")
+
+            def newcomer():
+                try:
+                    return on_c.subscribe(topic, "ex", "exclusive", "ex-c", dispatch="reliable")
+                except ConsumerBusy:   # while A holds B's consumer
+                    return None
+            taker = wait_for(newcomer, 10, "an exclusive newcomer on C gets in")
+
+            def producer():
+                try:
+                    return on_c.producer(topic, dispatch="reliable", access="exclusive")
+                except ProducerBusy:   # while A holds B's producer
+                    return None
+            wait_for(producer, 10, "an exclusive producer on C gets in").send_sync(b"during")
+            assert receive_all(standby, 1) == [b"during"]
+            assert receive_all(taker, 1) == [b"during"]
+            stats = on_a.stats(topic)
+            assert stats["producers"] == 1
+            assert {s["name"]: [c["name"] for c in s["consumers"]] for s in stats["subscriptions"]} == \
+                {"fo": ["fo-c"], "ex": ["ex-c"]}
+        finally:
+            mend_all(cluster, "b")
+    for node in ("a", "b", "c"):
+        cluster.wait_live(node, ["a", "b", "c"])
+
+
+def test_sends_in_flight_to_a_cut_off_node_are_answered_when_it_is_lost(cluster):
+    """docs/cluster.md: a request forwarded to the topic's node just before that node was lost is
+    answered TOPIC_UNAVAILABLE when the loss is declared. So are the sends a producer on A made to
+    B's topic after B was cut off (a cut ends no lane: no receipt, no EOF): none is left without
+    an answer (they were, for good, and the producer's flush never ended); the producer, re-
+    attached to the topic's new node, sends again."""
+    topic = cluster.topic_on("b")
+    with cluster.client("a") as on_a:
+        producer = on_a.producer(topic)
+        producer.send_sync(b"before")
+        cut = time.monotonic()
+        cut_off(cluster, "b")
+        try:
+            in_flight = [producer.send(b"in flight %d" % i) for i in range(20) if not time.sleep(0.01)]
+            lost_within(cluster, ["a"], "b", cut, "cut off")
+            producer.flush(timeout=20)   # (a bound on a failure: they were never answered)
+            for sent in in_flight:
+                assert isinstance(sent.exception(0), (TopicUnavailable, type(None))), sent.exception(0)
+            assert any(isinstance(sent.exception(0), TopicUnavailable) for sent in in_flight)
+            rehomed(cluster, topic, "b")
+
+            def again():
+                try:
+                    return producer.send_sync(b"again") is not None
+                except TopicUnavailable:   # still being re-attached
+                    return False
+            wait_for(again, 10, "the producer re-attached")
+            assert producer.closed_reason is None
+        finally:
+            mend_all(cluster, "b")
+    for node in ("a", "b", "c"):
+        cluster.wait_live(node, ["a", "b", "c"])
 
 
 def test_leader_killed(cluster):

@@ -285,3 +285,32 @@ def test_key_shared_consumers_that_come_and_go_leave_no_turns_behind():
         for i in range(50):
             policy.remove(round_ * 100 + i)
     assert len(policy.keyless_turn) <= 16
+
+
+def test_a_stalled_consumer_gives_back_what_it_was_given_and_gets_nothing_more():
+    """Records given to a consumer behind a delivery its transport does not take (shared: assigned
+    to it, its credit spent; key_shared: keyless ones queued to it in their turn) go back when the
+    dispatcher's ack timeout stalls it, to the others; its keys stay with it, in order."""
+    from actorbroker.transport.codec import run_key
+    for kind in ("shared", "key_shared"):
+        policy = make_policy(kind, 1000)
+        stuck, other = consumer(1, "a", credits=1000), consumer(2, "b", credits=0)
+        policy.add(stuck)
+        policy.add(other)
+        policy.enqueue([rec(0)])
+        (taken, _), = policy.take()
+        assert taken is stuck
+        stuck.in_flight = 1   # its transport never takes that delivery
+        policy.enqueue([rec(i) for i in range(1, 7)] + [rec(7, "k")])
+        assert policy.take() == []
+        given = [r[0] for r in policy.assigned.get(1, ())] + \
+            [r[0] for r in getattr(policy, "queues", {}).get(1, ()) if run_key(r) is None]
+        credits = stuck.credits
+        stuck.stalled = True
+        assert policy.take_back(1) == len(given) > 0, kind
+        assert stuck.credits == credits + (len(given) if kind == "shared" else 0)
+        other.credits = 100
+        got = deliver(policy)
+        assert 1 not in got and set(given) <= set(got[2]), kind
+        if kind == "key_shared" and policy.owner("k") == 1:
+            assert [r[0] for r in policy.queues[1]] == [7]

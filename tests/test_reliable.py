@@ -2,6 +2,7 @@
 with real processes (kill -9 of every broker process) and a torn segment."""
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -365,6 +366,53 @@ def test_ack_timeout_redelivers(broker, topic):
     conn.request({"op": "ack", "consumer": consumer, "ids": [first[1][0]]})
     (again, payload, redeliveries), = receive(conn, 1, timeout=5)
     assert (again, payload, redeliveries) == (first[0][0], b"x", 1)
+
+
+@pytest.mark.parametrize("sub_type", ["shared", "key_shared"])
+def test_records_given_to_a_consumer_that_does_not_read_go_to_the_others(broker, topic, sub_type):
+    """A consumer with huge credits that never reads its socket (but whose connection stays up):
+    the ack timeout redelivered only what had been written to it. What it had been given beyond
+    (assigned to it in the dispatcher behind the delivery its shard could not write) got no ack
+    timeout, and was held for good while the other consumer sat idle with credit. Now its shard's
+    delivery late by the ack timeout stalls it: what it was given and not sent goes to the others
+    (key_shared: its keyless records)."""
+    total, payload = 1500, b"x" * 10_000
+    stuck = RawConnection(*broker.address)
+    stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.hello(heartbeat_ms=60_000)   # alive for the whole test without reading
+    subscribe(stuck, topic, "s", sub_type, "stuck", credits=10**9, ack_timeout_ms=1000)
+    fast = connect(broker)
+    fast_id = subscribe(fast, topic, "s", sub_type, "fast", credits=100)
+    pub = connect(broker)
+    producer_id = producer(pub, topic)
+    for i in range(total // 10):
+        pub.send_frame({"op": "send", "rid": 1000 + i, "producer": producer_id,
+                        "msgs": [{"payload": payload}] * 10})
+    receipts = 0
+    while receipts < total // 10:
+        assert pub.recv_frame(timeout=30)["op"] == "receipt"
+        receipts += 1
+    seen = set()
+    deadline = time.monotonic() + 60   # generous: a liveness bound, not a speed one
+    while len(seen) < total:
+        try:
+            frame = fast.recv_frame(timeout=max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            raise AssertionError(f"the fast consumer got {len(seen)} of {total}; the rest is held: "
+                                 f"{fast.request({'op': 'stats', 'topic': topic})}") from None
+        assert frame is not None
+        if frame["op"] == "ping":
+            fast.send_frame({"op": "pong", "rid": frame["rid"]})
+        elif frame["op"] == "message":
+            ids = [m["id"] for m in frame["msgs"]]
+            seen.update(ids)
+            fast.send_frame({"op": "ack", "consumer": fast_id, "ids": ids})
+            fast.send_frame({"op": "flow", "consumer": fast_id, "credits": len(ids)})
+    sub = wait_for(lambda: fast.request({"op": "stats", "topic": topic})["subscriptions"][0],
+                   lambda s: s["backlog"] == 0 and s["cursor"] == total)
+    assert sub["redelivered"] > 0   # (what was written to the stuck one came back by the timeout)
+    for conn in (stuck, fast, pub):
+        conn.sock.close()
 
 
 def test_a_nack_redelivers_only_what_that_consumer_holds(broker, topic):
