@@ -289,6 +289,17 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
                 self.send(request.reply_to, connection.RequestFailed(request.rid, E.OVERLOADED, (
                     f"the broker has {len(self.topics)} topics (max_topics {self.config.max_topics})")))
                 return
+            # A node that sees no majority (cut off from the others) creates no reliable topic:
+            # the majority side may create the same one meanwhile, and two logs of one topic
+            # would both stay after the cut heals (each with receipted messages the other lacks).
+            if self.clustered and msg.create_dispatch == "reliable" and not self.membership.quorum() \
+                    and hasattr(request, "reply_to"):
+                live = 1 + len(self.membership.live())
+                self.send(request.reply_to, connection.RequestFailed(request.rid, E.TOPIC_UNAVAILABLE, (
+                    f"node {self.config.node} sees {live} of {1 + len(self.membership.members)} members of "
+                    f"the cluster: a new reliable topic is created only with a majority in view; send it "
+                    f"again, or to another node")))
+                return
             # in a shared folder, a topic whose log a lost node held is taken over (fenced)
             live = tuple(self.membership.live_names()) if self.clustered else None
             entry = self._create_topic(msg.name, msg.create_dispatch, live)

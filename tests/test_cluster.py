@@ -459,6 +459,36 @@ def test_a_node_cut_off_and_healed_fences_itself_and_no_one_else(cluster):
                 assert listed == {(moved, owner), (kept, "a")}, (node, listed)
 
 
+def test_a_node_without_a_majority_in_view_creates_no_reliable_topic(cluster):
+    """docs/cluster.md: a reliable topic is never opened a second time. B, cut off, created a new
+    reliable topic on its own disk while A and C created the same one on C: after the cut healed,
+    both stayed, each with receipted messages the other lacked (a reader saw only one side's).
+    A node that sees no majority refuses to create one (TOPIC_UNAVAILABLE)."""
+    topic = f"/split/{uuid.uuid4().hex[:10]}"
+    with cluster.client("a") as on_a, cluster.client("b") as on_b:
+        cut = time.monotonic()
+        cut_off(cluster, "b")
+        try:
+            lost_both_ways(cluster, "b", cut)
+            with pytest.raises(TopicUnavailable):
+                on_b.producer(topic, dispatch="reliable")
+            producer = produce(on_a, topic, [b"majority"], dispatch="reliable")
+        finally:
+            mend_all(cluster, "b")
+        for node in ("a", "b", "c"):
+            cluster.wait_live(node, ["a", "b", "c"])
+        producer.send_sync(b"after")
+        owners = set()
+        for node in ("a", "b", "c"):
+            with cluster.client(node) as c:
+                listed = [t["node"] for t in c.topics() if t["name"] == topic]
+                assert len(listed) == 1, (node, listed)
+                owners.add(listed[0])
+                reader = c.subscribe(topic, f"r-{node}", "exclusive", "r", dispatch="reliable", start="earliest")
+                assert receive_all(reader, 2) == [b"majority", b"after"]
+        assert len(owners) == 1 and owners != {"b"}
+
+
 def test_a_cut_off_nodes_consumers_and_producers_leave_the_other_nodes_topics(cluster):
     """docs/cluster.md, "When a member is lost": B is cut off from A and C (its clients still
     reach it). Once A declares B lost, A's topic drops what B's connections had on it, as a lane's
