@@ -32,6 +32,8 @@ class ClusterRoot:
         config = self.config
         self.membership = cluster.Membership(config.node, config.member_timeout_ms / 1000)
         self.incarnation = uuid.uuid4().hex[:12]
+        self.fenced_as = set()    # our incarnations before a fence (others may yet name them lost)
+        self.told_lost = set()    # (member, incarnation of ours) it declared lost: told our connections
         self.next_id = 1 << ID_SALT_BITS | random.getrandbits(ID_SALT_BITS)
         self.last_lost_beat = 0.0
         self.last_tick = time.monotonic()
@@ -129,8 +131,17 @@ class ClusterRoot:
     def on_Heartbeat(self, msg, sender):
         if not self.clustered:
             return
-        if (self.config.node, self.incarnation) in msg.lost:
+        declared = {incarnation for node, incarnation in msg.lost if node == self.config.node}
+        if self.incarnation in declared:
             self._fence(msg.node)   # declared lost by a member that had a majority in view
+        for incarnation in declared & self.fenced_as:
+            # It dropped what our connections had on its topics when it declared us lost (a stop
+            # or a cut ends no lane, so nothing told them): they end theirs too, non_reliable
+            # ones re-attached there, reliable ones `closed` `node_lost`. (Else each side thought
+            # the other still had them: a consumer that got nothing more, an exclusive held.)
+            if (msg.node, incarnation) not in self.told_lost:
+                self.told_lost.add((msg.node, incarnation))
+                self.send(self.listener, cluster.NodeLost(msg.node))
         state, peers = self.membership.heard(msg, time.monotonic())
         if state == "minority":
             # we declared it lost while we saw no majority: we were the one cut off, and may
@@ -177,6 +188,7 @@ class ClusterRoot:
         for name in shared:
             address, _ = self.topics.pop(name)
             self.send(address, ActorExitRequest())
+        self.fenced_as.add(self.incarnation)
         self.incarnation = uuid.uuid4().hex[:12]
         self.membership.forgive()
 

@@ -628,6 +628,39 @@ def test_shared_data_a_survivor_takes_a_reliable_topic_over(shared_cluster):
         assert receive_all(consumer, 1) == [b"from-b"]
 
 
+def test_a_stopped_nodes_clients_keep_their_consumers_of_other_nodes_topics(cluster):
+    """B is stopped long enough for A and C to declare it lost: they drop what B's connections had
+    on their topics (a stopped node's lanes stay open: no EOF tells them). When B runs again and
+    learns it was declared lost, its own ConnectionActors must learn it too: its client's
+    consumer of A's topic is attached again (it stayed registered on B alone, and got nothing
+    more), its consumer of C's reliable topic is closed with `node_lost` (its unacked messages went
+    to others)."""
+    on_a_topic = cluster.topic_on("a")
+    reliable = cluster.topic_on("c", "reliable")
+    with cluster.client("a") as on_a, cluster.client("b") as on_b:
+        consumer = on_b.subscribe(on_a_topic, "s", "shared", "b1")
+        held = on_b.subscribe(reliable, "r", "exclusive", "b2", dispatch="reliable")
+        producer = produce(on_a, on_a_topic, [b"before"])
+        assert receive_all(consumer, 1) == [b"before"]
+        b_pids = cluster.nodes["b"].processes()
+        stopped = time.monotonic()
+        for pid in b_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            lost_within(cluster, ["a", "c"], "b", stopped, "SIGSTOP")
+        finally:
+            for pid in b_pids:
+                os.kill(pid, signal.SIGCONT)
+        for node in ("a", "b", "c"):
+            cluster.wait_live(node, ["a", "b", "c"])
+        wait_for(lambda: held.closed_reason == "node_lost", 10, "the reliable consumer closed")
+        with cluster.client("c") as on_c:   # and its exclusive place is free
+            on_c.subscribe(reliable, "r", "exclusive", "c2", dispatch="reliable").close()
+        wait_for(lambda: attached(on_a, on_a_topic)[1] == ["s"], 10, "B's consumer attached again")
+        producer.send_sync(b"after")
+        assert receive_all(consumer, 1) == [b"after"]
+
+
 def test_shared_data_a_stopped_owner_is_fenced(shared_cluster):
     """B holds a reliable topic and is stopped (its sockets stay open): a survivor takes the topic
     over. When B runs again, a send that B's own producer makes is refused, never receipted, and
