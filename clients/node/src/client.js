@@ -155,6 +155,10 @@ export class Client extends EventEmitter {
    */
   subscribe(options) {
     if (options.signal?.aborted) return Promise.reject(options.signal.reason);
+    const queue = options.receiverQueue;
+    if (queue !== undefined && (!Number.isInteger(queue) || queue < 1)) {
+      return Promise.reject(new RangeError("receiverQueue must be an integer of at least 1"));
+    }
     const frame = subscribeFrame(options);
     this.subscribing++;
     const settled = () => {
@@ -228,15 +232,23 @@ export class Client extends EventEmitter {
    */
   async close({ signal, timeoutMs = 5000 } = {}) {
     if (this.closedWith) return;
+    const deadline = Date.now() + timeoutMs;
     const settles = [...this.consumers.values()].map((c) => c.settleAcks());
     const flushes = [...this.producers.values()].map((p) => p.flush().catch(noop));
-    await waitFor((resolve) => Promise.all([...settles, ...flushes]).then(resolve), { signal, timeoutMs, what: "close" }).catch(noop);
-    if (this.closedWith) return;
-    const socket = this.socket;
-    const closing = new Promise((resolve) => socket.once("close", resolve));
-    this.destroy(new ConnectionError("CLIENT_CLOSED", "the client was closed"), { graceful: true });
-    // The broker closes its side on our EOF; a broker that does not is cut off after a while.
-    await waitFor((resolve) => closing.then(resolve), { timeoutMs: 2000 }).catch(() => socket.destroy());
+    let aborted = null;
+    await waitFor((resolve) => Promise.all([...settles, ...flushes]).then(resolve), { signal, timeoutMs, what: "close" })
+      .catch((error) => { if (signal?.aborted) aborted = error; });
+    if (!this.closedWith) {
+      const socket = this.socket;
+      const closing = new Promise((resolve) => socket.once("close", resolve));
+      this.destroy(new ConnectionError("CLIENT_CLOSED", "the client was closed"), { graceful: true });
+      // The broker closes its side on our EOF; one that does not is cut off, within timeoutMs
+      // in all (at most 2 s more after the flush), and at once when the call was aborted.
+      const left = aborted ? 0 : Math.min(2000, deadline - Date.now());
+      if (left <= 0) socket.destroy();
+      else await waitFor((resolve) => closing.then(resolve), { timeoutMs: left }).catch(() => socket.destroy());
+    }
+    if (aborted) throw aborted;
   }
 
   // --- incoming ---------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ export class Consumer extends EventEmitter {
     this.topic = options.topic;
     this.subscription = options.subscription;
     this.type = options.type ?? "exclusive";
-    this.receiverQueue = options.receiverQueue ?? 1000;
+    this.receiverQueue = options.receiverQueue ?? 1000;   // (checked by Client.subscribe)
     this.active = undefined; // failover: the broker's last word on it
     this.queue = [];
     this.head = 0; // queue[head..] are not yet taken
@@ -76,6 +76,9 @@ export class Consumer extends EventEmitter {
 
   /** Grants the broker `credits` more messages (done automatically from receiverQueue). */
   flow(credits) {
+    if (!Number.isInteger(credits) || credits < 0 || credits > 0xffffffff) {
+      throw new RangeError("credits must be an integer from 0 to 4294967295");
+    }
     if (credits > 0) this.client.write({ op: "flow", consumer: this.id, credits });
   }
 

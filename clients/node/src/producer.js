@@ -10,9 +10,10 @@ import { deferred, noop, waitFor } from "./waiting.js";
 const SEND_OVERHEAD = 64;
 const MESSAGE_OVERHEAD = 48;
 const ATTR_OVERHEAD = 10;
-// A message must also fit, alone, in the broker's `message` push, whose envelope adds the
-// producer's name, the id, time and redeliveries: this margin covers them with room to spare.
-const PUSH_MARGIN = 128;
+// A message must also fit, alone, in the broker's `message` push: the broker refuses one whose
+// payload, key and attrs (each attr counted 10 bytes more) exceed max_frame less this envelope
+// (transport/codec.py PUSH_OVERHEAD, 44, and 64 more) and the producer's name. The same bound here.
+const PUSH_ENVELOPE = 44 + 64;
 // A key, and each attrs name and value: at most this many bytes of UTF-8 (the broker's bound).
 const MAX_NAME_BYTES = 255;
 
@@ -29,7 +30,7 @@ export class Producer {
     this.frameBudget = client.maxFrame - SEND_OVERHEAD;
     // The broker's default name is producer-<id>; it is copied into every message it delivers.
     const name = options.name ?? `producer-${reply.producer}`;
-    this.maxMessage = client.maxFrame - PUSH_MARGIN - Buffer.byteLength(name);
+    this.maxMessage = client.maxFrame - PUSH_ENVELOPE - Buffer.byteLength(name);
     this.batch = newBatch();
     this.ready = []; // full batches waiting for room in flight
     this.inFlight = 0; // messages sent and not yet answered
@@ -56,9 +57,10 @@ export class Producer {
     if (tooLong) {
       return this.refuse(wait, new ActorbrokerError("BAD_REQUEST", `${tooLong} is longer than ${MAX_NAME_BYTES} bytes`));
     }
-    if (size > this.maxMessage) {
-      return this.refuse(wait, new ActorbrokerError("MESSAGE_TOO_LARGE",
-        `a message of ${size} bytes does not fit the broker's max_frame of ${this.client.maxFrame}`));
+    const wire = wireSize(msg);
+    if (wire > this.maxMessage) {
+      return this.refuse(wait, new ActorbrokerError("MESSAGE_TOO_LARGE", `a message of ${wire} bytes is over the `
+        + `${this.maxMessage} that the broker's max_frame of ${this.client.maxFrame} allows`));
     }
     if (this.batch.bytes + size > this.frameBudget) this.seal();
     this.batch.msgs.push(msg);
@@ -212,8 +214,21 @@ function longName(msg) {
   return null;
 }
 
+// The message's size as the broker measures it against its bound (see PUSH_ENVELOPE).
+function wireSize(msg) {
+  let size = msg.payload.length;
+  if (msg.key !== undefined) size += Buffer.byteLength(msg.key);
+  if (msg.attrs !== undefined) {
+    for (const [name, value] of Object.entries(msg.attrs)) size += ATTR_OVERHEAD + Buffer.byteLength(name) + Buffer.byteLength(value);
+  }
+  return size;
+}
+
 // An upper bound of the message's msgpack size.
 function messageSize(msg) {
+  if (msg.attrs !== undefined && (typeof msg.attrs !== "object" || Array.isArray(msg.attrs) || msg.attrs instanceof Map)) {
+    throw new TypeError("attrs must be a plain object of strings"); // (a string or an array was sent as {"0": ...})
+  }
   let size = MESSAGE_OVERHEAD + msg.payload.length;
   if (msg.key !== undefined) {
     if (typeof msg.key !== "string") throw new TypeError("key must be a string");

@@ -123,4 +123,31 @@ describe("limits", () => {
     await Promise.all(acks);
     await eventually(async () => (await subscription(topic)).backlog === 0, { what: "backlog 0 after close" });
   });
+
+  it("refuses exactly what the broker would: payload, key and attrs against max_frame", async () => {
+    const topic = freshTopic("exact-size");
+    const producer = await client.producer(topic, { name: "p-exact" });
+    const limit = MAX_FRAME - 108 - Buffer.byteLength("p-exact");
+    assert.equal(typeof (await producer.send(Buffer.alloc(limit))), "number");
+    await producer.send(Buffer.alloc(limit - 17), { key: "kkkkk", attrs: { a: "b" } }); // 5 + 1 + 1 + 10
+    await assert.rejects(producer.send(Buffer.alloc(limit + 1)), { code: "MESSAGE_TOO_LARGE" });
+    await assert.rejects(producer.send(Buffer.alloc(limit - 17), { key: "kkkkk", attrs: { a: "bb" } }),
+      { code: "MESSAGE_TOO_LARGE" });
+    await producer.close();
+  });
+
+  it("attrs that are not a plain object, a receiverQueue below 1 and bad credits are refused", async () => {
+    const topic = freshTopic("wrong-types");
+    const producer = await client.producer(topic);
+    for (const attrs of ["abc", ["a"], new Map([["a", "b"]]), 5, true]) {
+      assert.throws(() => producer.send("x", { attrs }), TypeError, String(attrs));
+    }
+    await producer.close();
+    for (const receiverQueue of [0, -5, 1.5]) {
+      await assert.rejects(client.subscribe({ topic, subscription: "s", receiverQueue }), RangeError);
+    }
+    const consumer = await client.subscribe({ topic, subscription: "s" });
+    for (const credits of [-1, 1.5, "3", 2 ** 32]) assert.throws(() => consumer.flow(credits), RangeError);
+    await consumer.close();
+  });
 });
