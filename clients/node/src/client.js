@@ -73,6 +73,9 @@ export class Client extends EventEmitter {
     this.lastReceived = Date.now();
     this.lastCheck = 0;
     this.pingInFlight = false;
+    this.queued = 0; // bytes given to the socket so far
+    this.taken = 0; // of them, the kernel had taken this many at the last check...
+    this.takenAt = Date.now(); // ... (more than before at this time, or nothing was waiting)
     this.heartbeat = null;
     this.fatal = null; // the fatal error frame the broker sent before closing, if any
     this.closedWith = null; // set once: the connection is over
@@ -117,7 +120,14 @@ export class Client extends EventEmitter {
     }
     const rid = this.nextRid++;
     this.pending.set(rid, handlers);
-    this.socket.write(encode(rid));
+    this.send(encode(rid));
+  }
+
+  /** Bytes to the socket, counted: checkAlive tells a broker that takes none of them for two
+   * heartbeats (a hung host that still answers pings) from a slow one. */
+  send(bytes) {
+    this.queued += bytes.length;
+    this.socket.write(bytes);
   }
 
   /** Sends `frame` and resolves with its reply; an `error` reply rejects with a BrokerError. */
@@ -129,7 +139,7 @@ export class Client extends EventEmitter {
 
   write(frame) {
     if (this.closedWith) return;
-    this.socket.write(encodeFrame(frame));
+    this.send(encodeFrame(frame));
   }
 
   // --- producers and consumers ----------------------------------------------------------------
@@ -326,9 +336,21 @@ export class Client extends EventEmitter {
     const now = Date.now();
     const stalled = now - this.lastCheck > this.heartbeatMs; // the event loop was blocked: data may be waiting unread
     this.lastCheck = now;
-    if (stalled) return;
+    if (stalled) {
+      this.takenAt = now; // (nor did we give the socket a chance to write)
+      return;
+    }
     const silent = now - this.lastReceived;
-    if (silent >= DEAD_AFTER_HEARTBEATS * this.heartbeatMs) {
+    const taken = this.queued - this.socket.writableLength;
+    if (taken > this.taken || this.socket.writableLength === 0) {
+      this.taken = taken;
+      this.takenAt = now;
+    }
+    if (now - this.takenAt >= 2 * this.heartbeatMs) {
+      // A send never waits longer than that, as in the Python client: the broker reads nothing
+      this.destroy(new ConnectionError("CONNECTION_LOST",
+        `the broker took none of the ${this.socket.writableLength} bytes written for ${now - this.takenAt} ms (2 heartbeats)`));
+    } else if (silent >= DEAD_AFTER_HEARTBEATS * this.heartbeatMs) {
       this.destroy(new ConnectionError("CONNECTION_LOST", `nothing received from the broker for ${silent} ms`));
     } else if (silent >= 2 * this.heartbeatMs && !this.pingInFlight) {
       // The broker pings a silent client after heartbeatMs; pinging it ourselves only after

@@ -1,6 +1,7 @@
 // Sessions, admin ops, errors and the connection's end, against a real `actorbroker serve`.
 import assert from "node:assert/strict";
 import fs from "node:fs";
+import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -34,6 +35,37 @@ describe("session", () => {
     await producer.send("x");
     await Promise.all([producer.close(), producer.close()]);
     await producer.close();
+  });
+
+  it("a broker that stops reading (its pings still coming) is lost after two heartbeats of unsent bytes", async () => {
+    // A proxy passes the broker's frames on but stops passing the client's: the host of a hung
+    // broker process whose socket still answers. Sends queued without bound before.
+    const [host, port] = broker.address.split(":");
+    let held = false;
+    const proxy = net.createServer((downstream) => {
+      const upstream = net.connect(Number(port), host);
+      upstream.on("error", () => downstream.destroy());
+      downstream.on("error", () => upstream.destroy());
+      upstream.pipe(downstream);
+      downstream.on("data", (chunk) => {
+        if (held) downstream.pause();
+        else upstream.write(chunk);
+      });
+    });
+    await new Promise((resolve) => proxy.listen(0, "127.0.0.1", resolve));
+    const c = await connect(`127.0.0.1:${proxy.address().port}`, { heartbeatMs: 1000 });
+    const closed = new Promise((resolve) => c.once("close", resolve));
+    const producer = await c.producer(freshTopic("stuck-write"));
+    held = true;
+    const started = Date.now();
+    const sends = [];
+    for (let i = 0; i < 64; i++) sends.push(producer.send(Buffer.alloc(1 << 20)).catch((e) => e));
+    const error = await closed;
+    assert.equal(error.code, "CONNECTION_LOST");
+    assert.match(error.message, /took none of the/); // (the broker's own 3-heartbeat check would say otherwise)
+    assert.ok(Date.now() - started < 10000);
+    assert.ok((await Promise.all(sends)).every((r) => r instanceof Error || typeof r === "number"));
+    proxy.close();
   });
 
   it("pings the broker", async () => {
