@@ -42,7 +42,13 @@ class LocalBroker:
         if not match:
             self.proc.kill()
             self.proc.wait()
-            raise RuntimeError(f"broker did not start: {line!r}\n{self.log_tail()}")
+            self.stderr.flush()
+            try:   # serve's own complaint (a bad option, a port taken) is on its stderr
+                said = (self.data_dir / "serve.stderr").read_text(errors="replace").strip().splitlines()[-5:]
+            except OSError:
+                said = []
+            raise RuntimeError(f"broker did not start: {line.strip() or 'it printed nothing'}"
+                               + "".join(f"\n  {text}" for text in said) + f"\n{self.log_tail()}".rstrip())
         self.host, self.port = match.group(1), int(match.group(2))
         self.admin_port, self.admin_pid = int(match.group(3)), int(match.group(4))
         metrics = METRICS.search(line)

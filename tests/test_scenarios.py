@@ -93,6 +93,50 @@ def test_toml_syntax_error_names_the_file(tmp_path):
         load(path)
 
 
+def test_a_file_that_is_not_utf8_is_invalid_not_a_crash(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('name = "x"\ndescription = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ScenarioError, match="latin1.toml: not UTF-8"):
+        load(path)
+
+
+def test_a_broker_that_does_not_start_says_why(tmp_path):
+    runner, ok, out = run_text(tmp_path, 'name = "v"\ndescription = "d"\n[broker]\noptions = ["--no-such-flag"]\n'
+                               + opens("a"))
+    assert not ok
+    assert "unrecognized arguments: --no-such-flag" in out
+
+
+@pytest.mark.parametrize("stop", ["stop", "kill9"])
+def test_a_reconnecting_client_finds_the_broker_started_again_after_a_stop(tmp_path, stop):
+    """`start` after `stop` or `kill9` put the broker on a new port: clients with reconnect = true
+    kept trying the old one (restart_broker kept it)."""
+    runner, ok, out = run_text(tmp_path, f'''name = "v"
+description = "d"
+[[step]]
+action = "open"
+client = "r"
+reconnect = true
+reconnect_within = 20
+[[step]]
+action = "subscribe"
+client = "r"
+consumer = "c"
+topic = "/scn/ssr"
+subscription = "s"
+type = "exclusive"
+[[step]]
+action = "{stop}"
+[[step]]
+action = "start"
+[[step]]
+action = "expect_reconnected"
+client = "r"
+within = 15
+''')
+    assert ok, out
+
+
 def one_producer_one_consumer(topic):
     """Steps: client a opens, subscribes consumer c (shared "s") and producer p to `topic`."""
     return f'''[[step]]

@@ -239,6 +239,8 @@ def load(path):
         raise ScenarioError(path, f"cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(path, f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(path, f"not UTF-8 (TOML files are): byte {exc.start} cannot be read") from None
     for key, value in data.items():
         if key not in TOP:
             raise ScenarioError(path, f"unknown top-level field (known: {', '.join(TOP)})", field_name=key)

@@ -264,6 +264,7 @@ class Runner:
         t = time.monotonic()
         self.broker = LocalBroker(self.data_dir, *opts)
         self.brokers.append(self.broker)
+        self.last_port = self.broker.port
         self.seen.clear()   # after a (re)start, unacknowledged messages may come again unflagged
         return f"broker on {self.broker.host}:{self.broker.port} in {time.monotonic() - t:.2f}s"
 
@@ -281,7 +282,8 @@ class Runner:
     def step_start(self, s):
         if self.broker is not None:
             raise StepFailed("the broker is already running")
-        return self.within_limit(s, lambda: self.start_broker(s.get("options")))
+        # on the port of the broker before it (stop, kill9): clients that reconnect find it there
+        return self.within_limit(s, lambda: self.start_broker(s.get("options"), getattr(self, "last_port", None)))
 
     @staticmethod
     def within_limit(s, action):
@@ -759,7 +761,7 @@ class Runner:
                     msg = self.start_broker([])
                     self.say(f"  [ 0] start broker {sc.broker_options or ''} ... ok {time.monotonic() - t:.2f}s  {msg}")
                 except Exception as exc:
-                    self.failure = (0, f"broker did not start: {exc}", "")
+                    self.failure = (0, str(exc), "")
                     self.say(f"  [ 0] start broker ... FAILED: {exc}")
             if self.failure is None:
                 for step in sc.steps:
