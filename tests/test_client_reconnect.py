@@ -245,6 +245,23 @@ def test_no_sync_send_blocks_longer_than_two_heartbeats_on_a_broker_that_stopped
     client.close(timeout=1)
 
 
+def test_an_async_send_waits_at_most_two_heartbeats_on_a_broker_that_stopped_reading(frozen, topic):
+    """A send waiting in drain() ended only with the three-heartbeat silence rule (16 s with
+    heartbeats of 5 s): the asyncio client checks its unwritten bytes as the threaded one does."""
+    broker, freeze = frozen
+
+    async def scenario():
+        client = await AsyncClient.connect(broker.host, broker.port, heartbeat_ms=1000)
+        producer = await client.producer(topic, max_pending=1000)
+        await producer.send_sync(b"warm")
+        freeze()
+        with pytest.raises(ConnectionLost, match="read too little"):
+            for _ in range(10_000):
+                await producer.send(b"y" * 100_000)
+        await client.close(timeout=1)
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
 def test_an_async_sender_blocked_on_a_broker_that_stopped_reading_gets_connection_lost(frozen, topic):
     broker, freeze = frozen
 

@@ -41,6 +41,8 @@ class AsyncClient:
         """Use `await AsyncClient.connect(...)`."""
         self.name = name
         self._reader, self._writer = reader, writer
+        self._queued = self._taken = 0   # bytes given to the transport; of them, taken at _taken_at
+        self._taken_at = time.monotonic()
         self._core = ClientCore(name)
         self._core.last_received = time.monotonic()
         self._tasks = []
@@ -83,7 +85,7 @@ class AsyncClient:
         """Send a request now; returns (rid, future) (see Client._call)."""
         waiter = asyncio.get_running_loop().create_future()
         rid, data = self._core.request(frame, waiter, make, kind)
-        self._writer.write(data)
+        self._put(data)
         return rid, waiter
 
     async def _wait(self, rid, waiter, timeout):
@@ -125,14 +127,32 @@ class AsyncClient:
 
     def _send(self, frame):
         """A frame without rid (flow, ack, nack)."""
-        self._writer.write(self._core.one_way(frame))
+        self._put(self._core.one_way(frame))
 
     def _send_batch(self, producer, batch):
-        self._writer.write(self._core.send_request(producer, batch))
+        self._put(self._core.send_request(producer, batch))
+
+    def _put(self, data):
+        """To the transport, counted: the heartbeat tells a broker that takes nothing from one
+        that is slow (_write_stalled)."""
+        self._queued += len(data)
+        self._writer.write(data)
+
+    def _write_stalled(self, now):
+        """Bytes wait to be written and the broker took none of them for two heartbeats (a hung
+        host): a send never waits longer than that, as the threaded client's (write_within)."""
+        waiting = self._writer.transport.get_write_buffer_size()
+        taken = self._queued - waiting
+        if not waiting or taken > self._taken:
+            self._taken, self._taken_at = taken, now
+            return None
+        if now - self._taken_at < 2 * self._core.heartbeat_ms / 1000:
+            return None
+        return ConnectionLost(f"the broker read too little for {2 * self._core.heartbeat_ms} ms (2 heartbeats)")
 
     def _write_quietly(self, data):
         if self._core.lost is None:
-            self._writer.write(data)
+            self._put(data)
 
     async def _drain(self):
         try:
@@ -249,11 +269,14 @@ class AsyncClient:
     async def _heartbeat_loop(self):
         while not self._finished.is_set() and (self._core.lost is None or self._reconnect is not None):
             await asyncio.sleep(self.heartbeat_ms / 4000)
-            ping, dead = self._core.heartbeat(time.monotonic())
+            now = time.monotonic()
+            ping, dead = self._core.heartbeat(now)
+            if dead is None and self._core.lost is None:
+                dead = self._write_stalled(now)
             if dead is not None:
                 self._connection_lost(dead)
             elif ping is not None:
-                self._writer.write(ping)
+                self._put(ping)
 
     # --- reconnecting (the reader task's) -------------------------------------------------------
 
@@ -268,6 +291,8 @@ class AsyncClient:
                 pass
             try:
                 self._reader, self._writer = await _open(host, port, tls, timeout)
+                self._queued = self._taken = 0
+                self._taken_at = time.monotonic()
             except (OSError, asyncio.TimeoutError):
                 continue
             self._core.restart(time.monotonic())
@@ -306,7 +331,7 @@ class AsyncClient:
                     waiter = asyncio.get_running_loop().create_future()
                     try:
                         _, data = self._core.reopen_request(obj, waiter)
-                        self._writer.write(data)
+                        self._put(data)
                     except ConnectionLost as exc:
                         waiter.set_exception(exc)
                     waiters.append((obj, waiter))
