@@ -1,6 +1,7 @@
 """One broker over three hosts (docs/cluster.md): three network namespaces made by the test, a
 real `actorbroker serve` in each, joined in a Thespian convention; clients in the test's own
 namespace reach every node. Every namespace, link and process is removed by the test."""
+import contextlib
 import os
 import signal
 import time
@@ -312,6 +313,22 @@ def test_kill_9_of_a_node(cluster):
         assert receive_all(consumer, 100) == [b"r%d" % i for i in range(100)]
 
 
+@contextlib.contextmanager
+def stopped_until_lost(cluster, node):
+    """Every process of `node` stopped (SIGSTOP) until the other nodes have declared it lost, and
+    for the `with` block; continued at its end."""
+    pids = cluster.nodes[node].processes()
+    stopped = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        lost_within(cluster, [n for n in ("a", "b", "c") if n != node], node, stopped, "SIGSTOP")
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_sigstop_of_a_node_then_it_fences_itself(cluster):
     """A stopped node keeps its sockets open: the heartbeat finds it lost; its non_reliable topic
     goes to a survivor; once continued it learns it was lost, ends its own copy, and comes back as
@@ -319,20 +336,12 @@ def test_sigstop_of_a_node_then_it_fences_itself(cluster):
     topic = cluster.topic_on("b")
     with cluster.client("a") as on_a, cluster.client("c") as on_c:
         consumer = on_c.subscribe(topic, "s", "shared", "c1")
-        b_pids = cluster.nodes["b"].processes()
-        stopped = time.monotonic()
-        for pid in b_pids:
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            lost_within(cluster, ["a", "c"], "b", stopped, "SIGSTOP")
+        with stopped_until_lost(cluster, "b"):
             owner = rehomed(cluster, topic, "b", on="c")
             # no socket told C: the loss itself re-attaches its consumer on the survivor
             wait_for(lambda: attached(on_c, topic)[1] == ["s"], 10, "the consumer re-attached")
             produce(on_a, topic, [b"x%d" % i for i in range(20)])
             assert sorted(receive_all(consumer, 20)) == sorted(b"x%d" % i for i in range(20))
-        finally:
-            for pid in b_pids:
-                os.kill(pid, signal.SIGCONT)
         cluster.wait_live("a", ["a", "b", "c"])
         cluster.wait_live("b", ["a", "b", "c"])
         # one owner, the survivor, in every node's view; B's own copy is gone
@@ -642,15 +651,8 @@ def test_a_stopped_nodes_clients_keep_their_consumers_of_other_nodes_topics(clus
         held = on_b.subscribe(reliable, "r", "exclusive", "b2", dispatch="reliable")
         producer = produce(on_a, on_a_topic, [b"before"])
         assert receive_all(consumer, 1) == [b"before"]
-        b_pids = cluster.nodes["b"].processes()
-        stopped = time.monotonic()
-        for pid in b_pids:
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            lost_within(cluster, ["a", "c"], "b", stopped, "SIGSTOP")
-        finally:
-            for pid in b_pids:
-                os.kill(pid, signal.SIGCONT)
+        with stopped_until_lost(cluster, "b"):
+            pass
         for node in ("a", "b", "c"):
             cluster.wait_live(node, ["a", "b", "c"])
         wait_for(lambda: held.closed_reason == "node_lost", 10, "the reliable consumer closed")
