@@ -203,6 +203,13 @@ _MSGS_KEY = msgpack.packb("msgs")
 PUSH_OVERHEAD = 4 + len(_MSG_PREFIX) + 9 + len(_MSGS_KEY) + 5
 
 
+def max_message_bytes(max_frame, producer_name):
+    """The most a message may hold (payload, key and attrs as validate.message_problem counts
+    them) to be delivered alone in one push: the envelope, 64 bytes for a record's fields, and the
+    producer's name, which every record carries. The broker's bound, and its clients'."""
+    return max_frame - PUSH_OVERHEAD - 64 - len(producer_name.encode("utf-8"))
+
+
 def _array_header(n):
     if n < 16:
         return bytes((0x90 | n,))

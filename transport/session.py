@@ -24,7 +24,7 @@ reading of requests at once; its error frame ends the outbox, and the owner may 
 import ipaddress
 
 from actorbroker.transport import errors as E, validate
-from actorbroker.transport.codec import (FrameDecoder, PUSH_OVERHEAD, SUPPORTED_VERSIONS, encode_frame,
+from actorbroker.transport.codec import (FrameDecoder, SUPPORTED_VERSIONS, encode_frame, max_message_bytes,
                                          pack_payloads)
 from actorbroker.transport.validate import Invalid, is_uint
 
@@ -303,7 +303,7 @@ class Session:
         if name is None:
             self.error(E.UNKNOWN_PRODUCER, f"producer {producer_id} is not open on this connection", rid)
             return
-        limit = self.config.max_frame - PUSH_OVERHEAD - 64 - len(name.encode())
+        limit = max_message_bytes(self.config.max_frame, name)
         payloads = frame.get("payloads")
         if payloads is not None and self.version >= 2:
             send = self._columns(frame, payloads, limit, rid)

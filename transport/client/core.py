@@ -25,7 +25,7 @@ import os
 from collections import namedtuple
 from itertools import repeat
 
-from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, PUSH_OVERHEAD, FrameDecoder, encode_frame
+from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, encode_frame, max_message_bytes
 from actorbroker.transport.errors import (
     BAD_REQUEST, CONSUMER_BUSY, FATAL_CODES, INTERNAL, OVERLOADED, PRODUCER_BUSY, UNKNOWN_CONSUMER,
     UNKNOWN_PRODUCER, BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed, error_for,
@@ -396,9 +396,8 @@ def _name_bytes(value, what):
 
 
 def max_message_size(max_frame, producer_name):
-    """Largest message the broker takes (and can deliver in one push), measured as it measures
-    it (transport/session.py, validate.message_problem): payload, key and attributes' bytes."""
-    return max_frame - PUSH_OVERHEAD - 64 - len(producer_name.encode("utf-8"))
+    """Largest message the broker takes, measured as it measures it (_wire_size)."""
+    return max_message_bytes(max_frame, producer_name)
 
 
 def _wire_size(payload, key, attrs):
