@@ -57,7 +57,7 @@ export class Producer {
     if (tooLong) {
       return this.refuse(wait, new ActorbrokerError("BAD_REQUEST", `${tooLong} is longer than ${MAX_NAME_BYTES} bytes`));
     }
-    const wire = wireSize(msg);
+    const wire = size - MESSAGE_OVERHEAD; // as the broker measures it (see PUSH_ENVELOPE)
     if (wire > this.maxMessage) {
       return this.refuse(wait, new ActorbrokerError("MESSAGE_TOO_LARGE", `a message of ${wire} bytes is over the `
         + `${this.maxMessage} that the broker's max_frame of ${this.client.maxFrame} allows`));
@@ -212,16 +212,6 @@ function longName(msg) {
     }
   }
   return null;
-}
-
-// The message's size as the broker measures it against its bound (see PUSH_ENVELOPE).
-function wireSize(msg) {
-  let size = msg.payload.length;
-  if (msg.key !== undefined) size += Buffer.byteLength(msg.key);
-  if (msg.attrs !== undefined) {
-    for (const [name, value] of Object.entries(msg.attrs)) size += ATTR_OVERHEAD + Buffer.byteLength(name) + Buffer.byteLength(value);
-  }
-  return size;
 }
 
 // An upper bound of the message's msgpack size.
