@@ -7,8 +7,8 @@ import pytest
 
 from actorbroker.transport import errors as E
 from actorbroker.transport.client.core import (
-    ACTIVE, BROKEN, CLOSED, LOST, MESSAGES, RECEIPT, REPLY, WRITE, Batch, ClientCore, ConsumerCore,
-    Message, ProducerCore, dispatch, open_consumer, open_producer)
+    ACTIVE, BROKEN, CLOSED, LOST, MESSAGES, RECEIPT, REOPEN, REPLY, WRITE, Batch, ClientCore, ConsumerCore,
+    Message, ProducerCore, dispatch, end_unopened, open_consumer, open_producer)
 from actorbroker.transport.codec import FrameDecoder, encode_frame, encode_message_frames, encode_record
 
 
@@ -66,6 +66,9 @@ class IO:
 
     def _write_quietly(self, data):
         self.written.append(data)
+
+    def _reopen_later(self, obj):
+        self.reopening = getattr(self, "reopening", []) + [obj]
 
 
 def open_(core, kind, rid_reply, waiter="w"):
@@ -482,6 +485,58 @@ def test_a_reopen_lost_with_its_connection_keeps_the_object_once():
     assert core.detached == [consumer]
     assert core.reopen_failed(consumer, E.ConnectionLost("gone again")) is False
     assert core.take_detached() == [consumer]
+
+
+def test_a_client_that_reconnects_reopens_what_a_dead_broker_process_closed():
+    """`closed` with topic_lost, subscription_lost or node_lost (a broker process died, a node was
+    lost): a client that reconnects keeps the producer or consumer and opens it again; any other
+    reason (or a client that does not reconnect) ends it, as before."""
+    core = ClientCore("me")
+    _, producer = open_(core, "producer", {"op": "producer_ok", "producer": 1})
+    assert feed(core, {"op": "closed", "producer": 1, "reason": "topic_lost"}) == [(CLOSED, producer, "topic_lost")]
+
+    core = ClientCore("me")
+    core.reopens = True
+    _, producer = open_(core, "producer", {"op": "producer_ok", "producer": 1})
+    _, consumer = open_(core, "consumer", {"op": "subscribed", "consumer": 2})
+    _, other = open_(core, "consumer", {"op": "subscribed", "consumer": 3})
+    events = feed(core, {"op": "closed", "producer": 1, "reason": "topic_lost"},
+                  {"op": "closed", "consumer": 2, "reason": "subscription_lost"},
+                  {"op": "closed", "consumer": 3, "reason": "unsubscribed"})
+    assert events == [(REOPEN, producer, "topic_lost"), (REOPEN, consumer, "subscription_lost"),
+                      (CLOSED, other, "unsubscribed")]
+    io = IO()
+    dispatch(events, io)
+    assert io.reopening == [producer, consumer] and other.closed_reason == "unsubscribed"
+    assert producer.closed_reason is None and consumer.closed_reason is None
+    assert core.take_detached() == [producer, consumer]
+    # the topic's restart is waited for (INTERNAL, TOPIC_UNAVAILABLE) as a busy refusal is
+    from actorbroker.transport.client.core import Reconnect
+    plan = Reconnect([("h", 1)], initial=0.1)
+    assert [core.reopen_retry(producer, E.error_for(code, "again"), 10.0, plan)
+            for code in ("INTERNAL", "TOPIC_UNAVAILABLE")] == [0.1, 0.2]
+    # reopened: the new id is the broker's; refused for good: it ends with the reason it was closed for
+    assert core.reopened(producer) is None
+    refused = E.error_for("NOT_AUTHORIZED", "no")
+    assert core.reopen_failed(consumer, refused) is True
+    end_unopened(consumer, core.reopen_reason(consumer), refused)
+    assert consumer.closed_reason == "subscription_lost"
+
+
+def test_a_producer_or_consumer_closed_by_the_application_while_it_is_reopened_stays_closed():
+    core = ClientCore("me")
+    core.reopens = True
+    _, consumer = open_(core, "consumer", {"op": "subscribed", "consumer": 2})
+    _, kept = open_(core, "consumer", {"op": "subscribed", "consumer": 4})
+    feed(core, {"op": "closed", "consumer": 2, "reason": "topic_lost"},
+         {"op": "closed", "consumer": 4, "reason": "topic_lost"})
+    kept._ended("closed")                 # closed before its reopen was sent: not sent at all
+    assert core.take_detached() == [consumer]
+    rid, _ = core.reopen_request(consumer, "w")
+    consumer._ended("closed")             # closed while its reopen was on its way: closed again
+    dispatch(feed(core, {"op": "subscribed", "rid": rid, "consumer": 7}), IO())
+    [close] = frames_of(core.reopened(consumer))
+    assert (close["op"], close["consumer"]) == ("close_consumer", 7)
 
 
 def test_payloads_are_bytes_str_or_buffers():

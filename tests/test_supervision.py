@@ -608,6 +608,47 @@ def test_every_send_in_flight_when_the_topic_dies_is_answered(start_broker, topi
     conn.close()
 
 
+def unread_by_broker(broker_port, client_port):
+    """Bytes the broker's end of a loopback TCP connection holds unread (/proc/net/tcp rx_queue)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if int(local.split(":")[1], 16) == broker_port and int(remote.split(":")[1], 16) == client_port:
+                return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+def test_a_send_the_shard_passes_to_a_topic_that_just_died_is_answered(start_broker, topic):
+    """The shard reads a send before it has seen the topic's lane end: writing it to the dead
+    lane failed, and the lane's end was handled right inside that write, before the send was
+    recorded as in flight, so that it was never answered. The shard is stopped while the send
+    arrives and the topic is killed, so that it reads the send first."""
+    from tests.wire import RawConnection
+    b = start_broker()
+    conn = RawConnection(*b.address)
+    conn.hello()
+    producer = conn.request({"op": "producer", "topic": topic, "dispatch": "reliable"})["producer"]
+    assert conn.request({"op": "send", "producer": producer, "msgs": [{"payload": b"before"}]})["op"] == "receipt"
+    shards = processes_of_kind(b, "ab-shard")
+    victim = only_process(b, "ab-topic")
+    for pid in shards:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        conn.send_frame({"op": "send", "rid": 77, "producer": producer, "msgs": [{"payload": b"in flight"}]})
+        wait_for(lambda: unread_by_broker(b.port, conn.sock.getsockname()[1]), bool)
+        kill(victim)
+    finally:
+        for pid in shards:
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + FEW_S
+    answer = conn.recv_frame(timeout=FEW_S)
+    while answer.get("op") in ("closed", "ping") and time.monotonic() < deadline:   # (the producer's end)
+        answer = conn.recv_frame(timeout=max(0.01, deadline - time.monotonic()))
+    assert answer.get("rid") == 77 and answer["op"] in ("receipt", "error"), answer
+    conn.close()
+
+
 @pytest.mark.parametrize("kind", ["ab-disp", "ab-sub", "ab-topic"])
 def test_every_request_of_a_subscribe_storm_is_answered_when_its_actors_die(start_broker, topic, kind):
     """Six connections cycle subscribe -> close_consumer or unsubscribe, each on a subscription

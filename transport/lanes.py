@@ -267,13 +267,16 @@ class Lane:
         self.challenge = b""
 
     def send(self, obj):
-        """Queue one frame and write what the socket takes now; the rest goes when writable."""
+        """Queue one frame and write what the socket takes now; the rest goes when writable.
+        A write that fails here (the peer died) is reported by the lane's next event, never from
+        inside send: the sender's own bookkeeping around a send (a PUBLISH recorded as in flight
+        right after it) must not be cut in half by its on_closed handler."""
         if self.closed:
             return
         self.outbuf += encode_lane_frame(obj)
-        self.flush()
+        self.flush(report=False)
 
-    def flush(self):
+    def flush(self, report=True):
         if self.auth == "challenged":
             self._update_mask()
             return   # nothing goes before the answer to the challenge
@@ -283,8 +286,10 @@ class Lane:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self.hub._lost(self, f"write: {exc}")
-                return
+                if report:
+                    self.hub._lost(self, f"write: {exc}")
+                    return
+                break   # still OUT in the mask: the next poll reports it (flush again, or EOF)
             del self.outbuf[:sent]
         self._update_mask()
 

@@ -16,8 +16,8 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HEARTBEAT_MS, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore,
-    ConsumerCore, Message, ProducerCore, Reconnect, call_back, dispatch, hello_frame, open_consumer, open_producer,
-    parse_address, read_failure)
+    ConsumerCore, Message, ProducerCore, Reconnect, call_back, dispatch, end_unopened, first_addresses, hello_frame, open_consumer,
+    open_producer, parse_address, read_failure)
 from actorbroker.transport.client.tls import client_context, server_name
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
@@ -58,10 +58,19 @@ class AsyncClient:
         """tls: None (plain TCP), True (TLS, the system's CAs), a TlsOptions or an ssl.SSLContext;
         asyncio's own TLS (memory BIOs under its transport) carries it. reconnect, on_reconnect,
         protocol_version: as Client's (on_reconnect is called in the reader task)."""
-        reader, writer = await _open(host, port, tls, connect_timeout)
+        errors = []
+        for address in first_addresses((host, port), reconnect):   # as Client's first connect
+            try:
+                reader, writer = await _open(*address, tls, connect_timeout)
+                break
+            except (OSError, asyncio.TimeoutError) as exc:
+                errors.append(exc)
+        else:
+            raise errors[0]
         self = cls(reader, writer, name)
         self._reconnect = Reconnect([(host, port)]) if reconnect is True else reconnect
         self._on_reconnect = on_reconnect
+        self._core.reopens = self._reconnect is not None
         self._hello = (token, heartbeat_ms, tls, connect_timeout, protocol_version)
         self._tasks.append(asyncio.create_task(self._read_loop()))
         try:
@@ -319,9 +328,13 @@ class AsyncClient:
                 waiter.cancel()   # nobody will read it: the failed attempt is retried
         self._core.welcomed(waiter.result())
 
-    async def _reopen_all(self):
-        """Open every kept producer and consumer again, resume them, then tell on_reconnect. One
-        refused as busy is tried again a little later (ClientCore.reopen_retry)."""
+    def _reopen_later(self, obj):
+        """As Client._reopen_later, in a task."""
+        obj._pause()
+        self._tasks.append(asyncio.create_task(self._reopen_all(False)))
+
+    async def _reopen_all(self, reconnected=True):
+        """As Client._reopen_all."""
         kept = self._core.take_detached()
         todo = set(kept)   # neither resumed nor ended nor kept for the next reconnect yet
         try:
@@ -339,9 +352,12 @@ class AsyncClient:
                 for obj, waiter in waiters:
                     try:
                         await asyncio.wait_for(waiter, self._hello[3] * 2)
-                        self._core.reopened(obj)
+                        closing = self._core.reopened(obj)
                         todo.discard(obj)
-                        obj._resume()
+                        if closing is None:
+                            obj._resume()
+                        else:   # closed by the application meanwhile
+                            self._put(closing)
                         continue
                     except asyncio.TimeoutError:
                         error = ConnectionLost("reopening it after a reconnect: no answer")
@@ -353,19 +369,19 @@ class AsyncClient:
                         continue
                     todo.discard(obj)
                     if self._core.reopen_failed(obj, error):
-                        obj._lost(error, False)
+                        end_unopened(obj, self._core.reopen_reason(obj), error)
                 kept = [obj for _, obj in retry]
                 if retry:
                     await asyncio.sleep(min(delay for delay, _ in retry))
         finally:   # cancelled (the client closes): what is not settled yet ends now
             for obj in todo:
                 obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
-        if self._on_reconnect is not None and self.connected:
+        if reconnected and self._on_reconnect is not None and self.connected:
             call_back(self._on_reconnect, self)
 
     def _give_up(self):
         """Closed for good: what was kept for a reconnect ends as lost."""
-        for obj in self._core.take_detached():
+        for obj in self._core.take_detached(final=True):
             obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
         self._finished.set()
 

@@ -12,6 +12,8 @@ aio.py with asyncio) carries out with its own primitives:
     (ACTIVE, consumer, bool)                 failover state of a consumer
     (CLOSED, producer_or_consumer, reason)   the broker ended it (already detached here)
     (LOST, producer_or_consumer, error, client_closing)   the connection is gone
+    (REOPEN, producer_or_consumer, reason)   the broker ended it for a reason a reconnecting
+                                             client recovers from (REOPEN_REASONS): open it again
     (WRITE, bytes)                           to write now: a pong, or the close of an abandoned open
     (BROKEN, exception)                      the bytes received cannot be used: abandon the connection
 
@@ -27,8 +29,8 @@ from itertools import repeat
 
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, encode_frame, max_message_bytes
 from actorbroker.transport.errors import (
-    BAD_REQUEST, CONSUMER_BUSY, FATAL_CODES, INTERNAL, OVERLOADED, PRODUCER_BUSY, UNKNOWN_CONSUMER,
-    UNKNOWN_PRODUCER, BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed, error_for,
+    BAD_REQUEST, CONSUMER_BUSY, FATAL_CODES, INTERNAL, OVERLOADED, PRODUCER_BUSY, TOPIC_UNAVAILABLE,
+    UNKNOWN_CONSUMER, UNKNOWN_PRODUCER, BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed, error_for,
     error_from_frame)
 
 
@@ -43,6 +45,14 @@ DEAD_AFTER_HEARTBEATS = 3   # nothing at all received for this many heartbeats: 
 # heartbeats after the first refusal, plus BUSY_RETRY_MARGIN_S, before the refusal is final.
 BUSY_RETRY_HEARTBEATS = DEAD_AFTER_HEARTBEATS
 BUSY_RETRY_MARGIN_S = 1.0
+# A reopen refused with one of these is tried again within the same window: the broker is busy
+# with what ended the old attachment (an old connection not found dead yet, a topic or
+# subscription process restarting, a topic moving to another node), and says "send it again".
+REOPEN_RETRY_CODES = (PRODUCER_BUSY, CONSUMER_BUSY, TOPIC_UNAVAILABLE, INTERNAL)
+# `closed` reasons after which a client that reconnects opens the producer or consumer again by
+# itself, as Pulsar's clients do when a topic is unloaded: a broker process died or a node was
+# lost (docs/protocol.md, "When a broker process dies"), nothing the application did.
+REOPEN_REASONS = frozenset({"topic_lost", "subscription_lost", "node_lost"})
 
 # Bytes of a `send` frame around its records: length header, op, rid, producer id, msgs array header.
 SEND_OVERHEAD = 64
@@ -53,8 +63,8 @@ ACK_OVERHEAD = 96
 MAX_NAME_BYTES = 255
 
 # Event kinds (see the module docstring).
-REPLY, RECEIPT, MESSAGES, ACTIVE, CLOSED, LOST, WRITE, BROKEN, EVENT = (
-    "reply", "receipt", "messages", "active", "closed", "lost", "write", "broken", "event")
+REPLY, RECEIPT, MESSAGES, ACTIVE, CLOSED, LOST, WRITE, BROKEN, EVENT, REOPEN = (
+    "reply", "receipt", "messages", "active", "closed", "lost", "write", "broken", "event", "reopen")
 _IGNORED = ("ignored",)     # pending entry of a request whose reply nobody waits for (our pings)
 _CLOSING = "closing"        # pending entry kind of a close_producer/close_consumer (close_request)
 _ABANDONED = "abandoned"    # pending entry kind of a producer/subscribe request nobody waits for
@@ -344,6 +354,13 @@ class Reconnect:
         """The wait before the retry that follows `retries` others: `initial`, doubling, up to
         `maximum`."""
         return min(self.maximum, self.initial * 2 ** min(retries, 32))
+
+
+def first_addresses(address, reconnect):
+    """Where the first connect goes: address, then the other seed addresses of a Reconnect (as
+    NATS's clients use their server list from the start)."""
+    seeds = reconnect.addresses if isinstance(reconnect, Reconnect) else []
+    return [tuple(address)] + [seed for seed in seeds if seed != tuple(address)]
 
 
 # --- batching ---------------------------------------------------------------------------------
@@ -787,6 +804,9 @@ class ClientCore:
         self._rids = itertools.count(1)
         self._decoder = FrameDecoder(max_frame=DEFAULT_MAX_FRAME)
         self.detached = []        # producers and consumers kept across a loss, to open again
+        self.reopens = False      # the I/O layer reconnects: keep what REOPEN_REASONS ended too
+        self.final = False        # closed for good: nothing is kept for a reopen any more
+        self._reopening = {}      # producer/consumer -> the `closed` reason it is being reopened after
         self._busy = {}           # producer/consumer -> (deadline, retries) of a reopen refused as busy
 
     def restart(self, now):
@@ -804,14 +824,17 @@ class ClientCore:
         rebinds it (new id) and settles waiter with it."""
         return self.request(obj._reopen_frame, waiter, obj._rebind, obj.kind)
 
-    def take_detached(self):
+    def take_detached(self, final=False):
+        """What is kept to be opened again; final: the client is closed for good, so a reopen
+        that fails from now on ends its producer or consumer (reopen_failed)."""
+        self.final = self.final or final
         kept, self.detached = self.detached, []
-        return kept
+        return [obj for obj in kept if obj._end is None]   # not closed by the application meanwhile
 
     def reopen_failed(self, obj, error):
         """A reopen that failed with error: True if obj must end with it (the broker refused, e.g.
         CONSUMER_BUSY); False if it is kept for the next reconnect (the connection was lost again)."""
-        if isinstance(error, ConnectionLost):
+        if isinstance(error, ConnectionLost) and not self.final:
             if obj not in self.detached:   # the loss may have put it there already (attached then)
                 self.detached.append(obj)
             return False
@@ -824,7 +847,7 @@ class ClientCore:
         old connection, which the broker has not found dead yet (a network cut it did not see):
         it is retried with the reconnect's backoff until the broker must have dropped that one
         (BUSY_RETRY_HEARTBEATS heartbeats and a margin after the first refusal)."""
-        if not (isinstance(error, BrokerError) and error.code in (PRODUCER_BUSY, CONSUMER_BUSY)):
+        if not (isinstance(error, BrokerError) and error.code in REOPEN_RETRY_CODES):
             self._busy.pop(obj, None)
             return None
         window = BUSY_RETRY_HEARTBEATS * self.heartbeat_ms / 1000 + BUSY_RETRY_MARGIN_S
@@ -836,8 +859,21 @@ class ClientCore:
         return min(reconnect.backoff(retries), deadline - now)
 
     def reopened(self, obj):
-        """obj is open again."""
+        """obj is open again: None, or, if the application closed it while it was being opened,
+        the bytes that close it on the broker again (nobody waits for their answer)."""
         self._busy.pop(obj, None)
+        self._reopening.pop(obj, None)
+        if obj._end is None:
+            return None
+        self._attachments.detach(obj.kind, obj.id)
+        rid = next(self._rids)
+        self._pending[rid] = _IGNORED
+        return encode_frame(dict(obj._close_frame(), rid=rid))
+
+    def reopen_reason(self, obj):
+        """The `closed` reason obj was being reopened after (None after a lost connection); its
+        reopen has failed for good."""
+        return self._reopening.pop(obj, None)
 
     # --- session -------------------------------------------------------------------------------
 
@@ -852,7 +888,11 @@ class ClientCore:
         """What to raise when hello failed with exc: when the connection ended, the broker's fatal
         error if it sent one."""
         if isinstance(exc, ConnectionLost):
-            return self.last_error or ConnectionLost(f"during hello: {exc}")
+            if self.last_error is not None:
+                return self.last_error
+            # bytes that are no frame at all before any answer: most likely not a broker
+            hint = " (is the peer an actorbroker broker?)" if "connection abandoned" in str(exc) else ""
+            return ConnectionLost(f"during hello: {exc}{hint}")
         return exc
 
     def end_reason(self, reason):
@@ -996,7 +1036,14 @@ class ClientCore:
             events.append((ACTIVE, target, bool(frame.get("active"))))
         else:
             self._attachments.detach(target.kind, target.id)
-            events.append((CLOSED, target, frame.get("reason", "closed")))
+            reason = frame.get("reason", "closed")
+            if (self.reopens and not self.closing and not self.final and reason in REOPEN_REASONS
+                    and getattr(target, "_reopen_frame", None) is not None):
+                self._reopening[target] = reason
+                self.detached.append(target)
+                events.append((REOPEN, target, reason))
+            else:
+                events.append((CLOSED, target, reason))
 
     def _reply(self, entry, frame, events):
         error = error_from_frame(frame) if frame["op"] == "error" else None
@@ -1054,9 +1101,18 @@ class ClientCore:
         return events
 
 
+def end_unopened(obj, reason, error):
+    """A reopen of obj failed for good: it ends with the `closed` reason it was being reopened
+    after (ClientCore.reopen_reason), or, after a lost connection (None), as lost with error."""
+    if reason is not None:
+        obj._closed(reason)
+    else:
+        obj._lost(error, False)
+
+
 def dispatch(events, client):
-    """Carry out events: `client._settle(waiter, result, error)` and `client._write_quietly(data)`
-    are the I/O layer's; producers and consumers get `_receipt`, `_deliver`, `_activated`, `_closed` and
+    """Carry out events: `client._settle(waiter, result, error)`, `client._write_quietly(data)`
+    and `client._reopen_later(obj)` are the I/O layer's; producers and consumers get `_receipt`, `_deliver`, `_activated`, `_closed` and
     `_lost` calls. A BROKEN event raises its exception, after the events before it."""
     for event in events:
         kind = event[0]
@@ -1076,5 +1132,7 @@ def dispatch(events, client):
             client._write_quietly(event[1])
         elif kind is EVENT:
             client._event(event[1])
+        elif kind is REOPEN:
+            client._reopen_later(event[1])
         elif kind is BROKEN:
             raise event[1]

@@ -22,8 +22,8 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore, ConsumerCore, Message,
-    ProducerCore, Reconnect, call_back, dispatch, hello_frame, open_consumer, open_producer, parse_address,
-    read_failure)
+    ProducerCore, Reconnect, call_back, dispatch, end_unopened, first_addresses, hello_frame, open_consumer, open_producer,
+    parse_address, read_failure)
 from actorbroker.transport.client.tls import TlsSocket, client_context, server_name
 from actorbroker.transport.codec import PROTOCOL_VERSION
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
@@ -90,10 +90,11 @@ class Client:
         if reconnect is True:
             reconnect = Reconnect([(host, port)])
         self._reconnect, self._on_reconnect = reconnect, on_reconnect
+        core.reopens = reconnect is not None
         self._hello = (token, heartbeat_ms, tls, connect_timeout, protocol_version)
         self._finished = threading.Event()     # closed for good (not reconnecting)
         self._lost_seen = threading.Event()    # the connection was found lost (since the last connect)
-        self._sock = open_socket(host, port, tls, connect_timeout)
+        self._sock = first_open(open_socket, first_addresses((host, port), reconnect), tls, connect_timeout)
         self._sock.settimeout(None)
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()          # guards the core; never held during I/O
@@ -374,9 +375,16 @@ class Client:
         self._core.welcomed(waiter.result(0))
         bound_send_wait(self._sock, self._core.heartbeat_ms)
 
-    def _reopen_all(self):
-        """Open every kept producer and consumer again, resume them, then tell on_reconnect. One
-        refused as busy is tried again a little later (ClientCore.reopen_retry)."""
+    def _reopen_later(self, obj):
+        """The broker closed obj for a reason the client recovers from (a broker process died,
+        core.REOPEN_REASONS): open it again, as after a reconnect, from a thread of its own."""
+        obj._pause()
+        threading.Thread(target=self._reopen_all, args=(False,), name=f"{self.name}-reopen", daemon=True).start()
+
+    def _reopen_all(self, reconnected=True):
+        """Open every kept producer and consumer again, resume them, then tell on_reconnect (after
+        a reconnect). One refused as busy, or by a topic or subscription still restarting, is
+        tried again a little later (ClientCore.reopen_retry)."""
         with self._lock:
             kept = self._core.take_detached()
         while kept:
@@ -392,8 +400,11 @@ class Client:
                     if waiter is not None:
                         waiter.result(self._hello[3] * 2)
                         with self._lock:
-                            self._core.reopened(obj)
-                        obj._resume()
+                            closing = self._core.reopened(obj)
+                        if closing is None:
+                            obj._resume()
+                        else:   # closed by the application meanwhile
+                            self._write_quietly(closing)
                         continue
                 except _NoReplyYet:
                     error = ConnectionLost("reopening it after a reconnect: no answer")
@@ -402,17 +413,18 @@ class Client:
                 with self._lock:
                     delay = self._core.reopen_retry(obj, error, time.monotonic(), self._reconnect)
                     ends = delay is None and self._core.reopen_failed(obj, error)
+                    reason = self._core.reopen_reason(obj) if ends else None
                 if delay is not None:
                     retry.append((delay, obj))
                 elif ends:
-                    obj._lost(error, False)
+                    end_unopened(obj, reason, error)
             if retry:
                 if self._finished.wait(min(delay for delay, _ in retry)):   # closed meanwhile
                     for _, obj in retry:
                         obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
                     return
                 kept = [obj for _, obj in retry]
-        if self._on_reconnect is not None and self.connected:
+        if reconnected and self._on_reconnect is not None and self.connected:
             call_back(self._on_reconnect, self)
 
     def _call_reopen(self, obj):
@@ -425,7 +437,7 @@ class Client:
     def _give_up(self):
         """Closed for good: what was kept for a reconnect ends as lost."""
         with self._lock:
-            kept = self._core.take_detached()
+            kept = self._core.take_detached(final=True)
         for obj in kept:
             obj._lost(self._core.lost or ConnectionLost("client closed"), self._core.closing)
         self._finished.set()
@@ -550,6 +562,18 @@ def bound_send_wait(sock, heartbeat_ms):
     wait_ms = 2 * heartbeat_ms
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                     struct.pack("ll", wait_ms // 1000, wait_ms % 1000 * 1000))
+
+
+def first_open(opener, addresses, *args):
+    """opener(host, port, *args) of the first address that answers; the first one's error if none
+    does."""
+    first_error = None
+    for host, port in addresses:
+        try:
+            return opener(host, port, *args)
+        except OSError as exc:
+            first_error = first_error or exc
+    raise first_error
 
 
 def open_socket(host, port, tls, timeout):
