@@ -78,6 +78,33 @@ def test_sync_client_reconnects_to_the_next_seed_address(start_broker, topic):
         assert admin.topics()[0]["name"] == topic
 
 
+def _refused_address():
+    """A loopback address where nothing listens (a port just bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()
+
+
+def test_the_first_connect_tries_the_other_seed_addresses_too(start_broker, topic):
+    # As NATS's clients: the seed list serves the first connect, not only reconnects.
+    broker = start_broker()
+    down = _refused_address()
+    with Client(*down, reconnect=Reconnect([down, broker.address])) as client:
+        assert client.ping(timeout=5) is not None
+        assert client.topics() == []
+
+    async def main():
+        client = await AsyncClient.connect(*down, reconnect=Reconnect([down, broker.address]))
+        try:
+            await client.producer(topic)
+            return [t["name"] for t in await client.topics()]
+        finally:
+            await client.close()
+    assert asyncio.run(main()) == [topic]
+    with pytest.raises(ConnectionRefusedError):   # none answers: the first address's error
+        Client(*down, reconnect=Reconnect([down, _refused_address()]))
+
+
 def test_sync_client_gives_up_and_ends_its_consumers(start_broker, topic):
     broker = start_broker()
     client = Client(broker.host, broker.port, reconnect=Reconnect([broker.address], give_up_after=0.5))

@@ -853,6 +853,103 @@ def test_a_subscribe_that_meets_a_just_killed_subscription_process_is_answered(s
         assert newcomer.closed_reason is None
 
 
+# --- a client that reconnects recovers by itself ----------------------------------------------
+
+class Sender:
+    """One producer's sends from a thread, one at a time, never reopened by the test: a send that
+    fails (INTERNAL while the topic restarts) is recorded and the next goes on; the thread ends
+    if the producer is closed for good."""
+
+    def __init__(self, producer):
+        self.producer = producer
+        self.receipts = []     # (monotonic time the send started, offset, payload)
+        self.errors = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        seq = 0
+        while not self._stop.is_set():
+            payload = f"s{seq}".encode()
+            seq += 1
+            started = time.monotonic()
+            try:
+                self.receipts.append((started, self.producer.send_sync(payload, timeout=EVENTUALLY_S), payload))
+            except ProducerClosed as exc:
+                self.errors.append(exc)
+                return
+            except (BrokerError, ConnectionLost) as exc:
+                self.errors.append(exc)
+            self._stop.wait(0.02)
+
+    def payloads_since(self, at):
+        return [payload for started, _, payload in list(self.receipts) if started > at]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(15)
+
+
+def payloads_of(collector):
+    return set(collector.received.values()) | {conflict[2] for conflict in collector.conflicts}
+
+
+@pytest.mark.parametrize("dispatch", ["reliable", "non_reliable"])
+def test_a_reconnecting_client_opens_its_producer_and_consumer_again_when_the_topic_process_dies(
+        start_broker, closing, topic, dispatch):
+    # As a Pulsar client after a topic is unloaded: the application keeps its objects and goes on.
+    b = start_broker()
+    client = closing(Client(*b.address, reconnect=True, heartbeat_ms=SLOW_HEARTBEAT))
+    consumer = client.subscribe(topic, "s", "exclusive", "c", dispatch=dispatch)
+    collector = closing(Collector(consumer, ack="all" if dispatch == "reliable" else None))
+    producer = client.producer(topic, dispatch=dispatch, linger_ms=0)
+    sender = closing(Sender(producer))
+    wait_for(lambda: (len(sender.receipts), len(collector.received)), lambda s: s[0] >= 20 and s[1] >= 1)
+
+    old_id = consumer.id
+    at = kill(only_process(b, "ab-topic"))
+    if dispatch == "non_reliable":   # created again empty: what is sent once the consumer is back arrives
+        wait_for(lambda: consumer.id, lambda new_id: new_id != old_id, timeout=EVENTUALLY_S)
+        at = time.monotonic()
+    # (the topic's new process may take seconds to start on a loaded machine)
+    sent = wait_for(lambda: sender.payloads_since(at), lambda payloads: len(payloads) >= 10, timeout=EVENTUALLY_S)
+    wait_for(lambda: [p for p in sent if p not in payloads_of(collector)], lambda missing: not missing,
+             timeout=FEW_S)
+    assert (producer.closed_reason, consumer.closed_reason, collector.ended) == (None, None, [])
+    sender.close()
+    assert not [exc for exc in sender.errors if not isinstance(exc, BrokerError)], "the producer ended"
+    if dispatch == "reliable":   # and nothing receipted before the kill is missing either
+        receipted = {offset: payload for _, offset, payload in sender.receipts}
+        wait_for(lambda: undelivered(receipted, [collector]), all_delivered, timeout=EVENTUALLY_S)
+
+
+@pytest.mark.parametrize("dispatch", ["reliable", "non_reliable"])
+def test_a_reconnecting_client_subscribes_again_when_the_subscription_process_dies(
+        start_broker, closing, topic, dispatch):
+    b = start_broker()
+    client = closing(Client(*b.address, reconnect=True, heartbeat_ms=SLOW_HEARTBEAT))
+    reliable = dispatch == "reliable"
+    collector = closing(Collector(client.subscribe(topic, "s", "shared", "c", dispatch=dispatch),
+                                  ack="even" if reliable else None))
+    traffic = closing(Traffic(b, topic, dispatch))
+    wait_for(lambda: (len(traffic.receipted), len(collector.received)), lambda s: s[0] >= 20 and s[1] >= 1)
+
+    old_id = collector.consumer.id
+    at = kill(only_process(b, "ab-sub"))
+    if not reliable:   # its backlog went with it: what is sent once the new one is there arrives
+        wait_for(lambda: collector.consumer.id, lambda new_id: new_id != old_id, timeout=EVENTUALLY_S)
+        at = time.monotonic()
+    sent = wait_for(lambda: traffic.since(at), lambda offsets: len(offsets) >= 10, timeout=EVENTUALLY_S)
+    wait_for(lambda: [o for o in sent if o not in collector.received], lambda missing: not missing,
+             timeout=FEW_S)
+    assert collector.consumer.closed_reason is None and collector.ended == []
+    traffic.stop()
+    if reliable:   # the restarted subscription delivered again what was not acknowledged
+        wait_for(lambda: undelivered(traffic.receipted, [collector], collector.acked), all_delivered,
+                 timeout=EVENTUALLY_S)
+
+
 # --- log ----------------------------------------------------------------------------------------
 
 def test_kill_of_the_log_loses_no_receipted_message(start_broker, closing, topic):
