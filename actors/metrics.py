@@ -39,8 +39,8 @@ FAMILIES = {
     "actorbroker_topic_bytes_in": ("counter", "Payload bytes published to the topic.", ("topic",)),
     "actorbroker_topic_messages_out": ("counter", "Messages delivered to consumers of the topic "
                                        "(all its subscriptions).", ("topic",)),
-    "actorbroker_topic_bytes_out": ("counter", "Bytes of the records delivered to consumers of the "
-                                    "topic (payload, key, attributes and metadata as pushed).", ("topic",)),
+    "actorbroker_topic_bytes_out": ("counter", "Payload bytes delivered to consumers of the topic, "
+                                    "as packed for the wire (each with its length header).", ("topic",)),
     "actorbroker_subscription_messages_out": ("counter", "Messages delivered to the subscription's "
                                               "consumers.", ("topic", "subscription")),
     "actorbroker_subscription_redelivered": ("counter", "Messages put back for redelivery.",

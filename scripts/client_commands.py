@@ -278,6 +278,9 @@ def consume(client, args):
                                 max_unacked=args.max_unacked, ack_timeout_ms=args.ack_timeout_ms,
                                 max_redeliveries=args.max_redeliveries,
                                 dead_letter_topic=args.dead_letter_topic)
+    # On stderr, so that the messages alone go to stdout: from here on, what is published reaches
+    # this subscription (a non_reliable topic keeps nothing for a subscription not there yet).
+    print(f"subscribed to {args.topic} as {args.subscription} ({args.type})", file=sys.stderr, flush=True)
     received = 0
     try:
         while args.count is None or received < args.count:

@@ -99,7 +99,7 @@ def add_serve_command(subparsers):
     p.add_argument("--admin-port", type=int_between(1, 65535), help="Thespian admin port (default: a free one)")
     p.add_argument("--actor-host", default="127.0.0.1",
                    help="interface of Thespian's own sockets, which unpickle what they receive: keep "
-                        "it on loopback unless you run a multi-host convention on a trusted network")
+                        "it on loopback unless you run a multi-host convention on a trusted network (default %(default)s)")
     p.add_argument("--cluster-secret-file",
                    help="file holding the secret (32+ bytes, readable by its owner only) that signs "
                         "every packet between the broker's Thespian processes; give every host of a "
