@@ -247,8 +247,11 @@ export class Consumer extends EventEmitter {
   }
 
   /** The connection is gone. */
+  // The connection ended: told as a `closed` event too, as a close by the broker is (once).
   lost(error) {
+    if (this.endedWith !== undefined) return;
     this.end(error);
+    setImmediate(() => this.emit("closed", error));
   }
 
   // Messages already queued can still be taken; then receive() rejects with the reason.

@@ -330,6 +330,7 @@ describe("a broker that goes away", () => {
       const consumer = await client.subscribe({ topic, subscription: "s", consumer: "c" });
       const producer = await client.producer(topic);
       const closed = new Promise((resolve) => client.once("close", resolve));
+      const consumerClosed = new Promise((resolve) => consumer.once("closed", resolve));
       const iterating = (async () => {
         for await (const msg of consumer) void msg;
       })().then(() => null, (err) => err);
@@ -341,6 +342,7 @@ describe("a broker that goes away", () => {
       // A broker shutting down may end its topics (a `closed` push) before it closes the socket.
       const ended = ["CONNECTION_LOST", "CLOSED"];
       assert.ok(ended.includes((await iterating)?.code), `${await iterating}`);
+      assert.ok(ended.includes((await consumerClosed).code), "the consumer's closed event tells the loss");
       const sendError = await producer.send("x").catch((e) => e);
       assert.ok(ended.includes(sendError.code), `${sendError}`);
       await assert.rejects(client.ping(), { code: "CONNECTION_LOST" });
