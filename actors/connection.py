@@ -531,6 +531,10 @@ class ConnectionActor(BrokerActor):
                 raise BadRequest(E.OVERLOADED, f"this connection has {len(conn.pending)} requests waiting "
                                                f"for an answer (at most {MAX_REQUESTS_IN_FLIGHT}); try again later")
             tag = (msg.connection_id, rid)
+            if rid is not None and tag in conn.pending:
+                # counted once, it would pass the limits above and below as often as it is reused
+                raise BadRequest(E.BAD_REQUEST, f"rid {rid} is already used by a request of this connection "
+                                                "waiting for its answer; a rid must be unique among those")
             getattr(self, "_op_" + frame["op"])(conn, msg.connection_id, frame, tag)
             if tag in conn.pending and tag not in conn.held:
                 self._asked(tag, frame["op"])

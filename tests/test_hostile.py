@@ -3,6 +3,7 @@ request is answered exactly once, a bad frame harms neither the frames around it
 else, nothing the broker cannot represent gets in, and every topic a request touches is checked
 against the token."""
 import json
+import time
 
 import pytest
 
@@ -435,6 +436,34 @@ def test_a_burst_of_admin_requests_is_answered_and_takes_nothing_down(start_brok
     assert b.proc.poll() is None, "serve exited"
     assert_alive(bystander)
     assert_alive(connect(b))
+
+
+def test_a_rid_reused_while_its_request_waits_is_refused_and_holds_up_no_one(start_broker, topic):
+    """20,000 `topics` all with rid 7, in one write: counted once, as one request waiting, they
+    passed the limits of 1024 waiting and 16 at the root, and another client's `producer` waited
+    for minutes (INTERNAL after 30 s, three times over). A rid already waiting for its answer on
+    the connection is now refused with BAD_REQUEST."""
+    b = start_broker()
+    bystander = connect(b)
+    flooder = connect(b)
+    n = 20_000
+    flooder.send_raw(b"".join(flooder.encode({"op": "topics", "rid": 7}) for _ in range(n)))
+    first = flooder.recv_frame(timeout=30)
+    assert first["rid"] == 7, first
+    start = time.monotonic()
+    bystander.send_frame({"op": "producer", "rid": 8, "topic": topic})
+    reply = bystander.recv_frame(timeout=60)
+    assert reply["op"] == "producer_ok" and reply["rid"] == 8, reply
+    assert time.monotonic() - start < 20, "the bystander's producer waited behind the flood"
+    # the flooder: one answer per request, the reused ones refused (unless its unread answers
+    # got it closed as a slow consumer first)
+    seen, codes = 1, {first.get("code", first["op"])}
+    while seen < n and (frame := flooder.recv_frame(timeout=30)) is not None:
+        seen += 1
+        codes.add(frame.get("code", frame["op"]))
+    assert "BAD_REQUEST" in codes and codes <= {"topics", "BAD_REQUEST", "SLOW_CONSUMER", "ping"}, codes
+    assert b.proc.poll() is None
+    assert_alive(bystander)
 
 
 def test_a_burst_of_admin_requests_does_not_hold_up_another_clients_producer(start_broker, topic):
