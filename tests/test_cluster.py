@@ -73,7 +73,9 @@ def receive_all(consumer, count, timeout=10):
     got = []
     while len(got) < count:
         msg = consumer.receive(timeout=timeout)
-        consumer.ack(msg)
+        # acknowledged before it returns: a node cut right after must not find the ack in flight
+        # (its message would, rightly, be delivered again to another consumer)
+        consumer.ack(msg, sync=True, timeout=timeout)
         got.append(msg.payload)
     return got
 
