@@ -248,6 +248,7 @@ class TopicActor(BrokerActor):
         self.next_offset = 0
         self.msgs_in = 0
         self.bytes_in = 0
+        self.refused_dead_letters = 0   # non_reliable: dead letters refused (on_Publish)
         self.producers = {}        # id -> (name, access, connection address, shard ident)
         self.subs = {}             # name -> _Sub
         self.stats_gathers = {}    # token -> [rid, reply_to, frame, names not answered yet]
@@ -626,6 +627,16 @@ class TopicActor(BrokerActor):
 
     # --- the record path ----------------------------------------------------------------------------
     def on_Publish(self, msg, sender):
+        if msg.reply_to is not None and self.log is None:
+            # A dead letter kept here would be kept nowhere (a topic of that name existed as
+            # non_reliable): refused, so the subscription keeps it and tries again (every 5 s)
+            # until the name is a reliable topic's (delete this one: the next try creates it).
+            if not self.refused_dead_letters:
+                log.warning("topic %s is non_reliable: dead letters sent to it are refused and stay on their "
+                            "subscriptions until it is a reliable topic", self.name)
+            self.refused_dead_letters += 1
+            self.send(msg.reply_to, dispatcher.DeadLettered(msg.token, False))
+            return
         reply = _PublishReply(self, msg.reply_to, msg.token) if msg.reply_to is not None else None
         self._publish(reply, msg.producer_id, msg.producer_name, msg.sends)
 

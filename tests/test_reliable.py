@@ -517,6 +517,33 @@ def test_dead_letter_after_max_redeliveries(broker, topic):
     assert_nothing_more(conn)
 
 
+def test_a_dead_letter_for_a_non_reliable_topic_stays_on_its_subscription(broker, topic):
+    """A dead-letter topic that already existed as non_reliable took the dead letter and kept it
+    nowhere, and the subscription counted it as acknowledged: lost (reliable probe). It is refused
+    there now; the subscription keeps it and tries again, so once that topic is deleted, the next
+    try creates it reliable and stores it."""
+    dlq = topic + "-dlq"
+    conn = connect(broker)
+    assert conn.request({"op": "producer", "topic": dlq, "dispatch": "non_reliable"})["op"] == "producer_ok"
+    consumer = subscribe(conn, topic, "s", "exclusive", max_redeliveries=0, dead_letter_topic=dlq)
+    send(conn, producer(conn, topic), [b"poison"])
+    (offset, _, _), = receive(conn, 1)
+    conn.request({"op": "nack", "consumer": consumer, "ids": [offset]})   # past max: dead-lettered
+    watcher = connect(broker)
+    # refused by the non_reliable topic, at the first try and at the next (5 s later)
+    deadline = time.monotonic() + 7
+    while time.monotonic() < deadline:
+        stats = watcher.request({"op": "stats", "topic": topic})
+        assert stats["dead_lettered"] == 0, stats
+        assert watcher.request({"op": "stats", "topic": dlq})["msgs_in"] == 0
+    assert watcher.request({"op": "delete_topic", "topic": dlq})["op"] == "ok"
+    wait_for(lambda: watcher.request({"op": "stats", "topic": topic})["dead_lettered"], lambda n: n == 1,
+             timeout=15)
+    subscribe(watcher, dlq, "audit", "exclusive", start="earliest")
+    assert [p for _, p, _ in receive(watcher, 1)] == [b"poison"]
+    assert watcher.request({"op": "stats", "topic": dlq})["dispatch"] == "reliable"
+
+
 def test_earliest_replays_history_and_latest_does_not(broker, topic):
     conn = connect(broker)
     pid = producer(conn, topic)
