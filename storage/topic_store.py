@@ -51,12 +51,17 @@ def stored_topics(data_dir, owner=None):
     for entry in sorted(os.listdir(root)):
         if owner is not None and fencing.latest_owner(os.path.join(root, entry)) not in (owner, None):
             continue
+        path = os.path.join(root, entry, "topic.json")
         try:
-            with open(os.path.join(root, entry, "topic.json")) as f:
+            with open(path) as f:
                 meta = json.load(f)
             found.setdefault(meta["name"], meta["dispatch"])   # once, whatever the layout
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+        except FileNotFoundError:
+            continue   # (a topic being created or deleted)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # its name is only in there: the topic cannot be opened, and must not vanish unseen
+            log.error("topic directory %s: %s is damaged (%s: %s); that topic is not opened and its "
+                      "data stays on disk", entry, path, type(exc).__name__, exc)
     return list(found.items())
 
 
@@ -159,8 +164,14 @@ class TopicStore:
                     state = json.load(f)
                 if isinstance(state, dict) and isinstance(state.get("name"), str):
                     found.append((entry, state))
-            except (OSError, ValueError):
-                continue
+                else:
+                    raise ValueError("not a cursor")
+            except FileNotFoundError:
+                continue   # (removed meanwhile: an unsubscribe)
+            except (OSError, ValueError) as exc:
+                log.error("cursor file %s is damaged (%s: %s): its subscription is not restored (a subscribe "
+                          "under its name starts a new one)", os.path.join(self.cursor_dir, entry),
+                          type(exc).__name__, exc)
         return found
 
     def save_cursor(self, subscription, state, durable=True):
