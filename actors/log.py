@@ -352,16 +352,23 @@ class LogActor(BrokerActor):
             self.store.close()
 
     def _retain(self):
-        """Size and age retention: whole sealed segments, never one a cursor still needs unless
-        the log has grown past twice the size limit (then counted in stats)."""
+        """Size and age retention: whole sealed segments, oldest first, only as many as bring the
+        log under the size limit (deleting every free one emptied a log of 180 KB under a 200 KB
+        limit down to 20 KB), never one a cursor still needs unless the log has grown past twice
+        the limit (then only down to the limit again, counted in stats)."""
         log_ = self.store.log
         limit, max_age_ms = self.config.retention_bytes, self.config.retention_ms
         needed = min(self.floors.values(), default=log_.next_offset)
+
+        def shrink(below):   # the oldest segment while over the limit and all of it below `below`
+            while log_.size > limit and len(log_.segments) > 1 and log_.segments[1].first_offset <= below:
+                log_.delete_before(log_.segments[1].first_offset)
+
         if limit and log_.size > limit:
-            log_.delete_before(needed)
+            shrink(needed)
             if log_.size > 2 * limit:
                 before = log_.first_offset
-                log_.delete_before(log_.next_offset)
+                shrink(log_.next_offset)
                 if log_.first_offset > before:
                     self.forced_deletions += 1
                     log.warning("retention forced: deleted offsets below %d still needed by a "

@@ -629,7 +629,9 @@ def test_retention_keeps_what_a_cursor_needs_and_deletes_the_rest(start_broker, 
     send(conn, pid, [bytes(100)])           # retention runs with the next append
     receive(conn, 1)
     stats = conn.request({"op": "stats", "topic": topic})
-    assert stats["log_bytes"] <= 5000 + 1500 and stats["segments"] <= 5
+    # the oldest segments, only as many as bring it under the limit: it kept as much history as
+    # fits (deleting every free segment left one or two of them)
+    assert 5000 - 1500 - 200 < stats["log_bytes"] <= 5000, stats["log_bytes"]
     # a new subscription from earliest starts at what is retained, with no gap after it
     reader = connect(b)
     subscribe(reader, topic, "late", "exclusive", start="earliest")
