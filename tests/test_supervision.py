@@ -950,6 +950,39 @@ def test_a_reconnecting_client_subscribes_again_when_the_subscription_process_di
                  timeout=EVENTUALLY_S)
 
 
+def test_an_async_client_that_reconnects_opens_its_producer_and_consumer_again_when_the_topic_dies(
+        start_broker, topic):
+    import asyncio
+    from actorbroker.transport.client import AsyncClient
+    b = start_broker()
+
+    async def main():
+        async with await AsyncClient.connect(*b.address, reconnect=True, heartbeat_ms=SLOW_HEARTBEAT) as client:
+            consumer = await client.subscribe(topic, "s", "exclusive", "c", dispatch="reliable")
+            producer = await client.producer(topic, dispatch="reliable", linger_ms=0)
+            assert await producer.send_sync(b"before") == 0
+            assert (await consumer.receive(timeout=FEW_S)).payload == b"before"
+            old = (producer.id, consumer.id)
+            await asyncio.get_running_loop().run_in_executor(None, kill, only_process(b, "ab-topic"))
+            deadline = time.monotonic() + EVENTUALLY_S
+            while producer.id == old[0] or consumer.id == old[1]:   # reopened by the client itself
+                assert time.monotonic() < deadline, "not reopened"
+                await asyncio.sleep(0.05)
+            sent = None
+            while sent is None:   # a send made before the broker had the producer again may be refused
+                try:
+                    sent = await producer.send_sync(b"after", timeout=EVENTUALLY_S)
+                except BrokerError:
+                    assert time.monotonic() < deadline
+            payloads = []
+            while b"after" not in payloads:   # ("before" again first, unacknowledged)
+                msg = await consumer.receive(timeout=EVENTUALLY_S)
+                payloads.append(msg.payload)
+                await consumer.ack(msg)
+            assert producer.closed_reason is None and consumer.closed_reason is None
+    asyncio.run(main())
+
+
 # --- log ----------------------------------------------------------------------------------------
 
 def test_kill_of_the_log_loses_no_receipted_message(start_broker, closing, topic):

@@ -331,6 +331,7 @@ class AsyncClient:
     def _reopen_later(self, obj):
         """As Client._reopen_later, in a task."""
         obj._pause()
+        self._tasks = [task for task in self._tasks if not task.done()]   # (one per recovery: not kept)
         self._tasks.append(asyncio.create_task(self._reopen_all(False)))
 
     async def _reopen_all(self, reconnected=True):
