@@ -23,6 +23,9 @@ HEARTBEATS_PER_TIMEOUT = 6               # heartbeats sent to a live member per 
 # A member silent for this share of the member timeout (four heartbeats missed) is declared lost
 # at the next check (every heartbeat): so within the member timeout of its last heartbeat.
 SILENCE_SHARE = 4 / HEARTBEATS_PER_TIMEOUT
+# How long a member back as a new incarnation is still told that its former one was declared lost
+# (Membership.former): long enough for heartbeats to reach it again after a stop or a cut.
+FORMER_LOSS_S = 60.0
 LOST_HEARTBEAT_EVERY_S = 2.0             # to a lost member: slower (a stopped peer queues them)
 
 
@@ -147,6 +150,9 @@ class Membership:
         self.timeout_s = timeout_s
         self.silence_s = timeout_s * SILENCE_SHARE
         self.members = {}      # node name -> Member (never self)
+        # (node, incarnation) -> when: firm losses of members since back as a new incarnation,
+        # still told in lost_pairs for FORMER_LOSS_S
+        self.former = {}
 
     def heard(self, hb, now):
         """A heartbeat arrived. Returns (state, peers): state is "live", "returned" (a lost or
@@ -168,6 +174,12 @@ class Membership:
             member = self.members[hb.node] = Member(hb.node, hb.root, now)
         elif member.incarnation and member.incarnation != hb.incarnation:
             member.placed = {}   # guesses about what a former incarnation would create
+            if member.lost and not member.weak:
+                # It fenced (or restarted) and is back: it must still learn that we declared its
+                # former incarnation lost, whether or not a heartbeat of ours said so while it was
+                # stopped (none may have reached it): its connections drop what they had on our
+                # topics, which we dropped then (ClusterRoot.on_Heartbeat, told_lost).
+                self.former[(member.node, member.incarnation)] = now
         member.incarnation, member.root = hb.incarnation, hb.root
         member.client_address, member.leader = hb.client_address, hb.leader
         member.topics = dict(hb.topics)
@@ -236,9 +248,14 @@ class Membership:
     def leader_live(self):
         return any(m.leader for m in self.live())
 
-    def lost_pairs(self):
-        """The members declared lost with a majority in view: they fence when they read it."""
-        return tuple((m.node, m.incarnation) for m in self.members.values() if m.lost and not m.weak)
+    def lost_pairs(self, now=None):
+        """The members declared lost with a majority in view: they fence when they read it; and,
+        for FORMER_LOSS_S, such losses of members since back as a new incarnation."""
+        if now is not None:
+            for pair in [p for p, at in self.former.items() if now - at > FORMER_LOSS_S]:
+                del self.former[pair]
+        return tuple((m.node, m.incarnation) for m in self.members.values() if m.lost and not m.weak) \
+            + tuple(self.former)
 
     def place(self, topic, own_topics, takeover=False):
         """(node, dispatch) of an existing topic; (node, None) for a new one (its rendezvous

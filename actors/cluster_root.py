@@ -122,7 +122,7 @@ class ClusterRoot:
             (("connections", self.connections_open), ("topics", len(self.topics)),
              ("msgs_per_s", round(self.msgs_per_s, 1))),
             tuple((m.node, m.root) for m in self.membership.live()),
-            self.membership.lost_pairs(), self.membership.seen_topics())
+            self.membership.lost_pairs(time.monotonic()), self.membership.seen_topics())
 
     def on_ConnectionCount(self, msg, sender):
         self.connections_open = msg.count

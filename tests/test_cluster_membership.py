@@ -35,6 +35,29 @@ def test_a_member_is_lost_after_the_timeout_and_returns_only_as_a_new_incarnatio
     assert m.live_names() == ["a", "b", "c"]
 
 
+def test_a_member_back_as_a_new_incarnation_is_still_told_its_former_one_was_lost():
+    """B, stopped, was declared lost by C; B fenced on A's word and came back as i2 before any of
+    C's heartbeats reached it: C then listed B as live only, so B never learned that C had dropped
+    what B's connections had on C's topics (a consumer of C's reliable topic stayed registered on
+    B alone, 1 run in about 15 of a cluster test). C keeps telling the former loss for a while."""
+    from actorbroker.actors.cluster import FORMER_LOSS_S
+    m = Membership("c", timeout_s=3)
+    for now in (0, 1, 2, 3, 4):
+        m.heard(beat("a"), now=now)
+    m.heard(beat("b"), now=0)
+    assert [x.node for x in m.expire(now=3.1)] == ["b"]
+    assert m.heard(beat("b", "i2"), now=4)[0] == "returned"
+    assert m.lost_pairs(now=4) == (("b", "i1"),)          # b (as i2) is live, and learns of i1
+    assert m.live_names() == ["c", "a", "b"]
+    assert m.lost_pairs(now=4 + FORMER_LOSS_S + 1) == ()  # for a while only
+    # a member lost only weakly (no majority in view) is not told so, before or after
+    weak = Membership("x", timeout_s=3)
+    weak.heard(beat("y"), now=0)
+    weak.expire(now=3.1)
+    weak.heard(beat("y", "i2"), now=4)
+    assert weak.lost_pairs(now=4) == ()
+
+
 def test_a_node_cut_off_from_the_others_declares_no_one_lost_to_them_and_fences_itself():
     """B's links go down: it stops hearing A and C (C a moment after A, while it still sees C),
     and declares both lost; A and C, a majority, declare B lost. When the links are back, A and
