@@ -148,7 +148,8 @@ def top(client, args):
     host, port, tls = args.url
     address = f"{'tls://' if tls else ''}{host}:{port}"
     rates = Rates()
-    console = Console()
+    # Piped or redirected (`--once > file`), rich would cut names to 80 columns: none to cut there.
+    console = Console() if sys.stdout.isatty() else Console(width=1000)
 
     def view():
         return render(address, *snapshot(client), rates, time.monotonic(), live=not args.once)
