@@ -18,6 +18,8 @@ from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
+from thespian.actors import ActorExitRequest
+
 from actorbroker.actors import broker, cluster, events, shard, subscription, topic
 from actorbroker.actors.base import BrokerActor, log
 from actorbroker.actors.lifecycle import emit
@@ -40,6 +42,9 @@ MAX_REQUESTS_IN_FLIGHT = 1024
 # subscription's processes: a client that pipelines hundreds of subscribes and hangs up leaves at
 # most 16 behind, not minutes of process start-ups nobody waits for.
 MAX_PASSED_ON = 16
+# A new shard says it runs (ShardStarted) within this, or it is replaced: generous, as a process
+# start takes seconds on a loaded machine, and replacing a slow one would only add to the load.
+SHARD_START_DEADLINE = timedelta(seconds=10)
 REATTACH_FOR_S = 10.0
 
 
@@ -90,6 +95,13 @@ class ConsumersLost:
     """The shard lost these consumers' lane (their dispatcher is gone) or was told they ended."""
     consumer_ids: list
     reason: str
+
+
+@dataclass(frozen=True)
+class ShardStarted:
+    """A shard took its StartShard: it runs. One that does not say so within SHARD_START_DEADLINE
+    is replaced (a shard killed within milliseconds of its start is not reported by Thespian)."""
+    ident: str
 
 
 @dataclass(frozen=True)
@@ -294,13 +306,34 @@ class ConnectionActor(BrokerActor):
     def _start_shard(self):
         self.shard_ident = cluster.shard_ident(self.index, uuid.uuid4().hex[:12], self.config.node)
         self.shard = self.createActor("actorbroker.actors.shard.ShardActor")
+        self.shard_started = False
         self.forget_ordered("shard", end=False)   # (the shard before is gone)
         self.send_ordered(self.shard, shard.StartShard(self.handoff_fd, self.index, self.shard_ident,
                                                        self.config, self.listener), "shard")
+        self.wakeupAfter(SHARD_START_DEADLINE, payload=("shard-start", self.shard_ident))
+
+    def on_ShardStarted(self, msg, sender):
+        if msg.ident == self.shard_ident:
+            self.shard_started = True
+
+    def _shard_start_overdue(self, ident):
+        """A shard killed within milliseconds of its start is not reported by Thespian (no
+        ChildActorExited): this slot then served nobody for good (half of the new clients got no
+        answer to hello). Not started by the deadline: end it, whatever it is doing, and start
+        another."""
+        if ident != self.shard_ident or self.shard_started or self.exiting:
+            return
+        log.warning("shard %d did not start within %d s (killed as it started?): a new shard starts",
+                    self.index, SHARD_START_DEADLINE.total_seconds())
+        self.send(self.shard, ActorExitRequest())
+        self._shard_lost()
 
     def on_ChildActorExited(self, msg, sender):
         if msg.childAddress != self.shard:
             return
+        self._shard_lost()
+
+    def _shard_lost(self):
         # Delivered once or twice; after the first, self.shard is the new shard.
         (log.info if self.exiting else log.warning)(
             "shard %d exited; its %d connections are cleaned up%s", self.index, len(self.connections),
@@ -457,6 +490,8 @@ class ConnectionActor(BrokerActor):
     def on_WakeupMessage(self, msg, sender):
         if isinstance(msg.payload, tuple) and msg.payload[0] == "reattach":
             self._reattach(msg.payload[1])
+        elif isinstance(msg.payload, tuple) and msg.payload[0] == "shard-start":
+            self._shard_start_overdue(msg.payload[1])
         elif msg.payload == "deadline":
             self.deadline_check = False
             self._answer_overdue()

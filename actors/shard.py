@@ -273,6 +273,7 @@ class ShardActor(BrokerActor):
         self.handoff.setblocking(False)
         self.reactor.add(self.handoff.fileno(), _Handoff(self))
         self._report_load()   # at once: the listener learns our address (RecountHost)
+        self.send(sender, connection.ShardStarted(msg.ident))
         self.events = msg.config.events
         self.metrics_on = msg.config.metrics is not None
         self.start_reports(msg.config.metrics)

@@ -434,6 +434,26 @@ def _hello_works(broker):
         client.close(timeout=1)
 
 
+def test_a_shard_killed_again_as_it_starts_is_replaced(start_broker):
+    """kill -9 of a shard, then of its replacement as soon as its process appears: Thespian does
+    not report a child killed within milliseconds of its start, and that shard slot served nobody
+    for good (with one shard: no hello answered, minutes later). Its supervisor now replaces a
+    shard that has not said it runs within SHARD_START_DEADLINE."""
+    from actorbroker.actors.connection import SHARD_START_DEADLINE
+    b = start_broker("--io-shards", "1")
+    (first,) = wait_for(lambda: processes_of_kind(b, "ab-shard"), lambda pids: len(pids) == 1)
+    assert_hello_answered_fast(b)   # it runs
+    kill(first)
+    (second,) = wait_for(lambda: set(processes_of_kind(b, "ab-shard")) - {first}, lambda new: len(new) == 1,
+                         interval=0.002)
+    os.kill(second, signal.SIGKILL)
+    limit = SHARD_START_DEADLINE.total_seconds() + EVENTUALLY_S
+    wait_for(lambda: set(processes_of_kind(b, "ab-shard")) - {first, second}, lambda new: len(new) == 1,
+             timeout=limit)
+    wait_for(lambda: _hello_works(b), bool, timeout=limit)
+    assert_hello_answered_fast(b)
+
+
 def test_kill_of_the_listener_keeps_accepting_on_the_same_port(start_broker, closing, topic):
     b = start_broker()
     admin = closing(Admin(b))
