@@ -421,12 +421,18 @@ class ShardActor(BrokerActor):
                 self._to_dispatcher(event[1], [LaneOp.NACK, event[1], event[2], event[3]])
             elif kind == "control":
                 frame = event[1]
-                if frame["op"] == "close_producer" and frame.get("producer") in self.producers:
+                # Only this connection's own: the routes are the shard's, for all its connections,
+                # and the ids are easy to guess; another's id gets UNKNOWN_* from the ConnectionActor
+                # and must leave that connection's producer or consumer as it was.
+                producer = self.producers.get(frame.get("producer")) if frame["op"] == "close_producer" else None
+                if producer is not None and producer.connection_id == connection_id:
                     self._send_publishes(client, publishes)
                     self._drop_producer(frame["producer"])
                 elif frame["op"] in ("close_consumer", "unsubscribe"):
-                    self.consumers.pop(frame.get("consumer"), None)
-                    self.credits.pop(frame.get("consumer"), None)
+                    route = self.consumers.get(frame.get("consumer"))
+                    if route is not None and route[0] == connection_id:
+                        self.consumers.pop(frame["consumer"])
+                        self.credits.pop(frame["consumer"], None)
                 self.send_ordered(self.supervisor, connection.ClientRequest(connection_id, frame), "shard")
                 client.asked = True
             elif kind == "hello":

@@ -438,6 +438,32 @@ def test_a_burst_of_admin_requests_is_answered_and_takes_nothing_down(start_brok
     assert_alive(connect(b))
 
 
+@pytest.mark.parametrize("op", ["close_producer", "close_consumer", "unsubscribe"])
+def test_closing_another_connections_ids_leaves_its_producer_and_consumer_working(start_broker, topic, op):
+    """One shard holds both connections. A close naming the victim's ids got UNKNOWN_* all right,
+    but the shard had dropped their routes first (its tables are for all its connections): the
+    victim's sends got UNKNOWN_PRODUCER, its consumer got nothing more, no `closed` either, and a
+    third client could take its exclusive subscription (hostile probe, 3 of 3)."""
+    b = start_broker("--io-shards", "1")
+    victim = connect(b)
+    producer = victim.request({"op": "producer", "topic": topic})["producer"]
+    consumer = victim.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": "exclusive",
+                               "consumer": "owner"})["consumer"]
+    victim.send_frame({"op": "flow", "consumer": consumer, "credits": 100})
+    attacker = connect(b)
+    target = {"producer": producer} if op == "close_producer" else {"consumer": consumer}
+    assert_error(attacker.request(dict(target, op=op), expect_error=True),
+                 "UNKNOWN_PRODUCER" if op == "close_producer" else "UNKNOWN_CONSUMER", attacker.last_rid)
+    assert victim.request({"op": "send", "producer": producer, "msgs": [{"payload": b"still mine"}]})["op"] == "receipt"
+    frame = victim.recv_frame(timeout=5)
+    while frame["op"] == "ping":
+        frame = victim.recv_frame(timeout=5)
+    assert frame["op"] == "message" and frame["consumer"] == consumer, frame
+    thief = connect(b)
+    assert_error(thief.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": "exclusive",
+                                "consumer": "thief"}, expect_error=True), "CONSUMER_BUSY", thief.last_rid)
+
+
 def test_a_rid_reused_while_its_request_waits_is_refused_and_holds_up_no_one(start_broker, topic):
     """20,000 `topics` all with rid 7, in one write: counted once, as one request waiting, they
     passed the limits of 1024 waiting and 16 at the root, and another client's `producer` waited
