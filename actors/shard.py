@@ -456,7 +456,12 @@ class ShardActor(BrokerActor):
                 self._write(client, error_frame(E.UNKNOWN_CONSUMER, f"consumer {consumer_id} is closing", rid))
             return
         if rid is not None:
-            self.acks_waiting.setdefault(consumer_id, (client.session.id, route[1], set()))[2].add(rid)
+            waiting = self.acks_waiting.setdefault(consumer_id, (client.session.id, route[1], set()))[2]
+            if rid in waiting:   # its answer would be taken for the first one's: one answer for two
+                self._write(client, error_frame(E.BAD_REQUEST, f"rid {rid} is already used by an ack of this "
+                                                "consumer waiting for its answer; a rid must be unique", rid))
+                return
+            waiting.add(rid)
         route[1].send([LaneOp.ACK, consumer_id, ids, rid])
 
     def _ack_answered(self, consumer_id, data, rid):

@@ -464,6 +464,23 @@ def test_closing_another_connections_ids_leaves_its_producer_and_consumer_workin
                                 "consumer": "thief"}, expect_error=True), "CONSUMER_BUSY", thief.last_rid)
 
 
+@pytest.mark.parametrize("dispatch", ["reliable", "non_reliable"])
+def test_two_acks_with_one_rid_in_flight_get_an_answer_each(start_broker, topic, dispatch):
+    """The second of two pipelined acks with the same rid was never answered (the shard keeps
+    the rids of a consumer's acks in flight in a set): it is refused now, as a reused rid is."""
+    b = start_broker()
+    conn = connect(b)
+    consumer = conn.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": "shared",
+                             "consumer": "c", "dispatch": dispatch})["consumer"]
+    conn.send_raw(b"".join(conn.encode({"op": "ack", "rid": 5, "consumer": consumer, "ids": ids})
+                           for ids in ([0, 1], [2, 3])))
+    answers = [conn.recv_frame(timeout=10) for _ in range(2)]
+    answers = [f for f in answers if f["op"] != "ping"]
+    assert sorted((f["op"], f.get("code")) for f in answers) == [("error", "BAD_REQUEST"), ("ok", None)], answers
+    assert all(f["rid"] == 5 for f in answers)
+    assert_alive(conn)
+
+
 def test_a_rid_reused_while_its_request_waits_is_refused_and_holds_up_no_one(start_broker, topic):
     """20,000 `topics` all with rid 7, in one write: counted once, as one request waiting, they
     passed the limits of 1024 waiting and 16 at the root, and another client's `producer` waited
