@@ -19,6 +19,14 @@ class InitSubscription:
     type: str
     dispatch: str
     dispatcher: Any
+    incarnation: int = 0
+
+
+@dataclass(frozen=True)
+class SubscriptionReady:
+    """To the topic: this subscription's actor took its InitSubscription (it runs)."""
+    name: str
+    incarnation: int
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class SubscriptionActor(BrokerActor):
         self.topic = sender
         self.topic_name, self.name, self.type = msg.topic, msg.name, msg.type
         self.dispatch, self.dispatcher = msg.dispatch, msg.dispatcher
+        self.send(sender, SubscriptionReady(msg.name, msg.incarnation))
 
     def on_Subscribe(self, msg, sender):
         self.attaches += 1

@@ -54,6 +54,10 @@ FORWARDED_MEMORY_S = 10.0
 LOST_ANSWER_AFTER = timedelta(milliseconds=500)
 # Producers opened this long ago are checked for a live ConnectionActor (_check_producers)
 PRODUCER_CHECK_AFTER = timedelta(seconds=2)
+# A new subscription's two actors say they run (SubscriptionReady, DispatcherReady) within this,
+# or the pair is handled as lost (restarted if reliable): generous, as process starts take seconds
+# on a loaded machine.
+PAIR_START_DEADLINE = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,7 @@ class _Sub:
     dropped: int = 0         # non_reliable: dropped here since the last DISPATCH (it counts them)
     in_flight: int = 0
     lane: Any = None     # our lane to the dispatcher, once it is ready
+    ready: bool = False  # its subscription actor said it runs (SubscriptionReady)
     incarnation: int = 0 # tells a restarted pair's messages from its predecessor's
     last_stats: Any = None   # its dispatcher's last stats answer
     # (time.monotonic(), Subscribe) passed on to it within FORWARDED_MEMORY_S: if it dies, those
@@ -806,11 +811,28 @@ class TopicActor(BrokerActor):
                 incarnation=self.incarnations)
         self.send_ordered(dispatcher_address, init, ("dispatcher", name))
         self.send_ordered(sub_address, subscription.InitSubscription(
-            self.name, name, sub_type, self.dispatch, dispatcher_address), ("subscription", name))
+            self.name, name, sub_type, self.dispatch, dispatcher_address, self.incarnations), ("subscription", name))
         sub = self.subs[name] = _Sub(sub_type, sub_address, dispatcher_address,
                                      incarnation=self.incarnations)
         self.starting.begin(name, self.incarnations, forked)
+        self.wakeupAfter(PAIR_START_DEADLINE, payload=("pair-start", (name, self.incarnations)))
         return sub
+
+    def on_SubscriptionReady(self, msg, sender):
+        sub = self.subs.get(msg.name)
+        if sub is not None and sub.incarnation == msg.incarnation:
+            sub.ready = True
+
+    def _pair_start_overdue(self, name, incarnation):
+        """Thespian does not report a child killed within milliseconds of its start: such a
+        subscription stayed wedged for good (every subscribe to it answered INTERNAL at the request
+        deadline, its other actor left running). Not both running by the deadline: lost."""
+        sub = self.subs.get(name)
+        if sub is None or sub.incarnation != incarnation or (sub.ready and sub.lane is not None):
+            return
+        log.warning("topic %s: subscription %s did not start within %d s (an actor killed as it started?)",
+                    self.name, name, PAIR_START_DEADLINE.total_seconds())
+        self._subscription_lost(name, sub)
 
     def on_DispatcherReady(self, msg, sender):
         self.starting.done(msg.subscription, msg.incarnation)
@@ -1066,3 +1088,5 @@ class TopicActor(BrokerActor):
             self._check_producers()
         elif kind == "lost-requests":
             self._answer_lost()
+        elif kind == "pair-start":
+            self._pair_start_overdue(*token)

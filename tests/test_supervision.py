@@ -858,6 +858,45 @@ def test_kill_of_several_subscription_processes_at_once_restarts_every_one(start
         assert consumer.id is not None
 
 
+@pytest.mark.parametrize("kind", ["ab-sub", "ab-disp"])
+def test_a_subscription_whose_process_is_killed_as_it_starts_is_not_wedged(start_broker, closing, topic, kind):
+    """A subscription process (or its dispatcher) killed within milliseconds of its start is not
+    reported by Thespian: every later subscribe to that subscription got INTERNAL at the request
+    deadline, for good (supervision probe, 3 of 5). A pair not both running PAIR_START_DEADLINE
+    after its start is now handled as lost: restarted, and subscribed to again."""
+    from actorbroker.actors import broker  # noqa: F401 (topic is imported through it, not first)
+    from actorbroker.actors.topic import PAIR_START_DEADLINE
+    b = start_broker()
+    client = closing(Client(*b.address, heartbeat_ms=SLOW_HEARTBEAT))
+    producer = client.producer(topic, dispatch="reliable")
+    before = set(processes_of_kind(b, kind))
+    answered = []
+
+    def first():
+        try:
+            answered.append(client.subscribe(topic, "s", "shared", "first", dispatch="reliable", timeout=60))
+        except BrokerError as exc:   # INTERNAL: the subscription was lost before it answered
+            answered.append(exc)
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    (pid,) = wait_for(lambda: set(processes_of_kind(b, kind)) - before, lambda new: len(new) == 1, interval=0.002)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    assert answered, "the subscribe in flight got no answer"
+    limit = PAIR_START_DEADLINE.total_seconds() + EVENTUALLY_S
+    consumer = subscribe_again(client, topic, "s", "shared", "again", dispatch="reliable", timeout=limit)
+    producer.send_sync(b"after")   # to one of the subscription's live consumers
+    consumers = [consumer] + [c for c in answered if not isinstance(c, BrokerError) and c.closed_reason is None]
+
+    def taken():
+        for c in consumers:
+            try:
+                return c.receive(timeout=0.05).payload
+            except TimeoutError:
+                pass
+    assert wait_for(taken, lambda payload: payload is not None, timeout=FEW_S) == b"after"
+
+
 def test_a_subscribe_that_meets_a_just_killed_subscription_process_is_answered(start_broker, closing, topic):
     # The subscribe reaches the topic before the death does: passed on to a process that is gone,
     # it must still get its one answer (PROTOCOL.md), from the restored subscription.
