@@ -481,6 +481,26 @@ def test_two_acks_with_one_rid_in_flight_get_an_answer_each(start_broker, topic,
     assert_alive(conn)
 
 
+def test_messages_of_megabytes_of_attrs_are_delivered_in_batches_within_bounds(start_broker, topic):
+    """20 messages of ~3 MB of attrs each (every name and value within 255 bytes, as allowed) and
+    a consumer granting 1000 credits: delivery batches were bounded by payload bytes only, one
+    went over the lane's frame limit, the lane ended, and the consumer got `closed`
+    subscription_lost with nothing delivered (hostile probe, 4 of 4)."""
+    from actorbroker.transport.client import Client
+    b = start_broker()
+    attrs = {f"{i:04d}" + "n" * 246: "v" * 250 for i in range(6000)}   # ~3 MB
+    with Client(*b.address) as client:
+        producer = client.producer(topic, dispatch="reliable", linger_ms=0, max_batch=1)
+        consumer = client.subscribe(topic, "s", "exclusive", "c", dispatch="reliable", auto_credit=False)
+        for i in range(25):   # ~75 MB waiting, then all of it asked for at once
+            producer.send(b"", attrs=attrs)
+        producer.flush(60)
+        consumer.flow(1000)
+        got = [consumer.receive(timeout=30) for _ in range(25)]
+        assert [m.id for m in got] == list(range(25)) and got[-1].attrs == attrs
+        assert consumer.closed_reason is None
+
+
 def test_a_rid_reused_while_its_request_waits_is_refused_and_holds_up_no_one(start_broker, topic):
     """20,000 `topics` all with rid 7, in one write: counted once, as one request waiting, they
     passed the limits of 1024 waiting and 16 at the root, and another client's `producer` waited

@@ -287,18 +287,35 @@ def split_run(run, n):
     return head, tail
 
 
-# What a record adds to its payload once written to a client, beyond its producer's name: the v1
-# map's keys, id, time, headers (v1 is the larger form; keys and attrs are not counted).
+# What a record adds to its payload once written to a client, beyond its producer's name, its key
+# and its attrs: the v1 map's keys, id, time, headers (v1 is the larger form).
 RECORD_OVERHEAD = 64
+
+
+def _key_bytes(key):
+    return len(key) + 2 if key else 0
+
+
+def _attrs_bytes(attrs):
+    """About an attrs map's packed size (str lengths, not UTF-8 bytes: a bound, not a count)."""
+    return sum(len(k) + len(v) + 4 for k, v in attrs.items()) if attrs else 0
 
 
 def run_bytes(run):
     """About the bytes a run takes in a client's outbox: its payloads as they are (bin headers
-    included) and, per record, RECORD_OVERHEAD and its producer's name. From the run's fields,
-    without looking at its records: delivery batches are bounded by it (actors/policies.py)."""
+    included) and, per record, RECORD_OVERHEAD, its producer's name, its key and its attrs.
+    From the run's fields; only keys and attrs, where a run has any, are looked at per record
+    (attrs of megabytes passed every bound: a delivery batch over a lane's frame limit ended the
+    lane, and a backlog grew without limit): delivery batches and backlogs are bounded by it."""
     producer = run[RUN_PRODUCER]
-    return len(run[RUN_PAYLOADS]) + run[RUN_COUNT] * (
+    size = len(run[RUN_PAYLOADS]) + run[RUN_COUNT] * (
         RECORD_OVERHEAD + (len(producer) if isinstance(producer, str) else 0))
+    keys, attrs = run[RUN_KEYS], run[RUN_ATTRS]
+    if keys:
+        size += sum(map(_key_bytes, keys))
+    if attrs:
+        size += sum(map(_attrs_bytes, attrs))
+    return size
 
 
 def records_within(run, max_bytes):
@@ -306,9 +323,14 @@ def records_within(run, max_bytes):
     even the first). Unpacks the payloads: for the one run a delivery batch is cut in."""
     producer = run[RUN_PRODUCER]
     each = RECORD_OVERHEAD + (len(producer) if isinstance(producer, str) else 0) + 5   # (+ bin header)
+    keys, attrs = run[RUN_KEYS], run[RUN_ATTRS]
     total = 0
     for i, payload in enumerate(unpack_payloads(run[RUN_PAYLOADS])):
         total += len(payload) + each
+        if keys:
+            total += _key_bytes(keys[i])
+        if attrs:
+            total += _attrs_bytes(attrs[i])
         if total > max_bytes:
             return i
     return run[RUN_COUNT]
