@@ -367,7 +367,9 @@ def events(client, args):
             event = client.next_event()
         except ConnectionLost as exc:
             return fail(f"CONNECTION_LOST: {exc}")
-        if event["seq"] != expected:   # the broker dropped some for us: say so, never hide it
+        if event["kind"] == "events_lost":   # its seq starts again from 1; it says what happened itself
+            pass
+        elif event["seq"] != expected:   # the broker dropped some for us: say so, never hide it
             print(f"({event['seq'] - expected} events missed)", file=sys.stderr, flush=True)
         expected = event["seq"] + 1
         print(json.dumps(event) if args.json else event_line(event), flush=True)

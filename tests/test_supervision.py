@@ -1079,6 +1079,35 @@ def _next_event(conn, kind, timeout=FEW_S):
             return frame
 
 
+def test_the_events_command_reports_no_gap_for_a_restart_of_the_events_actor(start_broker, topic):
+    """`actorbroker events` printed "(-5 events missed)" after `events_lost` (whose seq starts
+    again from 1): that event tells what happened itself, and nothing was counted missed."""
+    import json
+    import subprocess
+    import sys
+    b = start_broker()
+    proc = subprocess.Popen([sys.executable, "-m", "actorbroker.scripts.cli", "events", "--url",
+                             f"{b.host}:{b.port}", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "watching" in proc.stderr.readline()
+        for i in range(2):   # events before the restart: seq 4 by the time it dies
+            Client(*b.address, name=f"c{i}").close()
+        kinds = [json.loads(proc.stdout.readline())["kind"] for _ in range(4)]
+        kill(only_process(b, "ab-events"))
+        while kinds[-1] != "events_lost":
+            kinds.append(json.loads(proc.stdout.readline())["kind"])
+        Client(*b.address, name="after").close()   # events after it: seq 2, 3
+        kinds.append(json.loads(proc.stdout.readline())["kind"])
+        proc.terminate()
+        proc.wait(timeout=FEW_S)
+        assert "events missed" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_kill_of_the_events_actor_restarts_it_and_the_watchers_go_on(start_broker, closing, topic):
     """Its watchers are told `events_lost` (seq starts again from 1 with it), then get the events
     decided after the restart; a new watch is answered."""
