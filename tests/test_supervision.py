@@ -1009,6 +1009,41 @@ def test_a_reconnecting_client_subscribes_again_when_the_subscription_process_di
                  timeout=EVENTUALLY_S)
 
 
+def test_a_reopen_answered_late_still_resumes_the_producer_and_consumer(start_broker, closing, topic):
+    """The topic's new process hangs (stopped here, as one stuck in a stalled fsync would be)
+    longer than the client waited for the reopen's answer (twice connect_timeout): the producer and
+    consumer were then kept for a reconnect that never came, never resumed nor ended, while the
+    late answer opened them on the broker (clients probe, 6 of 6)."""
+    b = start_broker()
+    client = closing(Client(*b.address, reconnect=True, connect_timeout=1, heartbeat_ms=SLOW_HEARTBEAT))
+    consumer = client.subscribe(topic, "s", "exclusive", "c", dispatch="reliable")
+    producer = client.producer(topic, dispatch="reliable", linger_ms=0)
+    producer.send_sync(b"before")
+    consumer.ack(consumer.receive(timeout=FEW_S), sync=True)
+    old = only_process(b, "ab-topic")
+    os.kill(old, signal.SIGKILL)
+    (new,) = wait_for(lambda: set(processes_of_kind(b, "ab-topic")) - {old}, lambda pids: len(pids) == 1,
+                      interval=0.002)
+    os.kill(new, signal.SIGSTOP)
+    try:
+        time.sleep(4)   # the hang itself: longer than the 2 s the client waited for an answer
+    finally:
+        os.kill(new, signal.SIGCONT)
+    deadline = time.monotonic() + EVENTUALLY_S
+    while True:   # sends made before the producer was back may be refused (INTERNAL, UNKNOWN_PRODUCER)
+        try:
+            producer.send_sync(b"after", timeout=EVENTUALLY_S)
+            break
+        except BrokerError:
+            assert time.monotonic() < deadline
+    payloads = []
+    while b"after" not in payloads:
+        msg = consumer.receive(timeout=EVENTUALLY_S)
+        payloads.append(msg.payload)
+        consumer.ack(msg)
+    assert producer.closed_reason is None and consumer.closed_reason is None
+
+
 def test_an_async_client_that_reconnects_opens_its_producer_and_consumer_again_when_the_topic_dies(
         start_broker, topic):
     import asyncio

@@ -311,6 +311,7 @@ class AsyncClient:
             except Exception:
                 self._connection_lost(ConnectionLost("reconnect: hello failed"))
                 continue
+            self._tasks = [task for task in self._tasks if not task.done()]   # (one per reconnect: not kept)
             self._tasks.append(asyncio.create_task(self._reopen_all()))
             return True
         return False
@@ -352,7 +353,13 @@ class AsyncClient:
                 retry = []
                 for obj, waiter in waiters:
                     try:
-                        await asyncio.wait_for(waiter, self._hello[3] * 2)
+                        while True:   # as Client._wait_reopened
+                            try:
+                                await asyncio.wait_for(asyncio.shield(waiter), self._hello[3] * 2)
+                                break
+                            except asyncio.TimeoutError:
+                                if not self.connected:
+                                    raise
                         closing = self._core.reopened(obj)
                         todo.discard(obj)
                         if closing is None:

@@ -398,7 +398,7 @@ class Client:
             for obj, waiter, error in opened:
                 try:
                     if waiter is not None:
-                        waiter.result(self._hello[3] * 2)
+                        self._wait_reopened(waiter)
                         with self._lock:
                             closing = self._core.reopened(obj)
                         if closing is None:
@@ -426,6 +426,17 @@ class Client:
                 kept = [obj for _, obj in retry]
         if reconnected and self._on_reconnect is not None and self.connected:
             call_back(self._on_reconnect, self)
+
+    def _wait_reopened(self, waiter):
+        """The broker answers every request (a topic restarting may take until its request deadline,
+        30 s by default), and a lost connection settles what waits: given up after a while, a late
+        reopen was never resumed nor ended, and opened on the broker for nobody."""
+        while True:
+            try:
+                return waiter.result(self._hello[3] * 2)
+            except _NoReplyYet:
+                if not self.connected:
+                    raise
 
     def _call_reopen(self, obj):
         waiter = Reply()
