@@ -368,7 +368,7 @@ class AsyncClient:
                             self._put(closing)
                         continue
                     except asyncio.TimeoutError:
-                        error = ConnectionLost("reopening it after a reconnect: no answer")
+                        error = ConnectionLost("reopening it: no answer before the connection was lost")
                     except Exception as exc:
                         error = exc
                     delay = self._core.reopen_retry(obj, error, time.monotonic(), self._reconnect)

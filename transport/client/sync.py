@@ -22,8 +22,8 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore, ConsumerCore, Message,
-    ProducerCore, Reconnect, call_back, dispatch, end_unopened, first_addresses, hello_frame, open_consumer, open_producer,
-    parse_address, read_failure)
+    ProducerCore, Reconnect, call_back, dispatch, end_unopened, first_addresses, hello_frame, open_consumer,
+    open_producer, parse_address, read_failure)
 from actorbroker.transport.client.tls import TlsSocket, client_context, server_name
 from actorbroker.transport.codec import PROTOCOL_VERSION
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
@@ -407,7 +407,7 @@ class Client:
                             self._write_quietly(closing)
                         continue
                 except _NoReplyYet:
-                    error = ConnectionLost("reopening it after a reconnect: no answer")
+                    error = ConnectionLost("reopening it: no answer before the connection was lost")
                 except Exception as exc:
                     error = exc
                 with self._lock:
