@@ -561,10 +561,13 @@ class Bench:
     def sc_disconnect(self):
         url = self.url_for("group")
         try:
-            close_ms, kill_ms = self.failover_takeover(url)
-            for kind, values in (("socket close", close_ms), ("kill -9", kill_ms)):
+            close_ms, kill_ms, close_active_ms, kill_active_ms = self.failover_takeover(url)
+            for label, values in (("failover takeover after socket close", close_ms),
+                                  ("failover takeover after kill -9", kill_ms),
+                                  ("failover standby told active after socket close", close_active_ms),
+                                  ("failover standby told active after kill -9", kill_active_ms)):
                 for q in (50, 99):
-                    self.add("disconnect", f"failover takeover after {kind}", f"p{q}", "ms",
+                    self.add("disconnect", label, f"p{q}", "ms",
                              [pct(values, q)] if values else [], samples=len(values))
             self.details["failover_ms"] = {"close": close_ms, "kill": kill_ms}
         except Exception as exc:   # noqa: BLE001
@@ -606,7 +609,8 @@ class Bench:
                 seq += 1
                 time.sleep(0.001)
         threading.Thread(target=pump, daemon=True).start()
-        results = {"close": [], "kill": []}
+        results = {"close": [], "kill": []}   # until the standby's first message
+        pushed = {"close": [], "kill": []}    # until the standby is told it is active
         waited = {"close": [], "kill": []}
         exits = []   # kill -9 -> the kernel closed the killed process's files (its socket with them)
         try:
@@ -623,12 +627,17 @@ class Bench:
                 else:
                     t0 = time.time_ns()
                     active.signal(signal.SIGKILL)
-                ev = wait_event(waiting, "first", 15)
+                # the broker's `active` push to the standby is the takeover; its first message
+                # follows when the producer's next record arrives
+                promoted = next_line_where(waiting, lambda line: line.get("event") in ("active", "first"), 15)
+                ev = promoted if promoted is None or promoted["event"] == "first" else wait_event(waiting, "first", 15)
                 if t0 is None or ev is None:
                     self.failures.append(f"failover rep {rep} ({kind}): no takeover seen")
                     note(f"failover rep {rep} ({kind}): no takeover within 15s")
                 else:
                     results[kind].append((ev["t_ns"] - t0) / 1e6)
+                    if promoted["event"] == "active":
+                        pushed[kind].append((promoted["t_ns"] - t0) / 1e6)
                     # the part spent waiting for the producer: the standby's first record was sent
                     # this long after the kill/close (the ones before went to the gone consumer)
                     waited[kind].append(max(0, ev["sent_ns"] - t0) / 1e6)
@@ -644,6 +653,8 @@ class Bench:
                 active, waiting = waiting, standby()
             note("failover takeover: " + ", ".join(
                 f"{k} p50 {_fmt(pct(v, 50))} ms p99 {_fmt(pct(v, 99))} ms (n={len(v)})" for k, v in results.items()))
+            note("  the standby told it is active (`active` push): " + ", ".join(
+                f"{k} p50 {_fmt(pct(v, 50))} ms p99 {_fmt(pct(v, 99))} ms (n={len(v)})" for k, v in pushed.items()))
             note("  of it, waiting for the producer's next record: " + ", ".join(
                 f"{k} p50 {_fmt(pct(v, 50))} ms" for k, v in waited.items()) + "; the rest: " + ", ".join(
                 f"{k} p50 {_fmt(pct([t - w for t, w in zip(results[k], v)], 50))} ms" for k, v in waited.items()))
@@ -652,13 +663,14 @@ class Bench:
                      f"from then to the standby's first message: p50 {_fmt(pct([t - e for t, e in exits], 50))} ms, "
                      f"p99 {_fmt(pct([t - e for t, e in exits], 99))} ms")
             self.details["failover_waited_ms"] = waited
+            self.details["failover_active_ms"] = pushed
             self.details["failover_exit_ms"] = [e for _, e in exits]
         finally:
             stop.set()
             active.stop()
             waiting.stop()
             client.close(timeout=2)
-        return results["close"], results["kill"]
+        return results["close"], results["kill"], pushed["close"], pushed["kill"]
 
     def shared_redelivery(self, url, batch=50):
         """Shared reliable subscription: Y acks all, X holds what it gets unacked; kill -9 X; time until

@@ -11,15 +11,19 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 
 STAMP = struct.Struct(">QQ")   # send time (time.time_ns) and sequence number, at a payload's start
 _PR_SET_PDEATHSIG = 1
+_EMIT_LOCK = threading.Lock()
 
 
 def emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    """One JSON line on stdout; whole lines even when a client's reader thread emits too."""
+    with _EMIT_LOCK:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
 
 
 def settle():

@@ -132,11 +132,16 @@ def consume(args):
 
 
 def failover(args):
-    """A failover consumer: prints {"event": "first", "t_ns", "sent_ns"} at its first message; on SIGUSR1
-    closes its socket (prints {"event": "closed", "t_ns"} just before) and exits."""
+    """A failover consumer: prints {"event": "active", "t_ns"} when the broker's `active` push makes it
+    the active consumer (the takeover itself), {"event": "first", "t_ns", "sent_ns"} at its first
+    message; on SIGUSR1 closes its socket (prints {"event": "closed", "t_ns"} just before) and exits."""
     host, port = parse_url(args.url)
     client = Client(host, port, name=f"bench-{args.name}")
-    consumer = client.subscribe(args.topic, args.subscription, "failover", args.name)
+
+    def on_active(_consumer, active):   # the reader thread, as the push arrives
+        if active:
+            emit({"event": "active", "t_ns": time.time_ns()})
+    consumer = client.subscribe(args.topic, args.subscription, "failover", args.name, on_active=on_active)
     closing = []
     signal.signal(signal.SIGUSR1, lambda *_: closing.append(True))
     touch(args.ready)
