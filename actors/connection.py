@@ -35,6 +35,7 @@ REATTACH_RETRY_S = 0.25
 # OVERLOADED. A client pipelining thousands of admin requests must not queue them all at the root,
 # which every other connection's producer and subscribe need too.
 MAX_REQUESTS_IN_FLIGHT = 1024
+CLOSE_OPS = frozenset({"close_producer", "close_consumer", "unsubscribe"})
 # Requests of one connection passed on to the root at once; later ones wait here, in order, and
 # those still waiting when the connection closes are dropped. The root serves every connection in
 # the order requests reach it: a client pipelining a thousand `stats` puts 16 ahead of another
@@ -560,6 +561,7 @@ class ConnectionActor(BrokerActor):
             return
         rid = msg.frame.get("rid") if isinstance(msg.frame, dict) else None
         rid = rid if validate.is_uint(rid) else None
+        refused = True   # before its handler ran: the request had no effect here
         try:
             frame = validate.control(msg.frame)   # the shard checked it; trust no message all the same
             if len(conn.pending) >= MAX_REQUESTS_IN_FLIGHT:
@@ -570,6 +572,7 @@ class ConnectionActor(BrokerActor):
                 # counted once, it would pass the limits above and below as often as it is reused
                 raise BadRequest(E.BAD_REQUEST, f"rid {rid} is already used by a request of this connection "
                                                 "waiting for its answer; a rid must be unique among those")
+            refused = False   # (a handler that raises has found it not this connection's, or failed)
             getattr(self, "_op_" + frame["op"])(conn, msg.connection_id, frame, tag)
             if tag in conn.pending and tag not in conn.held:
                 self._asked(tag, frame["op"])
@@ -579,6 +582,11 @@ class ConnectionActor(BrokerActor):
             log.exception("connection %s: op %r failed", msg.connection_id, msg.frame.get("op"),
                           extra={"connection": msg.connection_id})
             self._write(msg.connection_id, error_frame(E.INTERNAL, "internal error (logged on the broker)", rid))
+        op = msg.frame.get("op") if isinstance(msg.frame, dict) else None
+        if op in CLOSE_OPS:   # the shard stopped routing it when it read the request
+            ident = msg.frame.get("producer" if op == "close_producer" else "consumer")
+            if type(ident) is int:
+                self._to_shard(shard.CloseDecided(msg.connection_id, op, ident, refused))
 
     def _op_producer(self, conn, connection_id, frame, tag):
         name = self._authorized(conn, frame["topic"], "produce")

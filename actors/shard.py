@@ -116,6 +116,18 @@ class RouteConsumer:
 
 
 @dataclass(frozen=True)
+class CloseDecided:
+    """The ConnectionActor took (refused=False) or refused (a reused rid, too many requests waiting)
+    a close_producer / close_consumer / unsubscribe that this shard passed on. The shard and the
+    session stopped routing it when the request was read, so that frames pipelined after it are
+    refused in order; refused, it was never closed, and its route comes back."""
+    connection_id: int
+    op: str
+    ident: int
+    refused: bool
+
+
+@dataclass(frozen=True)
 class RequestsAnswered:
     """connection.AnswerFirst's answer: no request of the connection waits in the ConnectionActor
     any more (their answers came before this, on the same channel)."""
@@ -226,6 +238,7 @@ class ShardActor(BrokerActor):
         self.next_seq = 0
         self.producers = {}      # producer id -> _Producer
         self.closing_producers = {}  # closed producers whose last sends await their receipts
+        self.closing_routes = {}     # ("producer"|"consumer", id) -> its route, until CloseDecided
         self.consumers = {}      # consumer id -> (connection id, lane)
         self.credits = {}        # consumer id -> credits its client gave and no delivery used yet
         self.reattaching = set()  # producer ids being re-attached to a re-homed topic
@@ -428,11 +441,13 @@ class ShardActor(BrokerActor):
                 if producer is not None and producer.connection_id == connection_id:
                     self._send_publishes(client, publishes)
                     self._drop_producer(frame["producer"])
+                    self.closing_routes[("producer", frame["producer"])] = producer
                 elif frame["op"] in ("close_consumer", "unsubscribe"):
                     route = self.consumers.get(frame.get("consumer"))
                     if route is not None and route[0] == connection_id:
                         self.consumers.pop(frame["consumer"])
-                        self.credits.pop(frame["consumer"], None)
+                        self.closing_routes[("consumer", frame["consumer"])] = (
+                            route, self.credits.pop(frame["consumer"], None))
                 self.send_ordered(self.supervisor, connection.ClientRequest(connection_id, frame), "shard")
                 client.asked = True
             elif kind == "hello":
@@ -735,6 +750,27 @@ class ShardActor(BrokerActor):
         if client is not None:
             self._write(client, msg.data)
 
+    def on_CloseDecided(self, msg, sender):
+        kind = "producer" if msg.op == "close_producer" else "consumer"
+        kept = self.closing_routes.pop((kind, msg.ident), None)
+        client = self.clients.get(msg.connection_id)
+        if kept is None or not msg.refused or client is None or client.state != "open":
+            return
+        if kind == "producer":
+            self.closing_producers.pop(msg.ident, None)
+            self.producers[msg.ident] = kept
+            client.session.producers[msg.ident] = kept.name
+            if kept.lane.closed:   # its topic died meanwhile: as if it had not been closed
+                self._producers_lost([msg.ident], "topic_lost")
+        else:
+            route, credits = kept
+            self.consumers[msg.ident] = route
+            if credits is not None:
+                self.credits[msg.ident] = credits
+            client.session.consumers.add(msg.ident)
+            if route[1].closed:
+                self._consumers_lost([msg.ident], "subscription_lost")
+
     def on_RouteProducer(self, msg, sender):
         client = self.clients.get(msg.connection_id)
         if client is None or client.state != "open":
@@ -762,6 +798,7 @@ class ShardActor(BrokerActor):
 
     def on_UnrouteProducer(self, msg, sender):
         client = self.clients.get(msg.connection_id)
+        self.closing_routes.pop(("producer", msg.producer_id), None)
         if msg.lost:
             self.reattaching.discard(msg.producer_id)
             producer = self.producers.pop(msg.producer_id, None)
@@ -801,6 +838,7 @@ class ShardActor(BrokerActor):
 
     def on_UnrouteConsumer(self, msg, sender):
         self.consumers.pop(msg.consumer_id, None)
+        self.closing_routes.pop(("consumer", msg.consumer_id), None)
         client = self.clients.get(msg.connection_id)
         if msg.reattaching:   # its flow frames count (credits) and go nowhere until re-routed
             if client is not None and client.state == "open":
@@ -1033,6 +1071,9 @@ class ShardActor(BrokerActor):
         for lane, consumer_id in client.deferred_acks:
             lane.send([LaneOp.DELIVER_ACK, consumer_id])
         client.deferred_acks.clear()
+        for key, kept in list(self.closing_routes.items()):   # no CloseDecided comes for a closed one
+            if (kept.connection_id if key[0] == "producer" else kept[0][0]) == connection_id:
+                del self.closing_routes[key]
         client.state = "lingering"
         client.reading = True
         # A client that does not read gets longer to take its last frames: as long as a silent one

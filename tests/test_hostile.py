@@ -529,6 +529,46 @@ def test_a_rid_reused_while_its_request_waits_is_refused_and_holds_up_no_one(sta
     assert_alive(bystander)
 
 
+@pytest.mark.parametrize("dispatch", ["reliable", "non_reliable"])
+def test_a_close_refused_for_a_reused_rid_leaves_its_producer_and_consumer_open(start_broker, topic, dispatch):
+    """close_producer and close_consumer with the rid of a request still waiting were refused
+    (BAD_REQUEST), yet the shard had stopped routing both when it read them: later sends got
+    UNKNOWN_PRODUCER, flow UNKNOWN_CONSUMER, and the consumer, still attached, got nothing more.
+    A refused close has no effect now."""
+    b = start_broker()
+    conn = connect(b)
+    consumer = conn.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": "exclusive",
+                             "consumer": "c", "dispatch": dispatch})["consumer"]
+    producer_id = conn.request({"op": "producer", "topic": topic, "dispatch": dispatch})["producer"]
+    conn.send_raw(b"".join(conn.encode(frame) for frame in (
+        {"op": "topics", "rid": 7000},   # waits for the root's answer while the closes come in
+        {"op": "close_consumer", "rid": 7000, "consumer": consumer},
+        {"op": "close_producer", "rid": 7000, "producer": producer_id})))
+    got = []
+    while len(got) < 3:
+        frame = conn.recv_frame(timeout=10)
+        assert frame is not None, got
+        if frame.get("rid") == 7000:
+            got.append(frame)
+    assert sorted(f.get("code", f["op"]) for f in got) == ["BAD_REQUEST", "BAD_REQUEST", "topics"], got
+    # both still open, on the broker and on this connection
+    conn.send_frame({"op": "flow", "consumer": consumer, "credits": 10})
+    assert conn.request({"op": "send", "producer": producer_id, "msgs": [{"payload": b"after"}]})["op"] == "receipt"
+    frame = conn.recv_frame(timeout=10)
+    while frame is not None and frame["op"] != "message":
+        assert frame["op"] in ("ping", "ok"), frame
+        frame = conn.recv_frame(timeout=10)
+    assert frame is not None and [m["payload"] for m in frame["msgs"]] == [b"after"], frame
+    stats = conn.request({"op": "stats", "topic": topic})
+    assert [c["name"] for s in stats["subscriptions"] for c in s["consumers"]] == ["c"], stats
+    # and closed for good with a rid of their own
+    assert conn.request({"op": "close_consumer", "consumer": consumer})["op"] == "ok"
+    assert conn.request({"op": "close_producer", "producer": producer_id})["op"] == "ok"
+    assert_error(conn.request({"op": "flow", "consumer": consumer, "credits": 1}, expect_error=True),
+                 "UNKNOWN_CONSUMER", conn.last_rid)
+    assert_alive(conn)
+
+
 def test_a_burst_of_admin_requests_does_not_hold_up_another_clients_producer(start_broker, topic):
     """A client pipelining 1,000 `stats` once put all of them (1024 allowed to wait) ahead of every
     other client's requests at the root: another client's `producer` was answered after them
