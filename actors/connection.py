@@ -136,6 +136,8 @@ class ConsumerOpened:
     dispatch: str
     active: Any         # bool for failover subscriptions, else None
     node: str = ""      # the cluster node of the topic ("" on a single broker)
+    # (topic, subscription, consumer name): for its consumer_detached should its process die
+    names: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,7 @@ class ConnectionActor(BrokerActor):
         self.producer_conn = {}      # producer id -> connection id
         self.consumer_conn = {}      # consumer id -> connection id
         self.consumer_topic = {}     # consumer id -> topic address
+        self.consumer_names = {}     # consumer id -> (topic, subscription, consumer name)
         self.node_of = {}            # producer or consumer id -> cluster node of its topic
         # str(address) -> the ordered stream to that actor. A topic or subscription created anew
         # may get the port, so the address, of one that died: its stream must start from zero,
@@ -432,7 +435,12 @@ class ConnectionActor(BrokerActor):
             if consumer_id in self.rejoin and msg.reason in ("topic_lost", "subscription_lost"):
                 self._reattach(consumer_id)
             else:
-                self._end_consumer(consumer_id, msg.reason, detach=True)
+                # its dispatcher died (or its topic, or the lane to them): no consumer_detached
+                # came from there, so it comes from here
+                names = self.consumer_names.get(consumer_id)
+                if self._end_consumer(consumer_id, msg.reason, detach=True) and names:
+                    emit(self, self.config.events, "consumer_detached", topic=names[0], subscription=names[1],
+                         consumer=consumer_id, consumer_name=names[2], cause=msg.reason)
 
     def on_ProducersLost(self, msg, sender):
         for producer_id in msg.producer_ids:
@@ -695,6 +703,7 @@ class ConnectionActor(BrokerActor):
         """Drop the consumer's indexes; returns the connection id it had."""
         self.rejoin.pop(consumer_id, None)
         self.consumer_topic.pop(consumer_id, None)
+        self.consumer_names.pop(consumer_id, None)
         self.node_of.pop(consumer_id, None)
         return self.consumer_conn.pop(consumer_id, None)
 
@@ -870,6 +879,7 @@ class ConnectionActor(BrokerActor):
         if msg.node:
             self.node_of[msg.consumer_id] = msg.node
         self.consumer_topic[msg.consumer_id] = msg.topic
+        self.consumer_names[msg.consumer_id] = msg.names
         data = b""
         if again:   # re-attached after its node was lost: the client sees nothing of it
             self.rejoin[msg.consumer_id].until = None
@@ -968,7 +978,7 @@ class ConnectionActor(BrokerActor):
         connection_id = self._forget_consumer(consumer_id)
         conn = self.connections.get(connection_id)
         if conn is None:
-            return
+            return False
         subscription_address = conn.consumers.pop(consumer_id, None)
         if detach and subscription_address is not None:
             self.send_ordered(subscription_address, subscription.DetachConsumer(consumer_id, None, None),
@@ -977,6 +987,7 @@ class ConnectionActor(BrokerActor):
         if not conn.closed:
             self._to_shard(shard.UnrouteConsumer(connection_id, consumer_id, encode_frame(
                 {"op": "closed", "consumer": consumer_id, "reason": reason}), reason=reason))
+        return subscription_address is not None
 
     def _write(self, connection_id, data):
         self._to_shard(shard.Outbound(connection_id, data))

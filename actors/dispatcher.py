@@ -732,7 +732,7 @@ class DispatcherActor(BrokerActor):
         consumer.told = self.policy.is_active(msg.consumer_id)
         self.send_ordered(msg.reply_to, connection.ConsumerOpened(
             msg.rid, msg.consumer_id, sender, self.topic, self.hub.address, self.dispatch,
-            consumer.told, self.node), ("owner", str(msg.reply_to)))
+            consumer.told, self.node, (self.topic_name, self.name, msg.name)), ("owner", str(msg.reply_to)))
         self.route_checks.add(msg.consumer_id)
         if not self.route_check_due:
             self.route_check_due = True

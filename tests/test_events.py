@@ -8,10 +8,12 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from actorbroker.transport.client import Client
 from tests.test_limits import PingFlood, read_to_the_end
 from tests.test_protocol import assert_error
-from tests.util import ROOT, failover_holding
+from tests.util import ROOT, failover_holding, processes_of_kind, wait_for
 from tests.wire import RawConnection
 
 
@@ -71,6 +73,28 @@ def test_attach_kill_promotion_redelivery_and_delete_come_in_the_order_decided(s
         # `redelivered`: they went nowhere), then the topic goes
         assert kinds(deleted) == ["consumer_detached", "topic_deleted"]
         assert deleted[0] == dict(deleted[0], consumer=standby.id, cause="topic_deleted")
+    watcher.close()
+
+
+@pytest.mark.parametrize("kind,cause", [("ab-sub", "subscription_lost"), ("ab-disp", "subscription_lost"),
+                                        ("ab-topic", "topic_lost")])
+def test_consumers_ended_by_a_killed_process_are_detached_events_too(start_broker, topic, kind, cause):
+    """kill -9 of a subscription's (or its dispatcher's, or its topic's) process: its consumers got
+    `closed` (subscription_lost / topic_lost) and no consumer_detached was ever sent (the process
+    that sends it had died), so a watcher kept them attached. The broker says so now."""
+    b = start_broker()
+    watcher = Client(*b.address, name="watcher")
+    watcher.watch(topic)
+    with Client(*b.address) as client:
+        consumers = [client.subscribe(topic, "s", "shared", name, dispatch="reliable") for name in ("x", "y")]
+        events = events_until(watcher, lambda got: len(about(got, kind="consumer_attached")) == 2)
+        pid = wait_for(lambda: processes_of_kind(b, kind), lambda pids: len(pids) == 1)[0]
+        os.kill(pid, signal.SIGKILL)
+        events += events_until(watcher, lambda got: len(about(got, kind="consumer_detached")) == 2, len(events) + 1)
+        detached = about(events, kind="consumer_detached")
+        assert sorted((e["consumer"], e["consumer_name"], e["subscription"], e["topic"], e["cause"])
+                      for e in detached) == [(c.id, c.name, "s", topic, cause) for c in consumers], detached
+        assert [c.closed_reason for c in consumers] == [cause, cause]
     watcher.close()
 
 
