@@ -346,7 +346,10 @@ class DispatcherActor(BrokerActor):
                      len(gone), extra={"topic": self.topic_name, "subscription": self.name, "consumer": gone})
             before = self._active_flags()
             for consumer_id in gone:
-                self._forget(consumer_id, cause)
+                # its connection named: the events actor holds the detach behind that connection_closed
+                consumer = self.policy.consumers.get(consumer_id)
+                self._forget(consumer_id, cause, consumer.connection
+                             if consumer is not None and cause == "connection_closed" else None)
             self._announce_active(before)
             self._members_lost(gone)
             self._pump()
@@ -717,7 +720,8 @@ class DispatcherActor(BrokerActor):
                 # has credit first (shared): taken before the old one's removal returns them
                 handed_over = self._pop_unacked(self._unacked_of(msg.replaces))
             self._close(msg.replaces, "replaced")
-        consumer = ConsumerState(msg.consumer_id, msg.name, msg.transport, msg.reply_to)
+        consumer = ConsumerState(msg.consumer_id, msg.name, msg.transport, msg.reply_to,
+                                 connection=msg.rid[0] if isinstance(msg.rid, tuple) else None)
         if self.reliable:
             consumer.tracks_acks = True
             consumer.max_unacked = min(msg.max_unacked or DEFAULT_MAX_UNACKED, self.max_unacked_cap)
@@ -725,8 +729,7 @@ class DispatcherActor(BrokerActor):
         if handed_over:
             self._redeliver(self._singles(handed_over), to=consumer.id)
         emit(self, self.events, "consumer_attached", topic=self.topic_name, subscription=self.name,
-             consumer=msg.consumer_id, consumer_name=msg.name,
-             connection=msg.rid[0] if isinstance(msg.rid, tuple) else None)
+             consumer=msg.consumer_id, consumer_name=msg.name, connection=consumer.connection)
         # The client hears `subscribed` and its first `active` with ConsumerOpened; the changes
         # after, over the shard's lane once the shard has it (ROUTED), in order with its records.
         consumer.told = self.policy.is_active(msg.consumer_id)

@@ -11,7 +11,7 @@ closed with SLOW_CONSUMER by its shard; nothing here waits for it.
 import heapq
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any
@@ -66,6 +66,7 @@ class EventsActor(BrokerActor):
         self.release_due = False
         self.closed = {}              # connection id -> when its connection_closed arrived
         self.waiting = {}             # connection id -> [consumer_detached waiting for that close]
+        self.first_detach = {}        # connection id -> the stamp of its first such detach, close not come
 
     def on_Watch(self, msg, sender):
         watcher = self.watchers.get(msg.connection_id)
@@ -91,8 +92,18 @@ class EventsActor(BrokerActor):
     def on_Event(self, msg, sender):
         if not self.watchers:
             return   # nobody to tell: nothing is kept
+        connection_id = msg.fields.get("connection")
         if msg.kind == "connection_closed":
-            self.closed[msg.fields.get("connection")] = time.monotonic()
+            self.closed[connection_id] = time.monotonic()
+            # A close learnt late (its shard process died: the ConnectionActor hears it after
+            # the dispatchers' lanes ended) is stamped before the detaches it caused, so that
+            # it comes ahead of them and of what followed them (promoted, redelivered).
+            first = self.first_detach.pop(connection_id, None)
+            if first is not None and first <= msg.time:
+                msg = replace(msg, time=first - 1e-6)
+        elif msg.kind == "consumer_detached" and msg.fields.get("cause") == "connection_closed" \
+                and connection_id is not None and connection_id not in self.closed:
+            self.first_detach[connection_id] = min(msg.time, self.first_detach.get(connection_id, msg.time))
         heapq.heappush(self.held, (msg.time, next(self.arrival), msg))
         if not self.release_due:
             self.release_due = True
@@ -109,6 +120,7 @@ class EventsActor(BrokerActor):
         for connection_id, events in list(self.waiting.items()):   # their close never came
             if now - events[0][0] > CAUSE_WAIT_S:
                 del self.waiting[connection_id]
+                self.first_detach.pop(connection_id, None)
                 for _, event in events:
                     self._publish(event)
         if len(self.closed) > 1024:

@@ -52,6 +52,7 @@ class ConsumerState:
     told: Any = None       # failover: the `active` state its client was last told
     deliver_deadline: Any = None   # reliable with an ack timeout: its delivery in flight is late after
     stalled: bool = False  # ... and was: given nothing more until its shard has taken it (DELIVER_ACK)
+    connection: Any = None  # the id of its client's connection (its events name it)
 
     def room(self):
         """How many records it may be given now."""

@@ -13,7 +13,7 @@ import pytest
 from actorbroker.transport.client import Client
 from tests.test_limits import PingFlood, read_to_the_end
 from tests.test_protocol import assert_error
-from tests.util import ROOT, failover_holding, processes_of_kind, wait_for
+from tests.util import ROOT, failover_holding, own_ports_to, peer_ports_held_by, processes_of_kind, wait_for
 from tests.wire import RawConnection
 
 
@@ -96,6 +96,46 @@ def test_consumers_ended_by_a_killed_process_are_detached_events_too(start_broke
                       for e in detached) == [(c.id, c.name, "s", topic, cause) for c in consumers], detached
         assert [c.closed_reason for c in consumers] == [cause, cause]
     watcher.close()
+
+
+def test_the_consumers_of_a_killed_shard_are_detached_after_their_connection_closed(start_broker, topic):
+    """kill -9 of the shard holding a consumer's connection: its consumer_detached came before that
+    connection's connection_closed (shard_lost) and named no connection, unlike any other end of
+    a connection (docs/protocol.md, "Events": a detach caused by a connection's end comes after it)."""
+    b = start_broker("--io-shards", "2")
+    shards = wait_for(lambda: processes_of_kind(b, "ab-shard"), lambda pids: len(pids) == 2)
+    opened = []
+
+    def connect(name):   # a client and the shard holding its socket
+        before = own_ports_to(b.port)
+        client = Client(*b.address, name=name)
+        opened.append(client)
+        port = (own_ports_to(b.port) - before).pop()
+        return client, wait_for(lambda: [pid for pid in shards if port in peer_ports_held_by(pid, b.port)],
+                                lambda held: len(held) == 1)[0]
+    try:
+        watcher, watcher_shard = connect("watcher")
+        watcher.watch(topic)
+        standby = watcher.subscribe(topic, "s", "failover", "b")
+        for i in range(16):   # connections go to the shards in turn: one lands on the other soon
+            client, victim_shard = connect(f"victim{i}")
+            if victim_shard != watcher_shard:
+                break
+        assert victim_shard != watcher_shard
+        victim = client.subscribe(topic, "s", "failover", "a")
+        # "a" sorts first: it is made active at once ("promoted")
+        events = events_until(watcher, lambda got: about(got, kind="promoted", consumer_name="a"))
+        connection = about(events, kind="consumer_attached", consumer_name="a")[0]["connection"]
+        os.kill(victim_shard, signal.SIGKILL)
+        after = events_until(watcher, lambda got: about(got, kind="promoted", consumer_name="b"), len(events) + 1)
+        lost = [e for e in after if e.get("connection") == connection or e["kind"] == "promoted"]
+        assert kinds(lost) == ["connection_closed", "consumer_detached", "promoted"], lost
+        assert lost[0]["cause"] == "shard_lost"
+        assert lost[1] == dict(lost[1], consumer=victim.id, consumer_name="a", cause="connection_closed")
+        assert lost[2] == dict(lost[2], consumer=standby.id, consumer_name="b")
+    finally:
+        for client in opened:
+            client.close(timeout=2)
 
 
 def test_a_pattern_selects_topics_connection_events_always_pass(start_broker, topic):
