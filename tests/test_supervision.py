@@ -1009,6 +1009,30 @@ def test_a_reconnecting_client_subscribes_again_when_the_subscription_process_di
                  timeout=EVENTUALLY_S)
 
 
+def test_a_consumer_without_auto_credit_keeps_its_unused_credits_when_reopened(start_broker, closing, topic):
+    """auto_credit=False: the credits the application granted were lost when the client opened the
+    consumer again (its subscription's process died): the new attachment had none, and the
+    consumer, resumed, got nothing more until the application, unaware, granted more."""
+    b = start_broker()
+    client = closing(Client(*b.address, reconnect=True, heartbeat_ms=SLOW_HEARTBEAT))
+    consumer = client.subscribe(topic, "s", "shared", "c", dispatch="reliable", auto_credit=False)
+    consumer.flow(10)
+    producer = client.producer(topic, dispatch="reliable", linger_ms=0)
+    for i in range(3):
+        producer.send(b"before %d" % i)
+    got = [consumer.receive(timeout=FEW_S) for _ in range(3)]
+    consumer.ack(got, sync=True)
+
+    old_id = consumer.id
+    kill(only_process(b, "ab-sub"))
+    wait_for(lambda: consumer.id, lambda new_id: new_id != old_id, timeout=EVENTUALLY_S)
+    for i in range(7):   # the 7 credits left: no flow from the application
+        producer.send(b"after %d" % i)
+    got = [consumer.receive(timeout=EVENTUALLY_S).payload for _ in range(7)]
+    assert got == [b"after %d" % i for i in range(7)]
+    assert consumer.closed_reason is None
+
+
 def test_a_reopen_answered_late_still_resumes_the_producer_and_consumer(start_broker, closing, topic):
     """The topic's new process hangs (stopped here, as one stuck in a stalled fsync would be)
     longer than the client waited for the reopen's answer (twice connect_timeout): the producer and

@@ -642,9 +642,10 @@ class AsyncConsumer(ConsumerCore):
         self._ready.clear()
 
     def _resume(self):
-        """Subscribed again: credits afresh, as at subscribe."""
-        if self._credits is not None:
-            self.flow(self._credits.initial())
+        """Subscribed again: credits afresh, as at subscribe (auto_credit), or those granted and unused."""
+        credits = self._credits_again()
+        if credits:
+            self._client._send({"op": "flow", "consumer": self.id, "credits": credits})
 
     async def ack(self, msg_or_ids, sync=False, timeout=10):
         await self._send_ack(self._ack_frames("ack", msg_or_ids, self._client._core.max_frame), sync, timeout)

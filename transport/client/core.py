@@ -707,6 +707,9 @@ class ConsumerCore:
         self.closed_reason = None
         self.on_active = on_active
         self._credits = CreditWindow(receiver_queue) if receiver_queue else None
+        # auto_credit=False: credits the application granted (flow) that it has not used yet by
+        # taking messages; a consumer opened again after a reconnect gets them again
+        self._granted = 0
         self._end = None              # (exception class, argument) that receive raises once closed
 
     def _set_end(self, reason, raises=None):
@@ -732,12 +735,23 @@ class ConsumerCore:
     def _grant(self):
         """One message taken by the application: the credits to grant back now (0: none)."""
         credits = self._credits
-        if credits is None or self._end is not None:
+        if credits is None:
+            self._granted = max(0, self._granted - 1)
+            return 0
+        if self._end is not None:
             return 0
         return credits.take()
 
     def _flow_frame(self, credits):
+        """The application's flow (auto_credit=False: counted, see _granted)."""
+        if self._credits is None:
+            self._granted += credits
         return {"op": "flow", "consumer": self.id, "credits": credits}
+
+    def _credits_again(self):
+        """Opened again (reconnect, or a broker process died): the credits its new attachment gets,
+        as at subscribe (auto_credit) or what the application granted and has not used."""
+        return self._credits.initial() if self._credits is not None else self._granted
 
     def _ack_frame(self, op, msg_or_ids, delay_ms=None):
         """The ack/nack frame for these messages, or None if there are none."""

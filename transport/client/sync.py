@@ -861,9 +861,10 @@ class Consumer(ConsumerCore):
         self._ready.clear()
 
     def _resume(self):
-        """Subscribed again: credits afresh, as at subscribe."""
-        if self._credits is not None:
-            self.flow(self._credits.initial())
+        """Subscribed again: credits afresh, as at subscribe (auto_credit), or those granted and unused."""
+        credits = self._credits_again()
+        if credits:
+            self._client._send({"op": "flow", "consumer": self.id, "credits": credits})
 
     # --- events (core.dispatch), from the reader thread ------------------------------------------
 
