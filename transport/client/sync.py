@@ -230,7 +230,8 @@ class Client:
 
         options: start, dispatch, max_unacked, ack_timeout_ms, max_redeliveries, dead_letter_topic
         (see PROTOCOL.md, subscribe). auto_credit: grant `receiver_queue` credits now and more as
-        messages are taken (receive or iteration); False leaves credits to `consumer.flow(n)`.
+        messages are taken (receive or iteration); False leaves credits to `consumer.flow(n)`
+        (those granted and unused are granted again when the consumer is opened again).
         on_active(consumer, active) is called from the reader thread when a failover subscription
         tells this consumer its state (what it raises is logged on `actorbroker.client`)."""
         frame, make = open_consumer(self, Consumer, topic, subscription, type, consumer,
