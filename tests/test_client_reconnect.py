@@ -105,6 +105,87 @@ def test_the_first_connect_tries_the_other_seed_addresses_too(start_broker, topi
         Client(*down, reconnect=Reconnect([down, _refused_address()]))
 
 
+class _FakeSeed:
+    """A listening socket that takes every connection and, to each hello, does `answer`: "silent"
+    (nothing), "overloaded" (the OVERLOADED error of a broker at max_connections, then closes) or
+    "auth" (AUTH_FAILED for the hello, then closes)."""
+
+    def __init__(self, answer):
+        from actorbroker.transport.codec import FrameDecoder, encode_frame
+        self.answer, self._encode, self._decoder = answer, encode_frame, FrameDecoder
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = self.sock.getsockname()
+        self.accepted = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        decoder = self._decoder()
+        frame = None
+        while frame is None:
+            data = conn.recv(65536)
+            if not data:
+                return
+            decoder.feed(data)
+            frame = decoder.next_frame()
+        if self.answer == "overloaded":
+            conn.sendall(self._encode({"op": "error", "code": "OVERLOADED", "message": "too many connections"}))
+            conn.close()
+        elif self.answer == "auth":
+            conn.sendall(self._encode({"op": "error", "code": "AUTH_FAILED", "message": "bad token",
+                                       "rid": frame["rid"]}))
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.mark.parametrize("answer", ["silent", "overloaded"])
+def test_the_first_connect_passes_over_a_seed_that_does_not_answer_hello(start_broker, topic, answer):
+    """A first seed that took the TCP connection but hung up, timed out or was OVERLOADED during
+    hello ended the first connect, with another seed up: it moves on to the next now."""
+    broker = start_broker()
+    fake = _FakeSeed(answer)
+    try:
+        seeds = Reconnect([fake.address, broker.address])
+        with Client(*fake.address, reconnect=seeds, connect_timeout=1) as client:
+            assert client.topics() == []
+        assert fake.accepted, "the first seed was not tried"
+
+        async def main():
+            client = await AsyncClient.connect(*fake.address, reconnect=seeds, connect_timeout=1)
+            try:
+                await client.producer(topic)
+                return [t["name"] for t in await client.topics()]
+            finally:
+                await client.close()
+        assert asyncio.run(main()) == [topic]
+    finally:
+        fake.close()
+
+
+def test_the_first_connect_stops_at_a_refusal_every_broker_would_repeat(start_broker):
+    from actorbroker.transport.errors import BrokerError
+    broker = start_broker()
+    fake = _FakeSeed("auth")
+    try:
+        with pytest.raises(BrokerError) as raised:
+            Client(*fake.address, reconnect=Reconnect([fake.address, broker.address]), connect_timeout=5)
+        assert raised.value.code == "AUTH_FAILED"
+    finally:
+        fake.close()
+
+
 def test_sync_client_gives_up_and_ends_its_consumers(start_broker, topic):
     broker = start_broker()
     client = Client(broker.host, broker.port, reconnect=Reconnect([broker.address], give_up_after=0.5))

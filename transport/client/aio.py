@@ -16,8 +16,8 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HEARTBEAT_MS, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore,
-    ConsumerCore, Message, ProducerCore, Reconnect, call_back, dispatch, end_unopened, first_addresses, hello_frame, open_consumer,
-    open_producer, parse_address, read_failure)
+    ConsumerCore, Message, ProducerCore, Reconnect, call_back, dispatch, end_unopened, first_addresses, hello_frame,
+    next_seed_may_help, open_consumer, open_producer, parse_address, read_failure)
 from actorbroker.transport.client.tls import client_context, server_name
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
@@ -62,23 +62,27 @@ class AsyncClient:
         for address in first_addresses((host, port), reconnect):   # as Client's first connect
             try:
                 reader, writer = await _open(*address, tls, connect_timeout)
-                break
             except (OSError, asyncio.TimeoutError) as exc:
                 errors.append(exc)
+                continue
+            self = cls(reader, writer, name)
+            self._reconnect = Reconnect([(host, port)]) if reconnect is True else reconnect
+            self._on_reconnect = on_reconnect
+            self._core.reopens = self._reconnect is not None
+            self._hello = (token, heartbeat_ms, tls, connect_timeout, protocol_version)
+            self._tasks.append(asyncio.create_task(self._read_loop()))
+            try:
+                self.welcome = await self.request(hello_frame(name, token, heartbeat_ms, protocol_version),
+                                                  connect_timeout)
+                break
+            except BaseException as exc:
+                await self.close()
+                error = self._core.hello_error(exc)
+                if isinstance(exc, asyncio.CancelledError) or not next_seed_may_help(error):
+                    raise error from None
+                errors.append(error)
         else:
             raise errors[0]
-        self = cls(reader, writer, name)
-        self._reconnect = Reconnect([(host, port)]) if reconnect is True else reconnect
-        self._on_reconnect = on_reconnect
-        self._core.reopens = self._reconnect is not None
-        self._hello = (token, heartbeat_ms, tls, connect_timeout, protocol_version)
-        self._tasks.append(asyncio.create_task(self._read_loop()))
-        try:
-            self.welcome = await self.request(hello_frame(name, token, heartbeat_ms, protocol_version),
-                                              connect_timeout)
-        except BaseException as exc:
-            await self.close()
-            raise self._core.hello_error(exc) from None
         self._core.welcomed(self.welcome)
         self.max_frame, self.heartbeat_ms = self._core.max_frame, self._core.heartbeat_ms
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))

@@ -363,6 +363,17 @@ def first_addresses(address, reconnect):
     return [tuple(address)] + [seed for seed in seeds if seed != tuple(address)]
 
 
+def next_seed_may_help(error):
+    """A first connect's hello failed with `error`: may another seed of a Reconnect take us? Yes
+    when this broker could not be reached, hung up, did not answer in time, or was OVERLOADED
+    (max_connections) or INTERNAL; no when every broker would refuse the same (AUTH_FAILED,
+    UNSUPPORTED_VERSION, ...)."""
+    code = getattr(error, "code", None)
+    if code is not None:
+        return code in (OVERLOADED, INTERNAL)
+    return isinstance(error, (ConnectionLost, OSError))
+
+
 # --- batching ---------------------------------------------------------------------------------
 
 def _as_bytes(payload):

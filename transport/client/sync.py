@@ -22,8 +22,8 @@ from collections import deque
 
 from actorbroker.transport.client.core import (
     ADMIN, DEFAULT_HOST, DEFAULT_PORT, READ_SIZE, Batch, BatchFuture, ClientCore, ConsumerCore, Message,
-    ProducerCore, Reconnect, call_back, dispatch, end_unopened, first_addresses, hello_frame, open_consumer,
-    open_producer, parse_address, read_failure)
+    ProducerCore, Reconnect, call_back, dispatch, end_unopened, first_addresses, hello_frame, next_seed_may_help,
+    open_consumer, open_producer, parse_address, read_failure)
 from actorbroker.transport.client.tls import TlsSocket, client_context, server_name
 from actorbroker.transport.codec import PROTOCOL_VERSION
 from actorbroker.transport.errors import ConnectionLost, ConsumerClosed, ProducerClosed
@@ -94,28 +94,46 @@ class Client:
         self._hello = (token, heartbeat_ms, tls, connect_timeout, protocol_version)
         self._finished = threading.Event()     # closed for good (not reconnecting)
         self._lost_seen = threading.Event()    # the connection was found lost (since the last connect)
-        self._sock = first_open(open_socket, first_addresses((host, port), reconnect), tls, connect_timeout)
-        self._sock.settimeout(None)
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()          # guards the core; never held during I/O
         self._timer = threading.Condition()    # guards _linger; wakes the ticker
         self._linger = {}                      # producer -> monotonic time its batch is due
         self._events = deque()                 # event frames of a watch, oldest first
         self._events_ready = threading.Condition()
-        core.last_received = time.monotonic()
+        self._sock = None
+        self.welcome = self._first_connect(first_addresses((host, port), reconnect))
+        self.max_frame, self.heartbeat_ms = core.max_frame, core.heartbeat_ms
         self._reader = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
         self._reader.start()
-        try:
-            self.welcome = self.request(hello_frame(name, token, heartbeat_ms, protocol_version),
-                                        timeout=connect_timeout)
-        except BaseException as exc:
-            self.close()
-            raise core.hello_error(exc) from None
-        core.welcomed(self.welcome)
-        self.max_frame, self.heartbeat_ms = core.max_frame, core.heartbeat_ms
-        bound_send_wait(self._sock, core.heartbeat_ms)
         self._ticker = threading.Thread(target=self._tick_loop, name=f"{name}-ticker", daemon=True)
         self._ticker.start()
+
+    def _first_connect(self, addresses):
+        """Connect and hello to the first address (of a Reconnect's seeds) that takes us; the
+        welcome. One that cannot be reached, or hangs up, times out or is OVERLOADED during
+        hello, makes way for the next (as NATS's clients); a refusal every broker would repeat
+        (AUTH_FAILED, UNSUPPORTED_VERSION, ...) is raised at once. None takes us: the first error."""
+        token, heartbeat_ms, tls, timeout, version = self._hello
+        errors = []
+        for host, port in addresses:
+            try:
+                self._sock = open_socket(host, port, tls, timeout)
+            except OSError as exc:
+                errors.append(exc)
+                continue
+            self._core.restart(time.monotonic())
+            try:
+                return self._handshake(hello_frame(self.name, token, heartbeat_ms, version), timeout)
+            except Exception as exc:   # noqa: BLE001
+                self._sock.close()
+                if isinstance(exc, TimeoutError):
+                    error = TimeoutError(f"no answer to hello from {host}:{port} within {timeout}s")
+                else:
+                    error = self._core.hello_error(ConnectionLost(str(exc)) if isinstance(exc, OSError) else exc)
+                errors.append(error)
+                if not next_seed_may_help(error):
+                    raise error from None
+        raise errors[0]
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -362,19 +380,30 @@ class Client:
         return False
 
     def _handshake(self, frame, timeout):
-        """hello on the new socket, read here (the reader thread is the caller)."""
+        """hello on the new socket, read here (the reader thread's, or before it starts); the welcome."""
         rid, waiter = self._call(frame)
-        self._sock.settimeout(timeout)
-        while not waiter.done():
-            data = self._sock.recv(READ_SIZE)
-            if not data:
-                raise ConnectionLost("closed during hello")
+        deadline = time.monotonic() + timeout
+        try:
+            while not waiter.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no answer to hello within {timeout}s")
+                self._sock.settimeout(left)
+                data = self._sock.recv(READ_SIZE)
+                if not data:
+                    raise ConnectionLost("closed during hello")
+                with self._lock:
+                    events = self._core.receive_data(data, time.monotonic())
+                dispatch(events, self)
+        except BaseException:
             with self._lock:
-                events = self._core.receive_data(data, time.monotonic())
-            dispatch(events, self)
+                self._core.forget(rid)
+            raise
         self._sock.settimeout(None)
-        self._core.welcomed(waiter.result(0))
+        welcome = waiter.result(0)
+        self._core.welcomed(welcome)
         bound_send_wait(self._sock, self._core.heartbeat_ms)
+        return welcome
 
     def _reopen_later(self, obj):
         """The broker closed obj for a reason the client recovers from (a broker process died,
@@ -576,16 +605,6 @@ def bound_send_wait(sock, heartbeat_ms):
                     struct.pack("ll", wait_ms // 1000, wait_ms % 1000 * 1000))
 
 
-def first_open(opener, addresses, *args):
-    """opener(host, port, *args) of the first address that answers; the first one's error if none
-    does."""
-    first_error = None
-    for host, port in addresses:
-        try:
-            return opener(host, port, *args)
-        except OSError as exc:
-            first_error = first_error or exc
-    raise first_error
 
 
 def open_socket(host, port, tls, timeout):
