@@ -381,7 +381,7 @@ def add_cluster_options(p):
                         "and when their node is lost a survivor takes them over from their logs, "
                         "fenced so that two nodes never write one log (docs/cluster.md)")
     g.add_argument("--trust-cluster-network", action="store_true",
-                   help="allow a --cluster-bind address that is not private: Thespian's sockets "
+                   help="allow a --cluster-bind (or --actor-host) address that is not private: Thespian's sockets "
                         "unpickle what they receive (signed with the cluster secret), so whoever can "
                         "reach them must be trusted")
 
@@ -396,8 +396,8 @@ PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
 def cluster_problem(args):
     """Why the cluster options cannot serve (None if they can)."""
     if not args.cluster_bind:
-        if args.join or args.node or args.trust_cluster_network:
-            return "--join, --node and --trust-cluster-network need --cluster-bind"
+        if args.join or args.node:
+            return "--join and --node need --cluster-bind"
         return actor_host_problem(args)
     try:
         host, port = host_port(args.cluster_bind)
@@ -431,16 +431,28 @@ def plain_tokens_problem(args, tokens):
 
 def actor_host_problem(args):
     """Thespian's sockets unpickle what they receive: off loopback only in a multi-host convention,
-    whose hosts share a secret (a per-run secret cannot be shared: no other host could join)."""
-    try:
-        loopback = ipaddress.ip_address(args.actor_host).is_loopback
-    except ValueError:
-        loopback = args.actor_host == "localhost"
-    if loopback or args.cluster_secret_file:
-        return None
-    return (f"--actor-host {args.actor_host} is not a loopback address: Thespian's sockets there unpickle "
-            "what they receive; a single broker keeps them on 127.0.0.1 (a multi-host convention: "
-            "--cluster-bind, or --cluster-secret-file with a trusted network)")
+    whose hosts share a secret (a per-run secret cannot be shared: no other host could join), and
+    with the guards of --cluster-bind: one interface (never 0.0.0.0), a private one unless
+    --trust-cluster-network."""
+    if args.actor_host == "localhost":
+        address = None
+    else:
+        try:
+            address = ipaddress.ip_address(args.actor_host)
+        except ValueError:
+            return f"--actor-host takes an IP address (or localhost), not {args.actor_host!r}"
+    if address is None or address.is_loopback:
+        return "--trust-cluster-network needs --cluster-bind or --actor-host" if args.trust_cluster_network else None
+    if not args.cluster_secret_file:
+        return (f"--actor-host {args.actor_host} is not a loopback address: Thespian's sockets there unpickle "
+                "what they receive; a single broker keeps them on 127.0.0.1 (a multi-host convention: "
+                "--cluster-bind, or --cluster-secret-file with a trusted network)")
+    if address.is_unspecified:
+        return "--actor-host must name one interface's address, not 0.0.0.0 (every interface)"
+    if not any(address in network for network in PRIVATE_NETWORKS) and not args.trust_cluster_network:
+        return (f"--actor-host {args.actor_host} is not a private address: Thespian's sockets there unpickle "
+                "what they receive; use a private network, or give --trust-cluster-network")
+    return None
 
 
 def cluster_config(config, args):

@@ -235,6 +235,29 @@ def test_thespian_sockets_off_loopback_need_a_multi_host_convention(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("actor_host,refusal", [
+    ("0.0.0.0", b"not 0.0.0.0"), ("::", b"not 0.0.0.0"), ("203.0.113.5", b"not a private address"),
+    ("8.8.4.4", b"not a private address"), ("broker.example", b"takes an IP address")])
+def test_actor_host_with_a_secret_file_keeps_the_guards_of_cluster_bind(tmp_path, actor_host, refusal):
+    """--actor-host with --cluster-secret-file put Thespian's unpickling sockets on 0.0.0.0 or on a
+    public address, where --cluster-bind refuses both: the same guards apply to it now."""
+    path = tmp_path / "cluster.secret"
+    path.write_bytes(secrets.token_hex(32).encode())
+    path.chmod(0o600)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0", "--data-dir",
+         str(tmp_path / "data"), "--actor-host", actor_host, "--cluster-secret-file", str(path)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        stderr = proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:   # it serves: stopped in order (SIGTERM) before failing
+        proc.terminate()
+        proc.communicate(timeout=30)
+        raise AssertionError(f"serve started with Thespian's sockets on {actor_host}")
+    assert proc.returncode == 1 and refusal in stderr, stderr
+    assert not (tmp_path / "data").exists()
+
+
 # --- the signing serializer itself (pure, no sockets) ------------------------------------------
 
 def test_signed_pickle_round_trips_and_refuses_without_unpickling(tmp_path):
