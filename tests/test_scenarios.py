@@ -391,3 +391,142 @@ task = "never"
     assert "started in the background (task never)" in out
     assert out.index("[ 4] expect_stats") < out.index("(background task never) ... FAILED")
     assert "FAILED at step 3: timed out after 1s waiting for 1 messages" in out
+
+
+# --- acceptance defects: agents' lifetime, expect checks, churn, validation ---------------------
+
+def test_clients_opened_in_a_parallel_group_or_a_background_step_stay_open(tmp_path):
+    """The agents asked for SIGKILL when their parent died (PR_SET_PDEATHSIG), which the kernel
+    sends when the *thread* that started them ends: a client opened in a parallel group or a
+    background step was killed as soon as that step ended ("client a is not running")."""
+    runner, ok, out = run_text(tmp_path, '''name = "opened-in-threads"
+description = "clients opened in a parallel group and in the background are used later"
+[[step]]
+action = "parallel"
+[[step.steps]]
+action = "open"
+client = "a"
+[[step.steps]]
+action = "open"
+client = "b"
+[[step]]
+action = "open"
+client = "c"
+background = true
+task = "o"
+[[step]]
+action = "wait"
+task = "o"
+[[step]]
+action = "subscribe"
+client = "a"
+consumer = "ca"
+topic = "/scn/threads"
+subscription = "s"
+type = "shared"
+[[step]]
+action = "subscribe"
+client = "c"
+consumer = "cc"
+topic = "/scn/threads"
+subscription = "s2"
+type = "shared"
+[[step]]
+action = "producer"
+client = "b"
+producer = "p"
+topic = "/scn/threads"
+[[step]]
+action = "produce"
+producer = "p"
+count = 3
+as = "m"
+[[step]]
+action = "expect"
+consumer = "ca"
+messages = "m"
+within = 5
+[[step]]
+action = "expect"
+consumer = "cc"
+messages = "m"
+within = 5
+''')
+    assert ok, out
+
+
+def test_a_runner_killed_with_sigkill_leaves_no_client_agent_behind(tmp_path):
+    """Agents die with the runner (not with the thread that started them): every agent, also
+    those opened in a parallel group or a background step, and a frozen one, and the broker."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    path = tmp_path / "killed.toml"
+    path.write_text('''name = "killed"
+description = "the runner is killed with SIGKILL during the pause"
+[[step]]
+action = "parallel"
+[[step.steps]]
+action = "open"
+client = "a"
+[[step.steps]]
+action = "open"
+client = "b"
+[[step]]
+action = "open"
+client = "c"
+background = true
+task = "o"
+[[step]]
+action = "wait"
+task = "o"
+[[step]]
+action = "open"
+client = "d"
+[[step]]
+action = "freeze"
+client = "a"
+[[step]]
+action = "pause"
+seconds = 120
+''')
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    runner = subprocess.Popen([sys.executable, "-m", "actorbroker.scripts.cli", "scenario", "run", str(path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tree = []
+    try:
+        lines = []
+        for line in runner.stdout:
+            lines.append(line)
+            if "freeze client=a ... ok" in line:
+                break
+        else:
+            pytest.fail("the runner ended early:\n" + "".join(lines))
+        tree = [p for p in proctree.descendants(runner.pid) if p != runner.pid]
+        agents = []
+        for pid in tree:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"actorbroker.scripts.scenario.agent" in f.read():
+                        agents.append(pid)
+            except OSError:
+                pass
+        assert len(agents) == 4, "".join(lines)
+        runner.kill()
+        runner.wait()
+        deadline = time.monotonic() + 30
+        while any(proctree.alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in agents if proctree.alive(p)], "client agents outlived the runner"
+        assert not [p for p in tree if proctree.alive(p)], "broker processes outlived the runner"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        for pid in tree:   # this test's own descendants, by PID
+            if proctree.alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass

@@ -34,11 +34,19 @@ def emit(obj):
 
 
 def die_with_parent():
-    """SIGKILL this agent if the runner dies, so that no client outlives it."""
+    """SIGKILL this agent if the runner dies, so that no client outlives it, even a frozen one.
+
+    PR_SET_PDEATHSIG fires when the thread that forked us ends: the runner starts every agent
+    from one thread that lives as long as it does (runner._Spawner). A runner that died before
+    this call (its pid, given in the environment, is no longer our parent) is not watched: exit.
+    Besides, the agent exits when its stdin (a pipe from the runner) closes."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    runner = os.environ.get("ACTORBROKER_SCENARIO_RUNNER_PID")
+    if os.getppid() == 1 or (runner and runner.isdigit() and os.getppid() != int(runner)):
+        os._exit(1)
 
 
 class ConsumerAgent:

@@ -3,6 +3,7 @@ order, invariants checked on every message that arrives; prints each step with i
 time. Every process it starts is stopped by PID at the end, whatever happens."""
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -22,8 +23,49 @@ from actorbroker.scripts.scenario.outcome import CLIENT_GONE, ScenarioSkipped, S
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_WITHIN = 10.0
 REQUEST_TIMEOUT = 30.0
+RUNNER_PID_ENV = "ACTORBROKER_SCENARIO_RUNNER_PID"   # the agent's parent, checked after its prctl
 
 
+class _Spawner:
+    """Starts every agent process from one thread that lives as long as this process.
+
+    An agent asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG), and the kernel
+    sends it when the *thread* that forked it ends, not the process: an agent started by a
+    parallel group's thread or a background step's was killed as soon as that step ended. Started
+    from here, agents die with the runner process, and only with it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pid = None          # the process the thread runs in (a forked child needs its own)
+        self.jobs = None
+
+    def popen(self, *args, **kwargs):
+        with self.lock:
+            if self.pid != os.getpid():
+                self.jobs = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(self.jobs,), name="scenario-agent-spawner",
+                                 daemon=True).start()
+                self.pid = os.getpid()
+            jobs = self.jobs
+        done, box = threading.Event(), {}
+        jobs.put((args, kwargs, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["proc"]
+
+    @staticmethod
+    def _serve(jobs):
+        while True:
+            args, kwargs, box, done = jobs.get()
+            try:
+                box["proc"] = subprocess.Popen(*args, **kwargs)
+            except BaseException as exc:   # raised again in the thread that asked
+                box["error"] = exc
+            done.set()
+
+
+_spawner = _Spawner()
 
 
 @dataclass
@@ -50,11 +92,11 @@ class AgentProcess:
         self.runner, self.name = runner, name
         host, port = runner.broker.address
         self.reconnecting = reconnect_within is not None
-        self.proc = subprocess.Popen(
+        self.proc = _spawner.popen(
             [sys.executable, "-m", "actorbroker.scripts.scenario.agent", host, str(port), name, str(heartbeat_ms or 0),
              str(reconnect_within or 0)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=runner.agent_stderr,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            env=dict(os.environ, PYTHONPATH=str(ROOT), **{RUNNER_PID_ENV: str(os.getpid())}))
         self.pid = self.proc.pid
         self.replies = {}
         self.rids = 0
