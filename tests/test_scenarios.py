@@ -246,6 +246,7 @@ def opens(*clients):
 
 
 def run_text(tmp_path, text):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "v2.toml"
     path.write_text(text)
     out = io.StringIO()
@@ -530,3 +531,45 @@ seconds = 120
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
+
+
+def test_sticky_keys_fails_when_one_key_is_split_between_two_live_consumers_in_one_expect(tmp_path):
+    """A shared subscription round-robins one key over two consumers: sticky_keys compared each
+    key only with its owner at earlier expects, so a split within one expect passed."""
+    runner, ok, out = run_text(tmp_path, '''name = "split"
+description = "one key to both consumers of a shared subscription"
+''' + opens("a", "b") + '''[[step]]
+action = "subscribe"
+client = "a"
+consumer = "s1"
+topic = "/scn/split"
+subscription = "sh"
+type = "shared"
+[[step]]
+action = "subscribe"
+client = "b"
+consumer = "s2"
+topic = "/scn/split"
+subscription = "sh"
+type = "shared"
+[[step]]
+action = "producer"
+client = "a"
+producer = "p"
+topic = "/scn/split"
+[[step]]
+action = "produce"
+producer = "p"
+count = 20
+keys = ["k0"]
+as = "m"
+[[step]]
+action = "expect"
+consumers = ["s1", "s2"]
+messages = "m"
+sticky_keys = true
+within = 5
+''')
+    assert not ok
+    assert "FAILED at step 7: key 'k0' went to s1 and s2, both still attached" in out
+

@@ -557,6 +557,12 @@ class Runner:
 
     # --- expectations --------------------------------------------------------------------------
 
+    def _attached(self, handle):
+        """The consumer is still attached, as far as the runner knows (not closed, its client not
+        closed, killed or lost)."""
+        c = self.consumers.get(handle)
+        return c is not None and not c.gone and c.closed is None
+
     def _window(self, handles):
         return [(h, m) for h in handles for m in self.consumers[h].received[self.consumers[h].cursor:]]
 
@@ -622,9 +628,13 @@ class Runner:
             key_owner = self.key_owner.setdefault((self.consumers[handles[0]].topic,
                                                    self.consumers[handles[0]].subscription), {})
             owners_before = dict(key_owner)
+            takers = {}                          # key -> the consumers it went to in this window
             for h, m in window:
-                if m["key"] is not None:
-                    key_owner[m["key"]] = h
+                if m["key"] is not None and h not in takers.setdefault(m["key"], []):
+                    takers[m["key"]].append(h)
+            for key, hs in takers.items():       # its owner now: the one still attached, if one is
+                live = [h for h in hs if self._attached(h)]
+                key_owner[key] = live[-1] if len(live) == 1 else hs[-1]
         detail = f"expected: {expected_text} at {', '.join(handles)}\narrived:  {arrived}"
         if only and extra:
             raise StepFailed(f"{len(extra)} unexpected message(s) arrived", detail)
@@ -643,11 +653,14 @@ class Runner:
             if wrong:
                 raise StepFailed(f"ids {wrong} {'not ' if flagged else ''}flagged as redelivered", detail)
         if s.get("sticky_keys"):
-            for h, m in window:
-                prev = owners_before.get(m["key"])
-                if prev is not None and prev != h and prev in self.consumers and \
-                        not self.consumers[prev].gone and self.consumers[prev].closed is None:
-                    raise StepFailed(f"key {m['key']!r} moved from {prev} (still attached) to {h}", detail)
+            for key, hs in takers.items():
+                live = [h for h in hs if self._attached(h)]
+                if len(live) > 1:     # within this window: split between consumers both attached
+                    raise StepFailed(f"key {key!r} went to {' and '.join(live)}, both still attached", detail)
+                prev = owners_before.get(key)
+                moved = [h for h in hs if h != prev]
+                if prev is not None and moved and self._attached(prev):
+                    raise StepFailed(f"key {key!r} moved from {prev} (still attached) to {moved[0]}", detail)
         per = Counter(h for h, _ in window)
         return f"{len(window)} arrived ({', '.join(f'{h}: {n}' for h, n in per.items())})"
 
