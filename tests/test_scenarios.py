@@ -573,3 +573,29 @@ within = 5
     assert not ok
     assert "FAILED at step 7: key 'k0' went to s1 and s2, both still attached" in out
 
+
+def payloads_scenario(payloads):
+    return f'''name = "payloads"
+description = "three payloads arrive, an expect with only = false lists some of them"
+''' + one_producer_one_consumer("/scn/pof") + f'''[[step]]
+action = "produce"
+producer = "p"
+count = 3
+payload = "pl-{{i}}"
+[[step]]
+action = "expect"
+consumer = "c"
+payloads = {payloads}
+only = false
+within = 5
+'''
+
+
+def test_payloads_with_only_false_are_a_subsequence_in_order(tmp_path):
+    """With only = false, pl-1 arriving between pl-0 and pl-2 failed "not in the expected order"."""
+    runner, ok, out = run_text(tmp_path / "in-order", payloads_scenario('["pl-0", "pl-2"]'))
+    assert ok, out
+    runner, ok, out = run_text(tmp_path / "reversed", payloads_scenario('["pl-2", "pl-0"]'))
+    assert not ok
+    assert "FAILED at step 5: payloads not in the expected order" in out
+
