@@ -599,3 +599,28 @@ def test_payloads_with_only_false_are_a_subsequence_in_order(tmp_path):
     assert not ok
     assert "FAILED at step 5: payloads not in the expected order" in out
 
+
+def test_expect_lost_code_matches_the_whole_error_code(tmp_path):
+    """`code = "CONSUMER"` passed for a connection ended after SLOW_CONSUMER (a substring)."""
+    text = '''name = "cut"
+description = "a client cut off with SLOW_CONSUMER"
+[broker]
+options = ["--max-pending-bytes", "262144"]
+[[step]]
+action = "open"
+client = "slow"
+[[step]]
+action = "flood"
+client = "slow"
+within = 30
+[[step]]
+action = "expect_lost"
+client = "slow"
+code = "{code}"
+'''
+    runner, ok, out = run_text(tmp_path / "part", text.format(code="CONSUMER"))
+    assert not ok
+    assert "FAILED at step 3: the connection ended without CONSUMER" in out
+    assert "arrived:  SLOW_CONSUMER" in out
+    runner, ok, out = run_text(tmp_path / "whole", text.format(code="SLOW_CONSUMER"))
+    assert ok, out

@@ -116,8 +116,9 @@ class Agent:
 
     def watch_connection(self):
         self.client.wait_closed()   # a reconnecting client is closed only once it gives up
-        if not self.client._closing:
-            emit({"event": "lost", "reason": str(self.client._lost)})
+        if not self.client._closing:   # code: of the broker's fatal error before it closed, if any
+            emit({"event": "lost", "reason": str(self.client._lost),
+                  "code": getattr(self.client._core.last_error, "code", None)})
 
     # --- commands ------------------------------------------------------------------------------
 

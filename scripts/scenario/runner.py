@@ -102,6 +102,7 @@ class AgentProcess:
         self.rids = 0
         self.ready = None            # the ready/fatal event
         self.lost = None             # reason, once the client saw its connection end (for good)
+        self.lost_code = None        # the code of the broker's fatal error before that, if it sent one
         self.reconnects = 0          # times the client reconnected (reconnect = true)
         self.exited = False
         self.frozen = False
@@ -122,6 +123,7 @@ class AgentProcess:
                     self.ready = ev
                 elif ev.get("event") == "lost":
                     self.lost = ev.get("reason", "lost")
+                    self.lost_code = ev.get("code")
                 elif ev.get("event") == "reconnected":
                     self.reconnects += 1
                 elif ev.get("event") == "receipted":
@@ -719,9 +721,9 @@ class Runner:
             raise StepFailed(str(exc), f"expected: the connection of client {a.name} ended"
                                        f"{' with ' + s['code'] if s.get('code') else ''}\n"
                                        f"arrived:  still connected") from None
-        if s.get("code") and s["code"] not in a.lost:
+        if s.get("code") and s["code"] != a.lost_code:   # the whole code: CONSUMER is not SLOW_CONSUMER
             raise StepFailed(f"the connection ended without {s['code']}",
-                             f"expected: {s['code']}\narrived:  {a.lost}")
+                             f"expected: {s['code']}\narrived:  {a.lost_code or 'no error code'}: {a.lost}")
         return f"lost: {a.lost}"
 
     def step_expect_stats(self, s):
