@@ -2,6 +2,7 @@
 the scenario format's own checks (errors name file, step and field; JUnit output)."""
 import io
 import os
+import re
 import shutil
 import xml.etree.ElementTree as ET
 
@@ -624,3 +625,26 @@ code = "{code}"
     assert "arrived:  SLOW_CONSUMER" in out
     runner, ok, out = run_text(tmp_path / "whole", text.format(code="SLOW_CONSUMER"))
     assert ok, out
+
+
+def test_churn_with_min_consumers_equal_to_max_consumers_replaces_one_at_each_event(tmp_path):
+    """min_consumers = max_consumers (valid) crashed with IndexError: at the first event neither
+    an attach nor a leave was allowed. Each event now replaces one consumer (it leaves, a new one
+    attaches), so the count stays at 2."""
+    runner, ok, out = run_text(tmp_path, '''name = "churn-fixed-count"
+description = "churn at a constant number of consumers"
+[[step]]
+action = "churn"
+topic = "/scn/chmm"
+subscription = "w"
+type = "shared"
+duration = 2
+rate = 2
+seed = 1
+min_consumers = 2
+max_consumers = 2
+''')
+    assert ok, out
+    assert "6 attach, " in out                      # 2 at the start, then 4 events: 4 replacements
+    leaves = [int(n) for n in re.findall(r"(\d+) clean detach, (\d+) kill -9", out)[0]]
+    assert sum(leaves) == 4, out

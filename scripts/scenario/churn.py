@@ -1,7 +1,8 @@
 """The `churn` step: consumers attach, detach cleanly and are killed (-9) at random, from a seed,
-while a producer publishes; the runner's invariants are checked on every delivery (credits never
-exceeded, no duplicate without the redelivery flag) and, on a reliable topic, at the end every
-receipted message must have been delivered (none lost).
+while a producer publishes (with min_consumers = max_consumers each event replaces one: it
+leaves, a new one attaches); the runner's invariants are checked on every delivery (credits
+never exceeded, no duplicate without the redelivery flag) and, on a reliable topic, at the end
+every receipted message must have been delivered (none lost).
 
 The random choices depend only on the seed and the step's fields, so a failing run is replayed
 with the same seed (the timing of the broker and of the processes still varies)."""
@@ -88,11 +89,14 @@ def run_churn(runner, s):
             choices.append("attach")
         if len(live) > min_c:
             choices.append("leave")
-        what = rng.choice(choices)
+        # min_consumers = max_consumers: neither is allowed, each event replaces one consumer
+        what = rng.choice(choices) if choices else "replace"
         if what == "attach":
             attach()
         else:
             detach(kill=rng.random() < kill_share)
+            if what == "replace":
+                attach()
         with runner.cond:
             if runner.violations:
                 raise StepFailed(f"invariant violated during churn: {runner.violations[0]}",
