@@ -153,6 +153,7 @@ class Membership:
         # (node, incarnation) -> when: firm losses of members since back as a new incarnation,
         # still told in lost_pairs for FORMER_LOSS_S
         self.former = {}
+        self.fenced_at = None  # when this node last fenced itself (see settled)
 
     def heard(self, hb, now):
         """A heartbeat arrived. Returns (state, peers): state is "live", "returned" (a lost or
@@ -226,12 +227,26 @@ class Membership:
         return member is not None and member.lost and not member.weak \
             and member.incarnation == incarnation
 
-    def forgive(self):
+    def forgive(self, now):
         """This node fenced itself: the members it declared lost without a majority in view are
         accepted again when they speak, as the same incarnation."""
+        self.fenced_at = now
         for member in self.members.values():
             if member.lost and member.weak:
                 member.forgiven = True
+
+    def settled(self, now):
+        """False for a while after this node fenced itself: until every member it knows has been
+        heard since (each heartbeat lists that member's topics), or the member timeout has passed.
+        Meanwhile its view of who owns what is stale: a topic it created then could be one that
+        another member owns (two owners; seen when a fenced node's clients were moved at once)."""
+        if self.fenced_at is None:
+            return True
+        if now - self.fenced_at > self.timeout_s or all(
+                not m.lost and m.last_seen >= self.fenced_at for m in self.members.values()):
+            self.fenced_at = None
+            return True
+        return False
 
     def stalled(self, now):
         """This node itself did not run for a while (stopped, swapped out): what it did not hear

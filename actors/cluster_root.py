@@ -184,13 +184,13 @@ class ClusterRoot:
                   f" and its {len(shared)} reliable ones (shared folder)" if shared else "")
         for name in dropped:
             address, _ = self.topics.pop(name)
-            self.send_ordered(address, topic.DeleteTopic(None, None), name)
+            self.send_ordered(address, topic.DeleteTopic(None, None, topic.TOPIC_MOVED), name)
         for name in shared:
             address, _ = self.topics.pop(name)
             self.send(address, ActorExitRequest())
         self.fenced_as.add(self.incarnation)
         self.incarnation = uuid.uuid4().hex[:12]
-        self.membership.forgive()
+        self.membership.forgive(time.monotonic())
 
     # --- routing ----------------------------------------------------------------------------------
     def route(self, name, forward, request, placed):
@@ -200,6 +200,14 @@ class ClusterRoot:
             return False
         node, held = self._shared_holder(
             name, *self.membership.place(name, self.own_topics(), bool(self.config.shared_data)))
+        if (node == self.config.node and name not in self.topics) or (placed and node is not None and held is None):
+            reply_to = getattr(request, "reply_to", None)
+            if reply_to is not None and not self.membership.settled(time.monotonic()):
+                # new here, and we fenced ourselves a moment ago: another member may own it
+                self.send(reply_to, connection.RequestFailed(getattr(request, "rid", None), E.TOPIC_UNAVAILABLE, (
+                    f"node {self.config.node} rejoined the cluster a moment ago and is still learning "
+                    f"where topics are: {name} is not opened here yet; send it again")))
+                return True
         if node == self.config.node or (placed and node is not None and held is None):
             return False   # ours, or new and placed here by the asking node
         if placed and node is not None:

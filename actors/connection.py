@@ -931,10 +931,22 @@ class ConnectionActor(BrokerActor):
     def on_ProducerEnded(self, msg, sender):
         if self._stale(msg.producer_id, msg.node):
             return
+        if msg.reason == topic.TOPIC_MOVED:   # a fenced node's copy: to the topic's new one
+            if msg.producer_id in self.rejoin:
+                self._reattach(msg.producer_id)
+                return
+            self._end_producer(msg.producer_id, "topic_lost", close=False)
+            return
         self._end_producer(msg.producer_id, msg.reason, close=False)
 
     def on_ConsumerEnded(self, msg, sender):
         if self._stale(msg.consumer_id, msg.node):
+            return
+        if msg.reason == topic.TOPIC_MOVED:
+            if msg.consumer_id in self.rejoin:
+                self._reattach(msg.consumer_id)
+                return
+            self._end_consumer(msg.consumer_id, "topic_lost", detach=False)
             return
         self._end_consumer(msg.consumer_id, msg.reason, detach=False)
 

@@ -179,6 +179,12 @@ class SummaryRequest:
 class DeleteTopic:
     rid: int
     reply_to: Any
+    # TOPIC_MOVED: a fenced cluster node ends its copy, which lives on elsewhere; the producers
+    # and consumers are told so, and their ConnectionActors attach them to the topic's new copy
+    reason: str = "topic_deleted"
+
+
+TOPIC_MOVED = "topic_moved"
 
 
 @dataclass(frozen=True)
@@ -1024,7 +1030,7 @@ class TopicActor(BrokerActor):
     # --- deletion ----------------------------------------------------------------------------------
     def on_DeleteTopic(self, msg, sender):
         for producer_id, (_, _, owner, _) in self.producers.items():
-            self.send(owner, connection.ProducerEnded(producer_id, "topic_deleted", self.config.node))
+            self.send(owner, connection.ProducerEnded(producer_id, msg.reason, self.config.node))
         self.producers.clear()
         if self.log_failed is not None:   # what waits for the log: it will not open now
             self._refuse_awaiting()
@@ -1033,7 +1039,7 @@ class TopicActor(BrokerActor):
             self.deleting[2].add(("log",))
             self.send_ordered(self.log, log_actor.DestroyLog(), "log")
         for name, sub in self.subs.items():
-            self.send_ordered(sub.subscription, subscription.EndAll("topic_deleted"), ("subscription", name))
+            self.send_ordered(sub.subscription, subscription.EndAll(msg.reason), ("subscription", name))
         self.wakeupAfter(GATHER_TIMEOUT, payload=("delete", None))
         self._finish_delete()
 

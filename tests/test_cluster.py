@@ -356,13 +356,29 @@ def test_sigstop_of_a_node_then_it_fences_itself(cluster):
         assert receive_all(consumer, 1) == [b"from-b"]
 
 
+def send_when_attached(producer, payload, timeout=15):
+    """send_sync, again while the producer is being moved to its topic's new node
+    (TOPIC_UNAVAILABLE, docs/protocol.md, Cluster)."""
+    def attempt():
+        try:
+            producer.send_sync(payload)
+            return True
+        except TopicUnavailable:
+            return None
+    wait_for(attempt, timeout, f"{payload!r} sent", every=0.2)
+
+
 def test_link_cut_between_two_nodes(cluster):
     """Only the A-B link goes down: A and B declare each other lost, C sees both; B's topic is
     unavailable from A (never opened a second time) and keeps serving C; when the link is back,
-    A reaches it again."""
+    A reaches it again. B fenced its copy then (A had declared it lost): C's producer and
+    consumer of it, whose links were never cut, are moved to its new copy and see nothing but a
+    gap (they were closed `topic_deleted`: cluster probe, 5 of 5)."""
     topic = cluster.topic_on("b")
     with cluster.client("c") as on_c:
         consumer = on_c.subscribe(topic, "s", "exclusive", "c1")
+        producer = produce(on_c, topic, [b"before"])
+        assert receive_all(consumer, 1) == [b"before"]
         cut = time.monotonic()
         cluster.hosts.cut("a", "b")
         try:
@@ -372,18 +388,23 @@ def test_link_cut_between_two_nodes(cluster):
             with cluster.client("a") as on_a:
                 with pytest.raises(TopicUnavailable):
                     on_a.producer(topic)
-            produce(on_c, topic, [b"still"])
+            producer.send_sync(b"still")
             assert receive_all(consumer, 1) == [b"still"]
         finally:
             cluster.hosts.mend("a", "b")
-    cluster.wait_live("a", ["a", "b", "c"])
-    cluster.wait_live("b", ["a", "b", "c"])
-    # B was declared lost by A: it fenced its non_reliable topics; the next use re-creates it once
+        cluster.wait_live("a", ["a", "b", "c"])
+        cluster.wait_live("b", ["a", "b", "c"])
+        wait_for(lambda: attached(on_c, topic)[:2] == (1, ["s"]), 15,
+                 "C's producer and consumer attached to the topic after the fence")
+        send_when_attached(producer, b"healed")
+        assert receive_all(consumer, 1) == [b"healed"]
+        assert (producer.closed_reason, consumer.closed_reason) == (None, None)
+    # the next use from anywhere finds the one copy
     with cluster.client("a") as on_a, cluster.client("c") as on_c:
         owner = on_a.lookup(topic)["node"]
         consumer = on_c.subscribe(topic, "s2", "exclusive", "c1")
-        produce(on_a, topic, [b"healed"])
-        assert receive_all(consumer, 1) == [b"healed"]
+        produce(on_a, topic, [b"healed again"])
+        assert receive_all(consumer, 1) == [b"healed again"]
         assert [t["node"] for t in on_c.topics() if t["name"] == topic] == [on_a.lookup(topic)["node"]]
         assert owner in ("a", "b", "c")
 
@@ -426,7 +447,8 @@ def mend_all(cluster, node):
 def test_a_node_cut_off_and_healed_fences_itself_and_no_one_else(cluster):
     """docs/cluster.md, fencing of a node: B is cut off from A and C long enough for each side
     to declare the other lost, then its links come back. B saw no majority: it fences itself
-    (its stale copy of its topic ends: its own client's consumer gets `closed` `topic_deleted`).
+    (its stale copy of its topic ends: its own client's consumer is moved to the topic's copy
+    on the survivor, with a gap and no `closed`).
     A and C kept a majority: what B declared fences neither of them, so their clients'
     producer and consumer of B's re-homed topic, and of A's own topic, go on with no `closed`,
     and every node names one owner for each. (They were once all closed, `topic_deleted`: A and
@@ -456,9 +478,10 @@ def test_a_node_cut_off_and_healed_fences_itself_and_no_one_else(cluster):
         # A and C accept B again only once it came back as a new incarnation: it fenced itself
         for node in ("a", "b", "c"):
             cluster.wait_live(node, ["a", "b", "c"])
-        wait_for(lambda: stale.closed_reason == "topic_deleted", 10, "B's stale copy ended")
+        wait_for(lambda: "b" in attached(on_c, moved)[1], 15, "B's client moved from its stale copy")
         producer.send_sync(b"after")
         assert receive_all(consumer, 1) == [b"after"]
+        assert receive_all(stale, 1) == [b"after"] and stale.closed_reason is None
         kept_producer.send_sync(b"k-after")
         assert receive_all(kept_consumer, 1) == [b"k-after"]
         assert producer.closed_reason is None and consumer.closed_reason is None

@@ -80,11 +80,25 @@ def test_a_node_cut_off_from_the_others_declares_no_one_lost_to_them_and_fences_
     # the links are back: b hears a (same incarnation) and must fence itself first
     assert b.heard(beat("a", lost=a.lost_pairs()), now=7)[0] == "minority"
     assert not a.firmly_lost("c", "i1") and a.firmly_lost("b", "i1")
-    b.forgive()                                        # ClusterRoot._fence did
+    b.forgive(now=7)                                   # ClusterRoot._fence did
+    assert not b.settled(now=7)                        # it creates no topic until it heard everyone
     assert b.heard(beat("a", lost=a.lost_pairs()), now=7)[0] == "returned"
-    assert b.heard(beat("c"), now=7)[0] == "returned" and b.live_names() == ["b", "a", "c"]
+    assert not b.settled(now=7.1)                      # c not heard since
+    assert b.heard(beat("c"), now=7.2)[0] == "returned" and b.live_names() == ["b", "a", "c"]
+    assert b.settled(now=7.2)
     assert a.heard(beat("b"), now=7)[0] == "fenced"   # b's old incarnation stays lost on a
     assert a.heard(beat("b", "i2"), now=8)[0] == "returned"
+
+
+def test_a_fenced_node_is_settled_after_the_member_timeout_even_if_a_member_stays_silent():
+    m = Membership("b", timeout_s=2)
+    m.heard(beat("a"), now=0)
+    m.heard(beat("c"), now=0)
+    m.forgive(now=1)
+    m.heard(beat("a"), now=1.5)
+    assert not m.settled(now=2.9)                      # c silent since the fence
+    assert m.settled(now=3.1)                          # the member timeout: c is lost or not, we go on
+    assert m.settled(now=3.2)
 
 
 def test_a_loss_declared_with_a_majority_stays_told_when_the_majority_goes_later():
