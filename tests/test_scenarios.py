@@ -648,3 +648,42 @@ max_consumers = 2
     assert "6 attach, " in out                      # 2 at the start, then 4 events: 4 replacements
     leaves = [int(n) for n in re.findall(r"(\d+) clean detach, (\d+) kill -9", out)[0]]
     assert sum(leaves) == 4, out
+
+
+OPEN_A = '[[step]]\naction = "open"\nclient = "a"\n'
+PRODUCER_P = OPEN_A + '[[step]]\naction = "producer"\nclient = "a"\nproducer = "p"\ntopic = "/a/b"\n'
+CHURN = '[[step]]\naction = "churn"\ntopic = "/a/b"\nsubscription = "s"\ntype = "shared"\nseed = 1\n'
+
+
+@pytest.mark.parametrize("text, step, field, says", [
+    # non-finite numbers: `within = inf` hung, `seconds = inf` failed at run time (OverflowError)
+    ('[[step]]\naction = "pause"\nseconds = inf\n', 1, "seconds", "finite"),
+    ('[[step]]\naction = "pause"\nseconds = nan\n', 1, "seconds", "finite"),
+    ('[[step]]\naction = "pause"\nseconds = -inf\n', 1, "seconds", "finite"),
+    (OPEN_A + '[[step]]\naction = "expect_lost"\nclient = "a"\nwithin = inf\n', 2, "within", "finite"),
+    (OPEN_A + '[[step]]\naction = "expect_stats"\nclient = "a"\ntopic = "/a/b"\nvalues = { backlog = nan }\n',
+     2, "values", "finite"),
+    (CHURN + 'duration = 1\nrate = 1\nkill_share = nan\n', 1, "kill_share", "finite"),
+    # out of range: rate = 1e-300 failed at run time (OverflowError), the others ran for ever
+    (PRODUCER_P + '[[step]]\naction = "produce"\nproducer = "p"\ncount = 2\nrate = 1e-300\n', 3, "rate", "86400"),
+    (PRODUCER_P + '[[step]]\naction = "produce"\nproducer = "p"\ncount = 1000\nrate = 0.01\n', 3, "rate",
+     "more than 86400"),
+    ('[[step]]\naction = "pause"\nseconds = 1e9\n', 1, "seconds", "at most 86400"),
+    (OPEN_A + '[[step]]\naction = "wait"\nuntil = "lost"\nclient = "a"\nwithin = 1e300\n', 2, "within", "86400"),
+    ('[[step]]\naction = "open"\nclient = "a"\nreconnect = true\nreconnect_within = 1e12\n', 1,
+     "reconnect_within", "86400"),
+    (CHURN + 'duration = 1e7\nrate = 1\n', 1, "duration", "86400"),
+    (CHURN + 'duration = 10\nrate = 1e300\n', 1, "rate", "100"),
+    (CHURN + 'duration = 10\nrate = 1\nproduce_rate = 1e-300\n', 1, "produce_rate", "86400"),
+    (CHURN + 'duration = 10\nrate = 1\nmax_consumers = 100000\n', 1, "max_consumers", "100"),
+    (CHURN + 'duration = 10\nrate = 1\nkeys = 1000000000000\n', 1, "keys", "100000"),
+    ('[[step]]\naction = "open"\nclient = "a"\nheartbeat_ms = 99999999999999999999999\n', 1, "heartbeat_ms",
+     "18446744073709551615"),
+])
+def test_non_finite_and_out_of_range_numbers_are_refused_before_anything_starts(tmp_path, text, step, field, says):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "x"\ndescription = "d"\n' + text)
+    with pytest.raises(ScenarioError) as info:
+        load(path)
+    assert (info.value.step, info.value.field) == (step, field)
+    assert says in str(info.value).split(f"field '{field}': ", 1)[1]   # not in the path

@@ -2,11 +2,23 @@
 
 Every error names the file, the step number (1-based, in file order) and the field, so that a
 typo is reported before anything is started. See docs/scenarios.md for the format reference."""
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actorbroker.transport.validate import MAX_UINT64
+
 LIBRARY = Path(__file__).resolve().parent.parent / "scenarios"
+
+# Bounds of what a step may ask, so that a slip (`inf`, `1e-300`, a count with 20 digits) is
+# reported before anything starts, not as a hang or an OverflowError in the middle of a run.
+MAX_SECONDS = 86400              # any duration (within, seconds, duration, ...): a day
+MAX_RATE = 1_000_000             # messages per second (produce `rate`, churn `produce_rate`)
+MAX_CHURN_RATE = 100             # churn events per second (each starts or stops a process)
+MAX_CHURN_CONSUMERS = 100        # client processes of one churn
+MAX_CHURN_KEYS = 100_000
+MAX_INT = MAX_UINT64             # integers the protocol carries (msgpack: 64 bits)
 
 SUB_TYPES = ("exclusive", "shared", "failover", "key_shared")
 DISPATCH = ("non_reliable", "reliable")
@@ -67,7 +79,7 @@ def _is_int(v):
 
 
 def _is_num(v):
-    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def t_str(v):
@@ -75,19 +87,29 @@ def t_str(v):
 
 
 def t_int(v):
-    return None if _is_int(v) and v >= 0 else "must be an integer >= 0"
+    return None if _is_int(v) and 0 <= v <= MAX_INT else f"must be an integer from 0 to {MAX_INT}"
 
 
 def t_pos_int(v):
-    return None if _is_int(v) and v > 0 else "must be an integer > 0"
+    return None if _is_int(v) and 0 < v <= MAX_INT else f"must be an integer from 1 to {MAX_INT}"
 
 
-def t_num(v):
-    return None if _is_num(v) and v >= 0 else "must be a number >= 0"
+def t_up_to(top):
+    def check(v):
+        return None if _is_int(v) and 0 < v <= top else f"must be an integer from 1 to {top}"
+    return check
 
 
-def t_pos_num(v):
-    return None if _is_num(v) and v > 0 else "must be a number > 0"
+def t_seconds(v):
+    ok = _is_num(v) and 0 < v <= MAX_SECONDS
+    return None if ok else f"must be a number of seconds > 0 and at most {MAX_SECONDS} (a day)"
+
+
+def t_rate(top):
+    def check(v):
+        ok = _is_num(v) and 1 / MAX_SECONDS <= v <= top
+        return None if ok else f"must be a rate per second from 1/{MAX_SECONDS} (one a day) to {top}"
+    return check
 
 
 def t_bool(v):
@@ -100,12 +122,22 @@ def t_strs(v):
 
 
 def t_ints(v):
-    ok = isinstance(v, list) and all(_is_int(x) for x in v)
-    return None if ok else "must be a list of integers"
+    ok = isinstance(v, list) and all(_is_int(x) and 0 <= x <= MAX_INT for x in v)
+    return None if ok else f"must be a list of integers from 0 to {MAX_INT}"
 
 
 def t_table(v):
     return None if isinstance(v, dict) else "must be a table"
+
+
+def non_finite(v):
+    """The first non-finite number (inf, -inf, nan) in a value, lists and tables included."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return v
+    for x in v.values() if isinstance(v, dict) else v if isinstance(v, list) else ():
+        if (bad := non_finite(x)) is not None:
+            return bad
+    return None
 
 
 def t_str_table(v):
@@ -149,21 +181,21 @@ def t_error_code(v):
 
 
 # Per action: field -> (check, required). Every step also takes `comment` (free text).
-RESTART = {"options": (t_strs, False), "kill": (t_bool, False), "within": (t_pos_num, False)}
+RESTART = {"options": (t_strs, False), "kill": (t_bool, False), "within": (t_seconds, False)}
 BROKER = {
-    "start": {"options": (t_strs, False), "within": (t_pos_num, False)},
+    "start": {"options": (t_strs, False), "within": (t_seconds, False)},
     "restart": RESTART,
     "restart_broker": RESTART,
-    "stop": {"within": (t_pos_num, False)},
+    "stop": {"within": (t_seconds, False)},
     "kill9": {},
 }
 CLIENT = {
     "open": {"client": (t_str, True), "heartbeat_ms": (t_pos_int, False), "reconnect": (t_bool, False),
-             "reconnect_within": (t_pos_num, False)},
+             "reconnect_within": (t_seconds, False)},
     "close": {"client": (t_str, True)},
     "kill": {"client": (t_str, True)},
     "freeze": {"client": (t_str, True)},
-    "flood": {"client": (t_str, True), "bytes": (t_pos_int, False), "within": (t_pos_num, False)},
+    "flood": {"client": (t_str, True), "bytes": (t_pos_int, False), "within": (t_seconds, False)},
     "thaw": {"client": (t_str, True)},
 }
 MESSAGES = {  # how an expect/ack step names messages: one of these
@@ -176,8 +208,8 @@ ACTIONS = {
                  "dispatch": (t_choice(*DISPATCH), False), "name": (t_str, False),
                  "access": (t_choice("shared", "exclusive"), False), "expect_error": (t_error_code, False)},
     "produce": {"producer": (t_str, True), "count": (t_pos_int, True), "payload": (t_str, False),
-                "keys": (t_strs, False), "attrs": (t_str_table, False), "rate": (t_pos_num, False),
-                "as": (t_str, False), "within": (t_pos_num, False), "expect_error": (t_error_code, False)},
+                "keys": (t_strs, False), "attrs": (t_str_table, False), "rate": (t_rate(MAX_RATE), False),
+                "as": (t_str, False), "within": (t_seconds, False), "expect_error": (t_error_code, False)},
     "subscribe": {"client": (t_str, True), "consumer": (t_str, True), "as": (t_str, False),
                   "topic": (t_topic, True), "subscription": (t_str, True),
                   "type": (t_choice(*SUB_TYPES), True), "dispatch": (t_choice(*DISPATCH), False),
@@ -196,28 +228,29 @@ ACTIONS = {
     "unsubscribe": {"consumer": (t_str, True), "expect_error": (t_error_code, False)},
     "expect": {"consumer": (t_str, False), "consumers": (t_strs, False), **MESSAGES,
                "order": (t_bool, False), "only": (t_bool, False), "redelivered": (t_bool, False),
-               "sticky_keys": (t_bool, False), "keep": (t_bool, False), "within": (t_pos_num, False)},
-    "expect_active": {"consumer": (t_str, True), "active": (t_bool, True), "within": (t_pos_num, False)},
+               "sticky_keys": (t_bool, False), "keep": (t_bool, False), "within": (t_seconds, False)},
+    "expect_active": {"consumer": (t_str, True), "active": (t_bool, True), "within": (t_seconds, False)},
     "expect_closed": {"consumer": (t_str, False), "consumers": (t_strs, False), "count": (t_pos_int, False),
-                      "reason": (t_str, False), "within": (t_pos_num, False)},
-    "expect_lost": {"client": (t_str, True), "code": (t_error_code, False), "within": (t_pos_num, False)},
-    "expect_reconnected": {"client": (t_str, True), "times": (t_pos_int, False), "within": (t_pos_num, False)},
+                      "reason": (t_str, False), "within": (t_seconds, False)},
+    "expect_lost": {"client": (t_str, True), "code": (t_error_code, False), "within": (t_seconds, False)},
+    "expect_reconnected": {"client": (t_str, True), "times": (t_pos_int, False), "within": (t_seconds, False)},
     "expect_stats": {"client": (t_str, True), "topic": (t_topic, True), "subscription": (t_str, False),
-                     "consumer": (t_str, False), "values": (t_table, True), "within": (t_pos_num, False)},
+                     "consumer": (t_str, False), "values": (t_table, True), "within": (t_seconds, False)},
     "watch": {"topics": (t_str, False)},
-    "expect_events": {"events": (t_events, True), "within": (t_pos_num, False)},
+    "expect_events": {"events": (t_events, True), "within": (t_seconds, False)},
     # + fields of the expect it names, or `task` (a background step) with `within`
     "wait": {"until": (t_choice("active", "closed", "lost", "stats", "messages"), False),
-             "task": (t_str, False), "within": (t_pos_num, False)},
+             "task": (t_str, False), "within": (t_seconds, False)},
     "parallel": {"steps": (t_any, True), "refused": (t_int, False), "refused_with": (t_error_code, False)},
-    "pause": {"seconds": (t_pos_num, True)},
+    "pause": {"seconds": (t_seconds, True)},
     "churn": {"topic": (t_topic, True), "subscription": (t_str, True),
               "type": (t_choice("shared", "key_shared", "failover"), True),
-              "dispatch": (t_choice(*DISPATCH), False), "duration": (t_pos_num, True),
-              "rate": (t_pos_num, True), "seed": (t_int, True), "produce_rate": (t_pos_num, False),
-              "keys": (t_pos_int, False), "min_consumers": (t_pos_int, False),
-              "max_consumers": (t_pos_int, False), "receiver_queue": (t_pos_int, False),
-              "heartbeat_ms": (t_pos_int, False), "drain_within": (t_pos_num, False),
+              "dispatch": (t_choice(*DISPATCH), False), "duration": (t_seconds, True),
+              "rate": (t_rate(MAX_CHURN_RATE), True), "seed": (t_int, True),
+              "produce_rate": (t_rate(MAX_RATE), False), "keys": (t_up_to(MAX_CHURN_KEYS), False),
+              "min_consumers": (t_up_to(MAX_CHURN_CONSUMERS), False),
+              "max_consumers": (t_up_to(MAX_CHURN_CONSUMERS), False), "receiver_queue": (t_pos_int, False),
+              "heartbeat_ms": (t_pos_int, False), "drain_within": (t_seconds, False),
               "kill_share": (t_share, False)},
 }
 # Any step but these may run in the background (`background = true`, named by `task`).
@@ -295,6 +328,8 @@ def validate_step(path, number, raw):
         if key not in schema:
             raise ScenarioError(path, f"not a field of '{action}' (known: {', '.join(schema)})",
                                 step=number, field_name=key)
+        if key != "steps" and (bad := non_finite(value)) is not None:   # a group's steps: each checked
+            raise ScenarioError(path, f"must be a finite number, not {bad}", step=number, field_name=key)
         if problem := schema[key][0](value):
             raise ScenarioError(path, problem, step=number, field_name=key)
     for key, (_, required) in schema.items():
@@ -316,6 +351,9 @@ def validate_step(path, number, raw):
                                 field_name="messages")
     if action == "produce" and "keys" in raw and not raw["keys"]:
         raise ScenarioError(path, "must not be empty", step=number, field_name="keys")
+    if action == "produce" and "rate" in raw and (raw["count"] - 1) / raw["rate"] > MAX_SECONDS:
+        raise ScenarioError(path, f"count = {raw['count']} at this rate takes more than {MAX_SECONDS} s (a day)",
+                            step=number, field_name="rate")
     if action == "churn" and raw.get("min_consumers", 1) > raw.get("max_consumers", 4):
         raise ScenarioError(path, "must not exceed max_consumers", step=number, field_name="min_consumers")
     if action == "expect_closed" and ("consumer" in raw) == ("consumers" in raw):
