@@ -6,6 +6,7 @@ Each command returns an exit code: 0 on success, 1 on an error (printed as one l
 """
 import argparse
 import json
+import math
 import os
 import select
 import sys
@@ -13,10 +14,12 @@ import time
 
 from actorbroker.transport.client import DEFAULT_HOST, DEFAULT_PORT, Client, TlsOptions, parse_address
 from actorbroker.transport.errors import BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed
+from actorbroker.transport.validate import MAX_COUNT, MAX_DELAY_MS
 
 DEFAULT_URL = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 SUBSCRIPTION_TYPES = ["exclusive", "shared", "failover", "key_shared"]
 DISPATCH_MODES = ["non_reliable", "reliable"]
+MAX_SECONDS = 86400   # --timeout, --interval: a day (a time far beyond overflows the clock calls)
 
 
 def add_client_commands(subparsers):
@@ -49,7 +52,7 @@ def add_client_commands(subparsers):
     p.add_argument("--key", help="routing key of every message (key_shared subscriptions)")
     p.add_argument("--attr", action="append", type=attr_arg, default=[], metavar="K=V",
                    help="attribute of every message; repeat for more")
-    p.add_argument("--rate", type=positive_float, metavar="R", help="send at most R messages per second")
+    p.add_argument("--rate", type=rate_arg, metavar="R", help="send at most R messages per second")
     p.add_argument("--dispatch", choices=DISPATCH_MODES,
                    help="mode of the topic if this creates it (default: the broker's default)")
     p.set_defaults(func=produce)
@@ -72,18 +75,18 @@ def add_client_commands(subparsers):
                    help="reliable topics: where a new subscription starts (default: latest)")
     p.add_argument("--dispatch", choices=DISPATCH_MODES,
                    help="mode of the topic if this creates it (default: the broker's default)")
-    p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds_arg(0, MAX_SECONDS), metavar="SECONDS",
                    help="stop when no message has arrived for this long")
     p.add_argument("--nack-every", type=positive_int, metavar="K",
                    help="negatively acknowledge every K-th message instead of acking it (tests redelivery)")
     p.add_argument("--show-meta", action="store_true",
                    help="print id, key and redeliveries before each payload")
-    p.add_argument("--max-unacked", type=positive_int, metavar="N",
+    p.add_argument("--max-unacked", type=int_arg(1, MAX_COUNT), metavar="N",
                    help="reliable: this consumer's bound on delivered, unacknowledged messages")
-    p.add_argument("--ack-timeout-ms", type=positive_int, metavar="MS",
+    p.add_argument("--ack-timeout-ms", type=int_arg(1, MAX_DELAY_MS), metavar="MS",
                    help="reliable, set when this creates the subscription: redeliver what is not "
                         "acknowledged in time")
-    p.add_argument("--max-redeliveries", type=positive_int, metavar="N",
+    p.add_argument("--max-redeliveries", type=int_arg(1, MAX_COUNT), metavar="N",
                    help="reliable, set when this creates the subscription: then dead-letter")
     p.add_argument("--dead-letter-topic", metavar="TOPIC",
                    help="reliable, set when this creates the subscription: where to dead-letter")
@@ -163,10 +166,46 @@ def positive_int(text):
     return value
 
 
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+def int_arg(low, high):
+    """An integer from low to high (the broker's bounds: beyond 64 bits msgpack cannot even send it)."""
+    def check(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {text}")
+        return value
+    return check
+
+
+def _finite(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
+    return value
+
+
+def seconds_arg(low, high):
+    """Seconds, more than `low` (0: any positive time) and at most `high`."""
+    def check(text):
+        value = _finite(text)
+        above = value > 0 if low == 0 else value >= low
+        if not (above and value <= high):
+            bound = "more than 0" if low == 0 else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound} and at most {high:g} seconds: {text}")
+        return value
+    return check
+
+
+def rate_arg(text):
+    """Messages per second: finite, at least one a day (a pace slower than that overflows sleep)."""
+    value = _finite(text)
+    if not value >= 1 / MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be at least 1/{MAX_SECONDS} (one a day): {text}")
     return value
 
 

@@ -24,10 +24,10 @@ def add_top_command(subparsers, common):
         description="A live view of the broker, refreshed every --interval seconds: topics with their "
                     "rates in and out, subscriptions with backlog and consumers (the active one of a "
                     "failover subscription marked *), connections, processes and memory. q quits.")
-    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                   help="refresh period (default %(default)s)")
+    from actorbroker.scripts.client_commands import MAX_SECONDS, seconds_arg, with_client
+    p.add_argument("--interval", type=seconds_arg(0.1, MAX_SECONDS), default=1.0, metavar="SECONDS",
+                   help=f"refresh period, from 0.1 to {MAX_SECONDS} (default %(default)s)")
     p.add_argument("--once", action="store_true", help="print one view (rates over one interval) and exit")
-    from actorbroker.scripts.client_commands import with_client
     p.set_defaults(func=with_client(top))
 
 
