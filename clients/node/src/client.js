@@ -74,8 +74,9 @@ export class Client extends EventEmitter {
     this.lastCheck = 0;
     this.pingInFlight = false;
     this.queued = 0; // bytes given to the socket so far
-    this.taken = 0; // of them, the kernel had taken this many at the last check...
-    this.takenAt = Date.now(); // ... (more than before at this time, or nothing was waiting)
+    this.answers = 0; // replies and error frames answering our requests: the broker read those
+    this.progress = 0; // writeProgress() at the last check...
+    this.progressAt = Date.now(); // ... (more than before at this time, or nothing was waiting)
     this.heartbeat = null;
     this.fatal = null; // the fatal error frame the broker sent before closing, if any
     this.closedWith = null; // set once: the connection is over
@@ -297,6 +298,7 @@ export class Client extends EventEmitter {
   answer(frame) {
     const handlers = this.pending.get(frame.rid);
     if (!handlers) return; // not a request of ours (or one already failed by the connection)
+    this.answers++;
     this.pending.delete(frame.rid);
     handlers.reply(frame);
   }
@@ -308,6 +310,7 @@ export class Client extends EventEmitter {
     if (FATAL_CODES.has(frame.code) || (frame.rid === undefined && this.maxFrame === undefined)) this.fatal = error;
     const handlers = frame.rid !== undefined && this.pending.get(frame.rid);
     if (handlers) {
+      this.answers++;
       this.pending.delete(frame.rid);
       handlers.fail(error);
     } else {
@@ -332,24 +335,37 @@ export class Client extends EventEmitter {
     for (const frame of frames) consumer.pushed(frame);
   }
 
+  /**
+   * A count that grows as the broker takes what this client writes: the bytes the kernel has
+   * taken from the socket (of the TCP socket under TLS), plus the broker's answers. Not
+   * socket.writableLength, nor socket.bytesWritten: Node writes the chunks queued behind a write
+   * in progress as one writev, and both move only once all of it is written, which takes
+   * seconds of a broker that reads steadily.
+   */
+  writeProgress() {
+    const handle = this.socket._handle;
+    const stream = handle?._parent ?? handle; // libuv's stream: bytes dispatched, and still queued
+    let taken = stream ? stream.bytesWritten - stream.writeQueueSize : NaN;
+    if (!Number.isFinite(taken)) taken = this.queued - (this.socket.writableLength ?? 0); // (no libuv stream)
+    return taken + this.answers;
+  }
+
   checkAlive() {
     const now = Date.now();
     const stalled = now - this.lastCheck > this.heartbeatMs; // the event loop was blocked: data may be waiting unread
     this.lastCheck = now;
-    if (stalled) {
-      this.takenAt = now; // (nor did we give the socket a chance to write)
-      return;
+    const progress = this.writeProgress();
+    if (stalled || progress !== this.progress || !(this.socket.writableLength > 0)) {
+      // (blocked, we gave the socket no chance to write either)
+      this.progress = progress;
+      this.progressAt = now;
+      if (stalled) return;
     }
     const silent = now - this.lastReceived;
-    const taken = this.queued - this.socket.writableLength;
-    if (taken > this.taken || this.socket.writableLength === 0) {
-      this.taken = taken;
-      this.takenAt = now;
-    }
-    if (now - this.takenAt >= 2 * this.heartbeatMs) {
+    if (now - this.progressAt >= 2 * this.heartbeatMs) {
       // A send never waits longer than that, as in the Python client: the broker reads nothing
-      this.destroy(new ConnectionError("CONNECTION_LOST",
-        `the broker took none of the ${this.socket.writableLength} bytes written for ${now - this.takenAt} ms (2 heartbeats)`));
+      this.destroy(new ConnectionError("CONNECTION_LOST", `the broker took none of the ${this.socket.writableLength} `
+        + `bytes waiting to be written for ${now - this.progressAt} ms (2 heartbeats)`));
     } else if (silent >= DEAD_AFTER_HEARTBEATS * this.heartbeatMs) {
       this.destroy(new ConnectionError("CONNECTION_LOST", `nothing received from the broker for ${silent} ms`));
     } else if (silent >= 2 * this.heartbeatMs && !this.pingInFlight) {
