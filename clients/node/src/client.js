@@ -6,7 +6,7 @@ import tls from "node:tls";
 
 import { DEFAULT_HOST, DEFAULT_PORT, parseAddress } from "./address.js";
 import { encodeFrame, FrameDecoder } from "./codec.js";
-import { Consumer, subscribeFrame } from "./consumer.js";
+import { Consumer, MAX_CREDITS, subscribeFrame } from "./consumer.js";
 import { ActorbrokerError, BrokerError, ConnectionError } from "./errors.js";
 import { Producer } from "./producer.js";
 import { noop, waitFor } from "./waiting.js";
@@ -167,8 +167,9 @@ export class Client extends EventEmitter {
   subscribe(options) {
     if (options.signal?.aborted) return Promise.reject(options.signal.reason);
     const queue = options.receiverQueue;
-    if (queue !== undefined && (!Number.isInteger(queue) || queue < 1)) {
-      return Promise.reject(new RangeError("receiverQueue must be an integer of at least 1"));
+    // It is granted as one flow: at most MAX_CREDITS (the broker's bound of a flow's credits)
+    if (queue !== undefined && (!Number.isInteger(queue) || queue < 1 || queue > MAX_CREDITS)) {
+      return Promise.reject(new RangeError(`receiverQueue must be an integer from 1 to ${MAX_CREDITS}`));
     }
     const frame = subscribeFrame(options);
     this.subscribing++;

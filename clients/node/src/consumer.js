@@ -8,6 +8,8 @@ import { deferred, waitFor } from "./waiting.js";
 // Bytes of an `ack` / `nack` frame around its ids: the map with op, rid, consumer, delay_ms and
 // the list header, each number at its longest (9 bytes), with room to spare.
 const IDS_FRAME_OVERHEAD = 96;
+// The most credits of one `flow` (transport/validate.py MAX_CREDITS): more is BAD_REQUEST.
+export const MAX_CREDITS = 2 ** 32 - 1;
 
 /** The `subscribe` frame for the options of Client.subscribe(). */
 export function subscribeFrame(o) {
@@ -76,8 +78,8 @@ export class Consumer extends EventEmitter {
 
   /** Grants the broker `credits` more messages (done automatically from receiverQueue). */
   flow(credits) {
-    if (!Number.isInteger(credits) || credits < 0 || credits > 0xffffffff) {
-      throw new RangeError("credits must be an integer from 0 to 4294967295");
+    if (!Number.isInteger(credits) || credits < 0 || credits > MAX_CREDITS) {
+      throw new RangeError(`credits must be an integer from 0 to ${MAX_CREDITS}`);
     }
     if (credits > 0) this.client.write({ op: "flow", consumer: this.id, credits });
   }

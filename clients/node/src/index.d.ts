@@ -56,7 +56,8 @@ export interface SubscribeOptions extends WaitOptions {
   ackTimeoutMs?: number;
   maxRedeliveries?: number;
   deadLetterTopic?: string;
-  /** Messages buffered in the client; credits are granted back as they are taken (default 1000). */
+  /** Messages buffered in the client; credits are granted back as they are taken (default 1000;
+   * an integer from 1 to 2^32-1, else subscribe() rejects with a RangeError). */
   receiverQueue?: number;
 }
 
@@ -153,7 +154,8 @@ export declare class Consumer extends EventEmitter implements AsyncIterable<Mess
   [Symbol.asyncIterator](): AsyncIterator<Message>;
   ack(ids: number | Message | Array<number | Message>): Promise<void>;
   nack(ids: number | Message | Array<number | Message>, options?: { delayMs?: number }): Promise<void>;
-  /** Grants more credits by hand (receiverQueue grants them automatically). */
+  /** Grants more credits by hand (receiverQueue grants them automatically); an integer from 0
+   * to 2^32-1, else it throws a RangeError. */
   flow(credits: number): void;
   close(options?: WaitOptions): Promise<void>;
   unsubscribe(options?: WaitOptions): Promise<void>;

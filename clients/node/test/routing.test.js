@@ -60,6 +60,25 @@ describe("push routing", () => {
     await client.close();
   });
 
+  it("refuses a receiverQueue beyond a flow's credits (2^32-1) at once, and sends nothing", { timeout: 5000 }, async () => {
+    // It was sent: the `flow` of the whole queue failed while the `subscribed` reply was handled,
+    // the subscribe never settled, and the connection ended with INTERNAL.
+    const { wire, client } = await ready();
+    for (const receiverQueue of [2 ** 32, 2 ** 53, Number.MAX_VALUE, Infinity, NaN]) {
+      await assert.rejects(client.subscribe({ topic: "/a/b", subscription: "s", receiverQueue }), RangeError,
+        String(receiverQueue));
+    }
+    assert.equal(wire.next(), undefined);
+    assert.equal(client.subscribing, 0);
+    const subscribing = client.subscribe({ topic: "/a/b", subscription: "s", consumer: "c", receiverQueue: 2 ** 32 - 1 });
+    wire.receive({ op: "subscribed", rid: wire.next().rid, consumer: 3, dispatch: "non_reliable" });
+    const consumer = await subscribing;
+    assert.deepEqual(wire.next(), { op: "flow", consumer: 3, credits: 2 ** 32 - 1 });
+    assert.throws(() => consumer.flow(2 ** 32), RangeError);
+    assert.equal(client.connected, true);
+    await client.close();
+  });
+
   it("answers the broker's ping with a pong carrying its rid", async () => {
     const { wire, client } = await ready();
     wire.receive({ op: "ping", rid: 41 });
