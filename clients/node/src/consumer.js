@@ -47,9 +47,12 @@ export class Message {
 
 /**
  * Events: "active" (boolean, failover subscriptions: this consumer receives or stands by),
- * "closed" (ClosedError: the broker ended the consumer). Both are emitted from a later turn of
- * the event loop than the frame that caused them, so a listener attached right after
- * `await client.subscribe(...)` sees the first one.
+ * "closed" (the broker ended the consumer, or the connection ended).
+ * "active" is emitted as its push is read, in frame order: before any message that came after it
+ * is handed over. One that came before the application had the consumer (with the `subscribed`
+ * reply) waits for the first receive() (or `for await`) or the next turn of the event loop,
+ * whichever comes first, so a listener attached right after `await client.subscribe(...)` sees
+ * it. "closed" is emitted from a later turn of the event loop than its cause.
  */
 export class Consumer extends EventEmitter {
   constructor(client, reply, options) {
@@ -70,10 +73,42 @@ export class Consumer extends EventEmitter {
     this.acksTimer = null; // the setImmediate that sends them
     this.unanswered = new Set(); // ack and nack frames sent and not yet answered (promises)
     this.endedWith = undefined; // null: closed by us; an error: ended by the broker or the connection
+    this.inUse = false; // the application has had this consumer: events are emitted as they come
+    this.early = []; // [event, value, later] that came before that (emitted once it is in use)
   }
 
   start() {
     this.flow(this.receiverQueue);
+    setImmediate(() => this.use());
+  }
+
+  // The application has had a chance to add its listeners: the events held until now go out.
+  use() {
+    if (this.inUse) return;
+    this.inUse = true;
+    const early = this.early;
+    this.early = [];
+    for (const [event, value, later] of early) {
+      if (later) setImmediate(() => this.emitNow(event, value));
+      else this.emitNow(event, value);
+    }
+  }
+
+  // From a later turn of the event loop (after any event held before it).
+  emitLater(event, value) {
+    if (this.inUse) setImmediate(() => this.emitNow(event, value));
+    else this.early.push([event, value, true]);
+  }
+
+  emitNow(event, value) {
+    try {
+      this.emit(event, value);
+    } catch (err) {
+      // A listener's own failure, not the connection's: thrown as from any event's listener
+      process.nextTick(() => {
+        throw err;
+      });
+    }
   }
 
   /** Grants the broker `credits` more messages (done automatically from receiverQueue). */
@@ -89,6 +124,7 @@ export class Consumer extends EventEmitter {
    * or with an ActorbrokerError of code CONSUMER_CLOSED after close().
    */
   receive({ signal, timeoutMs } = {}) {
+    this.use(); // (an "active" still held goes before the message)
     if (this.head < this.queue.length) return Promise.resolve(this.take());
     if (this.endedWith !== undefined) return Promise.reject(this.endReason());
     let taker;
@@ -205,11 +241,12 @@ export class Consumer extends EventEmitter {
       for (const record of frame.msgs) this.deliver(new Message(this, record));
     } else if (frame.op === "active") {
       this.active = frame.active;
-      setImmediate(() => this.emit("active", frame.active));
+      if (this.inUse) this.emitNow("active", frame.active);
+      else this.early.push(["active", frame.active, false]);
     } else if (frame.op === "closed") {
       const error = new ClosedError(frame.reason, `consumer ${this.id}`);
       this.end(error);
-      setImmediate(() => this.emit("closed", error));
+      this.emitLater("closed", error);
     }
   }
 
@@ -253,7 +290,7 @@ export class Consumer extends EventEmitter {
   lost(error) {
     if (this.endedWith !== undefined) return;
     this.end(error);
-    setImmediate(() => this.emit("closed", error));
+    this.emitLater("closed", error);
   }
 
   // Messages already queued can still be taken; then receive() rejects with the reason.

@@ -40,6 +40,17 @@ async function ready() {
   return { wire, client };
 }
 
+function record(id) {
+  return { id, payload: Buffer.from(`m${id}`), key: null, attrs: {}, time: 1, producer: "p", redeliveries: 0 };
+}
+
+async function failover(wire, client, consumerId, ...behind) {
+  const subscribing = client.subscribe({ topic: "/a/b", subscription: "s", type: "failover", consumer: "b" });
+  const { rid } = wire.next();
+  wire.receive({ op: "subscribed", rid, consumer: consumerId, dispatch: "non_reliable" }, ...behind);
+  return subscribing;
+}
+
 describe("push routing", () => {
   it("holds an `active` push that overtakes its consumer's `subscribed` reply", async () => {
     const { wire, client } = await ready();
@@ -50,6 +61,42 @@ describe("push routing", () => {
     assert.equal(consumer.active, false);
     assert.deepEqual(await once(consumer, "active"), [false]);
     assert.deepEqual(wire.next(), { op: "flow", consumer: 7, credits: 1000 });
+    await client.close();
+  });
+
+  it("emits `active` before handing over the messages that came after it (receive, for await)", async () => {
+    // The event came from a later turn of the event loop: the application saw the first message
+    // of a consumer just promoted while it still thought itself on standby.
+    const { wire, client } = await ready();
+    const consumer = await failover(wire, client, 4);
+    const seen = [];
+    consumer.on("active", (active) => seen.push(`active ${active}`));
+    await new Promise((resolve) => setImmediate(resolve));
+    const waiting = consumer.receive().then((m) => seen.push(`message ${m.id}`));
+    wire.receive({ op: "active", consumer: 4, active: true }, { op: "message", consumer: 4, msgs: [record(0)] });
+    await waiting;
+    wire.receive({ op: "active", consumer: 4, active: false }, { op: "active", consumer: 4, active: true },
+      { op: "message", consumer: 4, msgs: [record(1), record(2)] });
+    for await (const msg of consumer) {
+      seen.push(`message ${msg.id}`);
+      if (msg.id === 2) break;
+    }
+    assert.deepEqual(seen, ["active true", "message 0", "active false", "active true", "message 1", "message 2"]);
+    await client.close();
+  });
+
+  it("emits an `active` that came with the `subscribed` reply to a listener added after the await, "
+    + "before the message behind it", async () => {
+    const { wire, client } = await ready();
+    const consumer = await failover(wire, client, 5, { op: "active", consumer: 5, active: true },
+      { op: "message", consumer: 5, msgs: [record(0)] });
+    const seen = [];
+    consumer.on("active", (active) => seen.push(`active ${active}`));
+    for await (const msg of consumer) {
+      seen.push(`message ${msg.id}`);
+      break;
+    }
+    assert.deepEqual(seen, ["active true", "message 0"]);
     await client.close();
   });
 
