@@ -215,9 +215,13 @@ export class Client extends EventEmitter {
 
   // --- admin and liveness -----------------------------------------------------------------------
 
-  /** Every topic: [{name, dispatch, subscriptions, producers}]. */
+  /** Every topic: [{name, dispatch, subscriptions, producers}]; `.truncated` (true or false, not
+   * enumerable) tells a list the broker cut to fit its max_frame (docs/protocol.md). */
   async topics(wait) {
-    return (await this.request({ op: "topics" }, wait)).topics;
+    const reply = await this.request({ op: "topics" }, wait);
+    const listed = reply.topics;
+    Object.defineProperty(listed, "truncated", { value: reply.truncated === true, enumerable: false });
+    return listed;
   }
 
   /** The stats of one topic, as the broker sends them (snake_case fields). */

@@ -68,9 +68,17 @@ export interface TopicInfo {
   producers: number;
 }
 
+/** The topics reply: `truncated` is true when the broker cut the list to fit its max_frame, so
+ * some topics are not in it (docs/protocol.md, "Admin ops this broker adds"). */
+export interface TopicList extends Array<TopicInfo> {
+  readonly truncated: boolean;
+}
+
 /** The broker's stats of one topic (fields as the broker names them; see docs/protocol.md). */
 export interface TopicStats {
   topic: string;
+  /** true when the broker cut a list (consumers, subscriptions) to fit its max_frame. */
+  truncated?: boolean;
   dispatch: Dispatch;
   msgs_in: number;
   bytes_in: number;
@@ -97,7 +105,7 @@ export declare class Client extends EventEmitter {
   readonly connected: boolean;
   producer(topic: string, options?: ProducerOptions): Promise<Producer>;
   subscribe(options: SubscribeOptions): Promise<Consumer>;
-  topics(options?: WaitOptions): Promise<TopicInfo[]>;
+  topics(options?: WaitOptions): Promise<TopicList>;
   stats(topic: string, options?: WaitOptions): Promise<TopicStats>;
   deleteTopic(topic: string, options?: WaitOptions): Promise<void>;
   /** Round trip in milliseconds. */

@@ -133,6 +133,19 @@ describe("push routing", () => {
     await client.close();
   });
 
+  it("topics() tells a list the broker truncated to fit max_frame (.truncated)", async () => {
+    const { wire, client } = await ready();
+    const topics = [{ name: "/a/b", dispatch: "reliable", subscriptions: 0, producers: 1 }];
+    for (const [reply, truncated] of [[{ truncated: true }, true], [{}, false]]) {
+      const asking = client.topics();
+      wire.receive({ op: "topics", rid: wire.next().rid, topics, ...reply });
+      const listed = await asking;
+      assert.equal(listed.truncated, truncated);
+      assert.deepEqual(listed, topics); // (not an enumerable property: the list compares as before)
+    }
+    await client.close();
+  });
+
   it("fails a request with the error frame that answers it, and keeps the connection", async () => {
     const { wire, client } = await ready();
     const asking = client.topics();

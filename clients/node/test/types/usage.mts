@@ -28,6 +28,10 @@ await consumer.ack([next, 1]);
 await consumer.nack(next.id, { delayMs: 5 });
 const stats: TopicStats = await client.stats("/a/b");
 console.log(stats.subscriptions[0].consumers[0].unacked, (await client.topics())[0].name, await client.ping());
+const listed = await client.topics({ timeoutMs: 100 });
+const cut: boolean = listed.truncated;
+const statsCut: boolean | undefined = stats.truncated;
+console.log(listed.length, cut, statsCut);
 try {
   await client.deleteTopic("/a/b");
 } catch (e) {
