@@ -116,7 +116,7 @@ export declare class Client extends EventEmitter {
   /** Sends a raw protocol request (a rid is added) and resolves with its reply frame. */
   request(frame: Record<string, unknown>, options?: WaitOptions): Promise<Record<string, unknown>>;
   /** "close": the connection ended (the error says why: CLIENT_CLOSED, CONNECTION_LOST, a fatal broker code). */
-  on(event: "close", listener: (error: ActorbrokerError) => void): this;
+  on(event: "close", listener: (error: ConnectionEndError) => void): this;
   /** "warning": an error frame that answered no request of this client. */
   on(event: "warning", listener: (error: BrokerError) => void): this;
   on(event: string | symbol, listener: (...args: any[]) => void): this;
@@ -168,7 +168,9 @@ export declare class Consumer extends EventEmitter implements AsyncIterable<Mess
   close(options?: WaitOptions): Promise<void>;
   unsubscribe(options?: WaitOptions): Promise<void>;
   on(event: "active", listener: (active: boolean) => void): this;
-  on(event: "closed", listener: (error: ClosedError) => void): this;
+  /** "closed": the broker ended this consumer (a ClosedError, with its reason), or the connection
+   * ended (the client's "close" error: a ConnectionError, BrokerError or ProtocolError, no reason). */
+  on(event: "closed", listener: (error: ClosedError | ConnectionEndError) => void): this;
   on(event: string | symbol, listener: (...args: any[]) => void): this;
 }
 
@@ -204,3 +206,10 @@ export declare class ClosedError extends ActorbrokerError {
   readonly reason: string;
 }
 export declare class TimeoutError extends ActorbrokerError {}
+/**
+ * Why a connection ended: a ConnectionError (CLIENT_CLOSED, CONNECTION_LOST, CONNECT_FAILED,
+ * INTERNAL), the fatal error frame the broker sent before closing (BrokerError: SLOW_CONSUMER,
+ * BAD_FRAME, AUTH_FAILED, ...), or bytes from the broker this client could not read
+ * (ProtocolError: BAD_FRAME, FRAME_TOO_LARGE).
+ */
+export type ConnectionEndError = ConnectionError | BrokerError | ProtocolError;

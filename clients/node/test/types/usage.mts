@@ -15,8 +15,14 @@ const consumer: Consumer = await client.subscribe({
   ackTimeoutMs: 1000, maxRedeliveries: 3, deadLetterTopic: "/a/dlq", receiverQueue: 10,
 });
 consumer.on("active", (active: boolean) => console.log(active, consumer.active));
-consumer.on("closed", (error: ClosedError) => console.log(error.reason, error.code));
+consumer.on("closed", (error) => {
+  // @ts-expect-error: a lost connection gives its own error (a ConnectionError, ...): no reason
+  const reason: string = error.reason;
+  if (error instanceof ClosedError) console.log(error.reason, error.code, reason);
+  else console.log(error.code, error.name);
+});
 client.on("close", (error: ActorbrokerError) => console.log(error.code));
+client.on("close", (error) => console.log(error instanceof BrokerError ? error.rid : error.code));
 for await (const msg of consumer) {
   const m: Message = msg;
   await m.ack();
