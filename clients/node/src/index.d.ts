@@ -126,7 +126,8 @@ export declare class Producer {
   readonly id: number;
   readonly topic: string;
   readonly dispatch: Dispatch;
-  /** Resolves with the message's id (its topic offset) once the broker receipted it. */
+  /** Resolves with the message's id (its topic offset) once the broker receipted it. The payload
+   * and attrs are copied at the call: the caller may reuse them at once. */
   send(payload: Uint8Array | string, options?: { key?: string | null; attrs?: Attrs }): Promise<number>;
   /** Resolves when everything sent so far is receipted; rejects with the first send error since the last flush. */
   flush(options?: WaitOptions): Promise<void>;

@@ -43,8 +43,8 @@ export class Producer {
 
   /**
    * Queues one message; resolves with its id (the topic offset). payload: Buffer, Uint8Array or
-   * string (UTF-8); key: string; attrs: {string: string}. The promise never goes unhandled:
-   * flush() reports a failed send too.
+   * string (UTF-8); key: string; attrs: {string: string}; both copied at the call. The promise
+   * never goes unhandled: flush() reports a failed send too.
    */
   send(payload, { key, attrs } = {}) {
     const wait = deferred();
@@ -62,6 +62,10 @@ export class Producer {
       return this.refuse(wait, new ActorbrokerError("MESSAGE_TOO_LARGE", `a message of ${wire} bytes is over the `
         + `${this.maxMessage} that the broker's max_frame of ${this.client.maxFrame} allows`));
     }
+    // The batch is encoded at the end of the turn (or after lingerMs): what the caller passed is
+    // copied now, so that a Buffer or attrs object reused right after send() changes nothing.
+    if (typeof payload !== "string") msg.payload = Buffer.from(msg.payload);
+    if (msg.attrs !== undefined) msg.attrs = { ...msg.attrs }; // (own "__proto__" stays a name)
     if (this.batch.bytes + size > this.frameBudget) this.seal();
     this.batch.msgs.push(msg);
     this.batch.waits.push(wait);

@@ -1,5 +1,5 @@
-// The client's routing of broker pushes, fed frames without a socket or broker: the orders that a
-// real broker produces only in races (docs/protocol.md, "Consuming").
+// The client against a stand-in for its socket, fed frames without a broker: the orders that a
+// real broker produces only in races (docs/protocol.md, "Consuming"), and what the client writes.
 import assert from "node:assert/strict";
 import { EventEmitter, once } from "node:events";
 import { describe, it } from "node:test";
@@ -154,5 +154,37 @@ describe("push routing", () => {
     await assert.rejects(asking, { name: "BrokerError", code: "NOT_AUTHORIZED", rid });
     assert.equal(client.connected, true);
     await client.close();
+  });
+});
+
+describe("what the client writes", () => {
+  it("send() takes the payload and attrs as they are at the call: a Buffer reused at once is safe", async () => {
+    // The batch was encoded at the end of the turn, from the caller's Buffer: three sends of one
+    // Buffer refilled after each carried the last content three times.
+    const { wire, client } = await ready();
+    const opening = client.producer("/a/b");
+    wire.receive({ op: "producer_ok", rid: wire.next().rid, producer: 2, topic: "/a/b", dispatch: "non_reliable" });
+    const producer = await opening;
+    const buf = Buffer.alloc(4);
+    const bytes = new Uint8Array(1);
+    const attrs = { n: "" };
+    for (let i = 0; i < 3; i++) {
+      buf.writeUInt32BE(i);
+      bytes[0] = i;
+      attrs.n = String(i);
+      producer.send(buf, { attrs });
+      producer.send(bytes, { attrs });
+    }
+    buf.fill(9);
+    bytes.fill(9);
+    attrs.n = "9";
+    attrs.extra = "x";
+    await new Promise((resolve) => setImmediate(resolve)); // the batch goes out at the end of the turn
+    const frame = wire.next();
+    assert.equal(frame.op, "send");
+    assert.deepEqual(frame.msgs.map((m) => [...m.payload]),
+      [[0, 0, 0, 0], [0], [0, 0, 0, 1], [1], [0, 0, 0, 2], [2]]);
+    assert.deepEqual(frame.msgs.map((m) => m.attrs), ["0", "0", "1", "1", "2", "2"].map((n) => ({ n })));
+    await client.close({ timeoutMs: 10 });
   });
 });
