@@ -77,11 +77,95 @@ function decodeBody(decoder, body) {
   try {
     value = decoder.decode(body);
   } catch (err) {
-    throw new ProtocolError("BAD_FRAME", `frame is not valid msgpack: ${err.message}`);
+    // @msgpack/msgpack refuses a map key "__proto__" (an attrs name a producer may well send):
+    // such a frame, and only a frame it refused, is read again by decodeMsgpack
+    try {
+      value = decodeMsgpack(body);
+    } catch {
+      throw new ProtocolError("BAD_FRAME", `frame is not valid msgpack: ${err.message}`);
+    }
   }
   if (value === null || typeof value !== "object" || Array.isArray(value) || value instanceof Uint8Array) {
     throw new ProtocolError("BAD_FRAME", "frame is not a msgpack map");
   }
   if (typeof value.op !== "string") throw new ProtocolError("BAD_FRAME", "frame has no 'op'");
   return value;
+}
+
+/**
+ * One msgpack value that fills `bytes` (a Buffer), decoded as @msgpack/msgpack decodes it (maps
+ * as plain objects, bin as Buffers viewing `bytes`, 64-bit integers as numbers), except that a map
+ * key "__proto__" is an own property like any other, never the object's prototype. Throws on
+ * anything but exactly one valid value (no ext types: the protocol has none).
+ */
+export function decodeMsgpack(bytes) {
+  let at = 0;
+  const take = (n) => {
+    if (n > bytes.length - at) throw new RangeError("msgpack value cut short");
+    at += n;
+    return at - n;
+  };
+  const str = (n) => {
+    const start = take(n);
+    return bytes.toString("utf8", start, start + n);
+  };
+  const array = (n) => {
+    if (n > bytes.length - at) throw new RangeError("msgpack array cut short"); // (a byte each at least)
+    const list = new Array(n);
+    for (let i = 0; i < n; i++) list[i] = value();
+    return list;
+  };
+  const map = (n) => {
+    if (2 * n > bytes.length - at) throw new RangeError("msgpack map cut short");
+    const object = {};
+    for (let i = 0; i < n; i++) {
+      const key = value();
+      if (typeof key !== "string" && typeof key !== "number") throw new TypeError(`a map key of type ${typeof key}`);
+      const item = value();
+      if (key === "__proto__") Object.defineProperty(object, key, { value: item, enumerable: true, writable: true, configurable: true });
+      else object[key] = item;
+    }
+    return object;
+  };
+  const value = () => {
+    const type = bytes[take(1)];
+    if (type < 0x80) return type;
+    if (type < 0x90) return map(type & 0x0f);
+    if (type < 0xa0) return array(type & 0x0f);
+    if (type < 0xc0) return str(type & 0x1f);
+    if (type >= 0xe0) return type - 0x100;
+    switch (type) {
+      case 0xc0: return null;
+      case 0xc2: return false;
+      case 0xc3: return true;
+      case 0xc4: return bin(bytes[take(1)]);
+      case 0xc5: return bin(bytes.readUInt16BE(take(2)));
+      case 0xc6: return bin(bytes.readUInt32BE(take(4)));
+      case 0xca: return bytes.readFloatBE(take(4));
+      case 0xcb: return bytes.readDoubleBE(take(8));
+      case 0xcc: return bytes[take(1)];
+      case 0xcd: return bytes.readUInt16BE(take(2));
+      case 0xce: return bytes.readUInt32BE(take(4));
+      case 0xcf: { const at8 = take(8); return bytes.readUInt32BE(at8) * 2 ** 32 + bytes.readUInt32BE(at8 + 4); }
+      case 0xd0: return bytes.readInt8(take(1));
+      case 0xd1: return bytes.readInt16BE(take(2));
+      case 0xd2: return bytes.readInt32BE(take(4));
+      case 0xd3: { const at8 = take(8); return bytes.readInt32BE(at8) * 2 ** 32 + bytes.readUInt32BE(at8 + 4); }
+      case 0xd9: return str(bytes[take(1)]);
+      case 0xda: return str(bytes.readUInt16BE(take(2)));
+      case 0xdb: return str(bytes.readUInt32BE(take(4)));
+      case 0xdc: return array(bytes.readUInt16BE(take(2)));
+      case 0xdd: return array(bytes.readUInt32BE(take(4)));
+      case 0xde: return map(bytes.readUInt16BE(take(2)));
+      case 0xdf: return map(bytes.readUInt32BE(take(4)));
+      default: throw new TypeError(`msgpack type 0x${type.toString(16)} is not supported`);
+    }
+  };
+  const bin = (n) => {
+    const start = take(n);
+    return bytes.subarray(start, start + n);
+  };
+  const result = value();
+  if (at !== bytes.length) throw new RangeError(`${bytes.length - at} bytes after the msgpack value`);
+  return result;
 }

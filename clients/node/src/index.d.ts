@@ -8,6 +8,7 @@ export const DEFAULT_PORT: number;
 
 export type Dispatch = "non_reliable" | "reliable";
 export type SubscriptionType = "exclusive" | "shared" | "failover" | "key_shared";
+/** A plain object; every name is an own key, "__proto__" included (never the prototype). */
 export type Attrs = Record<string, string>;
 
 /** Where a call can wait: an AbortSignal and/or a timeout (rejects with TimeoutError). */

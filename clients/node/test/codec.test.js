@@ -2,6 +2,9 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 
+import { Decoder } from "@msgpack/msgpack";
+
+import { decodeMsgpack } from "../src/codec.js";
 import { encodeFrame, FrameDecoder } from "../src/index.js";
 import { encodeSendFrame } from "../src/send_frame.js";
 
@@ -85,6 +88,42 @@ describe("frame codec", () => {
     header.writeUInt32BE(101);
     decoder.feed(header);
     assert.throws(() => decoder.next(), { code: "FRAME_TOO_LARGE" });
+  });
+
+  it("decodes a map key __proto__ as an ordinary own key, the prototype untouched", () => {
+    // @msgpack/msgpack refuses the key: a Python producer's attrs name "__proto__" ended the
+    // connection with BAD_FRAME, failing the other messages of the push with it.
+    const attrs = JSON.parse('{"__proto__": "evil", "constructor": "c", "toString": "t"}');
+    const sent = { op: "message", consumer: 7, msgs: [
+      { id: 0, payload: Buffer.from("a"), key: null, attrs: { a: "b" }, time: 1, producer: "p", redeliveries: 0 },
+      { id: 1, payload: Buffer.from([0, 0xc1, 255]), key: "__proto__", attrs, time: -1.5, producer: "p", redeliveries: 2 ** 40 },
+    ], [JSON.parse('"__proto__"')]: { x: [true, false, null] } };
+    const [frame] = decodeAll([encodeFrame(sent), encodeFrame({ op: "ping", rid: 1 })]);
+    assert.deepEqual(frame, sent);
+    const got = frame.msgs[1].attrs;
+    assert.equal(Object.getPrototypeOf(got), Object.prototype);
+    assert.ok(Object.hasOwn(got, "__proto__"));
+    assert.equal(got.__proto__, "evil");
+    assert.deepEqual(Object.keys(got), ["__proto__", "constructor", "toString"]);
+    assert.equal(Object.getPrototypeOf(frame), Object.prototype);
+    assert.ok(Buffer.isBuffer(frame.msgs[1].payload));
+  });
+
+  it("reads frames without __proto__ as @msgpack/msgpack does, every size class", () => {
+    const big = { op: "x", n: [0, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32, 2 ** 53 - 1, -1, -32, -33,
+      -128, -129, -32768, -32769, -(2 ** 31), -(2 ** 31) - 1, -(2 ** 53) + 1, 0.5, -1.25e300],
+    s: ["", "x".repeat(31), "y".repeat(32), "\u00e9".repeat(200), "z".repeat(70000)],
+    b: [Buffer.alloc(0), Buffer.alloc(255, 1), Buffer.alloc(256, 2), Buffer.alloc(70000, 3)],
+    a: [Array.from({ length: 15 }, (_, i) => i), Array.from({ length: 16 }, (_, i) => i), Array(70000).fill(null)],
+    m: Object.fromEntries(Array.from({ length: 70000 }, (_, i) => [`k${i}`, i % 2 === 0])) };
+    for (const frame of [...FRAMES, big]) {
+      const body = encodeFrame(frame).subarray(4);
+      assert.deepEqual(decodeMsgpack(body), new Decoder().decode(body));
+    }
+    for (const cut of [Buffer.from([0x92, 1]), Buffer.from([0xdd, 0xff, 0xff, 0xff, 0xff]), Buffer.from([0xc1]),
+      Buffer.from([1, 2]), Buffer.from([0x81, 0x90, 1]), Buffer.from([0xd4, 0, 0])]) {
+      assert.throws(() => decodeMsgpack(cut), undefined, cut.toString("hex"));
+    }
   });
 
   for (const [what, body] of [

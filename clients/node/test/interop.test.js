@@ -34,13 +34,17 @@ client.close()
 print(json.dumps(ids))
 `;
 
-// Payloads of 0 B, 100 B and 1 MB; keys and attrs with non-ASCII text, empty strings, newlines.
+// Payloads of 0 B, 100 B and 1 MB; keys and attrs with non-ASCII text, empty strings, newlines,
+// names of Object.prototype.
 function messages() {
   return [
     { payload: Buffer.alloc(0), key: "", attrs: {} },
     { payload: crypto.randomBytes(100), key: "cl\u00e9-\u{1F511}", attrs: { "": "", "\u00fc": "\u{1F680}", lines: "a\nb\r\n\u0000z" } },
     { payload: crypto.randomBytes(1024 * 1024), key: null, attrs: { big: "\u00e9".repeat(127) } },
     { payload: Buffer.from([0, 255, 0x80, 0xc1]), key: "k".repeat(255), attrs: { ["n".repeat(255)]: "v".repeat(255) } },
+    // names of Object.prototype: "__proto__" is an ordinary own attrs name (it ended the connection)
+    { payload: Buffer.from("proto"), key: "__proto__",
+      attrs: JSON.parse('{"__proto__": "evil", "constructor": "c", "toString": "t", "hasOwnProperty": "h"}') },
   ];
 }
 
