@@ -849,14 +849,14 @@ class ConnectionActor(BrokerActor):
         if again:   # re-attached after its node was lost: the client sees nothing of it
             self.rejoin[msg.producer_id].until = None
             log.info("producer %s re-attached to topic %s on node %s", msg.producer_id, msg.topic, msg.node)
-            self._to_shard(shard.RouteProducer(connection_id, msg.producer_id, msg.lane, msg.name, b""))
+            self._to_shard(shard.RouteProducer(connection_id, msg.producer_id, msg.lane, msg.name, b"", rejoins=True))
             return
         if opening is not None and msg.node and msg.dispatch == "non_reliable":
             self.rejoin[msg.producer_id] = Rejoin("producer", connection_id, opening[0], opening[1], msg.name)
         self._to_shard(shard.RouteProducer(
             connection_id, msg.producer_id, msg.lane, msg.name,
             encode_frame({"op": "producer_ok", "rid": msg.rid[1], "producer": msg.producer_id,
-                          "topic": msg.topic, "dispatch": msg.dispatch})))
+                          "topic": msg.topic, "dispatch": msg.dispatch}), rejoins=msg.producer_id in self.rejoin))
 
     def on_ConsumerOpened(self, msg, sender):
         connection_id, conn = self._answered(msg.rid)
@@ -891,7 +891,8 @@ class ConnectionActor(BrokerActor):
                                  "dispatch": msg.dispatch})
         if msg.active is not None:
             data += encode_frame({"op": "active", "consumer": msg.consumer_id, "active": msg.active})
-        self._to_shard(shard.RouteConsumer(connection_id, msg.consumer_id, msg.lane, data, regrant=again))
+        self._to_shard(shard.RouteConsumer(connection_id, msg.consumer_id, msg.lane, data, regrant=again,
+                                           rejoins=msg.consumer_id in self.rejoin))
 
     def on_ProducersCheck(self, msg, sender):
         pass   # arriving is the answer (ProducersCheck)

@@ -89,6 +89,9 @@ class RouteProducer:
     lane: Any           # transport.lanes.LaneAddress of the topic
     name: str
     data: bytes
+    # cluster, non_reliable: should its lane end, the ConnectionActor attaches it again to the
+    # topic's new node; its client meanwhile gets TOPIC_UNAVAILABLE, never UNKNOWN_PRODUCER
+    rejoins: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class RouteConsumer:
     lane: Any           # LaneAddress of the dispatcher
     data: bytes
     regrant: bool = False   # re-attached: give the new dispatcher the credits the client has left
+    rejoins: bool = False   # as RouteProducer's: its lane's end is no end for its client
 
 
 @dataclass(frozen=True)
@@ -197,10 +201,10 @@ def _send_bytes(send):
 
 
 class _Producer:
-    __slots__ = ("connection_id", "lane", "name", "sends", "records", "bytes", "in_flight")
+    __slots__ = ("connection_id", "lane", "name", "sends", "records", "bytes", "in_flight", "rejoins")
 
-    def __init__(self, connection_id, lane, name):
-        self.connection_id, self.lane, self.name = connection_id, lane, name
+    def __init__(self, connection_id, lane, name, rejoins=False):
+        self.connection_id, self.lane, self.name, self.rejoins = connection_id, lane, name, rejoins
         self.sends, self.records, self.bytes = [], 0, 0   # waiting sends, their records and payload bytes
         self.in_flight = []      # per PUBLISH in flight: its rids, answered if the lane dies
 
@@ -242,6 +246,7 @@ class ShardActor(BrokerActor):
         self.consumers = {}      # consumer id -> (connection id, lane)
         self.credits = {}        # consumer id -> credits its client gave and no delivery used yet
         self.reattaching = set()  # producer ids being re-attached to a re-homed topic
+        self.rejoining = set()    # consumer ids routed with RouteConsumer.rejoins
         # acks with a rid sent to a dispatcher and not answered yet: consumer id -> (connection id,
         # rids); each is answered once, by the dispatcher or, if its lane ends first, here
         self.acks_waiting = {}
@@ -709,11 +714,16 @@ class ShardActor(BrokerActor):
         for producer_id in producer_ids:
             producer = self.producers.pop(producer_id, None)
             if producer is not None:
+                lost.append(producer_id)
+                if producer.rejoins:   # being moved (ConnectionActor._reattach): as on_UnrouteProducer's
+                    self.reattaching.add(producer_id)
+                    self._refuse_in_flight(producer_id, producer, E.TOPIC_UNAVAILABLE,
+                                           "the topic's node was lost before this send was receipted")
+                    continue
                 self._refuse_in_flight(producer_id, producer)
                 client = self.clients.get(producer.connection_id)
                 if client is not None:   # later sends get UNKNOWN_PRODUCER at once
                     client.session.producers.pop(producer_id, None)
-                lost.append(producer_id)
         if lost:
             self.send_ordered(self.supervisor, connection.ProducersLost(lost, reason), "shard")
 
@@ -738,6 +748,8 @@ class ShardActor(BrokerActor):
             route = self.consumers.pop(consumer_id, None)
             if route is not None:
                 lost.append(consumer_id)
+                if consumer_id in self.rejoining:   # being moved: its flow counts, as on_UnrouteConsumer's
+                    continue
                 client = self.clients.get(route[0])
                 if client is not None:   # later flow/ack/nack get UNKNOWN_CONSUMER at once
                     client.session.consumer_ended(consumer_id, reason)
@@ -754,6 +766,8 @@ class ShardActor(BrokerActor):
         kind = "producer" if msg.op == "close_producer" else "consumer"
         kept = self.closing_routes.pop((kind, msg.ident), None)
         client = self.clients.get(msg.connection_id)
+        if kind == "consumer" and not msg.refused:
+            self.rejoining.discard(msg.ident)
         if kept is None or not msg.refused or client is None or client.state != "open":
             return
         if kind == "producer":
@@ -792,7 +806,7 @@ class ShardActor(BrokerActor):
                               "shard")
             return
         self.reattaching.discard(msg.producer_id)
-        self.producers[msg.producer_id] = _Producer(msg.connection_id, lane, msg.name)
+        self.producers[msg.producer_id] = _Producer(msg.connection_id, lane, msg.name, msg.rejoins)
         client.session.producers[msg.producer_id] = msg.name
         self._write(client, msg.data)
 
@@ -830,6 +844,8 @@ class ShardActor(BrokerActor):
                               "shard")
             return
         self.consumers[msg.consumer_id] = (msg.connection_id, lane)
+        if msg.rejoins:
+            self.rejoining.add(msg.consumer_id)
         client.session.consumers.add(msg.consumer_id)
         self._write(client, msg.data)
         lane.send([LaneOp.ROUTED, msg.consumer_id])
@@ -845,6 +861,7 @@ class ShardActor(BrokerActor):
                 client.session.consumers.add(msg.consumer_id)
             return
         self.credits.pop(msg.consumer_id, None)
+        self.rejoining.discard(msg.consumer_id)
         if client is not None:
             client.session.consumer_ended(msg.consumer_id, msg.reason or "closed")
             self._write(client, msg.data)
@@ -1046,6 +1063,7 @@ class ShardActor(BrokerActor):
         for consumer_id in client.session.consumers:
             self.acks_waiting.pop(consumer_id, None)   # nobody left to answer
             self.credits.pop(consumer_id, None)
+            self.rejoining.discard(consumer_id)
             route = self.consumers.pop(consumer_id, None)
             if route is not None:
                 route[1].send([LaneOp.DETACH, consumer_id, detected, connection_id])
