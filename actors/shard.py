@@ -979,6 +979,11 @@ class ShardActor(BrokerActor):
             elif kind == "answered":
                 if client.state == "answering" and client.answer_by <= now + 0.001:
                     self._closed(client, client.closing)
+            elif client.state == "open" and not client.reading and client.session.hello_done:
+                # paused by us (backpressure): not the client's silence; it hears we live
+                due = client.session.paused(now)
+                self._flush(client)
+                again.append((now + due, connection_id))
             elif client.state == "open":
                 events, due = client.session.check_heartbeat(now)
                 self._handle_events(client, events, {})

@@ -135,8 +135,9 @@ def test_errors_without_rid(caplog):
 
 def test_broker_ping_is_answered_with_its_rid():
     core = ClientCore("me")
-    [(kind, data)] = feed(core, {"op": "ping", "rid": 41})
+    [(kind, data, wait)] = feed(core, {"op": "ping", "rid": 41})
     assert kind is WRITE and frames_of(data) == [{"op": "pong", "rid": 41}]
+    assert wait is False   # skipped while another thread writes: the reader never waits behind it
 
 
 # --- producers --------------------------------------------------------------------------------

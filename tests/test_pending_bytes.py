@@ -122,3 +122,55 @@ def test_a_reliable_shared_consumer_that_stops_reading_counts_only_what_was_sent
         got = read_messages(conn, {consumer: count})[consumer]
         assert got == [payload(i) for i in range(count)]
     conn.close()
+
+
+@pytest.mark.parametrize("client_kind", ["sync", "async"])
+def test_a_producer_held_back_while_its_topic_stalls_keeps_its_connection(start_broker, topic, client_kind):
+    """kill -STOP of a reliable topic's process for 1.5 s (a stalled disk or process) under a
+    producer writing 32 KB messages as fast as it may, heartbeats of 200 ms: the shard stopped
+    reading the connection (backpressure: 32 MB waiting for the topic), then closed it for
+    "heartbeat timeout (0.4s silent)", and the clients declared the broker lost ("read too
+    little for 400 ms"): neither side was silent, the broker was busy. The broker now pings a
+    connection it holds back, and a client whose bytes wait goes on while the broker talks."""
+    import asyncio
+    import os
+    import signal
+    import threading
+    from actorbroker.transport.client import AsyncClient
+    from tests.util import processes_of_kind
+    b = start_broker()
+    data = b"x" * 32_000
+    n = 2500   # 80 MB: past the 32 MB at which the shard stops reading, and the kernel buffers
+
+    def stalled_topic():
+        (pid,) = wait_for(lambda: processes_of_kind(b, "ab-topic"), lambda pids: len(pids) == 1)
+        os.kill(pid, signal.SIGSTOP)
+        timer = threading.Timer(1.5, os.kill, (pid, signal.SIGCONT))
+        timer.start()
+        return timer
+
+    if client_kind == "sync":
+        with Client(*b.address, heartbeat_ms=200) as client:
+            producer = client.producer(topic, dispatch="reliable", max_pending=n)
+            producer.send_sync(b"first")
+            timer = stalled_topic()
+            sent = [producer.send(data) for _ in range(n)]
+            producer.flush(60)
+            timer.join()
+            assert [f.result(0) for f in sent] == list(range(1, n + 1))
+            assert client.connected
+        return
+
+    async def scenario():
+        client = await AsyncClient.connect(*b.address, heartbeat_ms=200)
+        try:
+            producer = await client.producer(topic, dispatch="reliable", max_pending=n)
+            await producer.send_sync(b"first")
+            timer = stalled_topic()
+            sent = [await producer.send(data) for _ in range(n)]
+            await producer.flush(60)
+            timer.join()
+            return [await f for f in sent]
+        finally:
+            await client.close(timeout=5)
+    assert asyncio.run(asyncio.wait_for(scenario(), 90)) == list(range(1, n + 1))

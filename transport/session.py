@@ -131,6 +131,18 @@ class Session:
             self.frame_started = now
         return events
 
+    def paused(self, now):
+        """The broker stopped reading this connection (its sends wait for the topic: backpressure):
+        its silence is the broker's, not the client's, and the client, whose writes the broker
+        does not take, must hear that the broker lives: a ping now (one per heartbeat while it
+        lasts). Returns the seconds until the next check."""
+        if self.open and self.hello_done:
+            self.last_recv = now
+            self.ping_rid += 1
+            self.outbox += encode_frame({"op": "ping", "rid": self.ping_rid})
+            self.ping_sent = True
+        return self.heartbeat_s
+
     def check_heartbeat(self, now):
         """Returns (events, seconds until the next check)."""
         if not self.open:

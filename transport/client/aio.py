@@ -159,11 +159,14 @@ class AsyncClient:
         if not waiting or taken > self._taken:
             self._taken, self._taken_at = taken, now
             return None
-        if now - self._taken_at < 2 * self._core.heartbeat_ms / 1000:
+        # a broker that holds our bytes back while it works (backpressure) keeps talking
+        if now - max(self._taken_at, self._core.last_received) < 2 * self._core.heartbeat_ms / 1000:
             return None
-        return ConnectionLost(f"the broker read too little for {2 * self._core.heartbeat_ms} ms (2 heartbeats)")
+        return ConnectionLost(f"the broker read too little and said nothing for {2 * self._core.heartbeat_ms} ms "
+                              "(2 heartbeats)")
 
-    def _write_quietly(self, data):
+    def _write_quietly(self, data, wait=True):
+        """(wait: the threaded client's; a write here never waits)"""
         if self._core.lost is None:
             self._put(data)
 

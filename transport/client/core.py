@@ -14,7 +14,8 @@ aio.py with asyncio) carries out with its own primitives:
     (LOST, producer_or_consumer, error, client_closing)   the connection is gone
     (REOPEN, producer_or_consumer, reason)   the broker ended it for a reason a reconnecting
                                              client recovers from (REOPEN_REASONS): open it again
-    (WRITE, bytes)                           to write now: a pong, or the close of an abandoned open
+    (WRITE, bytes[, wait])                   to write now: a pong (wait False: skipped if another
+                                             thread is writing), or the close of an abandoned open
     (BROKEN, exception)                      the bytes received cannot be used: abandon the connection
 
 `dispatch(events, client)` runs them by calling the I/O layer's hooks. `ProducerCore` and
@@ -1038,7 +1039,10 @@ class ClientCore:
             if target is not None:
                 self._push(target, frame, events)
         elif op == "ping":
-            events.append((WRITE, encode_frame({"op": "pong", "rid": frame.get("rid", 0)})))
+            # (skippable: while another thread's write waits for the broker to read, what it
+            # writes proves us alive, and the reader must not wait behind it: it would read no
+            # more, and take the broker's own pings for silence)
+            events.append((WRITE, encode_frame({"op": "pong", "rid": frame.get("rid", 0)}), False))
         elif op == "event":   # the lifecycle event stream of a `watch` (docs/protocol.md, "Events")
             events.append((EVENT, frame))
         elif "rid" in frame:
@@ -1154,7 +1158,7 @@ def dispatch(events, client):
         elif kind is LOST:
             event[1]._lost(event[2], event[3])
         elif kind is WRITE:
-            client._write_quietly(event[1])
+            client._write_quietly(event[1], wait=len(event) < 3 or event[2])
         elif kind is EVENT:
             client._event(event[1])
         elif kind is REOPEN:

@@ -201,14 +201,16 @@ class Client:
         try:
             try:
                 limit_s = 2 * self._core.heartbeat_ms / 1000
+                core = self._core   # (last_received: the reader's, a float read without the lock)
                 if isinstance(sock, TlsSocket):
-                    sock.sendall(data, lambda raw, out: write_within(raw, out, limit_s))
+                    sock.sendall(data, lambda raw, out: write_within(raw, out, limit_s, lambda: core.last_received))
                 else:
-                    write_within(sock, data, limit_s)
+                    write_within(sock, data, limit_s, lambda: core.last_received)
             finally:
                 self._write_lock.release()
         except BlockingIOError:   # bound_send_wait / write_within: the broker stopped reading
-            error = ConnectionLost(f"the broker read too little for {2 * self._core.heartbeat_ms} ms (2 heartbeats)")
+            error = ConnectionLost(f"the broker read too little and said nothing for {2 * self._core.heartbeat_ms} ms "
+                                   "(2 heartbeats)")
             with self._lock:
                 lost = self._core.lost
             if lost is None and sock is self._sock:
@@ -573,14 +575,20 @@ class Client:
         self.close()
 
 
-def write_within(sock, data, limit_s):
-    """sendall, failing with BlockingIOError once the write has taken limit_s. SO_SNDTIMEO
+def write_within(sock, data, limit_s, heard=None):
+    """sendall, failing with BlockingIOError once the write has taken limit_s without the broker
+    saying anything meanwhile (heard(): when we last received bytes from it). SO_SNDTIMEO
     (bound_send_wait) bounds one send call only, and a broker that stopped reading still takes a
     little now and then (its socket's window): each bit taken started sendall's wait anew (a
-    100 KB send to a frozen broker blocked 30 s with heartbeats of 5 s)."""
+    100 KB send to a frozen broker blocked 30 s with heartbeats of 5 s). A broker that holds our
+    bytes back while it works (backpressure: our sends wait for a slow disk) keeps talking:
+    receipts, or a ping each heartbeat; then the wait goes on."""
     start = time.monotonic()
     view = memoryview(data)
-    view = view[sock.send(view):]   # all of it, but for a broker that reads slower than we write
+    try:   # all of it, but for a broker that reads slower than we write
+        view = view[sock.send(view, socket.MSG_DONTWAIT):]
+    except BlockingIOError:
+        pass
     if not view:
         return
     deadline = start + limit_s
@@ -589,6 +597,9 @@ def write_within(sock, data, limit_s):
     while view:
         left = deadline - time.monotonic()
         if left <= 0 or not poller.poll(left * 1000):
+            if heard is not None and heard() > deadline - limit_s:   # it spoke in this window
+                deadline = time.monotonic() + limit_s
+                continue
             raise BlockingIOError(f"{len(view)} of {len(data)} bytes unwritten after {limit_s} s")
         try:
             view = view[sock.send(view, socket.MSG_DONTWAIT):]
