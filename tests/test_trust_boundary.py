@@ -218,21 +218,28 @@ def test_secret_file_readable_by_others_or_short_is_refused(tmp_path):
     assert status == 1 and b"at least 32" in stderr
 
 
-def test_thespian_sockets_off_loopback_need_a_multi_host_convention(tmp_path):
-    # Thespian's sockets unpickle what they receive: a single broker (no shared secret, so no
-    # other host could ever join) refuses to put them on another interface, before starting.
+def refused_serve(tmp_path, *options):
+    """serve with these options, expected to refuse them before it starts anything: its stderr
+    (it exited 1 and made no data folder)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0",
-         "--data-dir", str(tmp_path / "data"), "--actor-host", "0.0.0.0"],
+         "--data-dir", str(tmp_path / "data"), *options],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         stderr = proc.communicate(timeout=30)[1]
     except subprocess.TimeoutExpired:   # it serves: stopped in order (SIGTERM) before failing
         proc.terminate()
         proc.communicate(timeout=30)
-        raise AssertionError("serve started with Thespian's sockets on 0.0.0.0")
-    assert proc.returncode == 1 and b"not a loopback address" in stderr
+        raise AssertionError(f"serve started with {options}")
+    assert proc.returncode == 1, stderr
     assert not (tmp_path / "data").exists()
+    return stderr
+
+
+def test_thespian_sockets_off_loopback_need_a_multi_host_convention(tmp_path):
+    # Thespian's sockets unpickle what they receive: a single broker (no shared secret, so no
+    # other host could ever join) refuses to put them on another interface, before starting.
+    assert b"not a loopback address" in refused_serve(tmp_path, "--actor-host", "0.0.0.0")
 
 
 @pytest.mark.parametrize("actor_host,refusal", [
@@ -244,18 +251,8 @@ def test_actor_host_with_a_secret_file_keeps_the_guards_of_cluster_bind(tmp_path
     path = tmp_path / "cluster.secret"
     path.write_bytes(secrets.token_hex(32).encode())
     path.chmod(0o600)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "actorbroker.scripts.cli", "serve", "--port", "0", "--data-dir",
-         str(tmp_path / "data"), "--actor-host", actor_host, "--cluster-secret-file", str(path)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        stderr = proc.communicate(timeout=30)[1]
-    except subprocess.TimeoutExpired:   # it serves: stopped in order (SIGTERM) before failing
-        proc.terminate()
-        proc.communicate(timeout=30)
-        raise AssertionError(f"serve started with Thespian's sockets on {actor_host}")
-    assert proc.returncode == 1 and refusal in stderr, stderr
-    assert not (tmp_path / "data").exists()
+    stderr = refused_serve(tmp_path, "--actor-host", actor_host, "--cluster-secret-file", str(path))
+    assert refusal in stderr, stderr
 
 
 # --- the signing serializer itself (pure, no sockets) ------------------------------------------
