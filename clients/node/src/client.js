@@ -11,7 +11,10 @@ import { ActorbrokerError, BrokerError, ConnectionError } from "./errors.js";
 import { Producer } from "./producer.js";
 import { noop, waitFor } from "./waiting.js";
 
-export const PROTOCOL_VERSION = 1;
+/** The highest protocol version this client speaks, and the one it asks for by default: 2
+ * (docs/protocol.md, "Protocol version 2"); a broker that welcomes it with 1 is spoken v1. */
+export const PROTOCOL_VERSION = 2;
+const VERSIONS = [1, 2];
 // Nothing at all received for this many heartbeats: the broker is gone.
 const DEAD_AFTER_HEARTBEATS = 3;
 // Handlers of a request whose answer nobody waits for.
@@ -22,10 +25,13 @@ const FATAL_CODES = new Set(["BAD_FRAME", "FRAME_TOO_LARGE", "NOT_CONNECTED", "U
 
 /**
  * Connects and says hello: resolves with a ready Client.
- * options: token, heartbeatMs, name (the client name sent in hello), tls (node:tls options for
- * tls:// addresses), signal, timeoutMs (connect + hello, default 10000).
+ * options: token, heartbeatMs, name (the client name sent in hello), protocolVersion (1 or 2,
+ * default 2: the version asked for in hello), tls (node:tls options for tls:// addresses), signal,
+ * timeoutMs (connect + hello, default 10000).
  */
 export async function connect(address = `${DEFAULT_HOST}:${DEFAULT_PORT}`, options = {}) {
+  const version = options.protocolVersion ?? PROTOCOL_VERSION;
+  if (!VERSIONS.includes(version)) throw new RangeError(`protocolVersion must be 1 or 2, not ${version}`);
   const { host, port, tls: secure } = parseAddress(address);
   const timeoutMs = options.timeoutMs ?? 10000;
   const what = `connect to ${address}`;
@@ -69,6 +75,7 @@ export class Client extends EventEmitter {
     this.subscribing = 0; // subscribes in flight: pushes for unknown ids are held meanwhile
     this.maxFrame = undefined;
     this.heartbeatMs = undefined;
+    this.protocolVersion = undefined; // the version spoken: 1 or 2, from the welcome
     this.broker = undefined;
     this.lastReceived = Date.now();
     this.lastCheck = 0;
@@ -92,9 +99,13 @@ export class Client extends EventEmitter {
     return this.closedWith === null;
   }
 
-  async hello({ token, heartbeatMs, name = "actorbroker-node" }, wait) {
-    const welcome = await this.request({ op: "hello", version: PROTOCOL_VERSION, client: name, token,
+  async hello({ token, heartbeatMs, name = "actorbroker-node", protocolVersion }, wait) {
+    const asked = protocolVersion ?? PROTOCOL_VERSION;
+    const welcome = await this.request({ op: "hello", version: asked, client: name, token,
       heartbeat_ms: heartbeatMs }, wait);
+    // The welcome repeats the version asked for; a broker of v1 only welcomes a v2 hello with 1
+    // (or says no version at all): then this connection speaks v1.
+    this.protocolVersion = asked === 2 && welcome.version === 2 ? 2 : 1;
     this.broker = welcome.broker;
     this.maxFrame = welcome.max_frame;
     this.heartbeatMs = welcome.heartbeat_ms;

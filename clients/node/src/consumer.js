@@ -23,15 +23,15 @@ export function subscribeFrame(o) {
 
 /** One delivered message. `payload` is a Buffer, `key` a string or null, `attrs` an object. */
 export class Message {
-  constructor(consumer, record) {
+  constructor(consumer, id, payload, key, attrs, time, producer, redeliveries) {
     this.consumer = consumer;
-    this.id = record.id;
-    this.payload = record.payload; // a Buffer: bin fields are decoded as views of the frame
-    this.key = record.key ?? null;
-    this.attrs = record.attrs ?? {};
-    this.time = record.time;
-    this.producer = record.producer;
-    this.redeliveries = record.redeliveries;
+    this.id = id;
+    this.payload = payload; // a Buffer: bin fields are decoded as views of the frame
+    this.key = key ?? null;
+    this.attrs = attrs ?? {};
+    this.time = time;
+    this.producer = producer;
+    this.redeliveries = redeliveries;
   }
 
   /** Acknowledges this message for its subscription; resolves once the broker confirmed it. */
@@ -238,7 +238,8 @@ export class Consumer extends EventEmitter {
 
   pushed(frame) {
     if (frame.op === "message") {
-      for (const record of frame.msgs) this.deliver(new Message(this, record));
+      if (frame.runs !== undefined) this.deliverRuns(frame.runs);
+      else for (const r of frame.msgs) this.deliver(new Message(this, r.id, r.payload, r.key, r.attrs, r.time, r.producer, r.redeliveries));
     } else if (frame.op === "active") {
       this.active = frame.active;
       if (this.inUse) this.emitNow("active", frame.active);
@@ -247,6 +248,21 @@ export class Consumer extends EventEmitter {
       const error = new ClosedError(frame.reason, `consumer ${this.id}`);
       this.end(error);
       this.emitLater("closed", error);
+    }
+  }
+
+  /**
+   * The v2 push (docs/protocol.md, "Protocol version 2"): runs of [first, time, producer,
+   * redeliveries, payloads, keys|nil, attrs|nil]; message i of a run is id first+i with
+   * payloads[i], keys[i] and attrs[i] ({} when nil), and the run's time, producer and
+   * redeliveries: the same Message as a v1 record gives, each counted against the credits.
+   */
+  deliverRuns(runs) {
+    for (const [first, time, producer, redeliveries, payloads, keys, attrs] of runs) {
+      for (let i = 0; i < payloads.length; i++) {
+        this.deliver(new Message(this, first + i, payloads[i], keys == null ? null : keys[i],
+          attrs == null ? null : attrs[i], time, producer, redeliveries));
+      }
     }
   }
 

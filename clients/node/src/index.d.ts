@@ -2,7 +2,10 @@
 import { EventEmitter } from "node:events";
 import type { ConnectionOptions as TlsConnectionOptions } from "node:tls";
 
-export const PROTOCOL_VERSION: 1;
+/** The highest protocol version the client speaks, and the one it asks for by default. */
+export const PROTOCOL_VERSION: 2;
+/** 1: PROTOCOL.md as written; 2: batched `send` and `message` push (docs/protocol.md, "Protocol version 2"). */
+export type ProtocolVersion = 1 | 2;
 export const DEFAULT_HOST: string;
 export const DEFAULT_PORT: number;
 
@@ -24,6 +27,9 @@ export interface ConnectOptions extends WaitOptions {
   heartbeatMs?: number;
   /** The client name sent in hello. */
   name?: string;
+  /** The protocol version asked for in hello (default 2); a broker that welcomes a 2 with 1 is
+   * spoken v1. Anything but 1 or 2: connect() rejects with a RangeError. */
+  protocolVersion?: ProtocolVersion;
   /** node:tls options (ca, cert, key, servername, ...) used for tls:// addresses. */
   tls?: TlsConnectionOptions;
 }
@@ -103,6 +109,8 @@ export declare class Client extends EventEmitter {
   readonly broker: string;
   readonly maxFrame: number;
   readonly heartbeatMs: number;
+  /** The protocol version this connection speaks, as the broker's welcome settled it. */
+  readonly protocolVersion: ProtocolVersion;
   readonly connected: boolean;
   producer(topic: string, options?: ProducerOptions): Promise<Producer>;
   subscribe(options: SubscribeOptions): Promise<Consumer>;

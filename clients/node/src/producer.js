@@ -2,13 +2,16 @@
 // Messages sent in one turn of the event loop travel in one `send` frame (up to maxBatch, and
 // never a frame over the broker's max_frame); up to maxPending messages are in flight unreceipted.
 import { ActorbrokerError, ClosedError } from "./errors.js";
-import { encodeSendFrame } from "./send_frame.js";
+import { encodeSendFrame, encodeSendFrameV2 } from "./send_frame.js";
 import { deferred, noop, waitFor } from "./waiting.js";
 
 // Bytes of a `send` frame around its messages (header, op, rid, producer id, list header), and
-// an upper bound of the msgpack bytes around one message's fields.
-const SEND_OVERHEAD = 64;
-const MESSAGE_OVERHEAD = 48;
+// an upper bound of the msgpack bytes around one message's fields: v1 (a map per message), v2
+// (columns: `payloads`, `keys`, `attrs`; a message has a bin header, a key or nil and an attrs
+// map header there).
+const SEND_OVERHEAD = { 1: 64, 2: 96 };
+const MESSAGE_OVERHEAD = { 1: 48, 2: 16 };
+// An attribute's name and value headers (at most 2 bytes each for 255 bytes: within this).
 const ATTR_OVERHEAD = 10;
 // A message must also fit, alone, in the broker's `message` push: the broker refuses one whose
 // payload, key and attrs (each attr counted 10 bytes more) exceed max_frame less this envelope
@@ -27,7 +30,10 @@ export class Producer {
     this.maxBatch = maxBatch;
     this.lingerMs = lingerMs;
     this.maxPending = maxPending;
-    this.frameBudget = client.maxFrame - SEND_OVERHEAD;
+    // The protocol version of the connection: v2 sends columns (docs/protocol.md)
+    this.encode = client.protocolVersion === 2 ? encodeSendFrameV2 : encodeSendFrame;
+    this.messageOverhead = MESSAGE_OVERHEAD[client.protocolVersion === 2 ? 2 : 1];
+    this.frameBudget = client.maxFrame - SEND_OVERHEAD[client.protocolVersion === 2 ? 2 : 1];
     // The broker's default name is producer-<id>; it is copied into every message it delivers.
     const name = options.name ?? `producer-${reply.producer}`;
     this.maxMessage = client.maxFrame - PUSH_ENVELOPE - Buffer.byteLength(name);
@@ -52,12 +58,11 @@ export class Producer {
     const msg = { payload: asBytes(payload), key: key ?? undefined, attrs: attrs ?? undefined };
     // Every check the broker makes of one message is made here, before batching: the broker
     // refuses a whole `send` frame for one bad message, failing the others batched with it.
-    const size = messageSize(msg);
+    const wire = messageSize(msg); // as the broker measures it (see PUSH_ENVELOPE)
     const tooLong = longName(msg);
     if (tooLong) {
       return this.refuse(wait, new ActorbrokerError("BAD_REQUEST", `${tooLong} is longer than ${MAX_NAME_BYTES} bytes`));
     }
-    const wire = size - MESSAGE_OVERHEAD; // as the broker measures it (see PUSH_ENVELOPE)
     if (wire > this.maxMessage) {
       return this.refuse(wait, new ActorbrokerError("MESSAGE_TOO_LARGE", `a message of ${wire} bytes is over the `
         + `${this.maxMessage} that the broker's max_frame of ${this.client.maxFrame} allows`));
@@ -66,6 +71,8 @@ export class Producer {
     // copied now, so that a Buffer or attrs object reused right after send() changes nothing.
     if (typeof payload !== "string") msg.payload = Buffer.from(msg.payload);
     if (msg.attrs !== undefined) msg.attrs = { ...msg.attrs }; // (own "__proto__" stays a name)
+    // An upper bound of its bytes in the `send` frame: a batch never makes a frame over max_frame
+    const size = wire + this.messageOverhead;
     if (this.batch.bytes + size > this.frameBudget) this.seal();
     this.batch.msgs.push(msg);
     this.batch.waits.push(wait);
@@ -139,7 +146,7 @@ export class Producer {
     while (this.ready.length && (this.inFlight === 0 || this.inFlight + this.ready[0].msgs.length <= this.maxPending)) {
       const batch = this.ready.shift();
       this.inFlight += batch.msgs.length;
-      this.client.callEncoded((rid) => encodeSendFrame(rid, this.id, batch.msgs), {
+      this.client.callEncoded((rid) => this.encode(rid, this.id, batch.msgs), {
         reply: (receipt) => this.answered(batch, receipt, null),
         fail: (error) => this.answered(batch, null, error),
       });
@@ -218,12 +225,13 @@ function longName(msg) {
   return null;
 }
 
-// An upper bound of the message's msgpack size.
+// The message's size as the broker bounds it: payload, key, and each attribute's name and value
+// plus ATTR_OVERHEAD (the msgpack around them, the frame's fields aside, is within that too).
 function messageSize(msg) {
   if (msg.attrs !== undefined && (typeof msg.attrs !== "object" || Array.isArray(msg.attrs) || msg.attrs instanceof Map)) {
     throw new TypeError("attrs must be a plain object of strings"); // (a string or an array was sent as {"0": ...})
   }
-  let size = MESSAGE_OVERHEAD + msg.payload.length;
+  let size = msg.payload.length;
   if (msg.key !== undefined) {
     if (typeof msg.key !== "string") throw new TypeError("key must be a string");
     size += Buffer.byteLength(msg.key);

@@ -10,6 +10,8 @@ const KEYS = {
   rid: Buffer.from([0xa3, 0x72, 0x69, 0x64]),
   producer: Buffer.from([0xa8, ...Buffer.from("producer")]),
   msgs: Buffer.from([0xa4, ...Buffer.from("msgs")]),
+  payloads: Buffer.from([0xa8, ...Buffer.from("payloads")]),
+  keys: Buffer.from([0xa4, ...Buffer.from("keys")]),
   payload: Buffer.from([0xa7, ...Buffer.from("payload")]),
   key: Buffer.from([0xa3, ...Buffer.from("key")]),
   attrs: Buffer.from([0xa5, ...Buffer.from("attrs")]),
@@ -53,6 +55,65 @@ export function encodeSendFrame(rid, producer, msgs) {
     if (hasAttrs) {
       w.raw(KEYS.attrs);
       const names = Object.keys(m.attrs);
+      w.mapHead(names.length);
+      for (const name of names) {
+        w.str(name);
+        w.str(m.attrs[name]);
+      }
+    }
+  }
+  w.buf.writeUInt32BE(w.at - HEADER_BYTES, 0);
+  return w.buf.subarray(0, w.at);
+}
+
+/**
+ * The v2 `send` (docs/protocol.md, "Protocol version 2"): {"op": "send", "rid", "producer",
+ * "payloads": [bin, ...], "keys"?: [str|nil, ...], "attrs"?: [{str: str}, ...]}, as one frame.
+ * `keys` is left out when no message has a key, `attrs` when none has attributes (an empty
+ * object is none); where the column is there, a message without is nil / {}.
+ */
+export function encodeSendFrameV2(rid, producer, msgs) {
+  let size = HEADER_BYTES + 96;
+  let keyed = false;
+  let attributed = false;
+  for (const m of msgs) {
+    size += 3 * HEAD + m.payload.length;
+    if (m.key !== undefined && m.key !== null) {
+      keyed = true;
+      size += Buffer.byteLength(m.key);
+    }
+    if (m.attrs !== undefined && m.attrs !== null) {
+      for (const name in m.attrs) {
+        attributed = true;
+        size += 2 * HEAD + Buffer.byteLength(name) + Buffer.byteLength(m.attrs[name]);
+      }
+    }
+  }
+  const w = new Writer(Buffer.allocUnsafe(size));
+  w.at = HEADER_BYTES;
+  w.byte(0x84 + (keyed ? 1 : 0) + (attributed ? 1 : 0));
+  w.raw(KEYS.op);
+  w.raw(KEYS.send);
+  w.raw(KEYS.rid);
+  w.uint(rid);
+  w.raw(KEYS.producer);
+  w.uint(producer);
+  w.raw(KEYS.payloads);
+  w.arrayHead(msgs.length);
+  for (const m of msgs) w.bin(m.payload);
+  if (keyed) {
+    w.raw(KEYS.keys);
+    w.arrayHead(msgs.length);
+    for (const m of msgs) {
+      if (m.key !== undefined && m.key !== null) w.str(m.key);
+      else w.byte(0xc0);
+    }
+  }
+  if (attributed) {
+    w.raw(KEYS.attrs);
+    w.arrayHead(msgs.length);
+    for (const m of msgs) {
+      const names = m.attrs !== undefined && m.attrs !== null ? Object.keys(m.attrs) : [];
       w.mapHead(names.length);
       for (const name of names) {
         w.str(name);

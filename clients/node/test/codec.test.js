@@ -6,7 +6,7 @@ import { Decoder } from "@msgpack/msgpack";
 
 import { decodeMsgpack } from "../src/codec.js";
 import { encodeFrame, FrameDecoder } from "../src/index.js";
-import { encodeSendFrame } from "../src/send_frame.js";
+import { encodeSendFrame, encodeSendFrameV2 } from "../src/send_frame.js";
 
 const FRAMES = [
   { op: "welcome", rid: 1, version: 1, broker: "actorbroker", heartbeat_ms: 5000, max_frame: 4194304 },
@@ -14,6 +14,12 @@ const FRAMES = [
     { id: 0, payload: Buffer.alloc(0), key: null, attrs: {}, time: 1764662400000, producer: "p", redeliveries: 0 },
     { id: 1, payload: Buffer.alloc(300, 7), key: "k\u00e9y", attrs: { a: "\u{1F600}", b: "" },
       time: 1764662400001, producer: "p", redeliveries: 200 },
+  ] },
+  // the v2 push: runs of [first, time, producer, redeliveries, payloads, keys|nil, attrs|nil]
+  { op: "message", consumer: 7, runs: [
+    [2 ** 33, 1764662400000, "p", 0, [Buffer.alloc(0), Buffer.alloc(70000, 1)], null, null],
+    [5, 1764662400001, "q\u00e9", 3, [Buffer.from("x")], ["k\u00e9y"], [{ a: "\u{1F600}", b: "" }]],
+    [9, 1, "p", 0, [Buffer.from("y"), Buffer.from("z")], [null, ""], [{}, { c: "d" }]],
   ] },
   { op: "receipt", rid: 2 ** 40, first: 2 ** 33, count: 500 },
   { op: "error", rid: 3, code: "BAD_REQUEST", message: "x".repeat(200) },
@@ -162,5 +168,37 @@ describe("send frame encoder", () => {
         assert.ok(fast.equals(generic), `case ${i}, rid ${id}`);
       }
     }
+  });
+
+  // v2: {"op", "rid", "producer", "payloads", "keys"?, "attrs"?}; keys left out when no message
+  // has one (nil for those without when some have), attrs when none has any ({} for those without).
+  function columns(rid, producer, msgs) {
+    const frame = { op: "send", rid, producer, payloads: msgs.map((m) => m.payload) };
+    if (msgs.some((m) => m.key !== undefined && m.key !== null)) frame.keys = msgs.map((m) => m.key ?? null);
+    if (msgs.some((m) => m.attrs && Object.keys(m.attrs).length)) frame.attrs = msgs.map((m) => m.attrs ?? {});
+    return frame;
+  }
+
+  it("v2: gives the generic encoder's bytes of the columns for every size class", () => {
+    const more = [
+      [{ payload: Buffer.from("a"), key: null, attrs: {} }, { payload: Buffer.from("b"), attrs: {} }],
+      [{ payload: Buffer.from("a"), key: "" }, { payload: Buffer.from("b") }],
+      [{ payload: Buffer.from("a") }, { payload: Buffer.from("b"), attrs: { x: "" } }],
+      Array.from({ length: 70000 }, (_, i) => ({ payload: Buffer.alloc(1), key: i === 69999 ? "k" : undefined })),
+    ];
+    for (const [i, msgs] of [...cases, ...more].entries()) {
+      if (!msgs.length) continue; // (a v2 send has at least one message)
+      for (const id of [0, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32, 2 ** 53 - 1]) {
+        const fast = encodeSendFrameV2(id, id, msgs);
+        const generic = encodeFrame(columns(id, id, msgs));
+        assert.ok(fast.equals(generic), `case ${i}, rid ${id}`);
+      }
+    }
+  });
+
+  it("v2: leaves out keys and attrs when no message has them", () => {
+    const frame = new FrameDecoder();
+    frame.feed(encodeSendFrameV2(1, 2, [{ payload: Buffer.from("a"), attrs: {} }, { payload: Buffer.from("b"), key: null }]));
+    assert.deepEqual(frame.next(), { op: "send", rid: 1, producer: 2, payloads: [Buffer.from("a"), Buffer.from("b")] });
   });
 });

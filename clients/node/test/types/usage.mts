@@ -1,11 +1,18 @@
 // Compiled (never run) by test/types.test.js: the README's uses of the API against src/index.d.ts.
 import {
   ActorbrokerError, BrokerError, ClosedError, connect, type Consumer, type Message, type Producer, type TopicStats,
+  PROTOCOL_VERSION, type ProtocolVersion,
 } from "actorbroker-client";
 
 const client = await connect("tls://127.0.0.1:6650", {
   token: "t", heartbeatMs: 5000, name: "typed", tls: { ca: "PEM" }, signal: AbortSignal.timeout(1000),
+  protocolVersion: 1,
 });
+const spoken: ProtocolVersion = client.protocolVersion;
+const highest: 2 = PROTOCOL_VERSION;
+console.log(spoken, highest);
+// @ts-expect-error: only versions 1 and 2 exist
+await connect("127.0.0.1:6650", { protocolVersion: 3 });
 const producer: Producer = await client.producer("/a/b", { dispatch: "reliable", access: "shared", lingerMs: 1 });
 const id: number = await producer.send(Buffer.from("x"), { key: "k", attrs: { a: "b" } });
 await producer.send("text");
