@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
-import { connect } from "../src/index.js";
+import { connect as connectClient } from "../src/index.js";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, "../../..");
@@ -14,6 +14,17 @@ const READY = /listening on ([\d.]+):(\d+) \(admin port (\d+), admin pid (\d+)/;
 /** The Python with actorbroker installed: $ACTORBROKER_PYTHON, else the repo's .venv, else python3. */
 export const PYTHON = process.env.ACTORBROKER_PYTHON
   ?? (fs.existsSync(path.join(REPO, ".venv/bin/python")) ? path.join(REPO, ".venv/bin/python") : "python3");
+
+/**
+ * The protocol version the tests' clients ask for: $ACTORBROKER_NODE_PROTOCOL (1 or 2), else the
+ * client's default (2). `npm test` runs the files that talk to a broker once more with 1.
+ */
+export const PROTOCOL = process.env.ACTORBROKER_NODE_PROTOCOL ? Number(process.env.ACTORBROKER_NODE_PROTOCOL) : undefined;
+
+/** connect() asking for PROTOCOL (a test's own protocolVersion wins). */
+export function connect(address, options = {}) {
+  return connectClient(address, { protocolVersion: PROTOCOL, ...options });
+}
 
 const running = new Set();
 process.on("exit", () => {

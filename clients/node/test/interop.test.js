@@ -1,16 +1,19 @@
-// Interop with the Python client, both ways: payloads, keys and attrs arrive byte for byte.
+// Interop with the Python client, both ways, in protocol versions 1 and 2 on each side (the
+// Python client speaks v2 by default, `protocol_version=1` v1): payloads, keys and attrs arrive
+// byte for byte.
 import assert from "node:assert/strict";
 import crypto from "node:crypto";
 import { after, before, describe, it } from "node:test";
 
-import { brokerWithClient, freshTopic, runPython, stopBoth, take } from "./broker.js";
+import { connect, freshTopic, runPython, startBroker, take } from "./broker.js";
 
 // Python's side reads {"address", "topic", ...} as JSON on stdin; payloads travel as hex.
 const PY_CONSUME = `
 import json, sys
 from actorbroker.transport.client import Client, parse_url
 job = json.load(sys.stdin)
-client = Client(*parse_url(job["address"]), name="py-interop")
+client = Client(*parse_url(job["address"]), name="py-interop", protocol_version=job["version"])
+assert client.welcome["version"] == job["version"], client.welcome
 consumer = client.subscribe(job["topic"], "interop", "exclusive", "py")
 print("ready", flush=True)
 got = []
@@ -25,7 +28,8 @@ const PY_PRODUCE = `
 import json, sys
 from actorbroker.transport.client import Client, parse_url
 job = json.load(sys.stdin)
-client = Client(*parse_url(job["address"]), name="py-interop")
+client = Client(*parse_url(job["address"]), name="py-interop", protocol_version=job["version"])
+assert client.welcome["version"] == job["version"], client.welcome
 producer = client.producer(job["topic"], name="py-producer")
 futures = [producer.send(bytes.fromhex(m["payload"]), key=m["key"], attrs=m["attrs"]) for m in job["msgs"]]
 producer.flush(timeout=20)
@@ -52,41 +56,58 @@ function asJson(msgs) {
   return msgs.map((m) => ({ payload: m.payload.toString("hex"), key: m.key, attrs: m.attrs }));
 }
 
+const VERSIONS = [1, 2];
+
 let broker;
-let client;
-before(async () => ({ broker, client } = await brokerWithClient("node-interop-test")));
-after(() => stopBoth(broker, client));
+const clients = {}; // protocol version -> a Node client speaking it
+before(async () => {
+  broker = await startBroker();
+  for (const version of VERSIONS) clients[version] = await connect(broker.address, { name: `node-interop-v${version}`, protocolVersion: version });
+});
+after(async () => {
+  for (const client of Object.values(clients)) await client.close();
+  await broker?.stop();
+});
 
 describe("interop with the Python client", () => {
-  it("a Node producer to a Python consumer", async () => {
-    const topic = freshTopic("interop");
-    const sent = messages();
-    let ready;
-    const isReady = new Promise((resolve) => (ready = resolve));
-    const consuming = runPython(PY_CONSUME, { address: broker.address, topic, count: sent.length },
-      { onLine: (line) => line === "ready" && ready() });
-    await isReady;
-    const producer = await client.producer(topic);
-    const ids = await Promise.all(sent.map((m) => producer.send(m.payload, { key: m.key, attrs: m.attrs })));
-    const got = await consuming;
-    assert.deepEqual(got.map((m) => m.id), ids);
-    assert.deepEqual(got.map(({ id, ...m }) => m), asJson(sent));
-    await producer.close();
-  });
+  for (const nodeVersion of VERSIONS) {
+    for (const pyVersion of VERSIONS) {
+      it(`a Node producer (v${nodeVersion}) to a Python consumer (v${pyVersion})`, async () => {
+        const client = clients[nodeVersion];
+        assert.equal(client.protocolVersion, nodeVersion);
+        const topic = freshTopic("interop");
+        const sent = messages();
+        let ready;
+        const isReady = new Promise((resolve) => (ready = resolve));
+        const consuming = runPython(PY_CONSUME, { address: broker.address, topic, count: sent.length, version: pyVersion },
+          { onLine: (line) => line === "ready" && ready() });
+        await isReady;
+        const producer = await client.producer(topic);
+        const ids = await Promise.all(sent.map((m) => producer.send(m.payload, { key: m.key, attrs: m.attrs })));
+        const got = await consuming;
+        assert.deepEqual(got.map((m) => m.id), ids);
+        assert.deepEqual(got.map(({ id, ...m }) => m), asJson(sent));
+        await producer.close();
+      });
 
-  it("a Python producer to a Node consumer", async () => {
-    const topic = freshTopic("interop");
-    const sent = messages();
-    const consumer = await client.subscribe({ topic, subscription: "interop", consumer: "node" });
-    const ids = await runPython(PY_PRODUCE, { address: broker.address, topic, msgs: asJson(sent) });
-    const got = await take(consumer, sent.length);
-    assert.deepEqual(got.map((m) => m.id), ids);
-    for (const [i, m] of got.entries()) {
-      assert.ok(m.payload.equals(sent[i].payload), `payload ${i}`);
-      assert.equal(m.key, sent[i].key);
-      assert.deepEqual(m.attrs, sent[i].attrs);
-      assert.equal(m.producer, "py-producer");
+      it(`a Python producer (v${pyVersion}) to a Node consumer (v${nodeVersion})`, async () => {
+        const client = clients[nodeVersion];
+        const topic = freshTopic("interop");
+        const sent = messages();
+        const consumer = await client.subscribe({ topic, subscription: "interop", consumer: "node" });
+        const ids = await runPython(PY_PRODUCE, { address: broker.address, topic, msgs: asJson(sent), version: pyVersion });
+        const got = await take(consumer, sent.length);
+        assert.deepEqual(got.map((m) => m.id), ids);
+        for (const [i, m] of got.entries()) {
+          assert.ok(m.payload.equals(sent[i].payload), `payload ${i}`);
+          assert.equal(m.key, sent[i].key);
+          assert.deepEqual(m.attrs, sent[i].attrs);
+          assert.equal(m.producer, "py-producer");
+          assert.equal(m.redeliveries, 0);
+          assert.equal(typeof m.time, "number");
+        }
+        await consumer.close();
+      });
     }
-    await consumer.close();
-  });
+  }
 });

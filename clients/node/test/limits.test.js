@@ -3,8 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 
-import { connect } from "../src/index.js";
-import { brokerWithClient, eventually, freshTopic, stopBoth, take } from "./broker.js";
+import { brokerWithClient, connect, eventually, freshTopic, stopBoth, take } from "./broker.js";
 
 const MAX_FRAME = 8192;
 const MANY = 5000; // ids: far more than one ack frame of MAX_FRAME bytes holds

@@ -6,8 +6,8 @@ import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 
-import { BrokerError, connect, ConnectionError, Consumer } from "../src/index.js";
-import { brokerWithClient, eventually, freshTopic, startBroker, stopBoth, take } from "./broker.js";
+import { BrokerError, ConnectionError, Consumer } from "../src/index.js";
+import { brokerWithClient, connect, eventually, freshTopic, PROTOCOL, startBroker, stopBoth, take } from "./broker.js";
 
 describe("session", () => {
   let broker;
@@ -20,6 +20,7 @@ describe("session", () => {
     assert.equal(c.broker.length > 0, true);
     assert.equal(c.heartbeatMs, 1000);
     assert.equal(c.maxFrame, 4 * 1024 * 1024);
+    assert.equal(c.protocolVersion, PROTOCOL ?? 2); // the broker speaks both: it repeats the version asked for
     await c.close();
     assert.equal(c.connected, false);
   });

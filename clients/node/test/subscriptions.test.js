@@ -4,8 +4,7 @@ import assert from "node:assert/strict";
 import { once } from "node:events";
 import { after, before, describe, it } from "node:test";
 
-import { connect } from "../src/index.js";
-import { brokerWithClient, eventually, freshTopic, stopBoth, take } from "./broker.js";
+import { brokerWithClient, connect, eventually, freshTopic, stopBoth, take } from "./broker.js";
 
 let broker;
 let client;

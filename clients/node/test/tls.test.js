@@ -6,8 +6,7 @@ import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 
-import { connect } from "../src/index.js";
-import { freshTopic, runPython, startBroker, take } from "./broker.js";
+import { connect, freshTopic, runPython, startBroker, take } from "./broker.js";
 
 function haveOpenssl() {
   try {
