@@ -4,6 +4,10 @@
 //
 //   node bench/worker.js produce|consume --url HOST:PORT [options]
 //
+// --protocol-version 1|2: the version the client asks for (default: $ACTORBROKER_NODE_PROTOCOL,
+// else 2, the client's default; `actorbroker bench` passes no such flag, so that variable is how
+// a bench of the Node client's v1 is run).
+//
 // Payloads start with the send time (ns since the epoch, 8 bytes big-endian) and a sequence
 // number (8 bytes), padded with zeros to --payload bytes.
 import fs from "node:fs";
@@ -33,6 +37,7 @@ const OPTIONS = {
   idle: { type: "string", default: "3" },
   "first-timeout": { type: "string", default: "30" },
   deadline: { type: "string", default: "120" },
+  "protocol-version": { type: "string", default: process.env.ACTORBROKER_NODE_PROTOCOL || "2" },
 };
 
 /** Wall-clock time in ns since the epoch (as Python's time.time_ns), as a Number. */
@@ -78,7 +83,7 @@ function percentiles(values) {
 }
 
 async function produce(o) {
-  const client = await connect(o.url, { name: "bench-producer" });
+  const client = await connect(o.url, { name: "bench-producer", protocolVersion: o.protocolVersion });
   const producer = await client.producer(o.topic, { dispatch: o.dispatch, lingerMs: o.lingerMs, maxBatch: o.maxBatch });
   const start = performance.now();
   const deadline = start + o.deadline * 1000;
@@ -110,7 +115,7 @@ async function produce(o) {
 }
 
 async function consume(o) {
-  const client = await connect(o.url, { name: "bench-consumer" });
+  const client = await connect(o.url, { name: "bench-consumer", protocolVersion: o.protocolVersion });
   const consumer = await client.subscribe({ topic: o.topic, subscription: o.subscription, type: o.type,
     consumer: o.name, dispatch: o.dispatch, receiverQueue: o.receiverQueue });
   const granted = [o.receiverQueue]; // credits given to the broker (flow frames); the first went with subscribe
@@ -182,4 +187,5 @@ await role({
   receiverQueue: Number(values["receiver-queue"]), ack: values.ack && !values["no-ack"],
   latency: values.latency, distinct: values.distinct, ready: values.ready, idle: Number(values.idle),
   firstTimeout: Number(values["first-timeout"]), deadline: Number(values.deadline),
+  protocolVersion: Number(values["protocol-version"]),
 });
