@@ -111,7 +111,13 @@ class AgentProcess:
 
     def read(self):
         cond = self.runner.cond
-        for line in self.proc.stdout:
+        while True:
+            try:
+                line = self.proc.stdout.readline()
+            except (ValueError, OSError):   # stdout closed under us (cleanup): the agent is gone
+                break
+            if not line:
+                break
             try:
                 ev = json.loads(line)
             except ValueError:
@@ -177,6 +183,11 @@ class AgentProcess:
             os.kill(self.pid, sig)
 
     def close_pipes(self):
+        """After kill(): its reader reads to the EOF first (closing stdout under a reader that is
+        still in a read made it die with "ValueError: PyMemoryView_FromBuffer(): info->buf must
+        not be NULL", a traceback in the middle of the runner's output)."""
+        if self.reader is not threading.current_thread():
+            self.reader.join(5)
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 f.close()
