@@ -242,9 +242,11 @@ class Runner:
                 self.violations.append(
                     f"credits exceeded: consumer {c.handle} got its message #{ev['n']} (id {ev['id']}) "
                     f"with only {ev['granted']} credits granted")
+            # seen: unflagged deliveries of each id. Only a second unflagged one is a duplicate: a
+            # flagged redelivery (0 here) may be read first, each client having its own pipe
             seen = self.seen.setdefault((c.topic, c.subscription), {})
             if ev["redeliveries"] == 0:
-                if ev["id"] in seen:
+                if seen.get(ev["id"], 0):
                     self.violations.append(
                         f"duplicate: id {ev['id']} delivered again to {c.handle} (subscription "
                         f"{c.subscription}) without the redelivery flag")
