@@ -209,6 +209,15 @@ class _Producer:
         self.in_flight = []      # per PUBLISH in flight: its rids, answered if the lane dies
 
 
+class _Closing:
+    """The route of a producer or consumer whose close the ConnectionActor has yet to decide: put
+    back if every close sent for it (pipelined, several may be) was refused."""
+    __slots__ = ("kept", "connection_id", "pending", "accepted")
+
+    def __init__(self, kept, connection_id):
+        self.kept, self.connection_id, self.pending, self.accepted = kept, connection_id, 1, False
+
+
 class _Handoff:
     __slots__ = ("shard",)
 
@@ -442,17 +451,20 @@ class ShardActor(BrokerActor):
                 # Only this connection's own: the routes are the shard's, for all its connections,
                 # and the ids are easy to guess; another's id gets UNKNOWN_* from the ConnectionActor
                 # and must leave that connection's producer or consumer as it was.
-                producer = self.producers.get(frame.get("producer")) if frame["op"] == "close_producer" else None
-                if producer is not None and producer.connection_id == connection_id:
+                is_producer = frame["op"] == "close_producer"
+                key = ("producer", frame.get("producer")) if is_producer else ("consumer", frame.get("consumer"))
+                closing = self.closing_routes.get(key)
+                producer = self.producers.get(key[1]) if is_producer else None
+                route = self.consumers.get(key[1]) if not is_producer else None
+                if closing is not None and closing.connection_id == connection_id:
+                    closing.pending += 1   # closed again before the first was decided
+                elif producer is not None and producer.connection_id == connection_id:
                     self._send_publishes(client, publishes)
-                    self._drop_producer(frame["producer"])
-                    self.closing_routes[("producer", frame["producer"])] = producer
-                elif frame["op"] in ("close_consumer", "unsubscribe"):
-                    route = self.consumers.get(frame.get("consumer"))
-                    if route is not None and route[0] == connection_id:
-                        self.consumers.pop(frame["consumer"])
-                        self.closing_routes[("consumer", frame["consumer"])] = (
-                            route, self.credits.pop(frame["consumer"], None))
+                    self._drop_producer(key[1])
+                    self.closing_routes[key] = _Closing(producer, connection_id)
+                elif route is not None and route[0] == connection_id:
+                    self.consumers.pop(key[1])
+                    self.closing_routes[key] = _Closing((route, self.credits.pop(key[1], None)), connection_id)
                 self.send_ordered(self.supervisor, connection.ClientRequest(connection_id, frame), "shard")
                 client.asked = True
             elif kind == "hello":
@@ -764,11 +776,19 @@ class ShardActor(BrokerActor):
 
     def on_CloseDecided(self, msg, sender):
         kind = "producer" if msg.op == "close_producer" else "consumer"
-        kept = self.closing_routes.pop((kind, msg.ident), None)
+        closing = self.closing_routes.get((kind, msg.ident))
         client = self.clients.get(msg.connection_id)
         if kind == "consumer" and not msg.refused:
             self.rejoining.discard(msg.ident)
-        if kept is None or not msg.refused or client is None or client.state != "open":
+        if closing is None or closing.connection_id != msg.connection_id:
+            return
+        closing.pending -= 1
+        closing.accepted = closing.accepted or not msg.refused
+        if closing.pending > 0:   # another close of it waits for its decision
+            return
+        del self.closing_routes[(kind, msg.ident)]
+        kept = closing.kept
+        if closing.accepted or client is None or client.state != "open":
             return
         if kind == "producer":
             self.closing_producers.pop(msg.ident, None)
@@ -1094,8 +1114,8 @@ class ShardActor(BrokerActor):
         for lane, consumer_id in client.deferred_acks:
             lane.send([LaneOp.DELIVER_ACK, consumer_id])
         client.deferred_acks.clear()
-        for key, kept in list(self.closing_routes.items()):   # no CloseDecided comes for a closed one
-            if (kept.connection_id if key[0] == "producer" else kept[0][0]) == connection_id:
+        for key, closing in list(self.closing_routes.items()):   # no CloseDecided comes for a closed one
+            if closing.connection_id == connection_id:
                 del self.closing_routes[key]
         client.state = "lingering"
         client.reading = True

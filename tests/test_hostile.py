@@ -569,6 +569,40 @@ def test_a_close_refused_for_a_reused_rid_leaves_its_producer_and_consumer_open(
     assert_alive(conn)
 
 
+def test_a_close_refused_then_sent_again_with_its_own_rid_closes(start_broker, topic):
+    """A close refused for a reused rid and, pipelined behind it, the same close with a fresh rid
+    (answered `ok`): the refusal put the route back after the second close had been read, so the
+    closed producer's sends were receipted and the closed consumer's flow answered (regression
+    probe). Closed is closed."""
+    b = start_broker()
+    conn = connect(b)
+    consumer = conn.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": "shared",
+                             "consumer": "c"})["consumer"]
+    conn.request({"op": "subscribe", "topic": topic, "subscription": "s", "type": "shared", "consumer": "d"})
+    producer_id = conn.request({"op": "producer", "topic": topic})["producer"]
+    conn.send_raw(b"".join(conn.encode(frame) for frame in (
+        {"op": "topics", "rid": 7000},
+        {"op": "close_consumer", "rid": 7000, "consumer": consumer},
+        {"op": "close_producer", "rid": 7000, "producer": producer_id},
+        {"op": "close_consumer", "rid": 7001, "consumer": consumer},
+        {"op": "close_producer", "rid": 7002, "producer": producer_id})))
+    got = []   # three answers for rid 7000 (topics, two refusals), one each for the others
+    while len(got) < 5:
+        frame = conn.recv_frame(timeout=10)
+        assert frame is not None, got
+        if frame.get("rid") in (7000, 7001, 7002):
+            got.append((frame["rid"], frame.get("code", frame["op"])))
+    assert sorted(got) == [(7000, "BAD_REQUEST"), (7000, "BAD_REQUEST"), (7000, "topics"),
+                           (7001, "ok"), (7002, "ok")], got
+    assert_error(conn.request({"op": "send", "producer": producer_id, "msgs": [{"payload": b"x"}]},
+                              expect_error=True), "UNKNOWN_PRODUCER", conn.last_rid)
+    assert_error(conn.request({"op": "ack", "consumer": consumer, "ids": [0]}, expect_error=True),
+                 "UNKNOWN_CONSUMER", conn.last_rid)
+    stats = conn.request({"op": "stats", "topic": topic})
+    assert stats["producers"] == 0 and [c["name"] for s in stats["subscriptions"] for c in s["consumers"]] == ["d"]
+    assert_alive(conn)
+
+
 def test_a_burst_of_admin_requests_does_not_hold_up_another_clients_producer(start_broker, topic):
     """A client pipelining 1,000 `stats` once put all of them (1024 allowed to wait) ahead of every
     other client's requests at the root: another client's `producer` was answered after them
