@@ -107,8 +107,8 @@ def test_the_first_connect_tries_the_other_seed_addresses_too(start_broker, topi
 
 class _FakeSeed:
     """A listening socket that takes every connection and, to each hello, does `answer`: "silent"
-    (nothing), "overloaded" (the OVERLOADED error of a broker at max_connections, then closes) or
-    "auth" (AUTH_FAILED for the hello, then closes)."""
+    (nothing), "overloaded" (the OVERLOADED error of a broker at max_connections, then closes),
+    "http" (an HTTP server's answer: no broker) or "auth" (AUTH_FAILED for the hello, then closes)."""
 
     def __init__(self, answer):
         from actorbroker.transport.codec import FrameDecoder, encode_frame
@@ -139,6 +139,9 @@ class _FakeSeed:
         if self.answer == "overloaded":
             conn.sendall(self._encode({"op": "error", "code": "OVERLOADED", "message": "too many connections"}))
             conn.close()
+        elif self.answer == "http":   # no broker at all
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.close()
         elif self.answer == "auth":
             conn.sendall(self._encode({"op": "error", "code": "AUTH_FAILED", "message": "bad token",
                                        "rid": frame["rid"]}))
@@ -150,7 +153,7 @@ class _FakeSeed:
             conn.close()
 
 
-@pytest.mark.parametrize("answer", ["silent", "overloaded"])
+@pytest.mark.parametrize("answer", ["silent", "overloaded", "http"])
 def test_the_first_connect_passes_over_a_seed_that_does_not_answer_hello(start_broker, topic, answer):
     """A first seed that took the TCP connection but hung up, timed out or was OVERLOADED during
     hello ended the first connect, with another seed up: it moves on to the next now."""

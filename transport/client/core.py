@@ -31,8 +31,8 @@ from itertools import repeat
 from actorbroker.transport.codec import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, encode_frame, max_message_bytes
 from actorbroker.transport.errors import (
     BAD_REQUEST, CONSUMER_BUSY, FATAL_CODES, INTERNAL, OVERLOADED, PRODUCER_BUSY, TOPIC_UNAVAILABLE,
-    UNKNOWN_CONSUMER, UNKNOWN_PRODUCER, BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed, error_for,
-    error_from_frame)
+    UNKNOWN_CONSUMER, UNKNOWN_PRODUCER, BrokerError, ConnectionLost, ConsumerClosed, ProducerClosed, ProtocolError,
+    error_for, error_from_frame)
 
 
 DEFAULT_HOST = "127.0.0.1"
@@ -366,9 +366,11 @@ def first_addresses(address, reconnect):
 
 def next_seed_may_help(error):
     """A first connect's hello failed with `error`: may another seed of a Reconnect take us? Yes
-    when this broker could not be reached, hung up, did not answer in time, or was OVERLOADED
-    (max_connections) or INTERNAL; no when every broker would refuse the same (AUTH_FAILED,
-    UNSUPPORTED_VERSION, ...)."""
+    when this address could not be reached, hung up, did not answer in time, sent what is no
+    frame of ours (not a broker), or was OVERLOADED (max_connections) or INTERNAL; no when every
+    broker would refuse the same (AUTH_FAILED, UNSUPPORTED_VERSION, ...)."""
+    if isinstance(error, ProtocolError):   # what it sent is no frame of ours: not a broker
+        return True
     code = getattr(error, "code", None)
     if code is not None:
         return code in (OVERLOADED, INTERNAL)
