@@ -574,12 +574,16 @@ class ShardActor(BrokerActor):
             if client is not None:
                 client.pending_records -= records
                 client.pending_bytes -= size
-                if not client.reading and client.pending_records < MAX_PENDING_RECORDS // 2 \
-                        and client.pending_bytes < MAX_PENDING_BYTES // 2 and client.state == "open":
-                    client.reading = True
-                    if client.session.decoder.buffered:
-                        client.session.frame_started = time.monotonic()
-                    self._update_mask(client)
+                self._resume_reading(client)
+
+    def _resume_reading(self, client):
+        """Read a connection held back (backpressure) again once what it sent has gone on."""
+        if not client.reading and client.pending_records < MAX_PENDING_RECORDS // 2 \
+                and client.pending_bytes < MAX_PENDING_BYTES // 2 and client.state == "open":
+            client.reading = True
+            if client.session.decoder.buffered:
+                client.session.frame_started = time.monotonic()
+            self._update_mask(client)
 
     def _drop_producer(self, producer_id):
         """Closed: what it sent before goes to the topic now; receipts still find the client."""
@@ -748,6 +752,7 @@ class ShardActor(BrokerActor):
         if client is not None and client.pending_records:
             client.pending_records = max(0, client.pending_records - producer.records)
             client.pending_bytes = max(0, client.pending_bytes - producer.bytes)
+            self._resume_reading(client)   # (held back for those sends, it was never read again)
         producer.records = producer.bytes = 0
         if client is not None and rids:
             self._write(client, b"".join(error_frame(code, f"{why} (it may have been stored: sent again, "

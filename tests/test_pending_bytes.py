@@ -174,3 +174,49 @@ def test_a_producer_held_back_while_its_topic_stalls_keeps_its_connection(start_
         finally:
             await client.close(timeout=5)
     assert asyncio.run(asyncio.wait_for(scenario(), 90)) == list(range(1, n + 1))
+
+
+def test_a_connection_held_back_is_read_again_when_its_topic_dies(start_broker, topic):
+    """A producer held back (its topic stopped, 32 KB sends flooding) whose topic is then killed
+    -9: the sends it had sent were answered INTERNAL, and the connection, whose waiting sends had
+    been refused, was never read again: the rest of its sends were never answered (regression
+    probe, 5 of 5; before the broker pinged a held-back connection it was cut for silence). Every
+    send is answered, and the connection goes on."""
+    import os
+    import signal
+    import threading
+    from tests.util import processes_of_kind
+    b = start_broker()
+    conn = RawConnection(*b.address)
+    conn.hello(heartbeat_ms=1000)
+    before = set(processes_of_kind(b, "ab-topic"))
+    producer_id = conn.request({"op": "producer", "topic": topic})["producer"]
+    (topic_pid,) = wait_for(lambda: set(processes_of_kind(b, "ab-topic")) - before, lambda new: len(new) == 1)
+    os.kill(topic_pid, signal.SIGSTOP)
+    try:
+        n, payload = 3000, b"p" * 32_000   # 96 MB: far past the 32 MB at which the shard stops reading
+        rids = list(range(10_000, 10_000 + n))
+        flood = threading.Thread(target=lambda: [conn.send_frame(
+            {"op": "send", "rid": rid, "producer": producer_id, "msgs": [{"payload": payload}]}) for rid in rids],
+            daemon=True)
+        flood.start()
+        # held back: only then does the broker ping a client that writes all the time
+        frame = conn.recv_frame(timeout=30)
+        while frame is not None and frame["op"] != "ping":
+            frame = conn.recv_frame(timeout=30)
+        assert frame is not None   # (no pong: the flood writes on this socket; any byte is life)
+        os.kill(topic_pid, signal.SIGKILL)
+    finally:
+        os.kill(topic_pid, signal.SIGCONT)
+    answered = {}
+    while len(answered) < n:
+        frame = conn.recv_frame(timeout=30)
+        assert frame is not None, f"connection closed; {n - len(answered)} sends unanswered"
+        if frame.get("rid") in answered:
+            raise AssertionError(f"answered twice: {frame}")
+        elif frame["op"] != "ping" and isinstance(frame.get("rid"), int) and frame["rid"] >= 10_000:
+            answered[frame["rid"]] = frame.get("code", frame["op"])
+    flood.join(10)
+    assert not flood.is_alive()
+    assert set(answered.values()) <= {"receipt", "INTERNAL", "UNKNOWN_PRODUCER"}, set(answered.values())
+    assert conn.request({"op": "ping"})["op"] == "pong"
