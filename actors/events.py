@@ -67,6 +67,9 @@ class EventsActor(BrokerActor):
         self.closed = {}              # connection id -> when its connection_closed arrived
         self.waiting = {}             # connection id -> [consumer_detached waiting for that close]
         self.first_detach = {}        # connection id -> the stamp of its first such detach, close not come
+        # (topic, subscription) -> the connection whose close a detach of it waits for: the
+        # subscription's later events (promoted, redelivered) wait behind that detach
+        self.behind = {}
 
     def on_Watch(self, msg, sender):
         watcher = self.watchers.get(msg.connection_id)
@@ -119,10 +122,8 @@ class EventsActor(BrokerActor):
         now = time.monotonic()
         for connection_id, events in list(self.waiting.items()):   # their close never came
             if now - events[0][0] > CAUSE_WAIT_S:
-                del self.waiting[connection_id]
                 self.first_detach.pop(connection_id, None)
-                for _, event in events:
-                    self._publish(event)
+                self._release_waiting(connection_id)
         if len(self.closed) > 1024:
             self.closed = {c: t for c, t in self.closed.items() if now - t < CLOSED_MEMORY_S}
         if self.held or self.waiting:
@@ -131,16 +132,31 @@ class EventsActor(BrokerActor):
             self.wakeupAfter(timedelta(seconds=delay), payload=_RELEASE)
 
     def _release(self, event):
-        """In stamp order, but a detach after the close that caused it (CAUSE_WAIT_S)."""
+        """In stamp order, but a detach after the close that caused it (CAUSE_WAIT_S), and what
+        its subscription decided after it (a promotion, a redelivery) after the detach."""
         connection_id = event.fields.get("connection")
+        key = (event.fields.get("topic"), event.fields.get("subscription"))
         if event.kind == "consumer_detached" and event.fields.get("cause") == "connection_closed" \
                 and connection_id is not None and connection_id not in self.closed:
             self.waiting.setdefault(connection_id, []).append((time.monotonic(), event))
+            self.behind[key] = connection_id
+            return
+        waits_for = self.behind.get(key) if key[1] is not None else None
+        if waits_for is not None and waits_for in self.waiting:
+            self.waiting[waits_for].append((time.monotonic(), event))
             return
         self._publish(event)
         if event.kind == "connection_closed":
-            for _, caused in self.waiting.pop(connection_id, ()):
-                self._publish(caused)
+            self._release_waiting(connection_id)
+
+    def _release_waiting(self, connection_id):
+        """What waited for this connection's close (it came, or waited CAUSE_WAIT_S)."""
+        waited = self.waiting.pop(connection_id, ())
+        for key in {(e.fields.get("topic"), e.fields.get("subscription")) for _, e in waited}:
+            if self.behind.get(key) == connection_id:
+                del self.behind[key]
+        for _, event in waited:
+            self._publish(event)
 
     def _publish(self, event):
         topic = event.fields.get("topic")
