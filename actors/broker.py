@@ -246,13 +246,17 @@ class BrokerRootActor(ClusterRoot, BrokerActor):
             log.critical("listener restart failed: %s", msg.error)
 
     def on_WatchMessage(self, msg, sender):
-        if self.lifeline in msg.ready and not self.stopping:
-            # serve is gone: shut the whole system down from outside (an actor may not do it).
-            self.stopping = True
-            log.warning("serve process died; shutting the actor system down")
-            os.close(self.lifeline)
-            self.lifeline = None
-            stop_actor_system_process(self.admin_port, self.config.actor_host, signing.installed().secret)
+        if self.lifeline is None or self.lifeline not in msg.ready:
+            return
+        # serve is gone: shut the whole system down from outside (an actor may not do it). Also
+        # when serve died while stopping us (StopClients): nobody else would finish the stop, and
+        # the pidfd, readable for good, kept this process spinning in Thespian's loop.
+        log.warning("serve process died%s; shutting the actor system down",
+                    " while stopping the broker" if self.stopping else "")
+        self.stopping = True
+        os.close(self.lifeline)
+        self.lifeline = None
+        stop_actor_system_process(self.admin_port, self.config.actor_host, signing.installed().secret)
 
     # --- topic registry -----------------------------------------------------------------------
     def on_TopicRequest(self, msg, sender):

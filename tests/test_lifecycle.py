@@ -74,6 +74,37 @@ def test_sigkill_of_serve_still_stops_every_process(start_broker):
     assert conn.expect_closed(timeout=5)
 
 
+def test_sigkill_of_serve_while_it_stops_the_broker_still_stops_every_process(start_broker):
+    """serve killed -9 in the middle of its own stop (after the root had StopClients, while the
+    client connections were still closing): the root ignored serve's death as it was stopping
+    already; the whole actor system stayed up for good, its root spinning on the dead serve's
+    pidfd (found running an hour after a test). It shuts down now."""
+    import socket
+    from tests.util import wait_for
+    b = start_broker()
+    RawConnection(*b.address).hello()
+    pids = b.processes()
+    held = processes_of_kind(b, "ab-conn")
+    for pid in held:   # the clients' stop waits for them
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        b.proc.send_signal(signal.SIGTERM)
+
+        def refused():   # the listener had StopClients: the root is stopping
+            try:
+                socket.create_connection(b.address, timeout=1).close()
+                return False
+            except OSError:
+                return True
+        wait_for(refused, lambda gone: gone, timeout=30)
+        b.proc.kill()
+        b.proc.wait()
+    finally:
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
+    assert b.wait_gone(pids, timeout=30) == []
+
+
 @pytest.mark.parametrize("victim", ["logger", "admin"])
 def test_serve_exits_nonzero_when_the_actor_system_is_lost(start_broker, victim):
     """kill -9 of Thespian's admin or logger takes the actor system down: serve must not go on
