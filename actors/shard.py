@@ -783,17 +783,19 @@ class ShardActor(BrokerActor):
         kind = "producer" if msg.op == "close_producer" else "consumer"
         closing = self.closing_routes.get((kind, msg.ident))
         client = self.clients.get(msg.connection_id)
-        if kind == "consumer" and not msg.refused:
-            self.rejoining.discard(msg.ident)
         if closing is None or closing.connection_id != msg.connection_id:
-            return
+            return   # (not this connection's to close: another's id, say)
         closing.pending -= 1
         closing.accepted = closing.accepted or not msg.refused
         if closing.pending > 0:   # another close of it waits for its decision
             return
         del self.closing_routes[(kind, msg.ident)]
         kept = closing.kept
-        if closing.accepted or client is None or client.state != "open":
+        if closing.accepted:
+            if kind == "consumer":
+                self.rejoining.discard(msg.ident)
+            return
+        if client is None or client.state != "open":
             return
         if kind == "producer":
             self.closing_producers.pop(msg.ident, None)
