@@ -397,13 +397,8 @@ task = "never"
 
 # --- acceptance defects: agents' lifetime, expect checks, churn, validation ---------------------
 
-def test_clients_opened_in_a_parallel_group_or_a_background_step_stay_open(tmp_path):
-    """The agents asked for SIGKILL when their parent died (PR_SET_PDEATHSIG), which the kernel
-    sends when the *thread* that started them ends: a client opened in a parallel group or a
-    background step was killed as soon as that step ended ("client a is not running")."""
-    runner, ok, out = run_text(tmp_path, '''name = "opened-in-threads"
-description = "clients opened in a parallel group and in the background are used later"
-[[step]]
+# clients a and b opened in a parallel group, c in a background step (then waited for)
+OPENED_IN_THREADS = '''[[step]]
 action = "parallel"
 [[step.steps]]
 action = "open"
@@ -419,7 +414,16 @@ task = "o"
 [[step]]
 action = "wait"
 task = "o"
-[[step]]
+'''
+
+
+def test_clients_opened_in_a_parallel_group_or_a_background_step_stay_open(tmp_path):
+    """The agents asked for SIGKILL when their parent died (PR_SET_PDEATHSIG), which the kernel
+    sends when the *thread* that started them ends: a client opened in a parallel group or a
+    background step was killed as soon as that step ended ("client a is not running")."""
+    runner, ok, out = run_text(tmp_path, '''name = "opened-in-threads"
+description = "clients opened in a parallel group and in the background are used later"
+''' + OPENED_IN_THREADS + '''[[step]]
 action = "subscribe"
 client = "a"
 consumer = "ca"
@@ -467,23 +471,7 @@ def test_a_runner_killed_with_sigkill_leaves_no_client_agent_behind(tmp_path):
     path = tmp_path / "killed.toml"
     path.write_text('''name = "killed"
 description = "the runner is killed with SIGKILL during the pause"
-[[step]]
-action = "parallel"
-[[step.steps]]
-action = "open"
-client = "a"
-[[step.steps]]
-action = "open"
-client = "b"
-[[step]]
-action = "open"
-client = "c"
-background = true
-task = "o"
-[[step]]
-action = "wait"
-task = "o"
-[[step]]
+''' + OPENED_IN_THREADS + '''[[step]]
 action = "open"
 client = "d"
 [[step]]
