@@ -54,12 +54,7 @@ export function encodeSendFrame(rid, producer, msgs) {
     }
     if (hasAttrs) {
       w.raw(KEYS.attrs);
-      const names = Object.keys(m.attrs);
-      w.mapHead(names.length);
-      for (const name of names) {
-        w.str(name);
-        w.str(m.attrs[name]);
-      }
+      w.strMap(m.attrs);
     }
   }
   w.buf.writeUInt32BE(w.at - HEADER_BYTES, 0);
@@ -112,14 +107,7 @@ export function encodeSendFrameV2(rid, producer, msgs) {
   if (attributed) {
     w.raw(KEYS.attrs);
     w.arrayHead(msgs.length);
-    for (const m of msgs) {
-      const names = m.attrs !== undefined && m.attrs !== null ? Object.keys(m.attrs) : [];
-      w.mapHead(names.length);
-      for (const name of names) {
-        w.str(name);
-        w.str(m.attrs[name]);
-      }
-    }
+    for (const m of msgs) w.strMap(m.attrs !== undefined && m.attrs !== null ? m.attrs : {});
   }
   w.buf.writeUInt32BE(w.at - HEADER_BYTES, 0);
   return w.buf.subarray(0, w.at);
@@ -175,6 +163,16 @@ class Writer {
 
   mapHead(n) {
     this.head(n, 0x80, 15, null, 0xde, 0xdf);
+  }
+
+  /** A map of str to str (a message's attrs). */
+  strMap(obj) {
+    const names = Object.keys(obj);
+    this.mapHead(names.length);
+    for (const name of names) {
+      this.str(name);
+      this.str(obj[name]);
+    }
   }
 
   str(s) {
