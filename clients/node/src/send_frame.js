@@ -31,15 +31,7 @@ export function encodeSendFrame(rid, producer, msgs) {
       for (const name in m.attrs) size += 2 * HEAD + Buffer.byteLength(name) + Buffer.byteLength(m.attrs[name]);
     }
   }
-  const w = new Writer(Buffer.allocUnsafe(size));
-  w.at = HEADER_BYTES;
-  w.byte(0x84);
-  w.raw(KEYS.op);
-  w.raw(KEYS.send);
-  w.raw(KEYS.rid);
-  w.uint(rid);
-  w.raw(KEYS.producer);
-  w.uint(producer);
+  const w = sendHead(size, 4, rid, producer);
   w.raw(KEYS.msgs);
   w.arrayHead(msgs.length);
   for (const m of msgs) {
@@ -84,15 +76,7 @@ export function encodeSendFrameV2(rid, producer, msgs) {
       }
     }
   }
-  const w = new Writer(Buffer.allocUnsafe(size));
-  w.at = HEADER_BYTES;
-  w.byte(0x84 + (keyed ? 1 : 0) + (attributed ? 1 : 0));
-  w.raw(KEYS.op);
-  w.raw(KEYS.send);
-  w.raw(KEYS.rid);
-  w.uint(rid);
-  w.raw(KEYS.producer);
-  w.uint(producer);
+  const w = sendHead(size, 4 + (keyed ? 1 : 0) + (attributed ? 1 : 0), rid, producer);
   w.raw(KEYS.payloads);
   w.arrayHead(msgs.length);
   for (const m of msgs) w.bin(m.payload);
@@ -111,6 +95,20 @@ export function encodeSendFrameV2(rid, producer, msgs) {
   }
   w.buf.writeUInt32BE(w.at - HEADER_BYTES, 0);
   return w.buf.subarray(0, w.at);
+}
+
+/** A writer of `size` bytes holding the start of a `send` map of `fields` entries: op, rid, producer. */
+function sendHead(size, fields, rid, producer) {
+  const w = new Writer(Buffer.allocUnsafe(size));
+  w.at = HEADER_BYTES;
+  w.byte(0x80 + fields);
+  w.raw(KEYS.op);
+  w.raw(KEYS.send);
+  w.raw(KEYS.rid);
+  w.uint(rid);
+  w.raw(KEYS.producer);
+  w.uint(producer);
+  return w;
 }
 
 class Writer {
